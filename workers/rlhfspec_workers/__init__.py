@@ -1,0 +1,1 @@
+"""The data plane: tiny-model kit, generation, coordinator, inference, trainer, weight sync."""

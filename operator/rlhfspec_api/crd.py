@@ -1,0 +1,203 @@
+"""Generate the RLHFJob CustomResourceDefinition from the pydantic models.
+
+Where it sits: ``rlhfspec crd`` prints :func:`build_crd`; ``crds/rlhfjob.yaml`` and the Helm
+chart's copy are exactly that output (a test fails when they drift). Kubernetes needs a
+*structural* OpenAPI v3 schema, which differs from pydantic's JSON Schema: no ``$ref``,
+``nullable`` instead of ``anyOf [.., null]``, boolean ``exclusiveMinimum``, no ``const``, no
+``additionalProperties: false`` (unknown fields are rejected by field validation instead),
+and object defaults are left to the parser so the API server never stores half-defaulted
+objects that our cross-field rules would reject.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import yaml
+
+from rlhfspec_api import API_GROUP, API_VERSION, KIND
+from rlhfspec_api.spec import RLHFJobSpec
+from rlhfspec_api.status import RLHFJobStatus
+
+PLURAL = "rlhfjobs"
+SINGULAR = "rlhfjob"
+SHORT_NAMES = ["rlhf"]
+CRD_NAME = f"{PLURAL}.{API_GROUP}"
+
+PRINTER_COLUMNS: list[dict[str, Any]] = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Iter", "type": "string", "jsonPath": ".status.progress"},
+    {"name": "Strategy", "type": "string", "jsonPath": ".status.generation.strategy"},
+    {"name": "Tok/s", "type": "number", "jsonPath": ".status.generation.tokensPerSecond"},
+    {"name": "Accept", "type": "number", "jsonPath": ".status.generation.meanAcceptedLength"},
+    {"name": "Reward", "type": "number", "jsonPath": ".status.rewardMean"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+_DROP_KEYS = {"title", "additionalProperties", "$defs"}
+
+
+def _resolve(node: Any, defs: dict[str, Any]) -> Any:
+    """Inline every $ref; the referring node's own keys (its description) win."""
+    if isinstance(node, list):
+        return [_resolve(item, defs) for item in node]
+    if not isinstance(node, dict):
+        return node
+    if "$ref" in node:
+        target = copy.deepcopy(defs[node["$ref"].split("/")[-1]])
+        merged = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+        return _resolve(merged, defs)
+    return {key: _resolve(value, defs) for key, value in node.items()}
+
+
+def _is_scalar_default(value: Any) -> bool:
+    if isinstance(value, str | int | float | bool):
+        return True
+    return isinstance(value, list) and all(isinstance(v, str | int | float) for v in value)
+
+
+def _structural(node: Any) -> Any:
+    """Rewrite one resolved JSON Schema node into Kubernetes' structural dialect."""
+    if isinstance(node, list):
+        return [_structural(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = dict(node)
+    any_of = node.get("anyOf")
+    if isinstance(any_of, list) and {"type": "null"} in any_of:
+        rest = [s for s in any_of if s != {"type": "null"}]
+        node.pop("anyOf")
+        inner = rest[0] if len(rest) == 1 else {"anyOf": rest}
+        outer = {k: v for k, v in node.items()}
+        node = {**inner, **outer, "nullable": True}
+        if node.get("default", 0) is None:
+            node.pop("default")
+    if "const" in node:
+        node["enum"] = [node.pop("const")]
+    if isinstance(node.get("exclusiveMinimum"), int | float) and not isinstance(
+        node["exclusiveMinimum"], bool
+    ):
+        node["minimum"] = node["exclusiveMinimum"]
+        node["exclusiveMinimum"] = True
+    if isinstance(node.get("exclusiveMaximum"), int | float) and not isinstance(
+        node["exclusiveMaximum"], bool
+    ):
+        node["maximum"] = node["exclusiveMaximum"]
+        node["exclusiveMaximum"] = True
+    if "default" in node and not _is_scalar_default(node["default"]):
+        node.pop("default")
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _DROP_KEYS:
+            continue
+        if key == "properties":
+            out[key] = {name: _structural(sub) for name, sub in value.items()}
+        elif key in ("items", "anyOf", "allOf", "oneOf"):
+            out[key] = _structural(value)
+        elif key == "description" and isinstance(value, str):
+            # Docstrings use reST literals; kubectl explain shows plain text.
+            out[key] = value.replace("``", "`")
+        else:
+            out[key] = value
+    return out
+
+
+def model_schema(model: type[RLHFJobSpec] | type[RLHFJobStatus]) -> dict[str, Any]:
+    """The structural OpenAPI v3 schema of a spec/status model."""
+    raw = model.model_json_schema(by_alias=True, mode="validation")
+    resolved = _resolve(raw, raw.get("$defs", {}))
+    schema: dict[str, Any] = _structural(resolved)
+    return schema
+
+
+def open_api_schema() -> dict[str, Any]:
+    """The RLHFJob's openAPIV3Schema (whole object: apiVersion, kind, metadata, spec, status)."""
+    status = model_schema(RLHFJobStatus)
+    conditions = status["properties"]["conditions"]
+    # Conditions are a map keyed by type: server-side apply merges them by type.
+    conditions["x-kubernetes-list-type"] = "map"
+    conditions["x-kubernetes-list-map-keys"] = ["type"]
+    return {
+        "type": "object",
+        "description": "An RLHF training job whose generation stage runs adaptive speculative "
+        "decoding and sample reallocation.",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": model_schema(RLHFJobSpec),
+            "status": status,
+        },
+    }
+
+
+def build_crd() -> dict[str, Any]:
+    """The apiextensions.k8s.io/v1 CustomResourceDefinition of RLHFJob."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": CRD_NAME,
+            "labels": {
+                "app.kubernetes.io/name": "rlhfspec",
+                "app.kubernetes.io/part-of": "rlhfspec",
+            },
+        },
+        "spec": {
+            "group": API_GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": SINGULAR,
+                "shortNames": SHORT_NAMES,
+                "categories": ["rlhfspec"],
+            },
+            "versions": [
+                {
+                    "name": API_VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                    "schema": {"openAPIV3Schema": open_api_schema()},
+                }
+            ],
+        },
+    }
+
+
+def render_crd_yaml() -> str:
+    """The CRD as the exact text of ``crds/rlhfjob.yaml``."""
+    header = "# Generated by `rlhfspec crd` from the pydantic models. Do not edit by hand.\n"
+    return header + yaml.safe_dump(build_crd(), sort_keys=False, width=100)
+
+
+def to_json_schema(node: Any, strict: bool = True) -> Any:
+    """OpenAPI v3 (structural) -> JSON Schema that ``jsonschema`` can check manifests with.
+
+    ``strict`` adds ``additionalProperties: false`` to every object with known properties,
+    mirroring the API server's strict field validation that rejects unknown fields.
+    """
+    if isinstance(node, list):
+        return [to_json_schema(item, strict) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {
+        k: to_json_schema(v, strict) for k, v in node.items() if not k.startswith("x-kubernetes")
+    }
+    if out.pop("nullable", False):
+        if "type" in out:
+            out["type"] = [out["type"], "null"]
+        elif "anyOf" in out:
+            out["anyOf"] = [*out["anyOf"], {"type": "null"}]
+    if out.get("exclusiveMinimum") is True:
+        out["exclusiveMinimum"] = out.pop("minimum")
+    if out.get("exclusiveMaximum") is True:
+        out["exclusiveMaximum"] = out.pop("maximum")
+    if strict and "properties" in node and node.get("type") == "object":
+        out["additionalProperties"] = False
+    return out

@@ -1,0 +1,188 @@
+"""Turn pydantic validation errors into ``field.path: what is wrong (what is allowed)`` lines.
+
+Where it sits: ``manifest.parse_rlhfjob`` catches ``ValidationError`` from the spec models and
+calls :func:`field_errors`. Pydantic's own messages say what is wrong but rarely what is
+allowed, and its paths are tuples; users of ``rlhfspec validate``, of the operator's
+ValidationFailed condition and of local mode all get the same lines from here.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import annotated_types
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails
+
+from rlhfspec_api.base import RULES_ERROR_TYPE, VALUE_ERROR_TYPE
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One problem with a manifest, pinned to the field to change."""
+
+    path: str
+    problem: str
+    allowed: str = ""
+
+    def __str__(self) -> str:
+        suffix = f" ({self.allowed})" if self.allowed else ""
+        return f"{self.path}: {self.problem}{suffix}"
+
+
+def join_path(parts: typing.Iterable[str | int]) -> str:
+    """``("spec", "drafters", 0, "method")`` -> ``spec.drafters[0].method``."""
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part:
+            out += f".{part}" if out else part
+    return out
+
+
+def _strip_optional(annotation: Any) -> Any:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def _field_by_alias(model: type[BaseModel], alias: str) -> FieldInfo | None:
+    for name, info in model.model_fields.items():
+        if alias in (name, info.alias):
+            return info
+    return None
+
+
+def resolve_field(
+    root: type[BaseModel], loc: tuple[str | int, ...]
+) -> tuple[type[BaseModel] | None, FieldInfo | None]:
+    """Walk a model class along an error location; return (parent model, field info)."""
+    current: Any = root
+    parent: type[BaseModel] | None = None
+    info: FieldInfo | None = None
+    for part in loc:
+        current = _strip_optional(current)
+        if isinstance(part, int):
+            args = typing.get_args(current)
+            current = args[0] if args else Any
+            continue
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            parent, info = current, _field_by_alias(current, part)
+            if info is None:
+                return parent, None
+            current = info.annotation
+        else:
+            return parent, None
+    return parent, info
+
+
+def _bounds(info: FieldInfo) -> tuple[object, object, bool, bool]:
+    low: object = None
+    high: object = None
+    low_open = high_open = False
+    for meta in info.metadata:
+        if isinstance(meta, annotated_types.Ge):
+            low = meta.ge
+        elif isinstance(meta, annotated_types.Gt):
+            low, low_open = meta.gt, True
+        elif isinstance(meta, annotated_types.Le):
+            high = meta.le
+        elif isinstance(meta, annotated_types.Lt):
+            high, high_open = meta.lt, True
+    return low, high, low_open, high_open
+
+
+def describe_allowed(info: FieldInfo | None) -> str:
+    """A short phrase for what a field accepts, from its type and constraints."""
+    if info is None:
+        return ""
+    annotation = _strip_optional(info.annotation)
+    origin = typing.get_origin(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, Enum):
+        return "one of " + ", ".join(str(m.value) for m in annotation)
+    if annotation is bool:
+        return "true or false"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "an object with fields " + ", ".join(
+            f.alias or n for n, f in annotation.model_fields.items()
+        )
+    if origin is list:
+        return "a list"
+    if annotation in (int, float):
+        kind = "an integer" if annotation is int else "a number"
+        low, high, low_open, high_open = _bounds(info)
+        if low is not None and high is not None and not low_open and not high_open:
+            return f"{kind} {low}..{high}"
+        parts = []
+        if low is not None:
+            parts.append(f"{'>' if low_open else '>='} {low}")
+        if high is not None:
+            parts.append(f"{'<' if high_open else '<='} {high}")
+        return f"{kind} " + " and ".join(parts) if parts else kind
+    if annotation is str:
+        for meta in info.metadata:
+            pattern = getattr(meta, "pattern", None)
+            if pattern:
+                return f"a string matching {pattern}"
+        return "a string"
+    return ""
+
+
+def _known_fields(model: type[BaseModel] | None) -> str:
+    if model is None:
+        return ""
+    return "known fields: " + ", ".join(f.alias or n for n, f in model.model_fields.items())
+
+
+def _one(
+    root: type[BaseModel], prefix: tuple[str | int, ...], err: ErrorDetails
+) -> list[FieldError]:
+    loc = tuple(err["loc"])
+    path = join_path(prefix + loc)
+    kind = err["type"]
+    ctx: dict[str, Any] = dict(err.get("ctx") or {})
+    value = err.get("input")
+    if kind == RULES_ERROR_TYPE:
+        return [
+            FieldError(join_path((*prefix, *loc, field)), problem, allowed)
+            for field, problem, allowed in ctx["violations"]
+        ]
+    if kind == VALUE_ERROR_TYPE:
+        return [FieldError(path, str(ctx["problem"]), str(ctx.get("allowed", "")))]
+    if kind == "extra_forbidden":
+        parent, _ = resolve_field(root, (*loc[:-1], "__none__"))
+        return [FieldError(path, "unknown field", _known_fields(parent))]
+    _, info = resolve_field(root, loc)
+    allowed = describe_allowed(info)
+    if kind == "missing":
+        return [FieldError(path, "required field is missing", allowed)]
+    if kind == "value_error":
+        message = err["msg"].removeprefix("Value error, ")
+        return [FieldError(path, message, allowed)]
+    if kind in ("enum", "literal_error"):
+        return [FieldError(path, f"{value!r} is not a valid choice", allowed)]
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return [FieldError(path, f"{value!r} is out of range", allowed)]
+    if kind in ("string_too_short", "too_short") and value in ("", [], None):
+        return [FieldError(path, "must not be empty", allowed)]
+    if kind == "string_pattern_mismatch":
+        return [FieldError(path, f"{value!r} has the wrong format", allowed)]
+    return [FieldError(path, f"{value!r}: {err['msg'][0].lower()}{err['msg'][1:]}", allowed)]
+
+
+def field_errors(
+    root: type[BaseModel], exc: ValidationError, prefix: tuple[str | int, ...] = ()
+) -> list[FieldError]:
+    """Every error of ``exc`` (raised validating ``root``), as user-facing lines."""
+    out: list[FieldError] = []
+    for err in exc.errors(include_url=False):
+        out.extend(_one(root, prefix, err))
+    return out

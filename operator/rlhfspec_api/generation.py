@@ -1,0 +1,223 @@
+"""The generation stage's contract: replicas, sampling, speculative decoding, reallocation.
+
+Where it sits: ``RLHFJobSpec.generation`` (see ``spec``). The generation workers receive
+``GenerationSpec`` as their typed config; the selector reads ``SpeculativeSpec``; the
+coordinator's migration planner reads ``ReallocationSpec``. Rules that only need these
+fields live here; rules that span stages live on ``RLHFJobSpec``.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from rlhfspec_api.base import ContractModel
+from rlhfspec_api.models import ModelRef, Resources
+from rlhfspec_api.rules import Violation, raise_if_any
+
+MAX_DRAFT_TOKENS_LIMIT = 16
+
+
+class SpeculativeMode(StrEnum):
+    ADAPTIVE = "adaptive"
+    FIXED = "fixed"
+    OFF = "off"
+
+
+class DrafterMethod(StrEnum):
+    DRAFT_MODEL = "draft_model"
+    NGRAM = "ngram"
+    SUFFIX = "suffix"
+    EAGLE = "eagle"
+
+
+MODEL_BASED_DRAFTERS = frozenset({DrafterMethod.DRAFT_MODEL, DrafterMethod.EAGLE})
+
+
+class DrafterSpec(ContractModel):
+    """One candidate drafter. The adaptive selector chooses among all listed drafters."""
+
+    method: DrafterMethod
+    """How drafts are proposed: a separate small model (draft_model), prompt lookup (ngram),
+    continuations of sibling and earlier rollouts of the same prompt (suffix), or an EAGLE
+    head (eagle, GPU only)."""
+    model: ModelRef | None = None
+    """The draft model; required for draft_model and eagle, not allowed otherwise."""
+    prompt_lookup_min: int = Field(default=2, ge=1, le=16)
+    """ngram: shortest n-gram matched in the context."""
+    prompt_lookup_max: int = Field(default=4, ge=1, le=16)
+    """ngram: longest n-gram matched in the context."""
+    history_iterations: int = Field(default=1, ge=0, le=16)
+    """suffix: how many earlier iterations' rollouts of the same prompt feed the suffix index."""
+    min_match: int = Field(default=2, ge=1, le=64)
+    """suffix: minimum matched suffix length before a continuation is proposed."""
+
+    @model_validator(mode="after")
+    def _check(self) -> DrafterSpec:
+        violations: list[Violation] = []
+        if self.method in MODEL_BASED_DRAFTERS and self.model is None:
+            violations.append(
+                Violation("model", f"{self.method.value} needs a draft model", "set model.path")
+            )
+        if self.method not in MODEL_BASED_DRAFTERS and self.model is not None:
+            violations.append(
+                Violation(
+                    "model",
+                    f"{self.method.value} is model-free and takes no model",
+                    "remove model, or use method draft_model or eagle",
+                )
+            )
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            violations.append(
+                Violation(
+                    "promptLookupMin",
+                    f"{self.prompt_lookup_min} is greater than promptLookupMax "
+                    f"{self.prompt_lookup_max}",
+                    "promptLookupMin <= promptLookupMax",
+                )
+            )
+        raise_if_any(violations)
+        return self
+
+
+class SelectorSpec(ContractModel):
+    """Tuning of the workload-aware drafting-strategy selector (adaptive mode)."""
+
+    hysteresis: float = Field(default=0.04, ge=0.0, le=1.0)
+    """Relative predicted gain a new strategy needs before the selector switches to it."""
+    acceptance_half_life_steps: int = Field(default=64, ge=1, le=100000)
+    """Half-life, in decode steps, of the acceptance estimate; short adapts faster after a
+    weight sync, long is less noisy."""
+    calibrate: bool = True
+    """Measure the engine's step cost at worker start (cached per model and hardware)."""
+
+
+class SpeculativeSpec(ContractModel):
+    """Speculative decoding. Lossless: rollouts follow exactly the policy's distribution."""
+
+    mode: SpeculativeMode = SpeculativeMode.ADAPTIVE
+    """adaptive: choose drafter and draft length every step from batch size, measured cost and
+    observed acceptance; fixed: always the first drafter with numDraftTokens; off: plain
+    decoding."""
+    drafters: list[DrafterSpec] = Field(default_factory=list)
+    """Candidate drafters (one per method). Left out, the model-free drafters are used:
+    suffix and ngram in adaptive mode, suffix in fixed mode."""
+    max_draft_tokens: int = Field(default=8, ge=1, le=MAX_DRAFT_TOKENS_LIMIT)
+    """Largest draft length k the engine is prepared for."""
+    num_draft_tokens: int | None = Field(default=None, ge=1, le=MAX_DRAFT_TOKENS_LIMIT)
+    """fixed mode: the draft length; defaults to maxDraftTokens."""
+    selector: SelectorSpec = Field(default_factory=SelectorSpec)
+    """Selector tuning (adaptive mode)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_drafters(cls, data: Any) -> Any:
+        # Speculation should work out of the box: model-free drafters need no extra model.
+        if isinstance(data, dict) and "drafters" not in data:
+            mode = data.get("mode", SpeculativeMode.ADAPTIVE.value)
+            if mode == SpeculativeMode.ADAPTIVE.value:
+                return {**data, "drafters": [{"method": "suffix"}, {"method": "ngram"}]}
+            if mode == SpeculativeMode.FIXED.value:
+                return {**data, "drafters": [{"method": "suffix"}]}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> SpeculativeSpec:
+        violations: list[Violation] = []
+        if self.mode is not SpeculativeMode.OFF and not self.drafters:
+            violations.append(
+                Violation(
+                    "drafters",
+                    f"mode {self.mode.value} needs at least one drafter",
+                    "list drafters, or set mode: off",
+                )
+            )
+        if self.mode is SpeculativeMode.FIXED and len(self.drafters) > 1:
+            violations.append(
+                Violation(
+                    "drafters",
+                    f"mode fixed uses exactly one drafter, got {len(self.drafters)}",
+                    "one drafter, or mode: adaptive to choose among several",
+                )
+            )
+        methods = [d.method for d in self.drafters]
+        duplicates = sorted({m.value for m in methods if methods.count(m) > 1})
+        if duplicates:
+            violations.append(
+                Violation(
+                    "drafters",
+                    f"method listed more than once: {', '.join(duplicates)}",
+                    "each method at most once",
+                )
+            )
+        if self.num_draft_tokens is not None:
+            if self.mode is not SpeculativeMode.FIXED:
+                violations.append(
+                    Violation(
+                        "numDraftTokens",
+                        f"only used in mode fixed (mode is {self.mode.value})",
+                        "remove it; adaptive mode chooses k up to maxDraftTokens",
+                    )
+                )
+            elif self.num_draft_tokens > self.max_draft_tokens:
+                violations.append(
+                    Violation(
+                        "numDraftTokens",
+                        f"{self.num_draft_tokens} exceeds maxDraftTokens {self.max_draft_tokens}",
+                        f"1..{self.max_draft_tokens}",
+                    )
+                )
+        raise_if_any(violations)
+        return self
+
+    @property
+    def fixed_k(self) -> int:
+        """The draft length of fixed mode."""
+        return self.num_draft_tokens or self.max_draft_tokens
+
+
+class MigrationMethod(StrEnum):
+    RECOMPUTE = "recompute"
+    KV = "kv"
+    AUTO = "auto"
+
+
+class ReallocationSpec(ContractModel):
+    """Sample reallocation between generation replicas as the batch drains unevenly."""
+
+    enabled: bool = True
+    """Let the coordinator migrate in-flight samples between generation workers."""
+    imbalance_threshold: float = Field(default=0.2, ge=0.0, le=10.0)
+    """Plan migrations when the slowest worker's predicted finish exceeds the mean by this
+    fraction."""
+    min_gain_seconds: float = Field(default=0.05, ge=0.0, le=3600.0)
+    """A migration must shorten the predicted stage time by at least this much beyond its own
+    cost."""
+    interval_seconds: float = Field(default=0.5, gt=0.0, le=600.0)
+    """How often the coordinator re-plans."""
+    migration: MigrationMethod = MigrationMethod.AUTO
+    """How a sample moves: recompute its prefix on the destination, transfer its KV cache, or
+    let the cost model pick (auto)."""
+
+
+class GenerationSpec(ContractModel):
+    """The generation stage: N vLLM replicas sampling responses from the policy."""
+
+    replicas: int = Field(default=1, ge=1, le=1024)
+    """Number of generation workers (pods)."""
+    max_new_tokens: int = Field(default=64, ge=1, le=131072)
+    """Longest response, in tokens."""
+    temperature: float = Field(default=1.0, ge=0.0, le=10.0)
+    """Sampling temperature; 0 is greedy. On-policy RL normally samples at 1.0."""
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    """Nucleus sampling mass."""
+    speculative: SpeculativeSpec = Field(default_factory=lambda: SpeculativeSpec.model_validate({}))
+    """Speculative decoding."""
+    reallocation: ReallocationSpec = Field(default_factory=ReallocationSpec)
+    """Sample reallocation between replicas."""
+    resources: Resources = Field(default_factory=Resources)
+    """Resources of each generation pod."""
+    gpu_memory_utilization: float = Field(default=0.85, gt=0.0, le=1.0)
+    """Fraction of accelerator memory vLLM may use (GPU pods)."""

@@ -1,0 +1,305 @@
+"""The RLHFJob spec: what a user applies with ``kubectl apply``.
+
+Where it sits: parsed once by ``manifest.parse_rlhfjob`` (CLI ``validate``, local mode, the
+operator's handlers); components receive typed sub-configs (``spec.algorithm``,
+``spec.generation`` ...). The CRD's openAPIV3Schema is generated from these classes by
+``crd``; rules JSON Schema cannot express (ppo needs a critic ...) are the
+``model_validator``s below and run in every parse.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import Field, model_validator
+
+from rlhfspec_api.base import ContractModel, Quantity
+from rlhfspec_api.generation import DrafterMethod, GenerationSpec
+from rlhfspec_api.models import ModelRef, Resources
+from rlhfspec_api.rules import Violation, raise_if_any
+
+
+class AlgorithmName(StrEnum):
+    GRPO = "grpo"
+    PPO = "ppo"
+
+
+class AlgorithmSpec(ContractModel):
+    """The RL algorithm and its optimisation hyper-parameters."""
+
+    name: AlgorithmName = AlgorithmName.GRPO
+    """grpo: group-normalised advantages, no critic; ppo: GAE with a learned critic."""
+    iterations: int = Field(default=10, ge=1, le=1_000_000)
+    """Generation -> inference -> training iterations to run."""
+    prompts_per_iteration: int = Field(default=32, ge=1, le=1_000_000)
+    """Prompts sampled from the dataset per iteration."""
+    samples_per_prompt: int = Field(default=8, ge=1, le=1024)
+    """Responses sampled per prompt (the group size of GRPO)."""
+    learning_rate: float = Field(default=5e-5, gt=0.0, le=1.0)
+    """Adam learning rate of the policy (and critic)."""
+    kl_coef: float = Field(default=0.01, ge=0.0, le=100.0)
+    """Weight of the KL penalty to the reference model."""
+    clip_range: float = Field(default=0.2, gt=0.0, le=10.0)
+    """PPO-style ratio clipping epsilon."""
+    micro_batch_size: int = Field(default=64, ge=1, le=1_000_000)
+    """Samples per forward/backward pass; gradients accumulate over micro-batches."""
+    mini_batches: int = Field(default=2, ge=1, le=1024)
+    """Optimizer steps per iteration (the iteration's samples are split into this many)."""
+    gamma: float = Field(default=1.0, ge=0.0, le=1.0)
+    """ppo: discount factor."""
+    gae_lambda: float = Field(default=0.95, ge=0.0, le=1.0)
+    """ppo: GAE lambda."""
+    value_clip_range: float = Field(default=0.2, gt=0.0, le=100.0)
+    """ppo: value-function clipping epsilon."""
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    """Seed of prompt sampling, generation and training."""
+
+    @property
+    def samples_per_iteration(self) -> int:
+        return self.prompts_per_iteration * self.samples_per_prompt
+
+
+class ModelsSpec(ContractModel):
+    """The models of the job. Draft models are listed with their drafters."""
+
+    policy: ModelRef
+    """The policy's initial weights (the model being trained)."""
+    reference: ModelRef | None = None
+    """The KL reference; defaults to the policy's initial weights."""
+    critic: ModelRef | None = None
+    """ppo: the value model's initial weights (required for ppo)."""
+    reward: ModelRef | None = None
+    """A sequence-classification reward model (required when reward.type is model)."""
+
+
+class RewardType(StrEnum):
+    RULE = "rule"
+    MODEL = "model"
+
+
+class RewardRule(StrEnum):
+    SORT_DIGITS = "sort_digits"
+
+
+class RewardSpec(ContractModel):
+    """How responses are scored."""
+
+    type: RewardType = RewardType.RULE
+    """rule: a programmatic checker; model: the reward model in models.reward."""
+    rule: RewardRule | None = None
+    """rule: which checker (required when type is rule)."""
+
+
+class DatasetSpec(ContractModel):
+    """The prompt dataset: JSON lines, one prompt per line."""
+
+    path: str = Field(min_length=1)
+    """Path or URI of a .jsonl file (e.g. ``tiny://dataset/train.jsonl``, ``pvc://data/x.jsonl``)."""
+    prompt_field: str = Field(default="prompt", min_length=1)
+    """Field holding the prompt text."""
+    answer_field: str | None = "answer"
+    """Field holding the reference answer the rule reward checks (null if none)."""
+
+
+class InferenceSpec(ContractModel):
+    """The inference stage: rewards, reference log-probs, critic values."""
+
+    batch_size: int = Field(default=64, ge=1, le=100_000)
+    """Sequences per forward pass."""
+    resources: Resources = Field(default_factory=Resources)
+    """Resources of the inference pod."""
+
+
+class TrainerSpec(ContractModel):
+    """The training stage."""
+
+    checkpoint_every: int = Field(default=1, ge=1, le=1_000_000)
+    """Write an HF-format checkpoint every N iterations (the trainer resumes from the last)."""
+    keep_checkpoints: int = Field(default=2, ge=1, le=1000)
+    """Checkpoints kept on storage; older ones are deleted."""
+    resources: Resources = Field(default_factory=Resources)
+    """Resources of the trainer pod."""
+
+
+class CoordinatorMode(StrEnum):
+    MANAGED = "managed"
+    EXTERNAL = "external"
+
+
+class SecretKeyRef(ContractModel):
+    """A key of a Secret in the job's namespace."""
+
+    name: str = Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    """Secret name."""
+    key: str = Field(default="password", min_length=1)
+    """Key inside the Secret."""
+
+
+class CoordinatorSpec(ContractModel):
+    """The Redis-backed coordinator: work queues, strategy broadcast, migrations, metrics."""
+
+    mode: CoordinatorMode = CoordinatorMode.MANAGED
+    """managed: the operator runs a Redis for the job; external: use url."""
+    url: str | None = Field(default=None, pattern=r"^rediss?://")
+    """external: Redis URL, e.g. redis://redis.infra:6379/0."""
+    password_secret: SecretKeyRef | None = None
+    """external: Secret holding the Redis password (managed mode generates one)."""
+    redis_image: str = "redis:7.4-alpine"
+    """managed: Redis image."""
+
+
+class StorageSpec(ContractModel):
+    """Where checkpoints and synced weights live. Exactly one of claimName, size or path."""
+
+    claim_name: str | None = None
+    """Use this existing PersistentVolumeClaim."""
+    size: Quantity | None = None
+    """Create a PersistentVolumeClaim of this size, owned by the job."""
+    storage_class_name: str | None = None
+    """Storage class of the created claim."""
+    path: str | None = None
+    """A local directory (local mode, ``rlhfspec run``)."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StorageSpec:
+        chosen = [
+            name
+            for name, value in (
+                ("claimName", self.claim_name),
+                ("size", self.size),
+                ("path", self.path),
+            )
+            if value is not None
+        ]
+        violations: list[Violation] = []
+        if len(chosen) != 1:
+            got = ", ".join(chosen) if chosen else "none"
+            violations.append(
+                Violation(
+                    "",
+                    f"exactly one of claimName, size, path is needed, got {got}",
+                    "one of claimName, size, path",
+                )
+            )
+        if self.storage_class_name is not None and self.size is None:
+            violations.append(
+                Violation(
+                    "storageClassName",
+                    "only applies to a created claim",
+                    "set size, or remove storageClassName",
+                )
+            )
+        raise_if_any(violations)
+        return self
+
+
+class RLHFJobSpec(ContractModel):
+    """Desired state of an RLHF training job."""
+
+    algorithm: AlgorithmSpec = Field(default_factory=AlgorithmSpec)
+    """RL algorithm and hyper-parameters."""
+    models: ModelsSpec
+    """Policy, reference, critic and reward models."""
+    reward: RewardSpec = Field(default_factory=lambda: RewardSpec(rule=RewardRule.SORT_DIGITS))
+    """How responses are scored."""
+    dataset: DatasetSpec
+    """Prompt dataset."""
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    """Generation stage (vLLM, speculative decoding, reallocation)."""
+    inference: InferenceSpec = Field(default_factory=InferenceSpec)
+    """Inference stage."""
+    trainer: TrainerSpec = Field(default_factory=TrainerSpec)
+    """Training stage."""
+    coordinator: CoordinatorSpec = Field(default_factory=CoordinatorSpec)
+    """Coordinator and its Redis."""
+    storage: StorageSpec = Field(default_factory=lambda: StorageSpec(size="10Gi"))
+    """Checkpoint and weight storage."""
+    image: str = Field(default="ghcr.io/rlhfspec/worker-cpu:0.1.0", min_length=1)
+    """Container image of the workers."""
+    backoff_limit: int = Field(default=3, ge=0, le=1000)
+    """Worker pod failures tolerated (each failed pod is recreated) before the job fails."""
+    active_deadline_seconds: int | None = Field(default=None, ge=1)
+    """Fail the job when it runs longer than this."""
+    startup_deadline_seconds: int = Field(default=900, ge=1)
+    """Fail the job when its pods are not all running this long after creation."""
+    suspend: bool = False
+    """true deletes worker pods and keeps Redis state and checkpoints; false resumes."""
+
+    @model_validator(mode="after")
+    def _cross_stage_rules(self) -> RLHFJobSpec:
+        algo = self.algorithm
+        violations: list[Violation] = []
+        if algo.name is AlgorithmName.PPO and self.models.critic is None:
+            violations.append(
+                Violation("models.critic", "ppo needs a critic model", "set models.critic.path")
+            )
+        if algo.name is AlgorithmName.GRPO and algo.samples_per_prompt < 2:
+            violations.append(
+                Violation(
+                    "algorithm.samplesPerPrompt",
+                    f"grpo normalises rewards within a group and needs at least 2 samples per "
+                    f"prompt, got {algo.samples_per_prompt}",
+                    ">= 2 for grpo",
+                )
+            )
+        if algo.micro_batch_size > algo.samples_per_iteration:
+            violations.append(
+                Violation(
+                    "algorithm.microBatchSize",
+                    f"{algo.micro_batch_size} exceeds the samples per iteration "
+                    f"({algo.samples_per_iteration})",
+                    f"1..{algo.samples_per_iteration}",
+                )
+            )
+        if algo.mini_batches > algo.samples_per_iteration:
+            violations.append(
+                Violation(
+                    "algorithm.miniBatches",
+                    f"{algo.mini_batches} exceeds the samples per iteration "
+                    f"({algo.samples_per_iteration})",
+                    f"1..{algo.samples_per_iteration}",
+                )
+            )
+        if self.reward.type is RewardType.MODEL and self.models.reward is None:
+            violations.append(
+                Violation(
+                    "models.reward",
+                    "reward.type model needs a reward model",
+                    "set models.reward.path, or reward.type: rule",
+                )
+            )
+        if self.reward.type is RewardType.RULE and self.reward.rule is None:
+            violations.append(
+                Violation(
+                    "reward.rule",
+                    "reward.type rule needs a rule",
+                    ", ".join(r.value for r in RewardRule),
+                )
+            )
+        coord = self.coordinator
+        if coord.mode is CoordinatorMode.EXTERNAL and coord.url is None:
+            violations.append(
+                Violation(
+                    "coordinator.url", "external mode needs a Redis URL", "redis://host:port/db"
+                )
+            )
+        if coord.mode is CoordinatorMode.MANAGED and (coord.url or coord.password_secret):
+            violations.append(
+                Violation(
+                    "coordinator.url",
+                    "managed mode runs its own Redis",
+                    "remove url and passwordSecret, or set mode: external",
+                )
+            )
+        speculative = self.generation.speculative
+        for index, drafter in enumerate(speculative.drafters):
+            if drafter.method is DrafterMethod.EAGLE and self.generation.resources.gpu < 1:
+                violations.append(
+                    Violation(
+                        f"generation.speculative.drafters[{index}].method",
+                        "eagle runs only on GPU generation pods",
+                        "set generation.resources.gpu >= 1, or use draft_model, ngram, suffix",
+                    )
+                )
+        raise_if_any(violations)
+        return self

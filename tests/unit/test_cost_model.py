@@ -200,3 +200,28 @@ def test_invalid_inputs_are_rejected() -> None:
         DrafterCost("d", -1.0)
     with pytest.raises(ValueError):
         CostModel.fit([CostSample(1, 1, 0.01)], [DrafterCost("d"), DrafterCost("d")])
+
+
+def test_extrapolated_rows_never_cross() -> None:
+    # B=1 grows steeply with T, B=64 is nearly flat but higher: straight-line continuations
+    # past T=2 would cross near T=6, making a larger batch look cheaper.
+    samples = [
+        CostSample(1, 1, 0.010),
+        CostSample(1, 2, 0.020),
+        CostSample(64, 1, 0.050),
+        CostSample(64, 2, 0.051),
+    ]
+    cm = CostModel.fit(samples)
+    for k in range(0, 17):
+        col = [cm.verify_seconds(b, k) for b in (1, 8, 32, 64, 128)]
+        assert col == sorted(col), (k, col)
+    assert cm.verify_seconds(1, 9) == pytest.approx(0.10)  # the B=1 row itself is unchanged
+
+
+def test_drafter_cost_curve_is_robust_and_monotone() -> None:
+    # Repeated, noisy per-token measurements: one stalled reading and a dip at B=16.
+    points = ((1, 0.001), (1, 0.001), (1, 0.009), (4, 0.0012), (16, 0.0010), (64, 0.003))
+    cm = CostModel.fit([CostSample(1, 1, 0.01)], [DrafterCost("d", 0.0, points)])
+    assert cm.draft_seconds("d", 1, 1) == pytest.approx(0.001)  # median ignores the stall
+    costs = [cm.draft_seconds("d", b, 1) for b in (1, 2, 4, 8, 16, 32, 64, 128)]
+    assert costs == sorted(costs)

@@ -72,6 +72,12 @@ def _cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
     return int(run_main(rest))
 
 
+def _cmd_operator(args: argparse.Namespace, rest: list[str]) -> int:
+    from rlhfspec_operator.main import main as operator_main
+
+    return int(operator_main(rest))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rlhfspec",
@@ -88,17 +94,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "run", help="run an RLHFJob manifest locally: `rlhfspec run FILE`", add_help=False
     )
+    sub.add_parser(
+        "operator",
+        help="run the RLHFJob operator: `rlhfspec operator -n NAMESPACE | -A`",
+        add_help=False,
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    # Data-plane commands own their argument parsing (they live in another package).
-    if argv and argv[0] in ("models", "run"):
+    # Commands implemented in other packages own their argument parsing (lazy imports).
+    if argv and argv[0] in ("models", "run", "operator"):
         command, rest = argv[0], argv[1:]
         namespace = argparse.Namespace(command=command)
-        return _cmd_models(namespace, rest) if command == "models" else _cmd_run(namespace, rest)
+        dispatch = {"models": _cmd_models, "run": _cmd_run, "operator": _cmd_operator}
+        return dispatch[command](namespace, rest)
     args = parser.parse_args(argv)
     if args.command == "crd":
         return _cmd_crd(args)

@@ -1,0 +1,313 @@
+"""kopf handlers for RLHFJob: thin glue between the API and the pure builders/status logic.
+
+Where it sits: loaded by ``rlhfspec operator`` (``main``) or ``kopf run -m``. The flow of a job:
+
+* ``start`` (``on.create`` + ``on.resume``): parse once; invalid -> Failed/ValidationFailed and
+  nothing else; valid -> create the children from ``builders`` (409 = already there), pin the
+  applied spec, status Initializing (or Suspended).
+* ``pods_by_job`` (``index``): every worker pod condensed to a ``PodView`` under (ns, job).
+* ``reconcile`` (``timer``): pods from the index + progress from Redis -> ``status.reconcile``
+  -> delete/create pods, post events, patch status. Runs only while the job is active.
+* ``update`` (``on.update`` of spec): accept the mutable fields, re-render the ConfigMap; the
+  timer then scales, suspends or resumes.
+* ``delete`` (``on.delete``): owned children go with the job (owner references); the job's
+  keys in an external Redis are the one thing nothing owns, so they are deleted here.
+
+Events are posted explicitly (kopf >= 1.44 no longer turns log lines into events).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import kopf
+
+from rlhfspec_api import API_GROUP, API_VERSION
+from rlhfspec_api.crd import PLURAL
+from rlhfspec_api.manifest import ManifestError, RLHFJob, parse_rlhfjob
+from rlhfspec_api.status import TERMINAL_PHASES, Phase
+from rlhfspec_operator import builders, coordinator, updates
+from rlhfspec_operator import status as state
+from rlhfspec_operator.config import CONFIG
+from rlhfspec_operator.kube import ApiError, Kube
+from rlhfspec_operator.naming import (
+    LABEL_JOB,
+    WORKER_ROLES,
+    Owner,
+    config_map_name,
+    desired_pods,
+    redis_name,
+)
+from rlhfspec_operator.pods import PodView, pod_view
+from rlhfspec_operator.progress import ProgressRead
+from rlhfspec_operator.redis_progress import ProgressReader
+
+RESOURCE = (API_GROUP, API_VERSION, PLURAL)
+ACTIVE_PHASES = {Phase.INITIALIZING.value, Phase.RUNNING.value, Phase.SUSPENDED.value}
+PASSWORD_TTL = 300.0  # seconds an external password is trusted before the Secret is re-read
+
+kube = Kube()
+reader = ProgressReader()
+_passwords: dict[tuple[str, str, str], tuple[float, str | None]] = {}
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # Progress and diff-base in annotations: the CRD's structural schema would prune a
+    # status.kopf field, and our status is the API users read.
+    settings.persistence.finalizer = f"{API_GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=API_GROUP, key="last-handled-configuration"
+    )
+    settings.posting.reporting_component = "rlhfspec-operator"
+    settings.posting.level = logging.INFO
+    # Least privilege: no list/watch of CRDs and namespaces. Namespaces are given explicitly
+    # (or all), and the RLHFJob CRD is installed before the operator (Helm crds/).
+    settings.scanning.disabled = True
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+    if info is not None:
+        kube.set_credentials(info)
+    return info
+
+
+@kopf.on.cleanup()
+async def close_clients(**_: Any) -> None:
+    await kube.close()
+    await reader.close()
+
+
+@kopf.index("pods", labels={LABEL_JOB: kopf.PRESENT})
+def pods_by_job(body: kopf.Body, namespace: str | None, **_: Any) -> dict[tuple[str, str], PodView]:
+    view = pod_view(body)
+    if view.role not in WORKER_ROLES:
+        return {}  # the Redis pod is not a worker
+    return {(namespace or "", view.job): view}
+
+
+def _parse(body: kopf.Body) -> RLHFJob:
+    doc = {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": dict(body.metadata),
+        "spec": dict(body.spec),
+    }
+    return parse_rlhfjob(doc)
+
+
+def _effective(job: RLHFJob, annotations: Mapping[str, str]) -> RLHFJob:
+    spec = updates.effective_spec(job.spec, updates.pinned_spec(annotations))
+    return RLHFJob(job.name, job.namespace, spec, job.metadata)
+
+
+def _owner(body: kopf.Body) -> Owner:
+    meta = body.metadata
+    return Owner(name=str(meta.name), namespace=str(meta.namespace), uid=str(meta.uid))
+
+
+def _post(body: kopf.Body, events: list[state.Event]) -> None:
+    for event in events:
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+
+
+def _status_patch(old: Mapping[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Merge patch from ``old`` to ``new``: removed fields become null; unchanged are left out."""
+    patch: dict[str, Any] = {k: v for k, v in new.items() if old.get(k) != v}
+    for key in old:
+        if key not in new and key != "kopf":
+            patch[key] = None
+    return patch
+
+
+async def _create(body: kopf.Body, obj: dict[str, Any]) -> None:
+    try:
+        created = await kube.create(obj)
+    except ApiError as exc:
+        kind, name = obj["kind"], obj["metadata"]["name"]
+        kopf.warn(body, reason="CreateFailed", message=f"cannot create {kind} {name}: {exc}")
+        raise kopf.TemporaryError(f"cannot create {kind} {name}: {exc}", delay=10) from exc
+    if created:
+        kind, name = obj["kind"], obj["metadata"]["name"]
+        kopf.info(body, reason="Created", message=f"Created {kind} {name}")
+
+
+async def _managed_password(job: RLHFJob) -> str:
+    """The managed Redis password: the existing Secret's, or a new one (never rotated)."""
+    name = redis_name(job.name)
+    secret = await kube.get("v1", "Secret", job.namespace, name)
+    if secret is not None:
+        value = coordinator.decode_secret_value(secret, "password")
+        if value:
+            return value
+    return coordinator.new_password()
+
+
+async def _redis_password(job: RLHFJob, uid: str) -> str | None:
+    ref = coordinator.password_ref(job)
+    if ref is None:
+        return None
+    key = (job.namespace, job.name, uid)
+    cached = _passwords.get(key)
+    if cached is not None and (coordinator.managed(job) or time.monotonic() < cached[0]):
+        return cached[1]
+    secret = await kube.get("v1", "Secret", job.namespace, ref[0])
+    value = coordinator.decode_secret_value(secret, ref[1]) if secret is not None else None
+    if value is not None:
+        _passwords[key] = (time.monotonic() + PASSWORD_TTL, value)
+    return value
+
+
+def _redis_url(job: RLHFJob) -> str:
+    if coordinator.managed(job) and CONFIG.coordinator_url:
+        return CONFIG.coordinator_url
+    return coordinator.redis_url(job)
+
+
+@kopf.on.resume(*RESOURCE)
+@kopf.on.create(*RESOURCE)
+async def start(
+    body: kopf.Body, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch, **_: Any
+) -> None:
+    previous = state.parse_status(dict(status))
+    if previous.phase in TERMINAL_PHASES:
+        return
+    now, generation = _now(), meta.get("generation")
+    try:
+        job = _parse(body)
+        problems = builders.cluster_errors(job)
+        if problems:
+            raise ManifestError(problems)
+    except ManifestError as exc:
+        failed, event = state.validation_failed([str(e) for e in exc.errors], generation, now)
+        patch.status.update(_status_patch(dict(status), failed.to_wire()))
+        _post(body, [event])
+        return
+    job = _effective(job, meta.annotations)
+    owner = _owner(body)
+    password = await _managed_password(job) if coordinator.managed(job) else ""
+    for obj in builders.children(
+        job, owner, password=password, operator_namespace=CONFIG.operator_namespace
+    ):
+        await _create(body, obj)
+    # Pods of a fresh job right away; after a restart the timer recreates what is missing.
+    if previous.phase is Phase.PENDING and not job.spec.suspend:
+        for pod in builders.worker_pods(job, owner):
+            await _create(body, pod)
+    new_status, events = state.started(job, generation, previous, now)
+    _post(body, events)
+    patch.status.update(_status_patch(dict(status), new_status.to_wire()))
+    if updates.APPLIED_SPEC_ANNOTATION not in meta.annotations:
+        patch.metadata.annotations[updates.APPLIED_SPEC_ANNOTATION] = updates.pin(job.spec)
+
+
+def _active(status: kopf.Status, **_: Any) -> bool:
+    return status.get("phase") in ACTIVE_PHASES
+
+
+@kopf.timer(*RESOURCE, interval=CONFIG.interval, when=_active)
+async def reconcile(
+    body: kopf.Body,
+    meta: kopf.Meta,
+    status: kopf.Status,
+    patch: kopf.Patch,
+    pods_by_job: kopf.Index[tuple[str, str], PodView] | None = None,
+    **_: Any,
+) -> None:
+    try:
+        job = _effective(_parse(body), meta.annotations)
+    except ManifestError:
+        return  # start() already failed the job with ValidationFailed
+    owner = _owner(body)
+    indexed: Iterable[PodView] = (
+        pods_by_job.get((owner.namespace, owner.name), []) if pods_by_job else []
+    )
+    # A job deleted and re-created under the same name must not inherit the old pods.
+    pods = [p for p in indexed if p.owner_uid == owner.uid]
+    try:
+        password = await _redis_password(job, owner.uid)
+        progress = await reader.read(_redis_url(job), password, job.namespace, job.name)
+    except ApiError as exc:
+        progress = ProgressRead(error=f"cannot read the Redis password: {exc}", attempted=True)
+    observation = state.Observation(
+        job=job,
+        generation=meta.get("generation"),
+        status=state.parse_status(dict(status)),
+        pods=pods,
+        progress=progress,
+        now=_now(),
+    )
+    plan = state.reconcile(observation)
+    for name in plan.delete:
+        await kube.delete("v1", "Pod", owner.namespace, name)
+    roles = desired_pods(job.name, job.spec.generation.replicas)
+    for name in plan.create:
+        role, index = roles[name]
+        await _create(body, builders.worker_pod(job, owner, role, index))
+    _post(body, plan.events)
+    patch.status.update(_status_patch(dict(status), plan.status.to_wire()))
+
+
+@kopf.on.update(*RESOURCE, field="spec")
+async def update(
+    body: kopf.Body, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch, **_: Any
+) -> None:
+    if state.parse_status(dict(status)).phase in TERMINAL_PHASES:
+        return
+    try:
+        live = _parse(body)
+    except ManifestError as exc:
+        message = "; ".join(str(e) for e in exc.errors)
+        kopf.warn(body, reason="UpdateRejected", message=f"invalid change ignored: {message}")
+        return
+    pinned = updates.pinned_spec(meta.annotations) or live.spec.to_wire()
+    accepted, rejected = updates.split_changes(updates.changed_fields(pinned, live.spec.to_wire()))
+    if rejected:
+        kopf.warn(
+            body,
+            reason="UpdateRejected",
+            message=f"spec.{', spec.'.join(rejected)} cannot change while the job exists "
+            f"(only {', '.join(updates.MUTABLE_FIELDS)} can); delete and re-create the job",
+        )
+    if not accepted:
+        return
+    job = _effective(live, meta.annotations)
+    await kube.patch(
+        "v1",
+        "ConfigMap",
+        job.namespace,
+        config_map_name(job.name),
+        {"data": {"job.yaml": builders.render_config(job)}},
+    )
+    patch.metadata.annotations[updates.APPLIED_SPEC_ANNOTATION] = updates.pin(job.spec)
+    kopf.info(body, reason="Updated", message="accepted spec." + ", spec.".join(accepted))
+
+
+@kopf.on.delete(*RESOURCE)
+async def delete(body: kopf.Body, meta: kopf.Meta, logger: kopf.Logger, **_: Any) -> None:
+    try:
+        job = _effective(_parse(body), meta.annotations)
+    except ManifestError:
+        return
+    _passwords.pop((job.namespace, job.name, str(meta.uid)), None)
+    if coordinator.managed(job):
+        return  # Redis, Secret, Services, pods and the owned claim go with the job
+    try:
+        password = await _redis_password(job, str(meta.uid))
+        count = await reader.delete_job_keys(_redis_url(job), password, job.namespace, job.name)
+    except Exception as exc:  # best effort: an unreachable Redis must not block deletion
+        logger.warning(f"could not delete the job's keys in external Redis: {exc}")
+        kopf.warn(body, reason="CleanupFailed", message=f"job keys left in Redis: {exc}")
+        return
+    kopf.info(body, reason="CleanedUp", message=f"deleted {count} keys from external Redis")

@@ -1,0 +1,91 @@
+"""Pure: copy the coordinator's ``JobProgress`` into the RLHFJob status.
+
+Where it sits: ``redis_progress.read_progress`` fetches a :class:`ProgressRead` (the message,
+or why it could not be read); ``status.reconcile`` calls :func:`apply_progress` on every
+tick. Numbers a user sees in ``kubectl get rlhfjobs`` (Iter, Strategy, Tok/s, Accept, Reward)
+come from here; whether Redis answered becomes the CoordinatorReachable condition.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+from rlhfspec_api.status import Condition, ConditionStatus, GenerationStatus, RLHFJobStatus
+from rlhfspec_operator.conditions import set_condition, timestamp
+from rlhfspec_workers.messages import JobProgress
+
+COORDINATOR_REACHABLE = "CoordinatorReachable"
+
+
+@dataclass(frozen=True)
+class ProgressRead:
+    """The outcome of one read of the coordinator's progress key."""
+
+    progress: JobProgress | None = None
+    error: str | None = None
+    """Why Redis could not be read (or its payload not decoded); None on success."""
+    error_reason: str = "RedisUnavailable"
+    """CamelCase reason of ``error``: RedisUnavailable or InvalidProgress."""
+    attempted: bool = False
+    """False when nothing was read (no status change about reachability)."""
+
+
+def apply_progress(
+    status: RLHFJobStatus,
+    read: ProgressRead,
+    default_total: int,
+    now: datetime.datetime,
+    generation: int | None,
+    reachable_before: Condition | None,
+) -> list[tuple[str, str, str]]:
+    """Update metrics and CoordinatorReachable; return events as (type, reason, message)."""
+    if not read.attempted:
+        return []
+    was_unreachable = (
+        reachable_before is not None and reachable_before.status is ConditionStatus.FALSE
+    )
+    if read.error is not None:
+        set_condition(
+            status,
+            COORDINATOR_REACHABLE,
+            ConditionStatus.FALSE,
+            read.error_reason,
+            read.error,
+            now,
+            generation,
+        )
+        if was_unreachable:
+            return []
+        return [("Warning", "CoordinatorUnreachable", f"cannot read progress: {read.error}")]
+    events = []
+    if was_unreachable:
+        events.append(("Normal", "CoordinatorReachable", "the coordinator's Redis answers again"))
+    progress = read.progress
+    message = "no progress reported yet"
+    if progress is not None:
+        # The coordinator's own timestamp, not an age: the status changes only with progress.
+        message = f"progress {progress.state}"
+        if progress.updated_at:
+            written = datetime.datetime.fromtimestamp(progress.updated_at, datetime.UTC)
+            message += f", written at {timestamp(written)}"
+    set_condition(
+        status, COORDINATOR_REACHABLE, ConditionStatus.TRUE, "Connected", message, now, generation
+    )
+    if progress is None:
+        return events
+    total = progress.total_iterations or default_total
+    status.iteration = progress.iteration
+    status.total_iterations = total
+    status.progress = f"{progress.iteration}/{total}"
+    status.generation = GenerationStatus(
+        tokens_per_second=progress.tokens_per_second,
+        mean_accepted_length=progress.mean_accepted_length,
+        strategy=progress.strategy,
+        strategy_table_version=progress.strategy_table_version,
+        migrations=progress.migrations,
+        weight_version=progress.weight_version,
+    )
+    status.reward_mean = progress.reward_mean
+    status.kl = progress.kl
+    return events

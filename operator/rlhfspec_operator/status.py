@@ -1,0 +1,357 @@
+"""Pure status logic: observed pods + coordinator progress -> phase, conditions, events, actions.
+
+Where it sits: the reconcile timer (``handlers.reconcile``) gathers an :class:`Observation`
+(the parsed job, its status, the pod index's :class:`~rlhfspec_operator.pods.PodView`s, the
+coordinator's ``JobProgress`` from Redis) and calls :func:`reconcile`; it then deletes and
+creates the pods the :class:`Plan` names, posts its events and patches its status. Nothing here
+calls the API or reads a clock, so every transition is unit-tested with plain values.
+
+Phases: Pending -> Initializing -> Running -> Succeeded | Failed, and Suspended from any
+non-terminal phase. Initializing means "not every worker pod is running" (at start, after a
+pod was recreated, after a resume); the startup deadline is measured from the moment the job
+last entered that state. ``activeDeadlineSeconds`` counts from ``startTime``, which a resume
+resets (as for Kubernetes Jobs).
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from rlhfspec_api.manifest import RLHFJob
+from rlhfspec_api.status import TERMINAL_PHASES, ConditionStatus, Phase, RLHFJobStatus
+from rlhfspec_operator.conditions import condition, parse_time, set_condition, timestamp
+from rlhfspec_operator.naming import COORDINATOR, GENERATION, TRAINER, desired_pods
+from rlhfspec_operator.pods import FAILED, SUCCEEDED, PodView
+from rlhfspec_operator.progress import COORDINATOR_REACHABLE, ProgressRead, apply_progress
+
+PODS_READY = "PodsReady"
+PROGRESSING = "Progressing"
+SUSPENDED = "Suspended"
+SUCCEEDED_CONDITION = "Succeeded"
+FAILED_CONDITION = "Failed"
+
+NORMAL = "Normal"
+WARNING = "Warning"
+
+
+@dataclass(frozen=True)
+class Event:
+    """A Kubernetes Event to post on the job."""
+
+    type: str
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Observation:
+    job: RLHFJob
+    generation: int | None
+    """metadata.generation of the job."""
+    status: RLHFJobStatus
+    pods: Sequence[PodView]
+    """The job's pods (already filtered to this job's uid)."""
+    progress: ProgressRead
+    now: datetime.datetime
+
+
+@dataclass
+class Plan:
+    status: RLHFJobStatus
+    events: list[Event] = field(default_factory=list)
+    create: list[str] = field(default_factory=list)
+    """Worker pod names to create (roles and indexes from ``naming.desired_pods``)."""
+    delete: list[str] = field(default_factory=list)
+    """Worker pod names to delete."""
+
+
+def parse_status(raw: object) -> RLHFJobStatus:
+    """The job's current status; kopf's own keys and garbage are dropped, never fatal."""
+    if not isinstance(raw, dict):
+        return RLHFJobStatus()
+    known = {f.alias or name for name, f in RLHFJobStatus.model_fields.items()}
+    try:
+        return RLHFJobStatus.model_validate({k: v for k, v in raw.items() if k in known})
+    except ValueError:
+        return RLHFJobStatus()
+
+
+def _enter(plan: Plan, obs: Observation, phase: Phase, reason: str, message: str) -> None:
+    """Set phase, reason and message; an event when the phase changes (Warning for Failed)."""
+    status = plan.status
+    changed = status.phase != phase
+    status.phase, status.reason, status.message = phase, reason, message
+    status.observed_generation = obs.generation
+    if changed:
+        kind = WARNING if phase is Phase.FAILED else NORMAL
+        plan.events.append(Event(kind, reason if phase is Phase.FAILED else phase.value, message))
+    active = phase in (Phase.INITIALIZING, Phase.RUNNING)
+    set_condition(
+        status,
+        PROGRESSING,
+        ConditionStatus.TRUE if active else ConditionStatus.FALSE,
+        reason,
+        message,
+        obs.now,
+        obs.generation,
+    )
+
+
+def validation_failed(
+    errors: Sequence[str], generation: int | None, now: datetime.datetime
+) -> tuple[RLHFJobStatus, Event]:
+    """Status and event of a manifest the contract rejects (nothing else is created)."""
+    message = "; ".join(errors)
+    status = RLHFJobStatus(
+        phase=Phase.FAILED,
+        reason="ValidationFailed",
+        message=message,
+        completion_time=timestamp(now),
+        observed_generation=generation,
+    )
+    set_condition(
+        status, FAILED_CONDITION, ConditionStatus.TRUE, "ValidationFailed", message, now, generation
+    )
+    return status, Event(WARNING, "ValidationFailed", message)
+
+
+def started(
+    job: RLHFJob, generation: int | None, previous: RLHFJobStatus, now: datetime.datetime
+) -> tuple[RLHFJobStatus, list[Event]]:
+    """Status once the children exist: Initializing (or Suspended), never Pending again."""
+    status = previous.model_copy(deep=True)
+    if status.phase is not Phase.PENDING:
+        return status, []  # a resumed operator: the job is past this point, the timer owns it
+    total = job.spec.algorithm.iterations
+    status.total_iterations = total
+    status.iteration = status.iteration or 0
+    status.progress = f"{status.iteration}/{total}"
+    status.restarts = status.restarts or 0
+    plan = Plan(status)
+    obs = Observation(job, generation, status, [], ProgressRead(), now)
+    if job.spec.suspend:
+        _suspend(plan, obs, pods_deleted=0)
+    else:
+        pods = len(desired_pods(job.name, job.spec.generation.replicas))
+        status.start_time = timestamp(now)
+        set_condition(
+            status,
+            PODS_READY,
+            ConditionStatus.FALSE,
+            "PodsStarting",
+            f"0/{pods} worker pods running",
+            now,
+            generation,
+        )
+        _enter(plan, obs, Phase.INITIALIZING, "PodsStarting", f"creating {pods} worker pods")
+    return plan.status, plan.events
+
+
+def _suspend(plan: Plan, obs: Observation, pods_deleted: int) -> None:
+    status = plan.status
+    message = "worker pods deleted; Redis state and checkpoints are kept"
+    if pods_deleted:
+        message = f"{pods_deleted} {message}"
+    set_condition(
+        status, SUSPENDED, ConditionStatus.TRUE, "Suspended", message, obs.now, obs.generation
+    )
+    set_condition(
+        status,
+        PODS_READY,
+        ConditionStatus.FALSE,
+        "Suspended",
+        "job is suspended",
+        obs.now,
+        obs.generation,
+    )
+    _enter(plan, obs, Phase.SUSPENDED, "Suspended", message)
+
+
+def _finish(
+    plan: Plan, obs: Observation, phase: Phase, reason: str, message: str, pods: Sequence[PodView]
+) -> None:
+    """Terminal: free the accelerators (delete still-active pods), keep finished ones' logs."""
+    status = plan.status
+    status.completion_time = timestamp(obs.now)
+    kind = SUCCEEDED_CONDITION if phase is Phase.SUCCEEDED else FAILED_CONDITION
+    set_condition(status, kind, ConditionStatus.TRUE, reason, message, obs.now, obs.generation)
+    plan.delete += [p.name for p in pods if p.active and p.name not in plan.delete]
+    _enter(plan, obs, phase, reason, message)
+
+
+def _startup_since(status: RLHFJobStatus) -> datetime.datetime | None:
+    """When the job last entered "not every pod is running" (a resume restarts the clock)."""
+    moments = []
+    ready = condition(status, PODS_READY)
+    if ready is not None and ready.status is ConditionStatus.FALSE:
+        moments.append(parse_time(ready.last_transition_time))
+    suspended = condition(status, SUSPENDED)
+    if suspended is not None and suspended.status is ConditionStatus.FALSE:
+        moments.append(parse_time(suspended.last_transition_time))
+    known = [m for m in moments if m is not None]
+    return max(known) if known else None
+
+
+def reconcile(obs: Observation) -> Plan:
+    """One step of the state machine; see the module docstring for the phases."""
+    plan = Plan(obs.status.model_copy(deep=True))
+    status, spec, now = plan.status, obs.job.spec, obs.now
+    if status.phase in TERMINAL_PHASES or status.phase is Phase.PENDING:
+        return plan  # terminal is final; Pending belongs to the create handler
+    reachable_before = condition(status, COORDINATOR_REACHABLE)
+    for event in apply_progress(
+        status, obs.progress, spec.algorithm.iterations, now, obs.generation, reachable_before
+    ):
+        plan.events.append(Event(*event))
+    pods = sorted(obs.pods, key=lambda p: p.name)
+    live = [p for p in pods if not p.deleting]
+
+    if spec.suspend:
+        plan.delete = [p.name for p in live]
+        if status.phase is not Phase.SUSPENDED:
+            _suspend(plan, obs, pods_deleted=len(plan.delete))
+        return plan
+    if status.phase is Phase.SUSPENDED:
+        status.start_time = timestamp(now)  # activeDeadlineSeconds restarts, as for Jobs
+        set_condition(
+            status,
+            SUSPENDED,
+            ConditionStatus.FALSE,
+            "Resumed",
+            "suspend set to false; recreating worker pods",
+            now,
+            obs.generation,
+        )
+        set_condition(
+            status,
+            PODS_READY,
+            ConditionStatus.FALSE,
+            "PodsStarting",
+            "job resumed",
+            now,
+            obs.generation,
+        )
+
+    started_at = parse_time(status.start_time)
+    deadline = spec.active_deadline_seconds
+    over = started_at is not None and (now - started_at).total_seconds() > (deadline or 0)
+    if deadline is not None and over:
+        _finish(
+            plan,
+            obs,
+            Phase.FAILED,
+            "DeadlineExceeded",
+            f"job was active longer than activeDeadlineSeconds ({deadline}s)",
+            pods,
+        )
+        return plan
+
+    progress = obs.progress.progress
+    if progress is not None and progress.state == "failed":
+        _finish(
+            plan,
+            obs,
+            Phase.FAILED,
+            "CoordinatorFailed",
+            progress.message or "the coordinator reported a failure",
+            pods,
+        )
+        return plan
+
+    restarts = status.restarts or 0
+    for pod in live:
+        if pod.role == COORDINATOR and pod.phase == SUCCEEDED:
+            done = f"{status.iteration or 0}/{status.total_iterations or 0}"
+            _finish(
+                plan,
+                obs,
+                Phase.SUCCEEDED,
+                "Completed",
+                f"the coordinator finished after {done} iterations",
+                pods,
+            )
+            return plan
+        if pod.phase != FAILED:
+            continue
+        failure = f"pod {pod.name} failed" + (f": {pod.detail}" if pod.detail else "")
+        if restarts >= spec.backoff_limit:
+            status.restarts = restarts
+            _finish(
+                plan,
+                obs,
+                Phase.FAILED,
+                "BackoffLimitExceeded",
+                f"{failure}; backoffLimit {spec.backoff_limit} reached after {restarts} restart(s)",
+                pods,
+            )
+            return plan
+        restarts += 1
+        plan.delete.append(pod.name)
+        resume = " (it resumes from its last checkpoint)" if pod.role == TRAINER else ""
+        plan.events.append(
+            Event(
+                WARNING,
+                "PodFailed",
+                f"{failure}; recreating it{resume}, restart {restarts} "
+                f"of backoffLimit {spec.backoff_limit}",
+            )
+        )
+    status.restarts = restarts
+
+    desired = desired_pods(obs.job.name, spec.generation.replicas)
+    for pod in live:
+        if pod.role == GENERATION and pod.name not in desired and pod.name not in plan.delete:
+            plan.delete.append(pod.name)
+            plan.events.append(
+                Event(
+                    NORMAL,
+                    "ScaledDown",
+                    f"deleted pod {pod.name}: generation.replicas is {spec.generation.replicas}",
+                )
+            )
+    present = {p.name for p in pods}  # a terminating pod's name is taken until it is gone
+    plan.create = [name for name in desired if name not in present]
+
+    by_name = {p.name: p for p in live if p.name not in plan.delete}
+    waiting = [n for n in desired if n not in by_name or not by_name[n].running]
+    if not waiting:
+        total = len(desired)
+        set_condition(
+            status,
+            PODS_READY,
+            ConditionStatus.TRUE,
+            "AllPodsRunning",
+            f"{total}/{total} worker pods running",
+            now,
+            obs.generation,
+        )
+        if status.start_time is None:
+            status.start_time = timestamp(now)
+        message = f"iteration {status.progress}" if status.progress else "training"
+        _enter(plan, obs, Phase.RUNNING, "Training", message)
+        return plan
+
+    details = [by_name[n].describe() if n in by_name else f"{n}: not created yet" for n in waiting]
+    running = len(desired) - len(details)
+    message = f"{running}/{len(desired)} worker pods running; waiting for " + "; ".join(details)
+    set_condition(
+        status, PODS_READY, ConditionStatus.FALSE, "PodsNotReady", message, now, obs.generation
+    )
+    since = _startup_since(status) or now
+    limit = spec.startup_deadline_seconds
+    if (now - since).total_seconds() > limit:
+        _finish(
+            plan,
+            obs,
+            Phase.FAILED,
+            "StartupDeadlineExceeded",
+            f"worker pods not running {limit}s after start (startupDeadlineSeconds): "
+            + "; ".join(details),
+            pods,
+        )
+        plan.create = []
+        return plan
+    _enter(plan, obs, Phase.INITIALIZING, "PodsStarting", message)
+    return plan

@@ -50,7 +50,7 @@ def operator_deployment(
             # One active operator per scope; more replicas need --peering to take turns.
             "replicas": 1,
             "strategy": {"type": "Recreate"},
-            "selector": {"matchLabels": {"app.kubernetes.io/name": OPERATOR_NAME}},
+            "selector": {"matchLabels": labels},
             "template": {
                 "metadata": {"labels": labels},
                 "spec": {

@@ -27,8 +27,9 @@ LABEL_ROLE = f"{API_GROUP}/role"
 LABEL_INDEX = f"{API_GROUP}/worker-index"
 APP_NAME = "rlhfspec"
 MANAGED_BY = "rlhfspec-operator"
-OPERATOR_LABELS = {"app.kubernetes.io/name": MANAGED_BY}
-"""Labels of the operator's own pods (the Redis NetworkPolicy admits them: the progress timer)."""
+OPERATOR_LABELS = {"app.kubernetes.io/part-of": APP_NAME, "app.kubernetes.io/component": "operator"}
+"""Labels every operator pod carries (``install`` and the Helm chart set them); the Redis
+NetworkPolicy admits pods with them, since the progress timer reads Redis."""
 
 CONFIG_KEY = "job.yaml"
 CONFIG_DIR = "/etc/rlhfspec"

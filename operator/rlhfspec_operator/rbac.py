@@ -13,7 +13,7 @@ from typing import Any
 
 from rlhfspec_api import API_GROUP
 from rlhfspec_api.crd import PLURAL
-from rlhfspec_operator.naming import APP_NAME, MANAGED_BY, OPERATOR_LABELS
+from rlhfspec_operator.naming import MANAGED_BY, OPERATOR_LABELS
 
 OPERATOR_NAME = MANAGED_BY
 DEFAULT_NAMESPACE = "rlhfspec-system"
@@ -51,11 +51,7 @@ def peering_rules(clusterwide: bool) -> list[dict[str, Any]]:
 
 
 def operator_labels() -> dict[str, str]:
-    return {
-        **OPERATOR_LABELS,
-        "app.kubernetes.io/part-of": APP_NAME,
-        "app.kubernetes.io/component": "operator",
-    }
+    return {"app.kubernetes.io/name": OPERATOR_NAME, **OPERATOR_LABELS}
 
 
 def service_account(namespace: str = DEFAULT_NAMESPACE) -> dict[str, Any]:

@@ -1,0 +1,211 @@
+"""A small Llama forward pass with a slot-indexed KV cache, for the draft-model drafter.
+
+Where it sits: ``draft_model.DraftModelDrafter`` runs this inside the adaptive proposer, i.e.
+inside vLLM's model runner between verification steps. vLLM's own ``draft_model`` method
+cannot be switched on and off per step, so the adaptive path runs the draft itself.
+
+Why our own forward and not ``transformers``: each vLLM request needs a cache row that can
+be rolled back to the accepted prefix and topped up with any number of tokens, batched across
+requests of different lengths. A preallocated ``[slot, position]`` cache does this with one
+``index_put`` per layer; HF's caches either copy on growth or need one shared position per
+batch. Supports the Llama family as saved by ``LlamaForCausalLM.save_pretrained`` (RMSNorm,
+default RoPE, GQA, SiLU MLP, tied or separate head).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The model's ``config.json`` as a dict (raises FileNotFoundError with the path)."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no config.json in {path}")
+    data: dict[str, Any] = json.loads(config_file.read_text())
+    return data
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    single = path / "model.safetensors"
+    if single.is_file():
+        return load_file(str(single))
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"no model.safetensors(.index.json) in {path}")
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    weights: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        weights.update(load_file(str(path / shard)))
+    return weights
+
+
+def _rope_theta(config: dict[str, Any]) -> float:
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"rope_type {rope_type!r} is not supported by the draft forward")
+    return float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+
+
+class LlamaDraftModel:
+    """Greedy-decoding Llama with a KV cache of ``max_slots`` rows of ``max_len`` positions."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_slots: int,
+        max_len: int,
+        dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        config = read_config(path)
+        architectures = config.get("architectures") or []
+        if not any(a in SUPPORTED_ARCHITECTURES for a in architectures):
+            raise ValueError(
+                f"draft architecture {architectures} is not supported (one of "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)})"
+            )
+        self.vocab_size = int(config["vocab_size"])
+        self.hidden = int(config["hidden_size"])
+        self.num_heads = int(config["num_attention_heads"])
+        self.num_kv_heads = int(config.get("num_key_value_heads") or self.num_heads)
+        self.head_dim = int(config.get("head_dim") or self.hidden // self.num_heads)
+        self.num_layers = int(config["num_hidden_layers"])
+        self.eps = float(config.get("rms_norm_eps", 1e-6))
+        self.max_slots, self.max_len = max_slots, max_len
+        self.dtype, self.device = dtype, torch.device(device)
+
+        w = {k: v.to(dtype=dtype, device=self.device) for k, v in _load_weights(path).items()}
+        w = {k.removeprefix("model."): v for k, v in w.items()}
+        self.embed = w["embed_tokens.weight"]
+        self.norm = w["norm.weight"]
+        self.lm_head = w.get("lm_head.weight", self.embed)
+        self.layers: list[dict[str, torch.Tensor]] = []
+        for i in range(self.num_layers):
+            p = f"layers.{i}."
+            self.layers.append(
+                {
+                    # q, k, v fused into one matmul: fewer kernel launches per decode step.
+                    "qkv": torch.cat(
+                        [w[p + f"self_attn.{n}_proj.weight"] for n in ("q", "k", "v")], dim=0
+                    ),
+                    "o": w[p + "self_attn.o_proj.weight"],
+                    "gate_up": torch.cat(
+                        [w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]], dim=0
+                    ),
+                    "down": w[p + "mlp.down_proj.weight"],
+                    "ln1": w[p + "input_layernorm.weight"],
+                    "ln2": w[p + "post_attention_layernorm.weight"],
+                }
+            )
+        theta = _rope_theta(config)
+        inv_freq = 1.0 / theta ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        self.cos = angles.cos().to(self.device)
+        self.sin = angles.sin().to(self.device)
+        # Head-major rows, so a row's keys for attention are a strided view (no copy). Callers
+        # keep the used slots compact (0..n-1, see DraftModelDrafter.release): attention then
+        # runs on the view of the first n slots, with the batch's queries scattered into it.
+        shape = (self.num_layers, max_slots, self.num_kv_heads, max_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+
+    def move_slot(self, src: int, dst: int) -> None:
+        """Copy slot ``src``'s cache into ``dst`` (compaction after a request leaves)."""
+        self.k_cache[:, dst] = self.k_cache[:, src]
+        self.v_cache[:, dst] = self.v_cache[:, src]
+
+    def num_parameters(self) -> int:
+        tensors = [self.embed, self.norm, *(t for layer in self.layers for t in layer.values())]
+        if self.lm_head is not self.embed:
+            tensors.append(self.lm_head)
+        return sum(t.numel() for t in tensors)
+
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * xf.to(x.dtype)
+
+    def _rope(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        # x: [B, T, H, D]; HF's rotate-half convention.
+        cos = self.cos[pos].unsqueeze(2)
+        sin = self.sin[pos].unsqueeze(2)
+        x1, x2 = x.float().chunk(2, dim=-1)
+        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return rotated.to(x.dtype)
+
+    @torch.inference_mode()
+    def forward(
+        self, tokens: torch.Tensor, slots: torch.Tensor, start: torch.Tensor, n_new: torch.Tensor
+    ) -> torch.Tensor:
+        """Append ``tokens[b, :n_new[b]]`` at positions ``start[b]..`` of cache row ``slots[b]``.
+
+        tokens: [B, T] (rows shorter than T are padded; the padding writes cache positions past
+        the row's valid length, which are overwritten before anything attends to them).
+        Returns the logits after each row's last real token, [B, vocab], float32.
+        """
+        bsz, t = tokens.shape
+        pos = start[:, None] + torch.arange(t, device=self.device)[None, :]
+        if int(pos.max()) >= self.max_len:
+            raise ValueError(f"draft cache overflow: position {int(pos.max())} >= {self.max_len}")
+        kv_len = int((start + t).max())
+        n_slots = int(slots.max()) + 1
+        slot_bt = slots[:, None].expand(bsz, t)
+        # Attention runs over slots 0..n_slots-1; slots outside the batch get position 0 and
+        # their (discarded) output costs little because callers keep slots compact.
+        slot_pos = torch.zeros((n_slots, t), dtype=pos.dtype, device=self.device)
+        slot_pos[slots] = pos
+        # Query t of a slot may see keys 0..its position.
+        mask = (
+            torch.arange(kv_len, device=self.device)[None, None, None, :]
+            <= slot_pos[:, None, :, None]
+        )
+        x = F.embedding(tokens, self.embed)
+        q_size = self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
+        group = self.num_heads // self.num_kv_heads
+        scale = 1.0 / math.sqrt(self.head_dim)
+        for i, layer in enumerate(self.layers):
+            h = self._rms(x, layer["ln1"])
+            qkv = h @ layer["qkv"].T
+            q, k, v = qkv[..., :q_size], qkv[..., q_size : q_size + kv_size], qkv[..., -kv_size:]
+            q = self._rope(q.view(bsz, t, self.num_heads, self.head_dim), pos)
+            k = self._rope(k.view(bsz, t, self.num_kv_heads, self.head_dim), pos)
+            v = v.view(bsz, t, self.num_kv_heads, self.head_dim)
+            self.k_cache[i][slot_bt, :, pos] = k
+            self.v_cache[i][slot_bt, :, pos] = v
+            keys = self.k_cache[i, :n_slots, :, :kv_len]
+            values = self.v_cache[i, :n_slots, :, :kv_len]
+            # [slot, kv_head, group, T, D]: grouped heads share their kv head without a copy.
+            q_slots = torch.zeros(
+                (n_slots, t, self.num_heads, self.head_dim), dtype=q.dtype, device=self.device
+            )
+            q_slots[slots] = q
+            q_slots = q_slots.view(n_slots, t, self.num_kv_heads, group, self.head_dim)
+            q_slots = q_slots.permute(0, 2, 3, 1, 4).reshape(
+                n_slots, self.num_kv_heads, group * t, self.head_dim
+            )
+            scores = (q_slots @ keys.transpose(-1, -2)) * scale
+            scores = scores.view(n_slots, self.num_kv_heads, group, t, kv_len)
+            scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+            probs = scores.float().softmax(-1).to(values.dtype)
+            out = probs.view(n_slots, self.num_kv_heads, group * t, kv_len) @ values
+            out = out.view(n_slots, self.num_kv_heads, group, t, self.head_dim)[slots]
+            attn = out.permute(0, 3, 1, 2, 4).reshape(bsz, t, q_size)
+            x = x + attn @ layer["o"].T
+            h = self._rms(x, layer["ln2"])
+            gate, up = (h @ layer["gate_up"].T).chunk(2, dim=-1)
+            x = x + (F.silu(gate) * up) @ layer["down"].T
+        last = x[torch.arange(bsz, device=self.device), n_new - 1]
+        return (self._rms(last, self.norm) @ self.lm_head.T).float()

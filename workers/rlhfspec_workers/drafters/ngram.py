@@ -1,0 +1,73 @@
+"""Prompt-lookup (n-gram) drafter: continue the latest earlier occurrence of the context's tail.
+
+Where it sits: a candidate drafter of the adaptive proposer (``adaptive``), chosen per step by
+the policy; also the vLLM-native ``ngram`` baseline config (:func:`speculative_config`).
+Model-free and nearly free to run, so it pays off whenever outputs copy from the prompt or
+repeat themselves. Our own numpy search instead of vLLM's numba kernel: an engine created in
+the same process after a vLLM-ngram engine fails (numba/llvmlite clash, field notes 3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from rlhfspec_api.generation import DrafterSpec
+
+from .base import DraftRow, TokenArray
+
+NAME = "ngram"
+
+
+def lookup(tokens: TokenArray, k: int, min_n: int, max_n: int) -> list[int]:
+    """Tokens that followed the most recent earlier occurrence of the longest tail n-gram.
+
+    Tries n = max_n down to min_n; the first n with a match wins (longer context, better
+    guess), and among its matches the latest one (recent text predicts best).
+    """
+    length = len(tokens)
+    if k <= 0:
+        return []
+    for n in range(min(max_n, length - 1), min_n - 1, -1):
+        pattern = tokens[length - n :]
+        # Windows starting at 0..length-n-1: each has at least one token after it.
+        windows = sliding_window_view(tokens[: length - 1], n)
+        hits = np.flatnonzero((windows == pattern).all(axis=1))
+        if hits.size:
+            start = int(hits[-1]) + n
+            return [int(t) for t in tokens[start : start + k]]
+    return []
+
+
+class NgramDrafter:
+    """Prompt lookup over each request's own prompt + output."""
+
+    name = NAME
+
+    def __init__(self, min_n: int = 2, max_n: int = 4) -> None:
+        if not 1 <= min_n <= max_n:
+            raise ValueError(f"need 1 <= min_n <= max_n, got {min_n}, {max_n}")
+        self.min_n, self.max_n = min_n, max_n
+
+    @classmethod
+    def from_spec(cls, spec: DrafterSpec) -> NgramDrafter:
+        return cls(spec.prompt_lookup_min, spec.prompt_lookup_max)
+
+    def propose(self, rows: Sequence[DraftRow], k: int) -> list[list[int]]:
+        return [lookup(r.tokens, min(k, r.max_k), self.min_n, self.max_n) for r in rows]
+
+    def release(self, req_ids: Iterable[str]) -> None:
+        pass  # stateless
+
+
+def speculative_config(spec: DrafterSpec, num_tokens: int) -> dict[str, Any]:
+    """vLLM-native prompt lookup (baseline): fixed k, vLLM's numba matcher."""
+    return {
+        "method": "ngram",
+        "num_speculative_tokens": num_tokens,
+        "prompt_lookup_min": spec.prompt_lookup_min,
+        "prompt_lookup_max": spec.prompt_lookup_max,
+    }

@@ -1,0 +1,29 @@
+"""The "off" drafter: no draft tokens (k = 0), i.e. plain decoding for the step.
+
+Where it sits: the policy may choose it every step inside the adaptive proposer (large
+batches, where verification is compute-bound and drafts only cost); as a whole-engine mode
+(``speculative.mode: off``) it means no speculative config at all (:func:`speculative_config`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from .base import DraftRow
+
+NAME = "off"
+
+
+class OffDrafter:
+    name = NAME
+
+    def propose(self, rows: Sequence[DraftRow], k: int) -> list[list[int]]:
+        return [[] for _ in rows]
+
+    def release(self, req_ids: Iterable[str]) -> None:
+        pass
+
+
+def speculative_config() -> None:
+    """vLLM runs without a speculative config: no proposer, no rejection sampler."""
+    return None

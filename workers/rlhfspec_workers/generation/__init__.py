@@ -1,0 +1,7 @@
+"""Generation: the rollout engine of a generation worker.
+
+Flow: ``engine.GenerationEngine`` wraps one in-process vLLM engine; with speculative decoding
+on, vLLM's ``custom_class`` proposer is ``proposer.AdaptiveProposer``, which every step asks a
+``policy.DraftPolicy`` for (drafter, k) and drafts with ``rlhfspec_workers.drafters``.
+Importing this package is cheap; ``engine`` imports vLLM.
+"""

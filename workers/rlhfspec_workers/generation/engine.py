@@ -1,0 +1,483 @@
+"""The generation engine: one in-process vLLM engine, speculative decoding chosen per step.
+
+Where it sits: a generation worker builds a :class:`GenerationEngine` from its typed
+``GenerationSpec`` and resolved model paths, then per RL iteration calls :meth:`generate`
+with the iteration's prompts; finished samples stream out as they finish (vLLM's step loop,
+so short samples are not held back by the long tail) and go to the inference stage. Every
+engine step leaves a :class:`StepRecord` (batch size, strategy verified, drafted/accepted as
+vLLM counted them, step time) for the selector and the benchmarks.
+
+Speculation backends:
+
+* adaptive proposer (default, modes adaptive and fixed): vLLM's ``custom_class`` proposer
+  (``proposer.AdaptiveProposer``) owns the candidate drafters and asks a policy for
+  (drafter, k) every step, k = 0 included. Needs the engine in this process
+  (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set here), so the proposer, the policy and this
+  object share memory.
+* native (``native=True``, baselines): vLLM's own ``ngram``/``draft_model``/``eagle`` with a
+  fixed k, or vLLM Dynamic SD (``per_batch_size``: k per scheduled batch size).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlhfspec_api.generation import GenerationSpec, SpeculativeMode
+from rlhfspec_workers.drafters import registry
+from rlhfspec_workers.drafters.base import Drafter
+from rlhfspec_workers.drafters.suffix import SuffixDrafter
+
+from . import vllm_fixes
+from .policy import NO_DRAFT, OFF, DraftChoice, DraftPolicy, FixedPolicy
+from .proposer import GROUP_KEY, PROPOSER_CLASS, AdaptiveProposer
+
+# The proposer must live in this process (see module docstring). vLLM reads this lazily, at
+# engine creation; on CPU it otherwise forces a worker process even with backend "uni".
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+from vllm import SamplingParams
+from vllm.engine.arg_utils import EngineArgs
+from vllm.inputs import TokensPrompt
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.llm_engine import LLMEngine
+from vllm.v1.executor.abstract import Executor
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+SPEC_COUNTERS = (
+    "vllm:spec_decode_num_drafts",
+    "vllm:spec_decode_num_draft_tokens",
+    "vllm:spec_decode_num_accepted_tokens",
+    "vllm:spec_decode_num_accepted_tokens_per_pos",
+)
+
+
+@dataclass(frozen=True)
+class PromptInput:
+    prompt: str | Sequence[int]
+    """Text (needs a tokenizer next to the policy) or token ids."""
+    prompt_id: str
+    n: int = 1
+    """Samples of this prompt; each is its own vLLM request, so each streams out alone."""
+    group_id: str | None = None
+    """Key shared with earlier iterations' rollouts of the prompt (suffix drafter); default
+    prompt_id."""
+    max_tokens: int | None = None
+    """Overrides SamplingConfig.max_tokens (e.g. a resumed sample: its budget minus what it
+    already generated elsewhere)."""
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 64
+    seed: int | None = None
+    """Base seed; sample j of prompt p gets a seed derived from (seed, p, j)."""
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def from_spec(cls, spec: GenerationSpec, seed: int | None = None) -> SamplingConfig:
+        return cls(spec.temperature, spec.top_p, spec.max_new_tokens, seed)
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    sample_id: str
+    prompt_id: str
+    group_id: str
+    sample_index: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+    """The policy's log-prob of each sampled token, from the target's logits at verification
+    (vLLM's logprobs_mode; 'processed' = after temperature/top-p, the sampling distribution)."""
+    finish_reason: str | None
+    text: str | None
+    num_draft_tokens: int
+    """Draft tokens vLLM verified for this sample."""
+    num_accepted_tokens: int
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One engine step. Drafts are made in one step and verified in the next: ``drafter``/
+    ``k`` and the counts describe the drafts verified here; ``next_*`` the ones made here."""
+
+    step: int
+    batch_size: int
+    num_finished: int
+    drafter: str
+    k: int
+    num_drafts: int
+    num_draft_tokens: int
+    num_accepted_tokens: int
+    accepted_per_pos: tuple[int, ...]
+    drafted_per_pos: tuple[int, ...]
+    """vLLM's counters for this step (its SchedulerStats.spec_decoding_stats);
+    drafted_per_pos[i]: drafts with more than i tokens, so the verified k shows as the last
+    non-zero position."""
+    proposer_draft_tokens: int
+    proposer_accepted_tokens: int
+    """The same as the proposer saw them (must equal vLLM's; -1 on the native backend)."""
+    next_drafter: str
+    next_k: int
+    next_draft_tokens: int
+    step_seconds: float
+    draft_seconds: float
+    """Part of step_seconds spent drafting the next step's tokens."""
+
+
+class _StepStatsSink(StatLoggerBase):  # type: ignore[misc]
+    """Receives vLLM's SchedulerStats after every step (in-process stat logger)."""
+
+    def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+        self.stats: list[Any] = []
+
+    def record(
+        self,
+        scheduler_stats: Any,
+        iteration_stats: Any,
+        mm_cache_stats: Any = None,
+        engine_idx: int = 0,
+    ) -> None:
+        if scheduler_stats is not None:
+            self.stats.append(scheduler_stats)
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+
+def _attach(worker: Any) -> tuple[Any, Any]:
+    runner = worker.model_runner
+    return runner, getattr(runner, "drafter", None)
+
+
+def sample_seed(seed: int, prompt_id: str, index: int) -> int:
+    return zlib.crc32(f"{seed}:{prompt_id}:{index}".encode()) & 0x7FFFFFFF
+
+
+class GenerationEngine:
+    """One vLLM engine serving a generation worker."""
+
+    def __init__(
+        self,
+        spec: GenerationSpec,
+        policy_model: Path,
+        *,
+        draft_models: Mapping[int, Path] | None = None,
+        policy: DraftPolicy | None = None,
+        native: bool = False,
+        per_batch_size: Sequence[tuple[int, int, int]] | None = None,
+        max_num_seqs: int = 256,
+        max_model_len: int | None = None,
+        dtype: str = "bfloat16",
+        seed: int = 0,
+        kv_cache_bytes: int | None = None,
+        device: str | None = None,
+        logprobs_mode: str = "processed_logprobs",
+        engine_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        import torch
+
+        self.spec = spec
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        spec_cfg = spec.speculative
+        drafts = dict(draft_models or {})
+        self.mode = spec_cfg.mode
+        self.native = native
+        self.max_k = (
+            spec_cfg.fixed_k if self.mode is SpeculativeMode.FIXED else spec_cfg.max_draft_tokens
+        )
+        if self.mode is not SpeculativeMode.OFF:
+            registry.check(
+                spec_cfg,
+                Path(policy_model),
+                drafts,
+                device=self.device,
+                native=native,
+                per_batch_size=per_batch_size,
+            )
+        speculative_config: dict[str, Any] | None = None
+        if self.mode is SpeculativeMode.OFF:
+            pass
+        elif native:
+            speculative_config = registry.native_config(
+                spec_cfg.drafters[0],
+                self.max_k,
+                drafts.get(0),
+                device=self.device,
+                per_batch_size=per_batch_size,
+                field="generation.speculative.drafters[0]",
+            )
+        else:
+            speculative_config = {
+                "method": "custom_class",
+                "model": PROPOSER_CLASS,
+                "num_speculative_tokens": self.max_k,
+            }
+        self.has_tokenizer = (Path(policy_model) / "tokenizer_config.json").is_file() or (
+            Path(policy_model) / "tokenizer.json"
+        ).is_file()
+        args: dict[str, Any] = {
+            "model": str(policy_model),
+            "skip_tokenizer_init": not self.has_tokenizer,
+            "dtype": dtype,
+            "seed": seed,
+            "max_num_seqs": max_num_seqs,
+            "max_model_len": max_model_len,
+            "disable_log_stats": False,
+            "enable_prefix_caching": True,
+            "logprobs_mode": logprobs_mode,
+            "speculative_config": speculative_config,
+        }
+        if speculative_config is not None:
+            args["per_request_spec_decode_metrics"] = "summary"
+        if self.device == "cpu":
+            args["enforce_eager"] = True
+            args["kv_cache_memory_bytes"] = kv_cache_bytes or (512 << 20)
+        else:
+            args["gpu_memory_utilization"] = spec.gpu_memory_utilization
+            if kv_cache_bytes:
+                args["kv_cache_memory_bytes"] = kv_cache_bytes
+        args.update(engine_kwargs or {})
+        config = EngineArgs(**args).create_engine_config()
+        sink = _StepStatsSink(config)
+        self._sink = sink
+
+        def sink_factory(vllm_config: Any, engine_index: int = 0) -> _StepStatsSink:
+            return sink
+
+        self.engine = LLMEngine(
+            config,
+            Executor.get_class(config),
+            log_stats=True,
+            stat_loggers=[sink_factory],
+            multiprocess_mode=False,
+        )
+        self.max_model_len = int(config.model_config.max_model_len)
+        # After the worker registered vLLM's kernel overrides: replace broken ones.
+        self.vllm_fixes = vllm_fixes.apply() if speculative_config is not None else []
+        self.proposer: AdaptiveProposer | None = None
+        self.drafters: dict[str, Drafter] = {}
+        if speculative_config is not None and not native:
+            runner, proposer = self.engine.collective_rpc(_attach)[0]
+            if not isinstance(proposer, AdaptiveProposer):
+                raise RuntimeError("vLLM did not load the adaptive proposer in this process")
+            for i, d in enumerate(spec_cfg.drafters):
+                drafter = registry.build(
+                    d,
+                    drafts.get(i),
+                    max_slots=max_num_seqs,
+                    max_len=self.max_model_len + self.max_k + 2,
+                    device=self.device,
+                    field=f"generation.speculative.drafters[{i}]",
+                )
+                self.drafters[drafter.name] = drafter
+            if policy is None:
+                first = spec_cfg.drafters[0].method.value
+                policy = FixedPolicy(DraftChoice(first, self.max_k))
+            proposer.configure(runner, self.drafters, policy)
+            self.proposer = proposer
+        self.steps: list[StepRecord] = []
+        self._step_index = 0
+        self._calls = 0
+        self._pending_choice = NO_DRAFT
+
+    # -- control ------------------------------------------------------------------------------
+
+    def set_policy(self, policy: DraftPolicy) -> None:
+        if self.proposer is None:
+            raise RuntimeError("policies apply to the adaptive proposer only")
+        self.proposer.set_policy(policy)
+
+    @property
+    def suffix(self) -> SuffixDrafter | None:
+        drafter = self.drafters.get("suffix")
+        return drafter if isinstance(drafter, SuffixDrafter) else None
+
+    def new_iteration(self) -> None:
+        """Between RL iterations: this iteration's rollouts become the suffix drafter's
+        history."""
+        if self.suffix is not None:
+            self.suffix.new_iteration()
+
+    def counters(self) -> dict[str, Any]:
+        """vLLM's cumulative spec-decode counters (process-wide Prometheus registry: with two
+        engines in one process, take deltas around your own calls)."""
+        out: dict[str, Any] = {name: 0 for name in SPEC_COUNTERS}
+        for metric in self.engine.get_metrics():
+            if metric.name in out:
+                values = getattr(metric, "values", None)
+                out[metric.name] = (
+                    list(values) if values is not None else getattr(metric, "value", 0)
+                )
+        return out
+
+    def close(self) -> None:
+        self.engine.engine_core.shutdown()
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def generate(
+        self, prompts: Sequence[PromptInput], sampling: SamplingConfig
+    ) -> Iterator[SampleResult]:
+        """Yield every sample as soon as it finishes (all samples of all prompts)."""
+        self._calls += 1
+        meta: dict[str, tuple[PromptInput, int]] = {}
+        for p in prompts:
+            group = p.group_id or p.prompt_id
+            prompt: Any = (
+                p.prompt
+                if isinstance(p.prompt, str)
+                else TokensPrompt(prompt_token_ids=[int(t) for t in p.prompt])
+            )
+            for j in range(p.n):
+                request_id = f"{self._calls}:{p.prompt_id}/{j}"
+                params = SamplingParams(
+                    n=1,
+                    temperature=sampling.temperature,
+                    top_p=sampling.top_p,
+                    max_tokens=p.max_tokens or sampling.max_tokens,
+                    seed=None
+                    if sampling.seed is None
+                    else sample_seed(sampling.seed, p.prompt_id, j),
+                    logprobs=0,
+                    ignore_eos=sampling.ignore_eos,
+                    stop_token_ids=list(sampling.stop_token_ids),
+                    detokenize=self.has_tokenizer,
+                    output_kind=RequestOutputKind.FINAL_ONLY,
+                    extra_args={GROUP_KEY: group},
+                )
+                self.engine.add_request(request_id, prompt, params)
+                meta[request_id] = (p, j)
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self._step():
+                    if out.finished and out.request_id in meta:
+                        p, j = meta.pop(out.request_id)
+                        yield self._result(out, p, j)
+        finally:
+            if meta:  # the caller stopped early: free the engine for the next call
+                self.engine.abort_request(list(meta))
+
+    def generate_all(
+        self, prompts: Sequence[PromptInput], sampling: SamplingConfig
+    ) -> list[SampleResult]:
+        """All samples, in prompt order then sample index."""
+        results = list(self.generate(prompts, sampling))
+        order = {p.prompt_id: i for i, p in enumerate(prompts)}
+        return sorted(results, key=lambda r: (order[r.prompt_id], r.sample_index))
+
+    def _result(self, out: Any, p: PromptInput, j: int) -> SampleResult:
+        completion = out.outputs[0]
+        tokens = [int(t) for t in completion.token_ids]
+        # logprobs=0: each position holds exactly the sampled token's entry.
+        per_token = completion.logprobs or []
+        logprobs = [float(lp[t].logprob) for lp, t in zip(per_token, tokens, strict=True)]
+        metrics = getattr(completion, "spec_decode_metrics", None)
+        drafted = accepted = 0
+        if metrics is not None:
+            drafted = int(metrics.num_draft_tokens)
+            accepted = sum(j * c for j, c in enumerate(metrics.histogram))
+        return SampleResult(
+            sample_id=f"{p.prompt_id}/{j}",
+            prompt_id=p.prompt_id,
+            group_id=p.group_id or p.prompt_id,
+            sample_index=j,
+            prompt_token_ids=[int(t) for t in out.prompt_token_ids or []],
+            token_ids=tokens,
+            logprobs=logprobs,
+            finish_reason=completion.finish_reason,
+            text=completion.text if self.has_tokenizer else None,
+            num_draft_tokens=drafted,
+            num_accepted_tokens=accepted,
+        )
+
+    def _step(self) -> list[Any]:
+        started = time.perf_counter()
+        outputs: list[Any] = self.engine.step()
+        seconds = time.perf_counter() - started
+        stats, self._sink.stats = self._sink.stats, []
+        spec = stats[-1].spec_decoding_stats if stats else None
+        finished = sum(1 for o in outputs if o.finished)
+        choices, feedback = self.proposer.drain() if self.proposer else ([], [])
+        if choices:
+            _, batch_size, next_choice, next_tokens, draft_seconds = choices[-1]
+        else:
+            running = stats[-1].num_running_reqs if stats else 0
+            batch_size, next_choice, next_tokens, draft_seconds = (
+                running + finished,
+                NO_DRAFT,
+                0,
+                0.0,
+            )
+        num_drafts = spec.num_drafts if spec else 0
+        drafted = spec.num_draft_tokens if spec else 0
+        if feedback:
+            verified = feedback[-1].choice
+        elif self.native and num_drafts:
+            method = self.spec.speculative.drafters[0].method.value
+            verified = DraftChoice(method, round(drafted / num_drafts))
+        else:
+            verified = self._pending_choice if self.proposer and drafted else NO_DRAFT
+        self._pending_choice = next_choice
+        record = StepRecord(
+            step=self._step_index,
+            batch_size=batch_size,
+            num_finished=finished,
+            drafter=verified.drafter if num_drafts else OFF,
+            k=verified.k if num_drafts else 0,
+            num_drafts=num_drafts,
+            num_draft_tokens=drafted,
+            num_accepted_tokens=spec.num_accepted_tokens if spec else 0,
+            accepted_per_pos=tuple(spec.num_accepted_tokens_per_pos) if spec else (),
+            drafted_per_pos=tuple(spec.num_draft_tokens_per_pos) if spec else (),
+            proposer_draft_tokens=sum(f.num_draft_tokens for f in feedback)
+            if self.proposer
+            else -1,
+            proposer_accepted_tokens=(
+                sum(f.num_accepted_tokens for f in feedback) if self.proposer else -1
+            ),
+            next_drafter=next_choice.drafter,
+            next_k=next_choice.k,
+            next_draft_tokens=next_tokens,
+            step_seconds=seconds,
+            draft_seconds=draft_seconds,
+        )
+        self._step_index += 1
+        self.steps.append(record)
+        return outputs
+
+    def drain_steps(self) -> list[StepRecord]:
+        steps, self.steps = self.steps, []
+        return steps
+
+
+@dataclass
+class StepSummary:
+    """Totals over step records (benchmarks, tests)."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    by_strategy: dict[tuple[str, int], int] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, records: Sequence[StepRecord]) -> StepSummary:
+        s = cls()
+        for r in records:
+            s.steps += 1
+            s.seconds += r.step_seconds
+            s.draft_tokens += r.num_draft_tokens
+            s.accepted_tokens += r.num_accepted_tokens
+            key = (r.drafter, r.k)
+            s.by_strategy[key] = s.by_strategy.get(key, 0) + 1
+        return s

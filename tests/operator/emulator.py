@@ -87,6 +87,8 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
             self.resources.load_bundled()
         self._versions = itertools.count(1)
         self._printer_columns: dict[kmock.resource, list[dict[str, Any]]] = {}
+        self.request_log: list[tuple[str, str, str, str]] = []
+        """(method, path, "watch" or "", User-Agent) of every request served."""
 
     # --- writes ------------------------------------------------------------------------------
 
@@ -99,10 +101,33 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
                 self._on_patch(request, resource)
         elif resource is not None and request.action == kmock.action.UPDATE:
             self._on_json_patch(request, resource)
-        response = await super()._handle(request)
+        try:
+            response = await super()._handle(request)
+        finally:
+            self._forget(request)
         if request.action in (kmock.action.DELETE, kmock.action.UPDATE):
             await self._collect_garbage()
         return response  # type: ignore[no-any-return]
+
+    def _forget(self, request: kmock.Request) -> None:
+        """Drop a handled request from KMock's request log, keeping a light record of it.
+
+        KMock matches each new request against its reactions by scanning the whole log
+        (``request in view``), so a session of thousands of requests goes quadratic (0.2 s per
+        request after a few minutes). Nothing here asserts on KMock's log.
+        """
+        self.request_log.append(
+            (
+                str(request.method.value if request.method else ""),
+                request.url.path,
+                "watch" if request.params.get("watch") == "true" else "",
+                request.headers.get("User-Agent", ""),
+            )
+        )
+        for index, logged in enumerate(self._requests):
+            if logged is request:
+                del self._requests[index]
+                break
 
     def _on_create(self, request: kmock.Request, resource: kmock.resource) -> None:
         data: dict[str, Any] = request.data

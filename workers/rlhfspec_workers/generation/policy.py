@@ -10,9 +10,12 @@ Policies run inside vLLM's model runner, so they must be cheap (microseconds) an
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from rlhfspec_workers.spec_decode.acceptance import AcceptanceEstimator, StepStats
+from rlhfspec_workers.spec_decode.selector import AdaptiveSelector, Candidate
 
 OFF = "off"
 
@@ -106,3 +109,41 @@ class ScriptedPolicy:
 
     def observe(self, feedback: StepFeedback) -> None:
         self.feedback.append(feedback)
+
+
+class SelectorPolicy:
+    """``spec_decode``'s AdaptiveSelector + one AcceptanceEstimator per drafter, as a policy.
+
+    Feedback -> estimator: a step's drafts become one ``StepStats`` of the drafter used. Rows
+    that got no draft (a model-free drafter found no match) count as drafts rejected at
+    position 0: the selector's throughput model multiplies expected acceptance by the batch
+    size, so coverage must be part of a drafter's acceptance.
+    """
+
+    def __init__(
+        self, selector: AdaptiveSelector, estimators: Mapping[str, AcceptanceEstimator]
+    ) -> None:
+        self.selector = selector
+        self.estimators = dict(estimators)
+
+    def choose(self, batch_size: int) -> DraftChoice:
+        if batch_size < 1:
+            return NO_DRAFT
+        candidates = [Candidate(name, est) for name, est in self.estimators.items()]
+        choice = self.selector.select(batch_size, candidates)
+        return DraftChoice(choice.drafter, choice.k) if choice.enabled else NO_DRAFT
+
+    def observe(self, feedback: StepFeedback) -> None:
+        estimator = self.estimators.get(feedback.choice.drafter)
+        if estimator is None or not feedback.choice.enabled or feedback.batch_size < 1:
+            return
+        rows = max(feedback.batch_size, feedback.num_drafts)
+        estimator.update(
+            StepStats(
+                num_drafts=rows,
+                num_draft_tokens=rows * feedback.choice.k,
+                num_accepted_tokens=feedback.num_accepted_tokens,
+                accepted_per_pos=feedback.accepted_per_pos,
+                draft_len=feedback.choice.k,
+            )
+        )

@@ -1,0 +1,114 @@
+"""What goes into and comes out of the generation engine: prompts, samples, step records.
+
+Where it sits: ``engine.GenerationEngine`` takes :class:`PromptInput`s and a
+:class:`SamplingConfig`, streams :class:`SampleResult`s (to the inference stage) and leaves
+one :class:`StepRecord` per engine step (for the selector, the cost model's calibration and
+the benchmarks; :class:`StepSummary` totals them). Plain dataclasses: no vLLM import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from rlhfspec_api.generation import GenerationSpec
+
+
+@dataclass(frozen=True)
+class PromptInput:
+    prompt: str | Sequence[int]
+    """Text (needs a tokenizer next to the policy) or token ids."""
+    prompt_id: str
+    n: int = 1
+    """Samples of this prompt; each is its own vLLM request, so each streams out alone."""
+    group_id: str | None = None
+    """Key shared with earlier iterations' rollouts of the prompt (suffix drafter); default
+    prompt_id."""
+    max_tokens: int | None = None
+    """Overrides SamplingConfig.max_tokens (e.g. a resumed sample: its budget minus what it
+    already generated elsewhere)."""
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 64
+    seed: int | None = None
+    """Base seed; sample j of prompt p gets a seed derived from (seed, p, j)."""
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def from_spec(cls, spec: GenerationSpec, seed: int | None = None) -> SamplingConfig:
+        return cls(spec.temperature, spec.top_p, spec.max_new_tokens, seed)
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    sample_id: str
+    prompt_id: str
+    group_id: str
+    sample_index: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+    """The policy's log-prob of each sampled token, from the target's logits at verification
+    (vLLM's logprobs_mode; 'processed' = after temperature/top-p, the sampling distribution)."""
+    finish_reason: str | None
+    text: str | None
+    num_draft_tokens: int
+    """Draft tokens vLLM verified for this sample."""
+    num_accepted_tokens: int
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One engine step. Drafts are made in one step and verified in the next: ``drafter``/
+    ``k`` and the counts describe the drafts verified here; ``next_*`` the ones made here."""
+
+    step: int
+    batch_size: int
+    num_finished: int
+    drafter: str
+    k: int
+    num_drafts: int
+    num_draft_tokens: int
+    num_accepted_tokens: int
+    accepted_per_pos: tuple[int, ...]
+    drafted_per_pos: tuple[int, ...]
+    """vLLM's counters for this step (its SchedulerStats.spec_decoding_stats);
+    drafted_per_pos[i]: drafts with more than i tokens, so the verified k shows as the last
+    non-zero position."""
+    proposer_draft_tokens: int
+    proposer_accepted_tokens: int
+    """The same as the proposer saw them (must equal vLLM's; -1 on the native backend)."""
+    next_drafter: str
+    next_k: int
+    next_draft_tokens: int
+    step_seconds: float
+    draft_seconds: float
+    """Part of step_seconds spent drafting the next step's tokens."""
+
+
+@dataclass
+class StepSummary:
+    """Totals over step records (benchmarks, tests)."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    by_strategy: dict[tuple[str, int], int] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, records: Sequence[StepRecord]) -> StepSummary:
+        s = cls()
+        for r in records:
+            s.steps += 1
+            s.seconds += r.step_seconds
+            s.draft_tokens += r.num_draft_tokens
+            s.accepted_tokens += r.num_accepted_tokens
+            key = (r.drafter, r.k)
+            s.by_strategy[key] = s.by_strategy.get(key, 0) + 1
+        return s

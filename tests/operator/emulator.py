@@ -18,6 +18,7 @@ It runs in a thread with its own event loop so that synchronous tests can drive 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import copy
 import datetime
@@ -87,6 +88,8 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
             self.resources.load_bundled()
         self._versions = itertools.count(1)
         self._printer_columns: dict[kmock.resource, list[dict[str, Any]]] = {}
+        self.creations: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        """(path of the collection, namespace, name) -> how many times it was created."""
         self.request_log: list[tuple[str, str, str, str]] = []
         """(method, path, "watch" or "", User-Agent) of every request served."""
 
@@ -101,6 +104,7 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
                 self._on_patch(request, resource)
         elif resource is not None and request.action == kmock.action.UPDATE:
             self._on_json_patch(request, resource)
+        self._record(request)
         try:
             response = await super()._handle(request)
         finally:
@@ -109,13 +113,7 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
             await self._collect_garbage()
         return response  # type: ignore[no-any-return]
 
-    def _forget(self, request: kmock.Request) -> None:
-        """Drop a handled request from KMock's request log, keeping a light record of it.
-
-        KMock matches each new request against its reactions by scanning the whole log
-        (``request in view``), so a session of thousands of requests goes quadratic (0.2 s per
-        request after a few minutes). Nothing here asserts on KMock's log.
-        """
+    def _record(self, request: kmock.Request) -> None:
         self.request_log.append(
             (
                 str(request.method.value if request.method else ""),
@@ -124,6 +122,14 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
                 request.headers.get("User-Agent", ""),
             )
         )
+
+    def _forget(self, request: kmock.Request) -> None:
+        """Drop a handled request from KMock's request log (``request_log`` keeps a record).
+
+        KMock matches each new request against its reactions by scanning the whole log
+        (``request in view``), so a session of thousands of requests goes quadratic (0.2 s per
+        request after a few minutes). Nothing here asserts on KMock's log.
+        """
         for index, logged in enumerate(self._requests):
             if logged is request:
                 del self._requests[index]
@@ -140,6 +146,7 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
         existing = self.objects._objects.get(key)  # a live object: KMock answers 409 itself
         if existing is not None and not existing.deleted:
             return
+        self.creations[(request.url.path, str(key[1]), str(key[2]))] += 1
         meta["uid"] = str(uuid.uuid4())
         meta["resourceVersion"] = str(next(self._versions))
         meta["creationTimestamp"] = _now()

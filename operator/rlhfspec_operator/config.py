@@ -31,6 +31,8 @@ class OperatorConfig:
         default_factory=lambda: os.environ.get("POD_NAMESPACE") or None
     )
     """Where the operator runs (downward API); the Redis NetworkPolicy admits its pods."""
+    metrics_port: int | None = None
+    """Serve Prometheus metrics on this port (``/metrics``); None: no metrics server."""
 
 
 CONFIG = OperatorConfig()

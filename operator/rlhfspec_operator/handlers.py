@@ -25,12 +25,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import kopf
+from aiohttp import web
 
 from rlhfspec_api import API_GROUP, API_VERSION
 from rlhfspec_api.crd import PLURAL
 from rlhfspec_api.manifest import ManifestError, RLHFJob, parse_rlhfjob
 from rlhfspec_api.status import TERMINAL_PHASES, Phase
-from rlhfspec_operator import builders, coordinator, updates
+from rlhfspec_operator import builders, coordinator, metrics, updates
 from rlhfspec_operator import status as state
 from rlhfspec_operator.config import CONFIG
 from rlhfspec_operator.kube import ApiError, Kube
@@ -52,6 +53,7 @@ PASSWORD_TTL = 300.0  # seconds an external password is trusted before the Secre
 
 kube = Kube()
 reader = ProgressReader()
+_metrics_server: list[web.AppRunner] = []
 _passwords: dict[tuple[str, str, str], tuple[float, str | None]] = {}
 
 
@@ -83,10 +85,18 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     return info
 
 
+@kopf.on.startup()
+async def start_metrics(**_: Any) -> None:
+    if CONFIG.metrics_port:
+        _metrics_server.append(await metrics.serve(metrics.REGISTRY, CONFIG.metrics_port))
+
+
 @kopf.on.cleanup()
 async def close_clients(**_: Any) -> None:
     await kube.close()
     await reader.close()
+    while _metrics_server:
+        await _metrics_server.pop().cleanup()
 
 
 @kopf.index("pods", labels={LABEL_JOB: kopf.PRESENT})
@@ -256,6 +266,10 @@ async def reconcile(
         role, index = roles[name]
         await _create(body, builders.worker_pod(job, owner, role, index))
     _post(body, plan.events)
+    metrics.REGISTRY.observe(owner.namespace, owner.name, plan.status)
+    metrics.REGISTRY.count("rlhfspec_operator_reconciles_total")
+    metrics.REGISTRY.count("rlhfspec_operator_pods_created_total", len(plan.create))
+    metrics.REGISTRY.count("rlhfspec_operator_pods_deleted_total", len(plan.delete))
     patch.status.update(_status_patch(dict(status), plan.status.to_wire()))
 
 
@@ -301,6 +315,7 @@ async def delete(body: kopf.Body, meta: kopf.Meta, logger: kopf.Logger, **_: Any
     except ManifestError:
         return
     _passwords.pop((job.namespace, job.name, str(meta.uid)), None)
+    metrics.REGISTRY.forget(job.namespace, job.name)
     if coordinator.managed(job):
         return  # Redis, Secret, Services, pods and the owned claim go with the job
     try:

@@ -68,7 +68,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="read every managed job's progress from this Redis URL instead of the job's "
         "Service (an operator outside the cluster, via kubectl port-forward)",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port at /metrics",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level (default INFO)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="same as --log-level=DEBUG")
     return parser
 
 
@@ -77,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.interval <= 0:
         build_parser().error("--interval must be positive")
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else getattr(logging, args.log_level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # kopf logs every successful timer run at INFO: one line per job per tick is noise.
@@ -86,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     CONFIG.interval = args.interval
     CONFIG.coordinator_url = args.coordinator_url
+    CONFIG.metrics_port = args.metrics_port
 
     import kopf
 

@@ -81,6 +81,7 @@ class Cluster:
         self.operator: subprocess.Popen[bytes] | None = None
         self.operator_log = workdir / "operator.log"
         self.liveness_port = 0
+        self.metrics_port = 0
 
     # --- kubectl ----------------------------------------------------------------------------
 
@@ -203,7 +204,7 @@ class Cluster:
 
     def start_operator(self, *flags: str, coordinator_url: str | None = None) -> None:
         assert self.operator is None, "operator already running"
-        self.liveness_port = free_port()
+        self.liveness_port, self.metrics_port = free_port(), free_port()
         args = [
             sys.executable,
             "-m",
@@ -213,6 +214,8 @@ class Cluster:
             "--interval",
             "0.5",
             f"--liveness=http://127.0.0.1:{self.liveness_port}/healthz",
+            f"--metrics-port={self.metrics_port}",
+            "--log-level=INFO",
         ]
         if coordinator_url:
             args += ["--coordinator-url", coordinator_url]

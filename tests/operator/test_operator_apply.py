@@ -146,3 +146,20 @@ def test_liveness_endpoint_answers(cluster: Cluster) -> None:
     with urllib.request.urlopen(url, timeout=5) as response:
         assert response.status == 200
         json.loads(response.read() or b"{}")
+
+
+def test_metrics_endpoint_exports_job_gauges(cluster: Cluster, namespace: str) -> None:
+    cluster.apply(example_job("metered", namespace))
+    cluster.wait_for_phase("metered", namespace, "Initializing")
+    url = f"http://127.0.0.1:{cluster.metrics_port}/metrics"
+
+    def scrape() -> str:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+        return text if f'namespace="{namespace}",job="metered"' in text else ""
+
+    text = cluster.wait_for(scrape, "the job in /metrics")
+    labels = f'namespace="{namespace}",job="metered"'
+    assert f'rlhfspec_job_phase{{{labels},phase="Initializing"}} 1' in text
+    assert f"rlhfspec_job_total_iterations{{{labels}}} 4" in text
+    assert "rlhfspec_operator_reconciles_total " in text

@@ -17,6 +17,7 @@ import yaml
 from rlhfspec_api.manifest import RLHFJob, parse_rlhfjob
 from rlhfspec_api.status import ConditionStatus, Phase, RLHFJobStatus
 from rlhfspec_operator.conditions import condition, set_condition, timestamp
+from rlhfspec_operator.metrics import Registry
 from rlhfspec_operator.naming import desired_pods
 from rlhfspec_operator.pods import PodView, pod_view
 from rlhfspec_operator.progress import ProgressRead
@@ -418,3 +419,21 @@ def test_parse_status_ignores_foreign_keys_and_garbage() -> None:
     assert parse_status({"phase": "Running", "kopf": {"progress": {}}}).phase is Phase.RUNNING
     assert parse_status({"phase": "Exploded"}) == RLHFJobStatus()
     assert parse_status(None) == RLHFJobStatus()
+
+
+def test_metrics_render_the_status_numbers_in_prometheus_text_format() -> None:
+    job = make_job()
+    progress = JobProgress(iteration=3, total_iterations=4, tokens_per_second=50.0)
+    plan = tick(job, running(job), pods(job), 4, ProgressRead(progress=progress, attempted=True))
+    registry = Registry()
+    registry.observe("ns", "tiny-grpo", plan.status)
+    registry.count("rlhfspec_operator_pods_created_total", 4)
+    text = registry.render()
+    assert 'rlhfspec_job_phase{namespace="ns",job="tiny-grpo",phase="Running"} 1' in text
+    assert 'rlhfspec_job_phase{namespace="ns",job="tiny-grpo",phase="Failed"} 0' in text
+    assert 'rlhfspec_job_iteration{namespace="ns",job="tiny-grpo"} 3' in text
+    assert 'rlhfspec_job_tokens_per_second{namespace="ns",job="tiny-grpo"} 50' in text
+    assert "rlhfspec_job_reward_mean{" not in text  # unknown values are left out
+    assert "rlhfspec_operator_pods_created_total 4" in text
+    registry.forget("ns", "tiny-grpo")
+    assert "tiny-grpo" not in registry.render()

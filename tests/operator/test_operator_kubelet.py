@@ -1,0 +1,55 @@
+"""Pods really run: the process kubelet starts every pod the operator creates as a process.
+
+The worker entry points are stand-ins (``fake_worker.py``) until the data plane lands; what is
+real is everything around them: the operator's pods, their env (Secret references resolved),
+the mounted job config and storage, the managed Redis with its generated password, the
+coordinator's progress read back by the operator, and the job's phase from exit codes.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from cluster import Cluster, example_job
+from kubelet import ProcessKubelet
+
+JOB = "tiny-grpo"
+FAKE_WORKER = Path(__file__).with_name("fake_worker.py")
+
+
+def fake_command(pod: dict[str, Any]) -> list[str]:
+    command = pod["spec"]["containers"][0]["command"]
+    assert command[:2] == ["rlhfspec", "worker"], command
+    return [sys.executable, str(FAKE_WORKER), command[2]]
+
+
+def test_an_applied_job_runs_its_pods_as_processes_and_succeeds(
+    own_cluster: Cluster, tmp_path: Path
+) -> None:
+    cluster, namespace = own_cluster, "e2e"
+    kubelet = ProcessKubelet(cluster, namespace, tmp_path / "node", command=fake_command).start()
+    try:
+        cluster.start_operator("--namespace", namespace, coordinator_url=kubelet.redis_url)
+        doc = example_job(JOB, namespace)
+        doc["spec"]["generation"]["replicas"] = 2
+        cluster.apply(doc)
+        status = cluster.wait_for_phase(JOB, namespace, "Succeeded", timeout=90)
+    finally:
+        kubelet.stop()
+    assert kubelet.errors == []
+    assert kubelet.exits.get(f"{JOB}-coordinator") == 0, kubelet.log(f"{JOB}-coordinator")
+    assert status["progress"] == "4/4" and status["rewardMean"] == 0.4
+    assert status["generation"]["strategy"] == "suffix:k=4"
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["CoordinatorReachable"]["status"] == "True"
+    assert conditions["Succeeded"]["status"] == "True"
+    # Every worker wrote to the one shared claim.
+    touched = sorted(p.name for p in (tmp_path / "node" / "claims" / f"{JOB}-storage").iterdir())
+    assert touched == sorted(
+        f"{JOB}-{role}.touch"
+        for role in ("coordinator", "generation-0", "generation-1", "inference", "trainer")
+    )
+    row = cluster.kubectl("get", "rlhfjobs", "-n", namespace).splitlines()[1].split()
+    assert row[:4] == [JOB, "Succeeded", "4/4", "suffix:k=4"]

@@ -75,6 +75,11 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Least privilege: no list/watch of CRDs and namespaces. Namespaces are given explicitly
     # (or all), and the RLHFJob CRD is installed before the operator (Helm crds/).
     settings.scanning.disabled = True
+    # Re-establish watches every few minutes: a silently dropped connection (a proxy, a load
+    # balancer) must not leave the operator blind forever.
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 30
 
 
 @kopf.on.login()

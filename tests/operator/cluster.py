@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "tiny-grpo.yaml"
 RLHFJOBS = "rlhfspec.io/v1alpha1/rlhfjobs"
 LABEL_JOB = "rlhfspec.io/job"
+# kubectl: on PATH, or where .ci/setup extracts tools (the helm wheel's layer also has one).
+KUBECTL = shutil.which("kubectl") or str(ROOT / ".tools" / "bin" / "kubectl")
 DEFAULT_TIMEOUT = 45.0  # generous: 2 shared cores, kubectl start-up ~0.2 s per call
 T = TypeVar("T")
 
@@ -87,7 +90,7 @@ class Cluster:
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> str:
         result = subprocess.run(
-            ["kubectl", *args],
+            [KUBECTL, *args],
             env=self.env,
             input=input,
             capture_output=True,

@@ -18,7 +18,7 @@ import pytest
 import redis
 
 # pytest puts this folder on sys.path (rootdir-relative "prepend" imports, no __init__.py).
-from cluster import ROOT, Cluster, free_port, unique_namespace
+from cluster import KUBECTL, ROOT, Cluster, free_port, unique_namespace
 
 REDIS_PASSWORD = "test-redis-password"
 # Managed jobs' Redis is unreachable from the test operator (no pods really run): it reads
@@ -69,6 +69,8 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Red
 
 
 def make_cluster(workdir: Path) -> Cluster:
+    if not Path(KUBECTL).exists():
+        pytest.fail("kubectl is not on PATH nor in .tools/bin (the operator tests drive it)")
     cluster = Cluster(workdir)
     cluster.kubectl("apply", "--validate=false", "-f", str(ROOT / "crds" / "rlhfjob.yaml"))
     return cluster

@@ -273,6 +273,18 @@ def reconcile(obs: Observation) -> Plan:
                 pods,
             )
             return plan
+        if pod.phase == SUCCEEDED and not (progress is not None and progress.state == "succeeded"):
+            # A worker that exits 0 while the job still runs stopped serving: bring it back.
+            # Not a failure, so it does not count against backoffLimit.
+            plan.delete.append(pod.name)
+            plan.events.append(
+                Event(
+                    WARNING,
+                    "PodExited",
+                    f"pod {pod.name} exited 0 before the coordinator finished; recreating it",
+                )
+            )
+            continue
         if pod.phase != FAILED:
             continue
         failure = f"pod {pod.name} failed" + (f": {pod.detail}" if pod.detail else "")
@@ -315,7 +327,13 @@ def reconcile(obs: Observation) -> Plan:
     plan.create = [name for name in desired if name not in present]
 
     by_name = {p.name: p for p in live if p.name not in plan.delete}
-    waiting = [n for n in desired if n not in by_name or not by_name[n].running]
+    finishing = progress is not None and progress.state == "succeeded"
+
+    def up(name: str) -> bool:
+        pod = by_name.get(name)
+        return pod is not None and (pod.running or (finishing and pod.phase == SUCCEEDED))
+
+    waiting = [n for n in desired if not up(n)]
     if not waiting:
         total = len(desired)
         set_condition(

@@ -437,3 +437,28 @@ def test_metrics_render_the_status_numbers_in_prometheus_text_format() -> None:
     assert "rlhfspec_operator_pods_created_total 4" in text
     registry.forget("ns", "tiny-grpo")
     assert "tiny-grpo" not in registry.render()
+
+
+def test_a_worker_exiting_early_is_recreated_without_counting_a_failure() -> None:
+    job = make_job(backoffLimit=0)
+    done = PodView(
+        name="tiny-grpo-inference",
+        job="tiny-grpo",
+        role="inference",
+        index=0,
+        owner_uid=UID,
+        phase="Succeeded",
+    )
+    plan = tick(job, running(job), pods(job, **{"tiny-grpo-inference": done}), 3)
+    assert plan.delete == ["tiny-grpo-inference"] and plan.status.restarts == 0
+    assert [e.reason for e in plan.events] == ["PodExited", "Initializing"]
+    finished = JobProgress(iteration=4, total_iterations=4, state="succeeded")
+    plan = tick(
+        job,
+        running(job),
+        pods(job, **{"tiny-grpo-inference": done}),
+        3,
+        ProgressRead(progress=finished, attempted=True),
+    )
+    assert plan.delete == []  # the run is over: workers may leave before the coordinator
+    assert plan.status.phase is Phase.RUNNING

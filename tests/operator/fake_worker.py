@@ -37,7 +37,16 @@ def main(role: str) -> int:
     )
     keys = Keys(namespace, job)
     index = int(env["RLHFSPEC_WORKER_INDEX"])
-    client.set(f"{keys.prefix}:fake:{role}:{index}", b"up")
+    # Redis may come up after the workers (it does on a cluster too): retry, as workers must.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            client.set(f"{keys.prefix}:fake:{role}:{index}", b"up")
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
     if role != "coordinator":
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         while True:

@@ -35,7 +35,11 @@ def test_an_applied_job_runs_its_pods_as_processes_and_succeeds(
         doc = example_job(JOB, namespace)
         doc["spec"]["generation"]["replicas"] = 2
         cluster.apply(doc)
-        status = cluster.wait_for_phase(JOB, namespace, "Succeeded", timeout=90)
+        try:
+            status = cluster.wait_for_phase(JOB, namespace, "Succeeded", timeout=120)
+        except AssertionError as exc:
+            logs = {pod: kubelet.log(pod)[-500:] for pod in kubelet.exits}
+            raise AssertionError(f"{exc}\nexits: {kubelet.exits}\nlogs: {logs}") from None
     finally:
         kubelet.stop()
     assert kubelet.errors == []

@@ -345,3 +345,17 @@ def test_native_dynamic_sd_baseline_follows_vllm_schedule(
         assert {s.k for s in steps if s.num_drafts} >= {1, 2, 6}
     finally:
         engine.close()
+
+
+def test_calibration_feeds_the_cost_model(spec_engine: Any) -> None:
+    from rlhfspec_workers.generation.calibrate import measure_drafter, measure_verify
+    from rlhfspec_workers.spec_decode.cost_model import CostModel
+
+    plan = [(1, 1), (1, 5), (8, 1), (8, 5)]
+    samples = measure_verify(spec_engine, plan, steps=5, repeats=1)
+    assert sorted((s.batch_size, s.tokens_per_seq) for s in samples) == sorted(plan)
+    assert all(s.seconds > 0 for s in samples)
+    draft = measure_drafter(spec_engine, "draft_model", [1, 8], k=3, steps=5)
+    assert [b for b, _ in draft.per_token] == [1, 8]
+    model = CostModel.fit(samples, [draft])
+    assert model.step_seconds("draft_model", 4, 3) > model.verify_seconds(4, 0) > 0

@@ -20,6 +20,7 @@ Speculation backends:
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 import zlib
@@ -209,6 +210,12 @@ class GenerationEngine:
             proposer.configure(runner, self.drafters, policy)
             self.proposer = proposer
         self.steps: list[StepRecord] = []
+        self._closed = False
+        # vLLM shuts an in-process engine core down when it is garbage-collected, which
+        # destroys the distributed groups every other in-process engine uses (see close()).
+        finalizer = getattr(self.engine.engine_core, "_finalizer", None)
+        if finalizer is not None:
+            finalizer.detach()
         self._step_index = 0
         self._calls = 0
         self._pending_choice = NO_DRAFT
@@ -244,7 +251,24 @@ class GenerationEngine:
         return out
 
     def close(self) -> None:
-        self.engine.engine_core.shutdown()
+        """Release this engine's model, KV cache and drafters.
+
+        vLLM's own shutdown of an in-process engine core ends with
+        ``cleanup_dist_env_and_memory()``, which destroys the process's distributed groups
+        that every other in-process vLLM engine (ours or anyone's) still uses. So this runs
+        the local part of that shutdown only; the global part happens at process exit."""
+        if self._closed:
+            return
+        self._closed = True
+        core = getattr(self.engine.engine_core, "engine_core", None)
+        if core is not None:
+            if core.model_executor is not None:
+                core.model_executor.shutdown()
+            if core.scheduler is not None:
+                core.scheduler.shutdown()
+        gc.unfreeze()  # vLLM froze start-up objects; let the collector have them back
+        self.proposer = None
+        self.drafters.clear()
 
     # -- generation ---------------------------------------------------------------------------
 

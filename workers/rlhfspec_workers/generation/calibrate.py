@@ -1,0 +1,147 @@
+"""Calibration: time the engine's verification steps and draft forwards for the cost model.
+
+Where it sits: at worker start (``SelectorSpec.calibrate``), before the first RL iteration,
+``measure_verify`` times the (B, T = k + 1) grid of ``spec_decode.calibration_plan`` on the
+running engine and ``measure_drafter`` the per-token cost of a draft model; the results feed
+``spec_decode.CostModel.fit`` (cached per model and hardware by the caller).
+
+How: verification cost does not depend on what is drafted, only on how much, so a
+``FillDrafter`` proposes exactly k copies of the last token (free to make, almost always
+rejected: every step then costs verify(B, k + 1) and emits one token per row). Steps are read
+from the engine's own :class:`StepRecord`s, the same numbers the selector sees later.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+
+from rlhfspec_workers.drafters.base import DraftRow
+from rlhfspec_workers.spec_decode.cost_model import CostSample, DrafterCost
+
+from .engine import GenerationEngine
+from .policy import DraftChoice, FixedPolicy
+from .records import PromptInput, SamplingConfig
+
+FILL = "fill"
+
+
+class FillDrafter:
+    """k copies of the row's last token: a cost probe, never a real drafter."""
+
+    name = FILL
+
+    def propose(self, rows: Sequence[DraftRow], k: int) -> list[list[int]]:
+        return [[int(r.tokens[-1])] * min(k, r.max_k) for r in rows]
+
+    def release(self, req_ids: Iterable[str]) -> None:
+        pass
+
+
+@contextmanager
+def _policy_kept(engine: GenerationEngine) -> Iterator[None]:
+    """Calibration switches policies; the caller's comes back afterwards."""
+    saved = engine.proposer.policy if engine.proposer is not None else None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            engine.set_policy(saved)
+
+
+def _probe_prompts(batch_size: int, prompt_len: int, vocab: int) -> list[PromptInput]:
+    # Distinct prompts: prefix caching must not make the rows cheaper than real ones.
+    return [
+        PromptInput([(7 * i + 13 * j) % vocab for j in range(prompt_len)], f"cal{i}")
+        for i in range(batch_size)
+    ]
+
+
+def _run(
+    engine: GenerationEngine, choice: DraftChoice, batch_size: int, steps: int, prompt_len: int
+) -> list[float]:
+    """Verification seconds of steady steps (batch_size rows, drafts of choice.k verified)."""
+    if engine.proposer is None:
+        raise RuntimeError("calibration needs the adaptive proposer (not mode off / native)")
+    engine.proposer.drafters.setdefault(FILL, FillDrafter())
+    engine.set_policy(FixedPolicy(choice))
+    engine.drain_steps()
+    vocab = 32 + batch_size  # small ids: valid for any vocabulary the engine may have
+    sampling = SamplingConfig(temperature=0.0, max_tokens=steps + 3, ignore_eos=True)
+    for _ in engine.generate(_probe_prompts(batch_size, prompt_len, vocab), sampling):
+        pass
+    # Steady steps only: every row verified a full k-token draft (rows near max_tokens get
+    # shorter drafts, the prefill step none), and nobody finished.
+    records = [
+        r
+        for r in engine.drain_steps()
+        if r.batch_size == batch_size
+        and r.num_finished == 0
+        and r.k == choice.k
+        and r.num_draft_tokens == (batch_size * choice.k if choice.enabled else 0)
+    ]
+    # Step wall time minus the drafting done inside it = the step as the cost model sees it.
+    return [r.step_seconds - r.draft_seconds for r in records[1:]]
+
+
+def measure_verify(
+    engine: GenerationEngine,
+    plan: Sequence[tuple[int, int]],
+    *,
+    steps: int = 8,
+    repeats: int = 2,
+    prompt_len: int = 32,
+) -> list[CostSample]:
+    """One CostSample per plan point and repeat (median of its steady steps); repeats are
+    interleaved over the plan so a burst of load on a shared machine hits every point."""
+    samples: list[CostSample] = []
+    with _policy_kept(engine):
+        for _ in range(repeats):
+            for batch_size, tokens_per_seq in plan:
+                k = tokens_per_seq - 1
+                choice = DraftChoice(FILL, k) if k > 0 else DraftChoice("off", 0)
+                seconds = _run(engine, choice, batch_size, steps, prompt_len)
+                if seconds:
+                    median = statistics.median(seconds)
+                    samples.append(CostSample(batch_size, tokens_per_seq, median))
+    return samples
+
+
+def measure_drafter(
+    engine: GenerationEngine,
+    name: str,
+    batches: Sequence[int],
+    *,
+    k: int = 4,
+    steps: int = 8,
+    prompt_len: int = 32,
+) -> DrafterCost:
+    """Per-token draft cost per batch size (median draft_seconds / k of steady steps)."""
+    points: list[tuple[int, float]] = []
+    with _policy_kept(engine):
+        for batch_size in batches:
+            seconds = _draft_seconds(engine, name, batch_size, k, steps, prompt_len)
+            if seconds is not None:
+                points.append((batch_size, seconds / k))
+    return DrafterCost(name, 0.0, tuple(points))
+
+
+def _draft_seconds(
+    engine: GenerationEngine, name: str, batch_size: int, k: int, steps: int, prompt_len: int
+) -> float | None:
+    """Median seconds one drafting call of ``name`` at k takes for batch_size rows."""
+    if engine.proposer is None:
+        raise RuntimeError("calibration needs the adaptive proposer")
+    engine.set_policy(FixedPolicy(DraftChoice(name, k)))
+    engine.drain_steps()
+    sampling = SamplingConfig(temperature=0.0, max_tokens=steps + 3, ignore_eos=True)
+    for _ in engine.generate(_probe_prompts(batch_size, prompt_len, 32 + batch_size), sampling):
+        pass
+    drafting = [
+        r.draft_seconds
+        for r in engine.drain_steps()
+        if r.batch_size == batch_size and r.next_k == k and r.num_finished == 0
+    ]
+    # The first drafting call also catches the draft model up on the prompts: skip it.
+    return statistics.median(drafting[1:]) if len(drafting) > 1 else None

@@ -34,7 +34,13 @@ RLHFJOBS = "rlhfspec.io/v1alpha1/rlhfjobs"
 LABEL_JOB = "rlhfspec.io/job"
 # kubectl: on PATH, or where .ci/setup extracts tools (the helm wheel's layer also has one).
 KUBECTL = shutil.which("kubectl") or str(ROOT / ".tools" / "bin" / "kubectl")
-DEFAULT_TIMEOUT = 45.0  # generous: 2 shared cores, kubectl start-up ~0.2 s per call
+DEFAULT_TIMEOUT = 45.0
+REDIS_PASSWORD = "test-redis-password"  # of the session's redis-server (an "external" Redis)
+# Managed jobs' Redis is unreachable from the test operator (no pods really run): it reads
+# an address where nothing listens, and CoordinatorReachable must say so.
+UNREACHABLE_REDIS = (
+    "redis://127.0.0.1:9/0"  # generous: 2 shared cores, kubectl start-up ~0.2 s per call
+)
 T = TypeVar("T")
 
 

@@ -18,12 +18,15 @@ import pytest
 import redis
 
 # pytest puts this folder on sys.path (rootdir-relative "prepend" imports, no __init__.py).
-from cluster import KUBECTL, ROOT, Cluster, free_port, unique_namespace
-
-REDIS_PASSWORD = "test-redis-password"
-# Managed jobs' Redis is unreachable from the test operator (no pods really run): it reads
-# an address where nothing listens, and CoordinatorReachable must say so.
-UNREACHABLE_REDIS = "redis://127.0.0.1:9/0"
+from cluster import (
+    KUBECTL,
+    REDIS_PASSWORD,
+    ROOT,
+    UNREACHABLE_REDIS,
+    Cluster,
+    free_port,
+    unique_namespace,
+)
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,9 @@ a local process with the pod's environment resolved the way a kubelet would (``v
   claim shared by all pods, an emptyDir is per pod; env values under a mount path are rewritten;
 * each container port gets a free local port (env ``*_PORT`` values that name it are rewritten);
 * the cluster DNS of the managed Redis (``redis://<job>-redis.<ns>.svc:6379``) points to a local
-  ``redis-server`` the kubelet starts with the password from the job's Secret, on the port the
-  operator was told with ``--coordinator-url`` (:attr:`ProcessKubelet.redis_url`);
+  ``redis-server`` the kubelet starts up front (the operator is given its URL with
+  ``--coordinator-url``: :attr:`ProcessKubelet.redis_url`) and protects with the password of
+  the job's Secret once that exists;
 * ``rlhfspec`` in a command is this interpreter's ``python -m rlhfspec_cli``.
 
 The phase goes Pending -> Running when the process starts, Succeeded/Failed (with the exit
@@ -32,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+import redis
 from cluster import Cluster, free_port
 
 CommandFn = Callable[[dict[str, Any]], list[str]]
@@ -44,8 +46,9 @@ class ProcessKubelet:
     ) -> None:
         self.cluster, self.namespace, self.workdir = cluster, namespace, workdir
         self.command = command
-        self.redis_port = free_port()
-        self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
+        self.redis_port = 0
+        self.redis_url = ""
+        self._password_set = False
         self.processes: dict[str, subprocess.Popen[bytes]] = {}  # pod uid -> process
         self.exits: dict[str, int] = {}  # pod name -> exit code of its last process
         self._names: dict[str, str] = {}  # pod uid -> pod name
@@ -58,6 +61,8 @@ class ProcessKubelet:
     # --- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> ProcessKubelet:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._start_redis()
         self._thread.start()
         return self
 
@@ -82,7 +87,7 @@ class ProcessKubelet:
             time.sleep(0.2)
 
     def _sync(self) -> None:
-        self._ensure_redis()
+        self._ensure_password()
         pods = self.cluster.peek("v1/pods", self.namespace)
         live = {p["metadata"]["uid"]: p for p in pods.values()}
         for uid, process in list(self.processes.items()):
@@ -102,33 +107,54 @@ class ProcessKubelet:
 
     # --- the managed Redis ---------------------------------------------------------------------
 
-    def _ensure_redis(self) -> None:
-        if self._redis is not None:
+    def _start_redis(self) -> None:
+        """Bind the Redis port now (the operator is told the URL before any Secret exists);
+        the password is set when the job's Secret appears, as the Deployment would read it."""
+        for _ in range(3):  # a free port can be taken between probing and binding
+            self.redis_port = free_port()
+            self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
+            log = (self.workdir / "redis.log").open("ab")
+            self._logs.append(log)
+            self._redis = subprocess.Popen(
+                [
+                    "redis-server",
+                    "--port",
+                    str(self.redis_port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(self.workdir),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            client = redis.Redis(port=self.redis_port, socket_connect_timeout=1)
+            deadline = time.monotonic() + 30
+            while self._redis.poll() is None and time.monotonic() < deadline:
+                with contextlib.suppress(redis.ConnectionError):
+                    client.ping()
+                    client.close()
+                    return
+                time.sleep(0.1)
+            self._terminate(self._redis)
+        raise RuntimeError(f"redis-server did not start; see {self.workdir / 'redis.log'}")
+
+    def _ensure_password(self) -> None:
+        if self._password_set:
             return
         secrets = self.cluster.peek("v1/secrets", self.namespace)
         secret = next((s for n, s in secrets.items() if n.endswith("-redis")), None)
         if secret is None:
             return
         password = base64.b64decode(secret["data"]["password"]).decode()
-        self._redis = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.redis_port),
-                "--bind",
-                "127.0.0.1",
-                "--requirepass",
-                password,
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        client = redis.Redis(port=self.redis_port)
+        client.config_set("requirepass", password)
+        client.close()
+        self._password_set = True
 
     # --- pods ----------------------------------------------------------------------------------
 

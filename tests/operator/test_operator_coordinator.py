@@ -12,8 +12,7 @@ import time
 from typing import Any
 
 import redis
-from cluster import Cluster, example_job
-from conftest import REDIS_PASSWORD
+from cluster import REDIS_PASSWORD, Cluster, example_job
 
 from rlhfspec_workers.messages import JobProgress, Keys
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 import json
 import re
 
-from cluster import Cluster, example_job
-from conftest import UNREACHABLE_REDIS
+from cluster import UNREACHABLE_REDIS, Cluster, example_job
 
 from rlhfspec_operator import rbac
 

@@ -213,7 +213,10 @@ class Cluster:
 
     def start_operator(self, *flags: str, coordinator_url: str | None = None) -> None:
         assert self.operator is None, "operator already running"
-        self.liveness_port, self.metrics_port = free_port(), free_port()
+        self.liveness_port = free_port()
+        self.metrics_port = free_port()
+        while self.metrics_port == self.liveness_port:  # both are probed before either binds
+            self.metrics_port = free_port()
         args = [
             sys.executable,
             "-m",

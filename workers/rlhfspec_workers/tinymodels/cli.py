@@ -1,0 +1,95 @@
+"""``rlhfspec models build``: build the tiny-model kit from the command line.
+
+Where it sits: the top-level CLI (``rlhfspec_cli``) delegates ``rlhfspec models ...`` here with
+the arguments that follow ``models``. The same kit is also built lazily by
+``ensure_tiny_models`` (tests, ``tiny://`` URIs); this command exists to pre-build it (e.g. in an
+image build) or to build it somewhere explicit.
+
+Exit codes: 0 built (or already present), 1 build failed or the kit misses its quality bar,
+2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# The kit is useless for speculative-decoding experiments below this draft agreement, and for
+# RL when the policy is always or never right (checked only for the full, unscaled recipe).
+MIN_DRAFT_AGREEMENT = 0.6
+TEMP1_ACCURACY_RANGE = (0.2, 0.9)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhfspec models", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="build the tiny-model kit (policy, draft, reward, data)")
+    build.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="kit directory (default: the cache dir $RLHFSPEC_CACHE/tiny-models/<recipe hash>)",
+    )
+    build.add_argument("--seed", type=int, default=0, help="build seed (default 0)")
+    build.add_argument("--force", action="store_true", help="rebuild even if kit.json exists")
+    build.add_argument(
+        "--steps-scale",
+        type=float,
+        default=1.0,
+        help="scale every training stage (for smoke tests; < 1 gives a low-quality kit)",
+    )
+    build.add_argument("--quiet", action="store_true", help="no per-stage progress lines")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; ``argv`` is what follows ``rlhfspec models`` (``build`` may be omitted)."""
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    if not args_in or (args_in[0].startswith("-") and args_in[0] not in ("-h", "--help")):
+        args_in.insert(0, "build")
+    try:
+        args = _parser().parse_args(args_in)
+    except SystemExit as exc:  # argparse exits 2 on bad usage, 0 on --help
+        return int(exc.code or 0)
+    if args.steps_scale <= 0:
+        print("error: --steps-scale must be > 0", file=sys.stderr)
+        return 2
+
+    from rlhfspec_workers.tinymodels.build import build_tiny_models, default_kit_dir
+    from rlhfspec_workers.tinymodels.recipe import TinyRecipe
+
+    recipe = TinyRecipe()
+    if args.steps_scale != 1.0:
+        recipe = recipe.scaled(args.steps_scale)
+    out = args.out if args.out is not None else default_kit_dir(args.seed, recipe)
+
+    def log(line: str) -> None:
+        if not args.quiet:
+            print(f"  .. {line}", flush=True)
+
+    try:
+        report = build_tiny_models(out, seed=args.seed, force=args.force, recipe=recipe, log=log)
+    except FileExistsError as exc:
+        print(f"error: {exc} (use an empty or new directory)", file=sys.stderr)
+        return 1
+    except Exception as exc:  # the CLI reports any build failure as exit 1, not a traceback
+        print(f"error: build failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    print(f"  kit             {out}")
+    if args.steps_scale == 1.0:
+        problems = []
+        if report.draft_greedy_agreement < MIN_DRAFT_AGREEMENT:
+            problems.append(f"draft agreement {report.draft_greedy_agreement:.3f} < 0.6")
+        lo, hi = TEMP1_ACCURACY_RANGE
+        if not lo <= report.target_temp1_accuracy <= hi:
+            problems.append(f"target temp-1 accuracy outside [{lo}, {hi}]")
+        if problems:
+            print("error: kit misses its quality bar: " + "; ".join(problems), file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

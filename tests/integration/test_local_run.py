@@ -1,0 +1,64 @@
+"""`rlhfspec run` (the README's main command): bad input stops early; a tiny job runs for real."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "rlhfspec_cli", "run", *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def write_job(tmp_path: Path, **generation: object) -> Path:
+    job = yaml.safe_load((ROOT / "examples" / "tiny-grpo.yaml").read_text())
+    job["spec"]["algorithm"].update(iterations=1, promptsPerIteration=4, samplesPerPrompt=2,
+                                    microBatchSize=8)
+    job["spec"]["generation"].update(maxNewTokens=24, **generation)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def test_invalid_manifest_names_the_field_and_starts_nothing(tmp_path: Path) -> None:
+    path = write_job(tmp_path, replicas=0)
+    result = run(str(path), "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 1
+    assert f"{path}: spec.generation.replicas: 0 is out of range" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_dataset_field_is_caught_before_anything_starts(tmp_path: Path) -> None:
+    path = write_job(tmp_path)
+    job = yaml.safe_load(path.read_text())
+    job["spec"]["dataset"]["promptField"] = "question"
+    path.write_text(yaml.safe_dump(job))
+    result = run(str(path), "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 1
+    assert "spec.dataset.promptField:" in result.stderr
+    assert "row has no string field 'question'" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.engine
+def test_tiny_job_generates_scores_and_records_metrics(tiny_kit: Path, tmp_path: Path) -> None:
+    path = write_job(tmp_path)
+    result = run(str(path), "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert len(records) == 1
+    record = records[0]
+    assert record["samples"] == 8
+    assert 0.0 <= record["reward_mean"] <= 1.0
+    assert record["tokens"] > 0 and record["tokens_per_second"] > 0
+    # Speculation with the trained draft emits more than one token per verification step.
+    assert record["mean_accepted_length"] > 1.0

@@ -11,6 +11,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from rlhfspec_operator.rbac import rbac_manifests
+
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "rlhfspec"
 K8S_VERSION = "1.32.0"
@@ -79,8 +81,8 @@ def test_all_namespaces_uses_a_cluster_role(tmp_path: Path) -> None:
     docs = render(tmp_path)
     assert "Role" not in kinds(docs)
     cluster_role = next(d for d in docs if d["kind"] == "ClusterRole")
-    resources = {r for rule in cluster_role["rules"] for r in rule["resources"]}
-    assert {"rlhfjobs", "rlhfjobs/status", "pods", "namespaces"} <= resources
+    expected = next(d for d in rbac_manifests(None) if d["kind"] == "ClusterRole")
+    assert cluster_role["rules"] == expected["rules"]
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     assert "--all-namespaces" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
 
@@ -89,10 +91,13 @@ def test_watch_namespaces_use_roles_per_namespace(tmp_path: Path) -> None:
     docs = render(tmp_path, NON_DEFAULT_VALUES)
     roles = [d for d in docs if d["kind"] == "Role"]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
-    cluster_role = next(d for d in docs if d["kind"] == "ClusterRole")
-    cluster_resources = {r for rule in cluster_role["rules"] for r in rule["resources"]}
-    # Namespaced mode must not grant pods or secrets cluster-wide.
-    assert cluster_resources == {"customresourcedefinitions"}
+    # Namespaced mode grants nothing cluster-wide, and exactly the operator's rules per namespace.
+    assert "ClusterRole" not in kinds(docs)
+    expected = rbac_manifests(["team-a", "team-b"], peering=True)
+    for role in roles:
+        want = next(d for d in expected if d["kind"] == "Role"
+                    and d["metadata"]["namespace"] == role["metadata"]["namespace"])
+        assert role["rules"] == want["rules"]
     args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"][
         "containers"][0]["args"]
     assert "--namespace=team-a" in args and "--namespace=team-b" in args

@@ -40,49 +40,39 @@ app.kubernetes.io/component: operator
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
 
-{{/* Rules the operator needs in every namespace it watches. */}}
-{{- define "rlhfspec.namespacedRules" -}}
+{{/* Exactly the verbs the operator uses: mirrors rlhfspec_operator.rbac.RULES (a test
+compares them; the operator's own tests check every request it makes against RULES). */}}
+{{- define "rlhfspec.rules" -}}
 - apiGroups: [rlhfspec.io]
   resources: [rlhfjobs]
-  verbs: [get, list, watch, patch]
+  verbs: [list, watch, patch]
 - apiGroups: [rlhfspec.io]
   resources: [rlhfjobs/status]
-  verbs: [get, patch]
+  verbs: [patch]
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch, create, delete]
+  verbs: [list, watch, create, delete]
 - apiGroups: [""]
-  resources: [configmaps, secrets, services, persistentvolumeclaims]
-  verbs: [get, list, watch, create, patch, delete]
+  resources: [configmaps]
+  verbs: [create, patch]
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [create, get]
+- apiGroups: [""]
+  resources: [services, persistentvolumeclaims]
+  verbs: [create]
 - apiGroups: [apps]
   resources: [deployments]
-  verbs: [get, list, watch, create, patch, delete]
+  verbs: [create]
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
-  verbs: [get, list, watch, create, patch, delete]
-- apiGroups: ["", events.k8s.io]
-  resources: [events]
-  verbs: [create, patch]
-{{- if .Values.peering.enabled }}
-- apiGroups: [kopf.dev]
-  resources: [kopfpeerings]
-  verbs: [get, list, watch, patch]
-{{- end }}
-{{- end -}}
-
-{{/* Cluster-scoped rules: kopf discovers CRDs (and namespaces when watching all). */}}
-{{- define "rlhfspec.clusterRules" -}}
-- apiGroups: [apiextensions.k8s.io]
-  resources: [customresourcedefinitions]
-  verbs: [list, watch]
-{{- if not .Values.watchNamespaces }}
+  verbs: [create]
 - apiGroups: [""]
-  resources: [namespaces]
-  verbs: [list, watch]
+  resources: [events]
+  verbs: [create]
 {{- if .Values.peering.enabled }}
 - apiGroups: [kopf.dev]
-  resources: [clusterkopfpeerings]
+  resources: [{{ if .Values.watchNamespaces }}kopfpeerings{{ else }}clusterkopfpeerings{{ end }}]
   verbs: [get, list, watch, patch]
-{{- end }}
 {{- end }}
 {{- end -}}

@@ -56,8 +56,11 @@ def expand_is_broken() -> bool:
 
 def apply() -> list[str]:
     """Apply every fix whose bug is present; returns the names of the fixes applied."""
+    from vllm.triton_utils import HAS_TRITON
+
     applied: list[str] = []
-    if expand_is_broken():
+    # With Triton (GPU builds) the real kernel runs; only the CPU fallback is broken.
+    if not HAS_TRITON and expand_is_broken():
         from vllm.triton_utils.dispatcher import register_kernels
 
         register_kernels({EXPAND_KERNEL: _expand_impl})

@@ -25,7 +25,11 @@ from typing import Any
 
 from rlhfspec_api.manifest import DocumentError, ManifestError, RLHFJob, load_rlhfjob
 from rlhfspec_api.spec import RewardType
-from rlhfspec_workers.local.redis_server import RedisNotInstalledError, RedisServer
+from rlhfspec_workers.local.redis_server import (
+    RedisNotInstalledError,
+    RedisServer,
+    find_redis_server,
+)
 from rlhfspec_workers.messages import JobProgress, Keys
 from rlhfspec_workers.preflight import PreflightError, ResolvedPaths, preflight
 
@@ -154,8 +158,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ManifestError as exc:
         return _fail([f"{args.manifest}: {error}" for error in exc.errors])
     try:
-        from rlhfspec_workers.local.redis_server import find_redis_server
-
         find_redis_server()
         paths = preflight(job.spec)
     except RedisNotInstalledError as exc:

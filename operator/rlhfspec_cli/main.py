@@ -60,22 +60,35 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_models(args: argparse.Namespace, rest: list[str]) -> int:
-    from rlhfspec_workers.tinymodels.cli import main as models_main
+# Commands implemented in other packages own their argument parsing; imported lazily so the
+# slim operator image (no torch, no vllm) still runs the control-plane commands.
+DELEGATED: dict[str, tuple[str, str]] = {
+    "models": (
+        "rlhfspec_workers.tinymodels.cli",
+        "tiny-model kit: `rlhfspec models build --out DIR`",
+    ),
+    "run": ("rlhfspec_workers.local.run", "run an RLHFJob manifest locally: `rlhfspec run FILE`"),
+    "worker": (
+        "rlhfspec_workers.entrypoint",
+        "run one worker of a job (what pods run): `rlhfspec worker ROLE`",
+    ),
+    "bench": ("rlhfspec_workers.benchmarks.cli", "benchmarks: `rlhfspec bench generation`"),
+    "report": (
+        "rlhfspec_workers.observability.report",
+        "plots and summary: `rlhfspec report RUN_DIR`",
+    ),
+    "operator": (
+        "rlhfspec_operator.main",
+        "run the RLHFJob operator: `rlhfspec operator -n NAMESPACE | -A`",
+    ),
+}
 
-    return int(models_main(rest))
 
+def _delegate(command: str, rest: list[str]) -> int:
+    import importlib
 
-def _cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
-    from rlhfspec_workers.local.run import main as run_main
-
-    return int(run_main(rest))
-
-
-def _cmd_operator(args: argparse.Namespace, rest: list[str]) -> int:
-    from rlhfspec_operator.main import main as operator_main
-
-    return int(operator_main(rest))
+    module = importlib.import_module(DELEGATED[command][0])
+    return int(module.main(rest))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,29 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     crd.add_argument("-o", "--output", help="write to this file instead of stdout")
     validate = sub.add_parser("validate", help="check RLHFJob manifests against the contract")
     validate.add_argument("files", nargs="+", metavar="FILE")
-    sub.add_parser(
-        "models", help="tiny-model kit: `rlhfspec models build --out DIR`", add_help=False
-    )
-    sub.add_parser(
-        "run", help="run an RLHFJob manifest locally: `rlhfspec run FILE`", add_help=False
-    )
-    sub.add_parser(
-        "operator",
-        help="run the RLHFJob operator: `rlhfspec operator -n NAMESPACE | -A`",
-        add_help=False,
-    )
+    for command, (_, help_text) in DELEGATED.items():
+        sub.add_parser(command, help=help_text, add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    # Commands implemented in other packages own their argument parsing (lazy imports).
-    if argv and argv[0] in ("models", "run", "operator"):
-        command, rest = argv[0], argv[1:]
-        namespace = argparse.Namespace(command=command)
-        dispatch = {"models": _cmd_models, "run": _cmd_run, "operator": _cmd_operator}
-        return dispatch[command](namespace, rest)
+    if argv and argv[0] in DELEGATED:
+        return _delegate(argv[0], argv[1:])
     args = parser.parse_args(argv)
     if args.command == "crd":
         return _cmd_crd(args)

@@ -217,8 +217,10 @@ class GenerationEngine:
         if finalizer is not None:
             finalizer.detach()
         self._step_index = 0
-        self._calls = 0
         self._pending_choice = NO_DRAFT
+        self._pending: dict[str, tuple[PromptInput, int, int]] = {}
+        self.weight_version = 0
+        self._submitted = 0
 
     # -- control ------------------------------------------------------------------------------
 
@@ -272,47 +274,98 @@ class GenerationEngine:
 
     # -- generation ---------------------------------------------------------------------------
 
+    def submit(
+        self,
+        p: PromptInput,
+        sampling: SamplingConfig,
+        index: int,
+        *,
+        prefix_token_ids: Sequence[int] = (),
+    ) -> str:
+        """Queue sample ``index`` of ``p``; :meth:`poll` returns it when it finishes.
+
+        ``prefix_token_ids`` resumes a sample generated partly elsewhere (migration, fault
+        recovery): they are appended to the prompt, so the target conditions on them exactly as
+        if it had sampled them, and ``p.max_tokens`` must already be reduced by their count."""
+        group = p.group_id or p.prompt_id
+        prompt: Any
+        if isinstance(p.prompt, str) and not prefix_token_ids:
+            prompt = p.prompt
+        else:
+            ids = self.tokenize(p.prompt) if isinstance(p.prompt, str) else list(p.prompt)
+            prompt = TokensPrompt(prompt_token_ids=[int(t) for t in [*ids, *prefix_token_ids]])
+        self._submitted += 1
+        request_id = f"{self._submitted}:{p.prompt_id}/{index}"
+        params = SamplingParams(
+            n=1,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=p.max_tokens or sampling.max_tokens,
+            seed=None if sampling.seed is None else sample_seed(sampling.seed, p.prompt_id, index),
+            logprobs=0,
+            ignore_eos=sampling.ignore_eos,
+            stop_token_ids=list(sampling.stop_token_ids),
+            detokenize=self.has_tokenizer,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+            extra_args={GROUP_KEY: group},
+        )
+        self.engine.add_request(request_id, prompt, params)
+        self._pending[request_id] = (p, index, len(prefix_token_ids))
+        return request_id
+
+    def poll(self) -> list[SampleResult]:
+        """Run one engine step; return the samples that finished in it."""
+        if not self.engine.has_unfinished_requests():
+            return []
+        done: list[SampleResult] = []
+        for out in self._step():
+            if out.finished and out.request_id in self._pending:
+                p, j, prefix = self._pending.pop(out.request_id)
+                done.append(self._result(out, p, j, prefix))
+        return done
+
+    @property
+    def running(self) -> int:
+        """Requests submitted and not yet returned by :meth:`poll`."""
+        return len(self._pending)
+
+    def abort(self, request_ids: Sequence[str]) -> None:
+        """Drop requests (their samples will not be returned)."""
+        ids = [r for r in request_ids if self._pending.pop(r, None) is not None]
+        if ids:
+            self.engine.abort_request(ids)
+
+    def tokenize(self, text: str) -> list[int]:
+        tokenizer = self.engine.get_tokenizer()
+        return [int(t) for t in tokenizer.encode(text)]
+
+    def load_weights(self, model_dir: Path, version: int) -> None:
+        """Replace the policy's weights with the HF checkpoint in ``model_dir`` (weight sync).
+
+        Same path on CPU and GPU: vLLM's in-place reload (``Worker.reload_weights``), which
+        restores kernel layouts first (vLLM-CPU repacks linear weights after loading, so a bare
+        ``model.load_weights`` into the packed model fails). The prefix cache is reset because
+        cached prompt KV came from the old weights."""
+        if self._pending:
+            raise RuntimeError("weight sync with samples in flight would mix policy versions")
+        files = sorted(str(f) for f in Path(model_dir).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors in {model_dir}")
+        self.engine.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
+        self.engine.reset_prefix_cache()
+        self.engine.set_weight_version(str(version))
+        self.weight_version = version
+
     def generate(
         self, prompts: Sequence[PromptInput], sampling: SamplingConfig
     ) -> Iterator[SampleResult]:
         """Yield every sample as soon as it finishes (all samples of all prompts)."""
-        self._calls += 1
-        meta: dict[str, tuple[PromptInput, int]] = {}
-        for p in prompts:
-            group = p.group_id or p.prompt_id
-            prompt: Any = (
-                p.prompt
-                if isinstance(p.prompt, str)
-                else TokensPrompt(prompt_token_ids=[int(t) for t in p.prompt])
-            )
-            for j in range(p.n):
-                request_id = f"{self._calls}:{p.prompt_id}/{j}"
-                params = SamplingParams(
-                    n=1,
-                    temperature=sampling.temperature,
-                    top_p=sampling.top_p,
-                    max_tokens=p.max_tokens or sampling.max_tokens,
-                    seed=None
-                    if sampling.seed is None
-                    else sample_seed(sampling.seed, p.prompt_id, j),
-                    logprobs=0,
-                    ignore_eos=sampling.ignore_eos,
-                    stop_token_ids=list(sampling.stop_token_ids),
-                    detokenize=self.has_tokenizer,
-                    output_kind=RequestOutputKind.FINAL_ONLY,
-                    extra_args={GROUP_KEY: group},
-                )
-                self.engine.add_request(request_id, prompt, params)
-                meta[request_id] = (p, j)
+        mine = [self.submit(p, sampling, j) for p in prompts for j in range(p.n)]
         try:
-            while self.engine.has_unfinished_requests():
-                for out in self._step():
-                    if out.finished and out.request_id in meta:
-                        p, j = meta.pop(out.request_id)
-                        yield self._result(out, p, j)
+            while self._pending:
+                yield from self.poll()
         finally:
-            if meta:  # the caller stopped early: free the engine for the next call
-                self.engine.abort_request(list(meta))
+            self.abort(mine)  # the caller stopped early: free the engine for the next call
 
     def generate_all(
         self, prompts: Sequence[PromptInput], sampling: SamplingConfig
@@ -322,7 +375,7 @@ class GenerationEngine:
         order = {p.prompt_id: i for i, p in enumerate(prompts)}
         return sorted(results, key=lambda r: (order[r.prompt_id], r.sample_index))
 
-    def _result(self, out: Any, p: PromptInput, j: int) -> SampleResult:
+    def _result(self, out: Any, p: PromptInput, j: int, prefix: int = 0) -> SampleResult:
         completion = out.outputs[0]
         tokens = [int(t) for t in completion.token_ids]
         # logprobs=0: each position holds exactly the sampled token's entry.
@@ -338,7 +391,10 @@ class GenerationEngine:
             prompt_id=p.prompt_id,
             group_id=p.group_id or p.prompt_id,
             sample_index=j,
-            prompt_token_ids=[int(t) for t in out.prompt_token_ids or []],
+            # A resumed sample's prompt holds its earlier tokens: report the original prompt.
+            prompt_token_ids=[int(t) for t in out.prompt_token_ids or []][
+                : len(out.prompt_token_ids or []) - prefix
+            ],
             token_ids=tokens,
             logprobs=logprobs,
             finish_reason=completion.finish_reason,

@@ -159,6 +159,10 @@ class WeightsPublished(Message):
     value_loss: float | None = None
     kl: float | None = None
     entropy: float | None = None
+    reward_mean: float | None = None
+    reward_std: float | None = None
+    response_length_mean: float | None = None
+    samples: int = 0
     train_seconds: float = 0.0
 
 
@@ -351,3 +355,13 @@ class Keys:
     def done_samples(self, iteration: int) -> str:
         """Set of sample ids whose rollout was published (idempotency)."""
         return self._key("done", iteration)
+
+    def generation_stats(self, iteration: int) -> str:
+        """Hash of one iteration's generation counters (tokens, samples, sequence steps,
+        ``strategy:<drafter>:k=<k>`` step counts, ``sync:<worker>`` seconds), HINCRBY'd by
+        the generation workers."""
+        return self._key("gen-stats", iteration)
+
+    def scored_samples(self, iteration: int) -> str:
+        """Set of sample ids the inference stage has scored (idempotency)."""
+        return self._key("scored", iteration)

@@ -1,0 +1,349 @@
+"""The generation worker: SampleTasks in from Redis, vLLM with adaptive drafting, Rollouts out.
+
+Where it sits: ``rlhfspec worker generation`` (one per generation pod, or per local process).
+It consumes the job's task stream through the ``generation`` consumer group, keeps the engine
+full (free slots are refilled every step, so the long tail never blocks new work), publishes
+each finished sample as a :class:`Rollout` the moment it finishes, then acks its task. Before
+starting a task that needs a newer policy it drains, syncs weights from shared storage and
+resumes (on-policy). A dead worker's unacked tasks are reclaimed by the others after a lease;
+a live worker renews the lease of the tasks it runs so long samples are not stolen.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlhfspec_api.manifest import RLHFJob
+from rlhfspec_workers.messages import Keys, Rollout, SampleTask, WeightsPublished, WorkerStatus
+from rlhfspec_workers.preflight import ResolvedPaths
+from rlhfspec_workers.runtime import Bus
+
+from .engine import GenerationEngine
+from .records import PromptInput, SampleResult, SamplingConfig, StepRecord
+
+LEASE_MS = 30_000
+"""A task unacked this long by a consumer that stopped renewing it is reclaimed."""
+HEARTBEAT_SECONDS = 0.5
+MAX_RUNNING = 256
+"""Engine slots (vLLM max_num_seqs); tasks beyond it wait in the stream for any worker."""
+
+
+@dataclass
+class _InFlight:
+    entry_id: str
+    task: SampleTask
+    request_id: str
+
+
+@dataclass
+class _Counters:
+    """Per-iteration counters flushed to the iteration's gen-stats hash with each heartbeat."""
+
+    by_iteration: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    def add(self, iteration: int, name: str, amount: float) -> None:
+        bucket = self.by_iteration.setdefault(iteration, {})
+        bucket[name] = bucket.get(name, 0.0) + amount
+
+    def drain(self) -> dict[int, dict[str, float]]:
+        out, self.by_iteration = self.by_iteration, {}
+        return out
+
+
+def draft_model_paths(job: RLHFJob, paths: ResolvedPaths) -> dict[int, Path]:
+    drafters = job.spec.generation.speculative.drafters
+    out: dict[int, Path] = {}
+    for i in range(len(drafters)):
+        key = f"spec.generation.speculative.drafters[{i}].model"
+        if key in paths.models:
+            out[i] = paths.models[key]
+    return out
+
+
+class GenerationWorker:
+    def __init__(self, job: RLHFJob, paths: ResolvedPaths, bus: Bus, engine: GenerationEngine):
+        self.job = job
+        self.bus = bus
+        self.keys: Keys = bus.keys
+        self.engine = engine
+        self.name = bus.env.worker
+        self.max_running = MAX_RUNNING
+        self.in_flight: dict[str, _InFlight] = {}
+        self.waiting: deque[tuple[str, SampleTask]] = deque()
+        self.counters = _Counters()
+        self.tokens_total = 0
+        self._recent: deque[tuple[float, int]] = deque(maxlen=64)
+        self._last_step: StepRecord | None = None
+        self._last_beat = 0.0
+        self._last_renew = time.monotonic()
+        self._last_reclaim = time.monotonic()
+        self.state = "ready"
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        bus = self.bus
+        bus.ensure_group(self.keys.tasks, Keys.GENERATION_GROUP)
+        # After a restart, first take back what this consumer was given and never acked.
+        self.waiting.extend(
+            bus.read_group(
+                self.keys.tasks,
+                Keys.GENERATION_GROUP,
+                SampleTask,
+                count=10_000,
+                block_ms=0,
+                pending=True,
+            )
+        )
+        while not bus.stop_requested():
+            self._maybe_sync()
+            self._admit()
+            for result in self.engine.poll():
+                self._finish(result)
+            self._record_steps()
+            self._housekeeping()
+        self.state = "stopping"
+        self._beat(force=True)
+        return 0
+
+    def _admit(self) -> None:
+        """Fill free engine slots: waiting tasks first, then new ones from the stream."""
+        free = self.max_running - len(self.in_flight) - len(self.waiting)
+        if free > 0:
+            idle = not self.in_flight and not self.waiting
+            self.waiting.extend(
+                self.bus.read_group(
+                    self.keys.tasks,
+                    Keys.GENERATION_GROUP,
+                    SampleTask,
+                    count=free,
+                    block_ms=500 if idle else 1,
+                )
+            )
+        while self.waiting:
+            entry_id, task = self.waiting[0]
+            if task.weight_version > self.engine.weight_version:
+                return  # needs the next policy: finish what runs, then sync (_maybe_sync)
+            self.waiting.popleft()
+            if self._already_done(task):
+                self.bus.ack(self.keys.tasks, Keys.GENERATION_GROUP, entry_id)
+                continue
+            self._submit(entry_id, task)
+
+    def _already_done(self, task: SampleTask) -> bool:
+        done = self.bus.call(
+            "check done",
+            lambda: self.bus.redis.sismember(
+                self.keys.done_samples(task.iteration), task.sample_id
+            ),
+        )
+        return bool(done)
+
+    def _submit(self, entry_id: str, task: SampleTask) -> None:
+        prompt = PromptInput(
+            prompt=task.prompt,
+            prompt_id=f"it{task.iteration}/{task.prompt_id}",
+            group_id=task.group_id,
+            max_tokens=task.max_tokens,
+        )
+        sampling = SamplingConfig(
+            temperature=task.temperature, top_p=task.top_p, max_tokens=task.max_tokens
+        )
+        request_id = self.engine.submit(
+            prompt, sampling, task.sample_index, prefix_token_ids=task.prefix_token_ids
+        )
+        self.in_flight[f"{prompt.prompt_id}/{task.sample_index}"] = _InFlight(
+            entry_id, task, request_id
+        )
+
+    def _finish(self, result: SampleResult) -> None:
+        request = self.in_flight.pop(result.sample_id, None)
+        if request is None:
+            return
+        task = request.task
+        rollout = Rollout(
+            iteration=task.iteration,
+            sample_id=task.sample_id,
+            prompt_id=task.prompt_id,
+            group_id=task.group_id,
+            sample_index=task.sample_index,
+            prompt=task.prompt,
+            answer=task.answer,
+            prompt_token_ids=result.prompt_token_ids,
+            # A resumed sample is stitched: what was generated elsewhere, then what ran here.
+            token_ids=[*task.prefix_token_ids, *result.token_ids],
+            logprobs=[*task.prefix_logprobs, *result.logprobs],
+            text=self._detokenize([*task.prefix_token_ids, *result.token_ids], result),
+            finish_reason=result.finish_reason,
+            weight_version=self.engine.weight_version,
+            worker=self.name,
+            num_draft_tokens=result.num_draft_tokens,
+            num_accepted_tokens=result.num_accepted_tokens,
+            migrations=task.migrations,
+        )
+        self.bus.publish(self.keys.rollouts, rollout)
+        self.bus.call(
+            "mark done",
+            lambda: self.bus.redis.sadd(self.keys.done_samples(task.iteration), task.sample_id),
+        )
+        self.bus.ack(self.keys.tasks, Keys.GENERATION_GROUP, request.entry_id)
+        produced = len(result.token_ids)
+        self.tokens_total += produced
+        self.counters.add(task.iteration, "tokens", produced)
+        self.counters.add(task.iteration, "samples", 1)
+        self._recent.append((time.monotonic(), produced))
+
+    def _detokenize(self, tokens: list[int], result: SampleResult) -> str:
+        if not tokens:
+            return ""
+        if result.text is not None and len(tokens) == len(result.token_ids):
+            return result.text
+        tokenizer = self.engine.engine.get_tokenizer()
+        return str(tokenizer.decode(tokens, skip_special_tokens=True))
+
+    def _record_steps(self) -> None:
+        """Engine steps -> per-iteration counters (sequence steps, strategies)."""
+        steps = self.engine.drain_steps()
+        if not steps:
+            return
+        iteration = max((f.task.iteration for f in self.in_flight.values()), default=None)
+        if iteration is None and self._recent:
+            iteration = max(self.counters.by_iteration, default=None)
+        for step in steps:
+            self._last_step = step
+            if iteration is None:
+                continue
+            self.counters.add(iteration, "sequence_steps", step.batch_size)
+            self.counters.add(iteration, "steps", 1)
+            self.counters.add(iteration, f"strategy:{step.drafter}:k={step.k}", 1)
+            self.counters.add(iteration, "draft_tokens", step.num_draft_tokens)
+            self.counters.add(iteration, "accepted_tokens", step.num_accepted_tokens)
+
+    # -- weight sync ------------------------------------------------------------------------
+
+    def _maybe_sync(self) -> None:
+        """Sync when idle and a newer policy exists (or a waiting task needs one)."""
+        if self.in_flight:
+            return
+        needed = self.waiting[0][1].weight_version if self.waiting else None
+        latest = self.bus.get(self.keys.weights, WeightsPublished)
+        if latest is None or latest.version <= self.engine.weight_version:
+            if needed is not None and needed > self.engine.weight_version:
+                time.sleep(0.05)  # the trainer has not published it yet
+            return
+        self.state = "syncing"
+        self._beat(force=True)
+        started = time.perf_counter()
+        self.engine.load_weights(Path(latest.path), latest.version)
+        self.engine.new_iteration()  # last iteration's rollouts become suffix-drafter history
+        seconds = time.perf_counter() - started
+        iteration = latest.iteration + 1
+        self.counters.add(iteration, f"sync:{self.name}", seconds)
+        print(
+            f"[rlhfspec] {self.name}: policy v{latest.version} loaded in {seconds:.2f}s", flush=True
+        )
+        self.state = "ready"
+
+    # -- leases, reclaim, heartbeat ---------------------------------------------------------
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if self.in_flight and now - self._last_renew > LEASE_MS / 3000:
+            # XCLAIM to ourselves resets the idle time: a live worker keeps its long samples.
+            ids: list[Any] = [f.entry_id for f in self.in_flight.values()]
+            self.bus.call(
+                "renew lease",
+                lambda: self.bus.redis.xclaim(
+                    self.keys.tasks, Keys.GENERATION_GROUP, self.name, 0, ids, justid=True
+                ),
+            )
+            self._last_renew = now
+        if now - self._last_reclaim > LEASE_MS / 3000:
+            self._last_reclaim = now
+            free = self.max_running - len(self.in_flight) - len(self.waiting)
+            if free > 0:
+                reclaimed = self.bus.reclaim(
+                    self.keys.tasks,
+                    Keys.GENERATION_GROUP,
+                    SampleTask,
+                    min_idle_ms=LEASE_MS,
+                    count=free,
+                )
+                for entry_id, task in reclaimed:
+                    print(f"[rlhfspec] {self.name}: reclaimed {task.sample_id}", flush=True)
+                    self.counters.add(task.iteration, "reclaimed", 1)
+                    self.waiting.append((entry_id, task))
+        self._beat()
+
+    def _beat(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_beat < HEARTBEAT_SECONDS:
+            return
+        self._last_beat = now
+        for iteration, values in self.counters.drain().items():
+            key = self.keys.generation_stats(iteration)
+
+            def flush(key: str = key, values: dict[str, float] = values) -> None:
+                pipe = self.bus.redis.pipeline()
+                for name, amount in values.items():
+                    pipe.hincrbyfloat(key, name, amount)
+                pipe.execute()
+
+            self.bus.call("flush counters", flush)
+        window = [(t, n) for t, n in self._recent if now - t < 5.0]
+        rate = sum(n for _, n in window) / 5.0 if window else 0.0
+        step = self._last_step
+        self.bus.heartbeat(
+            WorkerStatus(
+                worker=self.name,
+                role="generation",
+                state="busy" if self.in_flight else self.state,  # type: ignore[arg-type]
+                weight_version=self.engine.weight_version,
+                running=len(self.in_flight),
+                tokens_generated=self.tokens_total,
+                tokens_per_second=rate,
+                drafter=step.next_drafter if step else None,
+                k=step.next_k if step else None,
+            )
+        )
+
+
+def run(job: RLHFJob, paths: ResolvedPaths, bus: Bus) -> int:
+    spec = job.spec
+    engine = GenerationEngine(
+        spec.generation,
+        paths.models["spec.models.policy"],
+        draft_models=draft_model_paths(job, paths),
+        seed=spec.algorithm.seed,
+        # CPU: the tiny models are trained in fp32, and bf16 matmuls are slow without AMX.
+        dtype="float32" if _is_cpu() else "bfloat16",
+        max_num_seqs=MAX_RUNNING,
+    )
+    try:
+        _apply_policy(engine, job)
+        return GenerationWorker(job, paths, bus, engine).run()
+    finally:
+        engine.close()
+
+
+def _apply_policy(engine: GenerationEngine, job: RLHFJob) -> None:
+    """Adaptive mode: the workload-aware selector (generation.adaptive) when available."""
+    import importlib
+
+    try:  # TODO(lead): direct import once generation.adaptive lands
+        adaptive = importlib.import_module(f"{__package__}.adaptive")
+    except ImportError:
+        return
+    make_policy = getattr(adaptive, "make_policy", None)
+    if make_policy is not None and engine.proposer is not None:
+        engine.set_policy(make_policy(engine, job.spec.generation))
+
+
+def _is_cpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()

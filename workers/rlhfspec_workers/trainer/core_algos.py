@@ -153,3 +153,25 @@ def clipped_value_loss(
     clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
     loss = torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
     return 0.5 * masked_mean(loss, mask)
+
+
+def grpo_advantages_by_group(
+    rewards: torch.Tensor, group_index: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """Group-normalised advantages for groups of any size, in any order.
+
+    rewards: [B]; group_index: [B] long in 0..G-1 (which prompt's group each sample is in).
+    Returns [B]: (r - mean(group)) / (std(group) + eps) with the unbiased std, like
+    :func:`grpo_advantages`; a group of one, or of equal rewards, gets zero advantage (a sample
+    that failed and was dropped must not turn its siblings' advantages into 0/0).
+    """
+    groups = int(group_index.max()) + 1 if group_index.numel() else 0
+    count = torch.zeros(groups, dtype=rewards.dtype, device=rewards.device)
+    count.index_add_(0, group_index, torch.ones_like(rewards))
+    total = torch.zeros_like(count).index_add_(0, group_index, rewards)
+    mean = total / count.clamp(min=1.0)
+    centred = rewards - mean[group_index]
+    squares = torch.zeros_like(count).index_add_(0, group_index, centred**2)
+    std = torch.sqrt(squares / (count - 1.0).clamp(min=1.0))[group_index]
+    usable = (count[group_index] > 1) & (std > 0)
+    return torch.where(usable, centred / (std + eps), torch.zeros_like(centred))

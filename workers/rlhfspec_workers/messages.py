@@ -148,10 +148,12 @@ class Experience(Message):
 
 
 class WeightsPublished(Message):
-    """The trainer finished an iteration and wrote policy weights version ``version``."""
+    """The trainer finished an iteration and wrote policy weights ``policy_version``.
+
+    (``version`` is every message's schema version; this is the policy's.)"""
 
     KIND: ClassVar[str] = "weights_published"
-    version: int = Field(ge=0)
+    policy_version: int = Field(ge=0)
     iteration: int = Field(ge=0)
     path: str
     """HF-format model directory on shared storage."""

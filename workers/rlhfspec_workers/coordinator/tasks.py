@@ -123,7 +123,7 @@ def iteration_metrics(
             "training": weights.train_seconds,
             "total": clock.finished - clock.started,
         },
-        weight_version=weights.version,
+        weight_version=weights.policy_version,
         batch_trace=[list(point) for point in trace],
         finished_at=finished_at,
     )

@@ -231,20 +231,21 @@ class GenerationWorker:
             return
         needed = self.waiting[0][1].weight_version if self.waiting else None
         latest = self.bus.get(self.keys.weights, WeightsPublished)
-        if latest is None or latest.version <= self.engine.weight_version:
+        if latest is None or latest.policy_version <= self.engine.weight_version:
             if needed is not None and needed > self.engine.weight_version:
                 time.sleep(0.05)  # the trainer has not published it yet
             return
         self.state = "syncing"
         self._beat(force=True)
         started = time.perf_counter()
-        self.engine.load_weights(Path(latest.path), latest.version)
+        self.engine.load_weights(Path(latest.path), latest.policy_version)
         self.engine.new_iteration()  # last iteration's rollouts become suffix-drafter history
         seconds = time.perf_counter() - started
         iteration = latest.iteration + 1
         self.counters.add(iteration, f"sync:{self.name}", seconds)
         print(
-            f"[rlhfspec] {self.name}: policy v{latest.version} loaded in {seconds:.2f}s", flush=True
+            f"[rlhfspec] {self.name}: policy v{latest.policy_version} loaded in {seconds:.2f}s",
+            flush=True,
         )
         self.state = "ready"
 

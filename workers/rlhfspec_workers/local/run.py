@@ -1,21 +1,22 @@
 """``rlhfspec run FILE``: run an RLHFJob manifest on this machine (local mode).
 
-Where it sits: the README's main command. It parses the manifest once, runs preflight (models,
-draft vocabularies, dataset rows) before anything starts, starts an embedded ``redis-server``,
-then runs the job's iterations on one machine and writes ``metrics.jsonl`` in the run
-directory, plus ``JobProgress`` to Redis the way the coordinator does on a cluster.
-
-What runs today: the generation stage (real vLLM with the job's speculative configuration)
-and the rule reward. The trainer and weight sync are not built yet, so the policy is not
-updated between iterations; the command says so at the start and in every metrics record.
+Where it sits: the README's main command. It parses the manifest once and runs preflight
+(models, draft vocabularies, dataset rows: one message naming the field, before anything
+starts), starts an embedded ``redis-server`` with a generated password, then the same worker
+processes a cluster runs (``rlhfspec worker ROLE`` for the coordinator, each generation
+replica, inference and trainer) with the pod environment contract. It prints one table row
+per iteration (read from the coordinator's metrics stream) and a progress line, writes
+``metrics.jsonl`` and the report's PNG plots into the run directory, and stops every process
+on success, failure or Ctrl-C. ``--resume`` continues from the last checkpoint and the Redis
+state kept in the run directory.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import random
+import secrets
+import shutil
 import signal
 import sys
 import time
@@ -23,17 +24,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from rlhfspec_api.manifest import DocumentError, ManifestError, RLHFJob, load_rlhfjob
-from rlhfspec_api.spec import RewardType
 from rlhfspec_workers.local.redis_server import (
     RedisNotInstalledError,
     RedisServer,
     find_redis_server,
 )
-from rlhfspec_workers.messages import JobProgress, Keys
-from rlhfspec_workers.preflight import PreflightError, ResolvedPaths, preflight
+from rlhfspec_workers.local.supervisor import Supervisor
+from rlhfspec_workers.messages import IterationMetrics, JobProgress, Keys, MessageError
+from rlhfspec_workers.preflight import PreflightError, preflight
 
-NOT_YET = "training stage not implemented yet: the policy is not updated between iterations"
+STATE = ("redis", "checkpoints", "weights", "logs", "report", "metrics.jsonl", "job.yaml")
+COLUMNS = (
+    ("iter", 5), ("reward", 7), ("kl", 7), ("tok/s", 8), ("accept", 6), ("strategy", 18),
+    ("migr", 4), ("gen s", 6), ("inf s", 6), ("train s", 7), ("sync s", 6), ("total s", 7),
+)  # fmt: skip
 
 
 def _fail(lines: Sequence[str]) -> int:
@@ -42,135 +49,206 @@ def _fail(lines: Sequence[str]) -> int:
     return 1
 
 
-def _load_prompts(paths: ResolvedPaths, job: RLHFJob) -> list[str]:
-    field = job.spec.dataset.prompt_field
-    with paths.dataset.open(encoding="utf-8") as rows:
-        return [json.loads(line)[field] for line in rows if line.strip()]
+def _cell(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _score(job: RLHFJob, prompt: str, text: str) -> float:
-    if job.spec.reward.type is RewardType.RULE:
-        from rlhfspec_workers.tinymodels import task
+def format_row(m: IterationMetrics) -> str:
+    stages = m.stage_seconds
+    strategy = max(m.strategies.items(), key=lambda kv: kv[1])[0] if m.strategies else "-"
+    cells = [
+        f"{m.iteration}/{m.total_iterations}",
+        _cell(m.reward_mean, 3),
+        _cell(m.kl, 4),
+        _cell(m.tokens_per_second, 1),
+        _cell(m.mean_accepted_length, 2),
+        strategy,
+        str(m.migrations),
+        *(_cell(stages.get(s), 1) for s in ("generation", "inference", "training", "sync")),
+        _cell(stages.get("total"), 1),
+    ]
+    return " ".join(c.rjust(w) for c, (_, w) in zip(cells, COLUMNS, strict=True))
 
-        return task.score(prompt, text)
-    raise NotImplementedError("reward.type model needs the inference stage (not built yet)")
+
+def header() -> str:
+    return " ".join(name.rjust(width) for name, width in COLUMNS)
 
 
-def run_job(job: RLHFJob, paths: ResolvedPaths, run_dir: Path, iterations: int | None) -> int:
-    from rlhfspec_workers.generation.engine import GenerationEngine
-    from rlhfspec_workers.generation.records import PromptInput, SamplingConfig, StepSummary
+def prepare_run_dir(run_dir: Path, job: RLHFJob, iterations: int | None, resume: bool) -> Path:
+    """Fresh runs start from nothing; --resume keeps Redis, checkpoints and weights."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        for name in STATE:
+            path = run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    manifest: dict[str, Any] = job.to_manifest()
+    if iterations is not None:
+        manifest["spec"]["algorithm"]["iterations"] = iterations
+    config = run_dir / "job.yaml"
+    config.write_text(yaml.safe_dump(manifest, sort_keys=False), encoding="utf-8")
+    return config
 
-    spec = job.spec
-    algo = spec.algorithm
-    total = iterations or algo.iterations
-    prompts = _load_prompts(paths, job)
-    drafts = {
-        i: paths.models[f"spec.generation.speculative.drafters[{i}].model"]
-        for i in range(len(spec.generation.speculative.drafters))
-        if f"spec.generation.speculative.drafters[{i}].model" in paths.models
-    }
-    print(f"[rlhfspec] {job.name}: starting vLLM (speculative {spec.generation.speculative.mode})")
-    engine = GenerationEngine(
-        spec.generation, paths.models["spec.models.policy"], draft_models=drafts, seed=algo.seed
-    )
-    redis_server = RedisServer(run_dir / "redis")
-    redis_server.start()
-    import redis
 
-    client = redis.Redis.from_url(redis_server.url)
-    keys = Keys(job.namespace, job.name)
-    rng = random.Random(algo.seed)
-    metrics_path = run_dir / "metrics.jsonl"
-    print(f"[rlhfspec] {NOT_YET}")
-    header = f"{'iter':>4} {'reward':>7} {'tok/s':>8} {'accept':>7} {'samples':>7} {'gen s':>6}"
-    print(header)
+class LocalRun:
+    def __init__(self, job: RLHFJob, run_dir: Path, config: Path, resume: bool) -> None:
+        self.job = job
+        self.run_dir = run_dir
+        self.config = config
+        self.resume = resume
+        self.keys = Keys(job.namespace, job.name)
+        password_file = run_dir / "redis" / "password"
+        if resume and password_file.exists():
+            password = password_file.read_text().strip()
+        else:
+            password = secrets.token_hex(16)
+        self.redis_server = RedisServer(run_dir / "redis", password=password)
+        self.password = password
+        self.supervisor: Supervisor | None = None
+
+    def run(self) -> int:
+        import redis
+
+        spec = self.job.spec
+        self.redis_server.start()
+        (self.run_dir / "redis" / "password").write_text(self.password + "\n")
+        client = redis.Redis(host="127.0.0.1", port=self.redis_server.port, password=self.password)
+        client.delete(self.keys.stop)
+        env = {
+            "RLHFSPEC_JOB": self.job.name,
+            "RLHFSPEC_NAMESPACE": self.job.namespace or "default",
+            "RLHFSPEC_REPLICAS": str(spec.generation.replicas),
+            "RLHFSPEC_REDIS_URL": f"redis://127.0.0.1:{self.redis_server.port}/0",
+            "RLHFSPEC_REDIS_PASSWORD": self.password,
+            "RLHFSPEC_JOB_CONFIG": str(self.config.resolve()),
+            "RLHFSPEC_STORAGE": str(self.run_dir.resolve()),
+            "RLHFSPEC_METRICS_PORT": "0",
+        }
+        supervisor = self.supervisor = Supervisor(self.run_dir, env)
+        supervisor.start("coordinator")
+        for index in range(spec.generation.replicas):
+            supervisor.start("generation", index)
+        supervisor.start("inference")
+        supervisor.start("trainer")
+        names = ", ".join(w.name for w in supervisor.workers)
+        print(f"[rlhfspec] {self.job.name}: started {names} (logs in {self.run_dir / 'logs'})")
+        return self._watch(client, supervisor)
+
+    def _watch(self, client: Any, supervisor: Supervisor) -> int:
+        print(header())
+        last_id = "0-0"
+        tty = sys.stdout.isatty()
+        while True:
+            reply = client.xread({self.keys.metrics_stream: last_id}, block=500)
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    last_id = entry_id
+                    try:
+                        metrics = IterationMetrics.from_bytes(fields[b"data"])
+                    except MessageError as exc:
+                        print(f"[rlhfspec] unreadable metrics record {entry_id!r}: {exc}")
+                        continue
+                    if tty:
+                        print("\r\033[K", end="")
+                    print(format_row(metrics), flush=True)
+            if tty:
+                self._progress_line(client)
+            exits = supervisor.exited()
+            coordinator = next((rc for w, rc in exits if w.role == "coordinator"), None)
+            failed = [(w, rc) for w, rc in exits if rc != 0]
+            if failed:
+                if tty:
+                    print()
+                lines = [f"[rlhfspec] {self.job.name} failed:"]
+                for worker, rc in failed:
+                    lines.append(f"  {worker.name} exited with {rc}; last lines of its log:")
+                    lines.extend(f"    {line}" for line in worker.tail().splitlines())
+                return _fail(lines)
+            if coordinator == 0:
+                if tty:
+                    print()
+                return 0
+
+    def _progress_line(self, client: Any) -> None:
+        raw = client.get(self.keys.progress)
+        if raw is None:
+            return
+        try:
+            progress = JobProgress.from_bytes(raw)
+        except MessageError:
+            return
+        total = max(progress.total_iterations, 1)
+        filled = int(20 * progress.iteration / total)
+        bar = "#" * filled + "-" * (20 - filled)
+        print(f"\r\033[K[{bar}] {progress.message}"[:160], end="", flush=True)
+
+    def stop(self) -> None:
+        if self.supervisor is not None:
+            self.supervisor.stop()
+        self.redis_server.stop()
+
+
+def _report(run_dir: Path) -> None:
+    from rlhfspec_workers.observability.report import ReportError, load_metrics, write_report
+
+    path = run_dir / "metrics.jsonl"
     try:
-        with metrics_path.open("a", encoding="utf-8") as sink:
-            for iteration in range(1, total + 1):
-                batch = rng.sample(prompts, min(algo.prompts_per_iteration, len(prompts)))
-                inputs = [
-                    PromptInput(
-                        prompt=p, prompt_id=f"it{iteration}-p{i}", n=algo.samples_per_prompt
-                    )
-                    for i, p in enumerate(batch)
-                ]
-                # No per-request seed: vLLM-CPU's speculative path cannot rewind a seeded CPU
-                # generator ("CPU Generator does not use offset"); the engine seed applies.
-                sampling = SamplingConfig.from_spec(spec.generation)
-                engine.steps.clear()
-                started = time.perf_counter()
-                results = engine.generate_all(inputs, sampling)
-                seconds = time.perf_counter() - started
-                by_id = {p.prompt_id: p.prompt for p in inputs}
-                rewards = [_score(job, str(by_id[r.prompt_id]), r.text or "") for r in results]
-                tokens = sum(len(r.token_ids) for r in results)
-                # Tokens emitted per sequence per verification step (1.0: drafts never help).
-                sequence_steps = sum(r.batch_size for r in engine.steps)
-                record: dict[str, Any] = {
-                    "iteration": iteration,
-                    "reward_mean": sum(rewards) / len(rewards),
-                    "samples": len(results),
-                    "tokens": tokens,
-                    "generation_seconds": seconds,
-                    "tokens_per_second": tokens / seconds,
-                    "mean_accepted_length": tokens / sequence_steps if sequence_steps else None,
-                    "strategies": {
-                        f"{d}:k={k}": n
-                        for (d, k), n in StepSummary.of(engine.steps).by_strategy.items()
-                    },
-                    "policy_updated": False,
-                }
-                sink.write(json.dumps(record) + "\n")
-                sink.flush()
-                progress = JobProgress(
-                    iteration=iteration, total_iterations=total,
-                    state="succeeded" if iteration == total else "running",
-                    tokens_per_second=record["tokens_per_second"],
-                    mean_accepted_length=record["mean_accepted_length"],
-                    reward_mean=record["reward_mean"], updated_at=time.time(), message=NOT_YET,
-                )
-                client.set(keys.progress, progress.to_bytes())
-                accept = record["mean_accepted_length"]
-                print(f"{iteration:>4} {record['reward_mean']:>7.3f} "
-                      f"{record['tokens_per_second']:>8.1f} "
-                      f"{accept if accept is None else round(accept, 2)!s:>7} "
-                      f"{len(results):>7} {seconds:>6.1f}")
-                engine.new_iteration()
-    finally:
-        engine.close()
-        redis_server.stop()
-    print(f"[rlhfspec] done: metrics in {metrics_path}")
-    return 0
+        written = write_report(run_dir, load_metrics(path), str(path))
+    except ReportError as exc:
+        print(f"[rlhfspec] no report: {exc}", file=sys.stderr)
+        return
+    print(f"[rlhfspec] report: {', '.join(str(p) for p in written)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlhfspec run", description=__doc__.splitlines()[0])
     parser.add_argument("manifest", type=Path)
     parser.add_argument("--run-dir", type=Path, default=None,
-                        help="where metrics and Redis data go (default runs/<job name>)")
+                        help="where metrics, checkpoints, logs and Redis data go "
+                        "(default runs/<job name>)")  # fmt: skip
     parser.add_argument("--iterations", type=int, default=None,
-                        help="override spec.algorithm.iterations")
+                        help="override spec.algorithm.iterations")  # fmt: skip
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the run directory's last checkpoint")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.iterations is not None and args.iterations < 1:
+        return _fail([f"--iterations: {args.iterations} is not allowed (>= 1)"])
     try:
         job = load_rlhfjob(args.manifest)
     except DocumentError as exc:
         return _fail([str(exc)])
     except ManifestError as exc:
         return _fail([f"{args.manifest}: {error}" for error in exc.errors])
+    run_dir: Path = args.run_dir or Path("runs") / job.name
     try:
         find_redis_server()
-        paths = preflight(job.spec)
+        preflight(job.spec, storage_root=run_dir)
     except RedisNotInstalledError as exc:
         return _fail([str(exc)])
     except PreflightError as exc:
         return _fail([f"{args.manifest}: {error}" for error in exc.errors])
-    run_dir = args.run_dir or Path("runs") / job.name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if args.resume and not (run_dir / "redis").is_dir():
+        print(f"[rlhfspec] nothing to resume in {run_dir}: starting fresh")
+    config = prepare_run_dir(run_dir, job, args.iterations, args.resume)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    # Ctrl-C: KeyboardInterrupt unwinds through run_job's finally (engine, Redis stopped).
+    local = LocalRun(job, run_dir, config, args.resume)
+    # SIGTERM as Ctrl-C: both unwind through the finally below (workers, then Redis).
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    started = time.monotonic()
     try:
-        return run_job(job, paths, run_dir, args.iterations)
+        code = local.run()
     except KeyboardInterrupt:
-        print("[rlhfspec] interrupted: engine and Redis stopped", file=sys.stderr)
-        return 130
+        print("\n[rlhfspec] interrupted: stopping workers and Redis", file=sys.stderr)
+        code = 130
+    finally:
+        local.stop()
+    if code == 0:
+        print(f"[rlhfspec] {job.name} succeeded in {time.monotonic() - started:.0f}s; "
+              f"metrics in {run_dir / 'metrics.jsonl'}")  # fmt: skip
+        _report(run_dir)
+    elif code == 130:
+        print(f"[rlhfspec] resume with: rlhfspec run {args.manifest} --run-dir {run_dir} "
+              "--resume", file=sys.stderr)  # fmt: skip
+    return code

@@ -1,0 +1,75 @@
+"""``rlhfspec worker ROLE``: what every worker pod (and every local-mode process) runs.
+
+Where it sits: the operator's pods run ``rlhfspec worker <coordinator|generation|inference|
+trainer>`` with the job contract in their environment (``runtime.WorkerEnv``); local mode
+starts the same command as processes. This parses the job once, runs preflight (a bad model
+path or dataset row fails here, naming the field, before any engine starts), waits for Redis
+(with backoff), then hands over to the role's loop. Exit codes: 0 done, 1 bad input or a
+failed run, 2 a broken environment contract, 143 stopped by SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from types import FrameType
+
+from rlhfspec_api.manifest import DocumentError, ManifestError
+from rlhfspec_workers.preflight import PreflightError, preflight
+from rlhfspec_workers.runtime import ROLES, Bus, WorkerEnv, WorkerEnvError
+
+LOOPS = {
+    "coordinator": "rlhfspec_workers.coordinator.loop",
+    "generation": "rlhfspec_workers.generation.worker",
+    "inference": "rlhfspec_workers.inference.worker",
+    "trainer": "rlhfspec_workers.trainer.worker",
+}
+
+
+class Stopped(Exception):
+    """SIGTERM: the pod is being deleted (suspend, scale down) or local mode is stopping."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise Stopped
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rlhfspec worker", description=__doc__.splitlines()[0])
+    parser.add_argument("role", choices=ROLES)
+    args = parser.parse_args(argv)
+    try:
+        env = WorkerEnv.from_environ(args.role)
+    except WorkerEnvError as exc:
+        print(f"rlhfspec worker {args.role}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        job = env.load_job()
+    except DocumentError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except ManifestError as exc:
+        for error in exc.errors:
+            print(f"{env.job_config}: {error}", file=sys.stderr)
+        return 1
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        paths = preflight(job.spec, storage_root=env.storage)
+    except PreflightError as exc:
+        for error in exc.errors:
+            print(f"{env.job_config}: {error}", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    bus = Bus(env)
+    loop = importlib.import_module(LOOPS[args.role])
+    print(f"[rlhfspec] {env.worker} of {env.namespace}/{env.job} starting", flush=True)
+    try:
+        bus.wait_ready()
+        return int(loop.run(job, paths, bus))
+    except (Stopped, KeyboardInterrupt):
+        print(f"[rlhfspec] {env.worker}: stopped", file=sys.stderr, flush=True)
+        return 143

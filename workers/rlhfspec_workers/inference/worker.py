@@ -1,0 +1,104 @@
+"""The inference worker: Rollouts in, Experiences (reward, reference log-probs, values) out.
+
+Where it sits: ``rlhfspec worker inference``, between generation and the trainer. It reads
+the rollout stream through the ``inference`` consumer group while generation is still running
+(the long tail's early finishers are scored while the tail decodes), batches up to
+``spec.inference.batchSize``, scores with :class:`ExperienceMaker`, publishes one Experience
+per rollout, marks the sample scored (idempotency: a duplicate rollout is acked and skipped)
+and acks. Entries it was given before a crash are re-read from its pending list on restart.
+"""
+
+from __future__ import annotations
+
+import time
+
+from rlhfspec_api.manifest import RLHFJob
+from rlhfspec_workers.messages import Keys, Rollout, WorkerStatus
+from rlhfspec_workers.preflight import ResolvedPaths
+from rlhfspec_workers.runtime import Bus
+
+from .experience import ExperienceMaker
+
+GATHER_SECONDS = 0.2
+"""How long a partial batch waits for more rollouts before it is scored anyway."""
+
+
+class InferenceWorker:
+    def __init__(self, job: RLHFJob, bus: Bus, maker: ExperienceMaker) -> None:
+        self.bus = bus
+        self.keys: Keys = bus.keys
+        self.maker = maker
+        self.batch_size = job.spec.inference.batch_size
+        self.scored = 0
+
+    def run(self) -> int:
+        bus, keys = self.bus, self.keys
+        bus.ensure_group(keys.rollouts, Keys.INFERENCE_GROUP)
+        backlog = bus.read_group(
+            keys.rollouts, Keys.INFERENCE_GROUP, Rollout, count=100_000, block_ms=0, pending=True
+        )
+        while not bus.stop_requested():
+            self._beat("ready")
+            batch = backlog[: self.batch_size]
+            backlog = backlog[self.batch_size :]
+            deadline = time.monotonic() + GATHER_SECONDS
+            while len(batch) < self.batch_size:
+                wait_ms = 500 if not batch else max(1, int((deadline - time.monotonic()) * 1000))
+                got = bus.read_group(
+                    keys.rollouts,
+                    Keys.INFERENCE_GROUP,
+                    Rollout,
+                    count=self.batch_size - len(batch),
+                    block_ms=wait_ms,
+                )
+                batch.extend(got)
+                if not got or time.monotonic() >= deadline:
+                    break
+            if batch:
+                self._beat("busy")
+                self._score(batch)
+        self._beat("stopping")
+        return 0
+
+    def _score(self, batch: list[tuple[str, Rollout]]) -> None:
+        bus, keys = self.bus, self.keys
+        fresh: list[tuple[str, Rollout]] = []
+        for entry_id, rollout in batch:
+            seen = bus.call(
+                "check scored",
+                lambda r=rollout: bus.redis.sismember(  # type: ignore[misc]
+                    keys.scored_samples(r.iteration), r.sample_id
+                ),
+            )
+            if seen or any(r.sample_id == rollout.sample_id for _, r in fresh):
+                bus.ack(keys.rollouts, Keys.INFERENCE_GROUP, entry_id)
+            else:
+                fresh.append((entry_id, rollout))
+        if not fresh:
+            return
+        experiences = self.maker.make([r for _, r in fresh])
+        for (entry_id, rollout), experience in zip(fresh, experiences, strict=True):
+            bus.publish(keys.experience, experience)
+            bus.call(
+                "mark scored",
+                lambda r=rollout: bus.redis.sadd(  # type: ignore[misc]
+                    keys.scored_samples(r.iteration), r.sample_id
+                ),
+            )
+            bus.ack(keys.rollouts, Keys.INFERENCE_GROUP, entry_id)
+        self.scored += len(fresh)
+
+    def _beat(self, state: str) -> None:
+        self.bus.heartbeat(
+            WorkerStatus(
+                worker=self.bus.env.worker,
+                role="inference",
+                state=state,  # type: ignore[arg-type]
+                tokens_generated=self.scored,
+            )
+        )
+
+
+def run(job: RLHFJob, paths: ResolvedPaths, bus: Bus) -> int:
+    maker = ExperienceMaker(job.spec, paths.models)
+    return InferenceWorker(job, bus, maker).run()

@@ -1,0 +1,169 @@
+"""The trainer worker: an iteration's Experiences in, policy weights version N out.
+
+Where it sits: ``rlhfspec worker trainer``, the last stage of an iteration. It collects the
+iteration's experiences from the ``trainer`` consumer group (deduplicated by sample id),
+trains once all ``promptsPerIteration x samplesPerPrompt`` samples are in, exports the new
+policy to shared storage (``weights/v<N>``), checkpoints every ``checkpointEvery`` iterations,
+then publishes :class:`WeightsPublished` (the generation workers sync from it and the
+coordinator starts the next iteration). Entries are acked only after the weights are
+published, so a trainer killed mid-iteration re-reads them from its pending list and resumes
+from its checkpoint: no iteration is repeated or skipped.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from rlhfspec_api.manifest import RLHFJob
+from rlhfspec_workers.messages import Experience, Keys, WeightsPublished, WorkerStatus
+from rlhfspec_workers.preflight import ResolvedPaths
+from rlhfspec_workers.runtime import Bus
+
+from .checkpoint import CheckpointStore
+from .policy_trainer import PolicyTrainer, TrainStats
+
+KEEP_WEIGHT_VERSIONS = 3
+"""Exported policy versions kept on storage (a slow generation worker may still load one)."""
+
+
+class TrainerWorker:
+    def __init__(self, job: RLHFJob, bus: Bus, trainer: PolicyTrainer, store: CheckpointStore):
+        self.spec = job.spec
+        self.bus = bus
+        self.keys: Keys = bus.keys
+        self.trainer = trainer
+        self.store = store
+        self.expected = self.spec.algorithm.samples_per_iteration
+        self.weights_root = bus.env.storage / "weights"
+        self.buffer: dict[int, dict[str, tuple[str, Experience]]] = {}
+
+    def run(self) -> int:
+        bus, keys = self.bus, self.keys
+        bus.ensure_group(keys.experience, Keys.TRAINER_GROUP)
+        self._resume()
+        self._take(
+            bus.read_group(
+                keys.experience,
+                Keys.TRAINER_GROUP,
+                Experience,
+                count=100_000,
+                block_ms=0,
+                pending=True,
+            )
+        )
+        while not bus.stop_requested():
+            self._beat("ready")
+            self._take(
+                bus.read_group(
+                    keys.experience, Keys.TRAINER_GROUP, Experience, count=1024, block_ms=500
+                )
+            )
+            nxt = self.trainer.iteration + 1
+            if len(self.buffer.get(nxt, {})) >= self.expected:
+                self._beat("busy")
+                self._train(nxt)
+        self._beat("stopping")
+        return 0
+
+    def _resume(self) -> None:
+        """Restore the last checkpoint; make the published weights agree with it."""
+        restored = self.store.restore(self.trainer) if self.store.latest() is not None else 0
+        published = self.bus.get(self.keys.weights, WeightsPublished)
+        if published is not None and published.iteration > restored:
+            # Trained past the last checkpoint (checkpointEvery > 1) before a crash: the exported
+            # weights are exact; the optimizer state is the checkpoint's (Adam moments older).
+            from safetensors.torch import load_file
+
+            state: dict[str, torch.Tensor] = {}
+            for f in sorted(Path(published.path).glob("*.safetensors")):
+                state.update(load_file(str(f)))
+            with torch.no_grad():
+                self.trainer.policy.load_state_dict(state, strict=False)
+            self.trainer.iteration = published.iteration
+            print(
+                f"[rlhfspec] trainer: resumed policy v{published.iteration} from its exported "
+                f"weights; optimizer state from checkpoint {restored}",
+                flush=True,
+            )
+        elif restored and (published is None or published.iteration < restored):
+            self._publish(restored, None)  # checkpointed, crashed before publishing
+        if restored:
+            print(f"[rlhfspec] trainer: resumed from checkpoint {restored}", flush=True)
+
+    def _take(self, entries: list[tuple[str, Experience]]) -> None:
+        for entry_id, experience in entries:
+            iteration = experience.rollout.iteration
+            bucket = self.buffer.setdefault(iteration, {})
+            sample = experience.rollout.sample_id
+            if iteration <= self.trainer.iteration or sample in bucket:
+                self.bus.ack(self.keys.experience, Keys.TRAINER_GROUP, entry_id)  # duplicate
+                continue
+            bucket[sample] = (entry_id, experience)
+
+    def _train(self, iteration: int) -> None:
+        entries = self.buffer.pop(iteration)
+        stats = self.trainer.train_iteration([e for _, e in entries.values()])
+        if iteration % self.spec.trainer.checkpoint_every == 0 or (
+            iteration == self.spec.algorithm.iterations
+        ):
+            self.store.save(iteration, self.trainer)
+        self._publish(iteration, stats)
+        self.bus.ack(self.keys.experience, Keys.TRAINER_GROUP, *(i for i, _ in entries.values()))
+
+    def _publish(self, iteration: int, stats: TrainStats | None) -> None:
+        started = time.perf_counter()
+        out = self.weights_root / f"v{iteration}"
+        if not out.exists():
+            # fp32 on CPU: generation runs the tiny models in fp32 there (see generation.worker).
+            dtype = None if torch.cuda.is_available() else torch.float32
+            self.trainer.export_weights(out, dtype=dtype)
+        export = time.perf_counter() - started
+        message = WeightsPublished(
+            policy_version=iteration,
+            iteration=iteration,
+            path=str(out),
+            policy_loss=stats.policy_loss if stats else None,
+            value_loss=stats.value_loss if stats else None,
+            kl=stats.kl if stats else None,
+            entropy=stats.entropy if stats else None,
+            reward_mean=stats.reward_mean if stats else None,
+            reward_std=stats.reward_std if stats else None,
+            response_length_mean=stats.response_length_mean if stats else None,
+            samples=stats.samples if stats else 0,
+            train_seconds=(stats.seconds if stats else 0.0) + export,
+        )
+        payload = message.to_bytes()
+        self.bus.call("publish weights", lambda: self.bus.redis.set(self.keys.weights, payload))
+        self.bus.publish(self.keys.weights_log, message)
+        for old in sorted(self.weights_root.glob("v*"), key=_version)[:-KEEP_WEIGHT_VERSIONS]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _beat(self, state: str) -> None:
+        self.bus.heartbeat(
+            WorkerStatus(
+                worker=self.bus.env.worker,
+                role="trainer",
+                state=state,  # type: ignore[arg-type]
+                weight_version=self.trainer.iteration,
+            )
+        )
+
+
+def _version(path: Path) -> int:
+    try:
+        return int(path.name.removeprefix("v"))
+    except ValueError:
+        return -1
+
+
+def run(job: RLHFJob, paths: ResolvedPaths, bus: Bus) -> int:
+    spec = job.spec
+    trainer = PolicyTrainer(
+        spec, paths.models["spec.models.policy"], paths.models.get("spec.models.critic")
+    )
+    store = CheckpointStore(bus.env.storage / "checkpoints", keep=spec.trainer.keep_checkpoints)
+    return TrainerWorker(job, bus, trainer, store).run()

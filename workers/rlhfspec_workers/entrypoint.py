@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from types import FrameType
 
 from rlhfspec_api.manifest import DocumentError, ManifestError
+from rlhfspec_workers.observability.metrics import WorkerMetrics
 from rlhfspec_workers.preflight import PreflightError, preflight
 from rlhfspec_workers.runtime import ROLES, Bus, WorkerEnv, WorkerEnvError
 
@@ -64,12 +65,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{env.job_config}: {error}", file=sys.stderr)
         return 1
     signal.signal(signal.SIGTERM, _on_sigterm)
-    bus = Bus(env)
+    metrics = WorkerMetrics(env.job, env.role, env.worker)
+    port = metrics.serve(env.metrics_port)
+    bus = Bus(env, metrics=metrics)
     loop = importlib.import_module(LOOPS[args.role])
-    print(f"[rlhfspec] {env.worker} of {env.namespace}/{env.job} starting", flush=True)
+    print(
+        f"[rlhfspec] {env.worker} of {env.namespace}/{env.job} starting (metrics on :{port})",
+        flush=True,
+    )
     try:
         bus.wait_ready()
         return int(loop.run(job, paths, bus))
     except (Stopped, KeyboardInterrupt):
         print(f"[rlhfspec] {env.worker}: stopped", file=sys.stderr, flush=True)
         return 143
+    finally:
+        metrics.close()

@@ -24,6 +24,7 @@ import redis
 
 from rlhfspec_api.manifest import RLHFJob, load_rlhfjob
 from rlhfspec_workers.messages import DeadLetter, Keys, Message, MessageError, WorkerStatus, decode
+from rlhfspec_workers.observability.metrics import WorkerMetrics
 
 log = logging.getLogger("rlhfspec.worker")
 
@@ -129,8 +130,16 @@ def _stderr(message: str) -> None:
 class Bus:
     """One worker's view of the job's Redis: streams, groups, flags and heartbeats."""
 
-    def __init__(self, env: WorkerEnv, *, client: redis.Redis | None = None) -> None:
+    def __init__(
+        self,
+        env: WorkerEnv,
+        *,
+        client: redis.Redis | None = None,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
         self.env = env
+        self.metrics = metrics or WorkerMetrics(env.job, env.role, env.worker)
+        """This process's Prometheus metrics (served by the entrypoint)."""
         self.keys = Keys(env.namespace, env.job)
         self.redis = client or redis.Redis.from_url(
             env.redis_url,
@@ -243,6 +252,7 @@ class Bus:
         return bool(self.call("read stop flag", lambda: self.redis.exists(self.keys.stop)))
 
     def heartbeat(self, status: WorkerStatus) -> None:
+        self.metrics.observe_status(status)
         payload = status.model_copy(update={"updated_at": time.time()}).to_bytes()
         self.call("heartbeat", lambda: self.redis.hset(self.keys.workers, status.worker, payload))
 

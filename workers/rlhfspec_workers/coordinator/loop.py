@@ -83,12 +83,33 @@ class Coordinator:
             bus.call("set stop", lambda: bus.redis.set(keys.stop, b"1"))
             return 0
         self._progress(start - 1, "starting", f"starting at iteration {start}")
+        self._wait_for_workers(start - 1)
         for iteration in range(start, self.total + 1):
             metrics = self._iteration(iteration)
             self._record(metrics)
         self._progress(self.total, "succeeded", "done")
         bus.call("set stop", lambda: bus.redis.set(keys.stop, b"1"))
         return 0
+
+    def _wait_for_workers(self, done: int) -> None:
+        """Stage timings start when every worker has its engine/models loaded."""
+        wanted = {f"generation-{i}" for i in range(self.bus.env.replicas)}
+        wanted |= {"inference-0", "trainer-0"}
+        last_report = time.monotonic()
+        while True:
+            ready = {
+                name
+                for name, w in self.bus.workers().items()
+                if w.state in ("ready", "busy") and time.time() - w.updated_at < 30
+            }
+            missing = sorted(wanted - ready)
+            if not missing:
+                return
+            if time.monotonic() - last_report > 30:
+                last_report = time.monotonic()
+                print(f"[rlhfspec] coordinator: waiting for {', '.join(missing)}", flush=True)
+            self._progress(done, "starting", f"waiting for {', '.join(missing)}")
+            time.sleep(POLL_SECONDS)
 
     # -- one iteration ----------------------------------------------------------------------
 
@@ -185,6 +206,7 @@ class Coordinator:
 
     def _record(self, metrics: IterationMetrics) -> None:
         self.last = metrics
+        self.bus.metrics.observe_iteration(metrics)
         self.bus.publish(self.keys.metrics_stream, metrics)
         if self.metrics_path is not None:
             with self.metrics_path.open("a", encoding="utf-8") as sink:

@@ -215,6 +215,7 @@ class GenerationWorker:
             iteration = max(self.counters.by_iteration, default=None)
         for step in steps:
             self._last_step = step
+            self.bus.metrics.observe_step(step)
             if iteration is None:
                 continue
             self.counters.add(iteration, "sequence_steps", step.batch_size)
@@ -241,6 +242,7 @@ class GenerationWorker:
         self.engine.load_weights(Path(latest.path), latest.policy_version)
         self.engine.new_iteration()  # last iteration's rollouts become suffix-drafter history
         seconds = time.perf_counter() - started
+        self.bus.metrics.set_weight_version(latest.policy_version)
         iteration = latest.iteration + 1
         self.counters.add(iteration, f"sync:{self.name}", seconds)
         print(
@@ -277,6 +279,7 @@ class GenerationWorker:
                 for entry_id, task in reclaimed:
                     print(f"[rlhfspec] {self.name}: reclaimed {task.sample_id}", flush=True)
                     self.counters.add(task.iteration, "reclaimed", 1)
+                    self.bus.metrics.observe_reclaimed(1)
                     self.waiting.append((entry_id, task))
         self._beat()
 
@@ -326,6 +329,7 @@ def run(job: RLHFJob, paths: ResolvedPaths, bus: Bus) -> int:
     )
     try:
         _apply_policy(engine, job)
+        bus.metrics.reexport_vllm(engine.counters)
         return GenerationWorker(job, paths, bus, engine).run()
     finally:
         engine.close()

@@ -11,6 +11,7 @@ a live worker renews the lease of the tasks it runs so long samples are not stol
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -25,8 +26,11 @@ from rlhfspec_workers.runtime import Bus
 from .engine import GenerationEngine
 from .records import PromptInput, SampleResult, SamplingConfig, StepRecord
 
-LEASE_MS = 30_000
+LEASE_MS = int(os.environ.get("RLHFSPEC_TASK_LEASE_MS", "30000"))
 """A task unacked this long by a consumer that stopped renewing it is reclaimed."""
+ADMIT_PER_STEP = 16
+"""Tasks taken from the stream per engine step: small, so replicas share the queue evenly
+instead of the first one up taking everything (the long tail is then reallocation's job)."""
 HEARTBEAT_SECONDS = 0.5
 MAX_RUNNING = 256
 """Engine slots (vLLM max_num_seqs); tasks beyond it wait in the stream for any worker."""
@@ -113,6 +117,7 @@ class GenerationWorker:
     def _admit(self) -> None:
         """Fill free engine slots: waiting tasks first, then new ones from the stream."""
         free = self.max_running - len(self.in_flight) - len(self.waiting)
+        free = min(free, ADMIT_PER_STEP)
         if free > 0:
             idle = not self.in_flight and not self.waiting
             self.waiting.extend(

@@ -109,6 +109,11 @@ class LocalRun:
         self.supervisor: Supervisor | None = None
 
     def run(self) -> int:
+        client, supervisor = self.start()
+        return self._watch(client, supervisor)
+
+    def start(self) -> tuple[Any, Supervisor]:
+        """Start Redis and every worker process; returns a Redis client and the supervisor."""
         import redis
 
         spec = self.job.spec
@@ -134,7 +139,7 @@ class LocalRun:
         supervisor.start("trainer")
         names = ", ".join(w.name for w in supervisor.workers)
         print(f"[rlhfspec] {self.job.name}: started {names} (logs in {self.run_dir / 'logs'})")
-        return self._watch(client, supervisor)
+        return client, supervisor
 
     def _watch(self, client: Any, supervisor: Supervisor) -> int:
         print(header())

@@ -112,6 +112,11 @@ class TrainerWorker:
         ):
             self.store.save(iteration, self.trainer)
         self._publish(iteration, stats)
+        print(
+            f"[rlhfspec] trainer: iteration {iteration} trained on {stats.samples} samples "
+            f"(reward {stats.reward_mean:.3f}, kl {stats.kl:.4f}, {stats.seconds:.1f}s)",
+            flush=True,
+        )
         self.bus.ack(self.keys.experience, Keys.TRAINER_GROUP, *(i for i, _ in entries.values()))
 
     def _publish(self, iteration: int, stats: TrainStats | None) -> None:

@@ -130,3 +130,28 @@ def reward_accuracy(
         predicted = reward_scores(model, ids) > 0
         hits += int((predicted == (labels > 0.5)).sum())
     return hits / max(1, len(examples))
+
+
+@torch.no_grad()
+def expected_accuracy(model: Any, examples: Sequence[TaskExample], batch_size: int = 128) -> float:
+    """Mean probability that a temperature-1 sample is exactly the right answer then EOS.
+
+    This is the expected sampled accuracy computed exactly by teacher forcing (no sampling
+    noise), so two checkpoints can be compared on a fixed prompt set with a small margin."""
+    total = 0.0
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        rows = [
+            (encode_chars(ex.prompt, add_bos=True), [*encode_chars(ex.answer), EOS_ID])
+            for ex in chunk
+        ]
+        width = max(len(p) + len(a) for p, a in rows)
+        ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+        for j, (p, a) in enumerate(rows):
+            ids[j, : len(p) + len(a)] = torch.tensor(p + a)
+        logprobs = torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
+        for j, (p, a) in enumerate(rows):
+            positions = torch.arange(len(p) - 1, len(p) + len(a) - 1)
+            answer = torch.tensor(a)
+            total += float(logprobs[j, positions, answer].sum().exp())
+    return total / max(len(examples), 1)

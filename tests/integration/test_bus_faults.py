@@ -1,0 +1,117 @@
+"""The worker bus against a real redis-server: dead letters, reclaim, restart with AOF, outages."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rlhfspec_workers.local.redis_server import RedisServer
+from rlhfspec_workers.messages import DeadLetter, Keys, SampleTask
+from rlhfspec_workers.runtime import Bus, WorkerEnv
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path / "redis", password="secret") as srv:
+        yield srv
+
+
+def _bus(server: RedisServer, worker_index: int = 0) -> Bus:
+    env = WorkerEnv.from_environ(
+        "generation",
+        {
+            "RLHFSPEC_JOB": "job",
+            "RLHFSPEC_NAMESPACE": "ns",
+            "RLHFSPEC_WORKER_INDEX": str(worker_index),
+            "RLHFSPEC_REDIS_URL": f"redis://127.0.0.1:{server.port}/0",
+            "RLHFSPEC_REDIS_PASSWORD": "secret",
+            "RLHFSPEC_JOB_CONFIG": "/nonexistent/job.yaml",
+        },
+    )
+    return Bus(env)
+
+
+def _task(i: int) -> SampleTask:
+    return SampleTask(
+        iteration=1, sample_id=f"it1/p{i}/0", prompt_id=f"p{i}", group_id=f"row{i}",
+        sample_index=0, prompt="S21=", max_tokens=4, temperature=1.0, top_p=1.0,
+    )  # fmt: skip
+
+
+def test_malformed_and_wrong_version_payloads_are_dead_lettered_with_the_sample_id(
+    server: RedisServer,
+) -> None:
+    bus = _bus(server)
+    keys = bus.keys
+    bus.ensure_group(keys.tasks, Keys.GENERATION_GROUP)
+    bus.publish(keys.tasks, _task(0))
+    bus.redis.xadd(keys.tasks, {b"data": b"{not json"})
+    wrong = _task(1).to_bytes().replace(b'"version":1', b'"version":9')
+    bus.redis.xadd(keys.tasks, {b"data": wrong})
+    got = bus.read_group(keys.tasks, Keys.GENERATION_GROUP, SampleTask, count=10, block_ms=100)
+    assert [t.sample_id for _, t in got] == ["it1/p0/0"]
+    letters = [
+        DeadLetter.from_bytes(fields[b"data"]) for _, fields in bus.redis.xrange(keys.dead_letters)
+    ]
+    assert [letter.sample_id for letter in letters] == [None, "it1/p1/0"]
+    assert "not JSON" in letters[0].reason and "version 9 unsupported" in letters[1].reason
+    # Bad entries are acked (kept in the dead-letter stream instead): nothing stays pending.
+    assert bus.redis.xpending(keys.tasks, Keys.GENERATION_GROUP)["pending"] == 1
+
+
+def test_a_dead_consumers_entries_are_reclaimed_once(server: RedisServer) -> None:
+    alive, dead = _bus(server, 0), _bus(server, 1)
+    keys = alive.keys
+    alive.ensure_group(keys.tasks, Keys.GENERATION_GROUP)
+    for i in range(4):
+        alive.publish(keys.tasks, _task(i))
+    taken = dead.read_group(keys.tasks, Keys.GENERATION_GROUP, SampleTask, count=4, block_ms=100)
+    assert len(taken) == 4  # then the dead consumer never acks
+    assert alive.reclaim(keys.tasks, Keys.GENERATION_GROUP, SampleTask, min_idle_ms=5000,
+                         count=10) == []  # fmt: skip
+    time.sleep(0.3)
+    got = alive.reclaim(keys.tasks, Keys.GENERATION_GROUP, SampleTask, min_idle_ms=200, count=10)
+    assert sorted(t.sample_id for _, t in got) == sorted(t.sample_id for _, t in taken)
+    again = alive.reclaim(keys.tasks, Keys.GENERATION_GROUP, SampleTask, min_idle_ms=200, count=10)
+    assert again == []  # ownership moved: a second sweep right away finds nothing idle
+
+
+def test_redis_restart_with_aof_keeps_everything_acknowledged(server: RedisServer) -> None:
+    bus = _bus(server)
+    keys = bus.keys
+    bus.ensure_group(keys.tasks, Keys.GENERATION_GROUP)
+    for i in range(6):
+        bus.publish(keys.tasks, _task(i))
+    got = bus.read_group(keys.tasks, Keys.GENERATION_GROUP, SampleTask, count=3, block_ms=100)
+    bus.ack(keys.tasks, Keys.GENERATION_GROUP, got[0][0])
+    server.kill()  # SIGKILL: no clean shutdown, only the append-only file survives
+    server.restart()
+    assert bus.redis.xlen(keys.tasks) == 6
+    pending = bus.read_group(
+        keys.tasks, Keys.GENERATION_GROUP, SampleTask, count=10, block_ms=0, pending=True
+    )
+    assert [t.sample_id for _, t in pending] == [t.sample_id for _, t in got[1:]]
+    fresh = bus.read_group(keys.tasks, Keys.GENERATION_GROUP, SampleTask, count=10, block_ms=100)
+    assert [t.sample_id for _, t in fresh] == [f"it1/p{i}/0" for i in range(3, 6)]
+
+
+def test_workers_retry_through_a_redis_outage_and_report_it(
+    server: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bus = _bus(server)
+    bus.publish(bus.keys.tasks, _task(0))
+    server.kill()
+    restarter = threading.Timer(1.5, server.restart)
+    restarter.start()
+    try:
+        assert bus.call("count", lambda: bus.redis.xlen(bus.keys.tasks)) == 1
+    finally:
+        restarter.join()
+    assert bus.outages >= 1
+    assert "redis unavailable during count" in capsys.readouterr().err

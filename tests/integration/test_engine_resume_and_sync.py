@@ -136,3 +136,39 @@ def test_weight_sync_refuses_while_samples_are_in_flight(engine: Any, tiny_kit: 
         engine.load_weights(tiny_kit / "policy", version=3)
     engine.abort([request])
     assert engine.running == 0
+
+
+def test_preempted_mid_flight_sample_resumed_elsewhere_equals_the_unmigrated_one(
+    engine: Any, tiny_kit: Path
+) -> None:
+    """Migration by recompute: abort after a few steps, hand the tokens and log-probs so far
+    to a resumed request with max_tokens reduced; stitched, it is the unmigrated sample."""
+    from dataclasses import replace
+
+    from rlhfspec_workers.generation.records import SamplingConfig
+
+    prompts = _prompts(tiny_kit, 5)
+    whole = _run(engine, prompts)
+    sampling = SamplingConfig(**GREEDY_ARGS)  # type: ignore[arg-type]
+    requests = {p.prompt_id: engine.submit(p, sampling, 0) for p in prompts}
+    finished_early = {r.prompt_id for _ in range(2) for r in engine.poll()}
+    handed_over: dict[str, tuple[list[int], list[float]]] = {}
+    for p in prompts:
+        if p.prompt_id in finished_early:
+            continue
+        so_far = engine.generated_so_far(requests[p.prompt_id])
+        tokens, logprobs = engine.preempt(requests[p.prompt_id])
+        assert len(tokens) == so_far == len(logprobs) and so_far > 0
+        handed_over[p.prompt_id] = (tokens, logprobs)
+    assert engine.running == 0
+    for p in prompts:
+        if p.prompt_id in handed_over:
+            tokens, _ = handed_over[p.prompt_id]
+            resumed = replace(p, max_tokens=GREEDY_ARGS["max_tokens"] - len(tokens))
+            engine.submit(resumed, sampling, 0, prefix_token_ids=tokens)
+    tails = {r.prompt_id: r for r in _drain(engine)}
+    for prompt_id, (tokens, logprobs) in handed_over.items():
+        full = whole[prompt_id]
+        assert tokens + tails[prompt_id].token_ids == full.token_ids
+        assert logprobs + tails[prompt_id].logprobs == pytest.approx(full.logprobs, abs=1e-4)
+    assert len(handed_over) >= 3

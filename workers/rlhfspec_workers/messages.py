@@ -230,6 +230,33 @@ class MigrationOrder(Message):
     predicted_gain_seconds: float = 0.0
 
 
+class SampleLoad(BaseModel):
+    """One sample a generation worker holds (planner input)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    sample_id: str
+    group_id: str
+    generated: int = Field(ge=0)
+    """Tokens generated so far, including any generated elsewhere before a migration."""
+    prompt_tokens: int = Field(ge=0)
+    max_tokens: int = Field(ge=1)
+    running: bool = True
+    migrations: int = Field(default=0, ge=0)
+
+
+class LoadReport(Message):
+    """A generation worker's load, refreshed every heartbeat (the reallocation planner's input)."""
+
+    KIND: ClassVar[str] = "load_report"
+    worker: str
+    iteration: int = Field(ge=0)
+    free_slots: int = Field(ge=0)
+    samples: list[SampleLoad] = Field(default_factory=list)
+    finished_lengths: list[int] = Field(default_factory=list)
+    """Response lengths of samples finished since the previous report (length predictor)."""
+    updated_at: float = 0.0
+
+
 class IterationMetrics(Message):
     """One iteration's record: Redis metrics stream and the run directory's metrics.jsonl."""
 
@@ -367,3 +394,16 @@ class Keys:
     def scored_samples(self, iteration: int) -> str:
         """Set of sample ids the inference stage has scored (idempotency)."""
         return self._key("scored", iteration)
+
+    def load(self, worker: str) -> str:
+        """Latest LoadReport of one generation worker (string key)."""
+        return self._key("load", worker)
+
+    def direct_tasks(self, worker: str) -> str:
+        """SampleTasks handed to one worker (migrated samples; consumer group ``generation``)."""
+        return self._key("tasks", worker)
+
+    @property
+    def calibration(self) -> str:
+        """The generation workers' calibrated cost model (CostModel JSON, string key)."""
+        return self._key("calibration")

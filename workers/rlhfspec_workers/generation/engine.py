@@ -335,6 +335,37 @@ class GenerationEngine:
         if ids:
             self.engine.abort_request(ids)
 
+    def _request_state(self, request_id: str) -> Any:
+        """vLLM's output state of a request (keyed by its internal id, one per external id)."""
+        processor = self.engine.output_processor
+        for internal in processor.external_req_ids.get(request_id, ()):
+            state = processor.request_states.get(internal)
+            if state is not None:
+                return state
+        return processor.request_states.get(request_id)
+
+    def generated_so_far(self, request_id: str) -> int:
+        """Tokens a running request has produced (from vLLM's output state; 0 if unknown)."""
+        state = self._request_state(request_id)
+        if state is None or state.detokenizer is None:
+            return 0
+        return len(state.detokenizer.output_token_ids)
+
+    def preempt(self, request_id: str) -> tuple[list[int], list[float]]:
+        """Abort a running request and return what it generated so far with the log-probs
+        (migration: the destination resumes from exactly these tokens)."""
+        state = self._request_state(request_id)
+        tokens: list[int] = []
+        logprobs: list[float] = []
+        if state is not None and state.detokenizer is not None:
+            tokens = [int(t) for t in state.detokenizer.output_token_ids]
+            processor = state.logprobs_processor
+            entries: Any = (processor.logprobs if processor is not None else None) or []
+            # logprobs=0: each position holds exactly the sampled token's entry.
+            logprobs = [float(lp[t].logprob) for lp, t in zip(entries, tokens, strict=True)]
+        self.abort([request_id])
+        return tokens, logprobs
+
     def tokenize(self, text: str) -> list[int]:
         tokenizer = self.engine.get_tokenizer()
         return [int(t) for t in tokenizer.encode(text)]

@@ -254,6 +254,9 @@ class LoadReport(Message):
     samples: list[SampleLoad] = Field(default_factory=list)
     finished_lengths: list[int] = Field(default_factory=list)
     """Response lengths of samples finished since the previous report (length predictor)."""
+    step_profile: list[list[float]] = Field(default_factory=list)
+    """Recent engine steps as [batch size, seconds per step, tokens per sequence per step]
+    (the planner's throughput model of this worker)."""
     updated_at: float = 0.0
 
 

@@ -185,11 +185,12 @@ class Bus:
         expected: type[_M],
         *,
         count: int,
-        block_ms: int,
+        block_ms: int | None,
         pending: bool = False,
     ) -> list[tuple[str, _M]]:
         """Entries for this consumer; ``pending=True`` re-reads what it was given and did not
-        ack (after a restart). Undecodable entries are dead-lettered and acked here."""
+        ack (after a restart). ``block_ms=None`` returns at once (Redis reads 0 as "forever").
+        Undecodable entries are dead-lettered and acked here."""
         start = "0" if pending else ">"
         reply: Any = self.call(
             f"read {stream}",

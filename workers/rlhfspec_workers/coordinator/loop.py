@@ -28,6 +28,7 @@ from rlhfspec_workers.messages import (
 from rlhfspec_workers.preflight import ResolvedPaths
 from rlhfspec_workers.runtime import Bus
 
+from .reallocate import Reallocator
 from .tasks import DatasetRow, StageClock, iteration_metrics, iteration_tasks
 
 POLL_SECONDS = 0.25
@@ -67,6 +68,7 @@ class Coordinator:
         self.metrics_path = metrics_path
         self.on_metrics = on_metrics
         self.last: IterationMetrics | None = None
+        self.reallocator = Reallocator(self.spec, bus, bus.env.replicas)
 
     def run(self) -> int:
         bus, keys = self.bus, self.keys
@@ -147,6 +149,8 @@ class Coordinator:
             if inference_done is None and scored >= expected:
                 inference_done = now
                 generation_done = generation_done or now
+            if generation_done is None:
+                self.reallocator.tick(iteration)
             if now - last_trace >= TRACE_EVERY_SECONDS:
                 last_trace = now
                 workers = bus.workers()

@@ -114,7 +114,7 @@ def iteration_metrics(
         mean_accepted_length=tokens / sequence_steps if sequence_steps else None,
         strategies=strategies,
         strategy_table_version=strategy_table_version,
-        migrations=migrations,
+        migrations=max(migrations, int(_number(gen_stats, "migrations"))),
         reclaimed=int(_number(gen_stats, "reclaimed")),
         stage_seconds={
             "sync": sync,

@@ -16,7 +16,6 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from rlhfspec_api.manifest import RLHFJob
 from rlhfspec_workers.messages import Keys, Rollout, SampleTask, WeightsPublished, WorkerStatus
@@ -24,6 +23,7 @@ from rlhfspec_workers.preflight import ResolvedPaths
 from rlhfspec_workers.runtime import Bus
 
 from .engine import GenerationEngine
+from .handover import Handover
 from .records import PromptInput, SampleResult, SamplingConfig, StepRecord
 
 LEASE_MS = int(os.environ.get("RLHFSPEC_TASK_LEASE_MS", "30000"))
@@ -38,9 +38,14 @@ MAX_RUNNING = 256
 
 @dataclass
 class _InFlight:
+    stream: str
     entry_id: str
     task: SampleTask
     request_id: str
+
+
+Held = tuple[str, str, SampleTask]
+"""(stream, entry id, task): a task taken from a stream and not yet acked."""
 
 
 @dataclass
@@ -77,11 +82,15 @@ class GenerationWorker:
         self.name = bus.env.worker
         self.max_running = MAX_RUNNING
         self.in_flight: dict[str, _InFlight] = {}
-        self.waiting: deque[tuple[str, SampleTask]] = deque()
+        self.waiting: deque[Held] = deque()
+        self.direct = self.keys.direct_tasks(self.name)
+        self.finished_lengths: list[int] = []
+        self.handover = Handover(self)
         self.counters = _Counters()
         self.tokens_total = 0
         self._recent: deque[tuple[float, int]] = deque(maxlen=64)
         self._last_step: StepRecord | None = None
+        self.recent_steps: deque[StepRecord] = deque(maxlen=256)
         self._last_beat = 0.0
         self._last_renew = time.monotonic()
         self._last_reclaim = time.monotonic()
@@ -91,20 +100,13 @@ class GenerationWorker:
 
     def run(self) -> int:
         bus = self.bus
-        bus.ensure_group(self.keys.tasks, Keys.GENERATION_GROUP)
-        # After a restart, first take back what this consumer was given and never acked.
-        self.waiting.extend(
-            bus.read_group(
-                self.keys.tasks,
-                Keys.GENERATION_GROUP,
-                SampleTask,
-                count=10_000,
-                block_ms=0,
-                pending=True,
-            )
-        )
+        for stream in (self.direct, self.keys.tasks):
+            bus.ensure_group(stream, Keys.GENERATION_GROUP)
+            # After a restart, first take back what this consumer was given and never acked.
+            self._take(stream, 10_000, None, pending=True)
         while not bus.stop_requested():
             self._maybe_sync()
+            self.handover.execute_orders()
             self._admit()
             for result in self.engine.poll():
                 self._finish(result)
@@ -119,25 +121,28 @@ class GenerationWorker:
         free = self.max_running - len(self.in_flight) - len(self.waiting)
         free = min(free, ADMIT_PER_STEP)
         if free > 0:
+            # Samples handed to this worker (migrations) first, then the shared queue.
+            free -= self._take(self.direct, free, None)
+        if free > 0:
             idle = not self.in_flight and not self.waiting
-            self.waiting.extend(
-                self.bus.read_group(
-                    self.keys.tasks,
-                    Keys.GENERATION_GROUP,
-                    SampleTask,
-                    count=free,
-                    block_ms=500 if idle else 1,
-                )
-            )
+            self._take(self.keys.tasks, free, 200 if idle else None)
         while self.waiting:
-            entry_id, task = self.waiting[0]
+            stream, entry_id, task = self.waiting[0]
             if task.weight_version > self.engine.weight_version:
                 return  # needs the next policy: finish what runs, then sync (_maybe_sync)
             self.waiting.popleft()
             if self._already_done(task):
-                self.bus.ack(self.keys.tasks, Keys.GENERATION_GROUP, entry_id)
+                self.bus.ack(stream, Keys.GENERATION_GROUP, entry_id)
                 continue
-            self._submit(entry_id, task)
+            self._submit(stream, entry_id, task)
+
+    def _take(self, stream: str, count: int, block_ms: int | None, pending: bool = False) -> int:
+        got = self.bus.read_group(
+            stream, Keys.GENERATION_GROUP, SampleTask, count=count, block_ms=block_ms,
+            pending=pending,
+        )  # fmt: skip
+        self.waiting.extend((stream, entry_id, task) for entry_id, task in got)
+        return len(got)
 
     def _already_done(self, task: SampleTask) -> bool:
         done = self.bus.call(
@@ -148,7 +153,7 @@ class GenerationWorker:
         )
         return bool(done)
 
-    def _submit(self, entry_id: str, task: SampleTask) -> None:
+    def _submit(self, stream: str, entry_id: str, task: SampleTask) -> None:
         prompt = PromptInput(
             prompt=task.prompt,
             prompt_id=f"it{task.iteration}/{task.prompt_id}",
@@ -161,12 +166,11 @@ class GenerationWorker:
         request_id = self.engine.submit(
             prompt, sampling, task.sample_index, prefix_token_ids=task.prefix_token_ids
         )
-        self.in_flight[f"{prompt.prompt_id}/{task.sample_index}"] = _InFlight(
-            entry_id, task, request_id
-        )
+        self.in_flight[task.sample_id] = _InFlight(stream, entry_id, task, request_id)
 
     def _finish(self, result: SampleResult) -> None:
-        request = self.in_flight.pop(result.sample_id, None)
+        task_id = result.sample_id  # it<iteration>/<prompt_id>/<index>, as the task's id
+        request = self.in_flight.pop(task_id, None)
         if request is None:
             return
         task = request.task
@@ -195,7 +199,8 @@ class GenerationWorker:
             "mark done",
             lambda: self.bus.redis.sadd(self.keys.done_samples(task.iteration), task.sample_id),
         )
-        self.bus.ack(self.keys.tasks, Keys.GENERATION_GROUP, request.entry_id)
+        self.bus.ack(request.stream, Keys.GENERATION_GROUP, request.entry_id)
+        self.finished_lengths.append(len(rollout.token_ids))
         produced = len(result.token_ids)
         self.tokens_total += produced
         self.counters.add(task.iteration, "tokens", produced)
@@ -220,6 +225,7 @@ class GenerationWorker:
             iteration = max(self.counters.by_iteration, default=None)
         for step in steps:
             self._last_step = step
+            self.recent_steps.append(step)
             self.bus.metrics.observe_step(step)
             if iteration is None:
                 continue
@@ -235,7 +241,7 @@ class GenerationWorker:
         """Sync when idle and a newer policy exists (or a waiting task needs one)."""
         if self.in_flight:
             return
-        needed = self.waiting[0][1].weight_version if self.waiting else None
+        needed = self.waiting[0][2].weight_version if self.waiting else None
         latest = self.bus.get(self.keys.weights, WeightsPublished)
         if latest is None or latest.policy_version <= self.engine.weight_version:
             if needed is not None and needed > self.engine.weight_version:
@@ -260,32 +266,12 @@ class GenerationWorker:
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
-        if self.in_flight and now - self._last_renew > LEASE_MS / 3000:
-            # XCLAIM to ourselves resets the idle time: a live worker keeps its long samples.
-            ids: list[Any] = [f.entry_id for f in self.in_flight.values()]
-            self.bus.call(
-                "renew lease",
-                lambda: self.bus.redis.xclaim(
-                    self.keys.tasks, Keys.GENERATION_GROUP, self.name, 0, ids, justid=True
-                ),
-            )
+        if now - self._last_renew > LEASE_MS / 3000:
             self._last_renew = now
+            self.handover.renew_leases()
         if now - self._last_reclaim > LEASE_MS / 3000:
             self._last_reclaim = now
-            free = self.max_running - len(self.in_flight) - len(self.waiting)
-            if free > 0:
-                reclaimed = self.bus.reclaim(
-                    self.keys.tasks,
-                    Keys.GENERATION_GROUP,
-                    SampleTask,
-                    min_idle_ms=LEASE_MS,
-                    count=free,
-                )
-                for entry_id, task in reclaimed:
-                    print(f"[rlhfspec] {self.name}: reclaimed {task.sample_id}", flush=True)
-                    self.counters.add(task.iteration, "reclaimed", 1)
-                    self.bus.metrics.observe_reclaimed(1)
-                    self.waiting.append((entry_id, task))
+            self.handover.reclaim_from_dead_workers(LEASE_MS)
         self._beat()
 
     def _beat(self, *, force: bool = False) -> None:
@@ -303,6 +289,7 @@ class GenerationWorker:
                 pipe.execute()
 
             self.bus.call("flush counters", flush)
+        self.handover.report_load()
         window = [(t, n) for t, n in self._recent if now - t < 5.0]
         rate = sum(n for _, n in window) / 5.0 if window else 0.0
         step = self._last_step

@@ -1,0 +1,134 @@
+"""The coordinator's reallocation loop: load reports in, migration orders out.
+
+Where it sits: ``coordinator.loop`` calls :meth:`Reallocator.tick` every
+``generation.reallocation.intervalSeconds`` while an iteration is generating (with two or
+more generation workers). It reads every worker's :class:`LoadReport`, feeds finished lengths
+to the length predictor, builds each worker's throughput model from the steps it measured,
+asks the pure planner (``reallocation.planner``) for the migrations that shorten the predicted
+stage time by more than they cost, and sends each source its :class:`MigrationOrder`.
+"""
+
+from __future__ import annotations
+
+import time
+
+from rlhfspec_api.generation import MigrationMethod
+from rlhfspec_api.spec import RLHFJobSpec
+from rlhfspec_workers.messages import LoadReport, MessageError
+from rlhfspec_workers.reallocation.model import (
+    MigrationCost,
+    RunningSample,
+    ThroughputModel,
+    WorkerLoad,
+)
+from rlhfspec_workers.reallocation.planner import PlannerConfig, plan_migrations, to_orders
+from rlhfspec_workers.reallocation.predictor import LengthPredictor
+from rlhfspec_workers.runtime import Bus
+
+STALE_REPORT_SECONDS = 5.0
+MIN_PROFILE_ROWS = 1
+
+
+class Reallocator:
+    def __init__(self, spec: RLHFJobSpec, bus: Bus, replicas: int) -> None:
+        self.spec = spec
+        self.bus = bus
+        self.names = [f"generation-{i}" for i in range(replicas)]
+        realloc = spec.generation.reallocation
+        self.enabled = realloc.enabled and replicas > 1
+        self.interval = realloc.interval_seconds
+        max_new = spec.generation.max_new_tokens
+        self.predictor = LengthPredictor(prior_mean=max(max_new / 4, 1.0), max_tokens=max_new)
+        mode = {
+            MigrationMethod.RECOMPUTE: "recompute",
+            MigrationMethod.KV: "kv_transfer",
+            MigrationMethod.AUTO: "auto",
+        }[realloc.migration]
+        # No KV path between vLLM instances here (field notes 3): auto falls back to recompute.
+        self.migration_cost = MigrationCost(mode=mode)  # type: ignore[arg-type]
+        self.config = PlannerConfig(min_gain_seconds=realloc.min_gain_seconds)
+        self.last_tick = 0.0
+        self._seen: dict[str, float] = {}
+        self.issued = 0
+        self.rounds = 0
+
+    def tick(self, iteration: int) -> int:
+        """Plan once if the interval has passed; returns migrations ordered now."""
+        now = time.monotonic()
+        if not self.enabled or now - self.last_tick < self.interval:
+            return 0
+        self.last_tick = now
+        reports = self._reports()
+        live = [r for r in reports if r.iteration == iteration or not r.samples]
+        if len(live) < 2:
+            return 0
+        loads, speeds = [], {}
+        for report in live:
+            speed = _speed(report)
+            if speed is None:
+                return 0  # a worker without measured steps yet: nothing to plan with
+            speeds[report.worker] = speed
+            loads.append(
+                WorkerLoad(
+                    name=report.worker,
+                    samples=tuple(
+                        RunningSample(
+                            sample_id=s.sample_id,
+                            generated_tokens=s.generated,
+                            prompt_tokens=s.prompt_tokens,
+                            group_id=s.group_id,
+                            running=s.running,
+                            max_tokens=s.max_tokens,
+                            last_migrated_at=None if s.migrations == 0 else now,
+                        )
+                        for s in report.samples
+                    ),
+                    free_slots=report.free_slots,
+                )
+            )
+        migrations = plan_migrations(
+            loads,
+            speeds,
+            self.migration_cost,
+            now=now,
+            predictor=self.predictor,
+            config=self.config,
+        )
+        if not migrations:
+            return 0
+        self.rounds += 1
+        for order in to_orders(migrations, order_prefix=f"it{iteration}-r{self.rounds}"):
+            self.bus.publish(self.bus.keys.migrations_for(order.source), order)
+        self.issued += len(migrations)
+        return len(migrations)
+
+    def _reports(self) -> list[LoadReport]:
+        keys = self.bus.keys
+        raw = self.bus.call(
+            "read loads", lambda: self.bus.redis.mget([keys.load(n) for n in self.names])
+        )
+        reports = []
+        for payload in raw:
+            if payload is None:
+                continue
+            try:
+                report = LoadReport.from_bytes(payload)
+            except MessageError:
+                continue
+            if self._seen.get(report.worker) != report.updated_at:  # each report once
+                self._seen[report.worker] = report.updated_at
+                for length in report.finished_lengths:
+                    self.predictor.observe(length)
+            if time.time() - report.updated_at < STALE_REPORT_SECONDS:
+                reports.append(report)
+        return reports
+
+
+def _speed(report: LoadReport) -> ThroughputModel | None:
+    rows = [(int(b), s, t) for b, s, t in report.step_profile if b >= 1 and s > 0]
+    if len(rows) < MIN_PROFILE_ROWS:
+        return None
+    # Prefill of a migrated context costs about one decode step's time per ~batch tokens:
+    # the cheapest per-token cost the worker measured (conservative for long contexts).
+    per_token = min(s / b for b, s, _ in rows)
+    return ThroughputModel.from_table(rows, prefill_seconds_per_token=per_token)

@@ -1,0 +1,200 @@
+"""How a generation worker gives samples away and takes them over: migration and recovery.
+
+Where it sits: inside the generation worker's loop (``worker.GenerationWorker``), between the
+engine and Redis. Every heartbeat it publishes a :class:`LoadReport` (what it holds, how far
+each sample got) for the coordinator's reallocation planner; it executes the planner's
+:class:`MigrationOrder`s addressed to it (abort the sample in vLLM, hand its tokens and
+log-probs to the destination's direct stream with ``max_tokens`` reduced, then ack the
+original task: recompute migration); it renews the lease on everything it holds; and it
+reclaims tasks of workers that stopped renewing theirs (a dead worker's samples finish
+elsewhere, each exactly once: XAUTOCLAIM moves ownership, the done set filters duplicates).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from rlhfspec_workers.messages import Keys, LoadReport, MigrationOrder, SampleLoad, SampleTask
+
+if TYPE_CHECKING:
+    from .worker import GenerationWorker
+
+
+class Handover:
+    def __init__(self, worker: GenerationWorker) -> None:
+        self.worker = worker
+        self.bus = worker.bus
+        self.keys: Keys = worker.keys
+        self.orders_stream = self.keys.migrations_for(worker.name)
+        # Orders written before this process started were for a previous incarnation.
+        last = self.bus.call(
+            "read orders", lambda: self.bus.redis.xrevrange(self.orders_stream, count=1)
+        )
+        self.cursor: Any = last[0][0] if last else "0-0"
+        self.migrated_out = 0
+
+    # -- migration ----------------------------------------------------------------------------
+
+    def execute_orders(self) -> None:
+        reply: Any = self.bus.call(
+            "read orders", lambda: self.bus.redis.xread({self.orders_stream: self.cursor})
+        )
+        for _, entries in reply or []:
+            for entry_id, fields in entries:
+                self.cursor = entry_id
+                try:
+                    order = MigrationOrder.from_bytes(fields[b"data"])
+                except Exception as exc:
+                    self.bus.dead_letter(self.orders_stream, str(entry_id), fields[b"data"],
+                                         str(exc))  # fmt: skip
+                    continue
+                self._execute(order)
+
+    def _execute(self, order: MigrationOrder) -> None:
+        worker = self.worker
+        started = time.perf_counter()
+        moved_tokens = 0
+        wanted = set(order.sample_ids)
+        # Not yet started: hand over as is.
+        for held in [h for h in worker.waiting if h[2].sample_id in wanted]:
+            worker.waiting.remove(held)
+            stream, entry_id, task = held
+            self._hand(order, task.model_copy(update={"migrations": task.migrations + 1}))
+            self.bus.ack(stream, Keys.GENERATION_GROUP, entry_id)
+        for sample_id in order.sample_ids:
+            flight = worker.in_flight.pop(sample_id, None)
+            if flight is None:
+                continue  # finished (or moved) since the planner saw it
+            tokens, logprobs = worker.engine.preempt(flight.request_id)
+            task = flight.task
+            remaining = task.max_tokens - len(tokens)
+            if remaining < 1:  # cannot happen for a running sample; keep it safe anyway
+                worker.in_flight[sample_id] = flight
+                continue
+            resumed = task.model_copy(
+                update={
+                    "prefix_token_ids": [*task.prefix_token_ids, *tokens],
+                    "prefix_logprobs": [*task.prefix_logprobs, *logprobs],
+                    "max_tokens": remaining,
+                    "migrations": task.migrations + 1,
+                }
+            )
+            # Publish the resumable state before acking: a crash in between duplicates the
+            # sample (the done set drops the copy), it never loses it.
+            self._hand(order, resumed)
+            self.bus.ack(flight.stream, Keys.GENERATION_GROUP, flight.entry_id)
+            moved_tokens += len(resumed.prefix_token_ids)
+            worker.counters.add(task.iteration, "migrations", 1)
+            worker.counters.add(task.iteration, "migrated_tokens", len(tokens))
+        seconds = time.perf_counter() - started
+        moved = len(wanted)
+        self.migrated_out += moved
+        self.bus.metrics.observe_migration(moved_tokens, seconds, samples=moved)
+
+    def _hand(self, order: MigrationOrder, task: SampleTask) -> None:
+        self.bus.publish(self.keys.direct_tasks(order.destination), task)
+
+    # -- load reports ------------------------------------------------------------------------
+
+    def report_load(self) -> None:
+        worker = self.worker
+        samples = [
+            SampleLoad(
+                sample_id=f.task.sample_id,
+                group_id=f.task.group_id,
+                generated=len(f.task.prefix_token_ids)
+                + worker.engine.generated_so_far(f.request_id),
+                prompt_tokens=len(f.task.prompt),  # characters: an upper bound on tokens
+                max_tokens=len(f.task.prefix_token_ids) + f.task.max_tokens,
+                migrations=f.task.migrations,
+            )
+            for f in worker.in_flight.values()
+        ]
+        samples += [
+            SampleLoad(
+                sample_id=task.sample_id,
+                group_id=task.group_id,
+                generated=len(task.prefix_token_ids),
+                prompt_tokens=len(task.prompt),
+                max_tokens=len(task.prefix_token_ids) + task.max_tokens,
+                running=False,
+                migrations=task.migrations,
+            )
+            for _, _, task in worker.waiting
+        ]
+        iterations = [s.task.iteration for s in worker.in_flight.values()]
+        report = LoadReport(
+            worker=worker.name,
+            iteration=max(iterations, default=0),
+            free_slots=max(worker.max_running - len(samples), 0),
+            samples=samples,
+            finished_lengths=worker.finished_lengths,
+            step_profile=self._profile(),
+            updated_at=time.time(),
+        )
+        worker.finished_lengths = []
+        payload = report.to_bytes()
+        key = self.keys.load(worker.name)
+        self.bus.call("report load", lambda: self.bus.redis.set(key, payload))
+
+    def _profile(self) -> list[list[float]]:
+        """Median step time and tokens per sequence per step, by batch size, over recent steps."""
+        by_batch: dict[int, list[tuple[float, float]]] = {}
+        for step in self.worker.recent_steps:
+            if step.batch_size > 0:
+                tokens = 1.0 + step.num_accepted_tokens / step.batch_size
+                by_batch.setdefault(step.batch_size, []).append((step.step_seconds, tokens))
+        rows = []
+        for batch, values in sorted(by_batch.items()):
+            seconds = sorted(v[0] for v in values)[len(values) // 2]
+            tokens = sorted(v[1] for v in values)[len(values) // 2]
+            rows.append([float(batch), seconds, tokens])
+        return rows
+
+    # -- leases and recovery -------------------------------------------------------------------
+
+    def renew_leases(self) -> None:
+        """XCLAIM to ourselves resets the idle time: a live worker keeps its long samples."""
+        by_stream: dict[str, list[Any]] = {}
+        for flight in self.worker.in_flight.values():
+            by_stream.setdefault(flight.stream, []).append(flight.entry_id)
+        for stream, entry_id, _ in self.worker.waiting:
+            by_stream.setdefault(stream, []).append(entry_id)
+        for stream, ids in by_stream.items():
+            self.bus.call(
+                "renew lease",
+                lambda s=stream, i=ids: self.bus.redis.xclaim(  # type: ignore[misc]
+                    s, Keys.GENERATION_GROUP, self.worker.name, 0, i, justid=True
+                ),
+            )
+
+    def reclaim_from_dead_workers(self, lease_ms: int) -> None:
+        """Take over tasks idle past the lease on the shared stream and on other workers'
+        direct streams (migrated samples handed to a worker that died)."""
+        worker = self.worker
+        free = worker.max_running - len(worker.in_flight) - len(worker.waiting)
+        if free <= 0:
+            return
+        streams = [self.keys.tasks] + [
+            self.keys.direct_tasks(name)
+            for name, status in self.bus.workers().items()
+            if status.role == "generation" and name != worker.name
+        ]
+        for stream in streams:
+            try:
+                got = self.bus.reclaim(
+                    stream, Keys.GENERATION_GROUP, SampleTask, min_idle_ms=lease_ms, count=free
+                )
+            except redis.ResponseError:  # NOGROUP: that worker never started consuming
+                continue
+            for entry_id, task in got:
+                print(f"[rlhfspec] {worker.name}: reclaimed {task.sample_id}", flush=True)
+                worker.counters.add(task.iteration, "reclaimed", 1)
+                self.bus.metrics.observe_reclaimed(1)
+                worker.waiting.append((stream, entry_id, task))
+            free -= len(got)
+            if free <= 0:
+                return

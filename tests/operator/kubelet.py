@@ -12,7 +12,14 @@ a local process with the pod's environment resolved the way a kubelet would (``v
   ``redis-server`` the kubelet starts up front (the operator is given its URL with
   ``--coordinator-url``: :attr:`ProcessKubelet.redis_url`) and protects with the password of
   the job's Secret once that exists;
-* ``rlhfspec`` in a command is this interpreter's ``python -m rlhfspec_cli``.
+* ``rlhfspec`` in a command is this interpreter's ``python -m rlhfspec_cli``;
+* ``host_env`` names (e.g. ``HOME``) keep this process's values whatever the pod says: the
+  image's caches (tiny models, vLLM) are the test user's here; ``extra_env`` stands in for what
+  the image's environment and the pod's CPU limit give (``OMP_NUM_THREADS=1``).
+
+With ``command=None`` (the real worker command) every pod is the data plane for real; a
+``command`` function runs something else in its place (``fake_worker.py``). Each process gets
+its own session, and its whole process group is stopped with it (vLLM starts helpers).
 
 The phase goes Pending -> Running when the process starts, Succeeded/Failed (with the exit
 code in ``containerStatuses``) when it exits; a deleted pod's process gets SIGTERM. One
@@ -25,11 +32,12 @@ import base64
 import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -38,14 +46,26 @@ from cluster import Cluster, free_port
 
 CommandFn = Callable[[dict[str, Any]], list[str]]
 _SERVICE_REDIS = re.compile(r"^redis://[a-z0-9-]+-redis\.[a-z0-9-]+\.svc:\d+(/\d+)?$")
+# One thread per worker process, as a 1-CPU pod gets; the log is written as it happens.
+DEFAULT_EXTRA_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+STOP_GRACE_SECONDS = 15.0
 
 
 class ProcessKubelet:
     def __init__(
-        self, cluster: Cluster, namespace: str, workdir: Path, command: CommandFn | None = None
+        self,
+        cluster: Cluster,
+        namespace: str,
+        workdir: Path,
+        command: CommandFn | None = None,
+        *,
+        host_env: Sequence[str] = (),
+        extra_env: Mapping[str, str] = DEFAULT_EXTRA_ENV,
     ) -> None:
         self.cluster, self.namespace, self.workdir = cluster, namespace, workdir
         self.command = command
+        self.host_env = tuple(host_env)
+        self.extra_env = dict(extra_env)
         self.redis_port = 0
         self.redis_url = ""
         self._password_set = False
@@ -69,14 +89,25 @@ class ProcessKubelet:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
-        for process in [*self.processes.values(), *([self._redis] if self._redis else [])]:
-            self._terminate(process)
+        self._terminate(*self.processes.values())
+        if self._redis is not None:
+            self._terminate(self._redis)
         for log in self._logs:
             log.close()
 
     def log(self, pod: str) -> str:
         path = self.workdir / "pods" / pod / "log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+    def log_tails(self, lines: int = 30) -> str:
+        """The end of every pod's log, for a failing test's message."""
+        pods = sorted(p.name for p in (self.workdir / "pods").glob("*") if p.is_dir())
+        tails = [
+            f"--- {pod} (exit {self.exits.get(pod, 'none')}) ---\n"
+            + "\n".join(self.log(pod).splitlines()[-lines:])
+            for pod in pods
+        ]
+        return "\n".join(tails)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -90,14 +121,16 @@ class ProcessKubelet:
         self._ensure_password()
         pods = self.cluster.peek("v1/pods", self.namespace)
         live = {p["metadata"]["uid"]: p for p in pods.values()}
+        deleted = []
         for uid, process in list(self.processes.items()):
             pod = live.get(uid)
             if pod is None or pod["metadata"].get("deletionTimestamp"):
-                self._terminate(process)
-                del self.processes[uid]
+                deleted.append(self.processes.pop(uid))
             elif process.poll() is not None:
                 del self.processes[uid]
+                self._kill_group(process)  # helpers a worker left behind
                 self._report_exit(self._names[uid], process.returncode)
+        self._terminate(*deleted)  # all at once: a job's end deletes every pod together
         for uid, pod in live.items():
             if uid in self._names or pod["metadata"].get("deletionTimestamp"):
                 continue
@@ -131,6 +164,7 @@ class ProcessKubelet:
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,  # a "container" too: stopped with its group
             )
             client = redis.Redis(port=self.redis_port, socket_connect_timeout=1)
             deadline = time.monotonic() + 30
@@ -190,7 +224,12 @@ class ProcessKubelet:
         container = pod["spec"]["containers"][0]
         ports = {str(p["containerPort"]): str(free_port()) for p in container.get("ports", [])}
         secrets = self.cluster.peek("v1/secrets", self.namespace)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RLHFSPEC_")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("RLHFSPEC_") or k in self.host_env
+        }
+        env.update(self.extra_env)
         for item in container.get("env", []):
             name = item["name"]
             if "value" in item:
@@ -209,7 +248,8 @@ class ProcessKubelet:
                 value = ports[value]
             if _SERVICE_REDIS.match(value):
                 value = self.redis_url
-            env[name] = value
+            if name not in self.host_env:
+                env[name] = value
         return env
 
     def _launch(self, pod: dict[str, Any]) -> subprocess.Popen[bytes]:
@@ -226,7 +266,15 @@ class ProcessKubelet:
                 argv = [sys.executable, "-m", "rlhfspec_cli", *argv[1:]]
         log = (pod_dir / "log").open("ab")
         self._logs.append(log)
-        return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=pod_dir)
+        return subprocess.Popen(
+            argv,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=pod_dir,
+            start_new_session=True,  # its own process group: stopped as one, like a container
+        )
 
     def _report_exit(self, name: str, code: int) -> None:
         self.exits[name] = code
@@ -239,11 +287,23 @@ class ProcessKubelet:
             self.cluster.set_pod_status(self.namespace, name, phase, containerStatuses=statuses)
 
     @staticmethod
-    def _terminate(process: subprocess.Popen[bytes]) -> None:
-        if process.poll() is None:
-            process.terminate()
+    def _kill_group(process: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+        """Signal the process group this kubelet created for ``process`` (its session)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, sig)
+
+    @classmethod
+    def _terminate(cls, *processes: subprocess.Popen[bytes]) -> None:
+        """SIGTERM, a grace period (as terminationGracePeriodSeconds), then SIGKILL; the
+        group goes too, so no helper outlives its pod."""
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        for process in processes:
             try:
-                process.wait(timeout=10)
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=10)
+            cls._kill_group(process)

@@ -1,7 +1,8 @@
 """Pods really run: the process kubelet starts every pod the operator creates as a process.
 
-The worker entry points are stand-ins (``fake_worker.py``) until the data plane lands; what is
-real is everything around them: the operator's pods, their env (Secret references resolved),
+The worker entry points are stand-ins (``fake_worker.py``: the contract checked in seconds, four
+iterations faked; ``test_operator_e2e_training`` runs the real ones); what is real is everything
+around them: the operator's pods, their env (Secret references resolved),
 the mounted job config and storage, the managed Redis with its generated password, the
 coordinator's progress read back by the operator, and the job's phase from exit codes.
 """

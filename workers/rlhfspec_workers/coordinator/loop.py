@@ -29,6 +29,7 @@ from rlhfspec_workers.preflight import ResolvedPaths
 from rlhfspec_workers.runtime import Bus
 
 from .reallocate import Reallocator
+from .strategy import StrategyBroadcaster
 from .tasks import DatasetRow, StageClock, iteration_metrics, iteration_tasks
 
 POLL_SECONDS = 0.25
@@ -69,6 +70,7 @@ class Coordinator:
         self.on_metrics = on_metrics
         self.last: IterationMetrics | None = None
         self.reallocator = Reallocator(self.spec, bus, bus.env.replicas)
+        self.strategy = StrategyBroadcaster(self.spec, bus)
 
     def run(self) -> int:
         bus, keys = self.bus, self.keys
@@ -151,6 +153,7 @@ class Coordinator:
                 generation_done = generation_done or now
             if generation_done is None:
                 self.reallocator.tick(iteration)
+                self.strategy.tick()
             if now - last_trace >= TRACE_EVERY_SECONDS:
                 last_trace = now
                 workers = bus.workers()
@@ -185,6 +188,7 @@ class Coordinator:
                 finished=finished,
             ),
             trace=trace,
+            strategy_table_version=self.strategy.version or None,
             finished_at=time.time(),
         )
 

@@ -22,8 +22,11 @@ from rlhfspec_workers.messages import Keys, Rollout, SampleTask, WeightsPublishe
 from rlhfspec_workers.preflight import ResolvedPaths
 from rlhfspec_workers.runtime import Bus
 
+from .adaptive import make_policy
+from .broadcast import StrategySync
 from .engine import GenerationEngine
 from .handover import Handover
+from .policy import NO_DRAFT, DraftPolicy, FixedPolicy
 from .records import PromptInput, SampleResult, SamplingConfig, StepRecord
 
 LEASE_MS = int(os.environ.get("RLHFSPEC_TASK_LEASE_MS", "30000"))
@@ -74,7 +77,14 @@ def draft_model_paths(job: RLHFJob, paths: ResolvedPaths) -> dict[int, Path]:
 
 
 class GenerationWorker:
-    def __init__(self, job: RLHFJob, paths: ResolvedPaths, bus: Bus, engine: GenerationEngine):
+    def __init__(
+        self,
+        job: RLHFJob,
+        paths: ResolvedPaths,
+        bus: Bus,
+        engine: GenerationEngine,
+        policy: DraftPolicy | None = None,
+    ) -> None:
         self.job = job
         self.bus = bus
         self.keys: Keys = bus.keys
@@ -86,6 +96,7 @@ class GenerationWorker:
         self.direct = self.keys.direct_tasks(self.name)
         self.finished_lengths: list[int] = []
         self.handover = Handover(self)
+        self.strategy = StrategySync(bus, self.name, policy or FixedPolicy(NO_DRAFT))
         self.counters = _Counters()
         self.tokens_total = 0
         self._recent: deque[tuple[float, int]] = deque(maxlen=64)
@@ -100,6 +111,7 @@ class GenerationWorker:
 
     def run(self) -> int:
         bus = self.bus
+        self.strategy.publish_calibration()
         for stream in (self.direct, self.keys.tasks):
             bus.ensure_group(stream, Keys.GENERATION_GROUP)
             # After a restart, first take back what this consumer was given and never acked.
@@ -226,6 +238,7 @@ class GenerationWorker:
         for step in steps:
             self._last_step = step
             self.recent_steps.append(step)
+            self.strategy.observe(step)
             self.bus.metrics.observe_step(step)
             if iteration is None:
                 continue
@@ -290,6 +303,7 @@ class GenerationWorker:
 
             self.bus.call("flush counters", flush)
         self.handover.report_load()
+        self.strategy.flush(self.engine.weight_version)
         window = [(t, n) for t, n in self._recent if now - t < 5.0]
         rate = sum(n for _, n in window) / 5.0 if window else 0.0
         step = self._last_step
@@ -299,6 +313,7 @@ class GenerationWorker:
                 role="generation",
                 state="busy" if self.in_flight else self.state,  # type: ignore[arg-type]
                 weight_version=self.engine.weight_version,
+                strategy_table_version=self.strategy.table_version,
                 running=len(self.in_flight),
                 tokens_generated=self.tokens_total,
                 tokens_per_second=rate,
@@ -320,24 +335,13 @@ def run(job: RLHFJob, paths: ResolvedPaths, bus: Bus) -> int:
         max_num_seqs=MAX_RUNNING,
     )
     try:
-        _apply_policy(engine, job)
+        policy = make_policy(engine, spec.generation)
+        if engine.proposer is not None:
+            engine.set_policy(policy)
         bus.metrics.reexport_vllm(engine.counters)
-        return GenerationWorker(job, paths, bus, engine).run()
+        return GenerationWorker(job, paths, bus, engine, policy).run()
     finally:
         engine.close()
-
-
-def _apply_policy(engine: GenerationEngine, job: RLHFJob) -> None:
-    """Adaptive mode: the workload-aware selector (generation.adaptive) when available."""
-    import importlib
-
-    try:  # TODO(lead): direct import once generation.adaptive lands
-        adaptive = importlib.import_module(f"{__package__}.adaptive")
-    except ImportError:
-        return
-    make_policy = getattr(adaptive, "make_policy", None)
-    if make_policy is not None and engine.proposer is not None:
-        engine.set_policy(make_policy(engine, job.spec.generation))
 
 
 def _is_cpu() -> bool:

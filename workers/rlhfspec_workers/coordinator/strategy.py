@@ -1,0 +1,121 @@
+"""Strategy broadcast: acceptance pooled over every generation worker -> one strategy table.
+
+Where it sits: ``coordinator.loop`` calls :meth:`StrategyBroadcaster.tick` while generating.
+Generation workers report their speculative counters per (drafter, k) as AcceptanceReports;
+pooling them gives each drafter's per-position acceptance more evidence than any one worker
+has, so the table adapts faster after a weight sync. With the workers' calibrated cost model
+(published at ``Keys.calibration``) the pure selector computes the best (drafter, k) per
+batch-size bucket; a changed table is published with the next version, and each worker starts
+from it for its own batch size (``generation.adaptive.AdaptivePolicy.apply_table``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rlhfspec_api.spec import RLHFJobSpec
+from rlhfspec_workers.messages import AcceptanceReport, MessageError, StrategyEntry, StrategyTable
+from rlhfspec_workers.runtime import Bus
+from rlhfspec_workers.spec_decode.acceptance import AcceptanceEstimator, StepStats
+from rlhfspec_workers.spec_decode.cost_model import CostModel
+from rlhfspec_workers.spec_decode.selector import Candidate, batch_buckets, strategy_table
+
+TICK_SECONDS = 1.0
+MAX_BATCH = 256
+
+
+class StrategyBroadcaster:
+    def __init__(self, spec: RLHFJobSpec, bus: Bus) -> None:
+        self.bus = bus
+        self.max_k = spec.generation.speculative.max_draft_tokens
+        half_life = float(spec.generation.speculative.selector.acceptance_half_life_steps)
+        self.half_life_drafts = half_life * 16  # steps x a typical batch: drafts, not steps
+        self.estimators: dict[str, AcceptanceEstimator] = {}
+        self.cursor: Any = "0-0"
+        self.version = 0
+        self.last_entries: list[tuple[int, int, str, int]] = []
+        self.last_tick = 0.0
+        self.cost_model: CostModel | None = None
+        self.collapsed: set[str] = set()
+
+    def tick(self) -> StrategyTable | None:
+        now = time.monotonic()
+        if now - self.last_tick < TICK_SECONDS:
+            return None
+        self.last_tick = now
+        self._read_reports()
+        if self.cost_model is None:
+            raw = self.bus.call(
+                "read calibration", lambda: self.bus.redis.get(self.bus.keys.calibration)
+            )
+            if raw is None:
+                return None  # not adaptive, or no worker calibrated yet
+            self.cost_model = CostModel.from_json(raw.decode() if isinstance(raw, bytes) else raw)
+        if not self.estimators:
+            return None
+        candidates = [Candidate(name, est) for name, est in sorted(self.estimators.items())]
+        table = strategy_table(batch_buckets(MAX_BATCH), candidates, self.cost_model, self.max_k)
+        entries = [(e.lo, e.hi, e.drafter, e.k) for e in table.entries]
+        if entries == self.last_entries:
+            return None
+        self.version += 1
+        self.last_entries = entries
+        message = StrategyTable(
+            table_version=self.version,
+            entries=[
+                StrategyEntry(min_batch=lo, max_batch=hi, drafter=d, k=k)
+                for lo, hi, d, k in entries
+            ],
+            acceptance={name: est.rates(self.max_k) for name, est in self.estimators.items()},
+        )
+        payload = message.to_bytes()
+        self.bus.call(
+            "publish strategy", lambda: self.bus.redis.set(self.bus.keys.strategy, payload)
+        )
+        self.bus.metrics.set_strategy_table_version(self.version)
+        return message
+
+    def _read_reports(self) -> None:
+        stream = self.bus.keys.acceptance
+        reply: Any = self.bus.call(
+            "read acceptance", lambda: self.bus.redis.xread({stream: self.cursor}, count=10_000)
+        )
+        for _, entries in reply or []:
+            for entry_id, fields in entries:
+                self.cursor = entry_id
+                try:
+                    report = AcceptanceReport.from_bytes(fields[b"data"])
+                except MessageError as exc:
+                    self.bus.dead_letter(stream, str(entry_id), fields[b"data"], str(exc))
+                    continue
+                self._pool(report)
+
+    def _pool(self, report: AcceptanceReport) -> None:
+        if report.drafts == 0:
+            return
+        est = self.estimators.setdefault(
+            report.drafter,
+            AcceptanceEstimator(report.drafter, half_life_drafts=self.half_life_drafts),
+        )
+        k = max((i + 1 for i, n in enumerate(report.drafted_per_pos) if n > 0), default=0)
+        est.update(
+            StepStats(
+                num_drafts=report.drafts,
+                num_draft_tokens=sum(report.drafted_per_pos),
+                num_accepted_tokens=sum(report.accepted_per_pos),
+                accepted_per_pos=tuple(report.accepted_per_pos),
+                draft_len=k,
+            )
+        )
+        if est.collapsed and report.drafter not in self.collapsed:
+            self.collapsed.add(report.drafter)
+            # A stale drafter after a weight sync falls to ~1.0 accepted length: say it loudly.
+            print(
+                f"[rlhfspec] WARNING: drafter {report.drafter} collapsed: mean accepted length "
+                f"{est.mean_accepted_length:.2f} (policy v{report.weight_version}); the "
+                "selector stops using it until it recovers",
+                flush=True,
+            )
+        elif not est.collapsed:
+            self.collapsed.discard(report.drafter)

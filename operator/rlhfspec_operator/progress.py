@@ -78,14 +78,19 @@ def apply_progress(
     status.iteration = progress.iteration
     status.total_iterations = total
     status.progress = f"{progress.iteration}/{total}"
+    # Rounded: these are what `kubectl get` prints (a column of 17-digit floats helps nobody).
     status.generation = GenerationStatus(
-        tokens_per_second=progress.tokens_per_second,
-        mean_accepted_length=progress.mean_accepted_length,
+        tokens_per_second=_round(progress.tokens_per_second, 1),
+        mean_accepted_length=_round(progress.mean_accepted_length, 2),
         strategy=progress.strategy,
         strategy_table_version=progress.strategy_table_version,
         migrations=progress.migrations,
         weight_version=progress.weight_version,
     )
-    status.reward_mean = progress.reward_mean
-    status.kl = progress.kl
+    status.reward_mean = _round(progress.reward_mean, 4)
+    status.kl = _round(progress.kl, 5)
     return events
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)

@@ -53,7 +53,7 @@ def default_device() -> torch.device:
 
 
 def _quiet_transformers() -> None:
-    # The per-load progress bar would print on every weight reload of a long-running worker.
+    # Progress bars would print on every weight load/save of a long-running worker.
     from transformers.utils import logging as hf_logging
 
     logging_module: Any = hf_logging  # untyped in transformers' stubs
@@ -291,6 +291,7 @@ def save_model_dir(
     ``dtype`` casts a copy (the live fp32 weights stay untouched); ``sidecar_from`` copies
     the tokenizer and generation files of that dir, so vLLM and transformers load ``out_dir``
     on its own. KV caching is switched back on in the saved config: inference wants it."""
+    _quiet_transformers()
     saved = model if dtype is None else copy.deepcopy(model).to(dtype)
     target = saved.classifier if isinstance(saved, ValueModel) else saved
     use_cache = target.config.use_cache

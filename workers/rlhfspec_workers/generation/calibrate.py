@@ -51,11 +51,22 @@ def _policy_kept(engine: GenerationEngine) -> Iterator[None]:
 
 
 def _probe_prompts(batch_size: int, prompt_len: int, vocab: int) -> list[PromptInput]:
-    # Distinct prompts: prefix caching must not make the rows cheaper than real ones.
+    # Distinct prompts: prefix caching must not make the rows cheaper than real ones. Ids stay
+    # in 3..vocab-1 (small vocabularies keep specials below 3); two leading tokens spell the
+    # row index, so rows stay distinct even with a 32-token vocabulary.
+    span = max(vocab - 3, 1)
     return [
-        PromptInput([(7 * i + 13 * j) % vocab for j in range(prompt_len)], f"cal{i}")
+        PromptInput(
+            [3 + (i // span) % span, 3 + i % span]
+            + [3 + (7 * i + 13 * j) % span for j in range(prompt_len - 2)],
+            f"cal{i}",
+        )
         for i in range(batch_size)
     ]
+
+
+def _vocab_size(engine: GenerationEngine) -> int:
+    return int(engine.engine.model_config.get_vocab_size())
 
 
 def _run(
@@ -67,9 +78,9 @@ def _run(
     engine.proposer.drafters.setdefault(FILL, FillDrafter())
     engine.set_policy(FixedPolicy(choice))
     engine.drain_steps()
-    vocab = 32 + batch_size  # small ids: valid for any vocabulary the engine may have
     sampling = SamplingConfig(temperature=0.0, max_tokens=steps + 3, ignore_eos=True)
-    for _ in engine.generate(_probe_prompts(batch_size, prompt_len, vocab), sampling):
+    prompts = _probe_prompts(batch_size, prompt_len, _vocab_size(engine))
+    for _ in engine.generate(prompts, sampling):
         pass
     # Steady steps only: every row verified a full k-token draft (rows near max_tokens get
     # shorter drafts, the prefill step none), and nobody finished.
@@ -136,7 +147,8 @@ def _draft_seconds(
     engine.set_policy(FixedPolicy(DraftChoice(name, k)))
     engine.drain_steps()
     sampling = SamplingConfig(temperature=0.0, max_tokens=steps + 3, ignore_eos=True)
-    for _ in engine.generate(_probe_prompts(batch_size, prompt_len, 32 + batch_size), sampling):
+    prompts = _probe_prompts(batch_size, prompt_len, _vocab_size(engine))
+    for _ in engine.generate(prompts, sampling):
         pass
     drafting = [
         r.draft_seconds

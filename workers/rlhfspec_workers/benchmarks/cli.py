@@ -1,0 +1,117 @@
+"""``rlhfspec bench ...``: command-line entry of the benchmarks.
+
+Where it sits: the ``rlhfspec`` CLI delegates ``bench`` here with the arguments after it;
+``bench/generation.py`` calls :func:`main` with ``generation`` prepended. Engine code is
+imported only once a benchmark runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x for x in text.split(",") if x)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhfspec bench", description="Run a benchmark.")
+    sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    sub.add_parser("e2e", help="whole RLHF iterations, speculation adaptive vs off", add_help=False)
+    gen = sub.add_parser(
+        "generation",
+        help="adaptive speculative decoding vs off, fixed k, Dynamic SD, bandit, oracle",
+    )
+    gen.add_argument("--quick", action="store_true", help="small smoke run (about a minute)")
+    gen.add_argument(
+        "--prompts",
+        type=int,
+        help="prompts in the batch (default 16: with 4 samples, 64 sequences sit as far past "
+        "this CPU's compute knee as 256 sit on a GPU; see benchmarks.generation)",
+    )
+    gen.add_argument("--samples", type=int, help="samples per prompt (default 4)")
+    gen.add_argument("--max-tokens", type=int, help="response cap (default 96)")
+    gen.add_argument("--repeats", type=int, help="measured rounds per configuration (default 3)")
+    gen.add_argument("--ks", type=_ints, help="draft lengths tried, e.g. 1,2,4,8 (default)")
+    gen.add_argument(
+        "--drafters", type=_names, help="drafters, e.g. suffix,ngram,draft_model (default)"
+    )
+    gen.add_argument(
+        "--target-size",
+        help="embed the tiny policy in a bigger target, HIDDENxLAYERS[xMLP] (default 512x8; "
+        "'tiny': the 4.2M policy itself), so the target's step dwarfs the draft path's fixed "
+        "cost; built in seconds, cached",
+    )
+    gen.add_argument("--dtype", default="auto", help="auto (bf16 where native, else fp32)")
+    gen.add_argument("--no-native-dynsd", action="store_true", help="skip vLLM's own Dynamic SD")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--kit", type=Path, help="tiny-model kit directory (default: build/cached)")
+    gen.add_argument("--calibration-cache", type=Path, help="cost-table cache directory")
+    gen.add_argument("--out", type=Path, default=Path("bench/results"), help="output directory")
+    return parser
+
+
+def _generation(args: argparse.Namespace) -> int:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from .generation import Settings, run_benchmark
+
+    base = (
+        Settings(prompts=8, samples=2, max_tokens=24, repeats=1, ks=(1, 4), target_size=None)
+        if args.quick
+        else Settings()
+    )
+    given = {
+        "prompts": args.prompts,
+        "samples": args.samples,
+        "max_tokens": args.max_tokens,
+        "repeats": args.repeats,
+        "ks": args.ks,
+        "drafters": args.drafters,
+        "target_size": None if args.target_size == "tiny" else args.target_size,
+    }
+    changes = {k: v for k, v in given.items() if v is not None or k == "target_size"}
+    if args.target_size is None:
+        del changes["target_size"]
+    settings = dataclasses.replace(
+        base,
+        **changes,
+        dtype=args.dtype,
+        native_dynsd=not args.no_native_dynsd,
+        seed=args.seed,
+        calibration_cache=args.calibration_cache,
+    )
+    if args.kit is not None:
+        kit = args.kit
+    else:
+        from rlhfspec_workers.tinymodels import ensure_tiny_models
+
+        kit = ensure_tiny_models(seed=0)
+    doc = run_benchmark(kit, settings, args.out)
+    print(f"wrote {args.out / 'generation.json'} and {args.out / 'generation.png'}")
+    configs = doc["configs"]
+    return 0 if all(c["median_tokens_per_second"] > 0 for c in configs.values()) else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["e2e"]:  # the end-to-end benchmark parses its own arguments
+        from .e2e import main as e2e_main
+
+        return e2e_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.benchmark == "generation":
+        return _generation(args)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

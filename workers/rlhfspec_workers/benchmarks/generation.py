@@ -1,0 +1,387 @@
+"""Generation benchmark: adaptive speculation against every baseline, side by side, one process.
+
+Where it sits: ``rlhfspec bench generation`` (``benchmarks.cli``) and ``bench/generation.py``
+call :func:`run_benchmark`; ``benchmarks.report`` prints the table and writes JSON and a PNG.
+
+The workload is one RLHF generation batch of the tiny kit's sort-digits task: P prompts x n
+samples at temperature 1, lengths long-tailed by nature (median ~8 tokens, a tail of wrong
+answers running to max_tokens), so the running batch drains from P x n to a handful.
+Configurations, all on the same target model:
+
+* ``off``: an engine without speculation;
+* ``k0``: the adaptive-proposer engine drafting nothing (its bookkeeping cost alone);
+* ``fixed:<drafter>:<k>``: one strategy throughout (our proposer), for each drafter and k;
+* ``dynsd-vllm``: vLLM's own draft model with Dynamic SD (``num_speculative_tokens_per_batch_size``)
+  hand-tuned from the fixed-k profile; ``dynsd:<drafter>``: the same kind of schedule with our
+  drafters;
+* ``bandit``: TLT's bucketed epsilon-greedy bandit over the same strategies;
+* ``ours``: the adaptive policy (calibrated cost model + online acceptance + selector);
+* ``oracle``: the best measured strategy per batch bucket, in hindsight, from the profile.
+
+A profile pass runs every fixed strategy once (it also warms everything up); learned
+policies (bandit, ours) get one unmeasured warm-up run and keep learning across runs, as
+they would across RL iterations. Then ``repeats`` rounds run every configuration in a
+shuffled order; results are medians, reported as ratios (field notes 6: timing on a shared
+machine is fragile).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlhfspec_api.generation import GenerationSpec
+from rlhfspec_workers.generation.adaptive import build_adaptive_policy, calibrated_cost_model
+from rlhfspec_workers.generation.cost_table import describe
+from rlhfspec_workers.generation.engine import GenerationEngine
+from rlhfspec_workers.generation.policy import (
+    NO_DRAFT,
+    BatchSizePolicy,
+    DraftChoice,
+    DraftPolicy,
+    FixedPolicy,
+)
+from rlhfspec_workers.generation.records import PromptInput, SamplingConfig, StepRecord
+from rlhfspec_workers.spec_decode.bandit import BanditSelector, strategy_set
+
+from .policies import BanditPolicy, Profile, hand_tuned_schedule, oracle_schedule
+
+Log = Callable[[str], None]
+DYNSD_RANGES = ((1, 4), (5, 16), (17, 64))
+"""Batch ranges of the hand-tuned Dynamic SD schedules (plus one range above the last)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    prompts: int = 16
+    samples: int = 4
+    max_tokens: int = 96
+    slack: int = 4
+    """Tokens a sample may run past its prompt's reference answer (see load_prompts)."""
+    temperature: float = 1.0
+    repeats: int = 3
+    ks: tuple[int, ...] = (1, 2, 4, 8)
+    drafters: tuple[str, ...] = ("suffix", "ngram", "draft_model")
+    target_size: str | None = "512x8"
+    """``HIDDENxLAYERS[xMLP]``: embed the tiny policy in a bigger target (benchmarks.target);
+    None: the tiny policy itself."""
+    dtype: str = "auto"
+    native_dynsd: bool = True
+    seed: int = 0
+    calibration_cache: Path | None = None
+
+    @property
+    def max_k(self) -> int:
+        return max(self.ks)
+
+
+@dataclass
+class RunResult:
+    config: str
+    round: int
+    seconds: float
+    tokens: int
+    samples: int
+    steps: list[StepRecord] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        drafted = sum(s.num_draft_tokens for s in self.steps)
+        accepted = sum(s.num_accepted_tokens for s in self.steps)
+        drafts = sum(s.num_drafts for s in self.steps)
+        return {
+            "round": self.round,
+            "seconds": round(self.seconds, 4),
+            "tokens": self.tokens,
+            "tokens_per_second": round(self.tokens_per_second, 2),
+            "steps": len(self.steps),
+            "draft_tokens": drafted,
+            "accepted_tokens": accepted,
+            "mean_accepted_length": round(1 + accepted / drafts, 3) if drafts else None,
+        }
+
+
+def auto_dtype() -> str:
+    """bfloat16 where the hardware computes it natively, else float32: a CPU without AVX512-BF16
+    or AMX emulates bf16 matmuls ~10x slower than fp32 (measured here), which would put every
+    step deep in a compute-bound regime no accelerator is in."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "bfloat16"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "float32"
+    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+
+
+def load_prompts(kit: Path, settings: Settings) -> list[PromptInput]:
+    """P prompts of the kit's held-out set at evenly spaced quantiles of answer length (the
+    shortest to the longest), n samples each: the task's own long-tailed mix of problem
+    sizes, deterministically. Each prompt's budget is its answer plus EOS plus ``slack``, so a
+    wrong answer that never stops is cut near where a right one ends: sample lengths, and so
+    the batch's drain, are nearly the same in every run (with a few dozen samples, whether
+    one sample rambles to a large cap would otherwise decide the run time)."""
+    from rlhfspec_workers.tinymodels.task import read_dataset_jsonl
+
+    examples = sorted(
+        read_dataset_jsonl(kit / "dataset" / "eval.jsonl"), key=lambda e: (len(e.answer), e.prompt)
+    )
+    count = min(settings.prompts, len(examples))
+    picks = [round(i * (len(examples) - 1) / max(count - 1, 1)) for i in range(count)]
+    return [
+        PromptInput(
+            examples[j].prompt,
+            f"q{i}",
+            n=settings.samples,
+            max_tokens=min(settings.max_tokens, len(examples[j].answer) + 1 + settings.slack),
+        )
+        for i, j in enumerate(picks)
+    ]
+
+
+def _spec(drafters: Sequence[str], max_k: int, *, native: bool = False) -> GenerationSpec:
+    def drafter(name: str) -> dict[str, Any]:
+        return {
+            "method": name,
+            **({"model": {"path": "tiny://draft"}} if name == "draft_model" else {}),
+        }
+
+    speculative: dict[str, Any] = {
+        "mode": "fixed" if native else "adaptive",
+        "maxDraftTokens": max_k,
+        "drafters": [drafter(d) for d in drafters],
+    }
+    return GenerationSpec.model_validate({"speculative": speculative})
+
+
+class Bench:
+    """Engines, policies and the run loop of one benchmark."""
+
+    def __init__(self, kit: Path, settings: Settings, log: Log = print) -> None:
+        import torch
+
+        self.settings, self.log, self.kit = settings, log, kit
+        torch.set_num_threads(1)  # before any engine: vLLM then pins it (field notes 7)
+        self.dtype = auto_dtype() if settings.dtype == "auto" else settings.dtype
+        self.target = kit / "policy"
+        if settings.target_size:
+            from .target import TargetSize, scaled_target
+
+            size = TargetSize.parse(settings.target_size)
+            cache = kit.parent.parent / "bench-targets"
+            self.target = scaled_target(kit / "policy", size, cache, seed=settings.seed)
+        self.prompts = load_prompts(kit, settings)
+        self.batch = settings.prompts * settings.samples
+        self.sampling = SamplingConfig(
+            temperature=settings.temperature, max_tokens=settings.max_tokens
+        )
+        self.engine_args: dict[str, Any] = {
+            "max_num_seqs": max(self.batch, 1),
+            "max_model_len": 128,
+            "dtype": self.dtype,
+            "seed": settings.seed,
+            "kv_cache_bytes": max(256 << 20, self._kv_bytes()),
+        }
+        self.engines: dict[str, GenerationEngine] = {}
+        self.policies: dict[str, DraftPolicy] = {}
+        self.native: dict[str, list[tuple[int, int, int]]] = {}
+        self.profile = Profile()
+        self.results: list[RunResult] = []
+        self.meta: dict[str, Any] = {"settings": _jsonable(asdict(settings)), "dtype": self.dtype}
+
+    def _kv_bytes(self) -> int:
+        cfg = json.loads((self.target / "config.json").read_text())
+        per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["head_dim"]
+        width = 2 if self.dtype == "bfloat16" else 4
+        return int(per_token * width * 128 * (self.batch + 16) * 1.2)
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        s = self.settings
+        t0 = time.perf_counter()
+        self.engines["off"] = GenerationEngine(
+            GenerationSpec.model_validate({"speculative": {"mode": "off"}}),
+            self.target,
+            **self.engine_args,
+        )
+        spec = _spec(s.drafters, s.max_k)
+        drafts = {i: self.kit / "draft" for i, d in enumerate(s.drafters) if d == "draft_model"}
+        self.engines["proposer"] = GenerationEngine(
+            spec, self.target, draft_models=drafts, **self.engine_args
+        )
+        self.log(f"engines up in {time.perf_counter() - t0:.1f}s (dtype {self.dtype})")
+        t0 = time.perf_counter()
+        engine = self.engines["proposer"]
+        self.cost_model = calibrated_cost_model(
+            engine, s.calibration_cache, max_batch=self.batch, log=self.log
+        )
+        self.meta["calibration_seconds"] = round(time.perf_counter() - t0, 1)
+        self.meta["cost_table"] = describe(
+            self.cost_model, sorted({1, 4, 16, 64, self.batch}), sorted({0, *s.ks})
+        )
+        self.policies["k0"] = FixedPolicy(NO_DRAFT)
+        for d in s.drafters:
+            for k in s.ks:
+                self.policies[f"fixed:{d}:{k}"] = FixedPolicy(DraftChoice(d, k))
+        self.policies["bandit"] = BanditPolicy(
+            BanditSelector(strategy_set(s.drafters, s.ks), seed=s.seed)
+        )
+        self.policies["ours"] = build_adaptive_policy(engine, spec, self.cost_model, k_values=s.ks)
+
+    def profile_pass(self) -> None:
+        """Every fixed strategy once: the hindsight profile, and everyone's warm-up."""
+        self.run_config("off", -1)
+        for name in [n for n in self.policies if n == "k0" or n.startswith("fixed:")]:
+            result = self.run_config(name, -1)
+            choice = self.policies[name].choose(1)
+            self.profile.add((choice.drafter, choice.k), result.steps)
+        oracle = oracle_schedule(self.profile, self.batch)
+        self.policies["oracle"] = BatchSizePolicy(oracle)
+        self.meta["oracle_schedule"] = oracle
+        ranges = [*DYNSD_RANGES, (DYNSD_RANGES[-1][1] + 1, self.batch)]
+        ranges = [(lo, hi) for lo, hi in ranges if lo <= self.batch]
+        schedules = {
+            d: hand_tuned_schedule(self.profile, d, ranges) for d in self.settings.drafters
+        }
+        self.meta["dynsd_schedules"] = schedules
+        for d, rows in schedules.items():
+            self.policies[f"dynsd:{d}"] = BatchSizePolicy([(lo, hi, d, k) for lo, hi, k in rows])
+        if self.settings.native_dynsd and "draft_model" in self.settings.drafters:
+            self._start_native("dynsd-vllm", "draft_model", schedules["draft_model"])
+        for name in ("bandit", "ours"):
+            self.run_config(name, -1)  # learned policies: one unmeasured warm-up iteration
+
+    def _start_native(self, name: str, drafter: str, rows: list[tuple[int, int, int]]) -> None:
+        # vLLM needs num_speculative_tokens >= 1 even when the schedule never drafts.
+        max_k = max([k for _, _, k in rows] + [1])
+        spec = _spec([drafter], max_k, native=True)
+        self.engines[name] = GenerationEngine(
+            spec,
+            self.target,
+            draft_models={0: self.kit / "draft"},
+            native=True,
+            per_batch_size=rows,
+            **self.engine_args,
+        )
+        self.native[name] = rows
+        self.run_config(name, -1)
+
+    # -- runs -------------------------------------------------------------------------------
+
+    @property
+    def configs(self) -> list[str]:
+        return ["off", *self.native, *self.policies]
+
+    def run_config(self, name: str, round_index: int) -> RunResult:
+        if name in self.engines and name != "proposer":
+            engine = self.engines[name]
+        else:
+            engine = self.engines["proposer"]
+            engine.set_policy(self.policies[name])
+            suffix = engine.suffix
+            if suffix is not None:  # every run starts from the same (empty) suffix index
+                suffix.groups.clear()
+                suffix.live.clear()
+        engine.drain_steps()
+        started = time.perf_counter()
+        samples = list(engine.generate(self.prompts, self.sampling))
+        seconds = time.perf_counter() - started
+        tokens = sum(len(r.token_ids) for r in samples)
+        result = RunResult(name, round_index, seconds, tokens, len(samples), engine.drain_steps())
+        if round_index >= 0:
+            self.results.append(result)
+        self.log(
+            f"  {'warm-up' if round_index < 0 else f'round {round_index}'} {name:<22} "
+            f"{result.tokens_per_second:8.1f} tok/s  {seconds:6.2f}s  {len(result.steps)} steps"
+        )
+        return result
+
+    def measured_rounds(self) -> None:
+        rng = random.Random(self.settings.seed)
+        for r in range(self.settings.repeats):
+            order = list(self.configs)
+            rng.shuffle(order)
+            for name in order:
+                self.run_config(name, r)
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.close()
+
+    # -- results ----------------------------------------------------------------------------
+
+    def medians(self) -> dict[str, float]:
+        by: dict[str, list[float]] = {}
+        for r in self.results:
+            by.setdefault(r.config, []).append(r.tokens_per_second)
+        return {name: statistics.median(v) for name, v in by.items()}
+
+    def representative(self, name: str) -> RunResult | None:
+        """The run whose throughput is the config's median (for plots)."""
+        runs = sorted(
+            (r for r in self.results if r.config == name), key=lambda r: r.tokens_per_second
+        )
+        return runs[len(runs) // 2] if runs else None
+
+    def to_json(self) -> dict[str, Any]:
+        from .report import ratios, trace
+
+        medians = self.medians()
+        doc: dict[str, Any] = dict(self.meta)
+        doc["target"] = str(self.target)
+        doc["configs"] = {
+            name: {
+                "median_tokens_per_second": round(medians[name], 2),
+                "runs": [r.summary() for r in self.results if r.config == name],
+            }
+            for name in medians
+        }
+        doc["ratios"] = ratios(medians)
+        doc["traces"] = {}
+        for name in ("ours", "oracle", "bandit", "off", doc["ratios"]["best_fixed"]):
+            run = self.representative(name) if name else None
+            if run is not None:
+                doc["traces"][name] = trace(run.steps)
+        return doc
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def run_benchmark(kit: Path, settings: Settings, out_dir: Path, log: Log = print) -> dict[str, Any]:
+    """Run everything, write ``generation.json`` and ``generation.png`` into ``out_dir``, and
+    return the JSON document."""
+    from .report import plot, table
+
+    bench = Bench(kit, settings, log)
+    try:
+        bench.start()
+        bench.profile_pass()
+        bench.measured_rounds()
+        doc = bench.to_json()
+    finally:
+        bench.close()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "generation.json").write_text(json.dumps(doc, indent=1))
+    plot(doc, out_dir / "generation.png")
+    log(table(doc))
+    return doc

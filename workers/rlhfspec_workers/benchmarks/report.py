@@ -1,0 +1,143 @@
+"""Benchmark output: the ratio table, the issue's targets, step traces and the PNG.
+
+Where it sits: ``benchmarks.generation`` hands its medians and step records here; the table is
+what ``rlhfspec bench generation`` prints, the JSON and PNG land next to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from rlhfspec_workers.generation.records import StepRecord
+
+OURS = "ours"
+TARGETS = (
+    # (label, baseline key in ratios, minimum ours/baseline) -- issue 3
+    ("speculation off", "off", 2.0),
+    ("best fixed k", "best_fixed", 1.2),
+    ("vLLM Dynamic SD", "best_dynsd_vllm", 1.1),
+    ("bandit (TLT)", "bandit", 1.1),
+    ("hindsight oracle", "oracle", 0.95),
+)
+
+
+def _best(medians: Mapping[str, float], prefix: str) -> str | None:
+    names = [n for n in medians if n.startswith(prefix)]
+    return max(names, key=lambda n: medians[n]) if names else None
+
+
+def ratios(medians: Mapping[str, float]) -> dict[str, Any]:
+    """ours / every configuration, plus which fixed strategy and which schedule were best."""
+    ours = medians.get(OURS, 0.0)
+    out: dict[str, Any] = {
+        "ours_over": {n: round(ours / v, 3) if v > 0 else None for n, v in medians.items()},
+        "best_fixed": _best(medians, "fixed:"),
+        "best_dynsd": _best(medians, "dynsd"),
+        "best_dynsd_vllm": _best(medians, "dynsd-vllm"),
+    }
+    checks = []
+    for label, key, minimum in TARGETS:
+        name = out.get(key) if key.startswith("best_") else key
+        if not name or name not in medians or medians[name] <= 0:
+            checks.append({"target": label, "baseline": name, "ratio": None, "min": minimum})
+            continue
+        ratio = ours / medians[name]
+        checks.append(
+            {
+                "target": label,
+                "baseline": name,
+                "ratio": round(ratio, 3),
+                "min": minimum,
+                "met": ratio >= minimum,
+            }
+        )
+    out["targets"] = checks
+    return out
+
+
+def trace(steps: Sequence[StepRecord]) -> dict[str, list[Any]]:
+    """Per step: time since the run started, batch size, strategy verified, throughput."""
+    t = 0.0
+    out: dict[str, list[Any]] = {"t": [], "batch": [], "k": [], "drafter": [], "tps": []}
+    for s in steps:
+        t += s.step_seconds
+        out["t"].append(round(t, 4))
+        out["batch"].append(s.batch_size)
+        out["k"].append(s.k)
+        out["drafter"].append(s.drafter)
+        tokens = s.batch_size + s.num_accepted_tokens
+        out["tps"].append(round(tokens / s.step_seconds, 1) if s.step_seconds > 0 else 0.0)
+    return out
+
+
+def table(doc: Mapping[str, Any]) -> str:
+    configs = doc["configs"]
+    r = doc["ratios"]
+    width = max(len(n) for n in configs) + 2
+    lines = [
+        f"{'configuration':<{width}}{'tok/s (median)':>16}{'runs':>6}{'accept len':>11}"
+        f"{'ours / this':>13}"
+    ]
+    for name in sorted(configs, key=lambda n: -configs[n]["median_tokens_per_second"]):
+        c = configs[name]
+        lens = [x["mean_accepted_length"] for x in c["runs"] if x["mean_accepted_length"]]
+        accept = f"{sorted(lens)[len(lens) // 2]:.2f}" if lens else "-"
+        ratio = r["ours_over"].get(name)
+        lines.append(
+            f"{name:<{width}}{c['median_tokens_per_second']:>16.1f}{len(c['runs']):>6}"
+            f"{accept:>11}{(f'{ratio:.3f}x' if ratio else '-'):>13}"
+        )
+    lines.append("")
+    for check in r["targets"]:
+        if check["ratio"] is None:
+            lines.append(f"  ours vs {check['target']:<18} (not run)")
+            continue
+        status = "met" if check["met"] else "MISSED"
+        lines.append(
+            f"  ours vs {check['target']:<18} {check['ratio']:.3f}x  (target >= "
+            f"{check['min']:.2f}x, {check['baseline']}): {status}"
+        )
+    return "\n".join(lines)
+
+
+def plot(doc: Mapping[str, Any], path: Path) -> None:
+    """Batch size, chosen k and throughput over time of the representative runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    traces: Mapping[str, Mapping[str, list[Any]]] = doc["traces"]
+    fig, axes = plt.subplots(3, 1, figsize=(10, 9), sharex=True)
+    for name, tr in traces.items():
+        style = {"linewidth": 2.0} if name == OURS else {"linewidth": 1.0, "alpha": 0.8}
+        axes[0].plot(tr["t"], tr["batch"], label=name, **style)
+        if name in (OURS, "oracle", "bandit"):
+            axes[1].step(tr["t"], tr["k"], where="post", label=name, **style)
+        axes[2].plot(tr["t"], _smooth(tr["tps"]), label=name, **style)
+    axes[0].set_ylabel("running batch")
+    axes[0].set_yscale("log")
+    axes[1].set_ylabel("k verified")
+    axes[2].set_ylabel("tokens/s (5-step mean)")
+    axes[2].set_xlabel("seconds into the generation batch")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper right")
+    ours = doc["ratios"]["ours_over"]
+    fig.suptitle(
+        "generation benchmark: ours vs off "
+        f"{ours.get('off') or 0:.2f}x, vs oracle {ours.get('oracle') or 0:.2f}x"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _smooth(values: Sequence[float], window: int = 5) -> list[float]:
+    out = []
+    for i in range(len(values)):
+        part = values[max(0, i - window + 1) : i + 1]
+        out.append(sum(part) / len(part))
+    return out

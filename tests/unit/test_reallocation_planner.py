@@ -192,6 +192,9 @@ def test_no_migration_when_the_gain_is_below_the_cost() -> None:
     assert plan_migrations(loads, LINEAR, cheap, config=tighter) == []
     spent = plan_migrations(loads, LINEAR, cheap, config=tight, spent_seconds=0.1)
     assert spent == []  # what earlier calls burnt counts against the same budget
+    # A stage that has already run 10 s is longer: its 1% budget pays for more.
+    later = plan_migrations(loads, LINEAR, cheap, config=tight, elapsed_seconds=10.0)
+    assert len(later) > 1
 
 
 def test_the_cheaper_mode_is_chosen() -> None:

@@ -15,12 +15,10 @@ from rlhfspec_workers.reallocation import (
     drain_seconds,
     speculative_speed,
 )
-from rlhfspec_workers.reallocation.simulator import (
-    SimConfig,
-    SimResult,
+from rlhfspec_workers.reallocation.simulator import SimConfig, SimResult, simulate
+from rlhfspec_workers.reallocation.workload import (
     SimSample,
     partition_samples,
-    simulate,
     synthetic_samples,
 )
 from rlhfspec_workers.spec_decode import Roofline, drafter_from_roofline, synthetic_cost_model

@@ -18,14 +18,12 @@ fraction of the remaining time (predictions are noisy: gains below their noise c
 for nothing); a sample migrated recently is left alone. The loop stops when the last worker
 cannot be helped: then no move reduces the makespan.
 
-`threshold_plan` is the RLHFuse-style baseline (field notes 2): once a worker's samples fall
-below a threshold, its stragglers are packed onto as few other workers as possible.
+The RLHFuse-style baseline it is compared with lives in `threshold`.
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -34,29 +32,33 @@ from .model import (
     Migration,
     MigrationCost,
     MigrationMode,
-    RemainingProfile,
     RunningSample,
     ThroughputModel,
     WorkerLoad,
+    speed_of,
 )
 from .predictor import LengthPredictor
+from .profile import RemainingProfile
+from .threshold import threshold_plan as threshold_plan  # re-export: callers import it here
 
 
 @dataclass(frozen=True)
 class PlannerConfig:
-    cost_weight: float = 4.0
+    cost_weight: float = 2.0
     """A move's gain (after its cost has delayed whoever it delays) must exceed cost_weight x
     the engine seconds it burns / the number of workers: one second off the stage frees every
     worker for a second, so fleet time is the common currency; the weight (> 1) keeps the
     spend well below the gain because both are predictions."""
-    min_gain_seconds: float = 0.0
-    overhead_budget: float | None = 0.02
-    """Engine time all migrations of a stage may burn, as a fraction of the stage's predicted
-    worker-time (workers x (now + predicted makespan)); None: unlimited. The issue's target
-    (< 2% of stage time) made a constraint: the planner spends it where gains are largest."""
     min_gain_fraction: float = 0.05
     """...and must exceed this fraction of the last worker's predicted remaining time: gains
     smaller than the predictions' noise are not real, and chasing them churns samples."""
+    min_gain_seconds: float = 0.0
+    """...and this many seconds."""
+    overhead_budget: float | None = 0.015
+    """Engine time all migrations of a stage may burn, as a fraction of the stage's predicted
+    worker-time (workers x (elapsed + predicted remaining)); None: unlimited. The issue's
+    target (< 2% of stage time) made a constraint, with room for the prediction's error; the
+    planner spends it where gains are largest."""
     cooldown_seconds: float = 30.0
     """A sample migrated less than this long ago is not moved again (no ping-pong)."""
     max_steps: int = 256
@@ -97,15 +99,6 @@ class _Worker:
         return max(self.capacity - self.running, 0)
 
 
-def _speed_of(cost: ThroughputModel | Mapping[str, ThroughputModel], name: str) -> ThroughputModel:
-    if isinstance(cost, ThroughputModel):
-        return cost
-    try:
-        return cost[name]
-    except KeyError:
-        raise KeyError(f"no throughput model for worker {name!r}") from None
-
-
 def _build(
     loads: Sequence[WorkerLoad],
     cost: ThroughputModel | Mapping[str, ThroughputModel],
@@ -122,7 +115,7 @@ def _build(
     for load in loads:
         w = _Worker(
             load.name,
-            _speed_of(cost, load.name),
+            speed_of(cost, load.name),
             max(load.capacity, 1),
             load.running,
             {},
@@ -178,16 +171,20 @@ class _Move:
 
 
 def _bundles(pool: list[tuple[float, str]], config: PlannerConfig) -> list[list[str]]:
-    """Samples to try moving: each of the longest few alone, then the longest 2, 4, 8, ...
+    """Samples to try moving (pool: longest predicted first): each of the longest few alone,
+    then runs of 2, 4, 8, ... starting at the longest, or right after the 1 or 4 longest.
 
     Why bundles: off a large batch one sample barely changes the step time, so no single move
     pays for itself while moving a quarter of the batch does (a greedy of single moves would
-    stop short of the optimum there)."""
+    stop short of the optimum there). Why runs that skip the longest: when a worker's finish
+    is set by its longest sample, moving that sample only moves the problem; moving the
+    samples that share its batches lets it run faster where it is."""
     out = [[sid] for _, sid in pool[: config.candidate_samples]]
-    m = 2
-    while m <= min(len(pool), config.max_bundle):
-        out.append([sid for _, sid in pool[:m]])
-        m *= 2
+    for skip in (0, 1, 4):
+        m = 2
+        while skip + m <= len(pool) and m <= config.max_bundle:
+            out.append([sid for _, sid in pool[skip : skip + m]])
+            m *= 2
     return out
 
 
@@ -263,7 +260,7 @@ def _best_move(
         src_finish = src.drain(src_profile)
         if src.finish - src_finish <= floor:
             continue  # even a free, instant move of this bundle would not pay
-        k = 1
+        k, last_gain = 1, -math.inf
         while k <= min(len(dests), len(bundle)):
             shares = _deal(bundle, dests[:k])
             k *= 2
@@ -277,6 +274,9 @@ def _best_move(
             if busy > budget:
                 continue
             gain = src.finish - max(src_finish, *(leg.finish for leg in legs))
+            if gain < last_gain:
+                break  # spreading wider stopped helping (the gain is unimodal in k)
+            last_gain = gain
             # Engine time burnt anywhere is worth 1/fleet of a second of everyone's stage.
             charge = config.cost_weight * busy / fleet
             if gain <= max(charge, floor):
@@ -296,6 +296,7 @@ def plan_migrations(
     predictor: LengthPredictor | None = None,
     config: PlannerConfig | None = None,
     spent_seconds: float = 0.0,
+    elapsed_seconds: float = 0.0,
 ) -> list[Migration]:
     """Migrations that minimise the predicted makespan of the generation stage.
 
@@ -305,8 +306,9 @@ def plan_migrations(
     (its own cost charged where it lands) by more than `min_gain_fraction` of that finish and
     by more than `cost_weight` x the engine time it burns / the number of workers, and while
     the stage's `overhead_budget` lasts (`spent_seconds`: engine time this stage's earlier
-    migrations burnt, `now`: seconds since the stage began). Each sample moves at most once per
-    call (a later step only re-targets it) and not within the cooldown.
+    migrations burnt; `elapsed_seconds`: how long the stage has run). `now` is only the clock
+    that `last_migrated_at` is read against (cooldown). Each sample moves at most once per call
+    (a later step only re-targets it).
     """
     cfg = config or PlannerConfig()
     workers = _build(loads, cost, predictor or LengthPredictor(), now, cfg)
@@ -314,7 +316,7 @@ def plan_migrations(
     planned: dict[str, Migration] = {}
     budget = math.inf
     if cfg.overhead_budget is not None and workers:
-        stage = now + max(w.finish for w in workers)
+        stage = elapsed_seconds + max(w.finish for w in workers)
         budget = cfg.overhead_budget * len(workers) * stage - spent_seconds
     steps = 0
     while len(workers) > 1 and steps < cfg.max_steps:
@@ -372,53 +374,6 @@ def predicted_makespan(
     cfg = config or PlannerConfig()
     workers = _build(loads, cost, predictor or LengthPredictor(), 0.0, cfg)
     return max((w.finish for w in workers), default=0.0)
-
-
-def threshold_plan(
-    loads: Sequence[WorkerLoad],
-    cost: ThroughputModel | Mapping[str, ThroughputModel],
-    migration_cost: MigrationCost,
-    *,
-    threshold: int,
-    now: float = 0.0,
-    cooldown_seconds: float = 30.0,
-) -> list[Migration]:
-    """RLHFuse-style baseline: a worker whose samples number fewer than `threshold` (but > 0)
-    hands them all to the fewest other workers that can hold them, fullest first (they run
-    longest anyway; the freed worker could start the next stage). Tail workers pack among
-    themselves when nobody else has room. No length prediction, no gain test."""
-    if threshold < 1:
-        raise ValueError("threshold must be >= 1")
-    tail = sorted(
-        (w for w in loads if 0 < len(w.samples) < threshold), key=lambda w: (len(w.samples), w.name)
-    )
-    free = {w.name: w.free_slots for w in loads}
-    sources: set[str] = set()
-    moves: list[tuple[RunningSample, str, str]] = []
-    for src in tail:  # smallest tails first: they are the cheapest to empty
-        movable = [
-            s
-            for s in src.samples
-            if s.last_migrated_at is None or now - s.last_migrated_at >= cooldown_seconds
-        ]
-        receivers = [w for w in loads if w.name != src.name and w.name not in sources]
-        receivers.sort(key=lambda w: (w.name in {t.name for t in tail}, -len(w.samples), w.name))
-        if not movable or sum(free[w.name] for w in receivers) < len(movable):
-            continue  # all or nothing: half-emptying a worker frees nothing
-        sources.add(src.name)
-        for s in movable:
-            dst = next(w for w in receivers if free[w.name] > 0)
-            free[dst.name] -= 1
-            moves.append((s, src.name, dst.name))
-    per_order = Counter((src_name, dst_name) for _, src_name, dst_name in moves)
-    plan: list[Migration] = []
-    for s, src_name, dst_name in moves:
-        speed = _speed_of(cost, dst_name)
-        mode, seconds = migration_cost.choose(s.context_tokens, speed)
-        share = migration_cost.order_seconds / per_order[(src_name, dst_name)]
-        busy = migration_cost.engine_seconds(mode, s.context_tokens, speed)
-        plan.append(Migration(s.sample_id, src_name, dst_name, mode, seconds + share, 0.0, busy))
-    return plan
 
 
 def to_orders(migrations: Sequence[Migration], *, order_prefix: str) -> list[MigrationOrder]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import random
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -29,25 +28,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from .model import MigrationCost, RunningSample, ThroughputModel, WorkerLoad
-from .planner import PlannerConfig, plan_migrations, predicted_makespan, threshold_plan
+from .planner import PlannerConfig, plan_migrations, predicted_makespan
 from .predictor import LengthPredictor
+from .threshold import threshold_plan
+from .workload import SimSample
 
 Policy = Literal["static", "threshold", "planner"]
 _EPS = 1e-6
-
-
-@dataclass(frozen=True)
-class SimSample:
-    """A sample with its true response length (tokens)."""
-
-    sample_id: str
-    length: int
-    prompt_tokens: int = 0
-    group_id: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.length < 1:
-            raise ValueError(f"length must be >= 1: {self}")
 
 
 @dataclass(frozen=True)
@@ -314,6 +301,7 @@ def simulate(
                 predictor=pred,
                 config=planner_cfg,
                 spent_seconds=overhead,
+                elapsed_seconds=t,
             )
         else:
             plan = threshold_plan(
@@ -368,65 +356,3 @@ def simulate(
 
 def _speed_map(workers: Sequence[_Worker]) -> dict[str, ThroughputModel]:
     return {w.name: w.speed for w in workers}
-
-
-# -- inputs ------------------------------------------------------------------------------------
-
-
-def synthetic_samples(
-    groups: int,
-    group_size: int = 8,
-    *,
-    seed: int = 0,
-    median_length: float = 300.0,
-    group_sigma: float = 0.9,
-    sample_sigma: float = 0.5,
-    max_tokens: int = 4096,
-    prompt_tokens: int = 64,
-) -> list[SimSample]:
-    """Heavy-tailed, group-correlated response lengths: a lognormal scale per prompt group
-    (some prompts invite long answers) times a lognormal per sample, clipped to max_tokens."""
-    rng = random.Random(seed)
-    out = []
-    for g in range(groups):
-        scale = median_length * math.exp(rng.gauss(0.0, group_sigma))
-        for j in range(group_size):
-            length = scale * math.exp(rng.gauss(0.0, sample_sigma))
-            out.append(
-                SimSample(
-                    f"g{g}-s{j}", int(min(max(length, 1.0), max_tokens)), prompt_tokens, f"g{g}"
-                )
-            )
-    return out
-
-
-Assignment = Literal["round_robin", "grouped", "skewed"]
-
-
-def partition_samples(
-    samples: Sequence[SimSample], workers: int, how: Assignment = "grouped"
-) -> list[list[SimSample]]:
-    """Initial static assignment. round_robin: sample i -> worker i mod W. grouped: whole
-    prompt groups dealt round-robin (siblings share a worker for prefix caching, so correlated
-    lengths pile up). skewed: longest first in contiguous equal shares, so worker 0 holds the
-    long tail (the benchmark's worst case)."""
-    if workers < 1:
-        raise ValueError("workers must be >= 1")
-    parts: list[list[SimSample]] = [[] for _ in range(workers)]
-    if how == "round_robin":
-        for i, s in enumerate(samples):
-            parts[i % workers].append(s)
-    elif how == "grouped":
-        groups: dict[str, list[SimSample]] = {}
-        for s in samples:
-            groups.setdefault(s.group_id or s.sample_id, []).append(s)
-        for i, members in enumerate(groups.values()):
-            parts[i % workers].extend(members)
-    elif how == "skewed":
-        ordered = sorted(samples, key=lambda s: -s.length)
-        share = math.ceil(len(ordered) / workers)
-        for i in range(workers):
-            parts[i] = ordered[i * share : (i + 1) * share]
-    else:
-        raise ValueError(f"unknown assignment {how!r}")
-    return parts

@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+SELF_PARSING = {
+    # Benchmarks that parse their own arguments: module name -> help.
+    "e2e": "whole RLHF iterations, speculation adaptive vs off",
+    "reallocation": "sample reallocation between generation workers",
+}
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -26,7 +33,8 @@ def _names(text: str) -> tuple[str, ...]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhfspec bench", description="Run a benchmark.")
     sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
-    sub.add_parser("e2e", help="whole RLHF iterations, speculation adaptive vs off", add_help=False)
+    for name, help_text in SELF_PARSING.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     gen = sub.add_parser(
         "generation",
         help="adaptive speculative decoding vs off, fixed k, Dynamic SD, bandit, oracle",
@@ -103,10 +111,9 @@ def _generation(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["e2e"]:  # the end-to-end benchmark parses its own arguments
-        from .e2e import main as e2e_main
-
-        return e2e_main(argv[1:])
+    if argv and argv[0] in SELF_PARSING:
+        module = importlib.import_module(f"{__package__}.{argv[0]}")
+        return int(module.main(argv[1:]))
     args = build_parser().parse_args(argv)
     if args.benchmark == "generation":
         return _generation(args)

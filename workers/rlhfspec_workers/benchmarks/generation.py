@@ -86,6 +86,9 @@ class RunResult:
     config: str
     round: int
     seconds: float
+    cpu_seconds: float
+    """This process's CPU time during the run: on a shared machine, time other processes
+    take from us inflates wall time, much less CPU time (every engine runs one thread)."""
     tokens: int
     samples: int
     steps: list[StepRecord] = field(default_factory=list)
@@ -93,6 +96,10 @@ class RunResult:
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def tokens_per_cpu_second(self) -> float:
+        return self.tokens / self.cpu_seconds if self.cpu_seconds > 0 else 0.0
 
     def summary(self) -> dict[str, Any]:
         drafted = sum(s.num_draft_tokens for s in self.steps)
@@ -103,6 +110,8 @@ class RunResult:
             "seconds": round(self.seconds, 4),
             "tokens": self.tokens,
             "tokens_per_second": round(self.tokens_per_second, 2),
+            "cpu_seconds": round(self.cpu_seconds, 4),
+            "tokens_per_cpu_second": round(self.tokens_per_cpu_second, 2),
             "steps": len(self.steps),
             "draft_tokens": drafted,
             "accepted_tokens": accepted,
@@ -295,16 +304,19 @@ class Bench:
                 suffix.groups.clear()
                 suffix.live.clear()
         engine.drain_steps()
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         samples = list(engine.generate(self.prompts, self.sampling))
         seconds = time.perf_counter() - started
+        cpu = time.process_time() - cpu_started
         tokens = sum(len(r.token_ids) for r in samples)
-        result = RunResult(name, round_index, seconds, tokens, len(samples), engine.drain_steps())
+        steps = engine.drain_steps()
+        result = RunResult(name, round_index, seconds, cpu, tokens, len(samples), steps)
         if round_index >= 0:
             self.results.append(result)
         self.log(
             f"  {'warm-up' if round_index < 0 else f'round {round_index}'} {name:<22} "
-            f"{result.tokens_per_second:8.1f} tok/s  {seconds:6.2f}s  {len(result.steps)} steps"
+            f"{result.tokens_per_second:8.1f} tok/s {result.tokens_per_cpu_second:8.1f} tok/cpu-s "
+            f"{seconds:6.2f}s  {len(result.steps)} steps"
         )
         return result
 
@@ -322,10 +334,12 @@ class Bench:
 
     # -- results ----------------------------------------------------------------------------
 
-    def medians(self) -> dict[str, float]:
+    def medians(self, *, cpu: bool = False) -> dict[str, float]:
         by: dict[str, list[float]] = {}
         for r in self.results:
-            by.setdefault(r.config, []).append(r.tokens_per_second)
+            by.setdefault(r.config, []).append(
+                r.tokens_per_cpu_second if cpu else r.tokens_per_second
+            )
         return {name: statistics.median(v) for name, v in by.items()}
 
     def representative(self, name: str) -> RunResult | None:
@@ -338,17 +352,19 @@ class Bench:
     def to_json(self) -> dict[str, Any]:
         from .report import ratios, trace
 
-        medians = self.medians()
+        medians, cpu = self.medians(), self.medians(cpu=True)
         doc: dict[str, Any] = dict(self.meta)
         doc["target"] = str(self.target)
         doc["configs"] = {
             name: {
                 "median_tokens_per_second": round(medians[name], 2),
+                "median_tokens_per_cpu_second": round(cpu[name], 2),
                 "runs": [r.summary() for r in self.results if r.config == name],
             }
             for name in medians
         }
         doc["ratios"] = ratios(medians)
+        doc["ratios_cpu"] = ratios(cpu)
         doc["traces"] = {}
         for name in ("ours", "oracle", "bandit", "off", doc["ratios"]["best_fixed"]):
             run = self.representative(name) if name else None

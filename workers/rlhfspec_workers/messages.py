@@ -104,6 +104,8 @@ class SampleTask(Message):
     temperature: float = Field(ge=0.0)
     top_p: float = Field(gt=0.0, le=1.0)
     seed: int | None = None
+    ignore_eos: bool = False
+    """Generate exactly max_tokens (benchmarks that need controlled lengths)."""
     weight_version: int = Field(default=0, ge=0)
     """The policy version that must generate this sample (on-policy)."""
     prefix_token_ids: list[int] = Field(default_factory=list)

@@ -11,6 +11,7 @@ stage time by more than they cost, and sends each source its :class:`MigrationOr
 from __future__ import annotations
 
 import time
+from typing import Literal
 
 from rlhfspec_api.generation import MigrationMethod
 from rlhfspec_api.spec import RLHFJobSpec
@@ -21,7 +22,12 @@ from rlhfspec_workers.reallocation.model import (
     ThroughputModel,
     WorkerLoad,
 )
-from rlhfspec_workers.reallocation.planner import PlannerConfig, plan_migrations, to_orders
+from rlhfspec_workers.reallocation.planner import (
+    PlannerConfig,
+    plan_migrations,
+    threshold_plan,
+    to_orders,
+)
 from rlhfspec_workers.reallocation.predictor import LengthPredictor
 from rlhfspec_workers.runtime import Bus
 
@@ -30,12 +36,24 @@ MIN_PROFILE_ROWS = 1
 
 
 class Reallocator:
-    def __init__(self, spec: RLHFJobSpec, bus: Bus, replicas: int) -> None:
+    def __init__(
+        self,
+        spec: RLHFJobSpec,
+        bus: Bus,
+        replicas: int,
+        *,
+        policy: Literal["planner", "threshold", "none"] | None = None,
+        threshold: int = 8,
+    ) -> None:
+        """``policy``: the planner (ours; the default when reallocation is enabled), an
+        RLHFuse-style threshold migration, or none (static partition), for benchmarks."""
         self.spec = spec
         self.bus = bus
         self.names = [f"generation-{i}" for i in range(replicas)]
         realloc = spec.generation.reallocation
-        self.enabled = realloc.enabled and replicas > 1
+        self.policy = policy or ("planner" if realloc.enabled else "none")
+        self.threshold = threshold
+        self.enabled = self.policy != "none" and replicas > 1
         self.interval = realloc.interval_seconds
         max_new = spec.generation.max_new_tokens
         self.predictor = LengthPredictor(prior_mean=max(max_new / 4, 1.0), max_tokens=max_new)
@@ -86,14 +104,19 @@ class Reallocator:
                     free_slots=report.free_slots,
                 )
             )
-        migrations = plan_migrations(
-            loads,
-            speeds,
-            self.migration_cost,
-            now=now,
-            predictor=self.predictor,
-            config=self.config,
-        )
+        if self.policy == "threshold":
+            migrations = threshold_plan(
+                loads, speeds, self.migration_cost, threshold=self.threshold, now=now
+            )
+        else:
+            migrations = plan_migrations(
+                loads,
+                speeds,
+                self.migration_cost,
+                now=now,
+                predictor=self.predictor,
+                config=self.config,
+            )
         if not migrations:
             return 0
         self.rounds += 1

@@ -91,6 +91,10 @@ class Handover:
             worker.counters.add(task.iteration, "migrated_tokens", len(tokens))
         seconds = time.perf_counter() - started
         moved = len(wanted)
+        iteration = max((t.iteration for _, _, t in worker.waiting), default=0)
+        for flight in worker.in_flight.values():
+            iteration = max(iteration, flight.task.iteration)
+        worker.counters.add(iteration, "migration_seconds", seconds)
         self.migrated_out += moved
         self.bus.metrics.observe_migration(moved_tokens, seconds, samples=moved)
 

@@ -92,6 +92,8 @@ class GenerationWorker:
         self.name = bus.env.worker
         self.max_running = MAX_RUNNING
         self.in_flight: dict[str, _InFlight] = {}
+        """Task sample id -> the engine request generating it."""
+        self._task_of: dict[str, str] = {}
         self.waiting: deque[Held] = deque()
         self.direct = self.keys.direct_tasks(self.name)
         self.finished_lengths: list[int] = []
@@ -173,16 +175,21 @@ class GenerationWorker:
             max_tokens=task.max_tokens,
         )
         sampling = SamplingConfig(
-            temperature=task.temperature, top_p=task.top_p, max_tokens=task.max_tokens
+            temperature=task.temperature,
+            top_p=task.top_p,
+            max_tokens=task.max_tokens,
+            ignore_eos=task.ignore_eos,
         )
         request_id = self.engine.submit(
             prompt, sampling, task.sample_index, prefix_token_ids=task.prefix_token_ids
         )
         self.in_flight[task.sample_id] = _InFlight(stream, entry_id, task, request_id)
+        # The engine names results "<PromptInput.prompt_id>/<index>": map back to the task.
+        self._task_of[f"{prompt.prompt_id}/{task.sample_index}"] = task.sample_id
 
     def _finish(self, result: SampleResult) -> None:
-        task_id = result.sample_id  # it<iteration>/<prompt_id>/<index>, as the task's id
-        request = self.in_flight.pop(task_id, None)
+        task_id = self._task_of.pop(result.sample_id, None)
+        request = self.in_flight.pop(task_id, None) if task_id is not None else None
         if request is None:
             return
         task = request.task

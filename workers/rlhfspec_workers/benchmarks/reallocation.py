@@ -1,0 +1,226 @@
+"""Real sample-reallocation benchmark: generation workers on a skewed batch, three policies.
+
+Where it sits: ``rlhfspec bench reallocation`` / ``bench/reallocation.py``. It starts a real
+``redis-server`` and N real generation worker processes (vLLM, the tiny policy), then for each
+policy hands every worker the same skewed initial partition (worker 0 holds the long tail),
+with lengths fixed by ``ignore_eos`` so each policy faces the same work, and measures the
+makespan (all samples done), the migrations, and the seconds the sources spent handing samples
+over. Policies: static partition (no migration), an RLHFuse-style threshold migration, and our
+planner (``coordinator.reallocate.Reallocator``, the coordinator's own loop). Policies are
+interleaved over ``--repeats`` rounds; the printed ratios are of medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlhfspec_api.manifest import parse_rlhfjob
+from rlhfspec_workers.coordinator.reallocate import Reallocator
+from rlhfspec_workers.local.redis_server import RedisServer
+from rlhfspec_workers.local.supervisor import Supervisor
+from rlhfspec_workers.messages import LoadReport, SampleTask
+from rlhfspec_workers.runtime import Bus, WorkerEnv
+
+POLICIES = ("none", "threshold", "planner")
+LABELS = {"none": "static", "threshold": "threshold", "planner": "ours"}
+
+
+def _job(workers: int, max_tokens: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "rlhfspec.io/v1alpha1",
+        "kind": "RLHFJob",
+        "metadata": {"name": "bench-realloc"},
+        "spec": {
+            "algorithm": {"promptsPerIteration": 1, "samplesPerPrompt": 2, "microBatchSize": 1},
+            "models": {"policy": {"path": "tiny://policy"}},
+            "dataset": {"path": "tiny://dataset/train.jsonl"},
+            "generation": {
+                "replicas": workers,
+                "maxNewTokens": max_tokens,
+                "speculative": {"mode": "off"},
+                "reallocation": {"intervalSeconds": 0.2, "minGainSeconds": 0.02},
+            },
+            "storage": {"size": "1Gi"},
+        },
+    }
+
+
+def skewed_partition(
+    workers: int, long: int, short: int, long_tokens: int, seed: int
+) -> list[list[tuple[str, int]]]:
+    """(prompt, max_tokens) per worker: worker 0 holds every long sample plus its share of the
+    short ones (the static partition a round-robin over prompts gives when one prompt family
+    runs long)."""
+    rng = random.Random(seed)
+    prompts = ["S" + "".join(rng.choice("0123456789") for _ in range(12)) + "=" for _ in range(8)]
+    parts: list[list[tuple[str, int]]] = [[] for _ in range(workers)]
+    for i in range(long):
+        parts[0].append((prompts[i % 8], long_tokens - rng.randrange(0, long_tokens // 8)))
+    for i in range(short):
+        parts[i % workers].append((prompts[i % 8], rng.randrange(4, 12)))
+    return parts
+
+
+def run_policy(
+    bus: Bus,
+    spec: Any,
+    workers: int,
+    policy: str,
+    iteration: int,
+    parts: list[list[tuple[str, int]]],
+) -> dict[str, Any]:
+    keys = bus.keys
+    total = 0
+    for w, part in enumerate(parts):
+        for j, (prompt, tokens) in enumerate(part):
+            task = SampleTask(
+                iteration=iteration, sample_id=f"it{iteration}/w{w}/{j}", prompt_id=f"w{w}-{j}",
+                group_id=f"w{w}", sample_index=0, prompt=prompt, max_tokens=tokens,
+                temperature=1.0, top_p=1.0, ignore_eos=True,
+            )  # fmt: skip
+            bus.publish(keys.direct_tasks(f"generation-{w}"), task)
+            total += 1
+    reallocator = Reallocator(spec, bus, workers, policy=policy)  # type: ignore[arg-type]
+    started = time.monotonic()
+    trace: list[list[float]] = []
+    while int(bus.redis.scard(keys.done_samples(iteration))) < total:
+        reallocator.tick(iteration)
+        t = time.monotonic() - started
+        for w in range(workers):
+            raw = bus.redis.get(keys.load(f"generation-{w}"))
+            if raw:
+                report = LoadReport.from_bytes(raw)
+                trace.append([round(t, 3), w, float(sum(s.running for s in report.samples))])
+        time.sleep(0.05)
+    makespan = time.monotonic() - started
+    raw_stats: dict[Any, Any] = bus.redis.hgetall(keys.generation_stats(iteration))
+    stats = {k.decode(): float(v) for k, v in raw_stats.items()}
+    return {
+        "policy": LABELS[policy],
+        "makespan": makespan,
+        "migrations": int(stats.get("migrations", 0)),
+        "migration_seconds": stats.get("migration_seconds", 0.0),
+        "trace": trace,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="rlhfspec bench reallocation", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--long", type=int, default=96, help="long samples, all on worker 0")
+    parser.add_argument("--short", type=int, default=96, help="short samples, spread evenly")
+    parser.add_argument("--long-tokens", type=int, default=96)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/reallocation.json"))
+    args = parser.parse_args(argv)
+    from rlhfspec_workers.tinymodels import ensure_tiny_models
+
+    ensure_tiny_models(seed=0)
+    manifest = _job(args.workers, args.long_tokens)
+    spec = parse_rlhfjob(manifest).spec
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="rlhfspec-realloc-") as tmp:
+        run_dir = Path(tmp)
+        config = run_dir / "job.yaml"
+        config.write_text(yaml.safe_dump(manifest))
+        with RedisServer(run_dir / "redis", password="bench") as server:
+            env = {
+                "RLHFSPEC_JOB": "bench-realloc", "RLHFSPEC_NAMESPACE": "default",
+                "RLHFSPEC_REPLICAS": str(args.workers),
+                "RLHFSPEC_REDIS_URL": f"redis://127.0.0.1:{server.port}/0",
+                "RLHFSPEC_REDIS_PASSWORD": "bench", "RLHFSPEC_JOB_CONFIG": str(config),
+                "RLHFSPEC_STORAGE": str(run_dir), "RLHFSPEC_METRICS_PORT": "0",
+            }  # fmt: skip
+            supervisor = Supervisor(run_dir, env)
+            try:
+                for w in range(args.workers):
+                    supervisor.start("generation", w)
+                bus = Bus(WorkerEnv.from_environ("coordinator", env))
+                while len([s for s in bus.workers().values() if s.state == "ready"]) < args.workers:
+                    if supervisor.exited():
+                        raise RuntimeError(supervisor.workers[0].tail(30))
+                    time.sleep(0.2)
+                parts = skewed_partition(args.workers, args.long, args.short, args.long_tokens, 0)
+                # One unrecorded round first: the engines' first batches pay one-time costs.
+                run_policy(bus, spec, args.workers, "none", 1, parts)
+                iteration = 1
+                for round_index in range(args.repeats):
+                    order = POLICIES if round_index % 2 == 0 else tuple(reversed(POLICIES))
+                    for policy in order:
+                        iteration += 1
+                        results.append(
+                            run_policy(bus, spec, args.workers, policy, iteration, parts)
+                        )
+                        print(f"  {LABELS[policy]:>9}: {results[-1]['makespan']:.2f}s, "
+                              f"{results[-1]['migrations']} migrations", flush=True)  # fmt: skip
+            finally:
+                supervisor.stop()
+    summary = summarise(results)
+    print(table(summary))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"summary": summary, "runs": results}, indent=1) + "\n")
+    plot(results, args.out.with_suffix(".png"))
+    print(f"[rlhfspec] wrote {args.out} and {args.out.with_suffix('.png')}")
+    return 0
+
+
+def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for label in LABELS.values():
+        runs = [r for r in results if r["policy"] == label]
+        makespan = statistics.median(r["makespan"] for r in runs)
+        seconds = statistics.median(r["migration_seconds"] for r in runs)
+        out[label] = {
+            "makespan": makespan,
+            "migrations": statistics.median(r["migrations"] for r in runs),
+            "overhead_fraction": seconds / makespan,
+        }
+    for label in ("threshold", "ours"):
+        out[label]["vs_static"] = out[label]["makespan"] / out["static"]["makespan"]
+    return out
+
+
+def table(summary: dict[str, Any]) -> str:
+    lines = [f"{'policy':<10}{'makespan s':>11}{'x static':>9}{'migrations':>11}{'overhead':>9}"]
+    for label in LABELS.values():
+        row = summary[label]
+        ratio = row.get("vs_static", 1.0)
+        lines.append(
+            f"{label:<10}{row['makespan']:>11.2f}{ratio:>9.2f}{row['migrations']:>11.0f}"
+            f"{100 * row['overhead_fraction']:>8.2f}%"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(LABELS.values())
+    fig, axes = plt.subplots(1, len(labels), figsize=(4 * len(labels), 3), sharey=True)
+    for ax, label in zip(axes, labels, strict=True):
+        run = next(r for r in results if r["policy"] == label)
+        for w in sorted({int(p[1]) for p in run["trace"]}):
+            points = [p for p in run["trace"] if int(p[1]) == w]
+            ax.plot([p[0] for p in points], [p[2] for p in points], label=f"worker {w}")
+        ax.set_title(f"{label}: {run['makespan']:.2f}s, {run['migrations']} migrations")
+        ax.set_xlabel("seconds")
+    axes[0].set_ylabel("running samples")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -10,13 +10,14 @@ Objective: the generation stage ends when its last worker drains (RLHF generatio
 makespan, not latency, matters; field notes 1). The planner predicts every worker's drain time
 with batch-size-dependent step times (a `RemainingProfile` per worker: each sample's remaining
 length as quantile bands from the `LengthPredictor`, because under a heavy tail a worker's
-finish is set by its longest samples), then greedily moves a sample or a bundle of its longest
-samples from the worker predicted to finish last to one predicted to finish earlier, taking the
-move that most reduces the pair's finish time with the move's own cost charged to the
-destination. A move is made only when that gain exceeds a share of the cost it burns and a
-fraction of the remaining time (predictions are noisy: gains below their noise churn samples
-for nothing); a sample migrated recently is left alone. The loop stops when the last worker
-cannot be helped: then no move reduces the makespan.
+finish is set by its longest samples), then greedily takes the worker predicted to finish last
+and sheds a bundle of its samples (its longest, or the ones sharing batches with its longest)
+onto its 1, 2, 4, ... earliest-finishing peers, whichever move most reduces the finish time of
+the workers involved with each destination charged its move's cost. A move is made only when
+that gain exceeds `cost_weight` x the engine time it burns / the fleet size and a fraction of
+the remaining time (predictions are noisy: gains below their noise churn samples for nothing),
+and while the stage's overhead budget lasts; a sample migrated recently is left alone. The
+loop stops when the last worker cannot be helped: then no move reduces the makespan.
 
 The RLHFuse-style baseline it is compared with lives in `threshold`.
 """

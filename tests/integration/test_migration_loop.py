@@ -75,6 +75,7 @@ def test_ordered_migration_moves_running_samples_and_stitches_them_exactly(
                     moving = [s.sample_id for s in running[:3]]
                     break
             time.sleep(0.05)
+        first_scrape = _scrape(supervisor, source)
         order = MigrationOrder(
             order_id="test-1", source=source, destination=destination, sample_ids=moving
         )
@@ -84,10 +85,18 @@ def test_ordered_migration_moves_running_samples_and_stitches_them_exactly(
             assert time.monotonic() < deadline, coordinator.tail(30)
             time.sleep(0.2)
         assert coordinator.process.returncode == 0, coordinator.tail(30)
+        second_scrape = _scrape(supervisor, source)
         rollouts = [Rollout.from_bytes(f[b"data"]) for _, f in client.xrange(keys.rollouts)]
         done = client.scard(keys.done_samples(1))
     finally:
         local.stop()
+    # The source worker's /metrics, scraped over HTTP before and after: counters moved, and
+    # carry the job/role/worker labels.
+    labels = f'job="migrate",role="generation",worker="{source}"'
+    steps = [_value(text, "rlhfspec_generation_steps_total", labels) for text in
+             (first_scrape, second_scrape)]  # fmt: skip
+    assert 0 < steps[0] < steps[1]
+    assert _value(second_scrape, "rlhfspec_migrations_total", labels) >= 1
     by_id = {r.sample_id: r for r in rollouts}
     assert done == 24 and len(by_id) == 24  # every sample exactly once
     migrated = [r for r in rollouts if r.migrations > 0]
@@ -100,3 +109,22 @@ def test_ordered_migration_moves_running_samples_and_stitches_them_exactly(
         assert r.token_ids == sibling.token_ids
         assert r.logprobs == pytest.approx(sibling.logprobs, abs=1e-4)
         assert len(r.logprobs) == len(r.token_ids)
+
+
+def _scrape(supervisor: Any, worker: str) -> str:
+    """GET /metrics of a worker process (local mode binds a free port and logs it)."""
+    import re
+    import urllib.request
+
+    log = next(w for w in supervisor.workers if w.name == worker).log_path.read_text()
+    port = re.search(r"metrics on :(\d+)", log)
+    assert port is not None, log[-2000:]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/metrics", timeout=10) as r:
+        return str(r.read().decode())
+
+
+def _value(text: str, name: str, labels: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + "{") and labels in line:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name}{{{labels}}} not exported")

@@ -71,6 +71,10 @@ def skewed_partition(
     return parts
 
 
+PROFILE: dict[int, list[tuple[float, float]]] = {}
+"""Batch size -> measured (seconds per step, tokens per sequence per step) over all runs."""
+
+
 def run_policy(
     bus: Bus,
     spec: Any,
@@ -100,6 +104,8 @@ def run_policy(
             raw = bus.redis.get(keys.load(f"generation-{w}"))
             if raw:
                 report = LoadReport.from_bytes(raw)
+                for b, sec, tok in report.step_profile:
+                    PROFILE.setdefault(int(b), []).append((sec, tok))
                 trace.append([round(t, 3), w, float(sum(s.running for s in report.samples))])
         time.sleep(0.05)
     makespan = time.monotonic() - started
@@ -168,12 +174,50 @@ def main(argv: Sequence[str] | None = None) -> int:
             finally:
                 supervisor.stop()
     summary = summarise(results)
+    summary["simulator"] = simulator_check(parts, summary)
     print(table(summary))
+    sim = summary["simulator"]
+    print(
+        f"simulator on the measured step table: static {sim['static_seconds']:.2f}s "
+        f"(real {summary['static']['makespan']:.2f}s), threshold {sim['threshold_ratio']:.2f}x "
+        f"(real {summary['threshold']['vs_static']:.2f}x), ours {sim['ours_ratio']:.2f}x "
+        f"(real {summary['ours']['vs_static']:.2f}x)"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"summary": summary, "runs": results}, indent=1) + "\n")
     plot(results, args.out.with_suffix(".png"))
     print(f"[rlhfspec] wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
+
+
+def simulator_check(parts: list[list[tuple[str, int]]], summary: dict[str, Any]) -> dict[str, Any]:
+    """Replay the same partition in the simulator, driven by the step times the real workers
+    measured, so the simulator's many-worker tables can be trusted as far as this agrees."""
+    from rlhfspec_workers.benchmarks.reallocation_sim import simulate_policies
+    from rlhfspec_workers.reallocation.model import ThroughputModel
+    from rlhfspec_workers.reallocation.workload import SimSample
+
+    rows = [
+        (b, statistics.median(v[0] for v in vals), statistics.median(v[1] for v in vals))
+        for b, vals in sorted(PROFILE.items())
+    ]
+    speed = ThroughputModel.from_table(
+        rows, prefill_seconds_per_token=min(sec / b for b, sec, _ in rows)
+    )
+    sim_parts = [
+        [SimSample(f"w{w}/{j}", tokens, len(prompt), f"w{w}") for j, (prompt, tokens) in
+         enumerate(part)]
+        for w, part in enumerate(parts)
+    ]  # fmt: skip
+    workers = len(parts)
+    result = simulate_policies([workers], None, speed, partitions={workers: sim_parts})
+    row = result["rows"][0]
+    return {
+        "static_seconds": row["static_seconds"],
+        "threshold_ratio": row["threshold_ratio"],
+        "ours_ratio": row["ours_ratio"],
+        "migrations": row["migrations"],
+    }
 
 
 def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:

@@ -69,6 +69,10 @@ class Reallocator:
         self._seen: dict[str, float] = {}
         self.issued = 0
         self.rounds = 0
+        self.stage: tuple[int, float] | None = None
+        """(iteration, when its generation started): the planner's overhead budget is per stage."""
+        self.spent_seconds = 0.0
+        """Engine seconds the migrations ordered this stage cost their destinations."""
 
     def tick(self, iteration: int) -> int:
         """Plan once if the interval has passed; returns migrations ordered now."""
@@ -76,6 +80,9 @@ class Reallocator:
         if not self.enabled or now - self.last_tick < self.interval:
             return 0
         self.last_tick = now
+        if self.stage is None or self.stage[0] != iteration:
+            self.stage = (iteration, now)
+            self.spent_seconds = 0.0
         reports = self._reports()
         live = [r for r in reports if r.iteration == iteration or not r.samples]
         if len(live) < 2:
@@ -116,6 +123,8 @@ class Reallocator:
                 now=now,
                 predictor=self.predictor,
                 config=self.config,
+                spent_seconds=self.spent_seconds,
+                elapsed_seconds=now - self.stage[1],
             )
         if not migrations:
             return 0
@@ -123,6 +132,7 @@ class Reallocator:
         for order in to_orders(migrations, order_prefix=f"it{iteration}-r{self.rounds}"):
             self.bus.publish(self.bus.keys.migrations_for(order.source), order)
         self.issued += len(migrations)
+        self.spent_seconds += sum(m.destination_busy_seconds for m in migrations)
         return len(migrations)
 
     def _reports(self) -> list[LoadReport]:

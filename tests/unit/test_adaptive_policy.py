@@ -159,10 +159,9 @@ def record(batch: int, accepted: int, seconds: float) -> StepRecord:
 
 def test_oracle_and_hand_tuned_schedules_pick_the_measured_best() -> None:
     profile = Profile()
-    first = record(64, 0, 1.0)  # the prefill step: ignored
     # At batch 1-2 k=4 emits 3 tokens per 12 ms, off 1 per 10 ms; at 64 off wins.
-    profile.add(("suffix", 4), [first, record(1, 2, 0.012), record(64, 10, 0.5)])
-    profile.add((OFF, 0), [first, record(1, 0, 0.010), record(64, 0, 0.1)])
+    profile.add(("suffix", 4), [record(1, 2, 0.012), record(64, 10, 0.5)])
+    profile.add((OFF, 0), [record(1, 0, 0.010), record(64, 0, 0.1)])
     assert buckets(6) == [(1, 1), (2, 2), (3, 4), (5, 6)]
     schedule = oracle_schedule(profile, 64)
     assert schedule[0] == (1, 1, "suffix", 4)

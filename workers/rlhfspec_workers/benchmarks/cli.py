@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--kit", type=Path, help="tiny-model kit directory (default: build/cached)")
     gen.add_argument("--calibration-cache", type=Path, help="cost-table cache directory")
+    gen.add_argument(
+        "--recalibrate", action="store_true", help="measure the cost table even if cached"
+    )
     gen.add_argument("--out", type=Path, default=Path("bench/results"), help="output directory")
     return parser
 
@@ -73,7 +76,16 @@ def _generation(args: argparse.Namespace) -> int:
     from .generation import Settings, run_benchmark
 
     base = (
-        Settings(prompts=8, samples=2, max_tokens=24, repeats=1, ks=(1, 4), target_size=None)
+        Settings(
+            prompts=8,
+            samples=2,
+            max_tokens=24,
+            repeats=1,
+            ks=(1, 4),
+            target_size=None,
+            calibration_repeats=1,
+            profile_rounds=1,
+        )
         if args.quick
         else Settings()
     )
@@ -96,6 +108,7 @@ def _generation(args: argparse.Namespace) -> int:
         native_dynsd=not args.no_native_dynsd,
         seed=args.seed,
         calibration_cache=args.calibration_cache,
+        recalibrate=args.recalibrate,
     )
     if args.kit is not None:
         kit = args.kit

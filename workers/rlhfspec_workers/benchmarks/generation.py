@@ -75,6 +75,11 @@ class Settings:
     native_dynsd: bool = True
     seed: int = 0
     calibration_cache: Path | None = None
+    recalibrate: bool = False
+    profile_rounds: int = 2
+    """Runs of every fixed strategy behind the oracle's and the hand-tuned schedules."""
+    calibration_repeats: int = 2
+    """Interleaved repeats of the cost grid (a worker start uses 1 to stay under a minute)."""
 
     @property
     def max_k(self) -> int:
@@ -234,7 +239,12 @@ class Bench:
         t0 = time.perf_counter()
         engine = self.engines["proposer"]
         self.cost_model = calibrated_cost_model(
-            engine, s.calibration_cache, max_batch=self.batch, log=self.log
+            engine,
+            s.calibration_cache,
+            max_batch=self.batch,
+            repeats=s.calibration_repeats,
+            recalibrate=s.recalibrate,
+            log=self.log,
         )
         self.meta["calibration_seconds"] = round(time.perf_counter() - t0, 1)
         self.meta["cost_table"] = describe(
@@ -252,10 +262,12 @@ class Bench:
     def profile_pass(self) -> None:
         """Every fixed strategy once: the hindsight profile, and everyone's warm-up."""
         self.run_config("off", -1)
-        for name in [n for n in self.policies if n == "k0" or n.startswith("fixed:")]:
-            result = self.run_config(name, -1)
-            choice = self.policies[name].choose(1)
-            self.profile.add((choice.drafter, choice.k), result.steps)
+        fixed = [n for n in self.policies if n == "k0" or n.startswith("fixed:")]
+        for round_index in range(self.settings.profile_rounds):
+            for name in fixed if round_index % 2 == 0 else reversed(fixed):
+                result = self.run_config(name, -1)
+                choice = self.policies[name].choose(1)
+                self.profile.add((choice.drafter, choice.k), result.steps)
         oracle = oracle_schedule(self.profile, self.batch)
         self.policies["oracle"] = BatchSizePolicy(oracle)
         self.meta["oracle_schedule"] = oracle
@@ -304,13 +316,27 @@ class Bench:
                 suffix.groups.clear()
                 suffix.live.clear()
         engine.drain_steps()
+        for p in self.prompts:
+            for j in range(p.n):
+                engine.submit(p, self.sampling, j)
+        # The clock starts once every prompt is prefilled: prefill is the same work for every
+        # configuration (nothing is drafted for it), and on a CPU it is as slow as a few dozen
+        # decode steps of this batch, where on a GPU it is a few milliseconds; counting it
+        # would only dilute every ratio towards 1.
+        samples = []
+        for _ in range(self._prefill_steps(engine)):
+            samples += engine.poll()
+        engine.drain_steps()
         started, cpu_started = time.perf_counter(), time.process_time()
-        samples = list(engine.generate(self.prompts, self.sampling))
+        while engine.running:
+            samples += engine.poll()
         seconds = time.perf_counter() - started
         cpu = time.process_time() - cpu_started
-        tokens = sum(len(r.token_ids) for r in samples)
-        steps = engine.drain_steps()
-        result = RunResult(name, round_index, seconds, cpu, tokens, len(samples), steps)
+        # Tokens sampled during decoding: every sample's first token came with its prefill.
+        tokens = sum(len(r.token_ids) for r in samples) - self.batch
+        result = RunResult(
+            name, round_index, seconds, cpu, tokens, len(samples), engine.drain_steps()
+        )
         if round_index >= 0:
             self.results.append(result)
         self.log(
@@ -319,6 +345,11 @@ class Bench:
             f"{seconds:6.2f}s  {len(result.steps)} steps"
         )
         return result
+
+    def _prefill_steps(self, engine: GenerationEngine) -> int:
+        budget = int(engine.engine.vllm_config.scheduler_config.max_num_batched_tokens)
+        tokens = sum(len(engine.tokenize(str(p.prompt))) * p.n for p in self.prompts)
+        return max(1, -(-tokens // budget))
 
     def measured_rounds(self) -> None:
         rng = random.Random(self.settings.seed)

@@ -66,8 +66,8 @@ class Profile:
     """(strategy, bucket hi) -> [tokens, seconds]."""
 
     def add(self, strategy: Strategy, records: Sequence[StepRecord]) -> None:
-        # The first step prefills every prompt: it is the same for every strategy.
-        for r in records[1:]:
+        """Decode steps of one run (the benchmark measures after prefill)."""
+        for r in records:
             if r.batch_size < 1:
                 continue
             cell = self.cells.setdefault((strategy, bucket_of(r.batch_size)), [0.0, 0.0])

@@ -124,6 +124,19 @@ def plot(doc: Mapping[str, Any], path: Path) -> None:
         if name in (OURS, "oracle", "bandit"):
             axes[1].step(tr["t"], tr["k"], where="post", label=name, **style)
         axes[2].plot(tr["t"], _smooth(tr["tps"]), label=name, **style)
+    ours_trace = traces.get(OURS)
+    if ours_trace is not None:  # which drafter ours verified, step by step
+        for drafter in sorted(set(ours_trace["drafter"])):
+            points = [
+                (t, k)
+                for t, k, d in zip(
+                    ours_trace["t"], ours_trace["k"], ours_trace["drafter"], strict=True
+                )
+                if d == drafter
+            ]
+            axes[1].scatter(
+                [t for t, _ in points], [k for _, k in points], s=14, label=f"ours: {drafter}"
+            )
     axes[0].set_ylabel("running batch")
     axes[0].set_yscale("log")
     axes[1].set_ylabel("k verified")

@@ -28,7 +28,7 @@ from rlhfspec_workers.messages import Keys, WeightsPublished
 
 pytestmark = pytest.mark.timeout(1800)
 
-PROMPTS, SAMPLES, ITERATIONS = 16, 8, 4
+PROMPTS, SAMPLES, ITERATIONS = 32, 8, 4
 PER_ITERATION = PROMPTS * SAMPLES
 
 
@@ -200,7 +200,10 @@ def test_killed_generation_worker_samples_are_reclaimed(faulty_grpo_run: Recorde
 
 def test_grpo_raises_the_policys_accuracy(faulty_grpo_run: RecordedRun, tiny_kit: Path) -> None:
     """Expected temperature-1 accuracy on 512 fixed prompts, computed exactly by teacher
-    forcing (evaluate.expected_accuracy): no sampling noise, so the margin is the weights'."""
+    forcing (evaluate.expected_accuracy): no sampling noise, so the margin is the weights'.
+
+    Measured with the trainer offline on this setup (4 iterations x 256 samples, lr 3e-5):
+    +0.069 with the rule reward, -0.040 with the rewards shuffled (what noise does)."""
     import torch
 
     from rlhfspec_workers.tinymodels.evaluate import expected_accuracy
@@ -212,7 +215,7 @@ def test_grpo_raises_the_policys_accuracy(faulty_grpo_run: RecordedRun, tiny_kit
     before = expected_accuracy(load_causal_lm(tiny_kit / "policy", cpu), examples)
     final = faulty_grpo_run.run_dir / "weights" / f"v{ITERATIONS}"
     after = expected_accuracy(load_causal_lm(final, cpu), examples)
-    assert after - before >= 0.02, (before, after)
+    assert after - before >= 0.03, (before, after)
 
 
 def test_ppo_with_a_critic_runs_end_to_end(tiny_kit: Path, tmp_path: Path) -> None:

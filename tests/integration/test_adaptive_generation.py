@@ -114,7 +114,7 @@ def test_make_policy_calibrates_once_then_reuses_the_cache(
 def _long_tailed(tiny_kit: Path) -> list[PromptInput]:
     """32 prompts from the shortest to the longest answer, 4 samples each, each budget its
     answer: the batch drains from 128 to the 4 samples of the longest prompt."""
-    from rlhfspec_workers.benchmarks.generation import Settings, load_prompts
+    from rlhfspec_workers.benchmarks.workload import Settings, load_prompts
 
     return load_prompts(tiny_kit, Settings(prompts=32, samples=4, slack=0))
 

@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _generation(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from .generation import Settings, run_benchmark
+    from .generation import run_benchmark
+    from .workload import Settings
 
     base = (
         Settings(

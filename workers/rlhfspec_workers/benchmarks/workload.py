@@ -1,0 +1,140 @@
+"""What the generation benchmark runs: its settings, the workload, and one run's result.
+
+Where it sits: ``benchmarks.generation`` builds its engines from :class:`Settings`, feeds them
+:func:`load_prompts` and keeps a :class:`RunResult` per run; ``benchmarks.report`` turns the
+results into the table, JSON and PNG. No engine code here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlhfspec_api.generation import GenerationSpec
+from rlhfspec_workers.generation.records import PromptInput, StepRecord
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One benchmark's knobs (defaults: the full run; ``cli --quick`` shrinks them)."""
+
+    prompts: int = 16
+    samples: int = 4
+    max_tokens: int = 96
+    slack: int = 4
+    """Tokens a sample may run past its prompt's reference answer (see load_prompts)."""
+    temperature: float = 1.0
+    repeats: int = 3
+    ks: tuple[int, ...] = (1, 2, 4, 8)
+    drafters: tuple[str, ...] = ("suffix", "ngram", "draft_model")
+    target_size: str | None = "512x8"
+    """``HIDDENxLAYERS[xMLP]``: embed the tiny policy in a bigger target (benchmarks.target);
+    None: the tiny policy itself."""
+    dtype: str = "auto"
+    native_dynsd: bool = True
+    seed: int = 0
+    calibration_cache: Path | None = None
+    recalibrate: bool = False
+    profile_rounds: int = 2
+    """Runs of every fixed strategy behind the oracle's and the hand-tuned schedules."""
+    calibration_repeats: int = 2
+    """Interleaved repeats of the cost grid (a worker start uses 1 to stay under a minute)."""
+
+    @property
+    def max_k(self) -> int:
+        return max(self.ks)
+
+
+@dataclass
+class RunResult:
+    config: str
+    round: int
+    seconds: float
+    cpu_seconds: float
+    """This process's CPU time during the run: on a shared machine, time other processes
+    take from us inflates wall time, much less CPU time (every engine runs one thread)."""
+    tokens: int
+    samples: int
+    steps: list[StepRecord] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def tokens_per_cpu_second(self) -> float:
+        return self.tokens / self.cpu_seconds if self.cpu_seconds > 0 else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        drafted = sum(s.num_draft_tokens for s in self.steps)
+        accepted = sum(s.num_accepted_tokens for s in self.steps)
+        drafts = sum(s.num_drafts for s in self.steps)
+        return {
+            "round": self.round,
+            "seconds": round(self.seconds, 4),
+            "tokens": self.tokens,
+            "tokens_per_second": round(self.tokens_per_second, 2),
+            "cpu_seconds": round(self.cpu_seconds, 4),
+            "tokens_per_cpu_second": round(self.tokens_per_cpu_second, 2),
+            "steps": len(self.steps),
+            "draft_tokens": drafted,
+            "accepted_tokens": accepted,
+            "mean_accepted_length": round(1 + accepted / drafts, 3) if drafts else None,
+        }
+
+
+def auto_dtype() -> str:
+    """bfloat16 where the hardware computes it natively, else float32: a CPU without AVX512-BF16
+    or AMX emulates bf16 matmuls ~10x slower than fp32 (measured here), which would put every
+    step deep in a compute-bound regime no accelerator is in."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "bfloat16"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "float32"
+    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+
+
+def load_prompts(kit: Path, settings: Settings) -> list[PromptInput]:
+    """P prompts of the kit's held-out set at evenly spaced quantiles of answer length (the
+    shortest to the longest), n samples each: the task's own long-tailed mix of problem
+    sizes, deterministically. Each prompt's budget is its answer plus EOS plus ``slack``, so a
+    wrong answer that never stops is cut near where a right one ends: sample lengths, and so
+    the batch's drain, are nearly the same in every run (with a few dozen samples, whether
+    one sample rambles to a large cap would otherwise decide the run time)."""
+    from rlhfspec_workers.tinymodels.task import read_dataset_jsonl
+
+    examples = sorted(
+        read_dataset_jsonl(kit / "dataset" / "eval.jsonl"), key=lambda e: (len(e.answer), e.prompt)
+    )
+    count = min(settings.prompts, len(examples))
+    picks = [round(i * (len(examples) - 1) / max(count - 1, 1)) for i in range(count)]
+    return [
+        PromptInput(
+            examples[j].prompt,
+            f"q{i}",
+            n=settings.samples,
+            max_tokens=min(settings.max_tokens, len(examples[j].answer) + 1 + settings.slack),
+        )
+        for i, j in enumerate(picks)
+    ]
+
+
+def bench_spec(drafters: Sequence[str], max_k: int, *, native: bool = False) -> GenerationSpec:
+    def drafter(name: str) -> dict[str, Any]:
+        return {
+            "method": name,
+            **({"model": {"path": "tiny://draft"}} if name == "draft_model" else {}),
+        }
+
+    speculative: dict[str, Any] = {
+        "mode": "fixed" if native else "adaptive",
+        "maxDraftTokens": max_k,
+        "drafters": [drafter(d) for d in drafters],
+    }
+    return GenerationSpec.model_validate({"speculative": speculative})

@@ -64,10 +64,12 @@ def skewed_partition(
     rng = random.Random(seed)
     prompts = ["S" + "".join(rng.choice("0123456789") for _ in range(12)) + "=" for _ in range(8)]
     parts: list[list[tuple[str, int]]] = [[] for _ in range(workers)]
+    # Lengths follow the prompt (as in RL: some problems make long answers): four prompts long,
+    # four short.
     for i in range(long):
-        parts[0].append((prompts[i % 8], long_tokens - rng.randrange(0, long_tokens // 8)))
+        parts[0].append((prompts[i % 4], long_tokens - rng.randrange(0, long_tokens // 8)))
     for i in range(short):
-        parts[i % workers].append((prompts[i % 8], rng.randrange(4, 12)))
+        parts[i % workers].append((prompts[4 + i % 4], rng.randrange(4, 12)))
     return parts
 
 
@@ -89,12 +91,17 @@ def run_policy(
         for j, (prompt, tokens) in enumerate(part):
             task = SampleTask(
                 iteration=iteration, sample_id=f"it{iteration}/w{w}/{j}", prompt_id=f"w{w}-{j}",
-                group_id=f"w{w}", sample_index=0, prompt=prompt, max_tokens=tokens,
+                group_id=prompt, sample_index=0, prompt=prompt, max_tokens=tokens,
                 temperature=1.0, top_p=1.0, ignore_eos=True,
             )  # fmt: skip
             bus.publish(keys.direct_tasks(f"generation-{w}"), task)
             total += 1
     reallocator = Reallocator(spec, bus, workers, policy=policy)  # type: ignore[arg-type]
+    # The coordinator's predictor persists across iterations; seed it with this batch's length
+    # distribution as an earlier iteration of the same prompts would have (by prompt group).
+    for part in parts:
+        for prompt, tokens in part:
+            reallocator.predictor.observe(tokens, group_id=prompt)
     started = time.monotonic()
     trace: list[list[float]] = []
     while int(bus.redis.scard(keys.done_samples(iteration))) < total:

@@ -34,7 +34,6 @@ class Handover:
             "read orders", lambda: self.bus.redis.xrevrange(self.orders_stream, count=1)
         )
         self.cursor: Any = last[0][0] if last else "0-0"
-        self.migrated_out = 0
 
     # -- migration ----------------------------------------------------------------------------
 
@@ -56,47 +55,47 @@ class Handover:
     def _execute(self, order: MigrationOrder) -> None:
         worker = self.worker
         started = time.perf_counter()
-        moved_tokens = 0
+        moved: list[SampleTask] = []
         wanted = set(order.sample_ids)
         # Not yet started: hand over as is.
         for held in [h for h in worker.waiting if h[2].sample_id in wanted]:
             worker.waiting.remove(held)
             stream, entry_id, task = held
-            self._hand(order, task.model_copy(update={"migrations": task.migrations + 1}))
+            moved.append(task.model_copy(update={"migrations": task.migrations + 1}))
+            self._hand(order, moved[-1])
             self.bus.ack(stream, Keys.GENERATION_GROUP, entry_id)
         for sample_id in order.sample_ids:
-            flight = worker.in_flight.pop(sample_id, None)
+            flight = worker.in_flight.get(sample_id)
             if flight is None:
                 continue  # finished (or moved) since the planner saw it
-            tokens, logprobs = worker.engine.preempt(flight.request_id)
             task = flight.task
-            remaining = task.max_tokens - len(tokens)
-            if remaining < 1:  # cannot happen for a running sample; keep it safe anyway
-                worker.in_flight[sample_id] = flight
+            # Checked before preempting, which aborts: a sample at its budget finishes here.
+            if worker.engine.generated_so_far(flight.request_id) >= task.max_tokens:
                 continue
-            resumed = task.model_copy(
-                update={
-                    "prefix_token_ids": [*task.prefix_token_ids, *tokens],
-                    "prefix_logprobs": [*task.prefix_logprobs, *logprobs],
-                    "max_tokens": remaining,
-                    "migrations": task.migrations + 1,
-                }
+            del worker.in_flight[sample_id]
+            tokens, logprobs = worker.engine.preempt(flight.request_id)
+            moved.append(
+                task.model_copy(
+                    update={
+                        "prefix_token_ids": [*task.prefix_token_ids, *tokens],
+                        "prefix_logprobs": [*task.prefix_logprobs, *logprobs],
+                        "max_tokens": task.max_tokens - len(tokens),
+                        "migrations": task.migrations + 1,
+                    }
+                )
             )
             # Publish the resumable state before acking: a crash in between duplicates the
             # sample (the done set drops the copy), it never loses it.
-            self._hand(order, resumed)
+            self._hand(order, moved[-1])
             self.bus.ack(flight.stream, Keys.GENERATION_GROUP, flight.entry_id)
-            moved_tokens += len(resumed.prefix_token_ids)
-            worker.counters.add(task.iteration, "migrations", 1)
-            worker.counters.add(task.iteration, "migrated_tokens", len(tokens))
         seconds = time.perf_counter() - started
-        moved = len(wanted)
-        iteration = max((t.iteration for _, _, t in worker.waiting), default=0)
-        for flight in worker.in_flight.values():
-            iteration = max(iteration, flight.task.iteration)
-        worker.counters.add(iteration, "migration_seconds", seconds)
-        self.migrated_out += moved
-        self.bus.metrics.observe_migration(moved_tokens, seconds, samples=moved)
+        moved_tokens = sum(len(t.prefix_token_ids) for t in moved)
+        for task in moved:
+            worker.counters.add(task.iteration, "migrations", 1)
+        if moved:
+            worker.counters.add(moved[0].iteration, "migrated_tokens", moved_tokens)
+            worker.counters.add(moved[0].iteration, "migration_seconds", seconds)
+        self.bus.metrics.observe_migration(moved_tokens, seconds, samples=len(moved))
 
     def _hand(self, order: MigrationOrder, task: SampleTask) -> None:
         self.bus.publish(self.keys.direct_tasks(order.destination), task)

@@ -80,12 +80,16 @@ def test_ordered_migration_moves_running_samples_and_stitches_them_exactly(
             order_id="test-1", source=source, destination=destination, sample_ids=moving
         )
         client.xadd(keys.migrations_for(source), {b"data": order.to_bytes()})
+        # Generation done, job not yet (the trainer runs): the workers still serve /metrics.
+        while client.scard(keys.done_samples(1)) < 24:
+            assert time.monotonic() < deadline, "generation did not finish"
+            time.sleep(0.1)
+        second_scrape = _scrape(supervisor, source)
         coordinator = supervisor.workers[0]
         while coordinator.process.poll() is None:
             assert time.monotonic() < deadline, coordinator.tail(30)
             time.sleep(0.2)
         assert coordinator.process.returncode == 0, coordinator.tail(30)
-        second_scrape = _scrape(supervisor, source)
         rollouts = [Rollout.from_bytes(f[b"data"]) for _, f in client.xrange(keys.rollouts)]
         done = client.scard(keys.done_samples(1))
     finally:

@@ -94,6 +94,9 @@ class GenerationWorker:
         self.in_flight: dict[str, _InFlight] = {}
         """Task sample id -> the engine request generating it."""
         self._task_of: dict[str, str] = {}
+        self.iteration: int | None = None
+        """Newest iteration this worker generates for: engine steps are counted under it
+        (also the step that finishes its last samples, when nothing is in flight any more)."""
         self.waiting: deque[Held] = deque()
         self.direct = self.keys.direct_tasks(self.name)
         self.finished_lengths: list[int] = []
@@ -184,6 +187,7 @@ class GenerationWorker:
             prompt, sampling, task.sample_index, prefix_token_ids=task.prefix_token_ids
         )
         self.in_flight[task.sample_id] = _InFlight(stream, entry_id, task, request_id)
+        self.iteration = max(self.iteration or 0, task.iteration)
         # The engine names results "<PromptInput.prompt_id>/<index>": map back to the task.
         self._task_of[f"{prompt.prompt_id}/{task.sample_index}"] = task.sample_id
 
@@ -239,9 +243,7 @@ class GenerationWorker:
         steps = self.engine.drain_steps()
         if not steps:
             return
-        iteration = max((f.task.iteration for f in self.in_flight.values()), default=None)
-        if iteration is None and self._recent:
-            iteration = max(self.counters.by_iteration, default=None)
+        iteration = self.iteration
         for step in steps:
             self._last_step = step
             self.recent_steps.append(step)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from rlhfspec_workers.local.redis_server import RedisServer
-from rlhfspec_workers.messages import DeadLetter, Keys, SampleTask
+from rlhfspec_workers.messages import DeadLetter, Keys, SampleTask, WorkerStatus
 from rlhfspec_workers.runtime import Bus, WorkerEnv
 
 pytestmark = pytest.mark.timeout(120)
@@ -80,6 +83,62 @@ def test_a_dead_consumers_entries_are_reclaimed_once(server: RedisServer) -> Non
     assert sorted(t.sample_id for _, t in got) == sorted(t.sample_id for _, t in taken)
     again = alive.reclaim(keys.tasks, Keys.GENERATION_GROUP, SampleTask, min_idle_ms=200, count=10)
     assert again == []  # ownership moved: a second sweep right away finds nothing idle
+
+
+def test_reclaim_finds_a_dead_consumers_entries_behind_many_live_ones(
+    server: RedisServer,
+) -> None:
+    alive, dead = _bus(server, 0), _bus(server, 1)
+    keys = alive.keys
+    alive.ensure_group(keys.tasks, Keys.GENERATION_GROUP)
+    for i in range(32):
+        alive.publish(keys.tasks, _task(i))
+    live = alive.read_group(keys.tasks, Keys.GENERATION_GROUP, SampleTask, count=30, block_ms=100)
+    taken = dead.read_group(keys.tasks, Keys.GENERATION_GROUP, SampleTask, count=2, block_ms=100)
+    time.sleep(0.3)
+    # The live consumer renews its 30: XAUTOCLAIM's first call (10 x count) sees only those.
+    alive.redis.xclaim(keys.tasks, Keys.GENERATION_GROUP, alive.env.worker, 0,
+                       [entry_id for entry_id, _ in live], justid=True)  # fmt: skip
+    got = alive.reclaim(keys.tasks, Keys.GENERATION_GROUP, SampleTask, min_idle_ms=200, count=1)
+    assert [t.sample_id for _, t in got] == [taken[0][1].sample_id]
+
+
+def _reclaiming_worker(bus: Bus) -> Any:
+    from rlhfspec_workers.generation.worker import _Counters
+
+    return SimpleNamespace(
+        bus=bus, keys=bus.keys, name=bus.env.worker, max_running=8, in_flight={},
+        waiting=deque(), counters=_Counters(),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("heartbeat_age", [0.0, 10.0])
+def test_samples_handed_to_a_dead_worker_it_never_read_are_taken_over(
+    server: RedisServer, heartbeat_age: float
+) -> None:
+    """A migration planned from a worker's last load report, just before it died, lands in
+    a stream nobody reads: once its heartbeat is older than the lease, another takes it."""
+    from rlhfspec_workers.generation.handover import Handover  # slow import: before the clock
+
+    worker = _reclaiming_worker(_bus(server, 0))
+    alive, dest = _bus(server, 0), _bus(server, 1)
+    keys = alive.keys
+    direct = keys.direct_tasks(dest.env.worker)
+    dest.ensure_group(direct, Keys.GENERATION_GROUP)
+    status = WorkerStatus(worker=dest.env.worker, role="generation",
+                          updated_at=time.time() - heartbeat_age)  # fmt: skip
+    alive.redis.hset(keys.workers, dest.env.worker, status.to_bytes())
+    alive.publish(direct, _task(7))
+    Handover(worker).reclaim_from_dead_workers(lease_ms=3000)
+    taken = [task.sample_id for _, _, task in worker.waiting]
+    if heartbeat_age > 3.0:  # dead: taken over, once
+        assert taken == ["it1/p7/0"]
+        Handover(worker).reclaim_from_dead_workers(lease_ms=3000)
+        assert len(worker.waiting) == 1
+    else:  # alive: the sample is its to read
+        assert taken == []
+        got = dest.read_group(direct, Keys.GENERATION_GROUP, SampleTask, count=5, block_ms=None)
+        assert [t.sample_id for _, t in got] == ["it1/p7/0"]
 
 
 def test_redis_restart_with_aof_keeps_everything_acknowledged(server: RedisServer) -> None:

@@ -1,115 +1,155 @@
-"""Migration through the running system: an order to a real generation worker moves samples
-mid-flight to another real worker, and the stitched rollouts are what no migration gives.
+"""Migration between real generation workers: an order moves running samples mid-flight from
+one worker (a real process serving vLLM) to another, and the stitched rollouts are exactly what
+no migration gives.
 
 Greedy decoding makes two samples of one prompt identical, so a migrated sample is checked
-token for token against its unmigrated sibling, with log-probs aligned.
+token for token against its unmigrated sibling, with log-probs aligned. Lengths are fixed
+(``ignore_eos``) and every task is handed to one worker, so the samples are still running when
+the order arrives: the test does not race the tiny policy's ~10-token answers.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from rlhfspec_api.manifest import parse_rlhfjob
-from rlhfspec_workers.local.run import LocalRun, prepare_run_dir
-from rlhfspec_workers.messages import Keys, LoadReport, MigrationOrder, Rollout
+from rlhfspec_workers.local.redis_server import RedisServer
+from rlhfspec_workers.local.supervisor import Supervisor
+from rlhfspec_workers.messages import LoadReport, MigrationOrder, Rollout, SampleTask
+from rlhfspec_workers.runtime import Bus, WorkerEnv
 
 pytestmark = pytest.mark.timeout(900)
 
+PROMPTS, MAX_TOKENS = 12, 48
+SOURCE, DESTINATION = "generation-0", "generation-1"
 
-def _job() -> Any:
-    return parse_rlhfjob(
-        {
-            "apiVersion": "rlhfspec.io/v1alpha1",
-            "kind": "RLHFJob",
-            "metadata": {"name": "migrate"},
-            "spec": {
-                "algorithm": {
-                    "iterations": 1,
-                    "promptsPerIteration": 12,
-                    "samplesPerPrompt": 2,
-                    "microBatchSize": 24,
-                    "miniBatches": 1,
-                },
-                "models": {"policy": {"path": "tiny://policy"}},
-                "dataset": {"path": "tiny://dataset/train.jsonl"},
-                "generation": {
-                    "replicas": 2,
-                    "maxNewTokens": 48,
-                    "temperature": 0.0,
-                    "speculative": {"mode": "off"},
-                    "reallocation": {"enabled": False},  # only the test's order moves samples
-                },
-                "storage": {"size": "1Gi"},
+
+def _manifest() -> dict[str, Any]:
+    return {
+        "apiVersion": "rlhfspec.io/v1alpha1",
+        "kind": "RLHFJob",
+        "metadata": {"name": "migrate"},
+        "spec": {
+            "algorithm": {
+                "promptsPerIteration": PROMPTS,
+                "samplesPerPrompt": 2,
+                "microBatchSize": 24,
+                "miniBatches": 1,
             },
-        }
-    )
+            "models": {"policy": {"path": "tiny://policy"}},
+            "dataset": {"path": "tiny://dataset/train.jsonl"},
+            "generation": {
+                "replicas": 2,
+                "maxNewTokens": MAX_TOKENS,
+                "speculative": {"mode": "off"},
+                "reallocation": {"enabled": False},  # only the test's order moves samples
+            },
+            "storage": {"size": "1Gi"},
+        },
+    }
+
+
+def _tasks() -> list[SampleTask]:
+    rng = random.Random(0)
+    tasks = []
+    for p in range(PROMPTS):
+        prompt = "S" + "".join(rng.choice("0123456789") for _ in range(10)) + "="
+        for index in (0, 1):
+            tasks.append(
+                SampleTask(
+                    iteration=1,
+                    sample_id=f"it1/p{p}/{index}",
+                    prompt_id=f"p{p}",
+                    group_id=f"p{p}",
+                    sample_index=index,
+                    prompt=prompt,
+                    max_tokens=MAX_TOKENS,
+                    temperature=0.0,
+                    top_p=1.0,
+                    ignore_eos=True,
+                )
+            )
+    return tasks
 
 
 def test_ordered_migration_moves_running_samples_and_stitches_them_exactly(
     tiny_kit: Path, tmp_path: Path
 ) -> None:
-    job = _job()
-    config = prepare_run_dir(tmp_path, job, None, resume=False)
-    local = LocalRun(job, tmp_path, config, resume=False)
-    try:
-        client, supervisor = local.start()
-        keys = Keys("default", job.name)
-        deadline = time.monotonic() + 600
-        source = destination = ""
-        moving: list[str] = []
-        while not moving:
-            assert time.monotonic() < deadline, "no worker ever held running samples"
-            for name, other in (("generation-0", "generation-1"), ("generation-1", "generation-0")):
-                raw = client.get(keys.load(name))
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(_manifest()))
+    with RedisServer(tmp_path / "redis", password="test") as server:
+        env = {
+            "RLHFSPEC_JOB": "migrate", "RLHFSPEC_NAMESPACE": "default", "RLHFSPEC_REPLICAS": "2",
+            "RLHFSPEC_REDIS_URL": f"redis://127.0.0.1:{server.port}/0",
+            "RLHFSPEC_REDIS_PASSWORD": "test", "RLHFSPEC_JOB_CONFIG": str(config),
+            "RLHFSPEC_STORAGE": str(tmp_path), "RLHFSPEC_METRICS_PORT": "0",
+        }  # fmt: skip
+        supervisor = Supervisor(tmp_path, env)
+        try:
+            for index in (0, 1):
+                supervisor.start("generation", index)
+            bus = Bus(WorkerEnv.from_environ("coordinator", env))
+            keys = bus.keys
+            deadline = time.monotonic() + 600
+
+            def wait(what: str, condition: Any) -> None:
+                while not condition():
+                    crashed = supervisor.exited()
+                    assert not crashed, f"{what}: {crashed[0][0].name}\n{crashed[0][0].tail(30)}"
+                    assert time.monotonic() < deadline, f"timed out waiting for {what}"
+                    time.sleep(0.05)
+
+            wait("both workers ready", lambda: sum(
+                s.state == "ready" for s in bus.workers().values()) == 2)  # fmt: skip
+            tasks = _tasks()
+            for task in tasks:
+                bus.publish(keys.direct_tasks(SOURCE), task)
+            moving: list[str] = []
+
+            def running_firsts() -> bool:
+                raw = bus.redis.get(keys.load(SOURCE))
                 report = LoadReport.from_bytes(raw) if raw else None
-                running = [
-                    s for s in (report.samples if report else [])
-                    if s.running and s.generated > 0 and s.sample_id.endswith("/0")
-                ]  # fmt: skip
-                if len(running) >= 2:
-                    source, destination = name, other
-                    moving = [s.sample_id for s in running[:3]]
-                    break
-            time.sleep(0.05)
-        first_scrape = _scrape(supervisor, source)
-        order = MigrationOrder(
-            order_id="test-1", source=source, destination=destination, sample_ids=moving
-        )
-        client.xadd(keys.migrations_for(source), {b"data": order.to_bytes()})
-        # Generation done, job not yet (the trainer runs): the workers still serve /metrics.
-        while client.scard(keys.done_samples(1)) < 24:
-            assert time.monotonic() < deadline, "generation did not finish"
-            time.sleep(0.1)
-        second_scrape = _scrape(supervisor, source)
-        coordinator = supervisor.workers[0]
-        while coordinator.process.poll() is None:
-            assert time.monotonic() < deadline, coordinator.tail(30)
-            time.sleep(0.2)
-        assert coordinator.process.returncode == 0, coordinator.tail(30)
-        rollouts = [Rollout.from_bytes(f[b"data"]) for _, f in client.xrange(keys.rollouts)]
-        done = client.scard(keys.done_samples(1))
-    finally:
-        local.stop()
+                moving[:] = [
+                    s.sample_id for s in (report.samples if report else [])
+                    if s.running and 0 < s.generated < MAX_TOKENS // 2
+                    and s.sample_id.endswith("/0")
+                ][:3]  # fmt: skip
+                return len(moving) == 3
+
+            wait("the source running samples", running_firsts)
+            first_scrape = _scrape(supervisor, SOURCE)
+            order = MigrationOrder(
+                order_id="test-1", source=SOURCE, destination=DESTINATION, sample_ids=moving
+            )
+            bus.publish(keys.migrations_for(SOURCE), order)
+            wait("every sample", lambda: bus.redis.scard(keys.done_samples(1)) == len(tasks))
+            time.sleep(1.0)  # one more heartbeat: counters are exported as they happen
+            second_scrape = _scrape(supervisor, SOURCE)
+            rollouts = [Rollout.from_bytes(f[b"data"]) for _, f in bus.redis.xrange(keys.rollouts)]
+        finally:
+            supervisor.stop()
     # The source worker's /metrics, scraped over HTTP before and after: counters moved, and
     # carry the job/role/worker labels.
-    labels = f'job="migrate",role="generation",worker="{source}"'
+    labels = f'job="migrate",role="generation",worker="{SOURCE}"'
     steps = [_value(text, "rlhfspec_generation_steps_total", labels) for text in
              (first_scrape, second_scrape)]  # fmt: skip
     assert 0 < steps[0] < steps[1]
-    assert _value(second_scrape, "rlhfspec_migrations_total", labels) >= 1
+    migrations = [_value(text, "rlhfspec_migrations_total", labels, missing=0.0) for text in
+                  (first_scrape, second_scrape)]  # fmt: skip
+    assert migrations == [0.0, 3.0]
     by_id = {r.sample_id: r for r in rollouts}
-    assert done == 24 and len(by_id) == 24  # every sample exactly once
-    migrated = [r for r in rollouts if r.migrations > 0]
-    # A sample may finish before the order arrives; most of the chosen ones are in flight.
-    assert migrated, "no sample was migrated"
-    for r in migrated:
-        assert r.sample_id in moving and r.worker == destination
-        sibling = by_id[r.sample_id[:-1] + "1"]
-        assert sibling.migrations == 0
+    assert len(rollouts) == len(by_id) == len(tasks)  # every sample exactly once
+    migrated = sorted(r.sample_id for r in rollouts if r.migrations > 0)
+    assert migrated == sorted(moving)  # each was running with at least half its budget left
+    for sample_id in moving:
+        r, sibling = by_id[sample_id], by_id[sample_id[:-1] + "1"]
+        assert r.worker == DESTINATION and sibling.worker == SOURCE and sibling.migrations == 0
+        assert len(r.token_ids) == MAX_TOKENS
         assert r.token_ids == sibling.token_ids
         assert r.logprobs == pytest.approx(sibling.logprobs, abs=1e-4)
         assert len(r.logprobs) == len(r.token_ids)
@@ -127,8 +167,10 @@ def _scrape(supervisor: Any, worker: str) -> str:
         return str(r.read().decode())
 
 
-def _value(text: str, name: str, labels: str) -> float:
+def _value(text: str, name: str, labels: str, missing: float | None = None) -> float:
     for line in text.splitlines():
         if line.startswith(name + "{") and labels in line:
             return float(line.rsplit(" ", 1)[1])
+    if missing is not None:  # a labelled counter appears on its first increment
+        return missing
     raise AssertionError(f"{name}{{{labels}}} not exported")

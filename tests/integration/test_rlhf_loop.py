@@ -82,7 +82,8 @@ def _wait(what: str, condition: Callable[[], bool], supervisor: Supervisor, time
             tail = next(w.tail(40) for w in supervisor.workers if w.name == name)
             raise AssertionError(f"{what}: {crashed} exited; log of {name}:\n{tail}")
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            tails = "\n".join(f"--- {w.name}\n{w.tail(15)}" for w in supervisor.workers)
+            raise AssertionError(f"timed out waiting for {what}; worker logs:\n{tails}")
         time.sleep(0.2)
 
 

@@ -30,6 +30,8 @@ log = logging.getLogger("rlhfspec.worker")
 
 ROLES = ("coordinator", "generation", "inference", "trainer")
 FIELD = b"data"
+RECLAIM_SCAN_CALLS = 8
+"""XAUTOCLAIM calls per reclaim: enough to walk every live worker's pending entries."""
 _T = TypeVar("_T")
 _M = TypeVar("_M", bound=Message)
 
@@ -205,13 +207,24 @@ class Bus:
     ) -> list[tuple[str, _M]]:
         """Take over entries another consumer was given and did not ack within the lease (the
         consumer died). XAUTOCLAIM transfers ownership, so each entry has one owner."""
-        reply: Any = self.call(
-            f"reclaim {stream}",
-            lambda: self.redis.xautoclaim(
-                stream, group, self.env.worker, min_idle_time=min_idle_ms, count=count
-            ),
-        )
-        entries = reply[1] if reply else []
+        entries: list[Any] = []
+        cursor: Any = "0-0"
+        # XAUTOCLAIM examines at most 10*count pending entries per call: follow its cursor
+        # past live consumers' entries (bounded) so a dead one's are found behind them.
+        for _ in range(RECLAIM_SCAN_CALLS):
+            def claim(start: Any = cursor, wanted: int = count - len(entries)) -> Any:
+                return self.redis.xautoclaim(
+                    stream, group, self.env.worker, min_idle_time=min_idle_ms,
+                    start_id=start, count=wanted,
+                )  # fmt: skip
+
+            reply: Any = self.call(f"reclaim {stream}", claim)
+            if not reply:
+                break
+            cursor, claimed = reply[0], reply[1]
+            entries += claimed
+            if len(entries) >= count or cursor in (b"0-0", "0-0"):
+                break
         return self._decode_entries(stream, group, expected, [[stream, entries]])
 
     def _decode_entries(

@@ -35,14 +35,14 @@ POLICIES = ("none", "threshold", "planner")
 LABELS = {"none": "static", "threshold": "threshold", "planner": "ours"}
 
 
-def _job(workers: int, max_tokens: int) -> dict[str, Any]:
+def _job(workers: int, max_tokens: int, policy: str = "tiny://policy") -> dict[str, Any]:
     return {
         "apiVersion": "rlhfspec.io/v1alpha1",
         "kind": "RLHFJob",
         "metadata": {"name": "bench-realloc"},
         "spec": {
             "algorithm": {"promptsPerIteration": 1, "samplesPerPrompt": 2, "microBatchSize": 1},
-            "models": {"policy": {"path": "tiny://policy"}},
+            "models": {"policy": {"path": policy}},
             "dataset": {"path": "tiny://dataset/train.jsonl"},
             "generation": {
                 "replicas": workers,
@@ -136,12 +136,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--short", type=int, default=96, help="short samples, spread evenly")
     parser.add_argument("--long-tokens", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--target-size",
+        default=None,
+        help="serve a wider/deeper policy computing what the tiny one does (HIDDENxLAYERS, "
+        "e.g. 512x8), so a step's time grows with the batch as on a loaded GPU; the 4.2M "
+        "policy's step is mostly fixed per-step overhead, which no migration can shorten",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/reallocation.json"))
     args = parser.parse_args(argv)
     from rlhfspec_workers.tinymodels import ensure_tiny_models
 
-    ensure_tiny_models(seed=0)
-    manifest = _job(args.workers, args.long_tokens)
+    kit = ensure_tiny_models(seed=0)
+    policy = "tiny://policy"
+    if args.target_size:
+        from .target import TargetSize, scaled_target
+
+        size = TargetSize.parse(args.target_size)
+        policy = str(scaled_target(kit / "policy", size, kit.parent.parent / "bench-targets"))
+    manifest = _job(args.workers, args.long_tokens, policy)
     spec = parse_rlhfjob(manifest).spec
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="rlhfspec-realloc-") as tmp:

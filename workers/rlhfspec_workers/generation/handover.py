@@ -176,21 +176,33 @@ class Handover:
 
     def reclaim_from_dead_workers(self, lease_ms: int) -> None:
         """Take over tasks idle past the lease on the shared stream and on other workers'
-        direct streams (migrated samples handed to a worker that died)."""
+        direct streams (migrated samples handed to a worker that died). A worker whose
+        heartbeat is older than the lease is dead: samples handed to it that it never read
+        (an order planned from its last load report, just before it died) are read here too,
+        or they would wait forever in a stream nobody consumes."""
         worker = self.worker
         free = worker.max_running - len(worker.in_flight) - len(worker.waiting)
         if free <= 0:
             return
-        streams = [self.keys.tasks] + [
-            self.keys.direct_tasks(name)
+        now = time.time()
+        others = {
+            name: now - status.updated_at > lease_ms / 1000
             for name, status in self.bus.workers().items()
             if status.role == "generation" and name != worker.name
+        }
+        streams = [(self.keys.tasks, False)] + [
+            (self.keys.direct_tasks(name), dead) for name, dead in others.items()
         ]
-        for stream in streams:
+        for stream, dead in streams:
             try:
                 got = self.bus.reclaim(
                     stream, Keys.GENERATION_GROUP, SampleTask, min_idle_ms=lease_ms, count=free
                 )
+                if dead and len(got) < free:
+                    got += self.bus.read_group(
+                        stream, Keys.GENERATION_GROUP, SampleTask, count=free - len(got),
+                        block_ms=None,
+                    )  # fmt: skip
             except redis.ResponseError:  # NOGROUP: that worker never started consuming
                 continue
             for entry_id, task in got:

@@ -13,6 +13,7 @@ interleaved over ``--repeats`` rounds; the printed ratios are of medians.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import statistics
@@ -31,8 +32,15 @@ from rlhfspec_workers.local.supervisor import Supervisor
 from rlhfspec_workers.messages import LoadReport, SampleTask
 from rlhfspec_workers.runtime import Bus, WorkerEnv
 
-POLICIES = ("none", "threshold", "planner")
-LABELS = {"none": "static", "threshold": "threshold", "planner": "ours"}
+POLICIES = ("none", "threshold", "planner", "planner-unbudgeted")
+LABELS = {
+    "none": "static",
+    "threshold": "threshold",
+    "planner": "ours",
+    "planner-unbudgeted": "unbudgeted",
+}
+"""``unbudgeted``: our planner without its per-stage overhead budget (the trade-off: where
+recompute is dear, as on a compute-bound CPU, the budget is what keeps moves few)."""
 
 
 def _job(workers: int, max_tokens: int, policy: str = "tiny://policy") -> dict[str, Any]:
@@ -96,7 +104,10 @@ def run_policy(
             )  # fmt: skip
             bus.publish(keys.direct_tasks(f"generation-{w}"), task)
             total += 1
-    reallocator = Reallocator(spec, bus, workers, policy=policy)  # type: ignore[arg-type]
+    base = "planner" if policy == "planner-unbudgeted" else policy
+    reallocator = Reallocator(spec, bus, workers, policy=base)  # type: ignore[arg-type]
+    if policy == "planner-unbudgeted":
+        reallocator.config = dataclasses.replace(reallocator.config, overhead_budget=None)
     # The coordinator's predictor persists across iterations; seed it with this batch's length
     # distribution as an earlier iteration of the same prompts would have (by prompt group).
     for part in parts:
@@ -123,6 +134,10 @@ def run_policy(
         "makespan": makespan,
         "migrations": int(stats.get("migrations", 0)),
         "migration_seconds": stats.get("migration_seconds", 0.0),
+        # Engine time the destinations spend re-prefilling moved contexts, as the planner
+        # modelled it (vLLM does not report a step's prefill and decode shares apart).
+        "recompute_seconds": reallocator.spent_seconds,
+        "workers": workers,
         "trace": trace,
     }
 
@@ -189,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         results.append(
                             run_policy(bus, spec, args.workers, policy, iteration, parts)
                         )
-                        print(f"  {LABELS[policy]:>9}: {results[-1]['makespan']:.2f}s, "
+                        print(f"  {LABELS[policy]:>10}: {results[-1]['makespan']:.2f}s, "
                               f"{results[-1]['migrations']} migrations", flush=True)  # fmt: skip
             finally:
                 supervisor.stop()
@@ -246,24 +261,31 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         runs = [r for r in results if r["policy"] == label]
         makespan = statistics.median(r["makespan"] for r in runs)
         seconds = statistics.median(r["migration_seconds"] for r in runs)
+        recompute = statistics.median(r["recompute_seconds"] / r["workers"] for r in runs)
         out[label] = {
             "makespan": makespan,
             "migrations": statistics.median(r["migrations"] for r in runs),
             "overhead_fraction": seconds / makespan,
+            "recompute_fraction": recompute / makespan,
         }
-    for label in ("threshold", "ours"):
+    for label in ("threshold", "ours", "unbudgeted"):
         out[label]["vs_static"] = out[label]["makespan"] / out["static"]["makespan"]
     return out
 
 
 def table(summary: dict[str, Any]) -> str:
-    lines = [f"{'policy':<10}{'makespan s':>11}{'x static':>9}{'migrations':>11}{'overhead':>9}"]
+    """``handover``: seconds the sources spent migrating, measured, over the makespan;
+    ``recompute``: modelled destination prefill per worker, over the makespan."""
+    lines = [
+        f"{'policy':<11}{'makespan s':>11}{'x static':>9}{'migrations':>11}{'handover':>9}"
+        f"{'recompute':>10}"
+    ]
     for label in LABELS.values():
         row = summary[label]
         ratio = row.get("vs_static", 1.0)
         lines.append(
-            f"{label:<10}{row['makespan']:>11.2f}{ratio:>9.2f}{row['migrations']:>11.0f}"
-            f"{100 * row['overhead_fraction']:>8.2f}%"
+            f"{label:<11}{row['makespan']:>11.2f}{ratio:>9.2f}{row['migrations']:>11.0f}"
+            f"{100 * row['overhead_fraction']:>8.2f}%{100 * row['recompute_fraction']:>9.2f}%"
         )
     return "\n".join(lines)
 

@@ -32,8 +32,9 @@ from .records import PromptInput, SampleResult, SamplingConfig, StepRecord
 LEASE_MS = int(os.environ.get("RLHFSPEC_TASK_LEASE_MS", "30000"))
 """A task unacked this long by a consumer that stopped renewing it is reclaimed."""
 ADMIT_PER_STEP = 16
-"""Tasks taken from the stream per engine step: small, so replicas share the queue evenly
-instead of the first one up taking everything (the long tail is then reallocation's job)."""
+"""Tasks taken from the shared stream per engine step: small, so replicas share the queue
+evenly instead of the first one up taking everything (the long tail is then reallocation's
+job). A worker's own direct stream is read whole."""
 HEARTBEAT_SECONDS = 0.5
 MAX_RUNNING = 256
 """Engine slots (vLLM max_num_seqs); tasks beyond it wait in the stream for any worker."""
@@ -136,10 +137,11 @@ class GenerationWorker:
     def _admit(self) -> None:
         """Fill free engine slots: waiting tasks first, then new ones from the stream."""
         free = self.max_running - len(self.in_flight) - len(self.waiting)
-        free = min(free, ADMIT_PER_STEP)
         if free > 0:
-            # Samples handed to this worker (migrations) first, then the shared queue.
+            # Samples handed to this worker (migrations, a static partition) first, all of
+            # them: left unread in Redis they would be load the planner cannot see.
             free -= self._take(self.direct, free, None)
+        free = min(free, ADMIT_PER_STEP)
         if free > 0:
             idle = not self.in_flight and not self.waiting
             self._take(self.keys.tasks, free, 200 if idle else None)

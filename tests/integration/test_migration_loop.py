@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from rlhfspec_workers.local.redis_server import RedisServer
-from rlhfspec_workers.local.supervisor import Supervisor
+from rlhfspec_workers.local.supervisor import Supervisor, local_worker_env
 from rlhfspec_workers.messages import LoadReport, MigrationOrder, Rollout, SampleTask
 from rlhfspec_workers.runtime import Bus, WorkerEnv
 
@@ -83,12 +83,10 @@ def test_ordered_migration_moves_running_samples_and_stitches_them_exactly(
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(_manifest()))
     with RedisServer(tmp_path / "redis", password="test") as server:
-        env = {
-            "RLHFSPEC_JOB": "migrate", "RLHFSPEC_NAMESPACE": "default", "RLHFSPEC_REPLICAS": "2",
-            "RLHFSPEC_REDIS_URL": f"redis://127.0.0.1:{server.port}/0",
-            "RLHFSPEC_REDIS_PASSWORD": "test", "RLHFSPEC_JOB_CONFIG": str(config),
-            "RLHFSPEC_STORAGE": str(tmp_path), "RLHFSPEC_METRICS_PORT": "0",
-        }  # fmt: skip
+        env = local_worker_env(
+            job="migrate", namespace="default", replicas=2, redis_port=server.port,
+            redis_password="test", job_config=config, storage=tmp_path,
+        )  # fmt: skip
         supervisor = Supervisor(tmp_path, env)
         try:
             for index in (0, 1):

@@ -28,7 +28,7 @@ import yaml
 from rlhfspec_api.manifest import parse_rlhfjob
 from rlhfspec_workers.coordinator.reallocate import Reallocator
 from rlhfspec_workers.local.redis_server import RedisServer
-from rlhfspec_workers.local.supervisor import Supervisor
+from rlhfspec_workers.local.supervisor import Supervisor, local_worker_env
 from rlhfspec_workers.messages import LoadReport, SampleTask
 from rlhfspec_workers.runtime import Bus, WorkerEnv
 
@@ -177,13 +177,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = run_dir / "job.yaml"
         config.write_text(yaml.safe_dump(manifest))
         with RedisServer(run_dir / "redis", password="bench") as server:
-            env = {
-                "RLHFSPEC_JOB": "bench-realloc", "RLHFSPEC_NAMESPACE": "default",
-                "RLHFSPEC_REPLICAS": str(args.workers),
-                "RLHFSPEC_REDIS_URL": f"redis://127.0.0.1:{server.port}/0",
-                "RLHFSPEC_REDIS_PASSWORD": "bench", "RLHFSPEC_JOB_CONFIG": str(config),
-                "RLHFSPEC_STORAGE": str(run_dir), "RLHFSPEC_METRICS_PORT": "0",
-            }  # fmt: skip
+            env = local_worker_env(
+                job="bench-realloc", namespace="default", replicas=args.workers,
+                redis_port=server.port, redis_password="bench", job_config=config,
+                storage=run_dir,
+            )  # fmt: skip
             supervisor = Supervisor(run_dir, env)
             try:
                 for w in range(args.workers):

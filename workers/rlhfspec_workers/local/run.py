@@ -32,7 +32,7 @@ from rlhfspec_workers.local.redis_server import (
     RedisServer,
     find_redis_server,
 )
-from rlhfspec_workers.local.supervisor import Supervisor
+from rlhfspec_workers.local.supervisor import Supervisor, local_worker_env
 from rlhfspec_workers.messages import IterationMetrics, JobProgress, Keys, MessageError
 from rlhfspec_workers.preflight import PreflightError, preflight
 
@@ -121,16 +121,15 @@ class LocalRun:
         (self.run_dir / "redis" / "password").write_text(self.password + "\n")
         client = redis.Redis(host="127.0.0.1", port=self.redis_server.port, password=self.password)
         client.delete(self.keys.stop)
-        env = {
-            "RLHFSPEC_JOB": self.job.name,
-            "RLHFSPEC_NAMESPACE": self.job.namespace or "default",
-            "RLHFSPEC_REPLICAS": str(spec.generation.replicas),
-            "RLHFSPEC_REDIS_URL": f"redis://127.0.0.1:{self.redis_server.port}/0",
-            "RLHFSPEC_REDIS_PASSWORD": self.password,
-            "RLHFSPEC_JOB_CONFIG": str(self.config.resolve()),
-            "RLHFSPEC_STORAGE": str(self.run_dir.resolve()),
-            "RLHFSPEC_METRICS_PORT": "0",
-        }
+        env = local_worker_env(
+            job=self.job.name,
+            namespace=self.job.namespace or "default",
+            replicas=spec.generation.replicas,
+            redis_port=self.redis_server.port,
+            redis_password=self.password,
+            job_config=self.config,
+            storage=self.run_dir,
+        )
         supervisor = self.supervisor = Supervisor(self.run_dir, env)
         supervisor.start("coordinator")
         for index in range(spec.generation.replicas):

@@ -19,6 +19,30 @@ from pathlib import Path
 from typing import IO
 
 
+def local_worker_env(
+    *,
+    job: str,
+    namespace: str,
+    replicas: int,
+    redis_port: int,
+    redis_password: str,
+    job_config: Path,
+    storage: Path,
+) -> dict[str, str]:
+    """The pod environment contract (``runtime.WorkerEnv``) for workers run on this machine
+    against a local redis-server; each binds a free metrics port and logs it."""
+    return {
+        "RLHFSPEC_JOB": job,
+        "RLHFSPEC_NAMESPACE": namespace,
+        "RLHFSPEC_REPLICAS": str(replicas),
+        "RLHFSPEC_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "RLHFSPEC_REDIS_PASSWORD": redis_password,
+        "RLHFSPEC_JOB_CONFIG": str(job_config.resolve()),
+        "RLHFSPEC_STORAGE": str(storage.resolve()),
+        "RLHFSPEC_METRICS_PORT": "0",
+    }
+
+
 @dataclass
 class WorkerProcess:
     name: str

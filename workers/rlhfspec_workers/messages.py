@@ -111,6 +111,24 @@ class SampleTask(Message):
     prefix_token_ids: list[int] = Field(default_factory=list)
     prefix_logprobs: list[float] = Field(default_factory=list)
     migrations: int = Field(default=0, ge=0)
+    kv_snapshot_key: str | None = None
+    """Migrated by KV transfer: the Redis key of its :class:`KVSnapshot` (absent or expired:
+    the destination recomputes the prefix instead)."""
+
+
+class KVSnapshot(Message):
+    """A migrating sample's paged KV: the cache blocks holding its first ``len(token_ids)``
+    context tokens in every attention layer, stacked [layer, block, *block_shape] in
+    ``dtype``, base64 (block interiors are the attention backend's own layout)."""
+
+    KIND: ClassVar[str] = "kv_snapshot"
+    sample_id: str = Field(min_length=1)
+    token_ids: list[int] = Field(min_length=1)
+    block_size: int = Field(ge=1)
+    dtype: Literal["float32", "bfloat16", "float16"]
+    layer_names: list[str] = Field(min_length=1)
+    block_shape: list[int] = Field(min_length=1)
+    data: str
 
 
 class Rollout(Message):
@@ -259,6 +277,11 @@ class LoadReport(Message):
     step_profile: list[list[float]] = Field(default_factory=list)
     """Recent engine steps as [batch size, seconds per step, tokens per sequence per step]
     (the planner's throughput model of this worker)."""
+    kv_bytes_per_token: float = Field(default=0.0, ge=0.0)
+    """Size of one context token's KV snapshot; 0: this worker has no KV migration path."""
+    kv_bytes_per_second: float | None = Field(default=None, gt=0.0)
+    """Measured KV hand-over rate (read out of the cache, encoded, stored in Redis); None
+    before its first KV migration."""
     updated_at: float = 0.0
 
 
@@ -403,6 +426,10 @@ class Keys:
     def load(self, worker: str) -> str:
         """Latest LoadReport of one generation worker (string key)."""
         return self._key("load", worker)
+
+    def kv_snapshot(self, sample_id: str, migration: int) -> str:
+        """KVSnapshot of a sample in transit (string key with a TTL, read once)."""
+        return self._key("kv", sample_id, migration)
 
     def direct_tasks(self, worker: str) -> str:
         """SampleTasks handed to one worker (migrated samples; consumer group ``generation``)."""

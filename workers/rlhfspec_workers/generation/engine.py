@@ -34,6 +34,7 @@ from rlhfspec_workers.drafters.base import Drafter
 from rlhfspec_workers.drafters.suffix import SuffixDrafter
 
 from . import vllm_fixes
+from .kv_migration import KVMigrationPort, KVState, kv_migration_live
 from .policy import NO_DRAFT, OFF, DraftChoice, DraftPolicy, FixedPolicy
 from .proposer import GROUP_KEY, PROPOSER_CLASS, AdaptiveProposer
 from .records import PromptInput, SampleResult, SamplingConfig, StepRecord
@@ -107,6 +108,7 @@ class GenerationEngine:
         device: str | None = None,
         logprobs_mode: str = "processed_logprobs",
         engine_kwargs: Mapping[str, Any] | None = None,
+        kv_migration: bool = False,
     ) -> None:
         import torch
 
@@ -170,6 +172,13 @@ class GenerationEngine:
             args["gpu_memory_utilization"] = spec.gpu_memory_utilization
             if kv_cache_bytes:
                 args["kv_cache_memory_bytes"] = kv_cache_bytes
+        # One KV connector serves every engine of a process (kv_migration.py): an engine
+        # without it must not start while one with it lives, and the reverse.
+        if not kv_migration and kv_migration_live():
+            raise RuntimeError("an engine with KV migration lives in this process; close it first")
+        self.kv: KVMigrationPort | None = KVMigrationPort() if kv_migration else None
+        if self.kv is not None:
+            args.update(self.kv.engine_args())
         args.update(engine_kwargs or {})
         config = EngineArgs(**args).create_engine_config()
         sink = _StepStatsSink(config)
@@ -186,6 +195,8 @@ class GenerationEngine:
             multiprocess_mode=False,
         )
         self.max_model_len = int(config.model_config.max_model_len)
+        if self.kv is not None:
+            self.kv.attach(self.engine)
         # After the worker registered vLLM's kernel overrides: replace broken ones.
         self.vllm_fixes = vllm_fixes.apply() if speculative_config is not None else []
         self.proposer: AdaptiveProposer | None = None
@@ -239,6 +250,8 @@ class GenerationEngine:
         history."""
         if self.suffix is not None:
             self.suffix.new_iteration()
+        if self.kv is not None:
+            self.kv.stats().waiting.clear()  # snapshots of samples aborted before they ran
 
     def counters(self) -> dict[str, Any]:
         """vLLM's cumulative spec-decode counters (process-wide Prometheus registry: with two
@@ -268,6 +281,8 @@ class GenerationEngine:
                 core.model_executor.shutdown()
             if core.scheduler is not None:
                 core.scheduler.shutdown()
+        if self.kv is not None:
+            self.kv.close()
         gc.unfreeze()  # vLLM froze start-up objects; let the collector have them back
         self.proposer = None
         self.drafters.clear()
@@ -281,19 +296,26 @@ class GenerationEngine:
         index: int,
         *,
         prefix_token_ids: Sequence[int] = (),
+        kv: KVState | None = None,
     ) -> str:
         """Queue sample ``index`` of ``p``; :meth:`poll` returns it when it finishes.
 
         ``prefix_token_ids`` resumes a sample generated partly elsewhere (migration, fault
         recovery): they are appended to the prompt, so the target conditions on them exactly as
-        if it had sampled them, and ``p.max_tokens`` must already be reduced by their count."""
+        if it had sampled them, and ``p.max_tokens`` must already be reduced by their count.
+        ``kv``: the source's KV of that context (KV migration): vLLM loads it instead of
+        prefilling; raises ValueError when it does not fit this engine (recompute instead)."""
         group = p.group_id or p.prompt_id
         prompt: Any
-        if isinstance(p.prompt, str) and not prefix_token_ids:
+        if isinstance(p.prompt, str) and not prefix_token_ids and kv is None:
             prompt = p.prompt
         else:
             ids = self.tokenize(p.prompt) if isinstance(p.prompt, str) else list(p.prompt)
             prompt = TokensPrompt(prompt_token_ids=[int(t) for t in [*ids, *prefix_token_ids]])
+            if kv is not None:
+                if self.kv is None:
+                    raise ValueError("this engine was built without kv_migration")
+                self.kv.deposit(prompt["prompt_token_ids"], kv)
         self._submitted += 1
         request_id = f"{self._submitted}:{p.prompt_id}/{index}"
         params = SamplingParams(
@@ -343,6 +365,18 @@ class GenerationEngine:
             if state is not None:
                 return state
         return processor.request_states.get(request_id)
+
+    def export_kv(self, request_id: str) -> KVState | None:
+        """The KV a running request has computed so far (call before :meth:`preempt`); None
+        without KV migration or before the request was scheduled."""
+        if self.kv is None:
+            return None
+        processor = self.engine.output_processor
+        for internal in [*processor.external_req_ids.get(request_id, ()), request_id]:
+            state = self.kv.export(self.engine, internal)
+            if state is not None:
+                return state
+        return None
 
     def generated_so_far(self, request_id: str) -> int:
         """Tokens a running request has produced (from vLLM's output state; 0 if unknown)."""

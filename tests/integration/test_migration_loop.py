@@ -1,6 +1,8 @@
 """Migration between real generation workers: an order moves running samples mid-flight from
 one worker (a real process serving vLLM) to another, and the stitched rollouts are exactly what
-no migration gives.
+no migration gives, whether the destination recomputes the moved prefix or loads its KV cache
+blocks (``migration: kv``: the source stores a snapshot in Redis, the destination's vLLM
+loads it through the MigrationConnector).
 
 Greedy decoding makes two samples of one prompt identical, so a migrated sample is checked
 token for token against its unmigrated sibling, with log-probs aligned. Lengths are fixed
@@ -29,7 +31,7 @@ PROMPTS, MAX_TOKENS = 12, 48
 SOURCE, DESTINATION = "generation-0", "generation-1"
 
 
-def _manifest() -> dict[str, Any]:
+def _manifest(migration: str) -> dict[str, Any]:
     return {
         "apiVersion": "rlhfspec.io/v1alpha1",
         "kind": "RLHFJob",
@@ -47,7 +49,8 @@ def _manifest() -> dict[str, Any]:
                 "replicas": 2,
                 "maxNewTokens": MAX_TOKENS,
                 "speculative": {"mode": "off"},
-                "reallocation": {"enabled": False},  # only the test's order moves samples
+                # Only the test's order moves samples; `migration` decides the workers' KV path.
+                "reallocation": {"enabled": False, "migration": migration},
             },
             "storage": {"size": "1Gi"},
         },
@@ -77,11 +80,12 @@ def _tasks() -> list[SampleTask]:
     return tasks
 
 
+@pytest.mark.parametrize("mode", ["recompute", "kv_transfer"])
 def test_ordered_migration_moves_running_samples_and_stitches_them_exactly(
-    tiny_kit: Path, tmp_path: Path
+    tiny_kit: Path, tmp_path: Path, mode: str
 ) -> None:
     config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump(_manifest()))
+    config.write_text(yaml.safe_dump(_manifest("recompute" if mode == "recompute" else "kv")))
     with RedisServer(tmp_path / "redis", password="test") as server:
         env = local_worker_env(
             job="migrate", namespace="default", replicas=2, redis_port=server.port,
@@ -122,13 +126,17 @@ def test_ordered_migration_moves_running_samples_and_stitches_them_exactly(
             wait("the source running samples", running_firsts)
             first_scrape = _scrape(supervisor, SOURCE)
             order = MigrationOrder(
-                order_id="test-1", source=SOURCE, destination=DESTINATION, sample_ids=moving
-            )
+                order_id="test-1", source=SOURCE, destination=DESTINATION, sample_ids=moving,
+                mode=mode,  # type: ignore[arg-type]
+            )  # fmt: skip
             bus.publish(keys.migrations_for(SOURCE), order)
             wait("every sample", lambda: bus.redis.scard(keys.done_samples(1)) == len(tasks))
             time.sleep(1.0)  # one more heartbeat: counters are exported as they happen
             second_scrape = _scrape(supervisor, SOURCE)
             rollouts = [Rollout.from_bytes(f[b"data"]) for _, f in bus.redis.xrange(keys.rollouts)]
+            stats = {k.decode(): float(v) for k, v in
+                     bus.redis.hgetall(keys.generation_stats(1)).items()}  # fmt: skip
+            leftover_snapshots = list(bus.redis.scan_iter(match=f"{keys.prefix}:kv:*"))
         finally:
             supervisor.stop()
     # The source worker's /metrics, scraped over HTTP before and after: counters moved, and
@@ -151,6 +159,13 @@ def test_ordered_migration_moves_running_samples_and_stitches_them_exactly(
         assert r.token_ids == sibling.token_ids
         assert r.logprobs == pytest.approx(sibling.logprobs, abs=1e-4)
         assert len(r.logprobs) == len(r.token_ids)
+    assert stats.get("kv_fallbacks", 0.0) == 0.0 and not leftover_snapshots
+    if mode == "kv_transfer":
+        # Each snapshot was stored by the source and loaded inside the destination's vLLM step.
+        assert stats["kv_migrations"] == 3.0 and stats["kv_snapshot_bytes"] > 0
+        assert stats["kv_receive_seconds"] > 0 and stats["kv_load_seconds"] > 0
+    else:
+        assert "kv_migrations" not in stats and "kv_load_seconds" not in stats
 
 
 def _scrape(supervisor: Any, worker: str) -> str:

@@ -18,6 +18,7 @@ from rlhfspec_api.spec import RLHFJobSpec
 from rlhfspec_workers.messages import LoadReport, MessageError
 from rlhfspec_workers.reallocation.model import (
     MigrationCost,
+    ModePolicy,
     RunningSample,
     ThroughputModel,
     WorkerLoad,
@@ -33,6 +34,11 @@ from rlhfspec_workers.runtime import Bus
 
 STALE_REPORT_SECONDS = 5.0
 MIN_PROFILE_ROWS = 1
+KV_PRIOR_BYTES_PER_SECOND = 100e6
+"""KV hand-over rate assumed until a worker has measured one (export, encode, Redis round trip;
+a few hundred MB/s measured on the 2-core CPU here: the prior errs slow)."""
+KV_FIXED_SECONDS = 0.002
+"""Per KV-migrated sample on top of its bytes: the destination's decode and block copy."""
 
 
 class Reallocator:
@@ -57,13 +63,13 @@ class Reallocator:
         self.interval = realloc.interval_seconds
         max_new = spec.generation.max_new_tokens
         self.predictor = LengthPredictor(prior_mean=max(max_new / 4, 1.0), max_tokens=max_new)
-        mode = {
+        self.mode: ModePolicy = {  # type: ignore[assignment]
             MigrationMethod.RECOMPUTE: "recompute",
             MigrationMethod.KV: "kv_transfer",
             MigrationMethod.AUTO: "auto",
         }[realloc.migration]
-        # No KV path between vLLM instances here (field notes 3): auto falls back to recompute.
-        self.migration_cost = MigrationCost(mode=mode)  # type: ignore[arg-type]
+        # Until the workers report a KV path (kv_migration.py), every move recomputes.
+        self.migration_cost = MigrationCost(mode=self.mode)
         self.config = PlannerConfig(min_gain_seconds=realloc.min_gain_seconds)
         self.last_tick = 0.0
         self._seen: dict[str, float] = {}
@@ -87,6 +93,7 @@ class Reallocator:
         live = [r for r in reports if r.iteration == iteration or not r.samples]
         if len(live) < 2:
             return 0
+        self.migration_cost = migration_cost(self.mode, live)
         loads, speeds = [], {}
         for report in live:
             speed = _speed(report)
@@ -165,3 +172,18 @@ def _speed(report: LoadReport) -> ThroughputModel | None:
     # the cheapest per-token cost the worker measured (conservative for long contexts).
     per_token = min(s / b for b, s, _ in rows)
     return ThroughputModel.from_table(rows, prefill_seconds_per_token=per_token)
+
+
+def migration_cost(mode: ModePolicy, reports: list[LoadReport]) -> MigrationCost:
+    """The cost model of a move between these workers: KV transfer is on offer only when every
+    one of them has the KV path; its rate is the slowest measured (or the prior)."""
+    per_token = [r.kv_bytes_per_token for r in reports]
+    if mode == "recompute" or not per_token or min(per_token) <= 0.0:
+        return MigrationCost(mode=mode)
+    rates = [r.kv_bytes_per_second for r in reports if r.kv_bytes_per_second]
+    return MigrationCost(
+        mode=mode,
+        kv_bytes_per_token=max(per_token),
+        kv_bandwidth_bytes_per_second=min(rates) if rates else KV_PRIOR_BYTES_PER_SECOND,
+        kv_fixed_seconds=KV_FIXED_SECONDS,
+    )

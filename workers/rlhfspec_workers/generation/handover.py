@@ -5,9 +5,11 @@ engine and Redis. Every heartbeat it publishes a :class:`LoadReport` (what it ho
 each sample got) for the coordinator's reallocation planner; it executes the planner's
 :class:`MigrationOrder`s addressed to it (abort the sample in vLLM, hand its tokens and
 log-probs to the destination's direct stream with ``max_tokens`` reduced, then ack the
-original task: recompute migration); it renews the lease on everything it holds; and it
-reclaims tasks of workers that stopped renewing theirs (a dead worker's samples finish
-elsewhere, each exactly once: XAUTOCLAIM moves ownership, the done set filters duplicates).
+original task; a ``kv_transfer`` order also stores the sample's KV cache blocks in Redis for
+the destination to load instead of re-prefilling, see ``kv_migration``); it renews the lease
+on everything it holds; and it reclaims tasks of workers that stopped renewing theirs (a dead
+worker's samples finish elsewhere, each exactly once: XAUTOCLAIM moves ownership, the done set
+filters duplicates).
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from rlhfspec_workers.messages import Keys, LoadReport, MigrationOrder, SampleLoad, SampleTask
+
+KV_SNAPSHOT_TTL_SECONDS = 600
+"""A snapshot nobody loads (its destination died, the job stopped) expires; the sample itself
+never depends on it: without it, the destination recomputes."""
+KV_RATE_SMOOTHING = 0.3
 
 if TYPE_CHECKING:
     from .worker import GenerationWorker
@@ -34,6 +41,9 @@ class Handover:
             "read orders", lambda: self.bus.redis.xrevrange(self.orders_stream, count=1)
         )
         self.cursor: Any = last[0][0] if last else "0-0"
+        self.kv_bytes_per_second: float | None = None
+        """Measured KV hand-over rate (export + encode + store), smoothed; the planner's cost
+        model of a kv_transfer migration."""
 
     # -- migration ----------------------------------------------------------------------------
 
@@ -73,7 +83,12 @@ class Handover:
             if worker.engine.generated_so_far(flight.request_id) >= task.max_tokens:
                 continue
             del worker.in_flight[sample_id]
+            kv_started = time.perf_counter()
+            kv = worker.engine.export_kv(flight.request_id) if order.mode == "kv_transfer" else None
             tokens, logprobs = worker.engine.preempt(flight.request_id)
+            kv_key = None
+            if kv is not None:
+                kv_key = self._store_kv(task, kv, kv_started)
             moved.append(
                 task.model_copy(
                     update={
@@ -81,6 +96,7 @@ class Handover:
                         "prefix_logprobs": [*task.prefix_logprobs, *logprobs],
                         "max_tokens": task.max_tokens - len(tokens),
                         "migrations": task.migrations + 1,
+                        "kv_snapshot_key": kv_key,
                     }
                 )
             )
@@ -96,6 +112,23 @@ class Handover:
             worker.counters.add(moved[0].iteration, "migrated_tokens", moved_tokens)
             worker.counters.add(moved[0].iteration, "migration_seconds", seconds)
         self.bus.metrics.observe_migration(moved_tokens, seconds, samples=len(moved))
+
+    def _store_kv(self, task: SampleTask, kv: Any, started: float) -> str | None:
+        """Put the snapshot in Redis (before the task that points at it is published)."""
+        key = self.keys.kv_snapshot(task.sample_id, task.migrations + 1)
+        payload = kv.to_message(task.sample_id).to_bytes()
+        stored = self.bus.call(
+            "store kv snapshot",
+            lambda: self.bus.redis.set(key, payload, ex=KV_SNAPSHOT_TTL_SECONDS),
+        )
+        if not stored:
+            return None
+        self.worker.counters.add(task.iteration, "kv_migrations", 1)
+        self.worker.counters.add(task.iteration, "kv_snapshot_bytes", len(payload))
+        rate = len(payload) / max(time.perf_counter() - started, 1e-6)
+        old = self.kv_bytes_per_second
+        self.kv_bytes_per_second = rate if old is None else old + KV_RATE_SMOOTHING * (rate - old)
+        return key
 
     def _hand(self, order: MigrationOrder, task: SampleTask) -> None:
         self.bus.publish(self.keys.direct_tasks(order.destination), task)
@@ -136,6 +169,8 @@ class Handover:
             samples=samples,
             finished_lengths=worker.finished_lengths,
             step_profile=self._profile(),
+            kv_bytes_per_token=float(kv.bytes_per_token) if (kv := worker.engine.kv) else 0.0,
+            kv_bytes_per_second=self.kv_bytes_per_second,
             updated_at=time.time(),
         )
         worker.finished_lengths = []

@@ -16,9 +16,18 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from rlhfspec_api.generation import MigrationMethod
 from rlhfspec_api.manifest import RLHFJob
-from rlhfspec_workers.messages import Keys, Rollout, SampleTask, WeightsPublished, WorkerStatus
+from rlhfspec_workers.messages import (
+    Keys,
+    KVSnapshot,
+    Rollout,
+    SampleTask,
+    WeightsPublished,
+    WorkerStatus,
+)
 from rlhfspec_workers.preflight import ResolvedPaths
 from rlhfspec_workers.runtime import Bus
 
@@ -26,6 +35,7 @@ from .adaptive import make_policy
 from .broadcast import StrategySync
 from .engine import GenerationEngine
 from .handover import Handover
+from .kv_migration import KVState
 from .policy import NO_DRAFT, DraftPolicy, FixedPolicy
 from .records import PromptInput, SampleResult, SamplingConfig, StepRecord
 
@@ -109,6 +119,7 @@ class GenerationWorker:
         self._last_step: StepRecord | None = None
         self.recent_steps: deque[StepRecord] = deque(maxlen=256)
         self._last_beat = 0.0
+        self._kv_load_seen = 0.0
         self._last_renew = time.monotonic()
         self._last_reclaim = time.monotonic()
         self.state = "ready"
@@ -185,13 +196,47 @@ class GenerationWorker:
             max_tokens=task.max_tokens,
             ignore_eos=task.ignore_eos,
         )
-        request_id = self.engine.submit(
-            prompt, sampling, task.sample_index, prefix_token_ids=task.prefix_token_ids
-        )
+        kv = self._load_kv(task)
+        try:
+            request_id = self.engine.submit(
+                prompt, sampling, task.sample_index, prefix_token_ids=task.prefix_token_ids, kv=kv
+            )
+        except ValueError as exc:  # a snapshot that does not fit this engine: recompute
+            if kv is None:
+                raise
+            self._kv_fallback(task, f"KV snapshot refused: {exc}")
+            request_id = self.engine.submit(
+                prompt, sampling, task.sample_index, prefix_token_ids=task.prefix_token_ids
+            )
         self.in_flight[task.sample_id] = _InFlight(stream, entry_id, task, request_id)
         self.iteration = max(self.iteration or 0, task.iteration)
         # The engine names results "<PromptInput.prompt_id>/<index>": map back to the task.
         self._task_of[f"{prompt.prompt_id}/{task.sample_index}"] = task.sample_id
+
+    def _load_kv(self, task: SampleTask) -> KVState | None:
+        """The migrated sample's KV snapshot, read once from Redis; None (recompute) when there
+        is none, it expired, or it is malformed (dead-lettered with the sample id)."""
+        key = task.kv_snapshot_key
+        if key is None or self.engine.kv is None:
+            return None
+        started = time.perf_counter()
+        raw: Any = self.bus.call("read kv snapshot", lambda: self.bus.redis.getdel(key))
+        if raw is None:
+            self._kv_fallback(task, "KV snapshot expired or lost")
+            return None
+        try:
+            state = KVState.from_message(KVSnapshot.from_bytes(raw))
+            seconds = time.perf_counter() - started
+            self.counters.add(task.iteration, "kv_receive_seconds", seconds)
+            return state
+        except ValueError as exc:  # MessageError included
+            self.bus.dead_letter(key, "kv", raw[:2048], f"{task.sample_id}: {exc}")
+            self._kv_fallback(task, "KV snapshot malformed")
+            return None
+
+    def _kv_fallback(self, task: SampleTask, why: str) -> None:
+        print(f"[rlhfspec] {self.name}: {task.sample_id}: {why}; recomputing", flush=True)
+        self.counters.add(task.iteration, "kv_fallbacks", 1)
 
     def _finish(self, result: SampleResult) -> None:
         task_id = self._task_of.pop(result.sample_id, None)
@@ -303,6 +348,12 @@ class GenerationWorker:
         if not force and now - self._last_beat < HEARTBEAT_SECONDS:
             return
         self._last_beat = now
+        if self.engine.kv is not None and self.iteration:
+            # Loads happen inside vLLM steps (the connector times them): charge the iteration.
+            loaded = self.engine.kv.stats().load_seconds
+            if loaded > self._kv_load_seen:
+                self.counters.add(self.iteration, "kv_load_seconds", loaded - self._kv_load_seen)
+                self._kv_load_seen = loaded
         for iteration, values in self.counters.drain().items():
             key = self.keys.generation_stats(iteration)
 
@@ -344,6 +395,7 @@ def run(job: RLHFJob, paths: ResolvedPaths, bus: Bus) -> int:
         # CPU: the tiny models are trained in fp32, and bf16 matmuls are slow without AMX.
         dtype="float32" if _is_cpu() else "bfloat16",
         max_num_seqs=MAX_RUNNING,
+        kv_migration=spec.generation.reallocation.migration is not MigrationMethod.RECOMPUTE,
     )
     try:
         policy = make_policy(engine, spec.generation)

@@ -57,5 +57,24 @@ def test_a_truncated_snapshot_is_rejected_with_its_sample_id() -> None:
     short = msg.model_copy(update={"data": msg.data[: len(msg.data) // 2 // 4 * 4]})
     with pytest.raises(ValueError, match="it3/p1/2"):
         KVState.from_message(short)
+    raw = msg.to_bytes()
+    size = int.from_bytes(raw[4:8], "big")
+    header = raw[8 : 8 + size].replace(b'"bfloat16"', b'"int8"')
     with pytest.raises(MessageError, match="dtype"):
-        KVSnapshot.from_bytes(msg.to_bytes().replace(b'"bfloat16"', b'"int8"'))
+        KVSnapshot.from_bytes(b"RSKV" + len(header).to_bytes(4, "big") + header + msg.data)
+
+
+def test_the_frame_header_is_checked_like_every_message() -> None:
+    msg = KVState(tuple(range(5)), read_kv(_caches(), [1, 2], BLOCK, 5), BLOCK).to_message("s")
+    raw = msg.to_bytes()
+    assert raw.startswith(b"RSKV") and raw.endswith(msg.data)
+    assert len(raw) < len(msg.data) + 400  # raw tensor bytes, not base64 in JSON
+    assert KVSnapshot.from_bytes(raw) == msg
+    with pytest.raises(MessageError, match="unsupported"):
+        KVSnapshot.from_bytes(raw.replace(b'"version":1', b'"version":2', 1))
+    with pytest.raises(MessageError, match="kind"):
+        KVSnapshot.from_bytes(raw.replace(b'"kv_snapshot"', b'"kv_snapshoT"', 1))
+    with pytest.raises(MessageError, match="not a KV snapshot frame"):
+        KVSnapshot.from_bytes(b"{}")
+    with pytest.raises(MessageError, match="overruns"):
+        KVSnapshot.from_bytes(raw[:20])

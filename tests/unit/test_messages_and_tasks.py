@@ -56,15 +56,6 @@ EXAMPLES: list[m.Message] = [
         order_id="o1", source="generation-0", destination="generation-1", sample_ids=["it1/p0/0"]
     ),
     m.LoadReport(worker="generation-0", iteration=1, free_slots=3, kv_bytes_per_token=8192.0),
-    m.KVSnapshot(
-        sample_id="it1/p0/0",
-        token_ids=[1, 5, 6],
-        block_size=16,
-        dtype="bfloat16",
-        layer_names=["layers.0.attn"],
-        block_shape=[2, 16, 8],
-        data="AAAA",
-    ),
     m.IterationMetrics(iteration=1, total_iterations=2),
     m.DeadLetter(source_stream="s", entry_id="1-0", reason="bad", raw="{}"),
 ]

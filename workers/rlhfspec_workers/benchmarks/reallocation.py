@@ -4,10 +4,13 @@ Where it sits: ``rlhfspec bench reallocation`` / ``bench/reallocation.py``. It s
 ``redis-server`` and N real generation worker processes (vLLM, the tiny policy), then for each
 policy hands every worker the same skewed initial partition (worker 0 holds the long tail),
 with lengths fixed by ``ignore_eos`` so each policy faces the same work, and measures the
-makespan (all samples done), the migrations, and the seconds the sources spent handing samples
-over. Policies: static partition (no migration), an RLHFuse-style threshold migration, and our
-planner (``coordinator.reallocate.Reallocator``, the coordinator's own loop). Policies are
-interleaved over ``--repeats`` rounds; the printed ratios are of medians.
+makespan (all samples done), the migrations, and the seconds migration cost: measured on the
+sources (abort, KV export, hand-over) and on the destinations (KV snapshot read and load inside
+the vLLM step). Policies: static partition (no migration), an RLHFuse-style threshold
+migration, and our planner (``coordinator.reallocate.Reallocator``, the coordinator's own loop)
+as a job gets it (``migration: auto``: KV transfer or recompute, whichever its cost model says
+is cheaper), and forced to recompute, with and without its per-stage overhead budget.
+Policies are interleaved over ``--repeats`` rounds; the printed ratios are of medians.
 """
 
 from __future__ import annotations
@@ -26,21 +29,23 @@ from typing import Any
 import yaml
 
 from rlhfspec_api.manifest import parse_rlhfjob
-from rlhfspec_workers.coordinator.reallocate import Reallocator
+from rlhfspec_workers.coordinator.reallocate import Reallocator, migration_cost
 from rlhfspec_workers.local.redis_server import RedisServer
 from rlhfspec_workers.local.supervisor import Supervisor, local_worker_env
 from rlhfspec_workers.messages import LoadReport, SampleTask
 from rlhfspec_workers.runtime import Bus, WorkerEnv
 
-POLICIES = ("none", "threshold", "planner", "planner-unbudgeted")
+POLICIES = ("none", "threshold", "planner", "planner-recompute", "planner-recompute-unbudgeted")
 LABELS = {
     "none": "static",
     "threshold": "threshold",
     "planner": "ours",
-    "planner-unbudgeted": "unbudgeted",
+    "planner-recompute": "recompute",
+    "planner-recompute-unbudgeted": "rec-nobudg",
 }
-"""``unbudgeted``: our planner without its per-stage overhead budget (the trade-off: where
-recompute is dear, as on a compute-bound CPU, the budget is what keeps moves few)."""
+"""``recompute``: our planner with KV transfer off (every move re-prefills its context);
+``rec-nobudg``: the same without its per-stage overhead budget (the trade-off: where recompute
+is dear, as on a compute-bound CPU, the budget is what keeps moves few)."""
 
 
 def _job(workers: int, max_tokens: int, policy: str = "tiny://policy") -> dict[str, Any]:
@@ -83,6 +88,8 @@ def skewed_partition(
 
 PROFILE: dict[int, list[tuple[float, float]]] = {}
 """Batch size -> measured (seconds per step, tokens per sequence per step) over all runs."""
+LAST_REPORTS: dict[int, LoadReport] = {}
+"""Each worker's latest load report (its KV size and measured KV hand-over rate)."""
 
 
 def run_policy(
@@ -104,9 +111,11 @@ def run_policy(
             )  # fmt: skip
             bus.publish(keys.direct_tasks(f"generation-{w}"), task)
             total += 1
-    base = "planner" if policy == "planner-unbudgeted" else policy
+    base = "planner" if policy.startswith("planner") else policy
     reallocator = Reallocator(spec, bus, workers, policy=base)  # type: ignore[arg-type]
-    if policy == "planner-unbudgeted":
+    if policy.startswith("planner-recompute"):
+        reallocator.mode = "recompute"
+    if policy.endswith("unbudgeted"):
         reallocator.config = dataclasses.replace(reallocator.config, overhead_budget=None)
     # The coordinator's predictor persists across iterations; seed it with this batch's length
     # distribution as an earlier iteration of the same prompts would have (by prompt group).
@@ -124,6 +133,7 @@ def run_policy(
                 report = LoadReport.from_bytes(raw)
                 for b, sec, tok in report.step_profile:
                     PROFILE.setdefault(int(b), []).append((sec, tok))
+                LAST_REPORTS[w] = report
                 trace.append([round(t, 3), w, float(sum(s.running for s in report.samples))])
         time.sleep(0.05)
     makespan = time.monotonic() - started
@@ -133,9 +143,14 @@ def run_policy(
         "policy": LABELS[policy],
         "makespan": makespan,
         "migrations": int(stats.get("migrations", 0)),
+        "kv_migrations": int(stats.get("kv_migrations", 0)),
+        "kv_fallbacks": int(stats.get("kv_fallbacks", 0)),
+        "kv_snapshot_bytes": stats.get("kv_snapshot_bytes", 0.0),
         "migration_seconds": stats.get("migration_seconds", 0.0),
-        # Engine time the destinations spend re-prefilling moved contexts, as the planner
-        # modelled it (vLLM does not report a step's prefill and decode shares apart).
+        "kv_destination_seconds": stats.get("kv_receive_seconds", 0.0)
+        + stats.get("kv_load_seconds", 0.0),
+        # Engine time the destinations spend re-prefilling moved contexts (and copying KV), as
+        # the planner modelled it (vLLM does not report a step's prefill and decode apart).
         "recompute_seconds": reallocator.spent_seconds,
         "workers": workers,
         "trace": trace,
@@ -214,7 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"simulator on the measured step table: static {sim['static_seconds']:.2f}s "
         f"(real {summary['static']['makespan']:.2f}s), threshold {sim['threshold_ratio']:.2f}x "
         f"(real {summary['threshold']['vs_static']:.2f}x), ours {sim['ours_ratio']:.2f}x "
-        f"(real {summary['ours']['vs_static']:.2f}x)"
+        f"(real {summary['ours']['vs_static']:.2f}x), ours recomputing "
+        f"{sim['recompute_ratio']:.2f}x (real {summary['recompute']['vs_static']:.2f}x)"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"summary": summary, "runs": results}, indent=1) + "\n")
@@ -243,13 +259,21 @@ def simulator_check(parts: list[list[tuple[str, int]]], summary: dict[str, Any])
         for w, part in enumerate(parts)
     ]  # fmt: skip
     workers = len(parts)
-    result = simulate_policies([workers], None, speed, partitions={workers: sim_parts})
+    # Ours as the job ran it (KV transfer priced from what the workers measured) and recomputing.
+    kv_cost = migration_cost("auto", list(LAST_REPORTS.values()))
+    result = simulate_policies(
+        [workers], None, speed, partitions={workers: sim_parts}, migration_cost=kv_cost
+    )
+    recompute = simulate_policies([workers], None, speed, partitions={workers: sim_parts})
     row = result["rows"][0]
     return {
         "static_seconds": row["static_seconds"],
         "threshold_ratio": row["threshold_ratio"],
         "ours_ratio": row["ours_ratio"],
+        "recompute_ratio": recompute["rows"][0]["ours_ratio"],
         "migrations": row["migrations"],
+        "kv_bytes_per_token": kv_cost.kv_bytes_per_token,
+        "kv_bytes_per_second": kv_cost.kv_bandwidth_bytes_per_second,
     }
 
 
@@ -259,31 +283,39 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         runs = [r for r in results if r["policy"] == label]
         makespan = statistics.median(r["makespan"] for r in runs)
         seconds = statistics.median(r["migration_seconds"] for r in runs)
+        kv_seconds = statistics.median(r["kv_destination_seconds"] for r in runs)
         recompute = statistics.median(r["recompute_seconds"] / r["workers"] for r in runs)
         out[label] = {
             "makespan": makespan,
             "migrations": statistics.median(r["migrations"] for r in runs),
+            "kv_migrations": statistics.median(r["kv_migrations"] for r in runs),
+            "kv_fallbacks": max(r["kv_fallbacks"] for r in runs),
             "overhead_fraction": seconds / makespan,
+            "kv_load_fraction": kv_seconds / makespan,
             "recompute_fraction": recompute / makespan,
         }
-    for label in ("threshold", "ours", "unbudgeted"):
+    for label in LABELS.values():
         out[label]["vs_static"] = out[label]["makespan"] / out["static"]["makespan"]
     return out
 
 
 def table(summary: dict[str, Any]) -> str:
-    """``handover``: seconds the sources spent migrating, measured, over the makespan;
-    ``recompute``: modelled destination prefill per worker, over the makespan."""
+    """``moved (kv)``: migrations (of which by KV transfer). Overheads over the makespan:
+    ``handover``: the sources' measured seconds (abort, KV export and store, hand-over), summed
+    over workers; ``kv load``: the destinations' measured seconds reading and loading KV
+    snapshots, summed; ``recompute``: the planner's model of the destinations' re-prefill (and
+    KV copy) engine time, per worker (vLLM does not time a step's prefill apart)."""
     lines = [
-        f"{'policy':<11}{'makespan s':>11}{'x static':>9}{'migrations':>11}{'handover':>9}"
-        f"{'recompute':>10}"
+        f"{'policy':<11}{'makespan s':>11}{'x static':>9}{'moved (kv)':>12}{'handover':>9}"
+        f"{'kv load':>9}{'recompute':>10}"
     ]
     for label in LABELS.values():
         row = summary[label]
-        ratio = row.get("vs_static", 1.0)
+        moved = f"{row['migrations']:.0f} ({row['kv_migrations']:.0f})"
         lines.append(
-            f"{label:<11}{row['makespan']:>11.2f}{ratio:>9.2f}{row['migrations']:>11.0f}"
-            f"{100 * row['overhead_fraction']:>8.2f}%{100 * row['recompute_fraction']:>9.2f}%"
+            f"{label:<11}{row['makespan']:>11.2f}{row['vs_static']:>9.2f}{moved:>12}"
+            f"{100 * row['overhead_fraction']:>8.2f}%{100 * row['kv_load_fraction']:>8.2f}%"
+            f"{100 * row['recompute_fraction']:>9.2f}%"
         )
     return "\n".join(lines)
 

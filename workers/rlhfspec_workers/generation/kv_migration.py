@@ -20,7 +20,6 @@ scheduler side is per engine; each engine has its own inbox (``kv_connector_extr
 
 from __future__ import annotations
 
-import base64
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -82,13 +81,13 @@ class KVState:
             dtype=_dtype_name(first.dtype),
             layer_names=names,
             block_shape=list(first.shape[1:]),
-            data=base64.b64encode(raw).decode("ascii"),
+            data=raw,
         )
 
     @classmethod
     def from_message(cls, msg: KVSnapshot) -> KVState:
         dtype = _DTYPES[msg.dtype]
-        raw = bytearray(base64.b64decode(msg.data))
+        raw = bytearray(msg.data)  # writable: the tensors are views of it
         blocks = blocks_for(len(msg.token_ids), msg.block_size)
         shape = (len(msg.layer_names), blocks, *msg.block_shape)
         flat = torch.frombuffer(raw, dtype=torch.uint8)

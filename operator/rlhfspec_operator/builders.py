@@ -26,6 +26,7 @@ from rlhfspec_operator.naming import (
     COORDINATOR,
     GENERATION,
     INFERENCE,
+    KV_PORT,
     LABEL_INDEX,
     METRICS_PORT,
     STORAGE_DIR,
@@ -183,6 +184,13 @@ def worker_env(job: RLHFJob, role: str, index: int) -> list[dict[str, Any]]:
         # The root filesystem is read-only: caches (tiny models, HF, torch) go to /tmp.
         {"name": "HOME", "value": "/tmp"},
     ]
+    if role == GENERATION:
+        # Peers pull migrating samples' KV snapshots from here, by the pod's stable DNS name.
+        host = f"{pod_name(job.name, role, index)}.{role_service_name(job.name, role)}"
+        env += [
+            {"name": "RLHFSPEC_KV_PORT", "value": str(KV_PORT)},
+            {"name": "RLHFSPEC_KV_HOST", "value": f"{host}.{job.namespace}.svc"},
+        ]
     return env
 
 
@@ -232,7 +240,8 @@ def worker_pod(job: RLHFJob, owner: Owner, role: str, index: int = 0) -> dict[st
                 "image": job.spec.image,
                 "command": ["rlhfspec", "worker", role],
                 "env": worker_env(job, role, index),
-                "ports": [{"name": "metrics", "containerPort": METRICS_PORT}],
+                "ports": [{"name": "metrics", "containerPort": METRICS_PORT}]
+                + ([{"name": "kv", "containerPort": KV_PORT}] if role == GENERATION else []),
                 "resources": _resources(resources),
                 "volumeMounts": mounts,
                 "securityContext": {

@@ -35,6 +35,8 @@ CONFIG_KEY = "job.yaml"
 CONFIG_DIR = "/etc/rlhfspec"
 STORAGE_DIR = "/data"
 METRICS_PORT = 9400
+KV_PORT = 9401
+"""Generation pods serve KV snapshots of samples they migrate away on it (peer to peer)."""
 REDIS_PORT = 6379
 PASSWORD_KEY = "password"
 

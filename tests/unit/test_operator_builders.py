@@ -165,7 +165,10 @@ def test_worker_pods_run_the_role_with_the_env_contract() -> None:
     container = generation["spec"]["containers"][0]
     assert container["command"] == ["rlhfspec", "worker", "generation"]
     assert container["image"] == job.spec.image
-    assert container["ports"] == [{"name": "metrics", "containerPort": 9400}]
+    assert container["ports"] == [
+        {"name": "metrics", "containerPort": 9400},
+        {"name": "kv", "containerPort": 9401},
+    ]
     env = _env(generation)
     assert env["RLHFSPEC_JOB"] == "tiny-grpo"
     assert env["RLHFSPEC_NAMESPACE"] == "team-a"
@@ -179,6 +182,10 @@ def test_worker_pods_run_the_role_with_the_env_contract() -> None:
     assert env["RLHFSPEC_JOB_CONFIG"] == "/etc/rlhfspec/job.yaml"
     assert env["RLHFSPEC_STORAGE"] == "/data"
     assert env["RLHFSPEC_METRICS_PORT"] == "9400"
+    # Peers pull KV snapshots from the pod's stable DNS name (hostname.subdomain).
+    assert env["RLHFSPEC_KV_PORT"] == "9401"
+    assert env["RLHFSPEC_KV_HOST"] == "tiny-grpo-generation-2.tiny-grpo-generation.team-a.svc"
+    assert "RLHFSPEC_KV_PORT" not in _env(pods["tiny-grpo-trainer"])
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     assert mounts == {
         "/etc/rlhfspec": "config",

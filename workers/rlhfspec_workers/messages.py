@@ -111,15 +111,17 @@ class SampleTask(Message):
     prefix_token_ids: list[int] = Field(default_factory=list)
     prefix_logprobs: list[float] = Field(default_factory=list)
     migrations: int = Field(default=0, ge=0)
-    kv_snapshot_key: str | None = None
-    """Migrated by KV transfer: the Redis key of its :class:`KVSnapshot` (absent or expired:
+    kv_snapshot_url: str | None = None
+    """Migrated by KV transfer: where the source serves its :class:`KVSnapshot`, once (gone:
     the destination recomputes the prefix instead)."""
 
 
 class KVSnapshot(Message):
     """A migrating sample's paged KV: the cache blocks holding its first ``len(token_ids)``
     context tokens in every attention layer, stacked [layer, block, *block_shape] in
-    ``dtype`` (block interiors are the attention backend's own layout).
+    ``dtype`` (block interiors are the attention backend's own layout). It goes from the
+    source worker to the destination directly (``generation.kv_outbox``), not through Redis;
+    the task pointing at it does.
 
     Megabytes of tensor data do not belong in JSON (base64 and parsing cost ~90 ms per 4 MB on
     the CPU here, a few ms this way): on the wire it is ``KV_FRAME_MAGIC``, the JSON header's
@@ -303,8 +305,8 @@ class LoadReport(Message):
     kv_bytes_per_token: float = Field(default=0.0, ge=0.0)
     """Size of one context token's KV snapshot; 0: this worker has no KV migration path."""
     kv_bytes_per_second: float | None = Field(default=None, gt=0.0)
-    """Measured KV hand-over rate (read out of the cache, encoded, stored in Redis); None
-    before its first KV migration."""
+    """Measured KV hand-over rate (read out of the cache and encoded as a source, pulled and
+    decoded as a destination); None before its first KV migration."""
     updated_at: float = 0.0
 
 
@@ -449,10 +451,6 @@ class Keys:
     def load(self, worker: str) -> str:
         """Latest LoadReport of one generation worker (string key)."""
         return self._key("load", worker)
-
-    def kv_snapshot(self, sample_id: str, migration: int) -> str:
-        """KVSnapshot of a sample in transit (string key with a TTL, read once)."""
-        return self._key("kv", sample_id, migration)
 
     def direct_tasks(self, worker: str) -> str:
         """SampleTasks handed to one worker (migrated samples; consumer group ``generation``)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -55,6 +56,11 @@ class WorkerEnv:
     storage: Path
     metrics_port: int
     pod_name: str
+    kv_port: int = 0
+    """Where a generation worker serves KV snapshots of samples it migrates away (0: any free
+    port, local mode)."""
+    kv_host: str = "127.0.0.1"
+    """How other workers reach it: the pod's DNS name (hostname.subdomain) in Kubernetes."""
 
     @property
     def worker(self) -> str:
@@ -96,6 +102,10 @@ class WorkerEnv:
             storage=Path(env.get("RLHFSPEC_STORAGE", "/data")),
             metrics_port=number("RLHFSPEC_METRICS_PORT", 0),
             pod_name=env.get("RLHFSPEC_POD_NAME", ""),
+            kv_port=number("RLHFSPEC_KV_PORT", 0),
+            # A pod's hostname + subdomain (its role's headless service) resolve cluster-wide.
+            kv_host=env.get("RLHFSPEC_KV_HOST")
+            or (socket.getfqdn() if env.get("RLHFSPEC_POD_NAME") else "127.0.0.1"),
         )
 
     def load_job(self) -> RLHFJob:

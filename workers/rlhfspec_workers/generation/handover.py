@@ -5,8 +5,9 @@ engine and Redis. Every heartbeat it publishes a :class:`LoadReport` (what it ho
 each sample got) for the coordinator's reallocation planner; it executes the planner's
 :class:`MigrationOrder`s addressed to it (abort the sample in vLLM, hand its tokens and
 log-probs to the destination's direct stream with ``max_tokens`` reduced, then ack the
-original task; a ``kv_transfer`` order also stores the sample's KV cache blocks in Redis for
-the destination to load instead of re-prefilling, see ``kv_migration``); it renews the lease
+original task; a ``kv_transfer`` order also puts the sample's KV cache blocks in this worker's
+outbox for the destination to pull and load instead of re-prefilling, see ``kv_migration``
+and ``kv_outbox``); it renews the lease
 on everything it holds; and it reclaims tasks of workers that stopped renewing theirs (a dead
 worker's samples finish elsewhere, each exactly once: XAUTOCLAIM moves ownership, the done set
 filters duplicates).
@@ -21,9 +22,6 @@ import redis
 
 from rlhfspec_workers.messages import Keys, LoadReport, MigrationOrder, SampleLoad, SampleTask
 
-KV_SNAPSHOT_TTL_SECONDS = 600
-"""A snapshot nobody loads (its destination died, the job stopped) expires; the sample itself
-never depends on it: without it, the destination recomputes."""
 KV_RATE_SMOOTHING = 0.3
 
 if TYPE_CHECKING:
@@ -41,9 +39,10 @@ class Handover:
             "read orders", lambda: self.bus.redis.xrevrange(self.orders_stream, count=1)
         )
         self.cursor: Any = last[0][0] if last else "0-0"
-        self.kv_bytes_per_second: float | None = None
-        """Measured KV hand-over rate (export + encode + store), smoothed; the planner's cost
-        model of a kv_transfer migration."""
+        self.kv_send_rate: float | None = None
+        """Bytes per second exporting and encoding snapshots (as a source), smoothed."""
+        self.kv_receive_rate: float | None = None
+        """Bytes per second pulling and decoding them (as a destination), smoothed."""
 
     # -- migration ----------------------------------------------------------------------------
 
@@ -86,9 +85,9 @@ class Handover:
             kv_started = time.perf_counter()
             kv = worker.engine.export_kv(flight.request_id) if order.mode == "kv_transfer" else None
             tokens, logprobs = worker.engine.preempt(flight.request_id)
-            kv_key = None
-            if kv is not None:
-                kv_key = self._store_kv(task, kv, kv_started)
+            kv_url = None
+            if kv is not None and worker.outbox is not None:
+                kv_url = self._store_kv(task, kv, kv_started)
             moved.append(
                 task.model_copy(
                     update={
@@ -96,7 +95,7 @@ class Handover:
                         "prefix_logprobs": [*task.prefix_logprobs, *logprobs],
                         "max_tokens": task.max_tokens - len(tokens),
                         "migrations": task.migrations + 1,
-                        "kv_snapshot_key": kv_key,
+                        "kv_snapshot_url": kv_url,
                     }
                 )
             )
@@ -113,22 +112,24 @@ class Handover:
             worker.counters.add(moved[0].iteration, "migration_seconds", seconds)
         self.bus.metrics.observe_migration(moved_tokens, seconds, samples=len(moved))
 
-    def _store_kv(self, task: SampleTask, kv: Any, started: float) -> str | None:
-        """Put the snapshot in Redis (before the task that points at it is published)."""
-        key = self.keys.kv_snapshot(task.sample_id, task.migrations + 1)
-        payload = kv.to_message(task.sample_id).to_bytes()
-        stored = self.bus.call(
-            "store kv snapshot",
-            lambda: self.bus.redis.set(key, payload, ex=KV_SNAPSHOT_TTL_SECONDS),
-        )
-        if not stored:
-            return None
+    def _store_kv(self, task: SampleTask, kv: Any, started: float) -> str:
+        """Put the snapshot in the outbox (before the task that points at it is published)."""
+        frame = kv.to_message(task.sample_id).to_bytes()
+        assert self.worker.outbox is not None
+        url = self.worker.outbox.put(f"{task.sample_id}#{task.migrations + 1}", frame)
         self.worker.counters.add(task.iteration, "kv_migrations", 1)
-        self.worker.counters.add(task.iteration, "kv_snapshot_bytes", len(payload))
-        rate = len(payload) / max(time.perf_counter() - started, 1e-6)
-        old = self.kv_bytes_per_second
-        self.kv_bytes_per_second = rate if old is None else old + KV_RATE_SMOOTHING * (rate - old)
-        return key
+        self.worker.counters.add(task.iteration, "kv_snapshot_bytes", len(frame))
+        self.kv_send_rate = _smooth(self.kv_send_rate, len(frame), time.perf_counter() - started)
+        return url
+
+    def observe_kv_received(self, nbytes: int, seconds: float) -> None:
+        self.kv_receive_rate = _smooth(self.kv_receive_rate, nbytes, seconds)
+
+    @property
+    def kv_bytes_per_second(self) -> float | None:
+        """One snapshot's whole trip: the source's export and the destination's pull add up."""
+        rates = [r for r in (self.kv_send_rate, self.kv_receive_rate) if r]
+        return 1.0 / sum(1.0 / r for r in rates) if rates else None
 
     def _hand(self, order: MigrationOrder, task: SampleTask) -> None:
         self.bus.publish(self.keys.direct_tasks(order.destination), task)
@@ -248,3 +249,8 @@ class Handover:
             free -= len(got)
             if free <= 0:
                 return
+
+
+def _smooth(old: float | None, nbytes: int, seconds: float) -> float:
+    rate = nbytes / max(seconds, 1e-6)
+    return rate if old is None else old + KV_RATE_SMOOTHING * (rate - old)

@@ -16,7 +16,6 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from rlhfspec_api.generation import MigrationMethod
 from rlhfspec_api.manifest import RLHFJob
@@ -31,11 +30,13 @@ from rlhfspec_workers.messages import (
 from rlhfspec_workers.preflight import ResolvedPaths
 from rlhfspec_workers.runtime import Bus
 
+from . import kv_outbox
 from .adaptive import make_policy
 from .broadcast import StrategySync
 from .engine import GenerationEngine
 from .handover import Handover
 from .kv_migration import KVState
+from .kv_outbox import KVOutbox
 from .policy import NO_DRAFT, DraftPolicy, FixedPolicy
 from .records import PromptInput, SampleResult, SamplingConfig, StepRecord
 
@@ -111,6 +112,9 @@ class GenerationWorker:
         self.waiting: deque[Held] = deque()
         self.direct = self.keys.direct_tasks(self.name)
         self.finished_lengths: list[int] = []
+        self.outbox: KVOutbox | None = None
+        if engine.kv is not None:
+            self.outbox = KVOutbox(bus.env.kv_host, bus.env.kv_port)
         self.handover = Handover(self)
         self.strategy = StrategySync(bus, self.name, policy or FixedPolicy(NO_DRAFT))
         self.counters = _Counters()
@@ -143,6 +147,8 @@ class GenerationWorker:
             self._housekeeping()
         self.state = "stopping"
         self._beat(force=True)
+        if self.outbox is not None:
+            self.outbox.close()
         return 0
 
     def _admit(self) -> None:
@@ -214,25 +220,31 @@ class GenerationWorker:
         self._task_of[f"{prompt.prompt_id}/{task.sample_index}"] = task.sample_id
 
     def _load_kv(self, task: SampleTask) -> KVState | None:
-        """The migrated sample's KV snapshot, read once from Redis; None (recompute) when there
-        is none, it expired, or it is malformed (dead-lettered with the sample id)."""
-        key = task.kv_snapshot_key
-        if key is None or self.engine.kv is None:
+        """The migrated sample's KV snapshot, pulled once from its source; None (recompute)
+        when there is none, the source lost it or died, or it is malformed (dead-lettered
+        with the sample id)."""
+        url = task.kv_snapshot_url
+        if url is None or self.engine.kv is None:
             return None
         started = time.perf_counter()
-        raw: Any = self.bus.call("read kv snapshot", lambda: self.bus.redis.getdel(key))
+        try:
+            raw = kv_outbox.pull(url)
+        except OSError as exc:
+            self._kv_fallback(task, f"KV snapshot unreachable ({exc})")
+            return None
         if raw is None:
             self._kv_fallback(task, "KV snapshot expired or lost")
             return None
         try:
             state = KVState.from_message(KVSnapshot.from_bytes(raw))
-            seconds = time.perf_counter() - started
-            self.counters.add(task.iteration, "kv_receive_seconds", seconds)
-            return state
         except ValueError as exc:  # MessageError included
-            self.bus.dead_letter(key, "kv", raw[:2048], f"{task.sample_id}: {exc}")
+            self.bus.dead_letter(url, "kv", raw[:2048], f"{task.sample_id}: {exc}")
             self._kv_fallback(task, "KV snapshot malformed")
             return None
+        seconds = time.perf_counter() - started
+        self.counters.add(task.iteration, "kv_receive_seconds", seconds)
+        self.handover.observe_kv_received(len(raw), seconds)
+        return state
 
     def _kv_fallback(self, task: SampleTask, why: str) -> None:
         print(f"[rlhfspec] {self.name}: {task.sample_id}: {why}; recomputing", flush=True)

@@ -303,7 +303,8 @@ class LoadReport(Message):
     """Recent engine steps as [batch size, seconds per step, tokens per sequence per step]
     (the planner's throughput model of this worker)."""
     kv_bytes_per_token: float = Field(default=0.0, ge=0.0)
-    """Size of one context token's KV snapshot; 0: this worker has no KV migration path."""
+    """KV snapshot bytes per context token (measured on snapshots sent, else the cache
+    layout's); 0: this worker has no KV migration path."""
     kv_bytes_per_second: float | None = Field(default=None, gt=0.0)
     """Measured KV hand-over rate (read out of the cache and encoded as a source, pulled and
     decoded as a destination); None before its first KV migration."""

@@ -43,6 +43,9 @@ class Handover:
         """Bytes per second exporting and encoding snapshots (as a source), smoothed."""
         self.kv_receive_rate: float | None = None
         """Bytes per second pulling and decoding them (as a destination), smoothed."""
+        self.kv_frame_bytes_per_token: float | None = None
+        """Snapshot bytes per context token as sent, smoothed: whole cache blocks travel, so
+        a short context costs more per token than the cache layout alone says."""
 
     # -- migration ----------------------------------------------------------------------------
 
@@ -120,7 +123,19 @@ class Handover:
         self.worker.counters.add(task.iteration, "kv_migrations", 1)
         self.worker.counters.add(task.iteration, "kv_snapshot_bytes", len(frame))
         self.kv_send_rate = _smooth(self.kv_send_rate, len(frame), time.perf_counter() - started)
+        per_token = len(frame) / max(kv.num_tokens, 1)
+        old = self.kv_frame_bytes_per_token
+        self.kv_frame_bytes_per_token = (
+            per_token if old is None else old + KV_RATE_SMOOTHING * (per_token - old)
+        )
         return url
+
+    def _kv_bytes_per_token(self) -> float:
+        """0 without a KV path; measured once this worker sent a snapshot, else the layout's."""
+        kv = self.worker.engine.kv
+        if kv is None:
+            return 0.0
+        return self.kv_frame_bytes_per_token or float(kv.bytes_per_token)
 
     def observe_kv_received(self, nbytes: int, seconds: float) -> None:
         self.kv_receive_rate = _smooth(self.kv_receive_rate, nbytes, seconds)
@@ -170,7 +185,7 @@ class Handover:
             samples=samples,
             finished_lengths=worker.finished_lengths,
             step_profile=self._profile(),
-            kv_bytes_per_token=float(kv.bytes_per_token) if (kv := worker.engine.kv) else 0.0,
+            kv_bytes_per_token=self._kv_bytes_per_token(),
             kv_bytes_per_second=self.kv_bytes_per_second,
             updated_at=time.time(),
         )

@@ -73,6 +73,7 @@ class Handover:
         for held in [h for h in worker.waiting if h[2].sample_id in wanted]:
             worker.waiting.remove(held)
             stream, entry_id, task = held
+            worker.forget_pull(task.sample_id)
             moved.append(task.model_copy(update={"migrations": task.migrations + 1}))
             self._hand(order, moved[-1])
             self.bus.ack(stream, Keys.GENERATION_GROUP, entry_id)

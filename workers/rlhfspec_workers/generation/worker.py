@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,6 +116,9 @@ class GenerationWorker:
         self.outbox: KVOutbox | None = None
         if engine.kv is not None:
             self.outbox = KVOutbox(bus.env.kv_host, bus.env.kv_port)
+        self._puller = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-pull")
+        self._pulls: dict[str, Future[tuple[bytes | None, float]]] = {}
+        """Sample id -> its KV snapshot's pull in flight (or done, not yet submitted)."""
         self.handover = Handover(self)
         self.strategy = StrategySync(bus, self.name, policy or FixedPolicy(NO_DRAFT))
         self.counters = _Counters()
@@ -149,6 +153,7 @@ class GenerationWorker:
         self._beat(force=True)
         if self.outbox is not None:
             self.outbox.close()
+        self._puller.shutdown(wait=False, cancel_futures=True)
         return 0
 
     def _admit(self) -> None:
@@ -162,15 +167,20 @@ class GenerationWorker:
         if free > 0:
             idle = not self.in_flight and not self.waiting
             self._take(self.keys.tasks, free, 200 if idle else None)
+        pulling: list[Held] = []
         while self.waiting:
             stream, entry_id, task = self.waiting[0]
             if task.weight_version > self.engine.weight_version:
-                return  # needs the next policy: finish what runs, then sync (_maybe_sync)
-            self.waiting.popleft()
+                break  # needs the next policy: finish what runs, then sync (_maybe_sync)
+            held = self.waiting.popleft()
             if self._already_done(task):
                 self.bus.ack(stream, Keys.GENERATION_GROUP, entry_id)
                 continue
+            if not self._kv_ready(task):
+                pulling.append(held)  # its KV snapshot is still on the way: next step
+                continue
             self._submit(stream, entry_id, task)
+        self.waiting.extendleft(reversed(pulling))
 
     def _take(self, stream: str, count: int, block_ms: int | None, pending: bool = False) -> int:
         got = self.bus.read_group(
@@ -219,22 +229,42 @@ class GenerationWorker:
         # The engine names results "<PromptInput.prompt_id>/<index>": map back to the task.
         self._task_of[f"{prompt.prompt_id}/{task.sample_index}"] = task.sample_id
 
-    def _load_kv(self, task: SampleTask) -> KVState | None:
-        """The migrated sample's KV snapshot, pulled once from its source; None (recompute)
-        when there is none, the source lost it or died, or it is malformed (dead-lettered
-        with the sample id)."""
+    def _kv_ready(self, task: SampleTask) -> bool:
+        """Whether the task can be submitted now; a KV-migrated one once its snapshot is here.
+        The pull runs on a thread (network waits release the GIL) while this worker keeps
+        decoding, as vLLM's own connectors load remote KV asynchronously."""
         url = task.kv_snapshot_url
         if url is None or self.engine.kv is None:
+            return True
+        pull = self._pulls.get(task.sample_id)
+        if pull is None:
+            self._pulls[task.sample_id] = self._puller.submit(_timed_pull, url)
+            return False
+        return pull.done()
+
+    def forget_pull(self, sample_id: str) -> None:
+        """The sample moves on before it ran here (its snapshot, if pulled, is dropped: the
+        next destination recomputes)."""
+        pull = self._pulls.pop(sample_id, None)
+        if pull is not None:
+            pull.cancel()
+
+    def _load_kv(self, task: SampleTask) -> KVState | None:
+        """The migrated sample's pulled KV snapshot; None (recompute) when there is none, the
+        source lost it or died, or it is malformed (dead-lettered with the sample id)."""
+        url = task.kv_snapshot_url
+        pull = self._pulls.pop(task.sample_id, None)
+        if url is None or pull is None:
             return None
-        started = time.perf_counter()
         try:
-            raw = kv_outbox.pull(url)
-        except OSError as exc:
-            self._kv_fallback(task, f"KV snapshot unreachable ({exc})")
+            raw, pull_seconds = pull.result()
+        except Exception as exc:  # any failed transfer (dead source, cut connection): recompute
+            self._kv_fallback(task, f"KV snapshot unreachable ({exc!r})")
             return None
         if raw is None:
             self._kv_fallback(task, "KV snapshot expired or lost")
             return None
+        started = time.perf_counter()
         try:
             state = KVState.from_message(KVSnapshot.from_bytes(raw))
         except ValueError as exc:  # MessageError included
@@ -243,7 +273,8 @@ class GenerationWorker:
             return None
         seconds = time.perf_counter() - started
         self.counters.add(task.iteration, "kv_receive_seconds", seconds)
-        self.handover.observe_kv_received(len(raw), seconds)
+        self.counters.add(task.iteration, "kv_pull_seconds", pull_seconds)
+        self.handover.observe_kv_received(len(raw), pull_seconds + seconds)
         return state
 
     def _kv_fallback(self, task: SampleTask, why: str) -> None:
@@ -395,6 +426,12 @@ class GenerationWorker:
                 k=step.next_k if step else None,
             )
         )
+
+
+def _timed_pull(url: str) -> tuple[bytes | None, float]:
+    started = time.perf_counter()
+    raw = kv_outbox.pull(url)
+    return raw, time.perf_counter() - started
 
 
 def run(job: RLHFJob, paths: ResolvedPaths, bus: Bus) -> int:

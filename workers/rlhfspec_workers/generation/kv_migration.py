@@ -182,17 +182,6 @@ def deposit(name: str, prompt_token_ids: Sequence[int], state: KVState) -> None:
     inbox(name).waiting.setdefault(tuple(prompt_token_ids), []).append(state)
 
 
-def withdraw(name: str, prompt_token_ids: Sequence[int]) -> None:
-    """Drop one snapshot deposited for this prompt (its request was aborted unscheduled)."""
-    box = inbox(name)
-    key = tuple(prompt_token_ids)
-    queue = box.waiting.get(key)
-    if queue:
-        queue.pop(0)
-        if not queue:
-            del box.waiting[key]
-
-
 def drop_inbox(name: str) -> None:
     _INBOXES.pop(name, None)
 
@@ -216,7 +205,7 @@ class MigrationMetadata(KVConnectorMetadata):  # type: ignore[misc]
 
 
 class MigrationConnector(KVConnectorBase_V1):  # type: ignore[misc]
-    """vLLM KV connector (``kv_role="kv_both"``) loading migrated samples' KV snapshots."""
+    """vLLM KV connector (``kv_role="kv_consumer"``) loading migrated samples' KV snapshots."""
 
     def __init__(
         self,
@@ -399,9 +388,6 @@ class KVMigrationPort:
     def deposit(self, prompt_token_ids: Sequence[int], state: KVState) -> None:
         self.check(state)
         deposit(self.name, prompt_token_ids, state)
-
-    def withdraw(self, prompt_token_ids: Sequence[int]) -> None:
-        withdraw(self.name, prompt_token_ids)
 
     def stats(self) -> Inbox:
         return inbox(self.name)

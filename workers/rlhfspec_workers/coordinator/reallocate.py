@@ -30,6 +30,7 @@ from rlhfspec_workers.reallocation.planner import (
     to_orders,
 )
 from rlhfspec_workers.reallocation.predictor import LengthPredictor
+from rlhfspec_workers.reallocation.transit import TransitLedger
 from rlhfspec_workers.runtime import Bus
 
 STALE_REPORT_SECONDS = 5.0
@@ -79,6 +80,7 @@ class Reallocator:
         """(iteration, when its generation started): the planner's overhead budget is per stage."""
         self.spent_seconds = 0.0
         """Engine seconds the migrations ordered this stage cost their destinations."""
+        self.transit = TransitLedger()
 
     def tick(self, iteration: int) -> int:
         """Plan once if the interval has passed; returns migrations ordered now."""
@@ -89,6 +91,7 @@ class Reallocator:
         if self.stage is None or self.stage[0] != iteration:
             self.stage = (iteration, now)
             self.spent_seconds = 0.0
+            self.transit = TransitLedger()
         reports = self._reports()
         live = [r for r in reports if r.iteration == iteration or not r.samples]
         if len(live) < 2:
@@ -118,6 +121,8 @@ class Reallocator:
                     free_slots=report.free_slots,
                 )
             )
+        # Reports lag the orders: plan on where the samples already ordered are going.
+        loads = self.transit.apply(loads, now)
         if self.policy == "threshold":
             migrations = threshold_plan(
                 loads, speeds, self.migration_cost, threshold=self.threshold, now=now
@@ -135,6 +140,7 @@ class Reallocator:
             )
         if not migrations:
             return 0
+        self.transit.record(migrations, loads, now)
         self.rounds += 1
         for order in to_orders(migrations, order_prefix=f"it{iteration}-r{self.rounds}"):
             self.bus.publish(self.bus.keys.migrations_for(order.source), order)

@@ -41,3 +41,19 @@ def test_no_kv_path_on_one_worker_or_a_recompute_policy_means_recompute() -> Non
     prior = migration_cost("kv_transfer", [report("a", 32768), report("b", 32768)])
     assert prior.kv_bandwidth_bytes_per_second == KV_PRIOR_BYTES_PER_SECOND
     assert prior.choose(200, CPU)[0] == "kv_transfer"
+
+
+def test_one_step_table_pools_every_replica_s_measured_batches() -> None:
+    from rlhfspec_workers.coordinator.reallocate import _speed
+
+    small = LoadReport(worker="a", iteration=1, free_slots=0,
+                       step_profile=[[8.0, 0.03, 1.0], [48.0, 0.09, 1.0]])  # fmt: skip
+    large = LoadReport(worker="b", iteration=1, free_slots=0,
+                       step_profile=[[48.0, 0.11, 1.0], [144.0, 0.25, 1.0]])  # fmt: skip
+    alone = _speed([small])
+    pooled = _speed([small, large])
+    assert alone is not None and pooled is not None
+    # Alone, the small-batch worker extrapolates its own slope and looks fast at 144.
+    assert alone.step(144) < 0.25
+    assert pooled.step(144) == 0.25 and pooled.step(48) == 0.10  # measured, median of both
+    assert _speed([LoadReport(worker="c", iteration=1, free_slots=0)]) is None

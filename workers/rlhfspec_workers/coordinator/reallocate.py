@@ -10,6 +10,7 @@ stage time by more than they cost, and sends each source its :class:`MigrationOr
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Literal
 
@@ -97,12 +98,16 @@ class Reallocator:
         if len(live) < 2:
             return 0
         self.migration_cost = migration_cost(self.mode, live)
-        loads, speeds = [], {}
+        if any(_speed([report]) is None for report in live):
+            return 0  # a worker without measured steps yet: nothing to plan with
+        # Every replica serves the same model on the same kind of hardware: one table from all
+        # their steps covers more batch sizes than any one worker has run (a worker that only
+        # ran small batches would otherwise look fast at large ones and attract too much).
+        speed = _speed(live)
+        assert speed is not None
+        speeds = {report.worker: speed for report in live}
+        loads = []
         for report in live:
-            speed = _speed(report)
-            if speed is None:
-                return 0  # a worker without measured steps yet: nothing to plan with
-            speeds[report.worker] = speed
             loads.append(
                 WorkerLoad(
                     name=report.worker,
@@ -170,10 +175,19 @@ class Reallocator:
         return reports
 
 
-def _speed(report: LoadReport) -> ThroughputModel | None:
-    rows = [(int(b), s, t) for b, s, t in report.step_profile if b >= 1 and s > 0]
-    if len(rows) < MIN_PROFILE_ROWS:
+def _speed(reports: list[LoadReport]) -> ThroughputModel | None:
+    """The step table of these workers' recent steps: by batch size, the median over them."""
+    by_batch: dict[int, list[tuple[float, float]]] = {}
+    for report in reports:
+        for b, s, t in report.step_profile:
+            if b >= 1 and s > 0:
+                by_batch.setdefault(int(b), []).append((s, t))
+    if len(by_batch) < MIN_PROFILE_ROWS:
         return None
+    rows = [
+        (b, statistics.median(s for s, _ in v), statistics.median(t for _, t in v))
+        for b, v in sorted(by_batch.items())
+    ]
     # Prefill of a migrated context costs about one decode step's time per ~batch tokens:
     # the cheapest per-token cost the worker measured (conservative for long contexts).
     per_token = min(s / b for b, s, _ in rows)

@@ -306,8 +306,8 @@ class LoadReport(Message):
     """KV snapshot bytes per context token (measured on snapshots sent, else the cache
     layout's); 0: this worker has no KV migration path."""
     kv_bytes_per_second: float | None = Field(default=None, gt=0.0)
-    """Measured KV hand-over rate (read out of the cache and encoded as a source, pulled and
-    decoded as a destination); None before its first KV migration."""
+    """Measured KV hand-over rate in engine time (read out of the cache and encoded as a
+    source, decoded as a destination); None before its first KV migration."""
     updated_at: float = 0.0
 
 

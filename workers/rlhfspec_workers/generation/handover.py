@@ -42,7 +42,8 @@ class Handover:
         self.kv_send_rate: float | None = None
         """Bytes per second exporting and encoding snapshots (as a source), smoothed."""
         self.kv_receive_rate: float | None = None
-        """Bytes per second pulling and decoding them (as a destination), smoothed."""
+        """Bytes per second decoding pulled snapshots (as a destination; the pull itself runs
+        on a thread beside the engine), smoothed."""
         self.kv_frame_bytes_per_token: float | None = None
         """Snapshot bytes per context token as sent, smoothed: whole cache blocks travel, so
         a short context costs more per token than the cache layout alone says."""
@@ -143,7 +144,8 @@ class Handover:
 
     @property
     def kv_bytes_per_second(self) -> float | None:
-        """One snapshot's whole trip: the source's export and the destination's pull add up."""
+        """Engine time per snapshot byte: the source's export and the destination's decode
+        add up (the block copy into vLLM's cache is ``MigrationCost.kv_fixed_seconds``)."""
         rates = [r for r in (self.kv_send_rate, self.kv_receive_rate) if r]
         return 1.0 / sum(1.0 / r for r in rates) if rates else None
 

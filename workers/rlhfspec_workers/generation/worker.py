@@ -274,7 +274,10 @@ class GenerationWorker:
         seconds = time.perf_counter() - started
         self.counters.add(task.iteration, "kv_receive_seconds", seconds)
         self.counters.add(task.iteration, "kv_pull_seconds", pull_seconds)
-        self.handover.observe_kv_received(len(raw), pull_seconds + seconds)
+        # The pull ran beside the engine: its wall time (mostly waiting for the source's
+        # server thread) delays this one sample but stalls no engine, so it is not a cost
+        # the planner should weigh against a recompute's prefill, which stalls every sample.
+        self.handover.observe_kv_received(len(raw), seconds)
         return state
 
     def _kv_fallback(self, task: SampleTask, why: str) -> None:

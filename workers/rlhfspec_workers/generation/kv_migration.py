@@ -21,6 +21,7 @@ scheduler side is per engine; each engine has its own inbox (``kv_connector_extr
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -72,8 +73,10 @@ class KVState:
     def to_message(self, sample_id: str) -> KVSnapshot:
         names = sorted(self.layers)
         first = self.layers[names[0]]
-        stacked = torch.stack([self.layers[n] for n in names]).contiguous()
-        raw = stacked.view(torch.uint8).numpy().tobytes()
+        # One copy into the frame (a snapshot is megabytes, moved while engines wait).
+        raw = b"".join(
+            self.layers[n].contiguous().view(torch.uint8).numpy().data for n in names
+        )
         return KVSnapshot(
             sample_id=sample_id,
             token_ids=list(self.token_ids),
@@ -87,10 +90,14 @@ class KVState:
     @classmethod
     def from_message(cls, msg: KVSnapshot) -> KVState:
         dtype = _DTYPES[msg.dtype]
-        raw = bytearray(msg.data)  # writable: the tensors are views of it
+        raw = msg.data
         blocks = blocks_for(len(msg.token_ids), msg.block_size)
         shape = (len(msg.layer_names), blocks, *msg.block_shape)
-        flat = torch.frombuffer(raw, dtype=torch.uint8)
+        with warnings.catch_warnings():
+            # Read-only bytes: the tensors are only read, to be copied into vLLM's cache.
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            empty = torch.empty(0, dtype=torch.uint8)
+            flat = torch.frombuffer(raw, dtype=torch.uint8) if raw else empty
         expected = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
         if flat.numel() != expected:
             raise ValueError(f"KV snapshot of {msg.sample_id}: {flat.numel()} bytes, "
@@ -120,7 +127,7 @@ def read_kv(
     """Copy the blocks holding context positions [0, n) out of per-layer paged caches
     (block axis first: vLLM's per-layer [blocks, heads, block_size, C] view)."""
     index = torch.tensor(list(block_ids[: blocks_for(n, block_size)]), dtype=torch.long)
-    return {name: cache[index].clone() for name, cache in caches.items()}
+    return {name: cache[index] for name, cache in caches.items()}  # indexing copies
 
 
 def write_kv(

@@ -37,8 +37,8 @@ from rlhfspec_workers.runtime import Bus
 STALE_REPORT_SECONDS = 5.0
 MIN_PROFILE_ROWS = 1
 KV_PRIOR_BYTES_PER_SECOND = 100e6
-"""KV hand-over rate assumed until a worker has measured one (export, encode, Redis round trip;
-a few hundred MB/s measured on the 2-core CPU here: the prior errs slow)."""
+"""KV hand-over rate assumed until a worker has measured one (export and encode at the source,
+decode at the destination; a few hundred MB/s on the 2-core CPU here: the prior errs slow)."""
 KV_FIXED_SECONDS = 0.002
 """Per KV-migrated sample on top of its bytes: the destination's decode and block copy."""
 
@@ -98,7 +98,7 @@ class Reallocator:
         if len(live) < 2:
             return 0
         self.migration_cost = migration_cost(self.mode, live)
-        if any(_speed([report]) is None for report in live):
+        if any(len(_step_rows(report)) < MIN_PROFILE_ROWS for report in live):
             return 0  # a worker without measured steps yet: nothing to plan with
         # Every replica serves the same model on the same kind of hardware: one table from all
         # their steps covers more batch sizes than any one worker has run (a worker that only
@@ -175,13 +175,17 @@ class Reallocator:
         return reports
 
 
+def _step_rows(report: LoadReport) -> list[tuple[int, float, float]]:
+    """(batch size, seconds per step, tokens per sequence per step) rows a report measured."""
+    return [(int(b), s, t) for b, s, t in report.step_profile if b >= 1 and s > 0]
+
+
 def _speed(reports: list[LoadReport]) -> ThroughputModel | None:
     """The step table of these workers' recent steps: by batch size, the median over them."""
     by_batch: dict[int, list[tuple[float, float]]] = {}
     for report in reports:
-        for b, s, t in report.step_profile:
-            if b >= 1 and s > 0:
-                by_batch.setdefault(int(b), []).append((s, t))
+        for b, s, t in _step_rows(report):
+            by_batch.setdefault(b, []).append((s, t))
     if len(by_batch) < MIN_PROFILE_ROWS:
         return None
     rows = [

@@ -7,10 +7,9 @@ each sample got) for the coordinator's reallocation planner; it executes the pla
 log-probs to the destination's direct stream with ``max_tokens`` reduced, then ack the
 original task; a ``kv_transfer`` order also puts the sample's KV cache blocks in this worker's
 outbox for the destination to pull and load instead of re-prefilling, see ``kv_migration``
-and ``kv_outbox``); it renews the lease
-on everything it holds; and it reclaims tasks of workers that stopped renewing theirs (a dead
-worker's samples finish elsewhere, each exactly once: XAUTOCLAIM moves ownership, the done set
-filters duplicates).
+and ``kv_outbox``); it renews the lease on everything it holds; and it reclaims tasks of
+workers that stopped renewing theirs (a dead worker's samples finish elsewhere, each exactly
+once: XAUTOCLAIM moves ownership, the done set filters duplicates).
 """
 
 from __future__ import annotations
@@ -25,6 +24,8 @@ from rlhfspec_workers.messages import Keys, LoadReport, MigrationOrder, SampleLo
 KV_RATE_SMOOTHING = 0.3
 
 if TYPE_CHECKING:
+    from .kv_migration import KVState
+    from .kv_outbox import KVOutbox
     from .worker import GenerationWorker
 
 
@@ -92,7 +93,7 @@ class Handover:
             tokens, logprobs = worker.engine.preempt(flight.request_id)
             kv_url = None
             if kv is not None and worker.outbox is not None:
-                kv_url = self._store_kv(task, kv, kv_started)
+                kv_url = self._store_kv(worker.outbox, task, kv, kv_started)
             moved.append(
                 task.model_copy(
                     update={
@@ -117,19 +118,16 @@ class Handover:
             worker.counters.add(moved[0].iteration, "migration_seconds", seconds)
         self.bus.metrics.observe_migration(moved_tokens, seconds, samples=len(moved))
 
-    def _store_kv(self, task: SampleTask, kv: Any, started: float) -> str:
+    def _store_kv(self, outbox: KVOutbox, task: SampleTask, kv: KVState, started: float) -> str:
         """Put the snapshot in the outbox (before the task that points at it is published)."""
         frame = kv.to_message(task.sample_id).to_bytes()
-        assert self.worker.outbox is not None
-        url = self.worker.outbox.put(f"{task.sample_id}#{task.migrations + 1}", frame)
+        url = outbox.put(f"{task.sample_id}#{task.migrations + 1}", frame)
         self.worker.counters.add(task.iteration, "kv_migrations", 1)
         self.worker.counters.add(task.iteration, "kv_snapshot_bytes", len(frame))
-        self.kv_send_rate = _smooth(self.kv_send_rate, len(frame), time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self.kv_send_rate = _smooth(self.kv_send_rate, len(frame) / max(seconds, 1e-6))
         per_token = len(frame) / max(kv.num_tokens, 1)
-        old = self.kv_frame_bytes_per_token
-        self.kv_frame_bytes_per_token = (
-            per_token if old is None else old + KV_RATE_SMOOTHING * (per_token - old)
-        )
+        self.kv_frame_bytes_per_token = _smooth(self.kv_frame_bytes_per_token, per_token)
         return url
 
     def _kv_bytes_per_token(self) -> float:
@@ -140,7 +138,7 @@ class Handover:
         return self.kv_frame_bytes_per_token or float(kv.bytes_per_token)
 
     def observe_kv_received(self, nbytes: int, seconds: float) -> None:
-        self.kv_receive_rate = _smooth(self.kv_receive_rate, nbytes, seconds)
+        self.kv_receive_rate = _smooth(self.kv_receive_rate, nbytes / max(seconds, 1e-6))
 
     @property
     def kv_bytes_per_second(self) -> float | None:
@@ -269,6 +267,6 @@ class Handover:
                 return
 
 
-def _smooth(old: float | None, nbytes: int, seconds: float) -> float:
-    rate = nbytes / max(seconds, 1e-6)
-    return rate if old is None else old + KV_RATE_SMOOTHING * (rate - old)
+def _smooth(old: float | None, value: float) -> float:
+    """Exponential moving average; the first value starts it."""
+    return value if old is None else old + KV_RATE_SMOOTHING * (value - old)

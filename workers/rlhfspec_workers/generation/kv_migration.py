@@ -2,15 +2,16 @@
 
 Where it sits: between two generation engines during a ``kv_transfer`` migration
 (``handover.Handover``). The source engine reads the sample's paged KV out of its cache before
-aborting it (:func:`read_kv`, ``GenerationEngine.preempt(export_kv=True)``); the snapshot
-crosses Redis as a ``messages.KVSnapshot``; the destination engine deposits it in its inbox
-(:func:`deposit`) and submits the sample as usual (prompt + generated tokens). vLLM's
-scheduler asks :class:`MigrationConnector` how many of the request's tokens it can supply:
-the snapshot's, minus one (vLLM must compute at least the last token to sample the next one).
-In the step that schedules the request, the connector's worker side copies those tokens' KV
-into the freshly allocated blocks (:func:`write_kv`) before the forward pass, so the
-destination computes one token instead of the whole context. Recompute stays the fallback:
-no snapshot (lost, expired, another model) simply means no external tokens.
+aborting it (:func:`read_kv`, ``GenerationEngine.export_kv``); the snapshot travels as a
+``messages.KVSnapshot`` frame, pulled by the destination from the source's outbox
+(``kv_outbox``); the destination engine deposits it in its inbox (:func:`deposit`) and submits
+the sample as usual (prompt + generated tokens). vLLM's scheduler asks
+:class:`MigrationConnector` how many of the request's tokens it can supply: the snapshot's,
+minus one (vLLM must compute at least the last token to sample the next one). In the step that
+schedules the request, the connector's worker side copies those tokens' cache blocks into the
+freshly allocated ones (:func:`write_kv`) before the forward pass, so the destination computes
+one token instead of the whole context. Recompute stays the fallback: no snapshot (lost,
+expired, another model) simply means no external tokens.
 
 vLLM keeps ONE worker-side connector per process (``kv_transfer_state``), shared by every
 engine in it, so the worker side holds no engine state: it writes into the KV tensors of the
@@ -207,7 +208,6 @@ class _Load:
 @dataclass
 class MigrationMetadata(KVConnectorMetadata):  # type: ignore[misc]
     inbox: str
-    block_size: int
     loads: list[_Load] = field(default_factory=list)
 
 
@@ -223,7 +223,6 @@ class MigrationConnector(KVConnectorBase_V1):  # type: ignore[misc]
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = self._kv_transfer_config.kv_connector_extra_config or {}
         self.inbox_name = str(extra.get("inbox", "default"))
-        self.block_size = int(vllm_config.cache_config.block_size)
         self._start: dict[str, int] = {}
         self._loads: list[_Load] = []
 
@@ -260,7 +259,7 @@ class MigrationConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self._loads.append(_Load(state, list(groups[0]), start, start + num_external_tokens))
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> MigrationMetadata:
-        meta = MigrationMetadata(self.inbox_name, self.block_size, self._loads)
+        meta = MigrationMetadata(self.inbox_name, self._loads)
         self._loads = []
         return meta
 
@@ -334,8 +333,6 @@ class KVMigrationPort:
         _LIVE_PORTS.add(self.name)
         self.layout: dict[str, tuple[tuple[int, ...], str]] = {}
         self.block_size = 0
-        self.exported_bytes = 0
-        self.export_seconds = 0.0
 
     def engine_args(self) -> dict[str, Any]:
         return {
@@ -362,7 +359,6 @@ class KVMigrationPort:
     def export(self, llm_engine: Any, internal_id: str) -> KVState | None:
         """The KV a running request has computed (prompt + generated but the newest token), read
         between engine steps; None when vLLM does not hold it (not scheduled yet)."""
-        started = time.perf_counter()
         core = llm_engine.engine_core.engine_core
         request = core.scheduler.requests.get(internal_id)
         if request is None:
@@ -373,10 +369,7 @@ class KVMigrationPort:
             return None
         layers = llm_engine.collective_rpc(_read_request_kv, args=(list(groups[0]), n))[0]
         tokens = tuple(int(t) for t in request.all_token_ids[:n])
-        state = KVState(tokens, layers, self.block_size)
-        self.exported_bytes += state.nbytes
-        self.export_seconds += time.perf_counter() - started
-        return state
+        return KVState(tokens, layers, self.block_size)
 
     def check(self, state: KVState) -> None:
         """Refuse a snapshot of another model or cache layout before vLLM sees it."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -60,7 +59,8 @@ class WorkerEnv:
     """Where a generation worker serves KV snapshots of samples it migrates away (0: any free
     port, local mode)."""
     kv_host: str = "127.0.0.1"
-    """How other workers reach it: the pod's DNS name (hostname.subdomain) in Kubernetes."""
+    """How other workers reach it: the operator sets the pod's DNS name (hostname.subdomain of
+    its role's headless service); local mode keeps the loopback."""
 
     @property
     def worker(self) -> str:
@@ -103,9 +103,7 @@ class WorkerEnv:
             metrics_port=number("RLHFSPEC_METRICS_PORT", 0),
             pod_name=env.get("RLHFSPEC_POD_NAME", ""),
             kv_port=number("RLHFSPEC_KV_PORT", 0),
-            # A pod's hostname + subdomain (its role's headless service) resolve cluster-wide.
-            kv_host=env.get("RLHFSPEC_KV_HOST")
-            or (socket.getfqdn() if env.get("RLHFSPEC_POD_NAME") else "127.0.0.1"),
+            kv_host=env.get("RLHFSPEC_KV_HOST") or "127.0.0.1",
         )
 
     def load_job(self) -> RLHFJob:

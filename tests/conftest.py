@@ -12,7 +12,7 @@ over the session, so measure deltas around your own requests
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,39 @@ def tiny_kit() -> Path:
     from rlhfspec_workers.tinymodels import ensure_tiny_models
 
     return ensure_tiny_models(seed=0)
+
+
+@pytest.fixture(scope="session")
+def draft_engine(tiny_kit: Path) -> Callable[..., Any]:
+    """Builds a ``GenerationEngine`` as a generation worker runs it on the tiny kit: adaptive
+    speculation with the tiny draft model (k <= 4), fp32, 16 slots, 64 MiB of KV cache.
+    ``draft_engine(max_new_tokens, **engine_kwargs)``; the caller closes it."""
+
+    def build(max_new_tokens: int, **engine_kwargs: Any) -> Any:
+        from rlhfspec_api.generation import GenerationSpec
+        from rlhfspec_workers.generation.engine import GenerationEngine
+
+        spec = GenerationSpec.model_validate(
+            {
+                "maxNewTokens": max_new_tokens,
+                "speculative": {
+                    "mode": "adaptive",
+                    "maxDraftTokens": 4,
+                    "drafters": [{"method": "draft_model", "model": {"path": "tiny://draft"}}],
+                },
+            }
+        )
+        return GenerationEngine(
+            spec,
+            tiny_kit / "policy",
+            draft_models={0: tiny_kit / "draft"},
+            dtype="float32",
+            max_num_seqs=16,
+            kv_cache_bytes=64 << 20,
+            **engine_kwargs,
+        )
+
+    return build
 
 
 @pytest.fixture(scope="session")

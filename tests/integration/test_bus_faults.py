@@ -68,12 +68,18 @@ def test_malformed_and_wrong_version_payloads_are_dead_lettered_with_the_sample_
     assert bus.redis.xpending(keys.tasks, Keys.GENERATION_GROUP)["pending"] == 1
 
 
-def test_a_dead_consumers_entries_are_reclaimed_once(server: RedisServer) -> None:
+def _two_consumers_of(server: RedisServer, *, tasks: int) -> tuple[Bus, Bus]:
+    """Two generation consumers of the shared task stream, with ``tasks`` tasks published."""
     alive, dead = _bus(server, 0), _bus(server, 1)
+    alive.ensure_group(alive.keys.tasks, Keys.GENERATION_GROUP)
+    for i in range(tasks):
+        alive.publish(alive.keys.tasks, _task(i))
+    return alive, dead
+
+
+def test_a_dead_consumers_entries_are_reclaimed_once(server: RedisServer) -> None:
+    alive, dead = _two_consumers_of(server, tasks=4)
     keys = alive.keys
-    alive.ensure_group(keys.tasks, Keys.GENERATION_GROUP)
-    for i in range(4):
-        alive.publish(keys.tasks, _task(i))
     taken = dead.read_group(keys.tasks, Keys.GENERATION_GROUP, SampleTask, count=4, block_ms=100)
     assert len(taken) == 4  # then the dead consumer never acks
     assert alive.reclaim(keys.tasks, Keys.GENERATION_GROUP, SampleTask, min_idle_ms=5000,
@@ -88,11 +94,8 @@ def test_a_dead_consumers_entries_are_reclaimed_once(server: RedisServer) -> Non
 def test_reclaim_finds_a_dead_consumers_entries_behind_many_live_ones(
     server: RedisServer,
 ) -> None:
-    alive, dead = _bus(server, 0), _bus(server, 1)
+    alive, dead = _two_consumers_of(server, tasks=32)
     keys = alive.keys
-    alive.ensure_group(keys.tasks, Keys.GENERATION_GROUP)
-    for i in range(32):
-        alive.publish(keys.tasks, _task(i))
     live = alive.read_group(keys.tasks, Keys.GENERATION_GROUP, SampleTask, count=30, block_ms=100)
     taken = dead.read_group(keys.tasks, Keys.GENERATION_GROUP, SampleTask, count=2, block_ms=100)
     time.sleep(0.3)

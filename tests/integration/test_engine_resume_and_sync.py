@@ -8,13 +8,11 @@ the new weights from scratch would.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-from rlhfspec_api.generation import GenerationSpec
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -22,27 +20,8 @@ GREEDY_ARGS = {"temperature": 0.0, "max_tokens": 24}
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_kit: Path) -> Iterator[Any]:
-    from rlhfspec_workers.generation.engine import GenerationEngine
-
-    spec = GenerationSpec.model_validate(
-        {
-            "maxNewTokens": 24,
-            "speculative": {
-                "mode": "adaptive",
-                "maxDraftTokens": 4,
-                "drafters": [{"method": "draft_model", "model": {"path": "tiny://draft"}}],
-            },
-        }
-    )
-    eng = GenerationEngine(
-        spec,
-        tiny_kit / "policy",
-        draft_models={0: tiny_kit / "draft"},
-        dtype="float32",
-        max_num_seqs=16,
-        kv_cache_bytes=64 << 20,
-    )
+def engine(draft_engine: Callable[..., Any]) -> Iterator[Any]:
+    eng = draft_engine(24)
     yield eng
     eng.close()
 

@@ -8,7 +8,7 @@ destination must really have used the snapshot: a corrupted snapshot changes the
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,31 +23,8 @@ MAX_TOKENS = 40
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_kit: Path) -> Iterator[tuple[Any, Any]]:
-    from rlhfspec_workers.generation.engine import GenerationEngine
-
-    spec = GenerationSpec.model_validate(
-        {
-            "maxNewTokens": MAX_TOKENS,
-            "speculative": {
-                "mode": "adaptive",
-                "maxDraftTokens": 4,
-                "drafters": [{"method": "draft_model", "model": {"path": "tiny://draft"}}],
-            },
-        }
-    )
-    built = [
-        GenerationEngine(
-            spec,
-            tiny_kit / "policy",
-            draft_models={0: tiny_kit / "draft"},
-            dtype="float32",
-            max_num_seqs=16,
-            kv_cache_bytes=64 << 20,
-            kv_migration=True,
-        )
-        for _ in range(2)
-    ]
+def engines(draft_engine: Callable[..., Any]) -> Iterator[tuple[Any, Any]]:
+    built = [draft_engine(MAX_TOKENS, kv_migration=True) for _ in range(2)]
     yield built[0], built[1]
     for eng in built:
         eng.close()

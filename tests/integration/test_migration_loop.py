@@ -27,7 +27,9 @@ from rlhfspec_workers.runtime import Bus, WorkerEnv
 
 pytestmark = pytest.mark.timeout(900)
 
-PROMPTS, MAX_TOKENS = 12, 48
+PROMPTS, MAX_TOKENS = 12, 100
+"""100 of the tiny policy's 128 positions: both halves of a sample (when it may be picked, and
+what is left once the order arrives) last longer than a load report's 0.5 s period."""
 SOURCE, DESTINATION = "generation-0", "generation-1"
 
 
@@ -116,11 +118,13 @@ def test_ordered_migration_moves_running_samples_and_stitches_them_exactly(
             def running_firsts() -> bool:
                 raw = bus.redis.get(keys.load(SOURCE))
                 report = LoadReport.from_bytes(raw) if raw else None
+                samples = [s for s in (report.samples if report else []) if s.running]
                 moving[:] = [
-                    s.sample_id for s in (report.samples if report else [])
-                    if s.running and 0 < s.generated < MAX_TOKENS // 2
-                    and s.sample_id.endswith("/0")
+                    s.sample_id for s in samples
+                    if 0 < s.generated < MAX_TOKENS // 2 and s.sample_id.endswith("/0")
                 ][:3]  # fmt: skip
+                # Fail now, not at the deadline, if the reports skipped the window.
+                assert not samples or min(s.generated for s in samples) < MAX_TOKENS // 2
                 return len(moving) == 3
 
             wait("the source running samples", running_firsts)

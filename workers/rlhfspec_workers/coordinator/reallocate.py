@@ -81,6 +81,9 @@ class Reallocator:
         """(iteration, when its generation started): the planner's overhead budget is per stage."""
         self.spent_seconds = 0.0
         """Engine seconds the migrations ordered this stage cost their destinations."""
+        self.recompute_seconds = 0.0
+        """The part of ``spent_seconds`` that re-prefills contexts (recompute moves): the one
+        migration cost no worker can measure, since vLLM does not time a step's prefill apart."""
         self.transit = TransitLedger()
 
     def tick(self, iteration: int) -> int:
@@ -92,6 +95,7 @@ class Reallocator:
         if self.stage is None or self.stage[0] != iteration:
             self.stage = (iteration, now)
             self.spent_seconds = 0.0
+            self.recompute_seconds = 0.0
             self.transit = TransitLedger()
         reports = self._reports()
         live = [r for r in reports if r.iteration == iteration or not r.samples]
@@ -151,6 +155,9 @@ class Reallocator:
             self.bus.publish(self.bus.keys.migrations_for(order.source), order)
         self.issued += len(migrations)
         self.spent_seconds += sum(m.destination_busy_seconds for m in migrations)
+        self.recompute_seconds += sum(
+            m.destination_busy_seconds for m in migrations if m.mode == "recompute"
+        )
         return len(migrations)
 
     def _reports(self) -> list[LoadReport]:

@@ -178,7 +178,7 @@ class GenerationEngine:
             raise RuntimeError("an engine with KV migration lives in this process; close it first")
         self.kv: KVMigrationPort | None = KVMigrationPort() if kv_migration else None
         if self.kv is not None:
-            args.update(self.kv.engine_args())
+            args.update(self.kv.engine_args(self.device))
         args.update(engine_kwargs or {})
         config = EngineArgs(**args).create_engine_config()
         sink = _StepStatsSink(config)

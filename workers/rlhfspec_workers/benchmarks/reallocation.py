@@ -35,17 +35,23 @@ from rlhfspec_workers.local.supervisor import Supervisor, local_worker_env
 from rlhfspec_workers.messages import LoadReport, SampleTask
 from rlhfspec_workers.runtime import Bus, WorkerEnv
 
-POLICIES = ("none", "threshold", "planner", "planner-recompute", "planner-recompute-unbudgeted")
+POLICIES = (
+    "none", "balanced", "threshold", "planner", "planner-recompute", "planner-recompute-unbudgeted"
+)  # fmt: skip
 LABELS = {
     "none": "static",
+    "balanced": "balanced",
     "threshold": "threshold",
     "planner": "ours",
     "planner-recompute": "recompute",
     "planner-recompute-unbudgeted": "rec-nobudg",
 }
-"""``recompute``: our planner with KV transfer off (every move re-prefills its context);
-``rec-nobudg``: the same without its per-stage overhead budget (the trade-off: where recompute
-is dear, as on a compute-bound CPU, the budget is what keeps moves few)."""
+"""``balanced``: no migration, on a partition that splits the long tail evenly from the start:
+what a perfect reallocation with free moves could reach on these engines (a bound, not a
+policy: no scheduler knows the lengths in advance). ``recompute``: our planner with KV
+transfer off (every move re-prefills its context). ``rec-nobudg``: the same without its
+per-stage overhead budget (the trade-off: where recompute is dear, as on a compute-bound CPU,
+the budget is what keeps moves few)."""
 
 
 def _job(workers: int, max_tokens: int, policy: str = "tiny://policy") -> dict[str, Any]:
@@ -86,6 +92,13 @@ def skewed_partition(
     return parts
 
 
+def balanced_partition(parts: list[list[tuple[str, int]]]) -> list[list[tuple[str, int]]]:
+    """The same samples dealt round-robin from the longest down: every worker gets an equal
+    share of the long tail."""
+    ranked = sorted((s for part in parts for s in part), key=lambda s: -s[1])
+    return [ranked[w :: len(parts)] for w in range(len(parts))]
+
+
 PROFILE: dict[int, list[tuple[float, float]]] = {}
 """Batch size -> measured (seconds per step, tokens per sequence per step) over all runs."""
 LAST_REPORTS: dict[int, LoadReport] = {}
@@ -112,6 +125,7 @@ def run_policy(
             bus.publish(keys.direct_tasks(f"generation-{w}"), task)
             total += 1
     base = "planner" if policy.startswith("planner") else policy
+    base = "none" if policy == "balanced" else base
     reallocator = Reallocator(spec, bus, workers, policy=base)  # type: ignore[arg-type]
     if policy.startswith("planner-recompute"):
         reallocator.mode = "recompute"
@@ -217,8 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     order = POLICIES if round_index % 2 == 0 else tuple(reversed(POLICIES))
                     for policy in order:
                         iteration += 1
+                        given = balanced_partition(parts) if policy == "balanced" else parts
                         results.append(
-                            run_policy(bus, spec, args.workers, policy, iteration, parts)
+                            run_policy(bus, spec, args.workers, policy, iteration, given)
                         )
                         print(f"  {LABELS[policy]:>10}: {results[-1]['makespan']:.2f}s, "
                               f"{results[-1]['migrations']} migrations", flush=True)  # fmt: skip
@@ -227,6 +242,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = summarise(results)
     summary["simulator"] = simulator_check(parts, summary)
     print(table(summary))
+    print(
+        f"ours / balanced (the bound of free, perfect moves): "
+        f"{summary['ours']['makespan'] / summary['balanced']['makespan']:.2f}x"
+    )
     sim = summary["simulator"]
     print(
         f"simulator on the measured step table: static {sim['static_seconds']:.2f}s "

@@ -66,13 +66,16 @@ def _migrate_midway(
 ) -> dict[str, tuple[list[int], list[float], int]]:
     """Run ``prompts`` (2 samples each) on the source for a few steps, then move every
     running sample to the destination with its KV. Returns what each moved sample had."""
+    from rlhfspec_workers.generation.kv_migration import CPU_MIGRATION_BLOCK_SIZE
+
+    # Whole blocks travel, of the small size a migrating CPU engine runs with (not
+    # vLLM-CPU's 128): each snapshot carries under one block of positions past its context.
+    assert source.kv.block_size == CPU_MIGRATION_BLOCK_SIZE
     sampling = _sampling()
     ids = {f"{p.prompt_id}/{j}": (p, j, source.submit(p, sampling, j)) for p in prompts
            for j in range(2)}  # fmt: skip
     for _ in range(4):
         assert not source.poll()  # fixed-length samples: none finishes this early
-    from rlhfspec_workers.generation.kv_migration import CPU_MIGRATION_BLOCK_SIZE
-
     moved: dict[str, tuple[list[int], list[float], int]] = {}
     bytes_per_token = source.kv.bytes_per_token
     for key, (p, j, request_id) in ids.items():
@@ -81,9 +84,6 @@ def _migrate_midway(
         assert state is not None and len(tokens) > 0
         # The newest sampled token has no KV yet: the snapshot covers everything before it.
         assert state.num_tokens == len(p_ids(source, p)) + len(tokens) - 1
-        # Whole blocks travel, of the small size a migrating CPU engine runs with (not
-        # vLLM-CPU's 128): the snapshot carries under one block of positions past the context.
-        assert source.kv.block_size == CPU_MIGRATION_BLOCK_SIZE
         assert state.nbytes < (state.num_tokens + CPU_MIGRATION_BLOCK_SIZE) * bytes_per_token
         state = _through_redis_encoding(state, key)
         if corrupt:

@@ -124,8 +124,12 @@ def run_policy(
             )  # fmt: skip
             bus.publish(keys.direct_tasks(f"generation-{w}"), task)
             total += 1
-    base = "planner" if policy.startswith("planner") else policy
-    base = "none" if policy == "balanced" else base
+    if policy.startswith("planner"):
+        base = "planner"
+    elif policy == "balanced":
+        base = "none"  # the bound: an even partition (the caller's), no migration
+    else:
+        base = policy
     reallocator = Reallocator(spec, bus, workers, policy=base)  # type: ignore[arg-type]
     if policy.startswith("planner-recompute"):
         reallocator.mode = "recompute"
@@ -316,7 +320,7 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
             "overhead_fraction": seconds / makespan,
             "kv_load_fraction": kv_seconds / makespan,
             # Not in the fleet share: the pull overlaps decoding (a NIC's job on a cluster).
-            "kv_pull_fraction": statistics.median(r.get("kv_pull_seconds", 0.0) for r in runs)
+            "kv_pull_fraction": statistics.median(r["kv_pull_seconds"] for r in runs)
             / workers
             / makespan,
             "recompute_fraction": recompute / makespan,

@@ -40,7 +40,8 @@ KV_PRIOR_BYTES_PER_SECOND = 100e6
 """KV hand-over rate assumed until a worker has measured one (export and encode at the source,
 decode at the destination; a few hundred MB/s on the 2-core CPU here: the prior errs slow)."""
 KV_FIXED_SECONDS = 0.002
-"""Per KV-migrated sample on top of its bytes: the destination's decode and block copy."""
+"""Per KV-migrated sample on top of its bytes: the destination's block copy into vLLM's cache
+(the snapshot's decode is in the measured rate)."""
 
 
 class Reallocator:
@@ -102,13 +103,12 @@ class Reallocator:
         if len(live) < 2:
             return 0
         self.migration_cost = migration_cost(self.mode, live)
-        if any(len(_step_rows(report)) < MIN_PROFILE_ROWS for report in live):
-            return 0  # a worker without measured steps yet: nothing to plan with
         # Every replica serves the same model on the same kind of hardware: one table from all
         # their steps covers more batch sizes than any one worker has run (a worker that only
         # ran small batches would otherwise look fast at large ones and attract too much).
         speed = _speed(live)
-        assert speed is not None
+        if speed is None:
+            return 0  # a worker without measured steps yet: nothing to plan with
         speeds = {report.worker: speed for report in live}
         loads = []
         for report in live:
@@ -188,13 +188,15 @@ def _step_rows(report: LoadReport) -> list[tuple[int, float, float]]:
 
 
 def _speed(reports: list[LoadReport]) -> ThroughputModel | None:
-    """The step table of these workers' recent steps: by batch size, the median over them."""
+    """The step table of these workers' recent steps: by batch size, the median over them;
+    None while any of them has not measured a step yet."""
     by_batch: dict[int, list[tuple[float, float]]] = {}
     for report in reports:
-        for b, s, t in _step_rows(report):
+        rows = _step_rows(report)
+        if len(rows) < MIN_PROFILE_ROWS:
+            return None
+        for b, s, t in rows:
             by_batch.setdefault(b, []).append((s, t))
-    if len(by_batch) < MIN_PROFILE_ROWS:
-        return None
     rows = [
         (b, statistics.median(s for s, _ in v), statistics.median(t for _, t in v))
         for b, v in sorted(by_batch.items())

@@ -102,8 +102,11 @@ class KVState:
         with warnings.catch_warnings():
             # Read-only bytes: the tensors are only read, to be copied into vLLM's cache.
             warnings.filterwarnings("ignore", message=".*not writable.*")
-            empty = torch.empty(0, dtype=torch.uint8)
-            flat = torch.frombuffer(raw, dtype=torch.uint8) if raw else empty
+            flat = (
+                torch.frombuffer(raw, dtype=torch.uint8)
+                if raw
+                else torch.empty(0, dtype=torch.uint8)
+            )
         expected = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
         if flat.numel() != expected:
             raise ValueError(f"KV snapshot of {msg.sample_id}: {flat.numel()} bytes, "

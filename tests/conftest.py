@@ -63,7 +63,8 @@ def draft_engine(tiny_kit: Path) -> Callable[..., Any]:
 def spec_engine(tiny_kit: Path) -> Iterator[Any]:
     from rlhfspec_workers.tinymodels.engine import tiny_spec_llm
 
-    llm = tiny_spec_llm(tiny_kit, num_speculative_tokens=4)
+    # fp32: tests compare its greedy tokens with HF's exactly, on CPUs with and without bf16.
+    llm = tiny_spec_llm(tiny_kit, num_speculative_tokens=4, dtype="float32")
     yield llm
     # In-process engine: drop the reference so its memory goes with the session, not earlier.
     del llm

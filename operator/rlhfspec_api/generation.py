@@ -178,6 +178,13 @@ class SpeculativeSpec(ContractModel):
         return self.num_draft_tokens or self.max_draft_tokens
 
 
+class EngineDType(StrEnum):
+    AUTO = "auto"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+    FLOAT32 = "float32"
+
+
 class MigrationMethod(StrEnum):
     RECOMPUTE = "recompute"
     KV = "kv"
@@ -219,5 +226,11 @@ class GenerationSpec(ContractModel):
     """Sample reallocation between replicas."""
     resources: Resources = Field(default_factory=Resources)
     """Resources of each generation pod."""
+    dtype: EngineDType = EngineDType.AUTO
+    """Compute dtype of the generation engine, as vLLM's ``dtype``. auto: bfloat16 where the
+    accelerator or CPU computes it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX),
+    float32 elsewhere. Greedy speculation is bitwise identical to plain decoding in float32
+    only; in bf16 verifying k+1 tokens in one forward rounds differently from one-token steps
+    (see the README's lossless section)."""
     gpu_memory_utilization: float = Field(default=0.85, gt=0.0, le=1.0)
     """Fraction of accelerator memory vLLM may use (GPU pods)."""

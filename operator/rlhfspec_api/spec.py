@@ -79,6 +79,7 @@ class RewardType(StrEnum):
 
 class RewardRule(StrEnum):
     SORT_DIGITS = "sort_digits"
+    FINAL_NUMBER = "final_number"
 
 
 class RewardSpec(ContractModel):
@@ -87,7 +88,14 @@ class RewardSpec(ContractModel):
     type: RewardType = RewardType.RULE
     """rule: a programmatic checker; model: the reward model in models.reward."""
     rule: RewardRule | None = None
-    """rule: which checker (required when type is rule)."""
+    """rule: which checker (required when type is rule). sort_digits: the tiny task's exact
+    sorted digits; final_number: the last number in the response equals the answer field."""
+
+
+class ChatTemplate(StrEnum):
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
 
 
 class DatasetSpec(ContractModel):
@@ -99,6 +107,10 @@ class DatasetSpec(ContractModel):
     """Field holding the prompt text."""
     answer_field: str | None = "answer"
     """Field holding the reference answer the rule reward checks (null if none)."""
+    chat_template: ChatTemplate = ChatTemplate.AUTO
+    """How a prompt becomes the policy's input: on = one user turn rendered with the policy
+    tokenizer's chat template (generation prompt appended); off = the text as it is; auto = on
+    when the tokenizer defines a chat template."""
 
 
 class InferenceSpec(ContractModel):

@@ -65,9 +65,15 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 DELEGATED: dict[str, tuple[str, str]] = {
     "models": (
         "rlhfspec_workers.tinymodels.cli",
-        "tiny-model kit: `rlhfspec models build --out DIR`",
+        "models: `rlhfspec models build [--out DIR]` (tiny kit), `fetch NAME` (zoo), "
+        "`convert FILE.gguf --out DIR`",
     ),
     "run": ("rlhfspec_workers.local.run", "run an RLHFJob manifest locally: `rlhfspec run FILE`"),
+    "generate": (
+        "rlhfspec_workers.generation.offline",
+        "sample responses with one engine configured by a manifest: "
+        "`rlhfspec generate FILE --prompts P.jsonl --out O.jsonl`",
+    ),
     "worker": (
         "rlhfspec_workers.entrypoint",
         "run one worker of a job (what pods run): `rlhfspec worker ROLE`",

@@ -20,24 +20,23 @@ import pytest
 import torch
 
 from rlhfspec_api.generation import GenerationSpec
-
-pytestmark = pytest.mark.engine
-
-engine_mod = pytest.importorskip("rlhfspec_workers.generation.engine")
-GenerationEngine = engine_mod.GenerationEngine
-
-from rlhfspec_workers.generation.adaptive import (  # noqa: E402
+from rlhfspec_workers.generation.adaptive import (
     AdaptivePolicy,
     build_adaptive_policy,
     make_policy,
 )
-from rlhfspec_workers.generation.policy import NO_DRAFT, DraftChoice, FixedPolicy  # noqa: E402
-from rlhfspec_workers.generation.records import PromptInput, SamplingConfig  # noqa: E402
-from rlhfspec_workers.spec_decode.cost_model import (  # noqa: E402
+
+# A plain import, never importorskip: a broken engine import must fail these tests, not skip.
+from rlhfspec_workers.generation.engine import GenerationEngine
+from rlhfspec_workers.generation.policy import NO_DRAFT, DraftChoice, FixedPolicy
+from rlhfspec_workers.generation.records import PromptInput, SamplingConfig
+from rlhfspec_workers.spec_decode.cost_model import (
     DrafterCost,
     Roofline,
     synthetic_cost_model,
 )
+
+pytestmark = pytest.mark.engine
 
 ENGINE_ARGS: dict[str, Any] = {
     "max_num_seqs": 128,

@@ -19,15 +19,13 @@ import torch
 
 from rlhfspec_api.generation import GenerationSpec
 
-pytestmark = pytest.mark.engine
-
-engine_mod = pytest.importorskip("rlhfspec_workers.generation.engine")
-GenerationEngine = engine_mod.GenerationEngine
-PromptInput = engine_mod.PromptInput
-SamplingConfig = engine_mod.SamplingConfig
-StepRecord = engine_mod.StepRecord
-
-from rlhfspec_workers.generation.policy import (  # noqa: E402
+# A plain import, never importorskip: a broken engine import must fail these tests, not skip.
+from rlhfspec_workers.generation.engine import (
+    GenerationEngine,
+    PromptInput,
+    SamplingConfig,
+)
+from rlhfspec_workers.generation.policy import (
     OFF,
     BatchSizePolicy,
     DraftChoice,
@@ -35,8 +33,14 @@ from rlhfspec_workers.generation.policy import (  # noqa: E402
     ScriptedPolicy,
 )
 
+pytestmark = pytest.mark.engine
+
 VOCAB = 256
 ENGINE_ARGS: dict[str, Any] = {
+    # fp32 on every machine: these tests compare tokens and log-probs with plain decoding
+    # exactly, which holds in fp32 only (in bf16, verifying k+1 tokens in one forward rounds
+    # differently from one-token steps; tests/integration/test_real_model.py covers bf16).
+    "dtype": "float32",
     "max_num_seqs": 256,
     "max_model_len": 192,
     "kv_cache_bytes": 96 << 20,

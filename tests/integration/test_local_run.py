@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -49,12 +51,25 @@ def test_missing_dataset_field_is_caught_before_anything_starts(tmp_path: Path) 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.fixture
+def relative_run_dir(tmp_path: Path) -> Iterator[str]:
+    """A run dir given relative to the repository root, as the README's main command's
+    default ``runs/<job name>`` is (redis-server once failed on relative paths)."""
+    relative = f"runs/pytest-{tmp_path.name}"
+    yield relative
+    shutil.rmtree(ROOT / relative, ignore_errors=True)
+
+
 @pytest.mark.engine
-def test_tiny_job_generates_scores_and_records_metrics(tiny_kit: Path, tmp_path: Path) -> None:
+def test_tiny_job_generates_scores_and_records_metrics(
+    tiny_kit: Path, tmp_path: Path, relative_run_dir: str
+) -> None:
     path = write_job(tmp_path)
-    result = run(str(path), "--run-dir", str(tmp_path / "run"))
+    result = run(str(path), "--run-dir", relative_run_dir)
     assert result.returncode == 0, result.stderr[-3000:]
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    run_dir = ROOT / relative_run_dir
+    assert (run_dir / "redis" / "redis.log").is_file()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
     assert len(records) == 1
     record = records[0]
     assert record["samples"] == 8

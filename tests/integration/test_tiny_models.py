@@ -171,7 +171,7 @@ def _hf_greedy(policy_dir: Path, prompts: list[str], max_new_tokens: int) -> lis
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(policy_dir), dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(policy_dir), dtype=torch.float32).eval()
     outs = []
     with torch.no_grad():
         for prompt in prompts:  # one at a time: no padding, nothing to differ from vLLM

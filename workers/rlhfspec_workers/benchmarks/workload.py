@@ -14,6 +14,7 @@ from typing import Any
 
 from rlhfspec_api.generation import GenerationSpec
 from rlhfspec_workers.generation.records import PromptInput, StepRecord
+from rlhfspec_workers.hardware import resolve_engine_dtype
 
 
 @dataclass(frozen=True)
@@ -86,18 +87,10 @@ class RunResult:
 
 
 def auto_dtype() -> str:
-    """bfloat16 where the hardware computes it natively, else float32: a CPU without AVX512-BF16
-    or AMX emulates bf16 matmuls ~10x slower than fp32 (measured here), which would put every
-    step deep in a compute-bound regime no accelerator is in."""
-    import torch
-
-    if torch.cuda.is_available():
-        return "bfloat16"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "float32"
-    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+    """The engine dtype ``auto`` means here (``hardware.resolve_engine_dtype``): bf16 where
+    computed natively, else fp32. Emulated bf16 matmuls run ~10x slower than fp32, which
+    would put every step deep in a compute-bound regime no accelerator is in."""
+    return resolve_engine_dtype("auto")
 
 
 def load_prompts(kit: Path, settings: Settings) -> list[PromptInput]:

@@ -46,7 +46,9 @@ def load_rows(job: RLHFJob, paths: ResolvedPaths) -> list[DatasetRow]:
                 continue
             body = json.loads(line)
             answer = body.get(dataset.answer_field) if dataset.answer_field else None
-            rows.append(DatasetRow(index, str(body[dataset.prompt_field]), answer))
+            # A numeric answer (``"answer": 42``) is compared as text by every rule.
+            text = None if answer is None else str(answer)
+            rows.append(DatasetRow(index, str(body[dataset.prompt_field]), text))
     return rows
 
 

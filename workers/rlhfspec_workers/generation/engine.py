@@ -29,9 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from rlhfspec_api.generation import GenerationSpec, SpeculativeMode
+from rlhfspec_api.spec import ChatTemplate
 from rlhfspec_workers.drafters import registry
 from rlhfspec_workers.drafters.base import Drafter
 from rlhfspec_workers.drafters.suffix import SuffixDrafter
+from rlhfspec_workers.hardware import resolve_engine_dtype
 
 from . import vllm_fixes
 from .kv_migration import KVMigrationPort, KVState, kv_migration_live
@@ -84,8 +86,13 @@ def _attach(worker: Any) -> tuple[Any, Any]:
     return runner, getattr(runner, "drafter", None)
 
 
-def sample_seed(seed: int, prompt_id: str, index: int) -> int:
-    return zlib.crc32(f"{seed}:{prompt_id}:{index}".encode()) & 0x7FFFFFFF
+def sample_seed(seed: int, prompt_id: str, index: int, resumed_at: int = 0) -> int:
+    """vLLM seed of sample ``index`` of ``prompt_id``: a function of these only, so the sample's
+    tokens do not depend on which engine runs it or what it is batched with. A sample resumed
+    after ``resumed_at`` tokens generated elsewhere gets its own stream (reproducible for the
+    same resume point; not a replay of the stream its start used)."""
+    key = f"{seed}:{prompt_id}:{index}" + (f"@{resumed_at}" if resumed_at else "")
+    return zlib.crc32(key.encode()) & 0x7FFFFFFF
 
 
 class GenerationEngine:
@@ -102,13 +109,14 @@ class GenerationEngine:
         per_batch_size: Sequence[tuple[int, int, int]] | None = None,
         max_num_seqs: int = 256,
         max_model_len: int | None = None,
-        dtype: str = "bfloat16",
+        dtype: str = "auto",
         seed: int = 0,
         kv_cache_bytes: int | None = None,
         device: str | None = None,
         logprobs_mode: str = "processed_logprobs",
         engine_kwargs: Mapping[str, Any] | None = None,
         kv_migration: bool = False,
+        chat_template: ChatTemplate | str = ChatTemplate.AUTO,
     ) -> None:
         import torch
 
@@ -154,7 +162,7 @@ class GenerationEngine:
         args: dict[str, Any] = {
             "model": str(policy_model),
             "skip_tokenizer_init": not self.has_tokenizer,
-            "dtype": dtype,
+            "dtype": resolve_engine_dtype(dtype, self.device),
             "seed": seed,
             "max_num_seqs": max_num_seqs,
             "max_model_len": max_model_len,
@@ -195,6 +203,7 @@ class GenerationEngine:
             multiprocess_mode=False,
         )
         self.max_model_len = int(config.model_config.max_model_len)
+        self.chat_template = self._use_chat_template(ChatTemplate(chat_template))
         if self.kv is not None:
             self.kv.attach(self.engine)
         # After the worker registered vLLM's kernel overrides: replace broken ones.
@@ -230,6 +239,7 @@ class GenerationEngine:
         self._step_index = 0
         self._pending_choice = NO_DRAFT
         self._pending: dict[str, tuple[PromptInput, int, int]] = {}
+        self._top_logprobs: dict[str, int] = {}
         self.weight_version = 0
         self._submitted = 0
 
@@ -307,7 +317,8 @@ class GenerationEngine:
         prefilling; raises ValueError when it does not fit this engine (recompute instead)."""
         group = p.group_id or p.prompt_id
         prompt: Any
-        if isinstance(p.prompt, str) and not prefix_token_ids and kv is None:
+        plain_text = not prefix_token_ids and kv is None and not self.chat_template
+        if isinstance(p.prompt, str) and plain_text:
             prompt = p.prompt
         else:
             ids = self.tokenize(p.prompt) if isinstance(p.prompt, str) else list(p.prompt)
@@ -324,7 +335,7 @@ class GenerationEngine:
             top_p=sampling.top_p,
             max_tokens=p.max_tokens or sampling.max_tokens,
             seed=None if sampling.seed is None else sample_seed(sampling.seed, p.prompt_id, index),
-            logprobs=0,
+            logprobs=sampling.top_logprobs,
             ignore_eos=sampling.ignore_eos,
             stop_token_ids=list(sampling.stop_token_ids),
             detokenize=self.has_tokenizer,
@@ -332,6 +343,8 @@ class GenerationEngine:
             extra_args={GROUP_KEY: group},
         )
         self.engine.add_request(request_id, prompt, params)
+        if sampling.top_logprobs:
+            self._top_logprobs[request_id] = sampling.top_logprobs
         self._pending[request_id] = (p, index, len(prefix_token_ids))
         return request_id
 
@@ -354,6 +367,8 @@ class GenerationEngine:
     def abort(self, request_ids: Sequence[str]) -> None:
         """Drop requests (their samples will not be returned)."""
         ids = [r for r in request_ids if self._pending.pop(r, None) is not None]
+        for r in ids:
+            self._top_logprobs.pop(r, None)
         if ids:
             self.engine.abort_request(ids)
 
@@ -400,8 +415,26 @@ class GenerationEngine:
         self.abort([request_id])
         return tokens, logprobs
 
+    def _use_chat_template(self, mode: ChatTemplate) -> bool:
+        if mode is ChatTemplate.OFF:
+            return False
+        template = None
+        if self.has_tokenizer:
+            template = getattr(self.engine.get_tokenizer(), "chat_template", None)
+        if mode is ChatTemplate.ON and not template:
+            raise ValueError("dataset.chatTemplate is on but the policy's tokenizer has none")
+        return bool(template)
+
     def tokenize(self, text: str) -> list[int]:
+        """The token ids the engine feeds the policy for a prompt text: with the chat template
+        on, one user turn rendered by the tokenizer's own template plus the assistant header
+        (the template writes its special tokens itself, so none are added on top)."""
         tokenizer = self.engine.get_tokenizer()
+        if self.chat_template:
+            rendered = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+            )
+            return [int(t) for t in tokenizer.encode(str(rendered), add_special_tokens=False)]
         return [int(t) for t in tokenizer.encode(text)]
 
     def load_weights(self, model_dir: Path, version: int) -> None:
@@ -443,9 +476,15 @@ class GenerationEngine:
     def _result(self, out: Any, p: PromptInput, j: int, prefix: int = 0) -> SampleResult:
         completion = out.outputs[0]
         tokens = [int(t) for t in completion.token_ids]
-        # logprobs=0: each position holds exactly the sampled token's entry.
+        # Each position holds the sampled token's entry (plus the top ones when asked for).
         per_token = completion.logprobs or []
         logprobs = [float(lp[t].logprob) for lp, t in zip(per_token, tokens, strict=True)]
+        top: list[list[float]] = []
+        if self._top_logprobs.get(out.request_id, 0):
+            n = self._top_logprobs[out.request_id]
+            top = [sorted((float(e.logprob) for e in lp.values()), reverse=True)[:n]
+                   for lp in per_token]  # fmt: skip
+        self._top_logprobs.pop(out.request_id, None)
         metrics = getattr(completion, "spec_decode_metrics", None)
         drafted = accepted = 0
         if metrics is not None:
@@ -466,6 +505,7 @@ class GenerationEngine:
             text=completion.text if self.has_tokenizer else None,
             num_draft_tokens=drafted,
             num_accepted_tokens=accepted,
+            top_logprobs=top,
         )
 
     def _step(self) -> list[Any]:

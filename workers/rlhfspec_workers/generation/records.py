@@ -38,6 +38,9 @@ class SamplingConfig:
     """Base seed; sample j of prompt p gets a seed derived from (seed, p, j)."""
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
+    top_logprobs: int = 0
+    """Also return the n largest log-probs at each position (SampleResult.top_logprobs): how
+    close the policy's top candidates were, e.g. to tell a near-tie from a real difference."""
 
     @classmethod
     def from_spec(cls, spec: GenerationSpec, seed: int | None = None) -> SamplingConfig:
@@ -60,6 +63,9 @@ class SampleResult:
     num_draft_tokens: int
     """Draft tokens vLLM verified for this sample."""
     num_accepted_tokens: int
+    top_logprobs: list[list[float]] = field(default_factory=list)
+    """Per position, the SamplingConfig.top_logprobs largest log-probs, descending (empty
+    unless asked for)."""
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,14 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhfspec_api.generation import MigrationMethod
 from rlhfspec_api.manifest import RLHFJob
+from rlhfspec_workers.hardware import resolve_engine_dtype
 from rlhfspec_workers.messages import (
     Keys,
     KVSnapshot,
@@ -79,13 +81,14 @@ class _Counters:
         return out
 
 
-def draft_model_paths(job: RLHFJob, paths: ResolvedPaths) -> dict[int, Path]:
+def draft_model_paths(job: RLHFJob, models: Mapping[str, Path]) -> dict[int, Path]:
+    """Drafter index -> its model directory, from preflight's resolved models."""
     drafters = job.spec.generation.speculative.drafters
     out: dict[int, Path] = {}
     for i in range(len(drafters)):
         key = f"spec.generation.speculative.drafters[{i}].model"
-        if key in paths.models:
-            out[i] = paths.models[key]
+        if key in models:
+            out[i] = models[key]
     return out
 
 
@@ -210,6 +213,7 @@ class GenerationWorker:
             temperature=task.temperature,
             top_p=task.top_p,
             max_tokens=task.max_tokens,
+            seed=self.job.spec.algorithm.seed,  # a sample's tokens: f(job seed, sample id)
             ignore_eos=task.ignore_eos,
         )
         kv = self._load_kv(task)
@@ -442,10 +446,10 @@ def run(job: RLHFJob, paths: ResolvedPaths, bus: Bus) -> int:
     engine = GenerationEngine(
         spec.generation,
         paths.models["spec.models.policy"],
-        draft_models=draft_model_paths(job, paths),
+        draft_models=draft_model_paths(job, paths.models),
         seed=spec.algorithm.seed,
-        # CPU: the tiny models are trained in fp32, and bf16 matmuls are slow without AMX.
-        dtype="float32" if _is_cpu() else "bfloat16",
+        dtype=resolve_engine_dtype(spec.generation.dtype),
+        chat_template=spec.dataset.chat_template,
         max_num_seqs=MAX_RUNNING,
         kv_migration=spec.generation.reallocation.migration is not MigrationMethod.RECOMPUTE,
     )
@@ -457,9 +461,3 @@ def run(job: RLHFJob, paths: ResolvedPaths, bus: Bus) -> int:
         return GenerationWorker(job, paths, bus, engine, policy).run()
     finally:
         engine.close()
-
-
-def _is_cpu() -> bool:
-    import torch
-
-    return not torch.cuda.is_available()

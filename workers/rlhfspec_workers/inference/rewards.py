@@ -2,12 +2,14 @@
 
 Where it sits: ``inference.experience.ExperienceMaker`` builds one with :func:`build_reward`
 and scores each batch of rollouts before computing reference log-probs (and critic values).
-Two kinds: a rule (``sort_digits``: :func:`rlhfspec_workers.tinymodels.task.score`, pure
-python) and a sequence-classification reward model run on ``prompt + response``.
+Two kinds: a rule (``sort_digits``: :func:`rlhfspec_workers.tinymodels.task.score`;
+``final_number``: the response's last number against the answer; both pure python) and a
+sequence-classification reward model run on ``prompt + response``.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -43,8 +45,37 @@ class SortDigitsReward:
         ]
 
 
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def final_number(text: str) -> float | None:
+    """The last number written in ``text`` (thousands separators dropped), or None."""
+    found = _NUMBER.findall(text)
+    if not found:
+        return None
+    try:
+        return float(found[-1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+class FinalNumberReward:
+    """Rule ``final_number``: 1.0 when the response's last number equals the row's answer
+    (as numbers: "42", "42.0" and "42." all match 42), else 0.0; chat models usually end a
+    worked answer with the result. A response cut off by max_tokens scores 0."""
+
+    def __call__(self, rollouts: Sequence[Rollout]) -> list[float]:
+        scores: list[float] = []
+        for r in rollouts:
+            want = final_number(r.answer or "")
+            got = None if _unfinished(r) else final_number(r.text)
+            scores.append(1.0 if want is not None and got is not None and got == want else 0.0)
+        return scores
+
+
 RULES: dict[RewardRule, Callable[[], RewardFunction]] = {
     RewardRule.SORT_DIGITS: SortDigitsReward,
+    RewardRule.FINAL_NUMBER: FinalNumberReward,
 }
 
 

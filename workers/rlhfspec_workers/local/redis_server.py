@@ -55,7 +55,8 @@ class RedisServer:
         password: str | None = None,
         appendonly: bool = True,
     ) -> None:
-        self.workdir = Path(workdir)
+        # redis-server changes into --dir before it opens --logfile: both must be absolute.
+        self.workdir = Path(workdir).resolve()
         self.port = port or free_port()
         self.password = password
         self.appendonly = appendonly

@@ -225,7 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail([str(exc)])
     except ManifestError as exc:
         return _fail([f"{args.manifest}: {error}" for error in exc.errors])
-    run_dir: Path = args.run_dir or Path("runs") / job.name
+    # Absolute from here on: redis-server changes into its --dir before it opens --logfile, and
+    # workers start in their own directories, so a relative run dir would name other places.
+    run_dir: Path = (args.run_dir or Path("runs") / job.name).resolve()
     try:
         find_redis_server()
         preflight(job.spec, storage_root=run_dir)

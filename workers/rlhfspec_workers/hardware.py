@@ -1,0 +1,63 @@
+"""What the machine computes natively, and the engine dtype that follows from it.
+
+Where it sits: the one place that turns ``generation.dtype: auto`` into a concrete dtype. The
+generation worker, ``rlhfspec generate``, the benchmarks and the tests all call
+:func:`resolve_engine_dtype`, so "auto" means the same thing everywhere.
+
+The rule: bfloat16 where the hardware multiplies bf16 natively (a CUDA device with bf16
+support; a CPU with AVX512-BF16 or AMX-BF16), float32 elsewhere. On an AVX2-only CPU bf16 is
+emulated (converted to fp32 around every matmul), which is slower than fp32 and rounds worse.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+from rlhfspec_api.generation import EngineDType
+
+NATIVE_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+"""/proc/cpuinfo flags that mean the CPU has bf16 dot-product instructions."""
+
+
+@cache
+def cpu_flags() -> frozenset[str]:
+    """The first CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def native_bf16(device: str) -> bool:
+    """Whether ``device`` ("cpu", "cuda", "cuda:N") computes bf16 natively."""
+    if device.startswith("cuda"):
+        import torch
+
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    return bool(cpu_flags() & NATIVE_BF16_CPU_FLAGS)
+
+
+def resolve_engine_dtype(dtype: EngineDType | str, device: str | None = None) -> str:
+    """A concrete vLLM dtype name for ``dtype`` on ``device`` (default: CUDA if present)."""
+    value = EngineDType(dtype)
+    if value is not EngineDType.AUTO:
+        return value.value
+    device = device or ("cuda" if cuda_available() else "cpu")
+    return EngineDType.BFLOAT16.value if native_bf16(device) else EngineDType.FLOAT32.value
+
+
+def describe_machine() -> str:
+    """One line for logs and benchmark output: device and native bf16 or not."""
+    device = "cuda" if cuda_available() else "cpu"
+    return f"{device}, native bf16: {'yes' if native_bf16(device) else 'no'}"

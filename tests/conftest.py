@@ -18,6 +18,9 @@ from typing import Any
 
 import pytest
 
+# The model zoo's session fixtures (smollm2_dir): tests/zoo_fixtures.py.
+pytest_plugins = ["zoo_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def tiny_kit() -> Path:

@@ -14,8 +14,10 @@ from pydantic import Field, field_validator
 from rlhfspec_api.base import ContractModel, Quantity, value_error
 
 # Schemes a model location may use. ``tiny://`` names a model of the built-in tiny kit
-# (``rlhfspec models build``); ``pvc://`` a path on the job's storage volume.
-MODEL_URI_SCHEMES = ("tiny", "hf", "s3", "gs", "pvc", "file")
+# (``rlhfspec models build``); ``zoo://`` a pretrained model of the zoo, fetched and converted
+# into the cache on first use (``rlhfspec models fetch``); ``pvc://`` a path on the job's
+# storage volume.
+MODEL_URI_SCHEMES = ("tiny", "zoo", "hf", "s3", "gs", "pvc", "file")
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://(.*)$")
 
 
@@ -29,8 +31,9 @@ class ModelRef(ContractModel):
     """Where a model's HF-format weights live."""
 
     path: str = Field(min_length=1)
-    """A filesystem path, or a URI with scheme tiny, hf, s3, gs, pvc or file
-    (e.g. ``tiny://policy``, ``hf://org/name``, ``pvc://models/policy``)."""
+    """A filesystem path, or a URI with scheme tiny, zoo, hf, s3, gs, pvc or file
+    (e.g. ``tiny://policy``, ``zoo://smollm2-135m-instruct``, ``hf://org/name``,
+    ``pvc://models/policy``)."""
     dtype: DType = DType.BFLOAT16
     """Weight and compute dtype."""
 

@@ -65,8 +65,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 DELEGATED: dict[str, tuple[str, str]] = {
     "models": (
         "rlhfspec_workers.tinymodels.cli",
-        "models: `rlhfspec models build [--out DIR]` (tiny kit), `fetch NAME` (zoo), "
-        "`convert FILE.gguf --out DIR`",
+        "tiny kit and model zoo: `rlhfspec models build [--out DIR]`, `models fetch NAME`, "
+        "`models convert FILE.gguf --out DIR`",
     ),
     "run": ("rlhfspec_workers.local.run", "run an RLHFJob manifest locally: `rlhfspec run FILE`"),
     "generate": (

@@ -105,7 +105,7 @@ CASES: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         "unknown-field",
         _set("spec.generation.maxTokens", 64),
         "spec.generation.maxTokens: unknown field (known fields: replicas, maxNewTokens, "
-        "temperature, topP, speculative, reallocation, resources, gpuMemoryUtilization)",
+        "temperature, topP, speculative, reallocation, resources, dtype, gpuMemoryUtilization)",
     ),
     (
         "missing-policy",
@@ -128,7 +128,7 @@ CASES: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         "bad-model-scheme",
         _set("spec.models.policy.path", "ftp://models/policy"),
         "spec.models.policy.path: unknown scheme 'ftp' in 'ftp://models/policy' (a path, or a "
-        "URI tiny://..., hf://..., s3://..., gs://..., pvc://..., file://...)",
+        "URI tiny://..., zoo://..., hf://..., s3://..., gs://..., pvc://..., file://...)",
     ),
     (
         "top-p-zero",
@@ -181,7 +181,7 @@ CASES: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     (
         "unknown-reward-rule",
         _set("spec.reward.rule", "gsm8k"),
-        "spec.reward.rule: 'gsm8k' is not a valid choice (one of sort_digits)",
+        "spec.reward.rule: 'gsm8k' is not a valid choice (one of sort_digits, final_number)",
     ),
     (
         "reward-model-missing",

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def make_model(path: Path, vocab: int) -> None:
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps({"vocab_size": vocab}))
+    (path / "tokenizer.json").write_text("{}")
 
 
 @pytest.fixture

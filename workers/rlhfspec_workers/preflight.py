@@ -2,16 +2,18 @@
 
 Where it sits: after ``rlhfspec_api.manifest.parse_rlhfjob`` (which checks the manifest
 itself) and before local mode or a worker pod starts Redis, vLLM or torch. A model path that
-does not exist, a draft model whose vocabulary differs from the policy's, or a dataset row
-missing a field is reported here as ``field.path: what is wrong (what is allowed)`` lines, so
-nothing is half-started when the input is bad.
+does not exist, an unknown ``tiny://`` or ``zoo://`` name, a policy without its tokenizer, a
+draft model whose vocabulary differs from the policy's, or a dataset row missing a field is
+reported here as ``field.path: what is wrong (what is allowed)`` lines, so nothing is
+half-started when the input is bad. Built-in URIs are resolved by ``model_uris`` (which builds
+the tiny kit or fetches a zoo model on first use).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +21,15 @@ from rlhfspec_api.errors import FieldError
 from rlhfspec_api.generation import MODEL_BASED_DRAFTERS, SpeculativeMode
 from rlhfspec_api.models import ModelRef
 from rlhfspec_api.spec import RewardType, RLHFJobSpec
+from rlhfspec_workers.model_uris import ModelURIError, Resolver, resolve_builtin
 
 # Remote schemes are fetched by an init container on a cluster; local mode reads files only.
 REMOTE_SCHEMES = ("hf", "s3", "gs")
-LOCAL_ALLOWED = "a local path, file://, pvc:// (under storage) or tiny://"
+LOCAL_ALLOWED = "a local path, file://, pvc:// (under storage), tiny:// or zoo://"
+# Either file makes a directory's tokenizer loadable; the policy's is what generation encodes
+# prompts with, so its absence is reported here rather than when the engine starts.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+POLICY_FIELD = "spec.models.policy"
 MAX_ROWS_CHECKED = 100_000
 
 
@@ -43,21 +50,19 @@ class ResolvedPaths:
     dataset: Path
 
 
-def _tiny_resolver(uri: str) -> Path:
-    from rlhfspec_workers.tinymodels import resolve_model_uri
-
-    return Path(resolve_model_uri(uri))
-
-
 def resolve_location(
-    location: str, storage_root: Path | None, tiny: Callable[[str], Path] = _tiny_resolver
+    location: str, storage_root: Path | None, tiny: Resolver | None = None
 ) -> Path:
-    """Map a path or URI onto this machine's filesystem; ValueError says what is allowed."""
+    """Map a path or URI onto this machine's filesystem; ValueError says what is allowed.
+
+    ``tiny``, when given, replaces the built-in ``tiny://`` resolver (tests use a fake kit).
+    """
     scheme, _, rest = location.partition("://")
     if not rest:
         return Path(location).expanduser()
-    if scheme == "tiny":
-        return tiny(location)
+    builtin = resolve_builtin(location, {"tiny": tiny} if tiny is not None else None)
+    if builtin is not None:
+        return builtin
     if scheme == "file":
         return Path(rest)
     if scheme == "pvc":
@@ -90,14 +95,18 @@ def _vocab_size(model_dir: Path) -> int | None:
 
 
 def check_models(
-    spec: RLHFJobSpec, storage_root: Path | None, tiny: Callable[[str], Path] = _tiny_resolver
+    spec: RLHFJobSpec, storage_root: Path | None, tiny: Resolver | None = None
 ) -> tuple[dict[str, Path], list[FieldError]]:
-    """Resolve and check every model directory; also the drafters' vocabularies."""
+    """Resolve and check every model directory (the policy's tokenizer included); also the
+    drafters' vocabularies."""
     resolved: dict[str, Path] = {}
     errors: list[FieldError] = []
     for field, ref in model_refs(spec):
         try:
             path = resolve_location(ref.path, storage_root, tiny)
+        except ModelURIError as exc:
+            errors.append(FieldError(f"{field}.path", exc.problem, exc.allowed))
+            continue
         except ValueError as exc:
             errors.append(FieldError(f"{field}.path", str(exc), LOCAL_ALLOWED))
             continue
@@ -109,10 +118,17 @@ def check_models(
             )
             errors.append(FieldError(f"{field}.path", problem, "an HF-format model directory"))
             continue
+        if field == POLICY_FIELD and not any((path / f).is_file() for f in TOKENIZER_FILES):
+            errors.append(
+                FieldError(
+                    f"{field}.path",
+                    f"{ref.path!r}: {path} has no tokenizer ({' or '.join(TOKENIZER_FILES)})",
+                    "an HF-format model directory with its tokenizer",
+                )
+            )
+            continue
         resolved[field] = path
-    policy_vocab = (
-        _vocab_size(resolved["spec.models.policy"]) if ("spec.models.policy" in resolved) else None
-    )
+    policy_vocab = _vocab_size(resolved[POLICY_FIELD]) if (POLICY_FIELD in resolved) else None
     for field, path in resolved.items():
         if ".drafters[" not in field or policy_vocab is None:
             continue
@@ -130,12 +146,14 @@ def check_models(
 
 
 def check_dataset(
-    spec: RLHFJobSpec, storage_root: Path | None, tiny: Callable[[str], Path] = _tiny_resolver
+    spec: RLHFJobSpec, storage_root: Path | None, tiny: Resolver | None = None
 ) -> tuple[Path | None, list[FieldError]]:
     """The dataset exists and every row is a JSON object with the fields the job reads."""
     dataset = spec.dataset
     try:
         path = resolve_location(dataset.path, storage_root, tiny)
+    except ModelURIError as exc:
+        return None, [FieldError("spec.dataset.path", exc.problem, exc.allowed)]
     except ValueError as exc:
         return None, [FieldError("spec.dataset.path", str(exc), LOCAL_ALLOWED)]
     if not path.is_file():
@@ -184,7 +202,7 @@ def check_dataset(
 def preflight(
     spec: RLHFJobSpec,
     storage_root: Path | None = None,
-    tiny: Callable[[str], Path] = _tiny_resolver,
+    tiny: Resolver | None = None,
 ) -> ResolvedPaths:
     """Check models and dataset together; raise PreflightError listing every problem."""
     if storage_root is None and spec.storage.path is not None:

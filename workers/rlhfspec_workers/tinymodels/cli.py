@@ -1,18 +1,24 @@
-"""``rlhfspec models build``: build the tiny-model kit from the command line.
+"""``rlhfspec models build|fetch|convert``: the models a job runs on, from the command line.
 
 Where it sits: the top-level CLI (``rlhfspec_cli``) delegates ``rlhfspec models ...`` here with
-the arguments that follow ``models``. The same kit is also built lazily by
-``ensure_tiny_models`` (tests, ``tiny://`` URIs); this command exists to pre-build it (e.g. in an
-image build) or to build it somewhere explicit.
+the arguments that follow ``models``.
 
-Exit codes: 0 built (or already present), 1 build failed or the kit misses its quality bar,
-2 usage error.
+- ``build`` trains the tiny-model kit. The same kit is also built lazily by
+  ``ensure_tiny_models`` (tests, ``tiny://`` URIs); this command pre-builds it (e.g. in an image
+  build) or builds it somewhere explicit.
+- ``fetch NAME`` fetches and converts a zoo model into the cache (``zoo.ensure_zoo_model``, what
+  ``zoo://NAME`` does lazily); progress goes to stderr, the directory is the last stdout line.
+- ``convert FILE.gguf --out DIR`` converts a user's own GGUF the same way (``zoo.convert_gguf``).
+
+Exit codes: 0 done (or already present), 1 the build, fetch or conversion failed (or the kit
+misses its quality bar, or the GGUF is refused), 2 usage error.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 # The kit is useless for speculative-decoding experiments below this draft agreement, and for
@@ -40,7 +46,52 @@ def _parser() -> argparse.ArgumentParser:
         help="scale every training stage (for smoke tests; < 1 gives a low-quality kit)",
     )
     build.add_argument("--quiet", action="store_true", help="no per-stage progress lines")
+    fetch = sub.add_parser(
+        "fetch", help="fetch a zoo model into the cache ($RLHFSPEC_CACHE/zoo/NAME)"
+    )
+    fetch.add_argument("name", help="zoo model name (as in zoo://NAME)")
+    fetch.add_argument("--quiet", action="store_true", help="no progress lines")
+    convert = sub.add_parser("convert", help="convert a GGUF file to an HF-format bf16 model dir")
+    convert.add_argument("gguf", type=Path, metavar="FILE.gguf")
+    convert.add_argument("--out", type=Path, required=True, help="new (or empty) model directory")
+    convert.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser
+
+
+def _stderr_log(quiet: bool) -> Callable[[str], None]:
+    def log(line: str) -> None:
+        if not quiet:
+            print(f"  .. {line}", file=sys.stderr, flush=True)
+
+    return log
+
+
+def _fetch(name: str, quiet: bool) -> int:
+    from rlhfspec_workers.zoo import UnknownZooModelError, ZooFetchError, ensure_zoo_model
+
+    try:
+        path = ensure_zoo_model(name, log=_stderr_log(quiet))
+    except (UnknownZooModelError, ZooFetchError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+def _convert(gguf: Path, out: Path, quiet: bool) -> int:
+    from rlhfspec_workers.zoo import UnsupportedGGUFError, convert_gguf
+
+    try:
+        report = convert_gguf(gguf, out, log=_stderr_log(quiet))
+    except (UnsupportedGGUFError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # the CLI reports any conversion failure as exit 1
+        print(f"error: {gguf}: conversion failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    print(out)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(args_in)
     except SystemExit as exc:  # argparse exits 2 on bad usage, 0 on --help
         return int(exc.code or 0)
+    if args.command == "fetch":
+        return _fetch(args.name, args.quiet)
+    if args.command == "convert":
+        return _convert(args.gguf, args.out, args.quiet)
     if args.steps_scale <= 0:
         print("error: --steps-scale must be > 0", file=sys.stderr)
         return 2

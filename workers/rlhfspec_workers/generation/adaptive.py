@@ -4,15 +4,20 @@ Where it sits: a generation worker builds its ``GenerationEngine`` and then, onc
 :func:`make_policy` and installs the result (``engine.set_policy``). In adaptive mode that
 
 1. loads the cost table of (policy model, hardware) from the calibration cache, or measures it
-   on the running engine (``calibrate.py``: the verification grid of
-   ``spec_decode.calibration_plan`` and each drafter's cost) and stores it
-   (:func:`calibrated_cost_model`);
+   on the running engine within a time budget (``calibrate.py``: the verification grid of
+   ``spec_decode.calibration_plan`` and each drafter's cost; what the budget does not reach
+   is fitted) and stores it (:func:`calibrated_cost_model`);
 2. builds :class:`AdaptivePolicy` (:func:`build_adaptive_policy`): one
    ``AcceptanceEstimator`` per drafter, with priors and the spec's half-life in decode steps,
-   and an ``AdaptiveSelector`` with the spec's hysteresis.
+   an ``AdaptiveSelector`` with the spec's hysteresis, and a :class:`CostLearner` that keeps
+   refining the cost table from the engine's real steps and writes it back to the cache now
+   and then.
 
 Every decode step the proposer asks the policy for (drafter, k) and feeds back how the previous
-step's drafts fared. While the job runs, the worker passes the coordinator's broadcasts in:
+step's drafts fared; the worker passes every engine step's record to
+:meth:`AdaptivePolicy.observe_step` (``broadcast.StrategySync.observe``), which teaches the
+cost table what steps really cost. While the job runs, the worker passes the coordinator's
+broadcasts in:
 :meth:`AdaptivePolicy.apply_table` (a ``messages.StrategyTable``: the pooled choice per batch
 bucket, used as the default that local evidence may override) and
 :meth:`AdaptivePolicy.set_pooled_acceptance` (acceptance pooled over all workers).
@@ -21,22 +26,28 @@ bucket, used as the default that local evidence may override) and
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rlhfspec_api.generation import GenerationSpec, SpeculativeMode, SpeculativeSpec
+from rlhfspec_api.spec import RLHFJobSpec
 from rlhfspec_workers import messages
 from rlhfspec_workers.spec_decode.acceptance import AcceptanceEstimator, BetaPrior
 from rlhfspec_workers.spec_decode.cost_model import CostModel, CostTableKey
 from rlhfspec_workers.spec_decode.selector import AdaptiveSelector, Candidate, evaluate
 
 from .cost_table import (
+    CALIBRATION_BUDGET_SECONDS,
     Log,
+    cache_path,
     cached_cost_model,
     calibrated_cost_model,
     cost_table_key,
     default_cache_dir,
+    store_cost_model,
     uncalibrated_cost_model,
 )
 from .policy import (
@@ -49,18 +60,21 @@ from .policy import (
     SelectorPolicy,
     StepFeedback,
 )
+from .records import StepRecord
 
 if TYPE_CHECKING:  # the engine imports vLLM: policies and their tests must not need it
     from .engine import GenerationEngine
 
 __all__ = [
     "AdaptivePolicy",
+    "CostLearner",
     "CostTableKey",
     "build_adaptive_policy",
     "calibrated_cost_model",
     "cost_table_key",
     "default_cache_dir",
     "estimator_from_rates",
+    "expected_batch",
     "make_policy",
     "table_policy",
 ]
@@ -77,6 +91,86 @@ PRIORS: dict[str, BetaPrior] = {
 IDLE_HALF_LIFE_FACTOR = 4.0
 """A drafter not in use forgets its evidence this many times slower than one in use: its
 estimate drifts back to the prior, so a drafter that looked bad is eventually retried."""
+
+
+SAVE_EVERY_SECONDS = 60.0
+"""The online-refined cost table goes back to the cache at most this often..."""
+SAVE_MIN_STEPS = 64
+"""...and only after this many new steps were learned from."""
+
+
+# -- online cost learning -------------------------------------------------------------------------
+
+
+class CostLearner:
+    """Real engine steps -> the cost table (``CostModel.observe_verify``), saved now and then.
+
+    A step's record says how many rows it verified (B), how many draft tokens they verified
+    in all, how long the whole step took and what drafting the next step cost. The table's
+    verification cost excludes a drafter's own work, so the observation is the step minus the
+    table's drafting cost of the strategy drafted in it (``next_drafter``/``next_k``): the
+    sum is what the selector predicts for such a step. Rows without a draft verify one token,
+    so T is 1 + draft tokens / B, fractional. Steps that also prefilled newly admitted prompts
+    look slower than decode steps; the table clips each observation's pull (see
+    ``spec_decode.cost_model.ONLINE_CLIP``) and such steps are few once the batch drains.
+
+    ``save`` (the cache writer) is called from :meth:`observe_step` at most every
+    ``save_every_seconds`` and after ``min_steps`` new steps, and by :meth:`save_now`; a
+    failing write is logged and retried later, never raised into the engine loop.
+    """
+
+    def __init__(
+        self,
+        model: CostModel,
+        save: Callable[[CostModel], None] | None = None,
+        *,
+        save_every_seconds: float = SAVE_EVERY_SECONDS,
+        min_steps: int = SAVE_MIN_STEPS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.model = model
+        self._save = save
+        self.save_every_seconds = save_every_seconds
+        self.min_steps = min_steps
+        self._clock = clock
+        self._last_save = clock()
+        self.steps = 0
+        """Steps learned from."""
+        self._unsaved = 0
+        self.saves = 0
+
+    def observe_step(self, step: StepRecord) -> None:
+        if step.batch_size < 1 or not math.isfinite(step.step_seconds):
+            return
+        seconds = step.step_seconds
+        if step.next_k > 0 and step.next_drafter in self.model.drafters:
+            seconds -= self.model.draft_seconds(step.next_drafter, step.batch_size, step.next_k)
+        if seconds <= 0.0:
+            return
+        tokens = 1.0 + max(step.num_draft_tokens, 0) / step.batch_size
+        self.model.observe_verify(step.batch_size, tokens, seconds)
+        self.steps += 1
+        self._unsaved += 1
+        if (
+            self._save is not None
+            and self._unsaved >= self.min_steps
+            and self._clock() - self._last_save >= self.save_every_seconds
+        ):
+            self.save_now()
+
+    def save_now(self) -> None:
+        """Write the refined table (if anything was learned since the last write)."""
+        if self._save is None or self._unsaved == 0:
+            return
+        self._last_save = self._clock()
+        self.model.refresh()
+        try:
+            self._save(self.model)
+        except OSError as err:
+            logger.warning("could not store the refined cost table: %s", err)
+            return
+        self._unsaved = 0
+        self.saves += 1
 
 
 # -- the policy ---------------------------------------------------------------------------------
@@ -119,6 +213,8 @@ class AdaptivePolicy(SelectorPolicy):
         if half_life_steps <= 0:
             raise ValueError("half_life_steps must be > 0")
         self.half_life_steps = half_life_steps
+        self.learner: CostLearner | None = None
+        """Refines the selector's cost table from real engine steps (:meth:`observe_step`)."""
         self.table: messages.StrategyTable | None = None
         self._seeded: tuple[int, int, int] | None = None
         """(table version, bucket lo, bucket hi) whose entry the selector was last seeded with."""
@@ -144,6 +240,11 @@ class AdaptivePolicy(SelectorPolicy):
             else:
                 est.forget(idle)
         super().observe(feedback)
+
+    def observe_step(self, step: StepRecord) -> None:
+        """One engine step's record (the worker's step loop): refines the cost table."""
+        if self.learner is not None:
+            self.learner.observe_step(step)
 
     # -- coordinator hooks --------------------------------------------------------------------
 
@@ -216,8 +317,10 @@ def build_adaptive_policy(
     *,
     k_values: Sequence[int] | None = None,
     priors: Mapping[str, BetaPrior] | None = None,
+    learner: CostLearner | None = None,
 ) -> AdaptivePolicy:
-    """Selector + one estimator per drafter of the engine, tuned by ``spec.selector``."""
+    """Selector + one estimator per drafter of the engine, tuned by ``spec.selector``; with a
+    ``learner`` (over the same ``cost_model``) real steps refine the cost table."""
     speculative = _speculative(spec)
     tuning = speculative.selector
     table = {**PRIORS, **(priors or {})}
@@ -227,9 +330,23 @@ def build_adaptive_policy(
     selector = AdaptiveSelector(
         cost_model, engine.max_k, margin=tuning.hysteresis, k_values=k_values
     )
-    return AdaptivePolicy(
+    policy = AdaptivePolicy(
         selector, estimators, half_life_steps=float(tuning.acceptance_half_life_steps)
     )
+    if learner is not None:
+        if learner.model is not cost_model:
+            raise ValueError("the learner must refine the selector's own cost model")
+        policy.learner = learner
+    return policy
+
+
+def expected_batch(spec: RLHFJobSpec, max_num_seqs: int) -> int:
+    """The largest batch a generation worker of this job should expect: its share of an
+    iteration's samples (prompts x samples / replicas), within its engine's slots. Calibrating
+    larger batches would only cost start-up time (larger ones are extrapolated and learned
+    online if reallocation ever moves that many samples to one worker)."""
+    share = math.ceil(spec.algorithm.samples_per_iteration / spec.generation.replicas)
+    return max(1, min(max_num_seqs, share))
 
 
 def make_policy(
@@ -238,18 +355,36 @@ def make_policy(
     *,
     cache_dir: Path | None = None,
     log: Log | None = None,
+    max_batch: int | None = None,
+    budget_seconds: float | None = None,
 ) -> DraftPolicy:
     """The policy a generation worker installs at start (``engine.set_policy``) for its mode:
     plain decoding for off, the first drafter at numDraftTokens for fixed, and for adaptive
-    the calibrated (or cached) cost table with :class:`AdaptivePolicy`."""
+    the calibrated (or cached) cost table with :class:`AdaptivePolicy`, learning online.
+
+    ``max_batch``: the largest batch calibration measures (e.g. :func:`expected_batch`;
+    default the engine's slots). ``budget_seconds``: calibration's time budget (default
+    ``cost_table.CALIBRATION_BUDGET_SECONDS``). With calibration on, the refined table is
+    written back to the cache as the job runs; with it off, the table still learns but is
+    not stored."""
     speculative = _speculative(spec)
     if speculative.mode is SpeculativeMode.OFF or not speculative.drafters:
         return FixedPolicy(NO_DRAFT)
     if speculative.mode is SpeculativeMode.FIXED:
         return FixedPolicy(DraftChoice(speculative.drafters[0].method.value, speculative.fixed_k))
+    save: Callable[[CostModel], None] | None = None
     if speculative.selector.calibrate:
-        cost_model = calibrated_cost_model(engine, cache_dir, log=log)
+        cost_model = calibrated_cost_model(
+            engine,
+            cache_dir,
+            log=log,
+            max_batch=max_batch,
+            budget_seconds=CALIBRATION_BUDGET_SECONDS if budget_seconds is None else budget_seconds,
+        )
+        path = cache_path(engine, cache_dir)
+        save = lambda model: store_cost_model(model, path)  # noqa: E731
     else:
         cached = cached_cost_model(engine, cache_dir)
         cost_model = cached or uncalibrated_cost_model(engine.drafters, engine.max_k)
-    return build_adaptive_policy(engine, speculative, cost_model)
+    learner = CostLearner(cost_model, save)
+    return build_adaptive_policy(engine, speculative, cost_model, learner=learner)

@@ -4,7 +4,8 @@ Where it sits: called from the worker's heartbeat. It publishes the engine's cal
 model once (the coordinator needs it to rank strategies), reports speculative counters per
 (drafter, k) since the last report as AcceptanceReports, and applies a newer StrategyTable to
 the adaptive policy within one step of reading it (the policy then starts each batch bucket
-from the table's entry and still decides locally for its own batch size).
+from the table's entry and still decides locally for its own batch size). Every engine step
+it observes also goes to the adaptive policy, whose cost table learns from real step times.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class StrategySync:
         )
 
     def observe(self, step: StepRecord) -> None:
+        if self.policy is not None:
+            self.policy.observe_step(step)  # what the step cost refines the cost table
         if step.num_drafts == 0 or step.k == 0:
             return
         drafts, drafted, accepted = self._pending.setdefault((step.drafter, step.k), [[0], [], []])

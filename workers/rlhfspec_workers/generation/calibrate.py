@@ -1,28 +1,34 @@
 """Calibration: time the engine's verification steps and draft forwards for the cost model.
 
 Where it sits: at worker start (``SelectorSpec.calibrate``), before the first RL iteration,
-``measure_verify`` times the (B, T = k + 1) grid of ``spec_decode.calibration_plan`` on the
-running engine and ``measure_drafter`` the per-token cost of a draft model; the results feed
-``spec_decode.CostModel.fit`` (cached per model and hardware by the caller).
+``cost_table.calibrate_engine`` runs one :func:`probe` per cell of
+``spec_decode.calibration_plan`` (in ``calibration_order``) and per drafter and batch size,
+under a deadline; the results feed ``spec_decode.CostModel`` (cached per model and hardware
+by the caller). :func:`measure_verify` / :func:`measure_drafter` are the unbounded versions
+(tests, benchmarks).
 
 How: verification cost does not depend on what is drafted, only on how much, so a
-``FillDrafter`` proposes exactly k copies of the last token (free to make, almost always
-rejected: every step then costs verify(B, k + 1) and emits one token per row). Steps are read
-from the engine's own :class:`StepRecord`s, the same numbers the selector sees later.
+``FillDrafter`` proposes exactly k copies of a token (free to make, almost always rejected:
+every step then costs verify(B, k + 1) and emits one token per row). Steps are read from the
+engine's own :class:`StepRecord`s, the same numbers the selector sees later. A probe is short
+(one warm-up step, a few steady ones, short prompts) and checks its deadline after every
+engine step, so a calibration overruns its budget by at most one step.
 """
 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from rlhfspec_workers.drafters.base import DraftRow
 from rlhfspec_workers.spec_decode.cost_model import CostSample, DrafterCost
 
 from .engine import GenerationEngine
 from .policy import DraftChoice, FixedPolicy
-from .records import PromptInput, SamplingConfig
+from .records import PromptInput, SamplingConfig, StepRecord
 
 FILL = "fill"
 
@@ -157,3 +163,99 @@ def _draft_seconds(
     ]
     # The first drafting call also catches the draft model up on the prompts: skip it.
     return statistics.median(drafting[1:]) if len(drafting) > 1 else None
+
+
+# -- time-bounded probes (cost_table.calibrate_engine) -------------------------------------------
+
+STUCK_STEPS = 3
+"""Consecutive steps at one batch size below the one asked for after which a probe measures
+that batch instead (rows beyond the engine's KV capacity wait and never join)."""
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """What one probe measured: per steady step, the whole step and the drafting inside it."""
+
+    step_seconds: tuple[float, ...]
+    draft_seconds: tuple[float, ...]
+    wall_seconds: float
+    batch_size: int
+    """Rows the steps ran: the batch asked for, or fewer when the engine cannot run that many
+    at once (its KV cache is full; the others wait), which the probe then measures."""
+
+    @property
+    def step(self) -> float | None:
+        return statistics.median(self.step_seconds) if self.step_seconds else None
+
+    @property
+    def draft(self) -> float | None:
+        return statistics.median(self.draft_seconds) if self.draft_seconds else None
+
+
+def probe(
+    engine: GenerationEngine,
+    choice: DraftChoice,
+    batch_size: int,
+    *,
+    steady: int = 3,
+    prompt_len: int = 8,
+    deadline: float | None = None,
+    measure: str = "verify",
+    clock: Callable[[], float] = time.monotonic,
+) -> ProbeResult:
+    """Run ``batch_size`` rows under ``choice`` until ``steady`` steady steps are recorded
+    (after one warm-up step), or until ``deadline`` (``clock`` time) passes, whichever is
+    first; then abort the rows. The deadline is checked after every engine step, so a probe
+    overruns it by at most one step.
+
+    ``measure="verify"``: steps that verified a full ``choice.k``-token draft on every row
+    (the cost of verifying B x (k + 1) tokens). ``measure="draft"``: steps that drafted
+    ``choice.k`` tokens with ``choice.drafter`` (its drafting time; the warm-up step skipped is
+    the one where a draft model catches up on the prompts)."""
+    if engine.proposer is None:
+        raise RuntimeError("calibration needs the adaptive proposer (not mode off / native)")
+    engine.proposer.drafters.setdefault(FILL, FillDrafter())
+    engine.set_policy(FixedPolicy(choice))
+    engine.drain_steps()
+    k = choice.k if choice.enabled else 0
+    started = clock()
+    # Enough tokens that no row finishes (or runs out of room for a full draft) before the
+    # probe has its steps, even if every draft were accepted; the probe stops earlier anyway.
+    sampling = SamplingConfig(
+        temperature=0.0, max_tokens=(steady + 3) * (k + 1) + 2, ignore_eos=True
+    )
+    prompts = _probe_prompts(batch_size, prompt_len, _vocab_size(engine))
+    ids = [engine.submit(p, sampling, 0) for p in prompts]
+    kept: list[StepRecord] = []
+    target = batch_size
+    recent: list[int] = []
+    try:
+        while engine.running and len(kept) < steady + 1:
+            engine.poll()
+            for r in engine.drain_steps():
+                if r.num_finished:
+                    continue
+                recent = [*recent[-(STUCK_STEPS - 1) :], r.batch_size]
+                if len(recent) == STUCK_STEPS and len(set(recent)) == 1 and recent[0] < target:
+                    target = recent[0]  # the engine runs no more rows than that at once
+                    kept = []
+                if r.batch_size != target:
+                    continue
+                if measure == "verify":
+                    ok = r.k == k and r.num_draft_tokens == target * k
+                else:
+                    ok = r.next_drafter == choice.drafter and r.next_k == k
+                if ok:
+                    kept.append(r)
+            if deadline is not None and clock() >= deadline:
+                break
+    finally:
+        engine.abort(ids)
+        engine.drain_steps()
+    steps = kept[1 : steady + 1]
+    return ProbeResult(
+        tuple(r.step_seconds for r in steps),
+        tuple(r.draft_seconds for r in steps),
+        clock() - started,
+        target,
+    )

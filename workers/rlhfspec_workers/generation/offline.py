@@ -166,7 +166,8 @@ def generate(
           f"speculative {gen.speculative.mode.value}", file=sys.stderr)  # fmt: skip
     try:
         if engine.proposer is not None:
-            engine.set_policy(make_policy(engine, gen, log=_log))
+            batch = max(1, min(MAX_RUNNING, len(prompts) * samples))  # all of them at once
+            engine.set_policy(make_policy(engine, gen, log=_log, max_batch=batch))
         inputs = [PromptInput(text, prompt_id, n=samples) for prompt_id, text in prompts]
         sampling = SamplingConfig.from_spec(gen, seed=spec.algorithm.seed)
         out.parent.mkdir(parents=True, exist_ok=True)

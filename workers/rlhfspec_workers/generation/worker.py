@@ -34,7 +34,7 @@ from rlhfspec_workers.preflight import ResolvedPaths
 from rlhfspec_workers.runtime import Bus
 
 from . import kv_outbox
-from .adaptive import make_policy
+from .adaptive import AdaptivePolicy, expected_batch, make_policy
 from .broadcast import StrategySync
 from .engine import GenerationEngine
 from .handover import Handover
@@ -453,11 +453,15 @@ def run(job: RLHFJob, paths: ResolvedPaths, bus: Bus) -> int:
         max_num_seqs=MAX_RUNNING,
         kv_migration=spec.generation.reallocation.migration is not MigrationMethod.RECOMPUTE,
     )
+    policy: DraftPolicy | None = None
     try:
-        policy = make_policy(engine, spec.generation)
+        # Calibrate only batches this worker will run (its share of an iteration's samples).
+        policy = make_policy(engine, spec.generation, max_batch=expected_batch(spec, MAX_RUNNING))
         if engine.proposer is not None:
             engine.set_policy(policy)
         bus.metrics.reexport_vllm(engine.counters)
         return GenerationWorker(job, paths, bus, engine, policy).run()
     finally:
+        if isinstance(policy, AdaptivePolicy) and policy.learner is not None:
+            policy.learner.save_now()  # what the last steps taught the cost table
         engine.close()

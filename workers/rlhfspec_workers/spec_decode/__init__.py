@@ -3,10 +3,12 @@
 The flow, once per generation worker and then every decode step:
 
 1. Calibration -> cost model (`cost_model`). At start-up a worker times a small grid of engine
-   steps (`calibration_plan`: ~10-20 (B, T) points, T = k + 1 tokens verified per sequence)
-   and the per-token cost of each draft model, fits a monotone `CostModel`, and caches it as
-   JSON under a `CostTableKey` (model id + hardware id) so the next worker on the same model
-   and hardware reuses it.
+   steps (`calibration_plan`: ~10-20 (B, T) points, T = k + 1 tokens verified per sequence,
+   measured in `calibration_order` within a time budget) and the per-token cost of each
+   drafter, fits a monotone `CostModel` (cells the budget did not reach are fitted), and
+   caches it as JSON under a `CostTableKey` (model id + hardware id) so the next worker on the
+   same model and hardware reuses it. Real engine steps keep refining it
+   (`CostModel.observe_verify`).
 2. Per-step stats -> acceptance (`acceptance`). vLLM's cumulative spec-decode counters are
    turned into deltas (`counters_delta`) and folded into one `AcceptanceEstimator` per
    drafter: Beta-smoothed, exponentially-forgetting P(position i accepted | i-1 accepted).

@@ -30,11 +30,8 @@ from rlhfspec_workers.generation.adaptive import (
 from rlhfspec_workers.generation.engine import GenerationEngine
 from rlhfspec_workers.generation.policy import NO_DRAFT, DraftChoice, FixedPolicy
 from rlhfspec_workers.generation.records import PromptInput, SamplingConfig
-from rlhfspec_workers.spec_decode.cost_model import (
-    DrafterCost,
-    Roofline,
-    synthetic_cost_model,
-)
+from rlhfspec_workers.spec_decode.cost_records import DrafterCost
+from rlhfspec_workers.spec_decode.synthetic_cost import Roofline, synthetic_cost_model
 
 pytestmark = pytest.mark.engine
 

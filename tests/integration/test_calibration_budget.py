@@ -13,16 +13,16 @@ from typing import Any
 import pytest
 
 from rlhfspec_workers.generation.adaptive import AdaptivePolicy, make_policy
-from rlhfspec_workers.generation.cost_table import (
+from rlhfspec_workers.generation.calibration_run import (
     CalibrationReport,
-    cache_path,
     calibrate_engine,
-    calibrated_cost_model,
     calibration_max_batch,
-    covers,
 )
+from rlhfspec_workers.generation.cost_cache import cache_path
+from rlhfspec_workers.generation.cost_table import calibrated_cost_model, covers
 from rlhfspec_workers.generation.records import PromptInput, SamplingConfig
-from rlhfspec_workers.spec_decode.cost_model import CostModel, calibration_plan
+from rlhfspec_workers.spec_decode.calibration_grid import calibration_plan
+from rlhfspec_workers.spec_decode.cost_model import CostModel
 
 pytestmark = pytest.mark.engine
 

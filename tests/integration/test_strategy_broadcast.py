@@ -14,7 +14,8 @@ from rlhfspec_workers.coordinator.strategy import StrategyBroadcaster
 from rlhfspec_workers.local.redis_server import RedisServer
 from rlhfspec_workers.messages import AcceptanceReport, StrategyTable
 from rlhfspec_workers.runtime import Bus, WorkerEnv
-from rlhfspec_workers.spec_decode.cost_model import DrafterCost, synthetic_cost_model
+from rlhfspec_workers.spec_decode.cost_records import DrafterCost
+from rlhfspec_workers.spec_decode.synthetic_cost import synthetic_cost_model
 
 
 @pytest.fixture

@@ -19,8 +19,9 @@ from rlhfspec_workers.generation.policy import NO_DRAFT, OFF, DraftChoice, StepF
 from rlhfspec_workers.generation.records import StepRecord
 from rlhfspec_workers.spec_decode.acceptance import AcceptanceEstimator, BetaPrior
 from rlhfspec_workers.spec_decode.bandit import BanditSelector, strategy_set
-from rlhfspec_workers.spec_decode.cost_model import DrafterCost, Roofline, synthetic_cost_model
+from rlhfspec_workers.spec_decode.cost_records import DrafterCost
 from rlhfspec_workers.spec_decode.selector import AdaptiveSelector
+from rlhfspec_workers.spec_decode.synthetic_cost import Roofline, synthetic_cost_model
 
 COSTS = synthetic_cost_model(
     Roofline(memory_floor_seconds=0.010, per_token_seconds=0.0002),

@@ -9,14 +9,10 @@ import random
 import pytest
 
 from rlhfspec_workers.spec_decode.bandit import BanditSelector, Strategy, bucket_of, strategy_set
-from rlhfspec_workers.spec_decode.cost_model import (
-    OFF,
-    CostModel,
-    DrafterCost,
-    Roofline,
-    synthetic_cost_model,
-)
+from rlhfspec_workers.spec_decode.cost_model import CostModel
+from rlhfspec_workers.spec_decode.cost_records import OFF, DrafterCost
 from rlhfspec_workers.spec_decode.selector import Choice
+from rlhfspec_workers.spec_decode.synthetic_cost import Roofline, synthetic_cost_model
 
 ARMS = strategy_set(["ngram"], [1, 2, 4, 8])
 

@@ -7,15 +7,11 @@ import random
 
 import pytest
 
-from rlhfspec_workers.spec_decode.cost_model import (
-    OFF,
-    CostModel,
-    CostSample,
-    CostTableKey,
-    DrafterCost,
+from rlhfspec_workers.spec_decode.calibration_grid import calibration_batches, calibration_plan
+from rlhfspec_workers.spec_decode.cost_model import CostModel
+from rlhfspec_workers.spec_decode.cost_records import OFF, CostSample, CostTableKey, DrafterCost
+from rlhfspec_workers.spec_decode.synthetic_cost import (
     Roofline,
-    calibration_batches,
-    calibration_plan,
     drafter_from_roofline,
     synthetic_cost_model,
 )

@@ -11,20 +11,12 @@ import pytest
 from rlhfspec_api.spec import RLHFJobSpec
 from rlhfspec_workers.generation.adaptive import CostLearner, expected_batch
 from rlhfspec_workers.generation.records import StepRecord
-from rlhfspec_workers.spec_decode.cost_model import (
-    FITTED_PRIOR,
-    KNOWN_EVIDENCE,
-    MEASURED_PRIOR,
-    UNMEASURED_DRAFT_SHARE,
-    CostModel,
-    CostSample,
-    CostTableKey,
-    DrafterCost,
-    Roofline,
-    Surface,
-    calibration_order,
-    calibration_plan,
-)
+from rlhfspec_workers.spec_decode.calibration_grid import calibration_order, calibration_plan
+from rlhfspec_workers.spec_decode.cost_model import UNMEASURED_DRAFT_SHARE, CostModel
+from rlhfspec_workers.spec_decode.cost_online import FITTED_PRIOR, KNOWN_EVIDENCE, MEASURED_PRIOR
+from rlhfspec_workers.spec_decode.cost_records import CostSample, CostTableKey, DrafterCost
+from rlhfspec_workers.spec_decode.cost_surface import Surface
+from rlhfspec_workers.spec_decode.synthetic_cost import Roofline
 
 KEY = CostTableKey("m", "hw")
 # Memory-bound until 50 tokens per step, then 0.2 ms per token (a GPU-like roofline) ...

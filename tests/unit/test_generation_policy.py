@@ -11,8 +11,9 @@ from rlhfspec_workers.generation.policy import (
     StepFeedback,
 )
 from rlhfspec_workers.spec_decode.acceptance import AcceptanceEstimator
-from rlhfspec_workers.spec_decode.cost_model import DrafterCost, synthetic_cost_model
+from rlhfspec_workers.spec_decode.cost_records import DrafterCost
 from rlhfspec_workers.spec_decode.selector import AdaptiveSelector
+from rlhfspec_workers.spec_decode.synthetic_cost import synthetic_cost_model
 
 
 def feedback(

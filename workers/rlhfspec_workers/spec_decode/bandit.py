@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .cost_model import OFF
+from .cost_records import OFF
 from .selector import Choice
 
 Strategy = tuple[str, int]

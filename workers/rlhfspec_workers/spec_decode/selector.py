@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .acceptance import AcceptanceModel
-from .cost_model import OFF, CostModel
+from .cost_model import CostModel
+from .cost_records import OFF
 
 
 @dataclass(frozen=True)

@@ -171,7 +171,9 @@ def test_vllm_metrics_follow_the_chosen_k_as_the_batch_shrinks(spec_engine: Any)
     spec_engine.set_policy(BatchSizePolicy(table))
     spec_engine.drain_steps()
     before = spec_engine.counters()
-    lengths = [6 + 5 * i for i in range(12)]  # samples finish one by one: B goes 12 -> 1
+    # Samples finish one by one (B goes 12 -> 1); the last runs alone for 40 tokens, so k=8
+    # is verified at B=1 even when the draft (the target itself) gets every token right.
+    lengths = [6 + 5 * i for i in range(11)] + [100]
     results = spec_engine.generate_all(prompts(12, lengths=lengths), GREEDY)
     after = spec_engine.counters()
     steps: list[Any] = spec_engine.drain_steps()

@@ -83,6 +83,14 @@ class JobProgress(Message):
     """Unix time the coordinator wrote this (the operator flags stale progress)."""
 
 
+class ChatMessage(BaseModel):
+    """One turn of a chat prompt (a dataset row whose prompt field is a list of these)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
 class SampleTask(Message):
     """One sample to generate (the unit of work, migration and fault recovery).
 
@@ -91,7 +99,7 @@ class SampleTask(Message):
     ``max_tokens`` reduced by it, so the stitched rollout is the one an unmigrated run makes."""
 
     KIND: ClassVar[str] = "sample_task"
-    iteration: int = Field(ge=1)
+    iteration: int = Field(ge=0)
     sample_id: str = Field(min_length=1)
     """Unique within the job: ``it<iteration>/<prompt_id>/<sample_index>``."""
     prompt_id: str
@@ -99,7 +107,16 @@ class SampleTask(Message):
     """Same for every iteration's samples of one dataset prompt (the suffix drafter's key)."""
     sample_index: int = Field(ge=0)
     prompt: str
+    """The prompt text (a chat prompt's last user turn, for logs and rewards)."""
+    messages: list[ChatMessage] | None = None
+    """A chat prompt: rendered with the policy tokenizer's chat template (``prompt`` is then
+    only its text)."""
     answer: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    """The dataset row's other fields, handed to a function reward."""
+    eval: bool = False
+    """A held-out evaluation sample: greedy, scored, never trained on. Its ``iteration`` is
+    the policy version it evaluates (0: the initial weights)."""
     max_tokens: int = Field(ge=1)
     temperature: float = Field(ge=0.0)
     top_p: float = Field(gt=0.0, le=1.0)
@@ -160,13 +177,17 @@ class Rollout(Message):
     """A finished sample with the policy's log-probs: generation -> inference."""
 
     KIND: ClassVar[str] = "rollout"
-    iteration: int = Field(ge=1)
+    iteration: int = Field(ge=0)
     sample_id: str
     prompt_id: str
     group_id: str
     sample_index: int = Field(ge=0)
     prompt: str
+    messages: list[ChatMessage] | None = None
     answer: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    eval: bool = False
+    """Generated from an eval task: scored into :class:`EvalScore`, never trained on."""
     prompt_token_ids: list[int]
     token_ids: list[int]
     logprobs: list[float]
@@ -192,6 +213,17 @@ class Experience(Message):
     """ppo: critic value before each generated token, aligned with rollout.token_ids."""
 
 
+class EvalScore(Message):
+    """One held-out sample's score: inference -> coordinator (a hash per evaluated version)."""
+
+    KIND: ClassVar[str] = "eval_score"
+    weight_version: int = Field(ge=0)
+    sample_id: str
+    reward: float
+    response_tokens: int = Field(ge=0)
+    finish_reason: str | None = None
+
+
 class WeightsPublished(Message):
     """The trainer finished an iteration and wrote policy weights ``policy_version``.
 
@@ -211,6 +243,11 @@ class WeightsPublished(Message):
     response_length_mean: float | None = None
     samples: int = 0
     train_seconds: float = 0.0
+    logprob_mismatch_mean: float | None = None
+    """Mean |log p_rollout - log p_trainer| over response tokens (engine vs trainer numerics)."""
+    logprob_mismatch_max: float | None = None
+    rollout_kl: float | None = None
+    """Token-mean k3 estimate of KL(rollout policy || trainer policy) at the old weights."""
 
 
 class WorkerStatus(Message):
@@ -339,6 +376,32 @@ class IterationMetrics(Message):
     batch_trace: list[list[float]] = Field(default_factory=list)
     """[t_seconds, worker_index, running_batch, k, tokens_per_second] samples over the stage."""
     finished_at: float = 0.0
+    logprob_mismatch_mean: float | None = None
+    """Mean |log p_rollout - log p_trainer| per response token (see WeightsPublished)."""
+    logprob_mismatch_max: float | None = None
+    rollout_kl: float | None = None
+    eval_accuracy: float | None = None
+    """Held-out accuracy of this iteration's weights: the fraction of eval samples scoring at
+    least 1 (full credit of a rule reward), greedy. None when no eval ran this iteration."""
+    eval_reward_mean: float | None = None
+    eval_samples: int = 0
+    eval_seconds: float = 0.0
+    baseline_eval_accuracy: float | None = None
+    """Iteration 1 only: the held-out accuracy of the initial weights (before any training)."""
+
+
+class JobFailure(Message):
+    """A worker cannot go on (a reward function raised, returned the wrong length ...): the
+    coordinator fails the job with this reason, naming ``field``. What was in flight stays in
+    Redis (unacked), so a fixed job resumes from it."""
+
+    KIND: ClassVar[str] = "job_failure"
+    worker: str
+    field: str
+    """The spec field at fault, e.g. ``spec.reward.function``."""
+    reason: str
+    iteration: int | None = None
+    failed_at: float = 0.0
 
 
 class DeadLetter(Message):
@@ -435,9 +498,10 @@ class Keys:
         """Hash: the coordinator's iteration state (iteration, samples, started_at)."""
         return self._key("iteration")
 
-    def done_samples(self, iteration: int) -> str:
-        """Set of sample ids whose rollout was published (idempotency)."""
-        return self._key("done", iteration)
+    def done_samples(self, iteration: int, *, eval: bool = False) -> str:
+        """Set of sample ids whose rollout was published (idempotency); eval samples keep
+        their own sets, keyed by the policy version they evaluate."""
+        return self._key("eval-done" if eval else "done", iteration)
 
     def generation_stats(self, iteration: int) -> str:
         """Hash of one iteration's generation counters (tokens, samples, sequence steps,
@@ -445,9 +509,18 @@ class Keys:
         the generation workers."""
         return self._key("gen-stats", iteration)
 
-    def scored_samples(self, iteration: int) -> str:
+    def scored_samples(self, iteration: int, *, eval: bool = False) -> str:
         """Set of sample ids the inference stage has scored (idempotency)."""
-        return self._key("scored", iteration)
+        return self._key("eval-scored" if eval else "scored", iteration)
+
+    def eval_scores(self, version: int) -> str:
+        """Hash: eval sample id -> EvalScore, for the policy version evaluated."""
+        return self._key("eval-scores", version)
+
+    @property
+    def failure(self) -> str:
+        """A JobFailure a worker wrote (string key): the coordinator fails the job with it."""
+        return self._key("failure")
 
     def load(self, worker: str) -> str:
         """Latest LoadReport of one generation worker (string key)."""

@@ -32,6 +32,7 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Tok/s", "type": "number", "jsonPath": ".status.generation.tokensPerSecond"},
     {"name": "Accept", "type": "number", "jsonPath": ".status.generation.meanAcceptedLength"},
     {"name": "Reward", "type": "number", "jsonPath": ".status.rewardMean"},
+    {"name": "Eval", "type": "number", "jsonPath": ".status.evalAccuracy"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

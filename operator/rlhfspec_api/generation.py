@@ -9,7 +9,7 @@ fields live here; rules that span stages live on ``RLHFJobSpec``.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field, model_validator
 
@@ -220,6 +220,9 @@ class GenerationSpec(ContractModel):
     """Sampling temperature; 0 is greedy. On-policy RL normally samples at 1.0."""
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     """Nucleus sampling mass."""
+    stop: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list, max_length=16)
+    """Strings that end a response (besides EOS and the chat template's end-of-turn token);
+    the stop string is not part of the response text rewards see."""
     speculative: SpeculativeSpec = Field(default_factory=lambda: SpeculativeSpec.model_validate({}))
     """Speculative decoding."""
     reallocation: ReallocationSpec = Field(default_factory=ReallocationSpec)

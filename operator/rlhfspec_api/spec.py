@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from rlhfspec_api.base import ContractModel, Quantity
 from rlhfspec_api.generation import DrafterMethod, GenerationSpec
 from rlhfspec_api.models import ModelRef, Resources
+from rlhfspec_api.rewards import RewardRule, RewardSpec, named_terms, reward_violations
+from rlhfspec_api.rewards import RewardType as RewardType  # re-exported for spec's users
 from rlhfspec_api.rules import Violation, raise_if_any
 
 
@@ -72,26 +74,6 @@ class ModelsSpec(ContractModel):
     """A sequence-classification reward model (required when reward.type is model)."""
 
 
-class RewardType(StrEnum):
-    RULE = "rule"
-    MODEL = "model"
-
-
-class RewardRule(StrEnum):
-    SORT_DIGITS = "sort_digits"
-    FINAL_NUMBER = "final_number"
-
-
-class RewardSpec(ContractModel):
-    """How responses are scored."""
-
-    type: RewardType = RewardType.RULE
-    """rule: a programmatic checker; model: the reward model in models.reward."""
-    rule: RewardRule | None = None
-    """rule: which checker (required when type is rule). sort_digits: the tiny task's exact
-    sorted digits; final_number: the last number in the response equals the answer field."""
-
-
 class ChatTemplate(StrEnum):
     AUTO = "auto"
     ON = "on"
@@ -99,18 +81,58 @@ class ChatTemplate(StrEnum):
 
 
 class DatasetSpec(ContractModel):
-    """The prompt dataset: JSON lines, one prompt per line."""
+    """The prompt dataset: JSON lines or Parquet, one prompt per row, and its held-out split."""
 
     path: str = Field(min_length=1)
-    """Path or URI of a .jsonl file (e.g. ``tiny://dataset/train.jsonl``, ``pvc://data/x.jsonl``)."""
+    """Path or URI of a .jsonl or .parquet file (``tiny://dataset/train.jsonl``,
+    ``pvc://data/x.parquet``, a local path)."""
     prompt_field: str = Field(default="prompt", min_length=1)
-    """Field holding the prompt text."""
+    """Field holding the prompt: a string, or a list of ``{role, content}`` chat messages.
+    Dots name nested keys (``question.text``)."""
     answer_field: str | None = "answer"
-    """Field holding the reference answer the rule reward checks (null if none)."""
+    """Field holding the reference answer rewards compare with (dots for nested keys; null if
+    none). Numbers are read as their text."""
     chat_template: ChatTemplate = ChatTemplate.AUTO
-    """How a prompt becomes the policy's input: on = one user turn rendered with the policy
-    tokenizer's chat template (generation prompt appended); off = the text as it is; auto = on
-    when the tokenizer defines a chat template."""
+    """How a string prompt becomes the policy's input: on (or true) = one user turn rendered
+    with the policy tokenizer's chat template, generation prompt appended; off (or false) =
+    the text as it is; auto = on when the tokenizer defines a chat template. Chat-message
+    prompts are always rendered with the template (off is an error for them)."""
+    eval: str | None = Field(default=None, min_length=1)
+    """A held-out split (path or URI, same format and fields as ``path``), scored greedily
+    every ``evalEvery`` iterations and never trained on."""
+    eval_fraction: float | None = Field(default=None, gt=0.0, lt=1.0)
+    """Instead of ``eval``: hold out this fraction of ``path``'s rows (a seeded draw)."""
+    eval_every: int = Field(default=1, ge=1, le=1_000_000)
+    """Score the held-out split after every N-th iteration (and the last), plus once before
+    training starts."""
+    eval_max_tokens: int | None = Field(default=None, ge=1, le=131072)
+    """Longest held-out response (default: generation.maxNewTokens)."""
+
+    @field_validator("chat_template", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: object) -> object:
+        # YAML 1.1 reads unquoted on/off/true/false as booleans.
+        if isinstance(value, bool):
+            return ChatTemplate.ON if value else ChatTemplate.OFF
+        return value
+
+    @model_validator(mode="after")
+    def _one_eval_split(self) -> DatasetSpec:
+        if self.eval is not None and self.eval_fraction is not None:
+            raise_if_any(
+                [
+                    Violation(
+                        "evalFraction",
+                        "both eval and evalFraction name a held-out split",
+                        "one of eval (a file) or evalFraction (a share of path's rows)",
+                    )
+                ]
+            )
+        return self
+
+    @property
+    def has_eval(self) -> bool:
+        return self.eval is not None or self.eval_fraction is not None
 
 
 class InferenceSpec(ContractModel):
@@ -212,8 +234,11 @@ class RLHFJobSpec(ContractModel):
     """RL algorithm and hyper-parameters."""
     models: ModelsSpec
     """Policy, reference, critic and reward models."""
-    reward: RewardSpec = Field(default_factory=lambda: RewardSpec(rule=RewardRule.SORT_DIGITS))
-    """How responses are scored."""
+    reward: RewardSpec | None = None
+    """How responses are scored (default: rule sort_digits, the tiny task's). Give reward or
+    rewards, not both."""
+    rewards: list[RewardSpec] | None = Field(default=None, min_length=1)
+    """Several rewards whose weighted scores are summed (instead of reward)."""
     dataset: DatasetSpec
     """Prompt dataset."""
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
@@ -272,22 +297,12 @@ class RLHFJobSpec(ContractModel):
                     f"1..{algo.samples_per_iteration}",
                 )
             )
-        if self.reward.type is RewardType.MODEL and self.models.reward is None:
-            violations.append(
-                Violation(
-                    "models.reward",
-                    "reward.type model needs a reward model",
-                    "set models.reward.path, or reward.type: rule",
-                )
-            )
-        if self.reward.type is RewardType.RULE and self.reward.rule is None:
-            violations.append(
-                Violation(
-                    "reward.rule",
-                    "reward.type rule needs a rule",
-                    ", ".join(r.value for r in RewardRule),
-                )
-            )
+        violations += reward_violations(
+            self.reward,
+            self.rewards,
+            has_reward_model=self.models.reward is not None,
+            answer_field=self.dataset.answer_field,
+        )
         coord = self.coordinator
         if coord.mode is CoordinatorMode.EXTERNAL and coord.url is None:
             violations.append(
@@ -314,4 +329,17 @@ class RLHFJobSpec(ContractModel):
                     )
                 )
         raise_if_any(violations)
+        if self.reward is None and self.rewards is None:
+            # Written out, so the config a worker re-reads says which reward the job uses.
+            self.reward = RewardSpec(rule=RewardRule.SORT_DIGITS)
         return self
+
+    @property
+    def reward_terms(self) -> list[RewardSpec]:
+        """The rewards whose weighted scores are summed: ``rewards``, else ``[reward]``."""
+        return [term for _, term in self.named_reward_terms]
+
+    @property
+    def named_reward_terms(self) -> list[tuple[str, RewardSpec]]:
+        """Each reward with the field that names it (``spec.reward``, ``spec.rewards[i]``)."""
+        return [(f"spec.{field}", term) for field, term in named_terms(self.reward, self.rewards)]

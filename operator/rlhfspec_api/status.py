@@ -89,6 +89,8 @@ class RLHFJobStatus(ContractModel):
     """Mean reward of the last iteration's samples."""
     kl: float | None = None
     """Mean KL to the reference of the last iteration."""
+    eval_accuracy: float | None = None
+    """Held-out accuracy of the latest evaluated policy (dataset.eval / evalFraction)."""
     restarts: int | None = None
     """Worker pods recreated after failures (counts against backoffLimit)."""
     start_time: str | None = None

@@ -7,7 +7,9 @@ the job and its owner identity, so unit tests validate every manifest offline wi
 
 The worker contract (what ``rlhfspec worker <role>`` can rely on) is :func:`worker_env` plus
 the mounts in :func:`worker_pod`: job config at ``/etc/rlhfspec/job.yaml`` (read-only), shared
-storage at ``/data``, scratch at ``/tmp`` and ``/dev/shm``, metrics on port 9400.
+storage at ``/data``, scratch at ``/tmp`` and ``/dev/shm``, metrics on port 9400, and each
+function reward's ConfigMap (its module files) under ``/etc/rlhfspec-rewards/<name>``, on
+PYTHONPATH. Every worker pod mounts those: each one's preflight imports the function.
 """
 
 from __future__ import annotations
@@ -45,6 +47,18 @@ from rlhfspec_operator.naming import (
 COORDINATOR_RESOURCES = Resources(cpu="500m", memory="1Gi")
 # Workers are non-root; the image's user is assumed to be 1000 (see Dockerfile).
 WORKER_UID = 1000
+REWARD_MODULES_DIR = "/etc/rlhfspec-rewards"
+"""Function rewards' ConfigMaps are mounted below it, one directory per ConfigMap."""
+
+
+def reward_config_maps(job: RLHFJob) -> list[str]:
+    """The ConfigMaps holding function rewards' modules, each once, in spec order."""
+    names = [term.config_map for term in job.spec.reward_terms if term.config_map]
+    return list(dict.fromkeys(names))
+
+
+def _reward_module_dirs(job: RLHFJob) -> list[str]:
+    return [f"{REWARD_MODULES_DIR}/{name}" for name in reward_config_maps(job)]
 
 
 def cluster_errors(job: RLHFJob) -> list[FieldError]:
@@ -184,6 +198,9 @@ def worker_env(job: RLHFJob, role: str, index: int) -> list[dict[str, Any]]:
         # The root filesystem is read-only: caches (tiny models, HF, torch) go to /tmp.
         {"name": "HOME", "value": "/tmp"},
     ]
+    module_dirs = _reward_module_dirs(job)
+    if module_dirs:
+        env.append({"name": "PYTHONPATH", "value": ":".join(module_dirs)})
     if role == GENERATION:
         # Peers pull migrating samples' KV snapshots from here, by the pod's stable DNS name.
         host = f"{pod_name(job.name, role, index)}.{role_service_name(job.name, role)}"
@@ -218,6 +235,12 @@ def worker_pod(job: RLHFJob, owner: Owner, role: str, index: int = 0) -> dict[st
         {"name": "tmp", "mountPath": "/tmp"},
         {"name": "dshm", "mountPath": "/dev/shm"},
     ]
+    for index, (config_name, path) in enumerate(
+        zip(reward_config_maps(job), _reward_module_dirs(job), strict=True)
+    ):
+        volume = f"reward-modules-{index}"
+        volumes.append({"name": volume, "configMap": {"name": config_name}})
+        mounts.append({"name": volume, "mountPath": path, "readOnly": True})
     spec: dict[str, Any] = {
         # The operator recreates failed pods itself, counting them against backoffLimit.
         "restartPolicy": "Never",

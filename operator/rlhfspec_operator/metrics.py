@@ -25,6 +25,7 @@ _JOB_GAUGES = {
     "rlhfspec_job_migrations": "Samples migrated between generation replicas.",
     "rlhfspec_job_reward_mean": "Mean reward of the last iteration.",
     "rlhfspec_job_kl": "Mean KL to the reference of the last iteration.",
+    "rlhfspec_job_eval_accuracy": "Held-out accuracy of the latest evaluated policy.",
 }
 _COUNTERS = {
     "rlhfspec_operator_reconciles_total": "Reconcile ticks run.",
@@ -44,6 +45,7 @@ def _values(status: RLHFJobStatus) -> dict[str, float | None]:
         "rlhfspec_job_migrations": gen.migrations if gen else None,
         "rlhfspec_job_reward_mean": status.reward_mean,
         "rlhfspec_job_kl": status.kl,
+        "rlhfspec_job_eval_accuracy": status.eval_accuracy,
     }
 
 

@@ -89,6 +89,7 @@ def apply_progress(
     )
     status.reward_mean = _round(progress.reward_mean, 4)
     status.kl = _round(progress.kl, 5)
+    status.eval_accuracy = _round(progress.eval_accuracy, 4)
     return events
 
 

@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 import torch
 
+from rlhfspec_api.rewards import RewardRule
 from rlhfspec_api.spec import RLHFJobSpec
 from rlhfspec_workers.inference.experience import ExperienceMaker
-from rlhfspec_workers.inference.rewards import SortDigitsReward
 from rlhfspec_workers.messages import Rollout
+from rlhfspec_workers.rewards.registry import rule_reward
 from rlhfspec_workers.tinymodels.task import read_dataset_jsonl
 from rlhfspec_workers.tinymodels.tokenizer import EOS_ID, encode_chars
 from rlhfspec_workers.torch_models import load_causal_lm, pad_batch, response_logprobs
@@ -87,7 +88,7 @@ def _rollouts(kit: Path, policy: Any | None = None) -> list[Rollout]:
 
 
 def test_rule_reward_scores_a_correct_sort_one(tiny_kit: Path) -> None:
-    reward = SortDigitsReward()
+    reward = rule_reward(RewardRule.SORT_DIGITS)
     good = _rollout("S31415926=", "11234569", "11234569", 0, [])
     cut_off = good.model_copy(update={"finish_reason": "length"})
     wrong = _rollout("S31415926=", "11234569", "1123459", 1, [])
@@ -102,6 +103,8 @@ def test_experience_maker_aligns_and_reference_equals_initial_policy(tiny_kit: P
     experiences = maker.make(rollouts)
     assert [e.rollout.sample_id for e in experiences] == [r.sample_id for r in rollouts]
     assert [e.reward for e in experiences] == [1.0, 0.0, 0.0, 0.0] * 3
+    # Rewards alone (held-out evaluation): the same scores, batch by batch (5 + 5 + 2).
+    assert maker.score(rollouts) == [1.0, 0.0, 0.0, 0.0] * 3
     for e in experiences:
         assert len(e.ref_logprobs) == len(e.rollout.token_ids) == len(e.rollout.logprobs)
         assert e.values is None

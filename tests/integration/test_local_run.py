@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import subprocess
@@ -11,6 +12,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from rlhfspec_workers.messages import IterationMetrics
+from rlhfspec_workers.observability.plots import by_worker, timeline
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,7 +51,7 @@ def test_missing_dataset_field_is_caught_before_anything_starts(tmp_path: Path) 
     result = run(str(path), "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 1
     assert "spec.dataset.promptField:" in result.stderr
-    assert "row has no string field 'question'" in result.stderr
+    assert "row has no field 'question'" in result.stderr
     assert not (tmp_path / "run").exists()
 
 
@@ -65,6 +69,9 @@ def test_tiny_job_generates_scores_and_records_metrics(
     tiny_kit: Path, tmp_path: Path, relative_run_dir: str
 ) -> None:
     path = write_job(tmp_path)
+    job = yaml.safe_load(path.read_text())
+    job["spec"]["dataset"].update(evalFraction=0.02, evalMaxTokens=16)
+    path.write_text(yaml.safe_dump(job))
     result = run(str(path), "--run-dir", relative_run_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = ROOT / relative_run_dir
@@ -77,3 +84,24 @@ def test_tiny_job_generates_scores_and_records_metrics(
     assert record["tokens"] > 0 and record["tokens_per_second"] > 0
     # Speculation with the trained draft emits more than one token per verification step.
     assert record["mean_accepted_length"] > 1.0
+    # The held-out split was scored before training and after the (last) iteration, greedy,
+    # and its samples stayed out of the iteration's figures and training.
+    assert record["eval_samples"] > 0
+    assert 0.0 <= record["eval_accuracy"] <= 1.0
+    assert 0.0 <= record["baseline_eval_accuracy"] <= 1.0
+    assert f"{record['baseline_eval_accuracy']:.3f}>{record['eval_accuracy']:.3f}" in result.stdout
+    # The report's throughput plot is drawn from rows that add up to the table's figures:
+    # every worker's tokens so far end at the iteration's tokens, and the plotted rate
+    # integrates to them over the stage.
+    metrics = IterationMetrics.model_validate(record)
+    points, _ = timeline([metrics])
+    finals = {p.worker: p for p in points}
+    rows = metrics.batch_trace
+    assert sum(row[5] for row in rows if row[0] == max(r[0] for r in rows)) == metrics.tokens
+    integral = 0.0
+    for series in by_worker(points).values():
+        for prev, point in itertools.pairwise(series):
+            integral += point.tokens_per_second * (point.t - prev.t)
+        integral += series[0].tokens_per_second * series[0].t
+    assert integral == pytest.approx(metrics.tokens, rel=0.02)
+    assert len(finals) == 1

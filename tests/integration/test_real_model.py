@@ -125,6 +125,42 @@ def test_chat_template_is_the_tokenizers_own(fp32: tuple[Any, Any], smollm2_dir:
     assert result.finish_reason == "stop" and len(result.text.split()) > 5
 
 
+def test_chat_messages_end_of_turn_and_stop_strings(
+    fp32: tuple[Any, Any], smollm2_dir: Path
+) -> None:
+    """A messages prompt renders with the template (system turn included); a reply ends at
+    the template's end-of-turn token, which the response text leaves out; a stop string cuts
+    the reply where it first occurs and is left out too."""
+    from transformers import AutoTokenizer
+
+    off, _ = fp32
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    turns = [
+        {"role": "system", "content": "You answer in one short sentence."},
+        {"role": "user", "content": "What colour is the sky on a clear day?"},
+    ]
+    want = tokenizer.encode(
+        tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False),
+        add_special_tokens=False,
+    )
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert off.end_of_turn_ids == (end,)
+    plain = SamplingConfig(temperature=0.0, max_tokens=64)
+    [full] = off.generate_all([PromptInput("ignored", "m", messages=turns)], plain)
+    assert full.prompt_token_ids == want
+    assert full.finish_reason == "stop" and full.token_ids[-1] == end
+    assert full.text and "<|im_end|>" not in full.text
+    words = full.text.split()
+    assert len(words) >= 3
+    cut = f" {words[2]}"
+    [stopped] = off.generate_all(
+        [PromptInput("ignored", "m", messages=turns)],
+        SamplingConfig(temperature=0.0, max_tokens=64, stop=(cut,)),
+    )
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == full.text[: full.text.index(cut)]
+
+
 def _policy(engine: Any, name: str) -> Any:
     if name == "adaptive":
         # The roofline cost model instead of a calibrated one: what adaptive picks does not

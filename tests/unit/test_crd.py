@@ -70,7 +70,7 @@ def test_crd_names_status_subresource_and_printer_columns() -> None:
     assert crd["spec"]["names"]["shortNames"] == ["rlhf"]
     assert version["subresources"] == {"status": {}}
     names = [c["name"].upper() for c in version["additionalPrinterColumns"]]
-    assert names == ["PHASE", "ITER", "STRATEGY", "TOK/S", "ACCEPT", "REWARD", "AGE"]
+    assert names == ["PHASE", "ITER", "STRATEGY", "TOK/S", "ACCEPT", "REWARD", "EVAL", "AGE"]
 
 
 def test_printer_columns_point_at_real_status_fields() -> None:
@@ -78,6 +78,7 @@ def test_printer_columns_point_at_real_status_fields() -> None:
         phase=Phase.RUNNING,
         progress="2/4",
         reward_mean=0.5,
+        eval_accuracy=0.25,
         generation=GenerationStatus(
             tokens_per_second=100.0, mean_accepted_length=2.5, strategy="draft_model:k=4"
         ),

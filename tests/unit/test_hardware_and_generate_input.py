@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 
 from rlhfspec_api.generation import EngineDType
+from rlhfspec_api.rewards import RewardRule
 from rlhfspec_workers import hardware
 from rlhfspec_workers.generation.offline import PromptsError, read_prompts
-from rlhfspec_workers.inference.rewards import FinalNumberReward, final_number
 from rlhfspec_workers.messages import Rollout
+from rlhfspec_workers.rewards.final_number import last_number
+from rlhfspec_workers.rewards.registry import rule_reward
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,10 +57,10 @@ def _rollout(text: str, answer: str, finish: str = "stop") -> Rollout:
 
 
 def test_final_number_reward_reads_the_last_number() -> None:
-    assert final_number("17 + 25 = 42.") == 42.0
-    assert final_number("It costs 1,250 dollars") == 1250.0
-    assert final_number("no digits here") is None
-    reward = FinalNumberReward()
+    assert last_number("17 + 25 = 42.") == 42.0
+    assert last_number("It costs 1,250 dollars") == 1250.0
+    assert last_number("no digits here") is None
+    reward = rule_reward(RewardRule.FINAL_NUMBER)
     scores = reward(
         [
             _rollout("17 + 25 = 42", "42"),
@@ -77,13 +79,14 @@ def test_prompts_file_errors_name_the_line(tmp_path: Path) -> None:
     with pytest.raises(PromptsError) as err:
         read_prompts(path, "prompt")
     lines = str(err.value).splitlines()
-    assert lines[0] == (
-        f"{path}:3: row has no string field 'prompt' (dataset.promptField names the prompt field)"
-    )
+    assert lines[0].startswith(f"{path}:3: row has no field 'prompt'")
+    assert "spec.dataset.promptField" in lines[0]
     assert lines[1].startswith(f"{path}:4: not JSON")
-    assert lines[2].startswith(f"{path}:5: row has no string field 'prompt'")
-    path.write_text('{"prompt": "a", "id": "x"}\n{"prompt": "b"}\n')
-    assert read_prompts(path, "prompt") == [("x", "a"), ("p2", "b")]
+    assert lines[2].startswith(f"{path}:5: prompt is int")
+    path.write_text('{"prompt": "a", "id": "x"}\n{"prompt": [{"role": "user", "content": "b"}]}\n')
+    got = read_prompts(path, "prompt")
+    assert [(pid, row.prompt) for pid, row in got] == [("x", "a"), ("p2", "b")]
+    assert got[1][1].messages is not None and got[1][1].messages[0].role == "user"
 
 
 def _generate(*args: str) -> subprocess.CompletedProcess[str]:
@@ -100,7 +103,7 @@ def test_generate_rejects_bad_input_before_any_engine_starts(tmp_path: Path) -> 
     manifest = str(ROOT / "examples" / "tiny-grpo.yaml")
     result = _generate(manifest, "--prompts", str(prompts), "--out", str(out))
     assert result.returncode == 1
-    assert f"{prompts}:1: row has no string field 'prompt'" in result.stderr
+    assert f"{prompts}:1: row has no field 'prompt'" in result.stderr
     assert "Traceback" not in result.stderr and not out.exists()
     # A flag lands in the spec and is checked like the manifest field it overrides.
     result = _generate(manifest, "--prompts", str(prompts), "--out", str(out),

@@ -105,7 +105,8 @@ CASES: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         "unknown-field",
         _set("spec.generation.maxTokens", 64),
         "spec.generation.maxTokens: unknown field (known fields: replicas, maxNewTokens, "
-        "temperature, topP, speculative, reallocation, resources, dtype, gpuMemoryUtilization)",
+        "temperature, topP, stop, speculative, reallocation, resources, dtype, "
+        "gpuMemoryUtilization)",
     ),
     (
         "missing-policy",
@@ -181,7 +182,8 @@ CASES: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     (
         "unknown-reward-rule",
         _set("spec.reward.rule", "gsm8k"),
-        "spec.reward.rule: 'gsm8k' is not a valid choice (one of sort_digits, final_number)",
+        "spec.reward.rule: 'gsm8k' is not a valid choice (one of math_answer, exact_match, "
+        "regex, sort_digits, final_number)",
     ),
     (
         "reward-model-missing",

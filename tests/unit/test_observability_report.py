@@ -112,7 +112,7 @@ def test_a_partial_run_without_trace_or_training_still_reports(tmp_path: Path) -
         ('{"kind": "rollout", "iteration": 2}', "metrics.jsonl:2: kind 'rollout'"),
         ('{"version": 1, "iteration": 2, "total_iterations": 3,'
           ' "batch_trace": [[0.1, 0, 4]]}',
-         "metrics.jsonl:2: batch_trace[0] has 3 values, expected 5"),
+         "metrics.jsonl:2: batch_trace[0] has 3 values, expected 5 or 6"),
     ],
     ids=["not-json", "invalid-field", "wrong-kind", "short-trace-row"],
 )

@@ -71,8 +71,8 @@ def test_dataset_row_missing_a_field_names_file_line_and_field(kit: Path) -> Non
     with pytest.raises(PreflightError) as info:
         preflight(spec_of("tiny-grpo.yaml"), tiny=resolver(kit))
     assert [str(e) for e in info.value.errors] == [
-        f"spec.dataset.promptField: {path}:3: row has no string field 'prompt' "
-        "(every row has it, or change the field name)"
+        f"spec.dataset.promptField: {path}:3: row has no field 'prompt' "
+        "(every row has it (dots name nested keys), or change promptField)"
     ]
 
 

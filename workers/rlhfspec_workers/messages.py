@@ -78,6 +78,8 @@ class JobProgress(Message):
     migrations: int = 0
     reward_mean: float | None = None
     kl: float | None = None
+    eval_accuracy: float | None = None
+    """Held-out accuracy of the latest evaluated policy version."""
     weight_version: int = 0
     updated_at: float = 0.0
     """Unix time the coordinator wrote this (the operator flags stale progress)."""
@@ -374,7 +376,9 @@ class IterationMetrics(Message):
     """generation, inference, training, sync, total."""
     weight_version: int = 0
     batch_trace: list[list[float]] = Field(default_factory=list)
-    """[t_seconds, worker_index, running_batch, k, tokens_per_second] samples over the stage."""
+    """[t_seconds, worker_index, running_batch, k, tokens_per_second, tokens_so_far] rows over
+    the generation stage (t from the iteration's start; the rate and the count come from the
+    worker's generated-token counter, so the rows add up to the iteration's tokens)."""
     finished_at: float = 0.0
     logprob_mismatch_mean: float | None = None
     """Mean |log p_rollout - log p_trainer| per response token (see WeightsPublished)."""

@@ -3,10 +3,11 @@
 Where it sits: after ``rlhfspec_api.manifest.parse_rlhfjob`` (which checks the manifest
 itself) and before local mode or a worker pod starts Redis, vLLM or torch. A model path that
 does not exist, an unknown ``tiny://`` or ``zoo://`` name, a policy without its tokenizer, a
-draft model whose vocabulary differs from the policy's, or a dataset row missing a field is
-reported here as ``field.path: what is wrong (what is allowed)`` lines, so nothing is
-half-started when the input is bad. Built-in URIs are resolved by ``model_uris`` (which builds
-the tiny kit or fetches a zoo model on first use).
+draft model whose vocabulary differs from the policy's, a dataset row missing a field, or a
+function reward that does not import (or is not callable) is reported here as ``field.path:
+what is wrong (what is allowed)`` lines, so nothing is half-started when the input is bad.
+Built-in URIs are resolved by ``model_uris`` (which builds the tiny kit or fetches a zoo model
+on first use).
 """
 
 from __future__ import annotations
@@ -20,8 +21,12 @@ from pathlib import Path
 from rlhfspec_api.errors import FieldError
 from rlhfspec_api.generation import MODEL_BASED_DRAFTERS, SpeculativeMode
 from rlhfspec_api.models import ModelRef
-from rlhfspec_api.spec import RewardType, RLHFJobSpec
+from rlhfspec_api.rewards import RewardRule, RewardType
+from rlhfspec_api.spec import ChatTemplate, RLHFJobSpec
+from rlhfspec_workers.data.rows import DatasetError, load_splits
 from rlhfspec_workers.model_uris import ModelURIError, Resolver, resolve_builtin
+from rlhfspec_workers.rewards.base import RewardError
+from rlhfspec_workers.rewards.function import import_function
 
 # Remote schemes are fetched by an init container on a cluster; local mode reads files only.
 REMOTE_SCHEMES = ("hf", "s3", "gs")
@@ -30,7 +35,6 @@ LOCAL_ALLOWED = "a local path, file://, pvc:// (under storage), tiny:// or zoo:/
 # prompts with, so its absence is reported here rather than when the engine starts.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 POLICY_FIELD = "spec.models.policy"
-MAX_ROWS_CHECKED = 100_000
 
 
 class PreflightError(Exception):
@@ -48,6 +52,8 @@ class ResolvedPaths:
     models: dict[str, Path]
     """Field path (e.g. ``models.policy``) -> model directory."""
     dataset: Path
+    eval_dataset: Path | None = None
+    """``spec.dataset.eval``'s file, when the held-out split is a file of its own."""
 
 
 def resolve_location(
@@ -145,58 +151,119 @@ def check_models(
     return resolved, errors
 
 
-def check_dataset(
-    spec: RLHFJobSpec, storage_root: Path | None, tiny: Resolver | None = None
-) -> tuple[Path | None, list[FieldError]]:
-    """The dataset exists and every row is a JSON object with the fields the job reads."""
-    dataset = spec.dataset
+def has_chat_template(model_dir: Path) -> bool:
+    """Whether the tokenizer in ``model_dir`` defines a chat template (in its config or in
+    a ``chat_template.jinja`` / ``chat_template.json`` beside it)."""
+    if any((model_dir / name).is_file() for name in ("chat_template.jinja", "chat_template.json")):
+        return True
     try:
-        path = resolve_location(dataset.path, storage_root, tiny)
+        config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(config.get("chat_template"))
+
+
+def needs_answer(spec: RLHFJobSpec) -> bool:
+    """Whether every row must carry the answer field (a rule reward other than the regex
+    format check reads it)."""
+    if spec.dataset.answer_field is None:
+        return False
+    return any(
+        term.type is RewardType.RULE and term.rule is not RewardRule.REGEX
+        for term in spec.reward_terms
+    )
+
+
+FUNCTION_ALLOWED = (
+    "package.module:function naming a callable importable here: on PYTHONPATH, installed, or "
+    "(local mode) under the current directory; on a cluster, in the image or in the reward's "
+    "configMap"
+)
+
+
+def check_rewards(spec: RLHFJobSpec) -> list[FieldError]:
+    """Every function reward imports and is callable (its module is imported here, once)."""
+    errors: list[FieldError] = []
+    for field, term in spec.named_reward_terms:
+        if term.type is not RewardType.FUNCTION or term.function is None:
+            continue
+        try:
+            import_function(term.function, f"{field}.function")
+        except RewardError as exc:
+            errors.append(FieldError(exc.field, exc.message, FUNCTION_ALLOWED))
+    return errors
+
+
+def _resolve_dataset(
+    location: str, field: str, storage_root: Path | None, tiny: Resolver | None
+) -> tuple[Path | None, list[FieldError]]:
+    try:
+        path = resolve_location(location, storage_root, tiny)
     except ModelURIError as exc:
-        return None, [FieldError("spec.dataset.path", exc.problem, exc.allowed)]
+        return None, [FieldError(field, exc.problem, exc.allowed)]
     except ValueError as exc:
-        return None, [FieldError("spec.dataset.path", str(exc), LOCAL_ALLOWED)]
+        return None, [FieldError(field, str(exc), LOCAL_ALLOWED)]
     if not path.is_file():
         return None, [
-            FieldError(
-                "spec.dataset.path", f"{dataset.path!r}: no such file ({path})", "a .jsonl file"
-            )
+            FieldError(field, f"{location!r}: no such file ({path})", "a .jsonl or .parquet file")
         ]
-    needed = [("spec.dataset.promptField", dataset.prompt_field)]
-    if spec.reward.type is RewardType.RULE and dataset.answer_field is not None:
-        needed.append(("spec.dataset.answerField", dataset.answer_field))
-    errors: list[FieldError] = []
-    rows = 0
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if number > MAX_ROWS_CHECKED or len(errors) >= 5:
-                break
-            if not line.strip():
-                continue
-            rows += 1
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                errors.append(
-                    FieldError(
-                        "spec.dataset.path",
-                        f"{path}:{number}: not JSON ({exc})",
-                        "one JSON object per line",
-                    )
-                )
-                continue
-            for field, key in needed:
-                if not isinstance(row, dict) or not isinstance(row.get(key), str):
-                    errors.append(
-                        FieldError(
-                            field,
-                            f"{path}:{number}: row has no string field {key!r}",
-                            "every row has it, or change the field name",
-                        )
-                    )
-    if rows == 0 and not errors:
-        errors.append(FieldError("spec.dataset.path", f"{path} has no rows", "a non-empty .jsonl"))
-    return path, errors
+    return path, []
+
+
+def check_dataset(
+    spec: RLHFJobSpec,
+    storage_root: Path | None,
+    tiny: Resolver | None = None,
+    policy_dir: Path | None = None,
+) -> tuple[Path | None, Path | None, list[FieldError]]:
+    """(dataset, eval split, problems): the files exist, every row has the fields the job
+    reads (located by file and line), the held-out split leaves rows to train on, and chat
+    prompts have a chat template to render them (``policy_dir``: the policy's directory)."""
+    dataset = spec.dataset
+    path, errors = _resolve_dataset(dataset.path, "spec.dataset.path", storage_root, tiny)
+    eval_path = None
+    if dataset.eval is not None:
+        eval_path, eval_errors = _resolve_dataset(
+            dataset.eval, "spec.dataset.eval", storage_root, tiny
+        )
+        errors += eval_errors
+    if path is None or errors:
+        return path, eval_path, errors
+    try:
+        splits = load_splits(
+            path,
+            eval_path,
+            prompt_field=dataset.prompt_field,
+            answer_field=dataset.answer_field,
+            eval_fraction=dataset.eval_fraction,
+            require_answer=needs_answer(spec),
+            seed=spec.algorithm.seed,
+        )
+    except DatasetError as exc:
+        return path, eval_path, [FieldError(p.field, p.message, p.allowed) for p in exc.problems]
+    chat_rows = [r for r in (*splits.train, *splits.eval) if r.messages is not None]
+    mode = dataset.chat_template
+    if chat_rows and mode is ChatTemplate.OFF:
+        errors.append(
+            FieldError(
+                "spec.dataset.chatTemplate",
+                f"{chat_rows[0].where}: the prompt is a list of chat messages, which only the "
+                "chat template can render",
+                "auto or on, or string prompts",
+            )
+        )
+    wants_template = bool(chat_rows) or mode is ChatTemplate.ON
+    if wants_template and policy_dir is not None and not has_chat_template(policy_dir):
+        why = f"{chat_rows[0].where} holds chat messages" if chat_rows else "chatTemplate is on"
+        errors.append(
+            FieldError(
+                "spec.dataset.chatTemplate",
+                f"{why}, but the policy's tokenizer ({policy_dir}) has no chat template",
+                "a policy whose tokenizer_config.json has chat_template, or string prompts "
+                "with chatTemplate off",
+            )
+        )
+    return path, eval_path, errors
 
 
 def preflight(
@@ -204,14 +271,18 @@ def preflight(
     storage_root: Path | None = None,
     tiny: Resolver | None = None,
 ) -> ResolvedPaths:
-    """Check models and dataset together; raise PreflightError listing every problem."""
+    """Check models, dataset and function rewards together; raise PreflightError listing
+    every problem."""
     if storage_root is None and spec.storage.path is not None:
         storage_root = Path(spec.storage.path)
     if storage_root is None and os.environ.get("RLHFSPEC_STORAGE"):
         storage_root = Path(os.environ["RLHFSPEC_STORAGE"])
     models, errors = check_models(spec, storage_root, tiny)
-    dataset, dataset_errors = check_dataset(spec, storage_root, tiny)
+    dataset, eval_dataset, dataset_errors = check_dataset(
+        spec, storage_root, tiny, models.get(POLICY_FIELD)
+    )
     errors += dataset_errors
+    errors += check_rewards(spec)
     if errors or dataset is None:
         raise PreflightError(errors)
-    return ResolvedPaths(models=models, dataset=dataset)
+    return ResolvedPaths(models=models, dataset=dataset, eval_dataset=eval_dataset)

@@ -12,16 +12,21 @@ last published weights and republishes the same sample ids (every stage deduplic
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 from rlhfspec_api.manifest import RLHFJob
+from rlhfspec_workers.data.rows import Splits, load_splits
 from rlhfspec_workers.messages import (
+    EvalScore,
     IterationMetrics,
+    JobFailure,
     JobProgress,
     Keys,
+    MessageError,
     WeightsPublished,
     WorkerStatus,
 )
@@ -30,26 +35,38 @@ from rlhfspec_workers.runtime import Bus
 
 from .reallocate import Reallocator
 from .strategy import StrategyBroadcaster
-from .tasks import DatasetRow, StageClock, iteration_metrics, iteration_tasks
+from .tasks import (
+    EvalSummary,
+    StageClock,
+    eval_due,
+    eval_summary,
+    eval_tasks,
+    iteration_metrics,
+    iteration_tasks,
+)
 
 POLL_SECONDS = 0.25
 TRACE_EVERY_SECONDS = 0.5
 STALE_WORKER_SECONDS = 120.0
 
 
-def load_rows(job: RLHFJob, paths: ResolvedPaths) -> list[DatasetRow]:
-    dataset = job.spec.dataset
-    rows: list[DatasetRow] = []
-    with paths.dataset.open(encoding="utf-8") as lines:
-        for index, line in enumerate(lines):
-            if not line.strip():
-                continue
-            body = json.loads(line)
-            answer = body.get(dataset.answer_field) if dataset.answer_field else None
-            # A numeric answer (``"answer": 42``) is compared as text by every rule.
-            text = None if answer is None else str(answer)
-            rows.append(DatasetRow(index, str(body[dataset.prompt_field]), text))
-    return rows
+class JobFailed(Exception):
+    """A worker reported that the job cannot go on (``Keys.failure``); the job is failed."""
+
+
+def load_dataset(job: RLHFJob, paths: ResolvedPaths) -> Splits:
+    """The job's training and held-out rows (preflight already checked every row)."""
+    spec = job.spec
+    dataset = spec.dataset
+    return load_splits(
+        paths.dataset,
+        paths.eval_dataset,
+        prompt_field=dataset.prompt_field,
+        answer_field=dataset.answer_field,
+        eval_fraction=dataset.eval_fraction,
+        require_answer=False,
+        seed=spec.algorithm.seed,
+    )
 
 
 class Coordinator:
@@ -66,7 +83,11 @@ class Coordinator:
         self.spec = job.spec
         self.bus = bus
         self.keys: Keys = bus.keys
-        self.rows = load_rows(job, paths)
+        splits = load_dataset(job, paths)
+        self.rows, self.eval_rows = splits.train, splits.eval
+        self.baseline: EvalSummary | None = None
+        self._trace_base: dict[str, tuple[int, float, int]] = {}
+        self.last_eval: EvalSummary | None = None
         self.total = self.spec.algorithm.iterations
         self.metrics_path = metrics_path
         self.on_metrics = on_metrics
@@ -77,7 +98,8 @@ class Coordinator:
     def run(self) -> int:
         bus, keys = self.bus, self.keys
         bus.wait_ready()
-        bus.call("clear stop", lambda: bus.redis.delete(keys.stop))
+        # A failure a worker reported before a resume is the old run's (fixed since).
+        bus.call("clear stop", lambda: bus.redis.delete(keys.stop, keys.failure))
         # Groups exist before the first payload, so no consumer misses an entry.
         bus.ensure_group(keys.tasks, Keys.GENERATION_GROUP)
         bus.ensure_group(keys.rollouts, Keys.INFERENCE_GROUP)
@@ -90,8 +112,15 @@ class Coordinator:
             return 0
         self._progress(start - 1, "starting", f"starting at iteration {start}")
         self._wait_for_workers(start - 1)
+        if start == 1 and eval_due(self.spec, 0):
+            self.baseline = self._evaluate(0)
         for iteration in range(start, self.total + 1):
             metrics = self._iteration(iteration)
+            if eval_due(self.spec, iteration):
+                metrics = self._with_eval(metrics, self._evaluate(iteration))
+            if iteration == 1 and self.baseline is not None:
+                update = {"baseline_eval_accuracy": self.baseline.accuracy}
+                metrics = metrics.model_copy(update=update)
             self._record(metrics)
         self._progress(self.total, "succeeded", "done")
         bus.call("set stop", lambda: bus.redis.set(keys.stop, b"1"))
@@ -114,6 +143,7 @@ class Coordinator:
             if time.monotonic() - last_report > 30:
                 last_report = time.monotonic()
                 print(f"[rlhfspec] coordinator: waiting for {', '.join(missing)}", flush=True)
+            self._check_failure(done)
             self._progress(done, "starting", f"waiting for {', '.join(missing)}")
             time.sleep(POLL_SECONDS)
 
@@ -143,6 +173,13 @@ class Coordinator:
         self._progress(iteration - 1, "running", f"iteration {iteration}: generating")
         generation_done = inference_done = None
         trace: list[list[float]] = []
+        # worker -> (tokens at stage start, last row's t, tokens then); seeded by the
+        # first heartbeat read, before any of this iteration's samples can have finished.
+        self._trace_base = {
+            name: (w.tokens_generated, 0.0, w.tokens_generated)
+            for name, w in bus.workers().items()
+            if w.role == "generation"
+        }
         last_trace = 0.0
         while True:
             now = time.monotonic()
@@ -167,11 +204,15 @@ class Coordinator:
                     f"iteration {iteration}: generated {done}/{expected}, scored {scored}",
                     workers=workers,
                 )
+            self._check_failure(iteration - 1)
             weights = bus.get(keys.weights, WeightsPublished)
             if weights is not None and weights.iteration >= iteration:
                 break
             time.sleep(POLL_SECONDS)
         finished = time.monotonic()
+        # The stage's closing rows, at its end: the last samples' tokens (heartbeats lag the
+        # done set by up to a beat; by now every worker has reported them).
+        trace.extend(self._trace_points(bus.workers(), (generation_done or finished) - started))
         gen_stats = {
             (k.decode() if isinstance(k, bytes) else str(k)): float(v)
             for k, v in bus.call(
@@ -194,25 +235,101 @@ class Coordinator:
             finished_at=time.time(),
         )
 
+    # -- held-out evaluation ------------------------------------------------------------------
+
+    def _evaluate(self, version: int) -> EvalSummary:
+        """Score policy ``version`` on the held-out split: greedy samples through the same
+        generation and inference workers (which keep them out of training), then wait for
+        every score. Published once per version, so a restarted coordinator only waits."""
+        bus, keys = self.bus, self.keys
+        tasks = eval_tasks(self.spec, self.eval_rows, version)
+        started = time.monotonic()
+        flag = f"eval-published:{version}"
+        if not bus.call("read state", lambda: bus.redis.hget(keys.iteration, flag)):
+            for task in tasks:
+                bus.publish(keys.tasks, task)
+            bus.call("write state", lambda: bus.redis.hset(keys.iteration, flag, 1))
+        last_report = 0.0
+        while True:
+            raw = bus.call("read eval", lambda: bus.redis.hgetall(keys.eval_scores(version)))
+            if len(raw) >= len(tasks):
+                break
+            self._check_failure(version)
+            now = time.monotonic()
+            if now - last_report >= TRACE_EVERY_SECONDS:
+                last_report = now
+                self._progress(
+                    version,
+                    "running",
+                    f"evaluating policy v{version}: {len(raw)}/{len(tasks)} held-out scored",
+                )
+            time.sleep(POLL_SECONDS)
+        scores = [EvalScore.from_bytes(v) for v in raw.values()]
+        summary = eval_summary(version, [s.reward for s in scores], time.monotonic() - started)
+        print(
+            f"[rlhfspec] coordinator: policy v{version} held-out accuracy "
+            f"{summary.accuracy:.3f} ({summary.samples} samples, {summary.seconds:.1f}s)",
+            flush=True,
+        )
+        self.last_eval = summary
+        return summary
+
     @staticmethod
-    def _trace_points(workers: dict[str, WorkerStatus], t: float) -> list[list[float]]:
+    def _with_eval(metrics: IterationMetrics, summary: EvalSummary) -> IterationMetrics:
+        return metrics.model_copy(
+            update={
+                "eval_accuracy": summary.accuracy,
+                "eval_reward_mean": summary.reward_mean,
+                "eval_samples": summary.samples,
+                "eval_seconds": summary.seconds,
+            }
+        )
+
+    def _trace_points(self, workers: dict[str, WorkerStatus], t: float) -> list[list[float]]:
+        """One row per generation worker: [t, worker, running, k, tokens/s, tokens so far].
+
+        The rate is the worker's generated-token counter over the interval since this
+        stage's previous row (not the worker's own recent-window figure), so the rows of a
+        stage add up to exactly the tokens the iteration's tokens/s is computed from."""
         points = []
         for name, status in sorted(workers.items()):
             if status.role != "generation":
                 continue
             index = float(name.rsplit("-", 1)[-1]) if name[-1].isdigit() else 0.0
+            base, last_t, last_tokens = self._trace_base.setdefault(
+                name, (status.tokens_generated, 0.0, status.tokens_generated)
+            )
+            rate = (status.tokens_generated - last_tokens) / max(t - last_t, 1e-9)
+            self._trace_base[name] = (base, t, status.tokens_generated)
             points.append(
                 [
                     round(t, 3),
                     index,
                     float(status.running),
                     float(status.k or 0),
-                    float(status.tokens_per_second or 0.0),
+                    round(rate, 3),
+                    float(status.tokens_generated - base),
                 ]
             )
         return points
 
     # -- reporting --------------------------------------------------------------------------
+
+    def _check_failure(self, iteration: int) -> None:
+        """Fail the job when a worker reported it cannot go on (a reward that cannot score):
+        progress state failed with the field and reason, the stop flag set, JobFailed raised."""
+        try:
+            failure = self.bus.get(self.keys.failure, JobFailure)
+        except MessageError as exc:
+            message = f"a worker reported a failure this version cannot read: {exc}"
+        else:
+            if failure is None:
+                return
+            message = f"{failure.field}: {failure.reason} (reported by {failure.worker})"
+        self._progress(iteration, "failed", message)
+        self.bus.call("set stop", lambda: self.bus.redis.set(self.keys.stop, b"1"))
+        print(f"[rlhfspec] coordinator: job failed: {message}", file=sys.stderr, flush=True)
+        raise JobFailed(message)
 
     def _record(self, metrics: IterationMetrics) -> None:
         self.last = metrics
@@ -260,6 +377,7 @@ class Coordinator:
             strategy_table_version=last.strategy_table_version if last else None,
             migrations=last.migrations if last else 0,
             reward_mean=last.reward_mean if last else None,
+            eval_accuracy=self.last_eval.accuracy if self.last_eval else None,
             kl=last.kl if last else None,
             weight_version=last.weight_version if last else 0,
             updated_at=time.time(),
@@ -272,4 +390,7 @@ class Coordinator:
 def run(job: RLHFJob, paths: ResolvedPaths, bus: Bus) -> int:
     metrics_path = bus.env.storage / "metrics.jsonl"
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    return Coordinator(job, paths, bus, metrics_path=metrics_path).run()
+    try:
+        return Coordinator(job, paths, bus, metrics_path=metrics_path).run()
+    except JobFailed:
+        return 1

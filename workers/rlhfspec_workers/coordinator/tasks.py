@@ -14,14 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from rlhfspec_api.spec import RLHFJobSpec
+from rlhfspec_workers.data.rows import DatasetRow
 from rlhfspec_workers.messages import IterationMetrics, SampleTask, WeightsPublished
-
-
-@dataclass(frozen=True)
-class DatasetRow:
-    index: int
-    prompt: str
-    answer: str | None
 
 
 def iteration_tasks(
@@ -49,7 +43,9 @@ def iteration_tasks(
                     group_id=f"row{row.index}",
                     sample_index=j,
                     prompt=row.prompt,
+                    messages=list(row.messages) if row.messages is not None else None,
                     answer=row.answer,
+                    metadata=dict(row.metadata),
                     max_tokens=gen.max_new_tokens,
                     temperature=gen.temperature,
                     top_p=gen.top_p,
@@ -57,6 +53,66 @@ def iteration_tasks(
                 )
             )
     return tasks
+
+
+def eval_tasks(spec: RLHFJobSpec, rows: Sequence[DatasetRow], version: int) -> list[SampleTask]:
+    """The held-out split's samples for policy ``version``: one greedy sample per row (the
+    policy's own answer, so accuracy is comparable across versions), never trained on."""
+    gen = spec.generation
+    max_tokens = spec.dataset.eval_max_tokens or gen.max_new_tokens
+    return [
+        SampleTask(
+            iteration=version,
+            sample_id=f"eval/v{version}/e{row.index}",
+            prompt_id=f"e{row.index}",
+            group_id=f"eval-row{row.index}",
+            sample_index=0,
+            prompt=row.prompt,
+            messages=list(row.messages) if row.messages is not None else None,
+            answer=row.answer,
+            metadata=dict(row.metadata),
+            eval=True,
+            max_tokens=max_tokens,
+            temperature=0.0,
+            top_p=1.0,
+            weight_version=version,
+        )
+        for row in rows
+    ]
+
+
+def eval_due(spec: RLHFJobSpec, iteration: int) -> bool:
+    """Whether the weights of ``iteration`` (0: the initial ones) are scored on the held-out
+    split: before training, every ``evalEvery`` iterations and after the last."""
+    dataset = spec.dataset
+    if not dataset.has_eval:
+        return False
+    last = spec.algorithm.iterations
+    return iteration == 0 or iteration == last or iteration % dataset.eval_every == 0
+
+
+@dataclass(frozen=True)
+class EvalSummary:
+    """The held-out scores of one policy version."""
+
+    version: int
+    accuracy: float
+    """Fraction of samples scoring at least 1 (full credit of a rule reward)."""
+    reward_mean: float
+    samples: int
+    seconds: float
+
+
+def eval_summary(version: int, rewards: Sequence[float], seconds: float) -> EvalSummary:
+    if not rewards:
+        raise ValueError("no eval scores")
+    return EvalSummary(
+        version=version,
+        accuracy=sum(1 for r in rewards if r >= 1.0 - 1e-9) / len(rewards),
+        reward_mean=sum(rewards) / len(rewards),
+        samples=len(rewards),
+        seconds=seconds,
+    )
 
 
 @dataclass(frozen=True)
@@ -124,6 +180,9 @@ def iteration_metrics(
             "total": clock.finished - clock.started,
         },
         weight_version=weights.policy_version,
+        logprob_mismatch_mean=weights.logprob_mismatch_mean,
+        logprob_mismatch_max=weights.logprob_mismatch_max,
+        rollout_kl=weights.rollout_kl,
         batch_trace=[list(point) for point in trace],
         finished_at=finished_at,
     )

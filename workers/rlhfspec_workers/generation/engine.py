@@ -35,7 +35,7 @@ from rlhfspec_workers.drafters.base import Drafter
 from rlhfspec_workers.drafters.suffix import SuffixDrafter
 from rlhfspec_workers.hardware import resolve_engine_dtype
 
-from . import vllm_fixes
+from . import chat, vllm_fixes
 from .kv_migration import KVMigrationPort, KVState, kv_migration_live
 from .policy import NO_DRAFT, OFF, DraftChoice, DraftPolicy, FixedPolicy
 from .proposer import GROUP_KEY, PROPOSER_CLASS, AdaptiveProposer
@@ -203,7 +203,12 @@ class GenerationEngine:
             multiprocess_mode=False,
         )
         self.max_model_len = int(config.model_config.max_model_len)
+        tokenizer = self.engine.get_tokenizer() if self.has_tokenizer else None
+        self._template_text: str | None = getattr(tokenizer, "chat_template", None)
         self.chat_template = self._use_chat_template(ChatTemplate(chat_template))
+        self.end_of_turn_ids: tuple[int, ...] = ()
+        if tokenizer is not None and self._template_text:
+            self.end_of_turn_ids = chat.end_of_turn_ids(tokenizer)
         if self.kv is not None:
             self.kv.attach(self.engine)
         # After the worker registered vLLM's kernel overrides: replace broken ones.
@@ -318,10 +323,15 @@ class GenerationEngine:
         group = p.group_id or p.prompt_id
         prompt: Any
         plain_text = not prefix_token_ids and kv is None and not self.chat_template
-        if isinstance(p.prompt, str) and plain_text:
+        if isinstance(p.prompt, str) and plain_text and p.messages is None:
             prompt = p.prompt
         else:
-            ids = self.tokenize(p.prompt) if isinstance(p.prompt, str) else list(p.prompt)
+            if p.messages is not None:
+                ids = self.render_messages(p.messages)
+            elif isinstance(p.prompt, str):
+                ids = self.tokenize(p.prompt)
+            else:
+                ids = list(p.prompt)
             prompt = TokensPrompt(prompt_token_ids=[int(t) for t in [*ids, *prefix_token_ids]])
             if kv is not None:
                 if self.kv is None:
@@ -340,7 +350,8 @@ class GenerationEngine:
             seed=seed,
             logprobs=sampling.top_logprobs,
             ignore_eos=sampling.ignore_eos,
-            stop_token_ids=list(sampling.stop_token_ids),
+            stop_token_ids=[*sampling.stop_token_ids, *self.end_of_turn_ids],
+            stop=list(sampling.stop) or None,
             detokenize=self.has_tokenizer,
             output_kind=RequestOutputKind.FINAL_ONLY,
             extra_args={GROUP_KEY: group},
@@ -421,9 +432,7 @@ class GenerationEngine:
     def _use_chat_template(self, mode: ChatTemplate) -> bool:
         if mode is ChatTemplate.OFF:
             return False
-        template = None
-        if self.has_tokenizer:
-            template = getattr(self.engine.get_tokenizer(), "chat_template", None)
+        template = self._template_text
         if mode is ChatTemplate.ON and not template:
             raise ValueError("dataset.chatTemplate is on but the policy's tokenizer has none")
         return bool(template)
@@ -432,13 +441,16 @@ class GenerationEngine:
         """The token ids the engine feeds the policy for a prompt text: with the chat template
         on, one user turn rendered by the tokenizer's own template plus the assistant header
         (the template writes its special tokens itself, so none are added on top)."""
-        tokenizer = self.engine.get_tokenizer()
         if self.chat_template:
-            rendered = tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
-            )
-            return [int(t) for t in tokenizer.encode(str(rendered), add_special_tokens=False)]
+            return self.render_messages([{"role": "user", "content": text}])
+        tokenizer = self.engine.get_tokenizer()
         return [int(t) for t in tokenizer.encode(text)]
+
+    def render_messages(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """A chat prompt's token ids (``chat.render`` with the policy tokenizer)."""
+        if not self.has_tokenizer or not self._template_text:
+            raise ValueError("chat messages need the policy tokenizer's chat template")
+        return chat.render(self.engine.get_tokenizer(), messages)
 
     def load_weights(self, model_dir: Path, version: int) -> None:
         """Replace the policy's weights with the HF checkpoint in ``model_dir`` (weight sync).

@@ -25,6 +25,7 @@ from typing import Any
 from rlhfspec_api.errors import FieldError
 from rlhfspec_api.generation import EngineDType, SpeculativeMode
 from rlhfspec_api.manifest import DocumentError, ManifestError, RLHFJob, load_rlhfjob, parse_rlhfjob
+from rlhfspec_workers.data.rows import DatasetError, DatasetRow, read_rows
 
 OUTPUT_FIELDS = (
     "prompt_id", "sample_index", "token_ids", "logprobs", "text", "finish_reason",
@@ -36,36 +37,19 @@ class PromptsError(Exception):
     """The prompts file cannot be used; the message names the file and line."""
 
 
-def read_prompts(path: Path, prompt_field: str) -> list[tuple[str, str]]:
-    """(prompt_id, prompt text) per non-empty line: ``id`` when the row has one, else
-    ``p<line number>``. Every bad row is reported, by line."""
+def read_prompts(path: Path, prompt_field: str) -> list[tuple[str, DatasetRow]]:
+    """(prompt_id, row) per row, read by the job's own dataset reader (``data.rows``: string
+    or chat prompts, nested fields, JSON lines or Parquet): ``id`` when the row has one,
+    else ``p<row number>``. Every bad row is reported, by file and line."""
     if not path.is_file():
         raise PromptsError(f"--prompts: {path}: no such file")
-    out: list[tuple[str, str]] = []
-    problems: list[str] = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                problems.append(f"{path}:{number}: not JSON ({exc}) (one JSON object per line)")
-                continue
-            text = row.get(prompt_field) if isinstance(row, dict) else None
-            if not isinstance(text, str):
-                problems.append(
-                    f"{path}:{number}: row has no string field {prompt_field!r} "
-                    "(dataset.promptField names the prompt field)"
-                )
-                continue
-            prompt_id = row.get("id", f"p{number}")
-            out.append((str(prompt_id), text))
-    if problems:
-        raise PromptsError("\n".join(problems))
-    if not out:
-        raise PromptsError(f"--prompts: {path} has no rows")
-    return out
+    try:
+        rows = read_rows(path, prompt_field, None, path_field="--prompts")
+    except DatasetError as exc:
+        raise PromptsError(
+            "\n".join(f"{p.message} ({p.field}: {p.allowed})" for p in exc.problems)
+        ) from None
+    return [(str(r.metadata.get("id", f"p{r.index + 1}")), r) for r in rows]
 
 
 def with_overrides(job: RLHFJob, args: argparse.Namespace) -> RLHFJob:
@@ -139,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def generate(
-    job: RLHFJob, models: dict[str, Path], prompts: Sequence[tuple[str, str]], out: Path
+    job: RLHFJob, models: dict[str, Path], prompts: Sequence[tuple[str, DatasetRow]], out: Path
 ) -> int:
     """Run the engine over every prompt and write the samples as they finish."""
     from rlhfspec_workers.hardware import resolve_engine_dtype
@@ -168,7 +152,15 @@ def generate(
         if engine.proposer is not None:
             batch = max(1, min(MAX_RUNNING, len(prompts) * samples))  # all of them at once
             engine.set_policy(make_policy(engine, gen, log=_log, max_batch=batch))
-        inputs = [PromptInput(text, prompt_id, n=samples) for prompt_id, text in prompts]
+        inputs = [
+            PromptInput(
+                row.prompt,
+                prompt_id,
+                n=samples,
+                messages=[m.model_dump() for m in row.messages] if row.messages else None,
+            )
+            for prompt_id, row in prompts
+        ]
         sampling = SamplingConfig.from_spec(gen, seed=spec.algorithm.seed)
         out.parent.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()

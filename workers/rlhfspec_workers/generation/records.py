@@ -8,7 +8,7 @@ the benchmarks; :class:`StepSummary` totals them). Plain dataclasses: no vLLM im
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from rlhfspec_api.generation import GenerationSpec
@@ -27,6 +27,9 @@ class PromptInput:
     max_tokens: int | None = None
     """Overrides SamplingConfig.max_tokens (e.g. a resumed sample: its budget minus what it
     already generated elsewhere)."""
+    messages: Sequence[Mapping[str, str]] | None = None
+    """A chat prompt's turns (``{role, content}``): rendered with the policy tokenizer's
+    chat template instead of ``prompt``."""
 
 
 @dataclass(frozen=True)
@@ -38,13 +41,15 @@ class SamplingConfig:
     """Base seed; sample j of prompt p gets a seed derived from (seed, p, j)."""
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    """Strings that end a response; the response text stops before them."""
     top_logprobs: int = 0
     """Also return the n largest log-probs at each position (SampleResult.top_logprobs): how
     close the policy's top candidates were, e.g. to tell a near-tie from a real difference."""
 
     @classmethod
     def from_spec(cls, spec: GenerationSpec, seed: int | None = None) -> SamplingConfig:
-        return cls(spec.temperature, spec.top_p, spec.max_new_tokens, seed)
+        return cls(spec.temperature, spec.top_p, spec.max_new_tokens, seed, stop=tuple(spec.stop))
 
 
 @dataclass(frozen=True)

@@ -126,7 +126,9 @@ class GenerationWorker:
         self.strategy = StrategySync(bus, self.name, policy or FixedPolicy(NO_DRAFT))
         self.counters = _Counters()
         self.tokens_total = 0
-        self._recent: deque[tuple[float, int]] = deque(maxlen=64)
+        # (finish time, tokens) of recently finished samples, trimmed by age, not count: a
+        # count cap undercounts the rate whenever many short samples finish together.
+        self._recent: deque[tuple[float, int]] = deque()
         self._last_step: StepRecord | None = None
         self.recent_steps: deque[StepRecord] = deque(maxlen=256)
         self._last_beat = 0.0
@@ -197,7 +199,7 @@ class GenerationWorker:
         done = self.bus.call(
             "check done",
             lambda: self.bus.redis.sismember(
-                self.keys.done_samples(task.iteration), task.sample_id
+                self.keys.done_samples(task.iteration, eval=task.eval), task.sample_id
             ),
         )
         return bool(done)
@@ -205,9 +207,10 @@ class GenerationWorker:
     def _submit(self, stream: str, entry_id: str, task: SampleTask) -> None:
         prompt = PromptInput(
             prompt=task.prompt,
-            prompt_id=f"it{task.iteration}/{task.prompt_id}",
+            prompt_id=f"{'eval' if task.eval else 'it'}{task.iteration}/{task.prompt_id}",
             group_id=task.group_id,
             max_tokens=task.max_tokens,
+            messages=[m.model_dump() for m in task.messages] if task.messages else None,
         )
         sampling = SamplingConfig(
             temperature=task.temperature,
@@ -215,6 +218,7 @@ class GenerationWorker:
             max_tokens=task.max_tokens,
             seed=self.job.spec.algorithm.seed,  # a sample's tokens: f(job seed, sample id)
             ignore_eos=task.ignore_eos,
+            stop=tuple(self.job.spec.generation.stop),
         )
         kv = self._load_kv(task)
         try:
@@ -229,7 +233,8 @@ class GenerationWorker:
                 prompt, sampling, task.sample_index, prefix_token_ids=task.prefix_token_ids
             )
         self.in_flight[task.sample_id] = _InFlight(stream, entry_id, task, request_id)
-        self.iteration = max(self.iteration or 0, task.iteration)
+        if not task.eval:  # held-out samples are not part of any iteration's counters
+            self.iteration = max(self.iteration or 0, task.iteration)
         # The engine names results "<PromptInput.prompt_id>/<index>": map back to the task.
         self._task_of[f"{prompt.prompt_id}/{task.sample_index}"] = task.sample_id
 
@@ -301,7 +306,10 @@ class GenerationWorker:
             group_id=task.group_id,
             sample_index=task.sample_index,
             prompt=task.prompt,
+            messages=task.messages,
             answer=task.answer,
+            metadata=task.metadata,
+            eval=task.eval,
             prompt_token_ids=result.prompt_token_ids,
             # A resumed sample is stitched: what was generated elsewhere, then what ran here.
             token_ids=[*task.prefix_token_ids, *result.token_ids],
@@ -317,15 +325,19 @@ class GenerationWorker:
         self.bus.publish(self.keys.rollouts, rollout)
         self.bus.call(
             "mark done",
-            lambda: self.bus.redis.sadd(self.keys.done_samples(task.iteration), task.sample_id),
+            lambda: self.bus.redis.sadd(
+                self.keys.done_samples(task.iteration, eval=task.eval), task.sample_id
+            ),
         )
         self.bus.ack(request.stream, Keys.GENERATION_GROUP, request.entry_id)
-        self.finished_lengths.append(len(rollout.token_ids))
         produced = len(result.token_ids)
+        self._recent.append((time.monotonic(), produced))
+        if task.eval:
+            return  # held-out samples stay out of the training figures and the trace
         self.tokens_total += produced
+        self.finished_lengths.append(len(rollout.token_ids))
         self.counters.add(task.iteration, "tokens", produced)
         self.counters.add(task.iteration, "samples", 1)
-        self._recent.append((time.monotonic(), produced))
 
     def _detokenize(self, tokens: list[int], result: SampleResult) -> str:
         if not tokens:
@@ -341,6 +353,8 @@ class GenerationWorker:
         if not steps:
             return
         iteration = self.iteration
+        if any(f.task.eval for f in self.in_flight.values()):
+            iteration = None  # a held-out pass: its steps belong to no iteration's figures
         for step in steps:
             self._last_step = step
             self.recent_steps.append(step)
@@ -416,8 +430,9 @@ class GenerationWorker:
             self.bus.call("flush counters", flush)
         self.handover.report_load()
         self.strategy.flush(self.engine.weight_version)
-        window = [(t, n) for t, n in self._recent if now - t < 5.0]
-        rate = sum(n for _, n in window) / 5.0 if window else 0.0
+        while self._recent and now - self._recent[0][0] >= 5.0:
+            self._recent.popleft()
+        rate = sum(n for _, n in self._recent) / 5.0
         step = self._last_step
         self.bus.heartbeat(
             WorkerStatus(

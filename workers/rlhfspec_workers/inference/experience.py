@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from rlhfspec_api.spec import AlgorithmName, RLHFJobSpec
-from rlhfspec_workers.inference.rewards import RewardFunction, build_reward, model_path
 from rlhfspec_workers.messages import Experience, Rollout
+from rlhfspec_workers.rewards.registry import WeightedReward, build_reward, model_path
 from rlhfspec_workers.torch_models import (
     ValueModel,
     default_device,
@@ -71,8 +71,8 @@ class ExperienceMaker:
         config = self.reference.config
         self.pad_id: int = int(config.pad_token_id) if config.pad_token_id is not None else 0
         self.eos_id = eos_token_id(self.reference_dir)
-        self.reward: RewardFunction = build_reward(
-            spec.reward, models, self.device, self.batch_size
+        self.reward: WeightedReward = build_reward(
+            spec.named_reward_terms, models, self.device, self.batch_size
         )
         self.critic: ValueModel | None = None
         if spec.algorithm.name is AlgorithmName.PPO:
@@ -81,6 +81,14 @@ class ExperienceMaker:
                 raise ValueError("ppo needs spec.models.critic")
             self.load_critic(critic_dir)
         self.last_stats = MakeStats()
+
+    def score(self, rollouts: Sequence[Rollout]) -> list[float]:
+        """The reward of each rollout, in order, and nothing else (no reference log-probs):
+        held-out evaluation. Raises RewardError when a reward cannot score."""
+        rewards: list[float] = []
+        for start in range(0, len(rollouts), self.batch_size):
+            rewards += self.reward(rollouts[start : start + self.batch_size])
+        return rewards
 
     def load_critic(self, critic_dir: Path) -> None:
         """(Re)load the critic, e.g. weights the trainer exported after an iteration."""
@@ -92,6 +100,7 @@ class ExperienceMaker:
 
         ``ref_logprobs`` (and ``values`` for ppo) have exactly ``len(rollout.token_ids)``
         entries; entries after a response's first EOS (none from vLLM, which stops there) are 0.
+        A reward that cannot score raises RewardError (from ``rewards.base``).
         """
         stats = MakeStats(samples=len(rollouts))
         experiences: list[Experience] = []

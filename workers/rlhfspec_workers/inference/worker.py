@@ -6,15 +6,21 @@ the rollout stream through the ``inference`` consumer group while generation is 
 ``spec.inference.batchSize``, scores with :class:`ExperienceMaker`, publishes one Experience
 per rollout, marks the sample scored (idempotency: a duplicate rollout is acked and skipped)
 and acks. Entries it was given before a crash are re-read from its pending list on restart.
+A reward that cannot score (``rewards.RewardError``) stops it: it writes a JobFailure naming
+the field for the coordinator (which fails the job), leaves the batch unacked (pending, so a
+fixed job resumes from it) and exits 1.
 """
 
 from __future__ import annotations
 
+import sys
 import time
+import traceback
 
 from rlhfspec_api.manifest import RLHFJob
-from rlhfspec_workers.messages import Keys, Rollout, WorkerStatus
+from rlhfspec_workers.messages import EvalScore, JobFailure, Keys, Rollout, WorkerStatus
 from rlhfspec_workers.preflight import ResolvedPaths
+from rlhfspec_workers.rewards import RewardError
 from rlhfspec_workers.runtime import Bus
 
 from .experience import ExperienceMaker
@@ -56,12 +62,19 @@ class InferenceWorker:
                     break
             if batch:
                 self._beat("busy")
-                self._score(batch)
+                try:
+                    self._score(batch)
+                except RewardError as exc:
+                    return report_failure(bus, exc, batch[0][1].iteration)
         self._beat("stopping")
         return 0
 
     def _score(self, batch: list[tuple[str, Rollout]]) -> None:
         bus, keys = self.bus, self.keys
+        held_out = [(entry_id, r) for entry_id, r in batch if r.eval]
+        if held_out:
+            self._score_eval(held_out)
+            batch = [(entry_id, r) for entry_id, r in batch if not r.eval]
         fresh: list[tuple[str, Rollout]] = []
         for entry_id, rollout in batch:
             seen = bus.call(
@@ -88,6 +101,30 @@ class InferenceWorker:
             bus.ack(keys.rollouts, Keys.INFERENCE_GROUP, entry_id)
         self.scored += len(fresh)
 
+    def _score_eval(self, batch: list[tuple[str, Rollout]]) -> None:
+        """Held-out samples: the reward only (no reference log-probs, nothing for the
+        trainer), into the evaluated version's score hash (HSET: a redelivered sample
+        overwrites its own score, so a restart never double-counts)."""
+        bus, keys = self.bus, self.keys
+        rollouts = [r for _, r in batch]
+        rewards = self.maker.score(rollouts)
+        for (entry_id, rollout), reward in zip(batch, rewards, strict=True):
+            score = EvalScore(
+                weight_version=rollout.iteration,
+                sample_id=rollout.sample_id,
+                reward=float(reward),
+                response_tokens=len(rollout.token_ids),
+                finish_reason=rollout.finish_reason,
+            )
+            bus.call(
+                "write eval score",
+                lambda s=score: bus.redis.hset(  # type: ignore[misc]
+                    keys.eval_scores(s.weight_version), s.sample_id, s.to_bytes()
+                ),
+            )
+            bus.ack(keys.rollouts, Keys.INFERENCE_GROUP, entry_id)
+        self.scored += len(batch)
+
     def _beat(self, state: str) -> None:
         self.bus.heartbeat(
             WorkerStatus(
@@ -99,6 +136,31 @@ class InferenceWorker:
         )
 
 
+def report_failure(bus: Bus, error: RewardError, iteration: int | None = None) -> int:
+    """Tell the coordinator the job cannot go on (``Keys.failure``), say why on stderr (the
+    user's traceback first, the one-line reason last) and return the exit code, 1."""
+    failure = JobFailure(
+        worker=bus.env.worker,
+        field=error.field,
+        reason=error.message,
+        iteration=iteration,
+        failed_at=time.time(),
+    )
+    bus.call("report failure", lambda: bus.redis.set(bus.keys.failure, failure.to_bytes()))
+    bus.heartbeat(
+        WorkerStatus(
+            worker=bus.env.worker, role="inference", state="degraded", message=str(error)
+        )
+    )
+    if error.__cause__ is not None:
+        traceback.print_exception(error.__cause__, file=sys.stderr)
+    print(f"[rlhfspec] {bus.env.worker}: reward failed: {error}", file=sys.stderr, flush=True)
+    return 1
+
+
 def run(job: RLHFJob, paths: ResolvedPaths, bus: Bus) -> int:
-    maker = ExperienceMaker(job.spec, paths.models)
+    try:
+        maker = ExperienceMaker(job.spec, paths.models)
+    except RewardError as exc:
+        return report_failure(bus, exc)
     return InferenceWorker(job, bus, maker).run()

@@ -8,7 +8,10 @@ replica, inference and trainer) with the pod environment contract. It prints one
 per iteration (read from the coordinator's metrics stream) and a progress line, writes
 ``metrics.jsonl`` and the report's PNG plots into the run directory, and stops every process
 on success, failure or Ctrl-C. ``--resume`` continues from the last checkpoint and the Redis
-state kept in the run directory.
+state kept in the run directory. Workers inherit the user's environment (installed packages,
+environment variables, PYTHONPATH with the current directory first, as ``python -c`` has it),
+so a function reward importable in the user's shell imports in the job; when a worker reports
+that the job cannot go on (a reward that cannot score), its reason is printed first.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +36,14 @@ from rlhfspec_workers.local.redis_server import (
     find_redis_server,
 )
 from rlhfspec_workers.local.supervisor import Supervisor, local_worker_env
-from rlhfspec_workers.messages import IterationMetrics, JobProgress, Keys, MessageError
+from rlhfspec_workers.messages import IterationMetrics, JobFailure, JobProgress, Keys, MessageError
 from rlhfspec_workers.preflight import PreflightError, preflight
 
 STATE = ("redis", "checkpoints", "weights", "logs", "report", "metrics.jsonl", "job.yaml")
 COLUMNS = (
-    ("iter", 5), ("reward", 7), ("kl", 7), ("tok/s", 8), ("accept", 6), ("strategy", 18),
-    ("migr", 4), ("gen s", 6), ("inf s", 6), ("train s", 7), ("sync s", 6), ("total s", 7),
+    ("iter", 5), ("reward", 7), ("kl", 7), ("eval", 11), ("tok/s", 8), ("accept", 6),
+    ("strategy", 18), ("migr", 4), ("gen s", 6), ("inf s", 6), ("train s", 7), ("sync s", 6),
+    ("total s", 7),
 )  # fmt: skip
 
 
@@ -53,6 +57,15 @@ def _cell(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _eval_cell(m: IterationMetrics) -> str:
+    """Held-out accuracy after this iteration; the first row also shows the initial one."""
+    if m.eval_accuracy is None:
+        return "-"
+    if m.baseline_eval_accuracy is not None:
+        return f"{m.baseline_eval_accuracy:.3f}>{m.eval_accuracy:.3f}"
+    return f"{m.eval_accuracy:.3f}"
+
+
 def format_row(m: IterationMetrics) -> str:
     stages = m.stage_seconds
     strategy = max(m.strategies.items(), key=lambda kv: kv[1])[0] if m.strategies else "-"
@@ -60,6 +73,7 @@ def format_row(m: IterationMetrics) -> str:
         f"{m.iteration}/{m.total_iterations}",
         _cell(m.reward_mean, 3),
         _cell(m.kl, 4),
+        _eval_cell(m),
         _cell(m.tokens_per_second, 1),
         _cell(m.mean_accepted_length, 2),
         strategy,
@@ -72,6 +86,14 @@ def format_row(m: IterationMetrics) -> str:
 
 def header() -> str:
     return " ".join(name.rjust(width) for name, width in COLUMNS)
+
+
+def user_pythonpath(cwd: Path | None = None, environ: Mapping[str, str] | None = None) -> str:
+    """The workers' PYTHONPATH: the current directory first (what ``python -c`` puts on the
+    path, so the user's own modules import), then the user's PYTHONPATH."""
+    env = os.environ if environ is None else environ
+    parts = [str(cwd or Path.cwd())] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return os.pathsep.join(dict.fromkeys(parts))
 
 
 def prepare_run_dir(run_dir: Path, job: RLHFJob, iterations: int | None, resume: bool) -> Path:
@@ -120,7 +142,7 @@ class LocalRun:
         self.redis_server.start()
         (self.run_dir / "redis" / "password").write_text(self.password + "\n")
         client = redis.Redis(host="127.0.0.1", port=self.redis_server.port, password=self.password)
-        client.delete(self.keys.stop)
+        client.delete(self.keys.stop, self.keys.failure)
         env = local_worker_env(
             job=self.job.name,
             namespace=self.job.namespace or "default",
@@ -130,6 +152,7 @@ class LocalRun:
             job_config=self.config,
             storage=self.run_dir,
         )
+        env["PYTHONPATH"] = user_pythonpath()
         supervisor = self.supervisor = Supervisor(self.run_dir, env)
         supervisor.start("coordinator")
         for index in range(spec.generation.replicas):
@@ -166,6 +189,9 @@ class LocalRun:
                 if tty:
                     print()
                 lines = [f"[rlhfspec] {self.job.name} failed:"]
+                reason = self._failure_reason(client, supervisor)
+                if reason:
+                    lines[0] = f"[rlhfspec] {self.job.name} failed: {reason}"
                 for worker, rc in failed:
                     lines.append(f"  {worker.name} exited with {rc}; last lines of its log:")
                     lines.extend(f"    {line}" for line in worker.tail().splitlines())
@@ -174,6 +200,23 @@ class LocalRun:
                 if tty:
                     print()
                 return 0
+
+    def _failure_reason(self, client: Any, supervisor: Supervisor) -> str | None:
+        """The reason a worker reported (``Keys.failure``), after giving the coordinator a
+        moment to record it in the job's progress and exit."""
+        raw = client.get(self.keys.failure)
+        if raw is None:
+            return None
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and not any(
+            w.role == "coordinator" for w, _ in supervisor.exited()
+        ):
+            time.sleep(0.1)
+        try:
+            failure = JobFailure.from_bytes(raw)
+        except MessageError as exc:
+            return f"a worker reported a failure that cannot be read ({exc})"
+        return f"{failure.field}: {failure.reason} (reported by {failure.worker})"
 
     def _progress_line(self, client: Any) -> None:
         raw = client.get(self.keys.progress)

@@ -111,11 +111,21 @@ def reward_kl(records: Sequence[IterationMetrics], path: Path) -> Path:
             lo = [float(r.reward_mean or 0.0) - float(r.reward_std or 0.0) for r in spread]
             hi = [float(r.reward_mean or 0.0) + float(r.reward_std or 0.0) for r in spread]
             top.fill_between([r.iteration for r in spread], lo, hi, alpha=0.25, label="± std")
+    evaluated = [r for r in records if r.eval_accuracy is not None]
+    if evaluated:
+        x = [r.iteration for r in evaluated]
+        y = [float(r.eval_accuracy or 0.0) for r in evaluated]
+        baseline = next((r.baseline_eval_accuracy for r in records
+                         if r.baseline_eval_accuracy is not None), None)  # fmt: skip
+        if baseline is not None:
+            x, y = [0, *x], [baseline, *y]
+        top.plot(x, y, marker="s", color="tab:green", label="held-out accuracy (greedy)")
+    if rewarded or evaluated:
         top.legend(loc="best")
     else:
         _no_data(top, "reward")
-    top.set_ylabel("reward")
-    top.set_title("Reward and KL per iteration")
+    top.set_ylabel("reward / accuracy")
+    top.set_title("Reward, held-out accuracy and KL per iteration")
     with_kl = [r for r in records if r.kl is not None]
     if with_kl:
         bottom.plot([r.iteration for r in with_kl], [r.kl for r in with_kl], marker="o",

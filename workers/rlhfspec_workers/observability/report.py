@@ -24,7 +24,10 @@ METRICS_FILE = "metrics.jsonl"
 REPORT_DIR = "report"
 SUMMARY_FILE = "summary.md"
 STAGE_ORDER = ("generation", "inference", "training", "sync", "total")
-TRACE_FIELDS = ("t_seconds", "worker_index", "running_batch", "k", "tokens_per_second")
+TRACE_FIELDS = (
+    "t_seconds", "worker_index", "running_batch", "k", "tokens_per_second", "tokens_so_far",
+)  # fmt: skip
+"""A batch_trace row; records written before ``tokens_so_far`` existed have the first five."""
 
 
 class ReportError(Exception):
@@ -45,10 +48,10 @@ def parse_line(text: str, where: str) -> IterationMetrics:
     except MessageError as exc:
         raise ReportError(f"{where}: {exc}") from None
     for index, row in enumerate(record.batch_trace):
-        if len(row) != len(TRACE_FIELDS):
+        if len(row) not in (len(TRACE_FIELDS) - 1, len(TRACE_FIELDS)):
             raise ReportError(
                 f"{where}: batch_trace[{index}] has {len(row)} values, expected "
-                f"{len(TRACE_FIELDS)} [{', '.join(TRACE_FIELDS)}]"
+                f"{len(TRACE_FIELDS) - 1} or {len(TRACE_FIELDS)} [{', '.join(TRACE_FIELDS)}]"
             )
     return record
 
@@ -124,6 +127,13 @@ def fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def mismatch_cell(mean: float | None, worst: float | None) -> str:
+    """Rollout-vs-trainer log-prob mismatch per token, ``mean/max`` (``-`` when unknown)."""
+    if mean is None or worst is None:
+        return "-"
+    return f"{mean:.1e}/{worst:.1e}"
+
+
 def strategy_cell(strategies: dict[str, int]) -> str:
     """``drafter:k=K`` by engine steps, most used first (at most three, then the rest)."""
     if not strategies:
@@ -139,14 +149,16 @@ def strategy_cell(strategies: dict[str, int]) -> str:
 def summary_markdown(records: Sequence[IterationMetrics], source: str) -> str:
     stages = stage_names(records)
     header = [
-        "iteration", "samples", "reward mean", "reward std", "KL", "tokens/s",
+        "iteration", "samples", "reward mean", "reward std", "KL", "logp mismatch mean/max",
+        "eval accuracy", "tokens/s",
         "accept length", "strategy", "migrations", "reclaimed", "weight version",
         *(f"{stage} s" for stage in stages),
     ]
     rows = [
         [
             str(r.iteration), str(r.samples), fmt(r.reward_mean), fmt(r.reward_std), fmt(r.kl, 4),
-            fmt(r.tokens_per_second, 1), fmt(r.mean_accepted_length, 2),
+            mismatch_cell(r.logprob_mismatch_mean, r.logprob_mismatch_max),
+            fmt(r.eval_accuracy, 3), fmt(r.tokens_per_second, 1), fmt(r.mean_accepted_length, 2),
             strategy_cell(r.strategies), str(r.migrations), str(r.reclaimed),
             str(r.weight_version), *(fmt(r.stage_seconds.get(stage), 2) for stage in stages),
         ]

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from rlhfspec_api.manifest import parse_rlhfjob
-from rlhfspec_api.spec import RLHFJobSpec
-from rlhfspec_workers.coordinator.tasks import eval_due, eval_summary, eval_tasks
+from rlhfspec_api.spec import RewardRule, RewardSpec, RewardType, RLHFJobSpec
+from rlhfspec_workers.coordinator.tasks import eval_due, eval_summary, eval_tasks, full_credit
 from rlhfspec_workers.data.rows import DatasetError, lookup, read_rows, split_eval
 from rlhfspec_workers.preflight import PreflightError, check_dataset, has_chat_template
 
@@ -174,6 +174,20 @@ def test_eval_tasks_are_greedy_and_due_before_training_every_n_and_last(tmp_path
     assert not eval_due(_spec(tmp_path), 0)
     summary = eval_summary(3, [1.0, 0.0, 1.2, 0.5], seconds=2.0)
     assert summary.accuracy == 0.5 and summary.reward_mean == pytest.approx(0.675)
+    assert eval_summary(3, [1.0, 0.0, 1.1], 1.0, credit=1.1).accuracy == pytest.approx(1 / 3)
+    assert full_credit(spec) == 1.0  # the tiny example's one sort_digits rule
+    weighted = _spec(tmp_path).model_copy(
+        update={
+            "reward": None,
+            "rewards": [
+                RewardSpec(type=RewardType.RULE, rule=RewardRule.MATH_ANSWER, weight=1.0),
+                RewardSpec(type=RewardType.RULE, rule=RewardRule.REGEX, pattern="####",
+                           weight=0.1),
+                RewardSpec(type=RewardType.FUNCTION, function="m:f", weight=5.0),
+            ],
+        }
+    )  # fmt: skip
+    assert full_credit(weighted) == pytest.approx(1.1)
 
 
 def test_preflight_error_lists_every_bad_row(tmp_path: Path) -> None:

@@ -385,8 +385,9 @@ class IterationMetrics(Message):
     logprob_mismatch_max: float | None = None
     rollout_kl: float | None = None
     eval_accuracy: float | None = None
-    """Held-out accuracy of this iteration's weights: the fraction of eval samples scoring at
-    least 1 (full credit of a rule reward), greedy. None when no eval ran this iteration."""
+    """Held-out accuracy of this iteration's weights, greedy: the fraction of eval samples
+    scoring full credit (the sum of the rule rewards' positive weights; 1 without rule
+    rewards). None when no eval ran this iteration."""
     eval_reward_mean: float | None = None
     eval_samples: int = 0
     eval_seconds: float = 0.0

@@ -41,6 +41,7 @@ from .tasks import (
     eval_due,
     eval_summary,
     eval_tasks,
+    full_credit,
     iteration_metrics,
     iteration_tasks,
 )
@@ -265,7 +266,12 @@ class Coordinator:
                 )
             time.sleep(POLL_SECONDS)
         scores = [EvalScore.from_bytes(v) for v in raw.values()]
-        summary = eval_summary(version, [s.reward for s in scores], time.monotonic() - started)
+        summary = eval_summary(
+            version,
+            [s.reward for s in scores],
+            time.monotonic() - started,
+            credit=full_credit(self.spec),
+        )
         print(
             f"[rlhfspec] coordinator: policy v{version} held-out accuracy "
             f"{summary.accuracy:.3f} ({summary.samples} samples, {summary.seconds:.1f}s)",

@@ -13,7 +13,7 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from rlhfspec_api.spec import RLHFJobSpec
+from rlhfspec_api.spec import RewardType, RLHFJobSpec
 from rlhfspec_workers.data.rows import DatasetRow
 from rlhfspec_workers.messages import IterationMetrics, SampleTask, WeightsPublished
 
@@ -97,18 +97,29 @@ class EvalSummary:
 
     version: int
     accuracy: float
-    """Fraction of samples scoring at least 1 (full credit of a rule reward)."""
+    """Fraction of samples scoring full credit (:func:`full_credit`)."""
     reward_mean: float
     samples: int
     seconds: float
 
 
-def eval_summary(version: int, rewards: Sequence[float], seconds: float) -> EvalSummary:
+def full_credit(spec: RLHFJobSpec) -> float:
+    """The score a fully correct held-out answer gets: the sum of the rule rewards' positive
+    weights (a rule scores 0 or 1 times its weight; 1 for one unweighted rule). Without rule
+    rewards (a reward model, a function), 1."""
+    rules = [t.weight for t in spec.reward_terms if t.type is RewardType.RULE and t.weight > 0]
+    return sum(rules) if rules else 1.0
+
+
+def eval_summary(
+    version: int, rewards: Sequence[float], seconds: float, credit: float = 1.0
+) -> EvalSummary:
+    """``credit``: the score that counts as correct (:func:`full_credit`)."""
     if not rewards:
         raise ValueError("no eval scores")
     return EvalSummary(
         version=version,
-        accuracy=sum(1 for r in rewards if r >= 1.0 - 1e-9) / len(rewards),
+        accuracy=sum(1 for r in rewards if r >= credit - 1e-9) / len(rewards),
         reward_mean=sum(rewards) / len(rewards),
         samples=len(rewards),
         seconds=seconds,

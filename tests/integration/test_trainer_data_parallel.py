@@ -1,7 +1,9 @@
 """Data-parallel training (two gloo processes on CPU) gives the single-process update.
 
-PolicyTrainer splits each mini-batch across ranks and all-reduces token-weighted gradients;
-if the weighting or the reduction were wrong, two ranks would take a different step than one.
+PolicyTrainer splits each mini-batch across ranks and all-reduces token-weighted gradients
+(PPO: also the old log-probs each rank computed for its own rows, which every row's token
+rewards need); if the weighting or the reduction were wrong, two ranks would take a different
+step than one, or report different rollout-vs-trainer mismatch metrics.
 """
 
 from __future__ import annotations
@@ -21,25 +23,35 @@ from rlhfspec_workers.trainer.policy_trainer import PolicyTrainer
 WORLD = 2
 
 
-def _spec(policy: Path) -> RLHFJobSpec:
+def _spec(policy: Path, algorithm: str) -> RLHFJobSpec:
+    models: dict[str, Any] = {"policy": {"path": str(policy)}}
+    if algorithm == "ppo":
+        models["critic"] = {"path": str(policy.parent / "critic")}
     return RLHFJobSpec.model_validate(
         {
-            "algorithm": {"promptsPerIteration": 3, "samplesPerPrompt": 3, "microBatchSize": 2,
-                          "miniBatches": 2, "learningRate": 1e-3},
-            "models": {"policy": {"path": str(policy)}},
+            "algorithm": {"name": algorithm, "promptsPerIteration": 3, "samplesPerPrompt": 3,
+                          "microBatchSize": 2, "miniBatches": 2, "learningRate": 1e-3},
+            "models": models,
             "dataset": {"path": "unused.jsonl"},
         }
     )
 
 
+def _trainer(policy: Path, algorithm: str) -> PolicyTrainer:
+    critic = policy.parent / "critic" if algorithm == "ppo" else None
+    return PolicyTrainer(_spec(policy, algorithm), policy, critic, device=torch.device("cpu"))
+
+
 def _policy_dir(root: Path) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                          head_dim=32, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     LlamaForCausalLM(config).save_pretrained(str(root / "policy"))
+    config.num_labels = 1  # ppo's critic
+    LlamaForSequenceClassification(config).save_pretrained(str(root / "critic"))
     return root / "policy"
 
 
@@ -56,16 +68,19 @@ def _experiences(policy_dir: Path) -> list[Experience]:
         logp = response_logprobs(model, pad_batch(prompts, responses, 0, 2)).tolist()
     out = []
     for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        # The engine's log-probs off by 0.01 * i: the mismatch metrics must see it on every
+        # rank (max 0.08: sample 8 lives on one rank only).
+        engine = [lp + 0.01 * i for lp in logp[i][: len(r)]]
         rollout = Rollout(iteration=1, sample_id=f"s{i}", prompt_id=f"p{i // 3}",
                           group_id=f"p{i // 3}", sample_index=i % 3, prompt="",
-                          prompt_token_ids=p, token_ids=r, logprobs=logp[i][: len(r)], text="",
+                          prompt_token_ids=p, token_ids=r, logprobs=engine, text="",
                           finish_reason="stop", weight_version=0, worker="t")
         out.append(Experience(rollout=rollout, reward=float(i % 3 == 0) + 0.1 * i,
                               ref_logprobs=logp[i][: len(r)]))
     return out
 
 
-def _rank_main(rank: int, root: str) -> None:
+def _rank_main(rank: int, root: str, algorithm: str) -> None:
     torch.set_num_threads(1)
     base = Path(root)
     torch.distributed.init_process_group(
@@ -75,33 +90,38 @@ def _rank_main(rank: int, root: str) -> None:
         policy = base / "policy"
         raw = (base / "experiences.jsonl").read_text().splitlines()
         experiences = [Experience.from_bytes(line) for line in raw]
-        trainer = PolicyTrainer(_spec(policy), policy, device=torch.device("cpu"))
+        trainer = _trainer(policy, algorithm)
         assert trainer.world_size == WORLD
         stats = trainer.train_iteration(experiences)
         state = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
-        torch.save({"state": state, "policy_loss": stats.policy_loss}, base / f"rank{rank}.pt")
+        torch.save({"state": state, "stats": stats.to_dict()}, base / f"rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_two_ranks_take_the_single_process_step(tmp_path: Path) -> None:
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_two_ranks_take_the_single_process_step(tmp_path: Path, algorithm: str) -> None:
     policy = _policy_dir(tmp_path)
     experiences = _experiences(policy)
     (tmp_path / "experiences.jsonl").write_text(
         "\n".join(e.to_bytes().decode() for e in experiences)
     )
-    single = PolicyTrainer(_spec(policy), policy, device=torch.device("cpu"))
+    single = _trainer(policy, algorithm)
     single_stats = single.train_iteration(experiences)
     expected = single.policy.state_dict()
 
-    mp.spawn(_rank_main, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    mp.spawn(_rank_main, args=(str(tmp_path), algorithm), nprocs=WORLD, join=True)
 
     results: list[Any] = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     initial = load_causal_lm(policy, torch.device("cpu")).state_dict()
     for result in results:
         diff = max(float((result["state"][k] - expected[k]).abs().max()) for k in expected)
         assert diff < 1e-5, diff
-        assert result["policy_loss"] == pytest.approx(single_stats.policy_loss, abs=1e-5)
+        got = result["stats"]
+        assert got["policy_loss"] == pytest.approx(single_stats.policy_loss, abs=1e-5)
+        for name in ("logprob_mismatch_mean", "logprob_mismatch_max", "rollout_kl"):
+            assert got[name] == pytest.approx(getattr(single_stats, name), abs=1e-6), name
+    assert single_stats.logprob_mismatch_max == pytest.approx(0.08, abs=1e-5)
     moved = max(float((expected[k] - initial[k]).abs().max()) for k in expected)
     assert moved > 1e-4  # the step was real, so equality above means something

@@ -100,3 +100,18 @@ def test_whiten_and_masked_mean() -> None:
     white = ca.whiten(values, mask)
     assert white.tolist()[0] == pytest.approx([-1.0, 1.0, 0.0], abs=1e-4)
     assert ca.masked_mean(values, torch.zeros_like(mask)).item() == 0.0
+
+
+def test_logprob_mismatch_sums_by_hand() -> None:
+    trainer = torch.tensor([[-1.0, -2.0, -0.5], [-0.1, -3.0, 0.0]])
+    rollout = trainer + torch.tensor([[0.1, -0.2, 9.0], [0.0, 0.3, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])  # the 9.0 is padding
+    abs_sum, worst, kl_sum, count = ca.logprob_mismatch_sums(rollout, trainer, mask).tolist()
+    assert count == 4
+    assert abs_sum == pytest.approx(0.6, abs=1e-6)
+    assert worst == pytest.approx(0.3, abs=1e-6)
+    # k3 of KL(rollout || trainer): r = trainer - rollout = -delta; exp(r) - r - 1 per token.
+    expected = sum(math.exp(-d) + d - 1 for d in (0.1, -0.2, 0.0, 0.3))
+    assert kl_sum == pytest.approx(expected, abs=1e-6)
+    empty = ca.logprob_mismatch_sums(rollout, trainer, torch.zeros_like(mask))
+    assert empty.tolist() == [0.0, 0.0, 0.0, 0.0]

@@ -5,6 +5,7 @@ load in transformers, and a restored checkpoint continues bit-exactly."""
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from rlhfspec_workers.tinymodels.tokenizer import save_tokenizer
 from rlhfspec_workers.torch_models import load_causal_lm, pad_batch, response_logprobs
 from rlhfspec_workers.trainer.checkpoint import CheckpointStore
 from rlhfspec_workers.trainer.policy_trainer import PolicyTrainer
+from rlhfspec_workers.trainer.worker import trainer_threads
 
 VOCAB, BOS, EOS, PAD = 32, 1, 2, 0
 GROUPS, GROUP_SIZE = 2, 4
@@ -171,6 +173,116 @@ def test_micro_batch_size_does_not_change_the_update(model_dirs: tuple[Path, Pat
     assert stats_a.policy_loss == pytest.approx(stats_b.policy_loss, abs=1e-6)
     initial = load_causal_lm(policy_dir, torch.device("cpu")).state_dict()
     assert max(float((a[f"policy.{k}"] - v).abs().max()) for k, v in initial.items()) > 1e-4
+
+
+def _shifted(exps: list[Experience], shift: Any) -> list[Experience]:
+    """The same experiences with rollout log-probs moved by ``shift(i, j)`` at token j of i."""
+    out = []
+    for i, e in enumerate(exps):
+        logprobs = [lp + shift(i, j) for j, lp in enumerate(e.rollout.logprobs)]
+        rollout = e.rollout.model_copy(update={"logprobs": logprobs})
+        out.append(e.model_copy(update={"rollout": rollout}))
+    return out
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_the_update_does_not_depend_on_the_engines_logprobs(
+    model_dirs: tuple[Path, Path], algorithm: str
+) -> None:
+    """Old log-probs are the trainer's own forward at the pre-update weights: rollout
+    log-probs off by an engine's numerics (here: up to 0.5 per token) change no weight."""
+    policy_dir, critic_dir = model_dirs
+    critic = critic_dir if algorithm == "ppo" else None
+    reference = load_causal_lm(policy_dir, torch.device("cpu"))
+    exact = _experiences(_samples(seed=4), reference, reference, 1)
+    noisy = _shifted(exact, lambda i, j: 0.5 * math.sin(3 * i + j))
+    results = []
+    for exps in (exact, noisy):
+        trainer = PolicyTrainer(_spec(policy_dir, critic), policy_dir, critic, torch.device("cpu"))
+        stats = trainer.train_iteration(exps)
+        results.append((_params(trainer), stats))
+    (a, stats_a), (b, stats_b) = results
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert stats_a.policy_loss == stats_b.policy_loss
+    assert stats_a.clip_fraction == stats_b.clip_fraction
+    assert stats_a.logprob_mismatch_max < 1e-5 < 0.4 < stats_b.logprob_mismatch_max
+    initial = load_causal_lm(policy_dir, torch.device("cpu")).state_dict()
+    assert max(float((a[f"policy.{k}"] - v).abs().max()) for k, v in initial.items()) > 1e-4
+
+
+def test_one_step_ratio_is_exactly_one(model_dirs: tuple[Path, Path]) -> None:
+    """A single optimizer step reads its old log-probs off its own forward: nothing clips and
+    the surrogate is exactly -mean(advantage) over tokens, even against a rollout that is far
+    off (which, used as the old log-probs, would clip most tokens)."""
+    policy_dir, _ = model_dirs
+    reference = load_causal_lm(policy_dir, torch.device("cpu"))
+    exps = _shifted(_experiences(_samples(seed=5), reference, reference, 1), lambda i, j: 1.0)
+    trainer = PolicyTrainer(
+        _spec(policy_dir, miniBatches=1), policy_dir, device=torch.device("cpu")
+    )
+    stats = trainer.train_iteration(exps)
+    assert stats.clip_fraction == 0.0
+    rewards = torch.tensor([e.reward for e in exps]).view(GROUPS, GROUP_SIZE)
+    advantages = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-6)
+    tokens = torch.tensor([len(e.rollout.token_ids) for e in exps], dtype=torch.float32)
+    expected = -float((advantages.flatten() * tokens).sum() / tokens.sum())
+    assert stats.policy_loss == pytest.approx(expected, abs=1e-6)
+    assert stats.logprob_mismatch_mean == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize(("algorithm", "mini_batches"), [("grpo", 2), ("grpo", 3), ("ppo", 2)])
+def test_old_logprob_pass_covers_only_later_steps(
+    model_dirs: tuple[Path, Path], algorithm: str, mini_batches: int
+) -> None:
+    """GRPO: the no-grad pass runs over the rows of steps 2..M only ((M-1)/M of a forward);
+    PPO needs every row's before its rewards, so it covers all of them."""
+    policy_dir, critic_dir = model_dirs
+    critic = critic_dir if algorithm == "ppo" else None
+    reference = load_causal_lm(policy_dir, torch.device("cpu"))
+    exps = _experiences(_samples(seed=6), reference, reference, 1)
+    spec = _spec(policy_dir, critic, miniBatches=mini_batches, microBatchSize=8)
+    trainer = PolicyTrainer(spec, policy_dir, critic, device=torch.device("cpu"))
+    rows = {True: 0, False: 0}
+
+    def count(module: Any, args: Any, kwargs: Any, output: Any) -> None:
+        rows[torch.is_grad_enabled()] += int(kwargs["input_ids"].shape[0])
+
+    hook = trainer.policy.register_forward_hook(count, with_kwargs=True)
+    try:
+        trainer.train_iteration(exps)
+    finally:
+        hook.remove()
+    total = GROUPS * GROUP_SIZE
+    first_step = -(-total // mini_batches)  # split_even: the first step is the largest
+    assert rows[True] == total
+    assert rows[False] == (total if algorithm == "ppo" else total - first_step)
+
+
+def test_mismatch_metrics_report_a_known_perturbation(model_dirs: tuple[Path, Path]) -> None:
+    """Rollout log-probs = the trainer's + 0.05 per token, one token - 0.3: the metrics give
+    that mean, that max and the k3 KL of those shifts."""
+    policy_dir, _ = model_dirs
+    reference = load_causal_lm(policy_dir, torch.device("cpu"))
+    exact = _experiences(_samples(seed=7), reference, reference, 1)
+    shifts = [[0.05] * len(e.rollout.token_ids) for e in exact]
+    shifts[3][1] = -0.3
+    exps = _shifted(exact, lambda i, j: shifts[i][j])
+    trainer = PolicyTrainer(_spec(policy_dir), policy_dir, device=torch.device("cpu"))
+    stats = trainer.train_iteration(exps)
+    flat = [d for row in shifts for d in row]
+    assert stats.logprob_mismatch_mean == pytest.approx(sum(map(abs, flat)) / len(flat), abs=1e-6)
+    assert stats.logprob_mismatch_max == pytest.approx(0.3, abs=1e-6)
+    # k3 of KL(rollout || trainer): log ratio trainer - rollout = -d per token.
+    kl = sum(math.exp(-d) + d - 1 for d in flat) / len(flat)
+    assert stats.rollout_kl == pytest.approx(kl, abs=1e-6)
+
+
+def test_trainer_threads_follow_the_cpu_request() -> None:
+    assert trainer_threads("1", available=16) == 1
+    assert trainer_threads("4", available=16) == 4
+    assert trainer_threads("4", available=2) == 2
+    assert trainer_threads("500m", available=8) == 1
+    assert trainer_threads("2500m", available=8) == 2
 
 
 def test_ppo_trains_policy_and_critic(model_dirs: tuple[Path, Path]) -> None:

@@ -104,6 +104,38 @@ def test_response_logprobs_equal_hf_forward_per_sequence(
     assert float(got[0, 0]) != pytest.approx(-math.log(VOCAB), abs=1e-2)
 
 
+class _NoLogitsToKeep(torch.nn.Module):
+    """The same model behind a forward without ``logits_to_keep``: every position's logits."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__()
+        self.inner = inner
+        self.widths: list[int] = []
+
+    def forward(self, input_ids: torch.Tensor) -> Any:
+        out = self.inner(input_ids=input_ids)
+        self.widths.append(out.logits.shape[1])
+        return out
+
+
+def test_lm_head_skips_prompt_positions_and_agrees_with_full_logits(policy_dir: Path) -> None:
+    model = tm.load_causal_lm(policy_dir, torch.device("cpu"))
+    batch = tm.pad_batch(PROMPTS, RESPONSES, pad_id=PAD, eos_id=EOS)
+    widths: list[int] = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: widths.append(o.shape[1]))
+    try:
+        cut, _ = tm.response_logprobs_and_entropy(model, batch, 0.7)
+    finally:
+        hook.remove()
+    # Shortest prompt: 4 tokens, so the head starts at position 3 of the 9-wide batch.
+    assert widths == [batch.input_ids.shape[1] - 3] == [6]
+    full_model = _NoLogitsToKeep(model)
+    full, _ = tm.response_logprobs_and_entropy(full_model, batch, 0.7)
+    assert full_model.widths == [batch.input_ids.shape[1]]
+    assert torch.allclose(cut, full, atol=1e-6, rtol=0)
+    assert float(cut.abs().sum()) > 1.0
+
+
 def test_entropy_matches_distribution_and_gradients_flow(policy_dir: Path) -> None:
     model = tm.load_causal_lm(policy_dir, torch.device("cpu"), trainable=True)
     batch = tm.pad_batch(PROMPTS, RESPONSES, pad_id=PAD, eos_id=EOS)

@@ -175,3 +175,22 @@ def grpo_advantages_by_group(
     std = torch.sqrt(squares / (count - 1.0).clamp(min=1.0))[group_index]
     usable = (count[group_index] > 1) & (std > 0)
     return torch.where(usable, centred / (std + eps), torch.zeros_like(centred))
+
+
+def logprob_mismatch_sums(
+    rollout_logp: torch.Tensor, trainer_logp: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """How far the rollout engine's log-probs are from the trainer's, as summable parts.
+
+    rollout_logp, trainer_logp, mask: [B, T], both log-probs of the same sampled tokens at the
+    same weights. Returns float64 [4]: (sum of |rollout - trainer|, max of it, sum of the k3
+    estimate of KL(rollout || trainer), token count), over masked tokens. Sums and counts add
+    across micro-batches and ranks, maxima take the max; mean = sum / count.
+    """
+    m = mask > 0
+    diff = (rollout_logp - trainer_logp).double()
+    # Samples come from the rollout policy: k3 of KL(rollout || trainer).
+    kl = kl_per_token(rollout_logp.double(), trainer_logp.double(), "k3")
+    count = m.sum()
+    worst = diff.abs()[m].max() if bool(count) else torch.zeros((), dtype=torch.float64)
+    return torch.stack([diff.abs()[m].sum(), worst, kl[m].sum(), count.double()])

@@ -46,8 +46,10 @@ class IterationTensors:
     eos_id: int | None
     device: torch.device
     mask: torch.Tensor
-    old_logprobs: torch.Tensor
-    """The generator's log-probs of the sampled tokens (the behaviour policy)."""
+    rollout_logprobs: torch.Tensor
+    """The generation engine's log-probs of the sampled tokens: the behaviour policy in the
+    engine's numerics. Only for the mismatch metrics; the loss's old log-probs are the
+    trainer's own (``extra["old_logprobs"]``, see ``policy_trainer``)."""
     ref_logprobs: torch.Tensor
     rewards: torch.Tensor
     """[B] sequence rewards."""
@@ -56,7 +58,7 @@ class IterationTensors:
     experience_values: torch.Tensor | None
     """ppo: the inference stage's critic values, when every experience carried them."""
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
-    """[B, T] tensors computed later (advantages, returns, old values)."""
+    """[B, T] tensors computed later (old log-probs, advantages, returns, old values)."""
 
     @property
     def size(self) -> int:
@@ -79,17 +81,12 @@ class IterationTensors:
     def micro_batch(self, rows: Sequence[int]) -> tuple[PaddedBatch, dict[str, torch.Tensor]]:
         """(model inputs of ``rows``, every [B, T] tensor of ``rows`` trimmed to their T).
 
-        The dict holds ``mask``, ``old_logprobs``, ``ref_logprobs`` and every ``extra`` entry.
+        The dict holds ``mask``, ``ref_logprobs`` and every ``extra`` entry.
         """
         batch = self.padded(rows)
         width = batch.response_ids.shape[1]
         index = torch.tensor(list(rows), dtype=torch.long, device=self.device)
-        named = {
-            "mask": self.mask,
-            "old_logprobs": self.old_logprobs,
-            "ref_logprobs": self.ref_logprobs,
-            **self.extra,
-        }
+        named = {"mask": self.mask, "ref_logprobs": self.ref_logprobs, **self.extra}
         return batch, {k: v.index_select(0, index)[:, :width] for k, v in named.items()}
 
 
@@ -113,9 +110,7 @@ def collate(
     width = full.response_ids.shape[1]
     mask = full.response_mask
     with_values = all(e.values is not None for e in experiences)
-    values = (
-        _rows([e.values or [] for e in experiences], width) * mask if with_values else None
-    )
+    values = _rows([e.values or [] for e in experiences], width) * mask if with_values else None
     return IterationTensors(
         prompt_ids=prompts,
         response_ids=responses,
@@ -123,7 +118,9 @@ def collate(
         eos_id=eos_id,
         device=device,
         mask=mask.to(device),
-        old_logprobs=(_rows([e.rollout.logprobs for e in experiences], width) * mask).to(device),
+        rollout_logprobs=(_rows([e.rollout.logprobs for e in experiences], width) * mask).to(
+            device
+        ),
         ref_logprobs=(_rows([e.ref_logprobs for e in experiences], width) * mask).to(device),
         rewards=torch.tensor([e.reward for e in experiences], dtype=torch.float32).to(device),
         group_index=group_indices(experiences).to(device),

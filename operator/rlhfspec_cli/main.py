@@ -74,6 +74,10 @@ DELEGATED: dict[str, tuple[str, str]] = {
         "sample responses with one engine configured by a manifest: "
         "`rlhfspec generate FILE --prompts P.jsonl --out O.jsonl`",
     ),
+    "data": (
+        "rlhfspec_workers.data.cli",
+        "make task datasets: `rlhfspec data make arithmetic --out F.jsonl [--eval-out E.jsonl]`",
+    ),
     "worker": (
         "rlhfspec_workers.entrypoint",
         "run one worker of a job (what pods run): `rlhfspec worker ROLE`",

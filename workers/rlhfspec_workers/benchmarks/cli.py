@@ -19,6 +19,7 @@ SELF_PARSING = {
     # Benchmarks that parse their own arguments: module name -> help.
     "e2e": "whole RLHF iterations, speculation adaptive vs off",
     "reallocation": "sample reallocation between generation workers",
+    "learning": "held-out accuracy: RLHFSpec vs a shuffled-reward control vs TRL's GRPOTrainer",
 }
 
 

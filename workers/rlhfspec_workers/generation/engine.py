@@ -457,8 +457,10 @@ class GenerationEngine:
 
         Same path on CPU and GPU: vLLM's in-place reload (``Worker.reload_weights``), which
         restores kernel layouts first (vLLM-CPU repacks linear weights after loading, so a bare
-        ``model.load_weights`` into the packed model fails). The prefix cache is reset because
-        cached prompt KV came from the old weights."""
+        ``model.load_weights`` into the packed model fails), then a repack of the CPU kernels'
+        copies of embeddings (``weight_sync``: without it a tied output head stays at the
+        initial weights). The prefix cache is reset because cached prompt KV came from the
+        old weights."""
         if self._pending:
             raise RuntimeError("weight sync with samples in flight would mix policy versions")
         files = sorted(str(f) for f in Path(model_dir).glob("*.safetensors"))

@@ -1,0 +1,126 @@
+"""Training teaches: a GRPO job raises held-out accuracy above a shuffled-reward control.
+
+Both runs are `rlhfspec run` on the tiny kit's sort-digits task (the policy, rows and held-out
+split of the session's ``tiny_kit``), with the same seeds, sizes and evaluation; the control's
+reward is the same rule with its scores permuted across each batch
+(``benchmarks.learning:shuffled_sort_digits``, a function reward), so both see rewards of the
+same level but only one sees which response earned them. Accuracy is the job's own greedy
+held-out eval (``baseline_eval_accuracy`` / ``eval_accuracy`` in metrics.jsonl).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from rlhfspec_workers.benchmarks.learning import SHUFFLE_SEED_ENV, TASKS, job_manifest
+from rlhfspec_workers.benchmarks.trl_reference import GrpoSetup
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 6
+EVAL_ROWS = 128
+# Held-out accuracy the trained job must hold over the shuffled control, in absolute
+# accuracy. Measured once on this setup (2-core AVX2 CPU, seeds 0, 2026-12-03): both start
+# at 0.680 (greedy, 128 rows); after 6 iterations the job is at 0.664 and the control at
+# 0.547, a gap of 0.117. The margin is half of it. At this size training holds the policy's
+# accuracy while shuffled rewards (same level, no link to the responses) erode it; it does
+# not yet raise accuracy above the start, so the test does not claim that.
+MARGIN = 0.06
+DRIFT = 0.04
+"""How far below its start the trained job may end (greedy eval noise at 128 rows)."""
+
+
+def _run(manifest: dict[str, Any], tmp_path: Path, arm: str) -> list[dict[str, Any]]:
+    path = tmp_path / f"{arm}.yaml"
+    path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+    run_dir = tmp_path / arm
+    env = dict(os.environ, **{SHUFFLE_SEED_ENV: "0"})
+    result = subprocess.run(
+        [sys.executable, "-m", "rlhfspec_cli", "run", str(path), "--run-dir", str(run_dir)],
+        capture_output=True, text=True, timeout=900, cwd=ROOT, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-2000:]
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+def test_grpo_beats_a_shuffled_reward_control_on_held_out_rows(
+    tiny_kit: Path, tmp_path: Path
+) -> None:
+    held_out = tmp_path / "eval.jsonl"
+    lines = (tiny_kit / "dataset" / "eval.jsonl").read_text().splitlines()[:EVAL_ROWS]
+    held_out.write_text("\n".join(lines) + "\n")
+    setup = GrpoSetup(
+        model_dir=tiny_kit / "policy",
+        train_path=tiny_kit / "dataset" / "train.jsonl",
+        eval_path=held_out,
+        steps=STEPS,
+        prompts_per_step=16,
+        group_size=8,
+        max_new_tokens=48,
+        learning_rate=5e-5,
+        eval_every=STEPS,
+        eval_rows=EVAL_ROWS,
+    )
+    task = TASKS["tiny"]
+    runs = {arm: _run(job_manifest(task, setup, arm), tmp_path, arm) for arm in ("job", "shuffled")}
+    baselines = {arm: records[0]["baseline_eval_accuracy"] for arm, records in runs.items()}
+    finals = {arm: records[-1]["eval_accuracy"] for arm, records in runs.items()}
+    for arm, records in runs.items():
+        assert [r["iteration"] for r in records] == list(range(1, STEPS + 1)), arm
+        assert records[-1]["eval_samples"] == EVAL_ROWS, arm
+    # Same initial weights, same rows, greedy: both runs measure the same starting point.
+    assert baselines["job"] == baselines["shuffled"]
+    assert finals["job"] >= baselines["job"] - DRIFT, (baselines, finals)
+    assert finals["job"] - finals["shuffled"] >= MARGIN, (baselines, finals)
+
+
+# -- the benchmark's pieces the test relies on (fast, no models) ---------------------------
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_arm_manifests_are_valid_jobs_that_differ_only_in_the_reward(
+    name: str, tmp_path: Path
+) -> None:
+    from rlhfspec_api.manifest import parse_rlhfjob
+
+    setup = GrpoSetup(tmp_path, tmp_path / "t.jsonl", tmp_path / "e.jsonl", steps=3)
+    jobs = {arm: job_manifest(TASKS[name], setup, arm) for arm in ("rlhfspec", "shuffled")}
+    specs = {arm: parse_rlhfjob(job).spec for arm, job in jobs.items()}
+    assert specs["rlhfspec"].reward is not None and specs["shuffled"].reward is not None
+    assert specs["rlhfspec"].reward.rule == TASKS[name].rule
+    assert specs["shuffled"].reward.function == TASKS[name].shuffled
+    for spec in specs.values():
+        assert spec.algorithm.iterations == 3
+        assert spec.dataset.eval == str(tmp_path / "e.jsonl")
+        assert spec.generation.temperature == 1.0
+    del jobs["rlhfspec"]["spec"]["reward"], jobs["shuffled"]["spec"]["reward"]
+    del jobs["rlhfspec"]["metadata"]["name"], jobs["shuffled"]["metadata"]["name"]
+    assert jobs["rlhfspec"] == jobs["shuffled"]
+
+
+def test_shuffled_control_keeps_the_scores_but_not_which_response_earned_them() -> None:
+    from rlhfspec_workers.benchmarks import learning
+
+    answers = [f"#### {i}" for i in range(40)]
+    right = [f"so the answer is {i}" for i in range(40)]
+    finished = [{"finish_reason": "stop"}] * 40
+    scores = learning.shuffled_math_answer(["q"] * 40, right, answers, finished)
+    assert sorted(scores) == [1.0] * 40
+    half = right[:20] + ["no idea"] * 20
+    scores = learning.shuffled_math_answer(["q"] * 40, half, answers, finished)
+    assert sum(scores) == 20 and scores != [1.0] * 20 + [0.0] * 20
+    cut = [{"finish_reason": "length"}] * 40
+    assert learning.shuffled_math_answer(["q"] * 40, right, answers, cut) == [0.0] * 40
+    digits = learning.shuffled_sort_digits(
+        ["S321=", "S21="], ["123", "21"], [None] * 2, finished[:2]
+    )
+    assert sorted(digits) == [0.0, 1.0]

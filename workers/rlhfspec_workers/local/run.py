@@ -59,11 +59,10 @@ def _cell(value: float | None, digits: int) -> str:
 
 def _eval_cell(m: IterationMetrics) -> str:
     """Held-out accuracy after this iteration; the first row also shows the initial one."""
-    if m.eval_accuracy is None:
-        return "-"
+    after = "-" if m.eval_accuracy is None else f"{m.eval_accuracy:.3f}"
     if m.baseline_eval_accuracy is not None:
-        return f"{m.baseline_eval_accuracy:.3f}>{m.eval_accuracy:.3f}"
-    return f"{m.eval_accuracy:.3f}"
+        return f"{m.baseline_eval_accuracy:.3f}>{after}"
+    return after
 
 
 def format_row(m: IterationMetrics) -> str:

@@ -149,3 +149,25 @@ def test_job_and_redis_flags_need_each_other(tmp_path: Path) -> None:
     assert report.parse_job("grpo") == ("default", "grpo")
     with pytest.raises(ValueError, match="NAMESPACE/NAME"):
         report.parse_job("a/b/c")
+
+
+def test_plotted_rate_is_the_token_counter_over_a_trailing_window() -> None:
+    from rlhfspec_workers.observability.plots import (
+        SMOOTHING_SECONDS,
+        TracePoint,
+        smoothed_rates,
+    )
+
+    # Tokens arrive in bursts (samples finish together): 0 for 4 s, then 400 at once.
+    series = [
+        TracePoint(1, t, 0, 8.0, 0.0, 0.0, tokens)
+        for t, tokens in [(1.0, 0), (2.0, 0), (3.0, 0), (4.0, 0), (5.0, 400), (10.0, 400)]
+    ]
+    rates = smoothed_rates(series)
+    assert rates[:4] == [0.0, 0.0, 0.0, 0.0]
+    assert rates[4] == 400 / 4.0  # from t=1 (the stage's first row) to t=5
+    assert rates[5] == 0.0  # nothing new in the trailing 5 s window (t=5..10)
+    assert SMOOTHING_SECONDS == 5.0
+    # Rows of another iteration never borrow this one's counter.
+    nxt = TracePoint(2, 11.0, 0, 8.0, 0.0, 0.0, 50)
+    assert smoothed_rates([*series, nxt])[-1] == 0.0

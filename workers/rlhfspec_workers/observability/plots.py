@@ -33,6 +33,34 @@ class TracePoint:
     batch: float
     k: float
     tokens_per_second: float
+    tokens_so_far: float | None = None
+    """The worker's generated tokens since its stage started (rows that record it)."""
+
+
+SMOOTHING_SECONDS = 5.0
+"""Window of the plotted rate: tokens are counted when a sample finishes, so the per-row rate
+is a train of bursts; the window shows the rate a user would read off a meter."""
+
+
+def smoothed_rates(series: Sequence[TracePoint]) -> list[float]:
+    """Each point's tokens/s over the trailing :data:`SMOOTHING_SECONDS` of its own stage
+    (from the token counter when recorded, else the row's own rate). The window's tokens are
+    the counter's difference, so the curve averages to the iteration's tokens/s."""
+    rates: list[float] = []
+    for i, point in enumerate(series):
+        if point.tokens_so_far is None:
+            rates.append(point.tokens_per_second)
+            continue
+        start_t, start_tokens = point.t, point.tokens_so_far
+        for earlier in reversed(series[:i]):
+            if earlier.iteration != point.iteration or earlier.tokens_so_far is None:
+                break
+            start_t, start_tokens = earlier.t, earlier.tokens_so_far
+            if point.t - earlier.t >= SMOOTHING_SECONDS:
+                break
+        span = point.t - start_t
+        rates.append((point.tokens_so_far - start_tokens) / span if span > 0 else 0.0)
+    return rates
 
 
 @dataclass(frozen=True)
@@ -55,7 +83,8 @@ def timeline(records: Sequence[IterationMetrics]) -> tuple[list[TracePoint], lis
         span = max([r.stage_seconds.get("generation", 0.0), *(row[0] for row in rows)])
         windows.append(Window(r.iteration, offset, offset + span, r.migrations))
         points += [
-            TracePoint(r.iteration, offset + row[0], int(row[1]), row[2], row[3], row[4])
+            TracePoint(r.iteration, offset + row[0], int(row[1]), row[2], row[3], row[4],
+                       row[5] if len(row) > 5 else None)
             for row in rows
         ]
         offset += span
@@ -177,8 +206,8 @@ def throughput_k_batch(records: Sequence[IterationMetrics], path: Path) -> Path:
     for worker, series in workers.items():
         t = [p.t for p in series]
         color = f"C{worker % 10}"
-        tput.plot(t, [p.tokens_per_second for p in series], color=color,
-                  label=f"worker {worker} tokens/s")
+        tput.plot(t, smoothed_rates(series), color=color,
+                  label=f"worker {worker} tokens/s ({SMOOTHING_SECONDS:.0f} s window)")
         kax.step(t, [p.k for p in series], where="post", color=color, label=f"worker {worker} k")
         for twin in (batch_tput, batch_k):
             twin.plot(t, [p.batch for p in series], linestyle=":", alpha=0.6, color=color)

@@ -24,17 +24,16 @@ from rlhfspec_workers.benchmarks.learning import SHUFFLE_SEED_ENV, TASKS, job_ma
 from rlhfspec_workers.benchmarks.trl_reference import GrpoSetup
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = 6
-EVAL_ROWS = 128
-# Held-out accuracy the trained job must hold over the shuffled control, in absolute
-# accuracy. Measured once on this setup (2-core AVX2 CPU, seeds 0, 2026-12-03): both start
-# at 0.680 (greedy, 128 rows); after 6 iterations the job is at 0.664 and the control at
-# 0.547, a gap of 0.117. The margin is half of it. At this size training holds the policy's
-# accuracy while shuffled rewards (same level, no link to the responses) erode it; it does
-# not yet raise accuracy above the start, so the test does not claim that.
-MARGIN = 0.06
-DRIFT = 0.04
-"""How far below its start the trained job may end (greedy eval noise at 128 rows)."""
+STEPS = 12
+EVAL_ROWS = 256
+# Held-out accuracy the trained job must hold over the shuffled control at the end, in
+# absolute accuracy. Measured on this setup (2-core AVX2 CPU, these sizes, seeds 0, three
+# repeats of both runs, 2026-12-03): both start at 0.691 (greedy, 256 rows); after 12
+# iterations the job is at 0.754, 0.762, 0.742 and the control at 0.422, 0.453, 0.391: gaps
+# 0.31-0.35. The margin is half the smallest. Shorter runs are too close to call: after 8
+# iterations (128 rows) the gaps were 0.17, 0.05, 0.23 (the control's drift varies a lot
+# early on) and the job had not yet risen above its start (0.66-0.72 from 0.68).
+MARGIN = 0.15
 
 
 def _start(manifest: dict[str, Any], tmp_path: Path, arm: str) -> subprocess.Popen[str]:
@@ -92,7 +91,8 @@ def test_grpo_beats_a_shuffled_reward_control_on_held_out_rows(
         assert records[-1]["eval_samples"] == EVAL_ROWS, arm
     # Same initial weights, same rows, greedy: both runs measure the same starting point.
     assert baselines["job"] == baselines["shuffled"]
-    assert finals["job"] >= baselines["job"] - DRIFT, (baselines, finals)
+    # At 12 iterations training raised accuracy in every measured run (+0.05 to +0.07).
+    assert finals["job"] > baselines["job"], (baselines, finals)
     assert finals["job"] - finals["shuffled"] >= MARGIN, (baselines, finals)
 
 

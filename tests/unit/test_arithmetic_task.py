@@ -147,10 +147,10 @@ def test_data_make_arithmetic_command(tmp_path: Path, capsys: pytest.CaptureFixt
 
 def test_example_files_are_the_generators_rows() -> None:
     # `rlhfspec data make arithmetic --out examples/data/arith-train.jsonl --n 1000
-    #  --eval-out examples/data/arith-eval.jsonl --eval-n 256` (what bench learning trains on).
+    #  --eval-out examples/data/arith-eval.jsonl --eval-n 128` (what bench learning trains on).
     data = Path(__file__).resolve().parents[2] / "examples" / "data"
     for name, rows in (
         ("arith-train.jsonl", make_rows(1000, seed=0)),
-        ("arith-eval.jsonl", make_rows(256, seed=0, split="eval")),
+        ("arith-eval.jsonl", make_rows(128, seed=0, split="eval")),
     ):
         assert [json.loads(line) for line in (data / name).read_text().splitlines()] == rows

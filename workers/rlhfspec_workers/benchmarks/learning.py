@@ -269,7 +269,7 @@ def plot(results: dict[str, ArmResult], path: Path) -> None:
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     # Sized for this 2-core CPU: see bench/README.md for what they measured.
-    "smollm2": dict(steps=10, prompts_per_step=8, group_size=4, max_new_tokens=64,
+    "smollm2": dict(steps=10, prompts_per_step=8, group_size=4, max_new_tokens=96,
                     learning_rate=1e-5, eval_rows=64, eval_every=2),
     "tiny": dict(steps=10, prompts_per_step=16, group_size=8, max_new_tokens=48,
                  learning_rate=5e-5, eval_rows=128, eval_every=2),
@@ -286,7 +286,7 @@ def task_files(task: Task) -> tuple[Path, Path, Path]:
         return kit / "policy", kit / "dataset" / "train.jsonl", kit / "dataset" / "eval.jsonl"
     from rlhfspec_workers.zoo import ensure_zoo_model
 
-    # `rlhfspec data make arithmetic --n 1000 --eval-n 256` (seed 0) wrote these two files.
+    # `rlhfspec data make arithmetic --n 1000 --eval-n 128` (seed 0) wrote these two files.
     data = ROOT / "examples" / "data"
     model_dir = ensure_zoo_model(task.policy.removeprefix("zoo://"))
     return model_dir, data / "arith-train.jsonl", data / "arith-eval.jsonl"

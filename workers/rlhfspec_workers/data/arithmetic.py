@@ -113,11 +113,11 @@ class Difficulty:
     op_weights: tuple[float, ...] = (0.45, 0.35, 0.12, 0.08)
     """Weights of + - * / where each is possible."""
     start: tuple[int, int] = (2, 12)
-    addend: tuple[int, int] = (2, 9)
+    addend: tuple[int, int] = (2, 6)
     """Range of the operand of + and -."""
-    factor: tuple[int, int] = (2, 4)
+    factor: tuple[int, int] = (2, 3)
     """Range of the operand of * and / (at most 6: division is worded as a fraction too)."""
-    max_value: int = 40
+    max_value: int = 36
     """No running value exceeds this."""
 
 

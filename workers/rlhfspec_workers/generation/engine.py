@@ -350,7 +350,12 @@ class GenerationEngine:
             seed=seed,
             logprobs=sampling.top_logprobs,
             ignore_eos=sampling.ignore_eos,
-            stop_token_ids=[*sampling.stop_token_ids, *self.end_of_turn_ids],
+            # ignore_eos (benchmarks' fixed lengths) also ignores the end-of-turn token,
+            # which for ChatML models is the EOS itself.
+            stop_token_ids=[
+                *sampling.stop_token_ids,
+                *(() if sampling.ignore_eos else self.end_of_turn_ids),
+            ],
             stop=list(sampling.stop) or None,
             detokenize=self.has_tokenizer,
             output_kind=RequestOutputKind.FINAL_ONLY,

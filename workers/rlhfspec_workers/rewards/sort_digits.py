@@ -1,9 +1,9 @@
 """Rule ``sort_digits``: the tiny kit's task (sort a list of digits), scored exactly.
 
 Where it sits: ``registry`` scores rollouts with :func:`score` when a job's reward is
-``{type: rule, rule: sort_digits}`` (the default). It has its own copy of the task's scoring
-(the same semantics as ``tinymodels.task.score``), so the inference path never imports the
-tiny kit. Pure python.
+``{type: rule, rule: sort_digits}`` (the default). The one scorer of the task: the tiny kit's
+``tinymodels.task.score`` calls it, and nothing here imports the kit, so the inference path
+never loads it. Pure python.
 
 A prompt is ``S`` + digits + ``=`` (``S31415926=``, a leading ``<bos>`` tolerated); the answer
 is the digits sorted (``11234569``).

@@ -21,6 +21,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhfspec_workers.rewards import sort_digits
+
 TASK_NAME = "sort_digits"
 PROMPT_PREFIX = "S"
 PROMPT_SUFFIX = "="
@@ -28,8 +30,6 @@ DIGITS = "0123456789"
 MIN_DIGITS = 3
 MEAN_EXTRA_DIGITS = 6.0
 MAX_DIGITS = 40
-# Literal special-token strings a completion may carry when detokenised without skipping them.
-_TRAILING_SPECIALS = ("<eos>", "<pad>")
 
 
 @dataclass(frozen=True)
@@ -87,31 +87,15 @@ def make_examples(n: int, seed: int) -> list[TaskExample]:
     return [random_example(rng) for _ in range(n)]
 
 
-def _clean_completion(completion_text: str) -> str:
-    text = completion_text.strip()
-    # A completion decoded with special tokens kept ends in "<eos>" (and maybe padding).
-    changed = True
-    while changed:
-        changed = False
-        for special in _TRAILING_SPECIALS:
-            if text.endswith(special):
-                text = text[: -len(special)].rstrip()
-                changed = True
-    return text
-
-
 def score(prompt: str, completion_text: str) -> float:
     """Rule reward ``sort_digits``: 1.0 when the completion is exactly the sorted digits.
 
     Surrounding whitespace and trailing literal ``<eos>``/``<pad>`` are ignored so the score does
     not depend on whether the caller detokenised with ``skip_special_tokens``. A malformed prompt
-    scores 0.0 rather than raising: a reward function must not crash the rollout loop.
+    scores 0.0 rather than raising: a reward function must not crash the rollout loop. The
+    scoring itself is the reward's (``rewards.sort_digits``), so the kit and jobs agree.
     """
-    try:
-        reference = answer_for(prompt)
-    except ValueError:
-        return 0.0
-    return 1.0 if _clean_completion(completion_text) == reference else 0.0
+    return sort_digits.score(prompt, completion_text)
 
 
 def write_dataset_jsonl(path: Path | str, n: int, seed: int) -> Path:

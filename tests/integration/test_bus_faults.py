@@ -177,3 +177,54 @@ def test_workers_retry_through_a_redis_outage_and_report_it(
         restarter.join()
     assert bus.outages >= 1
     assert "redis unavailable during count" in capsys.readouterr().err
+
+
+def test_inference_scores_each_sample_once_and_acks_every_entry(
+    server: RedisServer, tiny_kit: Path
+) -> None:
+    """The batched scored-check and the one-transaction publish: a sample delivered twice in
+    one batch, and one already scored before a restart, give no second experience; every
+    entry is acked; each experience still belongs to its own rollout."""
+    from rlhfspec_api.spec import RLHFJobSpec
+    from rlhfspec_workers.inference.experience import ExperienceMaker
+    from rlhfspec_workers.inference.worker import InferenceWorker
+    from rlhfspec_workers.messages import Experience, Rollout
+    from rlhfspec_workers.tinymodels.tokenizer import EOS_ID, encode_chars
+
+    spec = RLHFJobSpec.model_validate(
+        {
+            "models": {"policy": {"path": "tiny://policy"}},
+            "reward": {"type": "rule", "rule": "sort_digits"},
+            "dataset": {"path": "tiny://dataset/train.jsonl"},
+            "inference": {"batchSize": 8},
+        }
+    )
+    maker = ExperienceMaker(spec, {"spec.models.policy": tiny_kit / "policy"})
+
+    def rollout(i: int, text: str) -> Rollout:
+        tokens = [*encode_chars(text), EOS_ID]
+        return Rollout(
+            iteration=1, sample_id=f"it1/p{i}/0", prompt_id=f"p{i}", group_id=f"p{i}",
+            sample_index=0, prompt="S321=", answer="123",
+            prompt_token_ids=encode_chars("S321=", add_bos=True), token_ids=tokens,
+            logprobs=[-1.0] * len(tokens), text=text, finish_reason="stop",
+            weight_version=0, worker="gen-0",
+        )  # fmt: skip
+
+    bus = _bus(server)
+    keys = bus.keys
+    bus.ensure_group(keys.rollouts, Keys.INFERENCE_GROUP)
+    sent = [rollout(0, "123"), rollout(1, "1234567"), rollout(1, "1234567"), rollout(2, "12")]
+    for r in sent:
+        bus.publish(keys.rollouts, r)
+    bus.redis.sadd(keys.scored_samples(1), "it1/p2/0")  # scored before a restart
+    worker = InferenceWorker(SimpleNamespace(spec=spec), bus, maker)  # type: ignore[arg-type]
+    batch = bus.read_group(keys.rollouts, Keys.INFERENCE_GROUP, Rollout, count=10, block_ms=100)
+    worker._score(batch)
+    published = [Experience.from_bytes(f[b"data"]) for _, f in bus.redis.xrange(keys.experience)]
+    assert [e.rollout.sample_id for e in published] == ["it1/p0/0", "it1/p1/0"]
+    assert [e.reward for e in published] == [1.0, 0.0]
+    assert [len(e.ref_logprobs) for e in published] == [4, 8]
+    assert bus.redis.smembers(keys.scored_samples(1)) == {b"it1/p0/0", b"it1/p1/0", b"it1/p2/0"}
+    assert bus.redis.xpending(keys.rollouts, Keys.INFERENCE_GROUP)["pending"] == 0
+    assert worker.scored == 2

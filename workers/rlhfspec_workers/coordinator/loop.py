@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from rlhfspec_api.manifest import RLHFJob
 from rlhfspec_workers.data.rows import Splits, load_splits
@@ -27,6 +28,7 @@ from rlhfspec_workers.messages import (
     JobProgress,
     Keys,
     MessageError,
+    SampleTask,
     WeightsPublished,
     WorkerStatus,
 )
@@ -47,6 +49,7 @@ from .tasks import (
 )
 
 POLL_SECONDS = 0.25
+TRAINER_POLL_SECONDS = 0.02
 TRACE_EVERY_SECONDS = 0.5
 STALE_WORKER_SECONDS = 120.0
 
@@ -157,8 +160,7 @@ class Coordinator:
         started = time.monotonic()
         published_flag = f"published:{iteration}"
         if not bus.call("read state", lambda: bus.redis.hget(keys.iteration, published_flag)):
-            for task in tasks:
-                bus.publish(keys.tasks, task)
+            self._publish_tasks(tasks)
         bus.call(
             "write state",
             lambda: bus.redis.hset(
@@ -209,7 +211,9 @@ class Coordinator:
             weights = bus.get(keys.weights, WeightsPublished)
             if weights is not None and weights.iteration >= iteration:
                 break
-            time.sleep(POLL_SECONDS)
+            # Once every sample is scored only the trainer is left: the next iteration waits
+            # on this poll noticing its weights, so look more often (a cheap GET).
+            time.sleep(POLL_SECONDS if inference_done is None else TRAINER_POLL_SECONDS)
         finished = time.monotonic()
         # The stage's closing rows, at its end: the last samples' tokens (heartbeats lag the
         # done set by up to a beat; by now every worker has reported them).
@@ -236,6 +240,17 @@ class Coordinator:
             finished_at=time.time(),
         )
 
+    def _publish_tasks(self, tasks: list[SampleTask]) -> None:
+        """All of an iteration's tasks in one round trip (one XADD each, one transaction):
+        the generation workers wait on this between iterations."""
+        keys = self.keys
+
+        def publish(pipe: Any) -> None:
+            for task in tasks:
+                self.bus.queue_publish(pipe, keys.tasks, task)
+
+        self.bus.pipelined("publish tasks", publish)
+
     # -- held-out evaluation ------------------------------------------------------------------
 
     def _evaluate(self, version: int) -> EvalSummary:
@@ -247,8 +262,7 @@ class Coordinator:
         started = time.monotonic()
         flag = f"eval-published:{version}"
         if not bus.call("read state", lambda: bus.redis.hget(keys.iteration, flag)):
-            for task in tasks:
-                bus.publish(keys.tasks, task)
+            self._publish_tasks(tasks)
             bus.call("write state", lambda: bus.redis.hset(keys.iteration, flag, 1))
         last_report = 0.0
         while True:

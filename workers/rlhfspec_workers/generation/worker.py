@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rlhfspec_api.generation import MigrationMethod
 from rlhfspec_api.manifest import RLHFJob
@@ -150,8 +151,7 @@ class GenerationWorker:
             self._maybe_sync()
             self.handover.execute_orders()
             self._admit()
-            for result in self.engine.poll():
-                self._finish(result)
+            self._finish(self.engine.poll())
             self._record_steps()
             self._housekeeping()
         self.state = "stopping"
@@ -172,19 +172,21 @@ class GenerationWorker:
         if free > 0:
             idle = not self.in_flight and not self.waiting
             self._take(self.keys.tasks, free, 200 if idle else None)
+        ready: list[Held] = []
+        while self.waiting and self.waiting[0][2].weight_version <= self.engine.weight_version:
+            ready.append(self.waiting.popleft())
+        # A task that needs the next policy stays first in line: finish what runs, then
+        # sync (_maybe_sync). The done check is one round trip for every ready task.
+        done = self._already_done([task for _, _, task in ready])
         pulling: list[Held] = []
-        while self.waiting:
-            stream, entry_id, task = self.waiting[0]
-            if task.weight_version > self.engine.weight_version:
-                break  # needs the next policy: finish what runs, then sync (_maybe_sync)
-            held = self.waiting.popleft()
-            if self._already_done(task):
+        for held, is_done in zip(ready, done, strict=True):
+            stream, entry_id, task = held
+            if is_done:
                 self.bus.ack(stream, Keys.GENERATION_GROUP, entry_id)
-                continue
-            if not self._kv_ready(task):
+            elif not self._kv_ready(task):
                 pulling.append(held)  # its KV snapshot is still on the way: next step
-                continue
-            self._submit(stream, entry_id, task)
+            else:
+                self._submit(stream, entry_id, task)
         self.waiting.extendleft(reversed(pulling))
 
     def _take(self, stream: str, count: int, block_ms: int | None, pending: bool = False) -> int:
@@ -195,14 +197,18 @@ class GenerationWorker:
         self.waiting.extend((stream, entry_id, task) for entry_id, task in got)
         return len(got)
 
-    def _already_done(self, task: SampleTask) -> bool:
-        done = self.bus.call(
-            "check done",
-            lambda: self.bus.redis.sismember(
-                self.keys.done_samples(task.iteration, eval=task.eval), task.sample_id
-            ),
-        )
-        return bool(done)
+    def _already_done(self, tasks: list[SampleTask]) -> list[bool]:
+        """Whether each task's sample was already published (a redelivered or reclaimed
+        task), in one round trip."""
+        if not tasks:
+            return []
+        keys = self.keys
+
+        def check(pipe: Any) -> None:
+            for task in tasks:
+                pipe.sismember(keys.done_samples(task.iteration, eval=task.eval), task.sample_id)
+
+        return [bool(hit) for hit in self.bus.pipelined("check done", check)]
 
     def _submit(self, stream: str, entry_id: str, task: SampleTask) -> None:
         prompt = PromptInput(
@@ -293,13 +299,42 @@ class GenerationWorker:
         print(f"[rlhfspec] {self.name}: {task.sample_id}: {why}; recomputing", flush=True)
         self.counters.add(task.iteration, "kv_fallbacks", 1)
 
-    def _finish(self, result: SampleResult) -> None:
-        task_id = self._task_of.pop(result.sample_id, None)
-        request = self.in_flight.pop(task_id, None) if task_id is not None else None
-        if request is None:
+    def _finish(self, results: list[SampleResult]) -> None:
+        """Publish the step's finished samples, mark them done and ack their tasks: one
+        transaction for the whole step, so a sample is never published without being marked
+        done (a redelivered task is then skipped, not generated twice)."""
+        finished: list[tuple[_InFlight, Rollout]] = []
+        for result in results:
+            task_id = self._task_of.pop(result.sample_id, None)
+            request = self.in_flight.pop(task_id, None) if task_id is not None else None
+            if request is not None:
+                finished.append((request, self._rollout(request.task, result)))
+        if not finished:
             return
-        task = request.task
-        rollout = Rollout(
+        keys = self.keys
+
+        def publish(pipe: Any) -> None:
+            for request, rollout in finished:
+                task = request.task
+                self.bus.queue_publish(pipe, keys.rollouts, rollout)
+                pipe.sadd(keys.done_samples(task.iteration, eval=task.eval), task.sample_id)
+                pipe.xack(request.stream, Keys.GENERATION_GROUP, request.entry_id)
+
+        self.bus.pipelined("publish rollouts", publish)
+        now = time.monotonic()
+        for request, rollout in finished:
+            task = request.task
+            produced = len(rollout.token_ids) - len(task.prefix_token_ids)
+            self._recent.append((now, produced))
+            if task.eval:
+                continue  # held-out samples stay out of the training figures and the trace
+            self.tokens_total += produced
+            self.finished_lengths.append(len(rollout.token_ids))
+            self.counters.add(task.iteration, "tokens", produced)
+            self.counters.add(task.iteration, "samples", 1)
+
+    def _rollout(self, task: SampleTask, result: SampleResult) -> Rollout:
+        return Rollout(
             iteration=task.iteration,
             sample_id=task.sample_id,
             prompt_id=task.prompt_id,
@@ -322,22 +357,6 @@ class GenerationWorker:
             num_accepted_tokens=result.num_accepted_tokens,
             migrations=task.migrations,
         )
-        self.bus.publish(self.keys.rollouts, rollout)
-        self.bus.call(
-            "mark done",
-            lambda: self.bus.redis.sadd(
-                self.keys.done_samples(task.iteration, eval=task.eval), task.sample_id
-            ),
-        )
-        self.bus.ack(request.stream, Keys.GENERATION_GROUP, request.entry_id)
-        produced = len(result.token_ids)
-        self._recent.append((time.monotonic(), produced))
-        if task.eval:
-            return  # held-out samples stay out of the training figures and the trace
-        self.tokens_total += produced
-        self.finished_lengths.append(len(rollout.token_ids))
-        self.counters.add(task.iteration, "tokens", produced)
-        self.counters.add(task.iteration, "samples", 1)
 
     def _detokenize(self, tokens: list[int], result: SampleResult) -> str:
         if not tokens:

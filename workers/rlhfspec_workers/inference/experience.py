@@ -32,6 +32,7 @@ from rlhfspec_workers.torch_models import (
     response_logprobs,
     response_values,
 )
+from rlhfspec_workers.trainer.micro_batches import length_buckets, overhead_tokens
 
 
 @dataclass
@@ -103,23 +104,31 @@ class ExperienceMaker:
         A reward that cannot score raises RewardError (from ``rewards.base``).
         """
         stats = MakeStats(samples=len(rollouts))
-        experiences: list[Experience] = []
-        for start in range(0, len(rollouts), self.batch_size):
-            chunk = rollouts[start : start + self.batch_size]
-            t = time.perf_counter()
-            rewards = self.reward(chunk)
-            stats.reward_seconds += time.perf_counter() - t
-            ref, values = self._token_stats(chunk, stats)
-            for i, (rollout, reward) in enumerate(zip(chunk, rewards, strict=True)):
-                n = len(rollout.token_ids)
-                experiences.append(
-                    Experience(
-                        rollout=rollout,
-                        reward=float(reward),
-                        ref_logprobs=ref[i][:n],
-                        values=None if values is None else values[i][:n],
-                    )
-                )
+        t = time.perf_counter()
+        rewards = self.score(rollouts)
+        stats.reward_seconds += time.perf_counter() - t
+        ref: list[list[float]] = [[] for _ in rollouts]
+        values: list[list[float]] | None = None if self.critic is None else [[] for _ in rollouts]
+        # Forward passes over rows of similar length (padding costs as much as a real token;
+        # rollout lengths are long-tailed), at most batch_size rows each, then back in order.
+        lengths = [len(r.prompt_token_ids) + len(r.token_ids) for r in rollouts]
+        for rows in length_buckets(
+            list(range(len(rollouts))), lengths, self.batch_size, overhead_tokens(self.device)
+        ):
+            chunk_ref, chunk_values = self._token_stats([rollouts[i] for i in rows], stats)
+            for j, i in enumerate(rows):
+                ref[i] = chunk_ref[j]
+                if values is not None and chunk_values is not None:
+                    values[i] = chunk_values[j]
+        experiences = [
+            Experience(
+                rollout=rollout,
+                reward=float(reward),
+                ref_logprobs=ref[i][: len(rollout.token_ids)],
+                values=None if values is None else values[i][: len(rollout.token_ids)],
+            )
+            for i, (rollout, reward) in enumerate(zip(rollouts, rewards, strict=True))
+        ]
         self.last_stats = stats
         return experiences
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import sys
 import time
 import traceback
+from typing import Any
 
 from rlhfspec_api.manifest import RLHFJob
 from rlhfspec_workers.messages import EvalScore, JobFailure, Keys, Rollout, WorkerStatus
@@ -75,30 +76,35 @@ class InferenceWorker:
         if held_out:
             self._score_eval(held_out)
             batch = [(entry_id, r) for entry_id, r in batch if not r.eval]
+
+        # One round trip per batch, not per sample: the scored check, then one transaction
+        # that publishes every experience, marks it scored and acks its rollout.
+        def check(pipe: Any) -> None:
+            for _, r in batch:
+                pipe.sismember(keys.scored_samples(r.iteration), r.sample_id)
+
+        seen = bus.pipelined("check scored", check) if batch else []
         fresh: list[tuple[str, Rollout]] = []
-        for entry_id, rollout in batch:
-            seen = bus.call(
-                "check scored",
-                lambda r=rollout: bus.redis.sismember(  # type: ignore[misc]
-                    keys.scored_samples(r.iteration), r.sample_id
-                ),
-            )
-            if seen or any(r.sample_id == rollout.sample_id for _, r in fresh):
-                bus.ack(keys.rollouts, Keys.INFERENCE_GROUP, entry_id)
+        duplicates: list[str] = []
+        fresh_ids: set[str] = set()
+        for (entry_id, rollout), was_scored in zip(batch, seen, strict=True):
+            if was_scored or rollout.sample_id in fresh_ids:
+                duplicates.append(entry_id)
             else:
                 fresh.append((entry_id, rollout))
+                fresh_ids.add(rollout.sample_id)
+        bus.ack(keys.rollouts, Keys.INFERENCE_GROUP, *duplicates)
         if not fresh:
             return
         experiences = self.maker.make([r for _, r in fresh])
-        for (entry_id, rollout), experience in zip(fresh, experiences, strict=True):
-            bus.publish(keys.experience, experience)
-            bus.call(
-                "mark scored",
-                lambda r=rollout: bus.redis.sadd(  # type: ignore[misc]
-                    keys.scored_samples(r.iteration), r.sample_id
-                ),
-            )
-            bus.ack(keys.rollouts, Keys.INFERENCE_GROUP, entry_id)
+
+        def publish(pipe: Any) -> None:
+            for (entry_id, rollout), experience in zip(fresh, experiences, strict=True):
+                bus.queue_publish(pipe, keys.experience, experience)
+                pipe.sadd(keys.scored_samples(rollout.iteration), rollout.sample_id)
+                pipe.xack(keys.rollouts, Keys.INFERENCE_GROUP, entry_id)
+
+        bus.pipelined("publish experiences", publish)
         self.scored += len(fresh)
 
     def _score_eval(self, batch: list[tuple[str, Rollout]]) -> None:
@@ -108,21 +114,23 @@ class InferenceWorker:
         bus, keys = self.bus, self.keys
         rollouts = [r for _, r in batch]
         rewards = self.maker.score(rollouts)
-        for (entry_id, rollout), reward in zip(batch, rewards, strict=True):
-            score = EvalScore(
+        scores = [
+            EvalScore(
                 weight_version=rollout.iteration,
                 sample_id=rollout.sample_id,
                 reward=float(reward),
                 response_tokens=len(rollout.token_ids),
                 finish_reason=rollout.finish_reason,
             )
-            bus.call(
-                "write eval score",
-                lambda s=score: bus.redis.hset(  # type: ignore[misc]
-                    keys.eval_scores(s.weight_version), s.sample_id, s.to_bytes()
-                ),
-            )
-            bus.ack(keys.rollouts, Keys.INFERENCE_GROUP, entry_id)
+            for (_, rollout), reward in zip(batch, rewards, strict=True)
+        ]
+
+        def write(pipe: Any) -> None:
+            for (entry_id, _), score in zip(batch, scores, strict=True):
+                pipe.hset(keys.eval_scores(score.weight_version), score.sample_id, score.to_bytes())
+                pipe.xack(keys.rollouts, Keys.INFERENCE_GROUP, entry_id)
+
+        bus.pipelined("write eval scores", write)
         self.scored += len(batch)
 
     def _beat(self, state: str) -> None:
@@ -148,9 +156,7 @@ def report_failure(bus: Bus, error: RewardError, iteration: int | None = None) -
     )
     bus.call("report failure", lambda: bus.redis.set(bus.keys.failure, failure.to_bytes()))
     bus.heartbeat(
-        WorkerStatus(
-            worker=bus.env.worker, role="inference", state="degraded", message=str(error)
-        )
+        WorkerStatus(worker=bus.env.worker, role="inference", state="degraded", message=str(error))
     )
     if error.__cause__ is not None:
         traceback.print_exception(error.__cause__, file=sys.stderr)

@@ -11,6 +11,7 @@ emulated (converted to fp32 around every matmul), which is slower than fp32 and 
 
 from __future__ import annotations
 
+import os
 from functools import cache
 from pathlib import Path
 
@@ -61,3 +62,9 @@ def describe_machine() -> str:
     """One line for logs and benchmark output: device and native bf16 or not."""
     device = "cuda" if cuda_available() else "cpu"
     return f"{device}, native bf16: {'yes' if native_bf16(device) else 'no'}"
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity; torch's default thread count)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1

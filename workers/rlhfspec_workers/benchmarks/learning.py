@@ -45,6 +45,7 @@ from rlhfspec_workers.benchmarks.heldout import (
     read_eval_rows,
 )
 from rlhfspec_workers.benchmarks.trl_reference import ArmResult, GrpoSetup
+from rlhfspec_workers.hardware import available_cores
 from rlhfspec_workers.rewards import sort_digits
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -113,8 +114,11 @@ TASKS = {
 }  # fmt: skip
 
 
-def job_manifest(task: Task, setup: GrpoSetup, arm: str) -> dict[str, Any]:
-    """The RLHFJob of an arm: the task's example job with the setup's numbers."""
+def job_manifest(
+    task: Task, setup: GrpoSetup, arm: str, trainer_cpu: int | None = None
+) -> dict[str, Any]:
+    """The RLHFJob of an arm: the task's example job with the setup's numbers
+    (``trainer_cpu``: the trainer's cores, default the example's)."""
     job: dict[str, Any] = yaml.safe_load(task.manifest.read_text(encoding="utf-8"))
     job["metadata"]["name"] = f"learning-{task.name}-{arm}"
     spec = job["spec"]
@@ -150,6 +154,8 @@ def job_manifest(task: Task, setup: GrpoSetup, arm: str) -> dict[str, Any]:
     generation["dtype"] = "float32"
     generation.setdefault("reallocation", {})["enabled"] = False
     spec["trainer"].update(checkpointEvery=setup.steps, keepCheckpoints=1)
+    if trainer_cpu is not None:
+        spec["trainer"].setdefault("resources", {})["cpu"] = str(trainer_cpu)
     return job
 
 
@@ -180,7 +186,10 @@ def run_job_arm(task: Task, setup: GrpoSetup, arm: str, out: Path) -> ArmResult:
     run_dir = out / arm
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = run_dir.with_suffix(".yaml")
-    manifest.write_text(yaml.safe_dump(job_manifest(task, setup, arm), sort_keys=False))
+    # TRL trains in one process on every core. Arms run one at a time, and a job's trainer
+    # runs while its other workers wait for the weights, so it gets the same cores.
+    job = job_manifest(task, setup, arm, trainer_cpu=available_cores())
+    manifest.write_text(yaml.safe_dump(job, sort_keys=False))
     env = {SHUFFLE_SEED_ENV: str(setup.seed)}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -310,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", dest="max_new_tokens", type=int, help="response cap")
     parser.add_argument("--lr", dest="learning_rate", type=float, help="learning rate")
     parser.add_argument("--kl", dest="kl_coef", type=float, help="KL coefficient (TRL's beta)")
+    parser.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")
+    parser.add_argument(
+        "--eval-max-tokens", type=int, help="held-out token cap (default --max-tokens)"
+    )
     parser.add_argument("--eval-rows", type=int, help="held-out rows scored")
     parser.add_argument("--eval-every", type=int, help="score the held-out rows every N steps")
     parser.add_argument("--seed", type=int, default=0)
@@ -333,7 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_dir, train, held_out = task_files(task)
     numbers = dict(DEFAULTS[task.name], **(QUICK if args.quick else {}))
     for key in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "learning_rate",
-                "kl_coef", "eval_rows", "eval_every"):  # fmt: skip
+                "kl_coef", "eval_rows", "eval_every", "temperature",
+                "eval_max_tokens"):  # fmt: skip
         if getattr(args, key) is not None:
             numbers[key] = getattr(args, key)
     eval_path = out / "data" / "eval-used.jsonl"

@@ -12,7 +12,6 @@ from its checkpoint: no iteration is repeated or skipped.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from rlhfspec_api.manifest import RLHFJob
+from rlhfspec_workers.hardware import available_cores
 from rlhfspec_workers.messages import Experience, Keys, WeightsPublished, WorkerStatus
 from rlhfspec_workers.preflight import ResolvedPaths
 from rlhfspec_workers.runtime import Bus
@@ -187,15 +187,10 @@ def trainer_threads(cpu: str, available: int) -> int:
     return max(1, min(int(cores), available))
 
 
-def _available_cores() -> int:
-    affinity = getattr(os, "sched_getaffinity", None)
-    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
-
-
 def run(job: RLHFJob, paths: ResolvedPaths, bus: Bus) -> int:
     spec = job.spec
     if not torch.cuda.is_available():
-        torch.set_num_threads(trainer_threads(str(spec.trainer.resources.cpu), _available_cores()))
+        torch.set_num_threads(trainer_threads(str(spec.trainer.resources.cpu), available_cores()))
     trainer = PolicyTrainer(
         spec, paths.models["spec.models.policy"], paths.models.get("spec.models.critic")
     )

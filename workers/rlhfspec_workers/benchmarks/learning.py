@@ -122,9 +122,9 @@ def job_manifest(
     job: dict[str, Any] = yaml.safe_load(task.manifest.read_text(encoding="utf-8"))
     job["metadata"]["name"] = f"learning-{task.name}-{arm}"
     spec = job["spec"]
-    # The example's micro-batch (a memory bound): the loss is a token mean over the whole
-    # batch however it is cut, as TRL's over its gradient-accumulation steps.
-    micro = min(int(spec["algorithm"].get("microBatchSize", 8)), setup.rollouts_per_step)
+    # The loss is a token mean over the whole batch however it is cut, as TRL's over its
+    # gradient-accumulation steps; both arms cut it into the same micro-batches.
+    micro = setup.micro_batch
     spec["algorithm"].update(
         name="grpo",
         iterations=setup.steps,
@@ -354,7 +354,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     eval_path.parent.mkdir(parents=True, exist_ok=True)
     lines = held_out.read_text(encoding="utf-8").splitlines()[: int(numbers["eval_rows"])]
     eval_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    setup = GrpoSetup(model_dir, train, eval_path, seed=args.seed, **numbers)
+    example = yaml.safe_load(task.manifest.read_text(encoding="utf-8"))
+    micro = int(example["spec"]["algorithm"].get("microBatchSize", 8))  # the example's bound
+    setup = GrpoSetup(
+        model_dir, train, eval_path, seed=args.seed, micro_batch_size=micro, **numbers
+    )
     rows = read_eval_rows(eval_path)
     before = evaluate_dir(model_dir, model_dir, rows, setup, task.rule)
     print(f"[learning] initial weights: held-out accuracy {before:.3f} ({len(rows)} rows)")

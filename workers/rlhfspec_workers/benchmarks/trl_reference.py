@@ -31,6 +31,7 @@ from rlhfspec_workers.benchmarks.heldout import (
     load_policy,
     read_eval_rows,
 )
+from rlhfspec_workers.hardware import available_cores
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,18 @@ class GrpoSetup:
     eval_rows: int = 64
     eval_max_tokens: int | None = None
     """Held-out token cap (default ``max_new_tokens``)."""
+    micro_batch_size: int = 8
+    """Rows per forward/backward pass (a memory bound; the loss is a token mean over the whole
+    step however it is cut): the job's ``microBatchSize`` and TRL's per-device batch size."""
+
+    @property
+    def micro_batch(self) -> int:
+        """The micro-batch both arms use: ``micro_batch_size`` lowered until it divides the
+        step's rollouts (TRL's gradient accumulation needs whole micro-batches)."""
+        size = max(1, min(self.micro_batch_size, self.rollouts_per_step))
+        while self.rollouts_per_step % size:
+            size -= 1
+        return size
 
     @property
     def eval_tokens(self) -> int:
@@ -142,6 +155,9 @@ def run_trl(
     from trl.trainer.grpo_config import GRPOConfig
     from trl.trainer.grpo_trainer import GRPOTrainer
 
+    # The bench sets OMP_NUM_THREADS=1 for the job's worker processes; TRL's one process
+    # gets every core, as the job's trainer does.
+    torch.set_num_threads(available_cores())
     started = time.perf_counter()
     torch.manual_seed(setup.seed)
     result = ArmResult("trl")
@@ -165,8 +181,9 @@ def run_trl(
         fp16=False,
         seed=setup.seed,
         max_steps=setup.steps,
-        per_device_train_batch_size=setup.group_size,
-        gradient_accumulation_steps=setup.prompts_per_step,
+        # One optimizer step per generation batch, cut into the job's micro-batches.
+        per_device_train_batch_size=setup.micro_batch,
+        gradient_accumulation_steps=setup.rollouts_per_step // setup.micro_batch,
         num_generations=setup.group_size,
         max_completion_length=setup.max_new_tokens,
         temperature=setup.temperature,

@@ -173,3 +173,39 @@ def test_rlhfspec_run_fails_with_the_reason_and_keeps_the_rollouts(
         assert client.xlen(keys.experience) == 0
         progress = JobProgress.from_bytes(client.get(keys.progress))
         assert progress.state == "failed" and REASON in progress.message
+        generated = _sample_ids(client, keys.rollouts)
+        client.close()
+    # The user fixes the function and resumes: the kept rollouts are scored, none is generated
+    # a second time, and the iteration trains on every sample.
+    (work / "boom_rewards.py").write_text(FIXED)
+    resumed = subprocess.run(
+        [*command, "run", "job.yaml", "--run-dir", str(run_dir), "--resume"], cwd=work, env=env,
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    assert [(r["iteration"], r["samples"]) for r in records] == [(1, 8)]
+    with RedisServer(run_dir / "redis", password=password) as srv:
+        client = redis.Redis(host="127.0.0.1", port=srv.port, password=password)
+        rollouts = _sample_ids(client, keys.rollouts)
+        assert all(rollouts.count(sample) == 1 for sample in generated), rollouts
+        assert sorted(set(rollouts)) == sorted(rollouts) and len(rollouts) == 8
+        assert sorted(_sample_ids(client, keys.experience)) == sorted(rollouts)
+        client.close()
+
+
+FIXED = textwrap.dedent(
+    """
+    def score(prompts, responses, answers, metadata):
+        return [float(len(r) > 0) for r in responses]
+    """
+)
+
+
+def _sample_ids(client: redis.Redis, stream: str) -> list[str]:
+    """The sample id of every entry of a rollout or experience stream, in order."""
+    out = []
+    for _, fields in client.xrange(stream):
+        doc = json.loads(fields[b"data"])
+        out.append(str(doc.get("sample_id") or doc["rollout"]["sample_id"]))
+    return out

@@ -163,6 +163,9 @@ def test_ordered_migration_moves_running_samples_and_stitches_them_exactly(
         assert r.logprobs == pytest.approx(sibling.logprobs, abs=1e-4)
         assert len(r.logprobs) == len(r.token_ids)
     assert stats.get("kv_fallbacks", 0.0) == 0.0
+    # Every token is counted once, by the worker that decoded it: the moved samples' prefixes
+    # on the source, the rest on the destination (tokens/s and the trace rest on this).
+    assert stats["tokens"] == sum(len(r.token_ids) for r in rollouts)
     if mode == "kv_transfer":
         # Each snapshot was pulled from the source and loaded inside the destination's vLLM step.
         assert stats["kv_migrations"] == 3.0 and stats["kv_snapshot_bytes"] > 0

@@ -91,6 +91,7 @@ class Handover:
             kv_started = time.perf_counter()
             kv = worker.engine.export_kv(flight.request_id) if order.mode == "kv_transfer" else None
             tokens, logprobs = worker.engine.preempt(flight.request_id)
+            worker.count_generated(task, len(tokens))
             kv_url = None
             if kv is not None and worker.outbox is not None:
                 kv_url = self._store_kv(worker.outbox, task, kv, kv_started)

@@ -321,17 +321,24 @@ class GenerationWorker:
                 pipe.xack(request.stream, Keys.GENERATION_GROUP, request.entry_id)
 
         self.bus.pipelined("publish rollouts", publish)
-        now = time.monotonic()
         for request, rollout in finished:
             task = request.task
-            produced = len(rollout.token_ids) - len(task.prefix_token_ids)
-            self._recent.append((now, produced))
-            if task.eval:
-                continue  # held-out samples stay out of the training figures and the trace
-            self.tokens_total += produced
-            self.finished_lengths.append(len(rollout.token_ids))
-            self.counters.add(task.iteration, "tokens", produced)
-            self.counters.add(task.iteration, "samples", 1)
+            self.count_generated(task, len(rollout.token_ids) - len(task.prefix_token_ids))
+            if not task.eval:
+                self.finished_lengths.append(len(rollout.token_ids))
+                self.counters.add(task.iteration, "samples", 1)
+
+    def count_generated(self, task: SampleTask, produced: int) -> None:
+        """Tokens this worker decoded for ``task``, counted when the sample finishes here or
+        is handed over (the prefix it carries away): every token of an iteration is counted
+        once, by the worker that decoded it, so tokens/s and the per-worker trace include
+        migrated samples' work on both sides. Held-out samples stay out of the training
+        figures and the trace."""
+        self._recent.append((time.monotonic(), produced))
+        if task.eval:
+            return
+        self.tokens_total += produced
+        self.counters.add(task.iteration, "tokens", produced)
 
     def _rollout(self, task: SampleTask, result: SampleResult) -> Rollout:
         return Rollout(

@@ -8,12 +8,25 @@ generator copies into the openAPIV3Schema that ``kubectl explain`` shows.
 
 from __future__ import annotations
 
-import re
+from collections.abc import Callable
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, WithJsonSchema
+from pydantic import (
+    AfterValidator,
+    AllowInfNan,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    WithJsonSchema,
+)
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
+
+from rlhfspec_api import formats
+from rlhfspec_api.echo import echo
+from rlhfspec_api.quantity import QuantityError, check_positive_quantity
 
 # ctx key carrying the list of cross-field violations of one model (see ``rule_errors``).
 RULES_ERROR_TYPE = "rlhfspec_rules"
@@ -45,16 +58,33 @@ class ContractModel(BaseModel):
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
-_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+_QUANTITY_ALLOWED = "a Kubernetes quantity such as 2, 500m, 8Gi"
 
 
 def _quantity(value: object) -> str:
-    """Kubernetes resource quantities arrive as int or string ("2", 2, "500m", "8Gi")."""
-    allowed = "a Kubernetes quantity such as 2, 500m, 8Gi"
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    """Kubernetes resource quantities arrive as int or string ("2", 2, "500m", "8Gi").
+
+    The CRD types them int-or-string, so floats and booleans are refused as the API server
+    refuses them. The amount must be above 0 and fit in 64 bits.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value.bit_length() > 64:
+            raise value_error(
+                f"{echo(value)} is not a usable quantity: too large", _QUANTITY_ALLOWED
+            )
         value = str(value)
-    if not isinstance(value, str) or not _QUANTITY.match(value):
-        raise value_error(f"{value!r} is not a resource quantity", allowed)
+    if not isinstance(value, str):
+        raise value_error(f"{echo(value)} is not a resource quantity", _QUANTITY_ALLOWED)
+    try:
+        check_positive_quantity(value)
+    except QuantityError as exc:
+        if str(exc) == "not a quantity":
+            raise value_error(
+                f"{echo(value)} is not a resource quantity", _QUANTITY_ALLOWED
+            ) from None
+        raise value_error(
+            f"{echo(value)} is not a usable quantity: {exc}", _QUANTITY_ALLOWED
+        ) from None
     return value
 
 
@@ -68,4 +98,66 @@ Quantity = Annotated[
         }
     ),
 ]
-"""A Kubernetes resource quantity (``2``, ``500m``, ``8Gi``)."""
+"""A Kubernetes resource quantity (``2``, ``500m``, ``8Gi``), greater than 0."""
+
+# Kubernetes decodes manifests as JSON into typed fields: "4" is no integer there and "yes"
+# no boolean. Strict fields refuse what pydantic's lax mode would coerce; a float field still
+# takes an integer (JSON has one number type), never a boolean, NaN or infinity.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict(), AllowInfNan(False)]
+Bool = Annotated[bool, Strict()]
+
+
+def _checked(check: Callable[[str], str | None], allowed: str) -> AfterValidator:
+    def validate(value: str) -> str:
+        problem = check(value)
+        if problem is not None:
+            raise value_error(f"{echo(value)} {problem}", allowed)
+        return value
+
+    return AfterValidator(validate)
+
+
+MAX_PATH_CHARS = 4096
+PathText = Annotated[
+    str,
+    Strict(),
+    Field(min_length=1, max_length=MAX_PATH_CHARS),
+    _checked(formats.control_characters, "a path or URI without control characters"),
+]
+"""A file path or URI (control characters, NUL included, are refused)."""
+PlainText = Annotated[
+    str,
+    Strict(),
+    Field(min_length=1, max_length=MAX_PATH_CHARS),
+    _checked(formats.control_characters, "text without control characters"),
+]
+"""A name or key read by the workers (dataset fields, labels)."""
+ImageRef = Annotated[
+    str,
+    Strict(),
+    Field(min_length=1, max_length=512),
+    _checked(formats.image_reference, "an image reference [registry/]repository[:tag][@digest]"),
+]
+"""A container image reference, e.g. ``ghcr.io/org/worker:1.0``."""
+RedisUrl = Annotated[
+    str,
+    Strict(),
+    Field(max_length=1024, pattern=r"^rediss?://"),
+    _checked(formats.redis_url, "redis://host[:port][/db] or rediss://..."),
+]
+"""A Redis URL without credentials."""
+DnsSubdomain = Annotated[
+    str,
+    Strict(),
+    Field(min_length=1, max_length=253),
+    _checked(formats.dns_subdomain, "lowercase letters, digits, '-' and '.', at most 253"),
+]
+"""A Kubernetes object name (Secret, ConfigMap, PersistentVolumeClaim, StorageClass)."""
+SecretKey = Annotated[
+    str,
+    Strict(),
+    Field(min_length=1, max_length=253),
+    _checked(formats.secret_key, "letters, digits, '-', '_' and '.', at most 253"),
+]
+"""A key of a Secret's data."""

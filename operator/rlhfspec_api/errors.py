@@ -20,6 +20,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
 from rlhfspec_api.base import RULES_ERROR_TYPE, VALUE_ERROR_TYPE
+from rlhfspec_api.echo import echo, key_text
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,9 @@ def join_path(parts: typing.Iterable[str | int]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         elif part:
-            out += f".{part}" if out else part
+            # Keys are user input too: cut and escaped, or one key could fill the line.
+            text = key_text(str(part))
+            out += f".{text}" if out else text
     return out
 
 
@@ -142,6 +145,18 @@ def _known_fields(model: type[BaseModel] | None) -> str:
     return "known fields: " + ", ".join(f.alias or n for n, f in model.model_fields.items())
 
 
+_TYPE_ERRORS = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false"}
+_KINDS = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list"}
+
+
+def _kind_of(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "a mapping"
+    return _KINDS.get(type(value), f"a {type(value).__name__}")
+
+
 def _one(
     root: type[BaseModel], prefix: tuple[str | int, ...], err: ErrorDetails
 ) -> list[FieldError]:
@@ -151,8 +166,10 @@ def _one(
     ctx: dict[str, Any] = dict(err.get("ctx") or {})
     value = err.get("input")
     if kind == RULES_ERROR_TYPE:
+        # A violation's field is our own dotted path below the model, not user input.
+        where = join_path((*prefix, *loc))
         return [
-            FieldError(join_path((*prefix, *loc, field)), problem, allowed)
+            FieldError(f"{where}.{field}" if where and field else where or field, problem, allowed)
             for field, problem, allowed in ctx["violations"]
         ]
     if kind == VALUE_ERROR_TYPE:
@@ -167,15 +184,22 @@ def _one(
     if kind == "value_error":
         message = err["msg"].removeprefix("Value error, ")
         return [FieldError(path, message, allowed)]
+    if kind in _TYPE_ERRORS:
+        # Strict fields: say what the value was, since "4" looks like a number in YAML.
+        return [
+            FieldError(
+                path, f"{echo(value)} is {_kind_of(value)}, not {_TYPE_ERRORS[kind]}", allowed
+            )
+        ]
     if kind in ("enum", "literal_error"):
-        return [FieldError(path, f"{value!r} is not a valid choice", allowed)]
+        return [FieldError(path, f"{echo(value)} is not a valid choice", allowed)]
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        return [FieldError(path, f"{value!r} is out of range", allowed)]
+        return [FieldError(path, f"{echo(value)} is out of range", allowed)]
     if kind in ("string_too_short", "too_short") and value in ("", [], None):
         return [FieldError(path, "must not be empty", allowed)]
     if kind == "string_pattern_mismatch":
-        return [FieldError(path, f"{value!r} has the wrong format", allowed)]
-    return [FieldError(path, f"{value!r}: {err['msg'][0].lower()}{err['msg'][1:]}", allowed)]
+        return [FieldError(path, f"{echo(value)} has the wrong format", allowed)]
+    return [FieldError(path, f"{echo(value)}: {err['msg'][0].lower()}{err['msg'][1:]}", allowed)]
 
 
 def field_errors(

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 from pydantic import Field, model_validator
 
-from rlhfspec_api.base import ContractModel
+from rlhfspec_api.base import Bool, ContractModel, Float, Int
 from rlhfspec_api.models import ModelRef, Resources
 from rlhfspec_api.rules import Violation, raise_if_any
 
@@ -45,13 +45,13 @@ class DrafterSpec(ContractModel):
     head (eagle, GPU only)."""
     model: ModelRef | None = None
     """The draft model; required for draft_model and eagle, not allowed otherwise."""
-    prompt_lookup_min: int = Field(default=2, ge=1, le=16)
+    prompt_lookup_min: Int = Field(default=2, ge=1, le=16)
     """ngram: shortest n-gram matched in the context."""
-    prompt_lookup_max: int = Field(default=4, ge=1, le=16)
+    prompt_lookup_max: Int = Field(default=4, ge=1, le=16)
     """ngram: longest n-gram matched in the context."""
-    history_iterations: int = Field(default=1, ge=0, le=16)
+    history_iterations: Int = Field(default=1, ge=0, le=16)
     """suffix: how many earlier iterations' rollouts of the same prompt feed the suffix index."""
-    min_match: int = Field(default=2, ge=1, le=64)
+    min_match: Int = Field(default=2, ge=1, le=64)
     """suffix: minimum matched suffix length before a continuation is proposed."""
 
     @model_validator(mode="after")
@@ -85,12 +85,12 @@ class DrafterSpec(ContractModel):
 class SelectorSpec(ContractModel):
     """Tuning of the workload-aware drafting-strategy selector (adaptive mode)."""
 
-    hysteresis: float = Field(default=0.04, ge=0.0, le=1.0)
+    hysteresis: Float = Field(default=0.04, ge=0.0, le=1.0)
     """Relative predicted gain a new strategy needs before the selector switches to it."""
-    acceptance_half_life_steps: int = Field(default=64, ge=1, le=100000)
+    acceptance_half_life_steps: Int = Field(default=64, ge=1, le=100000)
     """Half-life, in decode steps, of the acceptance estimate; short adapts faster after a
     weight sync, long is less noisy."""
-    calibrate: bool = True
+    calibrate: Bool = True
     """Measure the engine's step cost at worker start (cached per model and hardware)."""
 
 
@@ -104,9 +104,9 @@ class SpeculativeSpec(ContractModel):
     drafters: list[DrafterSpec] = Field(default_factory=list)
     """Candidate drafters (one per method). Left out, the model-free drafters are used:
     suffix and ngram in adaptive mode, suffix in fixed mode."""
-    max_draft_tokens: int = Field(default=8, ge=1, le=MAX_DRAFT_TOKENS_LIMIT)
+    max_draft_tokens: Int = Field(default=8, ge=1, le=MAX_DRAFT_TOKENS_LIMIT)
     """Largest draft length k the engine is prepared for."""
-    num_draft_tokens: int | None = Field(default=None, ge=1, le=MAX_DRAFT_TOKENS_LIMIT)
+    num_draft_tokens: Int | None = Field(default=None, ge=1, le=MAX_DRAFT_TOKENS_LIMIT)
     """fixed mode: the draft length; defaults to maxDraftTokens."""
     selector: SelectorSpec = Field(default_factory=SelectorSpec)
     """Selector tuning (adaptive mode)."""
@@ -194,15 +194,15 @@ class MigrationMethod(StrEnum):
 class ReallocationSpec(ContractModel):
     """Sample reallocation between generation replicas as the batch drains unevenly."""
 
-    enabled: bool = True
+    enabled: Bool = True
     """Let the coordinator migrate in-flight samples between generation workers."""
-    imbalance_threshold: float = Field(default=0.2, ge=0.0, le=10.0)
+    imbalance_threshold: Float = Field(default=0.2, ge=0.0, le=10.0)
     """Plan migrations when the slowest worker's predicted finish exceeds the mean by this
     fraction."""
-    min_gain_seconds: float = Field(default=0.05, ge=0.0, le=3600.0)
+    min_gain_seconds: Float = Field(default=0.05, ge=0.0, le=3600.0)
     """A migration must shorten the predicted stage time by at least this much beyond its own
     cost."""
-    interval_seconds: float = Field(default=0.5, gt=0.0, le=600.0)
+    interval_seconds: Float = Field(default=0.5, gt=0.0, le=600.0)
     """How often the coordinator re-plans."""
     migration: MigrationMethod = MigrationMethod.AUTO
     """How a sample moves: recompute its prefix on the destination, transfer its KV cache, or
@@ -212,15 +212,17 @@ class ReallocationSpec(ContractModel):
 class GenerationSpec(ContractModel):
     """The generation stage: N vLLM replicas sampling responses from the policy."""
 
-    replicas: int = Field(default=1, ge=1, le=1024)
+    replicas: Int = Field(default=1, ge=1, le=1024)
     """Number of generation workers (pods)."""
-    max_new_tokens: int = Field(default=64, ge=1, le=131072)
+    max_new_tokens: Int = Field(default=64, ge=1, le=131072)
     """Longest response, in tokens."""
-    temperature: float = Field(default=1.0, ge=0.0, le=10.0)
+    temperature: Float = Field(default=1.0, ge=0.0, le=10.0)
     """Sampling temperature; 0 is greedy. On-policy RL normally samples at 1.0."""
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_p: Float = Field(default=1.0, gt=0.0, le=1.0)
     """Nucleus sampling mass."""
-    stop: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list, max_length=16)
+    stop: list[Annotated[str, Field(min_length=1, max_length=1024)]] = Field(
+        default_factory=list, max_length=16
+    )
     """Strings that end a response (besides EOS and the chat template's end-of-turn token);
     the stop string is not part of the response text rewards see."""
     speculative: SpeculativeSpec = Field(default_factory=lambda: SpeculativeSpec.model_validate({}))
@@ -235,5 +237,5 @@ class GenerationSpec(ContractModel):
     float32 elsewhere. Greedy speculation is bitwise identical to plain decoding in float32
     only; in bf16 verifying k+1 tokens in one forward rounds differently from one-token steps
     (see the README's lossless section)."""
-    gpu_memory_utilization: float = Field(default=0.85, gt=0.0, le=1.0)
+    gpu_memory_utilization: Float = Field(default=0.85, gt=0.0, le=1.0)
     """Fraction of accelerator memory vLLM may use (GPU pods)."""

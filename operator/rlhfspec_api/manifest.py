@@ -8,7 +8,6 @@ downstream re-reads raw dicts.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +17,16 @@ import yaml
 from pydantic import ValidationError
 
 from rlhfspec_api import API_GROUP, API_VERSION, KIND
+from rlhfspec_api.bounded_yaml import MAX_FILE_BYTES, InputRefused, load_all
+from rlhfspec_api.echo import ECHO_CHARS, cap, echo, key_text
 from rlhfspec_api.errors import FieldError, field_errors
+from rlhfspec_api.metadata import metadata_errors
 from rlhfspec_api.spec import RLHFJobSpec
 
 FULL_API_VERSION = f"{API_GROUP}/{API_VERSION}"
-# Child objects are named <job>-<role>[-<index>] and Services must be DNS-1035 labels
-# (<= 63 characters, starting with a letter): 40 leaves room for the longest suffix.
-MAX_NAME_LENGTH = 40
-_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+# One line per problem, but not thousands: a document with 10,000 unknown keys reports the
+# first MAX_ERRORS and how many more there were (the operator copies these into its status).
+MAX_ERRORS = 50
 _TOP_LEVEL_FIELDS = ("apiVersion", "kind", "metadata", "spec", "status")
 
 
@@ -82,24 +83,41 @@ class Document:
 def load_documents(path: Path) -> list[Document]:
     """All non-empty YAML documents of ``path``; raise DocumentError on unreadable YAML."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as handle:
+            # Read one byte past the limit: enough to know, never the whole of a huge file.
+            data = handle.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         raise DocumentError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DocumentError(f"{path}: cannot read: {exc}") from None
+    except OSError as exc:
+        raise DocumentError(f"{path}: cannot read: {echo(str(exc))}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise DocumentError(f"{path}: file is larger than {MAX_FILE_BYTES} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DocumentError(f"{path}: cannot read: not UTF-8 text (byte {exc.start})") from None
     return parse_documents(text, str(path))
 
 
 def parse_documents(text: str, source: str) -> list[Document]:
-    """All non-empty YAML documents of ``text``."""
+    """All non-empty YAML documents of ``text``, loaded within ``bounded_yaml``'s limits."""
+    if len(text) > MAX_FILE_BYTES:
+        raise DocumentError(f"{source}: text is longer than {MAX_FILE_BYTES} characters")
     try:
-        docs = list(yaml.safe_load_all(text))
+        docs = load_all(text)
+    except InputRefused as exc:
+        mark = exc.mark
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        raise DocumentError(f"{source}{where}: {exc.path}: {exc.problem} ({exc.allowed})") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-        raise DocumentError(f"{source}{where}: YAML syntax error: {exc.problem}") from None
+        problem = cap(str(exc.problem), ECHO_CHARS * 2)
+        raise DocumentError(f"{source}{where}: YAML syntax error: {problem}") from None
     except yaml.YAMLError as exc:
-        raise DocumentError(f"{source}: YAML syntax error: {exc}") from None
+        raise DocumentError(
+            f"{source}: YAML syntax error: {cap(str(exc), ECHO_CHARS * 2)}"
+        ) from None
     return [Document(source, i, d) for i, d in enumerate(docs) if d is not None]
 
 
@@ -107,34 +125,28 @@ def _identity_errors(doc: Mapping[str, Any]) -> list[FieldError]:
     errors = []
     api_version, kind = doc.get("apiVersion"), doc.get("kind")
     if api_version != FULL_API_VERSION:
-        got = "missing" if api_version is None else f"{api_version!r} is not supported"
+        got = "missing" if api_version is None else f"{echo(api_version)} is not supported"
         errors.append(FieldError("apiVersion", got, FULL_API_VERSION))
     if kind != KIND:
-        got = "missing" if kind is None else f"{kind!r} is not an RLHFJob"
+        got = "missing" if kind is None else f"{echo(kind)} is not an RLHFJob"
         errors.append(FieldError("kind", got, KIND))
     for key in doc:
         if key not in _TOP_LEVEL_FIELDS:
             errors.append(
                 FieldError(
-                    str(key), "unknown field", "known fields: " + ", ".join(_TOP_LEVEL_FIELDS)
+                    key_text(str(key)),
+                    "unknown field",
+                    "known fields: " + ", ".join(_TOP_LEVEL_FIELDS),
                 )
             )
     return errors
 
 
-def _metadata_errors(meta: object) -> list[FieldError]:
-    if not isinstance(meta, Mapping):
-        return [FieldError("metadata", "required object is missing", "an object with name")]
-    name = meta.get("name")
-    allowed = (
-        f"lowercase letters, digits and '-', starting with a letter, at most "
-        f"{MAX_NAME_LENGTH} characters"
-    )
-    if name is None:
-        return [FieldError("metadata.name", "required field is missing", allowed)]
-    if not isinstance(name, str) or len(name) > MAX_NAME_LENGTH or not _DNS1035.match(name):
-        return [FieldError("metadata.name", f"{name!r} is not a valid job name", allowed)]
-    return []
+def _at_most(errors: list[FieldError], limit: int) -> list[FieldError]:
+    if len(errors) <= limit:
+        return errors
+    more = len(errors) - limit
+    return [*errors[:limit], FieldError("(document)", f"{more} more problems not shown", "")]
 
 
 def parse_rlhfjob(doc: object) -> RLHFJob:
@@ -148,9 +160,9 @@ def parse_rlhfjob(doc: object) -> RLHFJob:
         raise ManifestError([FieldError("(document)", f"is a {kind}", "a mapping (an RLHFJob)")])
     errors = _identity_errors(doc)
     if errors:
-        raise ManifestError(errors)
+        raise ManifestError(_at_most(errors, MAX_ERRORS))
     meta = doc.get("metadata")
-    errors = _metadata_errors(meta)
+    errors = metadata_errors(meta)
     raw_spec = doc.get("spec")
     spec: RLHFJobSpec | None = None
     if not isinstance(raw_spec, Mapping):
@@ -162,7 +174,7 @@ def parse_rlhfjob(doc: object) -> RLHFJob:
         except ValidationError as exc:
             errors.extend(field_errors(RLHFJobSpec, exc, prefix=("spec",)))
     if errors or spec is None:
-        raise ManifestError(errors)
+        raise ManifestError(_at_most(errors, MAX_ERRORS))
     assert isinstance(meta, Mapping)
     return RLHFJob(
         name=str(meta["name"]),

@@ -11,7 +11,8 @@ from enum import StrEnum
 
 from pydantic import Field, field_validator
 
-from rlhfspec_api.base import ContractModel, Quantity, value_error
+from rlhfspec_api.base import ContractModel, Int, PathText, Quantity, value_error
+from rlhfspec_api.echo import echo
 
 # Schemes a model location may use. ``tiny://`` names a model of the built-in tiny kit
 # (``rlhfspec models build``); ``zoo://`` a pretrained model of the zoo, fetched and converted
@@ -30,7 +31,7 @@ class DType(StrEnum):
 class ModelRef(ContractModel):
     """Where a model's HF-format weights live."""
 
-    path: str = Field(min_length=1)
+    path: PathText
     """A filesystem path, or a URI with scheme tiny, zoo, hf, s3, gs, pvc or file
     (e.g. ``tiny://policy``, ``zoo://smollm2-135m-instruct``, ``hf://org/name``,
     ``pvc://models/policy``)."""
@@ -46,9 +47,9 @@ class ModelRef(ContractModel):
         scheme, rest = match.group(1), match.group(2)
         allowed = "a path, or a URI " + ", ".join(s + "://..." for s in MODEL_URI_SCHEMES)
         if scheme not in MODEL_URI_SCHEMES:
-            raise value_error(f"unknown scheme {scheme!r} in {value!r}", allowed)
+            raise value_error(f"unknown scheme {echo(scheme)} in {echo(value)}", allowed)
         if not rest:
-            raise value_error(f"{value!r} names no model after {scheme}://", allowed)
+            raise value_error(f"{echo(value)} names no model after {scheme}://", allowed)
         return value
 
     @property
@@ -65,7 +66,7 @@ class Resources(ContractModel):
     """CPU cores, e.g. 2 or 500m."""
     memory: Quantity = "4Gi"
     """Memory, e.g. 16Gi."""
-    gpu: int = Field(default=0, ge=0, le=64)
+    gpu: Int = Field(default=0, ge=0, le=64)
     """Accelerators per pod; 0 runs on CPU."""
     gpu_resource_name: str = Field(default="nvidia.com/gpu", pattern=r"^[a-z0-9.-]+/[a-z0-9.-]+$")
     """Extended resource name of the accelerator."""

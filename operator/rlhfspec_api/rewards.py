@@ -17,7 +17,8 @@ from enum import StrEnum
 
 from pydantic import Field, field_validator, model_validator
 
-from rlhfspec_api.base import ContractModel, value_error
+from rlhfspec_api.base import ContractModel, Float, PlainText, value_error
+from rlhfspec_api.echo import echo
 from rlhfspec_api.rules import Violation, raise_if_any
 
 
@@ -57,20 +58,20 @@ class RewardSpec(ContractModel):
     response equals the answer field (case, surrounding space and trailing punctuation
     ignored); regex: the response matches ``pattern``; sort_digits: the tiny task's exact
     sorted digits; final_number: the last number in the response equals the answer field."""
-    pattern: str | None = Field(default=None, min_length=1)
+    pattern: str | None = Field(default=None, min_length=1, max_length=4096)
     """rule regex: a Python regular expression searched in the response (dot matches newline);
     1 when found, else 0 (a format reward)."""
-    function: str | None = Field(default=None, pattern=FUNCTION_PATTERN)
+    function: str | None = Field(default=None, max_length=512, pattern=FUNCTION_PATTERN)
     """type function: ``package.module:function``, called as ``fn(prompts, responses, answers,
     metadata)`` with one list entry per response; returns one float per response."""
-    weight: float = Field(default=1.0, ge=-1000.0, le=1000.0)
+    weight: Float = Field(default=1.0, ge=-1000.0, le=1000.0)
     """This reward's weight in the sum (rewards listed in ``spec.rewards`` add up)."""
     config_map: str | None = Field(
         default=None, min_length=1, max_length=253, pattern=CONFIG_MAP_PATTERN
     )
     """type function, on a cluster: a ConfigMap in the job's namespace whose keys are module
     files (``my_rewards.py``); mounted into the worker pods and put on PYTHONPATH."""
-    name: str | None = Field(default=None, min_length=1, max_length=63)
+    name: PlainText | None = Field(default=None, max_length=63)
     """A label for logs and errors (default: the rule, ``model`` or the function)."""
 
     @field_validator("function", mode="before")
@@ -78,7 +79,7 @@ class RewardSpec(ContractModel):
     def _function_shape(cls, value: object) -> object:
         if isinstance(value, str) and not re.match(FUNCTION_PATTERN, value):
             raise value_error(
-                f"{value!r} is not {FUNCTION_FORMAT}",
+                f"{echo(value)} is not {FUNCTION_FORMAT}",
                 "a module path, a colon and a callable's name, e.g. my_rewards:score",
             )
         return value
@@ -92,7 +93,7 @@ class RewardSpec(ContractModel):
             re.compile(value)
         except re.error as exc:
             raise value_error(
-                f"{value!r} is not a valid regular expression: {exc}",
+                f"{echo(value)} is not a valid regular expression: {exc}",
                 "a Python regular expression",
             ) from None
         return value

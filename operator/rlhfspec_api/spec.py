@@ -13,12 +13,27 @@ from enum import StrEnum
 
 from pydantic import Field, field_validator, model_validator
 
-from rlhfspec_api.base import ContractModel, Quantity
+from rlhfspec_api.base import (
+    Bool,
+    ContractModel,
+    DnsSubdomain,
+    Float,
+    ImageRef,
+    Int,
+    PathText,
+    PlainText,
+    Quantity,
+    RedisUrl,
+    SecretKey,
+)
 from rlhfspec_api.generation import DrafterMethod, GenerationSpec
 from rlhfspec_api.models import ModelRef, Resources
 from rlhfspec_api.rewards import RewardRule, RewardSpec, named_terms, reward_violations
 from rlhfspec_api.rewards import RewardType as RewardType  # re-exported for spec's users
 from rlhfspec_api.rules import Violation, raise_if_any
+
+# Deadlines are added to timestamps; 2^31-1 seconds (68 years) keeps that arithmetic safe.
+MAX_DEADLINE_SECONDS = 2**31 - 1
 
 
 class AlgorithmName(StrEnum):
@@ -31,29 +46,29 @@ class AlgorithmSpec(ContractModel):
 
     name: AlgorithmName = AlgorithmName.GRPO
     """grpo: group-normalised advantages, no critic; ppo: GAE with a learned critic."""
-    iterations: int = Field(default=10, ge=1, le=1_000_000)
+    iterations: Int = Field(default=10, ge=1, le=1_000_000)
     """Generation -> inference -> training iterations to run."""
-    prompts_per_iteration: int = Field(default=32, ge=1, le=1_000_000)
+    prompts_per_iteration: Int = Field(default=32, ge=1, le=1_000_000)
     """Prompts sampled from the dataset per iteration."""
-    samples_per_prompt: int = Field(default=8, ge=1, le=1024)
+    samples_per_prompt: Int = Field(default=8, ge=1, le=1024)
     """Responses sampled per prompt (the group size of GRPO)."""
-    learning_rate: float = Field(default=5e-5, gt=0.0, le=1.0)
+    learning_rate: Float = Field(default=5e-5, gt=0.0, le=1.0)
     """Adam learning rate of the policy (and critic)."""
-    kl_coef: float = Field(default=0.01, ge=0.0, le=100.0)
+    kl_coef: Float = Field(default=0.01, ge=0.0, le=100.0)
     """Weight of the KL penalty to the reference model."""
-    clip_range: float = Field(default=0.2, gt=0.0, le=10.0)
+    clip_range: Float = Field(default=0.2, gt=0.0, le=10.0)
     """PPO-style ratio clipping epsilon."""
-    micro_batch_size: int = Field(default=64, ge=1, le=1_000_000)
+    micro_batch_size: Int = Field(default=64, ge=1, le=1_000_000)
     """Samples per forward/backward pass; gradients accumulate over micro-batches."""
-    mini_batches: int = Field(default=2, ge=1, le=1024)
+    mini_batches: Int = Field(default=2, ge=1, le=1024)
     """Optimizer steps per iteration (the iteration's samples are split into this many)."""
-    gamma: float = Field(default=1.0, ge=0.0, le=1.0)
+    gamma: Float = Field(default=1.0, ge=0.0, le=1.0)
     """ppo: discount factor."""
-    gae_lambda: float = Field(default=0.95, ge=0.0, le=1.0)
+    gae_lambda: Float = Field(default=0.95, ge=0.0, le=1.0)
     """ppo: GAE lambda."""
-    value_clip_range: float = Field(default=0.2, gt=0.0, le=100.0)
+    value_clip_range: Float = Field(default=0.2, gt=0.0, le=100.0)
     """ppo: value-function clipping epsilon."""
-    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    seed: Int = Field(default=0, ge=0, le=2**31 - 1)
     """Seed of prompt sampling, generation and training."""
 
     @property
@@ -83,13 +98,13 @@ class ChatTemplate(StrEnum):
 class DatasetSpec(ContractModel):
     """The prompt dataset: JSON lines or Parquet, one prompt per row, and its held-out split."""
 
-    path: str = Field(min_length=1)
+    path: PathText
     """Path or URI of a .jsonl or .parquet file (``tiny://dataset/train.jsonl``,
     ``pvc://data/x.parquet``, a local path)."""
-    prompt_field: str = Field(default="prompt", min_length=1)
+    prompt_field: PlainText = "prompt"
     """Field holding the prompt: a string, or a list of ``{role, content}`` chat messages.
     Dots name nested keys (``question.text``)."""
-    answer_field: str | None = "answer"
+    answer_field: PlainText | None = "answer"
     """Field holding the reference answer rewards compare with (dots for nested keys; null if
     none). Numbers are read as their text."""
     chat_template: ChatTemplate = ChatTemplate.AUTO
@@ -97,15 +112,15 @@ class DatasetSpec(ContractModel):
     with the policy tokenizer's chat template, generation prompt appended; off (or false) =
     the text as it is; auto = on when the tokenizer defines a chat template. Chat-message
     prompts are always rendered with the template (off is an error for them)."""
-    eval: str | None = Field(default=None, min_length=1)
+    eval: PathText | None = None
     """A held-out split (path or URI, same format and fields as ``path``), scored greedily
     every ``evalEvery`` iterations and never trained on."""
-    eval_fraction: float | None = Field(default=None, gt=0.0, lt=1.0)
+    eval_fraction: Float | None = Field(default=None, gt=0.0, lt=1.0)
     """Instead of ``eval``: hold out this fraction of ``path``'s rows (a seeded draw)."""
-    eval_every: int = Field(default=1, ge=1, le=1_000_000)
+    eval_every: Int = Field(default=1, ge=1, le=1_000_000)
     """Score the held-out split after every N-th iteration (and the last), plus once before
     training starts."""
-    eval_max_tokens: int | None = Field(default=None, ge=1, le=131072)
+    eval_max_tokens: Int | None = Field(default=None, ge=1, le=131072)
     """Longest held-out response (default: generation.maxNewTokens)."""
 
     @field_validator("chat_template", mode="before")
@@ -138,7 +153,7 @@ class DatasetSpec(ContractModel):
 class InferenceSpec(ContractModel):
     """The inference stage: rewards, reference log-probs, critic values."""
 
-    batch_size: int = Field(default=64, ge=1, le=100_000)
+    batch_size: Int = Field(default=64, ge=1, le=100_000)
     """Sequences per forward pass."""
     resources: Resources = Field(default_factory=Resources)
     """Resources of the inference pod."""
@@ -147,9 +162,9 @@ class InferenceSpec(ContractModel):
 class TrainerSpec(ContractModel):
     """The training stage."""
 
-    checkpoint_every: int = Field(default=1, ge=1, le=1_000_000)
+    checkpoint_every: Int = Field(default=1, ge=1, le=1_000_000)
     """Write an HF-format checkpoint every N iterations (the trainer resumes from the last)."""
-    keep_checkpoints: int = Field(default=2, ge=1, le=1000)
+    keep_checkpoints: Int = Field(default=2, ge=1, le=1000)
     """Checkpoints kept on storage; older ones are deleted."""
     resources: Resources = Field(default_factory=Resources)
     """Resources of the trainer pod."""
@@ -165,7 +180,7 @@ class SecretKeyRef(ContractModel):
 
     name: str = Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
     """Secret name."""
-    key: str = Field(default="password", min_length=1)
+    key: SecretKey = "password"
     """Key inside the Secret."""
 
 
@@ -174,24 +189,24 @@ class CoordinatorSpec(ContractModel):
 
     mode: CoordinatorMode = CoordinatorMode.MANAGED
     """managed: the operator runs a Redis for the job; external: use url."""
-    url: str | None = Field(default=None, pattern=r"^rediss?://")
+    url: RedisUrl | None = None
     """external: Redis URL, e.g. redis://redis.infra:6379/0."""
     password_secret: SecretKeyRef | None = None
     """external: Secret holding the Redis password (managed mode generates one)."""
-    redis_image: str = "redis:7.4-alpine"
+    redis_image: ImageRef = "redis:7.4-alpine"
     """managed: Redis image."""
 
 
 class StorageSpec(ContractModel):
     """Where checkpoints and synced weights live. Exactly one of claimName, size or path."""
 
-    claim_name: str | None = None
+    claim_name: DnsSubdomain | None = None
     """Use this existing PersistentVolumeClaim."""
     size: Quantity | None = None
     """Create a PersistentVolumeClaim of this size, owned by the job."""
-    storage_class_name: str | None = None
+    storage_class_name: DnsSubdomain | None = None
     """Storage class of the created claim."""
-    path: str | None = None
+    path: PathText | None = None
     """A local directory (local mode, ``rlhfspec run``)."""
 
     @model_validator(mode="after")
@@ -251,15 +266,15 @@ class RLHFJobSpec(ContractModel):
     """Coordinator and its Redis."""
     storage: StorageSpec = Field(default_factory=lambda: StorageSpec(size="10Gi"))
     """Checkpoint and weight storage."""
-    image: str = Field(default="ghcr.io/rlhfspec/worker-cpu:0.1.0", min_length=1)
+    image: ImageRef = "ghcr.io/rlhfspec/worker-cpu:0.1.0"
     """Container image of the workers."""
-    backoff_limit: int = Field(default=3, ge=0, le=1000)
+    backoff_limit: Int = Field(default=3, ge=0, le=1000)
     """Worker pod failures tolerated (each failed pod is recreated) before the job fails."""
-    active_deadline_seconds: int | None = Field(default=None, ge=1)
+    active_deadline_seconds: Int | None = Field(default=None, ge=1, le=MAX_DEADLINE_SECONDS)
     """Fail the job when it runs longer than this."""
-    startup_deadline_seconds: int = Field(default=900, ge=1)
+    startup_deadline_seconds: Int = Field(default=900, ge=1, le=MAX_DEADLINE_SECONDS)
     """Fail the job when its pods are not all running this long after creation."""
-    suspend: bool = False
+    suspend: Bool = False
     """true deletes worker pods and keeps Redis state and checkpoints; false resumes."""
 
     @model_validator(mode="after")

@@ -116,8 +116,7 @@ CASES: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     (
         "replicas-as-string",
         _set("spec.generation.replicas", "two"),
-        "spec.generation.replicas: 'two': input should be a valid integer, unable to parse "
-        "string as an integer (an integer 1..1024)",
+        "spec.generation.replicas: 'two' is a string, not an integer (an integer 1..1024)",
     ),
     (
         "bad-quantity",

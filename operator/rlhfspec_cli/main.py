@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rlhfspec_api.crd import render_crd_yaml
-from rlhfspec_api.manifest import DocumentError, ManifestError, load_documents, parse_rlhfjob
+from rlhfspec_cli.validate import validate_files
 
 
 def _cmd_crd(args: argparse.Namespace) -> int:
@@ -27,37 +27,7 @@ def _cmd_crd(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    valid: list[str] = []
-    failed = 0
-    for name in args.files:
-        try:
-            documents = load_documents(Path(name))
-        except DocumentError as exc:
-            print(exc, file=sys.stderr)
-            failed += 1
-            continue
-        if not documents:
-            print(f"{name}: no YAML documents", file=sys.stderr)
-            failed += 1
-            continue
-        for document in documents:
-            try:
-                job = parse_rlhfjob(document.content)
-            except ManifestError as exc:
-                failed += 1
-                for error in exc.errors:
-                    print(f"{document.label}: {error}", file=sys.stderr)
-                continue
-            spec = job.spec
-            valid.append(
-                f"{job.name} ({spec.algorithm.name.value}, {spec.generation.replicas} generation "
-                f"replica(s), speculative {spec.generation.speculative.mode.value})"
-            )
-    if failed:
-        print(f"invalid: {failed} problem document(s); {len(valid)} valid", file=sys.stderr)
-        return 1
-    print(f"valid: {len(valid)} RLHFJob(s): " + "; ".join(valid))
-    return 0
+    return 0 if validate_files(args.files, sys.stdout, sys.stderr).ok else 1
 
 
 # Commands implemented in other packages own their argument parsing; imported lazily so the

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 
+from rlhfspec_api.echo import cap
 from rlhfspec_api.status import Condition, ConditionStatus, RLHFJobStatus
 
 
@@ -45,7 +46,7 @@ def set_condition(
         type=kind,
         status=value,
         reason=reason,
-        message=message,
+        message=cap(message),  # every condition message, whatever its source, stays small
         last_transition_time=timestamp(now) if moved or old is None else old.last_transition_time,
         observed_generation=generation,
     )

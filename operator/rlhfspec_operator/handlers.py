@@ -29,6 +29,7 @@ from aiohttp import web
 
 from rlhfspec_api import API_GROUP, API_VERSION
 from rlhfspec_api.crd import PLURAL
+from rlhfspec_api.echo import cap
 from rlhfspec_api.manifest import ManifestError, RLHFJob, parse_rlhfjob
 from rlhfspec_api.status import TERMINAL_PHASES, Phase
 from rlhfspec_operator import builders, coordinator, metrics, updates
@@ -287,8 +288,8 @@ async def update(
     try:
         live = _parse(body)
     except ManifestError as exc:
-        message = "; ".join(str(e) for e in exc.errors)
-        kopf.warn(body, reason="UpdateRejected", message=f"invalid change ignored: {message}")
+        message = cap("invalid change ignored: " + "; ".join(str(e) for e in exc.errors))
+        kopf.warn(body, reason="UpdateRejected", message=message)
         return
     pinned = updates.pinned_spec(meta.annotations) or live.spec.to_wire()
     accepted, rejected = updates.split_changes(updates.changed_fields(pinned, live.spec.to_wire()))

@@ -19,6 +19,7 @@ import datetime
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from rlhfspec_api.echo import cap
 from rlhfspec_api.manifest import RLHFJob
 from rlhfspec_api.status import TERMINAL_PHASES, ConditionStatus, Phase, RLHFJobStatus
 from rlhfspec_operator.conditions import condition, parse_time, set_condition, timestamp
@@ -81,6 +82,7 @@ def parse_status(raw: object) -> RLHFJobStatus:
 def _enter(plan: Plan, obs: Observation, phase: Phase, reason: str, message: str) -> None:
     """Set phase, reason and message; an event when the phase changes (Warning for Failed)."""
     status = plan.status
+    message = cap(message)
     changed = status.phase != phase
     status.phase, status.reason, status.message = phase, reason, message
     status.observed_generation = obs.generation
@@ -103,7 +105,10 @@ def validation_failed(
     errors: Sequence[str], generation: int | None, now: datetime.datetime
 ) -> tuple[RLHFJobStatus, Event]:
     """Status and event of a manifest the contract rejects (nothing else is created)."""
-    message = "; ".join(errors)
+    # Capped: a refused manifest's errors quote its values, and the status (message and
+    # Failed condition) and the event each hold a copy; uncapped, one huge field could push
+    # the object past etcd's 1.5 MiB limit.
+    message = cap("; ".join(errors))
     status = RLHFJobStatus(
         phase=Phase.FAILED,
         reason="ValidationFailed",

@@ -96,6 +96,17 @@ class BoundedLoader(yaml.SafeLoader):
     def _next(self) -> Any:
         return self.get_event()  # type: ignore[no-untyped-call]
 
+    def fetch_flow_collection_start(self, TokenClass: Any) -> None:
+        # The scanner reads ahead of the composer (up to 1024 characters for a possible
+        # mapping key), so ``[[[[...`` is cheapest to refuse here, where brackets are counted.
+        if self.flow_level >= MAX_DEPTH:
+            raise self._refuse(
+                "nested too deeply",
+                f"at most {MAX_DEPTH} levels of lists and mappings",
+                self.get_mark(),  # type: ignore[no-untyped-call]
+            )
+        super().fetch_flow_collection_start(TokenClass)  # type: ignore[no-untyped-call]
+
     def compose_document(self) -> Node | None:
         self._sizes, self._aliases = {}, 0
         self._document_start = self._peek().start_mark.index

@@ -33,6 +33,8 @@ def echo(value: object) -> str:
     A cut string says how long the original was: ``'aaaa…' (700000 characters)``. Control
     characters are escaped (it is a repr), so the quote never breaks the line.
     """
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]  # as the YAML reads
     if isinstance(value, str):
         if len(value) <= ECHO_CHARS:
             return repr(value)

@@ -53,8 +53,26 @@ def _strip_optional(annotation: Any) -> Any:
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         if len(args) == 1:
-            return args[0]
+            annotation = args[0]
+    if typing.get_origin(annotation) is typing.Annotated:
+        return typing.get_args(annotation)[0]
     return annotation
+
+
+def _constraints(info: FieldInfo) -> list[Any]:
+    """The field's constraints, with those of an Annotated type inside ``X | None``.
+
+    Pydantic lifts the constraints of ``Annotated[int, ...]`` into the field, but not when
+    the Annotated type sits inside an Optional (``Int | None``, ``RedisUrl | None``).
+    """
+    found: list[Any] = list(info.metadata)
+    annotation = info.annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            if typing.get_origin(arg) is typing.Annotated:
+                for meta in typing.get_args(arg)[1:]:
+                    found.extend(meta.metadata if isinstance(meta, FieldInfo) else [meta])
+    return found
 
 
 def _field_by_alias(model: type[BaseModel], alias: str) -> FieldInfo | None:
@@ -91,7 +109,7 @@ def _bounds(info: FieldInfo) -> tuple[object, object, bool, bool]:
     low: object = None
     high: object = None
     low_open = high_open = False
-    for meta in info.metadata:
+    for meta in _constraints(info):
         if isinstance(meta, annotated_types.Ge):
             low = meta.ge
         elif isinstance(meta, annotated_types.Gt):
@@ -131,7 +149,7 @@ def describe_allowed(info: FieldInfo | None) -> str:
             parts.append(f"{'<' if high_open else '<='} {high}")
         return f"{kind} " + " and ".join(parts) if parts else kind
     if annotation is str:
-        for meta in info.metadata:
+        for meta in _constraints(info):
             pattern = getattr(meta, "pattern", None)
             if pattern:
                 return f"a string matching {pattern}"

@@ -8,6 +8,8 @@ bombs, a 5000-digit integer, megabyte values) are generated here rather than com
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -227,3 +229,26 @@ def test_load_check_one_thousand_manifests_in_one_call(tmp_path: Path) -> None:
         f"\nvalidate: 1000 manifests ({valid} valid) in {seconds:.2f} s, "
         f"peak traced memory {peak / 2**20:.1f} MiB, {len(lines)} output lines"
     )
+
+
+def test_the_command_over_the_whole_corpus_prints_a_summary_and_fails() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rlhfspec_cli",
+            "validate",
+            *map(str, CORPUS_FILES),
+            *map(str, EXAMPLES),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    last = result.stderr.splitlines()[-1]
+    files = len(CORPUS_FILES) + len(EXAMPLES)
+    assert last.startswith("invalid: ")
+    assert f"({files} files, {len(EXAMPLES)} valid, " in last

@@ -42,7 +42,7 @@ def test_quick_generation_benchmark_runs_every_configuration(
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads((out / "generation.json").read_text())
     settings = doc["settings"]
-    expected = {"off", "k0", "bandit", "ours", "oracle", "dynsd-vllm"}
+    expected = {"off", "k0", "bandit", "ours", "bucket-oracle", "oracle", "dynsd-vllm"}
     expected |= {f"fixed:{d}:{k}" for d in settings["drafters"] for k in settings["ks"]}
     expected |= {f"dynsd:{d}" for d in settings["drafters"]}
     assert set(doc["configs"]) == expected
@@ -56,3 +56,12 @@ def test_quick_generation_benchmark_runs_every_configuration(
     assert len(trace["t"]) == len(trace["batch"]) == len(trace["k"]) > 0
     assert (out / "generation.png").stat().st_size > 10_000
     assert "ours vs speculation off" in proc.stdout
+    # The true oracle is computed by replay, not run: every fixed configuration was replayed
+    # too, and the printout says how the replay compares with the measured runs.
+    assert doc["configs"]["oracle"]["runs"] == []
+    oracle = doc["oracle"]
+    assert set(oracle["replayed"]) == {n for n in expected if n.startswith("fixed:")} | {"k0"}
+    assert all(v > 0 for v in oracle["measured_over_replayed"].values())
+    assert sum(oracle["choices"].values()) > 0
+    assert isinstance(oracle["at_or_above_fixed"], bool)
+    assert "true hindsight oracle:" in proc.stdout

@@ -42,6 +42,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--quick", action="store_true", help="small smoke run (about a minute)")
     gen.add_argument(
+        "--model",
+        help="policy to generate with: a path or zoo://NAME (default: the tiny kit's); "
+        "with zoo://smollm2-135m-instruct the defaults are the arithmetic chat task",
+    )
+    gen.add_argument(
+        "--dataset", type=Path, help="prompt rows (.jsonl/.parquet: prompt, answer) for --model"
+    )
+    gen.add_argument(
+        "--draft", type=Path, help="draft model directory of the draft_model drafter (--model)"
+    )
+    gen.add_argument(
+        "--iterations",
+        type=int,
+        help="visits of the same prompts (RL epochs; default 1): from the second, the suffix "
+        "drafter also drafts from the previous visit's rollouts",
+    )
+    gen.add_argument(
+        "--temperature", type=float, help="sampling temperature (default 1.0, as RL samples)"
+    )
+    gen.add_argument(
+        "--no-hindsight", action="store_true", help="skip the true hindsight oracle's replay"
+    )
+    gen.add_argument(
         "--prompts",
         type=int,
         help="prompts in the batch (default 16: with 4 samples, 64 sequences sit as far past "
@@ -72,11 +95,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+REAL_MODEL_DEFAULTS = dict(
+    # A real model on this CPU: 8 chat prompts x 8 samples (an RL group size), drafters that
+    # need no draft model, responses up to 128 tokens, two visits of the prompts.
+    prompts=8,
+    samples=8,
+    max_tokens=128,
+    drafters=("suffix", "ngram"),
+    ks=(1, 2, 4),
+    target_size=None,
+    iterations=2,
+    repeats=3,
+    profile_rounds=1,
+)
+ARITHMETIC_EVAL = Path(__file__).resolve().parents[3] / "examples" / "data" / "arith-eval.jsonl"
+"""The arithmetic task's held-out rows (``rlhfspec data make arithmetic``): the default
+``--dataset`` of a ``--model`` run."""
+
+
 def _generation(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from .generation import run_benchmark
     from .workload import Settings
 
+    if args.model is not None:
+        return _generation_model(args)
     base = (
         Settings(
             prompts=8,
@@ -112,15 +155,64 @@ def _generation(args: argparse.Namespace) -> int:
         calibration_cache=args.calibration_cache,
         recalibrate=args.recalibrate,
     )
+    if args.iterations is not None:
+        settings = dataclasses.replace(settings, iterations=args.iterations)
+    if args.temperature is not None:
+        settings = dataclasses.replace(settings, temperature=args.temperature)
+    settings = dataclasses.replace(settings, hindsight=not args.no_hindsight)
     if args.kit is not None:
         kit = args.kit
     else:
         from rlhfspec_workers.tinymodels import ensure_tiny_models
 
         kit = ensure_tiny_models(seed=0)
-    doc = run_benchmark(kit, settings, args.out)
-    print(f"wrote {args.out / 'generation.json'} and {args.out / 'generation.png'}")
+    return _finish(run_benchmark(kit, settings, args.out), args.out)
+
+
+def _generation_model(args: argparse.Namespace) -> int:
+    from .generation import run_benchmark
+    from .workload import Settings
+
+    numbers: dict[str, object] = dict(REAL_MODEL_DEFAULTS)
+    if args.quick:
+        numbers.update(prompts=2, samples=4, max_tokens=32, repeats=1, ks=(1, 4), iterations=2)
+    given = {
+        "prompts": args.prompts,
+        "samples": args.samples,
+        "max_tokens": args.max_tokens,
+        "repeats": args.repeats,
+        "ks": args.ks,
+        "drafters": args.drafters,
+        "iterations": args.iterations,
+        "temperature": args.temperature,
+    }
+    numbers.update({k: v for k, v in given.items() if v is not None})
+    dataset = args.dataset or ARITHMETIC_EVAL
+    settings = dataclasses.replace(
+        Settings(),
+        **numbers,  # type: ignore[arg-type]
+        model=args.model,
+        dataset=dataset,
+        draft=args.draft,
+        dtype=args.dtype,
+        native_dynsd=not args.no_native_dynsd,
+        seed=args.seed,
+        calibration_cache=args.calibration_cache,
+        recalibrate=args.recalibrate,
+        hindsight=not args.no_hindsight,
+    )
+    kit = args.kit
+    if kit is None and "draft_model" in settings.drafters and args.draft is None:
+        from rlhfspec_workers.tinymodels import ensure_tiny_models
+
+        kit = ensure_tiny_models(seed=0)
+    return _finish(run_benchmark(kit, settings, args.out), args.out)
+
+
+def _finish(doc: dict[str, object], out: Path) -> int:
+    print(f"wrote {out / 'generation.json'} and {out / 'generation.png'}")
     configs = doc["configs"]
+    assert isinstance(configs, dict)
     return 0 if all(c["median_tokens_per_second"] > 0 for c in configs.values()) else 1
 
 

@@ -16,13 +16,23 @@ Configurations, all on the same target model:
   drafters;
 * ``bandit``: TLT's bucketed epsilon-greedy bandit over the same strategies;
 * ``ours``: the adaptive policy (calibrated cost model + online acceptance + selector);
-* ``oracle``: the best measured strategy per batch bucket, in hindsight, from the profile.
+* ``bucket-oracle``: the best measured strategy per batch bucket, in hindsight, from the
+  profile (a schedule, run like the others);
+* ``oracle``: the true hindsight oracle (``benchmarks.hindsight_oracle``): per step, the best
+  (drafter, k) given the acceptance each drafter really had at that step. Computed by replay
+  from a shadow-drafting run, not run.
+
+The workload is the tiny kit's by default; ``Settings.model`` + ``Settings.dataset`` take any
+policy and chat dataset (SmolLM2 on the arithmetic task, say), with the drafters that need no
+draft model. ``Settings.iterations`` revisits the same prompts, as RL epochs do: every
+configuration's iteration i starts with the suffix drafter holding the same rollouts of
+iteration i - 1 (those of the shadow run), so history drafting is compared fairly.
 
 A profile pass runs every fixed strategy once (it also warms everything up); learned
 policies (bandit, ours) get one unmeasured warm-up run and keep learning across runs, as
-they would across RL iterations. Then ``repeats`` rounds run every configuration in a
-shuffled order; results are medians, reported as ratios (field notes 6: timing on a shared
-machine is fragile).
+they would across RL iterations. Then ``repeats`` rounds run every configuration, each
+iteration in a shuffled order; results are medians over rounds, reported as ratios (field
+notes 6: timing on a shared machine is fragile).
 """
 
 from __future__ import annotations
@@ -47,11 +57,20 @@ from rlhfspec_workers.generation.policy import (
     DraftPolicy,
     FixedPolicy,
 )
-from rlhfspec_workers.generation.records import SamplingConfig
+from rlhfspec_workers.generation.records import SampleResult, SamplingConfig, StepRecord
+from rlhfspec_workers.generation.shadow import ShadowDrafts
 from rlhfspec_workers.spec_decode.bandit import BanditSelector, strategy_set
 
+from .hindsight_oracle import IterationTraces, add_oracle, iteration_traces
 from .policies import BanditPolicy, Profile, hand_tuned_schedule, oracle_schedule
-from .workload import RunResult, Settings, auto_dtype, bench_spec, load_prompts
+from .workload import (
+    RunResult,
+    Settings,
+    auto_dtype,
+    bench_spec,
+    load_dataset_prompts,
+    load_prompts,
+)
 
 Log = Callable[[str], None]
 DYNSD_RANGES = ((1, 4), (5, 16), (17, 64))
@@ -61,27 +80,41 @@ DYNSD_RANGES = ((1, 4), (5, 16), (17, 64))
 class Bench:
     """Engines, policies and the run loop of one benchmark."""
 
-    def __init__(self, kit: Path, settings: Settings, log: Log = print) -> None:
+    def __init__(self, kit: Path | None, settings: Settings, log: Log = print) -> None:
         import torch
 
         self.settings, self.log, self.kit = settings, log, kit
         torch.set_num_threads(1)  # before any engine: vLLM then pins it (field notes 7)
         self.dtype = auto_dtype() if settings.dtype == "auto" else settings.dtype
-        self.target = kit / "policy"
-        if settings.target_size:
-            from .target import TargetSize, scaled_target
+        self.draft: Path | None = settings.draft or (kit / "draft" if kit else None)
+        if settings.model:
+            from rlhfspec_workers.model_uris import resolve_builtin
 
-            size = TargetSize.parse(settings.target_size)
-            cache = kit.parent.parent / "bench-targets"
-            self.target = scaled_target(kit / "policy", size, cache, seed=settings.seed)
-        self.prompts = load_prompts(kit, settings)
+            if settings.dataset is None:
+                raise ValueError("--model needs --dataset (rows with a prompt and an answer)")
+            self.target = resolve_builtin(settings.model) or Path(settings.model)
+            self.prompts = load_dataset_prompts(settings.dataset, settings)
+        else:
+            if kit is None:
+                raise ValueError("the tiny-kit workload needs the kit")
+            self.target = kit / "policy"
+            if settings.target_size:
+                from .target import TargetSize, scaled_target
+
+                size = TargetSize.parse(settings.target_size)
+                cache = kit.parent.parent / "bench-targets"
+                self.target = scaled_target(kit / "policy", size, cache, seed=settings.seed)
+            self.prompts = load_prompts(kit, settings)
+        if "draft_model" in settings.drafters and self.draft is None:
+            raise ValueError("the draft_model drafter needs --draft")
         self.batch = settings.prompts * settings.samples
         self.sampling = SamplingConfig(
             temperature=settings.temperature, max_tokens=settings.max_tokens
         )
+        self.max_model_len = self._max_model_len()
         self.engine_args: dict[str, Any] = {
             "max_num_seqs": max(self.batch, 1),
-            "max_model_len": 128,
+            "max_model_len": self.max_model_len,
             "dtype": self.dtype,
             "seed": settings.seed,
             "kv_cache_bytes": max(256 << 20, self._kv_bytes()),
@@ -91,13 +124,38 @@ class Bench:
         self.native: dict[str, list[tuple[int, int, int]]] = {}
         self.profile = Profile()
         self.results: list[RunResult] = []
+        self.profile_runs: list[tuple[str, list[StepRecord]]] = []
+        self.shadows: list[IterationTraces] = []
+        self.last_samples: list[SampleResult] = []
+        self.history: list[dict[str, list[list[int]]]] = []
+        """Per iteration: its shadow run's rollouts by prompt group (the next iteration's
+        suffix history, the same for every configuration)."""
         self.meta: dict[str, Any] = {"settings": _jsonable(asdict(settings)), "dtype": self.dtype}
+
+    def _max_model_len(self) -> int:
+        if not self.settings.model:
+            return 128
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(self.target))
+        longest = 0
+        for p in self.prompts:
+            if p.messages is not None:
+                text = tokenizer.apply_chat_template(
+                    [dict(m) for m in p.messages], add_generation_prompt=True, tokenize=False
+                )
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                longest = max(longest, len(ids))
+            else:
+                longest = max(longest, len(tokenizer(str(p.prompt))["input_ids"]))
+        return longest + self.settings.max_tokens + self.settings.max_k + 8
 
     def _kv_bytes(self) -> int:
         cfg = json.loads((self.target / "config.json").read_text())
-        per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["head_dim"]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim
         width = 2 if self.dtype == "bfloat16" else 4
-        return int(per_token * width * 128 * (self.batch + 16) * 1.2)
+        return int(per_token * width * self.max_model_len * (self.batch + 16) * 1.2)
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -109,8 +167,12 @@ class Bench:
             self.target,
             **self.engine_args,
         )
-        spec = bench_spec(s.drafters, s.max_k)
-        drafts = {i: self.kit / "draft" for i, d in enumerate(s.drafters) if d == "draft_model"}
+        spec = bench_spec(s.drafters, s.max_k, draft=str(self.draft))
+        drafts = {
+            i: self.draft
+            for i, d in enumerate(s.drafters)
+            if d == "draft_model" and self.draft is not None
+        }
         self.engines["proposer"] = GenerationEngine(
             spec, self.target, draft_models=drafts, **self.engine_args
         )
@@ -139,7 +201,9 @@ class Bench:
         self.policies["ours"] = build_adaptive_policy(engine, spec, self.cost_model, k_values=s.ks)
 
     def profile_pass(self) -> None:
-        """Every fixed strategy once: the hindsight profile, and everyone's warm-up."""
+        """Every fixed strategy once: the hindsight profile, and everyone's warm-up. Then one
+        shadow-drafting run per iteration (the true oracle's traces, and the suffix history
+        every configuration of the next iteration starts from)."""
         self.run_config("off", -1)
         fixed = [n for n in self.policies if n == "k0" or n.startswith("fixed:")]
         for round_index in range(self.settings.profile_rounds):
@@ -147,9 +211,12 @@ class Bench:
                 result = self.run_config(name, -1)
                 choice = self.policies[name].choose(1)
                 self.profile.add((choice.drafter, choice.k), result.steps)
+                self.profile_runs.append((name, result.steps))
+        for iteration in range(self.settings.iterations):
+            self.shadow_run(iteration)
         oracle = oracle_schedule(self.profile, self.batch)
-        self.policies["oracle"] = BatchSizePolicy(oracle)
-        self.meta["oracle_schedule"] = oracle
+        self.policies["bucket-oracle"] = BatchSizePolicy(oracle)
+        self.meta["bucket_oracle_schedule"] = oracle
         ranges = [*DYNSD_RANGES, (DYNSD_RANGES[-1][1] + 1, self.batch)]
         ranges = [(lo, hi) for lo, hi in ranges if lo <= self.batch]
         schedules = {
@@ -158,19 +225,41 @@ class Bench:
         self.meta["dynsd_schedules"] = schedules
         for d, rows in schedules.items():
             self.policies[f"dynsd:{d}"] = BatchSizePolicy([(lo, hi, d, k) for lo, hi, k in rows])
-        if self.settings.native_dynsd and "draft_model" in self.settings.drafters:
-            self._start_native("dynsd-vllm", "draft_model", schedules["draft_model"])
+        native = next((d for d in ("draft_model", "ngram") if d in self.settings.drafters), None)
+        if self.settings.native_dynsd and native is not None:
+            self._start_native("dynsd-vllm", native, schedules[native])
         for name in ("bandit", "ours"):
             self.run_config(name, -1)  # learned policies: one unmeasured warm-up iteration
+
+    def shadow_run(self, iteration: int) -> None:
+        engine = self.engines["proposer"]
+        assert engine.proposer is not None
+        shadow = ShadowDrafts() if self.settings.hindsight else None
+        engine.proposer.shadow = shadow
+        try:
+            self.run_config("k0", -1, iteration)
+        finally:
+            engine.proposer.shadow = None
+        suffix = engine.suffix
+        tail = suffix.min_match if suffix is not None else 0
+        groups: dict[str, list[list[int]]] = {}
+        for sample in self.last_samples:
+            tokens = [*sample.prompt_token_ids[len(sample.prompt_token_ids) - tail :]]
+            groups.setdefault(sample.group_id, []).append([*tokens, *sample.token_ids])
+        self.history.append(groups)
+        if shadow is not None:
+            live = suffix if "suffix" in self.settings.drafters else None
+            history = self.history[iteration - 1] if iteration > 0 else None
+            self.shadows.append(iteration_traces(shadow, live, self.settings.max_k, history))
 
     def _start_native(self, name: str, drafter: str, rows: list[tuple[int, int, int]]) -> None:
         # vLLM needs num_speculative_tokens >= 1 even when the schedule never drafts.
         max_k = max([k for _, _, k in rows] + [1])
-        spec = bench_spec([drafter], max_k, native=True)
+        spec = bench_spec([drafter], max_k, native=True, draft=str(self.draft))
         self.engines[name] = GenerationEngine(
             spec,
             self.target,
-            draft_models={0: self.kit / "draft"},
+            draft_models={0: self.draft} if drafter == "draft_model" and self.draft else {},
             native=True,
             per_batch_size=rows,
             **self.engine_args,
@@ -184,16 +273,19 @@ class Bench:
     def configs(self) -> list[str]:
         return ["off", *self.native, *self.policies]
 
-    def run_config(self, name: str, round_index: int) -> RunResult:
+    def run_config(self, name: str, round_index: int, iteration: int = 0) -> RunResult:
         if name in self.engines and name != "proposer":
             engine = self.engines[name]
         else:
             engine = self.engines["proposer"]
             engine.set_policy(self.policies[name])
             suffix = engine.suffix
-            if suffix is not None:  # every run starts from the same (empty) suffix index
+            if suffix is not None:  # every run of an iteration starts from the same index
                 suffix.groups.clear()
                 suffix.live.clear()
+                if 0 < iteration <= len(self.history):
+                    for group, sequences in self.history[iteration - 1].items():
+                        suffix.add_history(group, sequences)
         engine.drain_steps()
         for p in self.prompts:
             for j in range(p.n):
@@ -202,7 +294,7 @@ class Bench:
         # configuration (nothing is drafted for it), and on a CPU it is as slow as a few dozen
         # decode steps of this batch, where on a GPU it is a few milliseconds; counting it
         # would only dilute every ratio towards 1.
-        samples = []
+        samples: list[SampleResult] = []
         for _ in range(self._prefill_steps(engine)):
             samples += engine.poll()
         engine.drain_steps()
@@ -214,12 +306,14 @@ class Bench:
         # Tokens sampled during decoding: every sample's first token came with its prefill.
         tokens = sum(len(r.token_ids) for r in samples) - self.batch
         result = RunResult(
-            name, round_index, seconds, cpu, tokens, len(samples), engine.drain_steps()
+            name, round_index, seconds, cpu, tokens, len(samples), engine.drain_steps(), iteration
         )
+        self.last_samples = samples
         if round_index >= 0:
             self.results.append(result)
         self.log(
-            f"  {'warm-up' if round_index < 0 else f'round {round_index}'} {name:<22} "
+            f"  {'warm-up' if round_index < 0 else f'round {round_index}'} it{iteration} "
+            f"{name:<22} "
             f"{result.tokens_per_second:8.1f} tok/s {result.tokens_per_cpu_second:8.1f} tok/cpu-s "
             f"{seconds:6.2f}s  {len(result.steps)} steps"
         )
@@ -227,16 +321,25 @@ class Bench:
 
     def _prefill_steps(self, engine: GenerationEngine) -> int:
         budget = int(engine.engine.vllm_config.scheduler_config.max_num_batched_tokens)
-        tokens = sum(len(engine.tokenize(str(p.prompt))) * p.n for p in self.prompts)
+        tokens = sum(
+            len(
+                engine.render_messages(p.messages)
+                if p.messages is not None
+                else engine.tokenize(str(p.prompt))
+            )
+            * p.n
+            for p in self.prompts
+        )
         return max(1, -(-tokens // budget))
 
     def measured_rounds(self) -> None:
         rng = random.Random(self.settings.seed)
         for r in range(self.settings.repeats):
-            order = list(self.configs)
-            rng.shuffle(order)
-            for name in order:
-                self.run_config(name, r)
+            for iteration in range(self.settings.iterations):
+                order = list(self.configs)
+                rng.shuffle(order)
+                for name in order:
+                    self.run_config(name, r, iteration)
 
     def close(self) -> None:
         for engine in self.engines.values():
@@ -244,12 +347,19 @@ class Bench:
 
     # -- results ----------------------------------------------------------------------------
 
-    def medians(self, *, cpu: bool = False) -> dict[str, float]:
-        by: dict[str, list[float]] = {}
+    def medians(self, *, cpu: bool = False, iteration: int | None = None) -> dict[str, float]:
+        """Per configuration, the median over rounds of its tokens per second (a round's
+        iterations taken together, or only ``iteration``)."""
+        per_round: dict[tuple[str, int], list[float]] = {}
         for r in self.results:
-            by.setdefault(r.config, []).append(
-                r.tokens_per_cpu_second if cpu else r.tokens_per_second
-            )
+            if iteration is not None and r.iteration != iteration:
+                continue
+            cell = per_round.setdefault((r.config, r.round), [0.0, 0.0])
+            cell[0] += r.tokens
+            cell[1] += r.cpu_seconds if cpu else r.seconds
+        by: dict[str, list[float]] = {}
+        for (config, _), (tokens, seconds) in per_round.items():
+            by.setdefault(config, []).append(tokens / seconds if seconds > 0 else 0.0)
         return {name: statistics.median(v) for name, v in by.items()}
 
     def representative(self, name: str) -> RunResult | None:
@@ -263,20 +373,36 @@ class Bench:
         from .report import ratios, trace
 
         medians, cpu = self.medians(), self.medians(cpu=True)
+        by_iteration = [self.medians(iteration=i) for i in range(self.settings.iterations)]
         doc: dict[str, Any] = dict(self.meta)
         doc["target"] = str(self.target)
+        if self.shadows:
+            s = self.settings
+            doc["oracle"] = add_oracle(
+                self.shadows,
+                [*self.profile_runs, *((r.config, r.steps) for r in self.results)],
+                self.cost_model.step_seconds,
+                [(d, k) for d in s.drafters for k in s.ks],
+                medians,
+                cpu,
+                by_iteration,
+            )
         doc["configs"] = {
             name: {
                 "median_tokens_per_second": round(medians[name], 2),
-                "median_tokens_per_cpu_second": round(cpu[name], 2),
+                "median_tokens_per_cpu_second": round(cpu.get(name, 0.0), 2),
+                "iterations": [round(m.get(name, 0.0), 2) for m in by_iteration],
                 "runs": [r.summary() for r in self.results if r.config == name],
             }
             for name in medians
         }
         doc["ratios"] = ratios(medians)
         doc["ratios_cpu"] = ratios(cpu)
+        doc["iterations"] = [
+            {"iteration": i, "ratios": ratios(m)} for i, m in enumerate(by_iteration)
+        ]
         doc["traces"] = {}
-        for name in ("ours", "oracle", "bandit", "off", doc["ratios"]["best_fixed"]):
+        for name in ("ours", "bucket-oracle", "bandit", "off", doc["ratios"]["best_fixed"]):
             run = self.representative(name) if name else None
             if run is not None:
                 doc["traces"][name] = trace(run.steps)
@@ -293,9 +419,12 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def run_benchmark(kit: Path, settings: Settings, out_dir: Path, log: Log = print) -> dict[str, Any]:
+def run_benchmark(
+    kit: Path | None, settings: Settings, out_dir: Path, log: Log = print
+) -> dict[str, Any]:
     """Run everything, write ``generation.json`` and ``generation.png`` into ``out_dir``, and
     return the JSON document."""
+    from .hindsight_oracle import summary
     from .report import plot, table
 
     bench = Bench(kit, settings, log)
@@ -310,4 +439,6 @@ def run_benchmark(kit: Path, settings: Settings, out_dir: Path, log: Log = print
     (out_dir / "generation.json").write_text(json.dumps(doc, indent=1))
     plot(doc, out_dir / "generation.png")
     log(table(doc))
+    if "oracle" in doc:
+        log("\n".join(summary(doc["oracle"])))
     return doc

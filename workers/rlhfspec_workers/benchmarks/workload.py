@@ -42,6 +42,18 @@ class Settings:
     """Runs of every fixed strategy behind the oracle's and the hand-tuned schedules."""
     calibration_repeats: int = 2
     """Interleaved repeats of the cost grid (a worker start uses 1 to stay under a minute)."""
+    model: str | None = None
+    """A policy to generate with (a path or a ``zoo://``/``tiny://`` URI) instead of the tiny
+    kit's; its prompts come from ``dataset``."""
+    dataset: Path | None = None
+    """JSON lines or Parquet rows (``prompt``: text or chat messages; ``answer``)."""
+    draft: Path | None = None
+    """The draft model of the ``draft_model`` drafter with ``model`` (the kit's by default)."""
+    iterations: int = 1
+    """Visits of the same prompts, as RL epochs make them: from the second on, the suffix
+    drafter drafts from the previous visit's rollouts too."""
+    hindsight: bool = True
+    """Compute the true hindsight oracle (one shadow-drafting run per iteration)."""
 
     @property
     def max_k(self) -> int:
@@ -59,6 +71,7 @@ class RunResult:
     tokens: int
     samples: int
     steps: list[StepRecord] = field(default_factory=list)
+    iteration: int = 0
 
     @property
     def tokens_per_second(self) -> float:
@@ -74,6 +87,7 @@ class RunResult:
         drafts = sum(s.num_drafts for s in self.steps)
         return {
             "round": self.round,
+            "iteration": self.iteration,
             "seconds": round(self.seconds, 4),
             "tokens": self.tokens,
             "tokens_per_second": round(self.tokens_per_second, 2),
@@ -118,11 +132,38 @@ def load_prompts(kit: Path, settings: Settings) -> list[PromptInput]:
     ]
 
 
-def bench_spec(drafters: Sequence[str], max_k: int, *, native: bool = False) -> GenerationSpec:
+def load_dataset_prompts(path: Path, settings: Settings) -> list[PromptInput]:
+    """P rows of ``path`` at evenly spaced quantiles of answer length (the task's mix of
+    easy and hard problems, deterministically), n samples each, capped at ``max_tokens``:
+    response lengths are the policy's own, long tail included, as in an RL iteration."""
+    from rlhfspec_workers.data.rows import read_rows
+
+    rows = sorted(
+        read_rows(path, "prompt", "answer", path_field="--dataset"),
+        key=lambda r: (len(r.answer or ""), r.index),
+    )
+    count = min(settings.prompts, len(rows))
+    picks = [round(i * (len(rows) - 1) / max(count - 1, 1)) for i in range(count)]
+    return [
+        PromptInput(
+            rows[j].prompt,
+            f"q{i}",
+            n=settings.samples,
+            messages=None
+            if rows[j].messages is None
+            else [{"role": m.role, "content": m.content} for m in rows[j].messages or ()],
+        )
+        for i, j in enumerate(picks)
+    ]
+
+
+def bench_spec(
+    drafters: Sequence[str], max_k: int, *, native: bool = False, draft: str = "tiny://draft"
+) -> GenerationSpec:
     def drafter(name: str) -> dict[str, Any]:
         return {
             "method": name,
-            **({"model": {"path": "tiny://draft"}} if name == "draft_model" else {}),
+            **({"model": {"path": draft}} if name == "draft_model" else {}),
         }
 
     speculative: dict[str, Any] = {

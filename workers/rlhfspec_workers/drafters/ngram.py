@@ -46,6 +46,9 @@ class NgramDrafter:
     """Prompt lookup over each request's own prompt + output."""
 
     name = NAME
+    model_free = True
+    """Drafting costs a lookup, not a forward: the adaptive policy also drafts with it on the
+    side to keep its acceptance estimate fresh (proposer.ShadowEvidence)."""
 
     def __init__(self, min_n: int = 2, max_n: int = 4) -> None:
         if not 1 <= min_n <= max_n:

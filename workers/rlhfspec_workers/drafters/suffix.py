@@ -86,6 +86,9 @@ class SuffixDrafter:
     """Grouped suffix matching over siblings and earlier iterations of each prompt."""
 
     name = NAME
+    model_free = True
+    """Drafting costs a lookup, not a forward: the adaptive policy also drafts with it on the
+    side to keep its acceptance estimate fresh (proposer.ShadowEvidence)."""
 
     def __init__(self, min_match: int = 2, history_iterations: int = 1) -> None:
         if min_match < 1 or history_iterations < 0:

@@ -233,7 +233,7 @@ class AdaptivePolicy(SelectorPolicy):
         used = feedback.choice.drafter if feedback.choice.enabled else None
         idle = 0.5 ** (1.0 / (self.half_life_steps * IDLE_HALF_LIFE_FACTOR))
         for name, est in self.estimators.items():
-            if name == used:
+            if name == used or name in feedback.shadow:
                 rows = max(feedback.batch_size, feedback.num_drafts, 1)
                 est.half_life_drafts = self.half_life_steps * rows  # one step = one half-life/h
             else:

@@ -54,6 +54,24 @@ class StepFeedback:
     everything else the engine did in between (scheduling, sampling, next drafting excluded)."""
     draft_seconds: float
     """Time spent producing these drafts."""
+    shadow: Mapping[str, ShadowEvidence] = field(default_factory=dict)
+    """Drafters that were not chosen but drafted on the side (model-free, so nearly free),
+    scored against the tokens the target emitted: drafter -> evidence."""
+
+
+@dataclass(frozen=True)
+class ShadowEvidence:
+    """A side draft's outcome, per position: ``trials[i]`` rows whose position i could be
+    checked against an emitted token, ``successes[i]`` of them equal to it.
+
+    Emitted tokens are distributed exactly as plain sampling (verification is lossless), so
+    a deterministic draft token matches the emitted one with exactly the probability that
+    verification would have accepted it: unbiased evidence for a drafter nobody ran. A step
+    emits 1 + accepted tokens per row, so deeper positions are seen only when the chosen
+    drafter got that far (censored, never counted as rejections)."""
+
+    trials: tuple[int, ...]
+    successes: tuple[int, ...]
 
 
 class DraftPolicy(Protocol):
@@ -120,6 +138,10 @@ class SelectorPolicy:
     size, so coverage must be part of a drafter's acceptance.
     """
 
+    wants_side_drafts = True
+    """Model-free drafters not chosen draft on the side (StepFeedback.shadow): their
+    acceptance stays measured while another strategy, or none, is in use."""
+
     def __init__(
         self, selector: AdaptiveSelector, estimators: Mapping[str, AcceptanceEstimator]
     ) -> None:
@@ -134,6 +156,12 @@ class SelectorPolicy:
         return DraftChoice(choice.drafter, choice.k) if choice.enabled else NO_DRAFT
 
     def observe(self, feedback: StepFeedback) -> None:
+        for name, evidence in feedback.shadow.items():
+            side = self.estimators.get(name)
+            if side is not None and evidence.trials and evidence.trials[0] > 0:
+                side.update_positions(
+                    evidence.trials, evidence.successes, float(sum(evidence.successes))
+                )
         estimator = self.estimators.get(feedback.choice.drafter)
         if estimator is None or not feedback.choice.enabled or feedback.batch_size < 1:
             return

@@ -35,7 +35,16 @@ import numpy as np
 from rlhfspec_workers.drafters.base import Drafter, DraftRow, cap_drafts
 from rlhfspec_workers.drafters.off import OffDrafter
 
-from .policy import NO_DRAFT, OFF, DraftChoice, DraftPolicy, FixedPolicy, StepFeedback
+from .policy import (
+    NO_DRAFT,
+    OFF,
+    DraftChoice,
+    DraftPolicy,
+    FixedPolicy,
+    ShadowEvidence,
+    StepFeedback,
+)
+from .shadow import ShadowDrafts
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +79,13 @@ class AdaptiveProposer:
         self._pending_step: tuple[DraftChoice, int, float, float] | None = None
         self._live: set[str] = set()
         self._warned: set[str] = set()
+        self.side_drafts: dict[str, dict[str, list[int]]] = {}
+        """drafter -> req_id -> the draft a model-free drafter not chosen made last step."""
+        self.side_drafting = True
+        """Let model-free drafters draft on the side every step (see ShadowEvidence)."""
+        self.shadow: ShadowDrafts | None = None
+        """When set (a benchmark's hindsight run): every drafter's longest draft for every
+        row, every step, goes here; vLLM still gets what the policy chose."""
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -148,12 +164,47 @@ class AdaptiveProposer:
                 accepted_per_pos=tuple(per_pos[: choice.k] if choice.enabled else ()),
                 step_seconds=time.perf_counter() - started,
                 draft_seconds=draft_seconds,
+                shadow=self._side_evidence(rows, sampled),
             )
         )
         try:
             self.policy.observe(self.feedback[-1])
         except Exception:  # a policy bug must not kill the engine mid-generation
             logger.exception("draft policy observe() failed")
+
+    def _side_evidence(
+        self, rows: Sequence[DraftRow], sampled: list[list[int]]
+    ) -> dict[str, ShadowEvidence]:
+        """Last step's side drafts scored against the tokens each row emitted since."""
+        out: dict[str, ShadowEvidence] = {}
+        for name, pending in self.side_drafts.items():
+            trials, successes = [0] * self.max_k, [0] * self.max_k
+            for row, emitted in zip(rows, sampled, strict=True):
+                draft = pending.get(row.req_id)
+                if draft is None or not emitted:
+                    continue
+                for i in range(min(self.max_k, len(emitted))):
+                    trials[i] += 1
+                    if i >= len(draft) or draft[i] != emitted[i]:
+                        break  # a short draft (no match) counts as rejected there
+                    successes[i] += 1
+            if trials[0]:
+                out[name] = ShadowEvidence(tuple(trials), tuple(successes))
+        return out
+
+    def _draft_on_the_side(self, rows: Sequence[DraftRow], choice: DraftChoice) -> None:
+        self.side_drafts = {}
+        if not (self.side_drafting and getattr(self.policy, "wants_side_drafts", False)):
+            return
+        for name, drafter in self.drafters.items():
+            if name == OFF or not getattr(drafter, "model_free", False):
+                continue
+            if choice.enabled and name == choice.drafter:
+                continue
+            drafts = cap_drafts(drafter.propose(rows, self.max_k), rows, self.max_k)
+            self.side_drafts[name] = {
+                r.req_id: d for r, d in zip(rows, drafts, strict=True) if r.max_k > 0
+            }
 
     def _choose(self, batch_size: int) -> DraftChoice:
         try:
@@ -199,6 +250,15 @@ class AdaptiveProposer:
             observe = getattr(drafter, "observe", None)
             if observe is not None:
                 observe(rows)
+        if self.shadow is not None:
+            self.shadow.record(
+                rows,
+                {
+                    name: cap_drafts(drafter.propose(rows, self.max_k), rows, self.max_k)
+                    for name, drafter in self.drafters.items()
+                    if name != OFF
+                },
+            )
 
         batch_size = sum(1 for t in sampled_token_ids if t)
         choice = self._choose(batch_size)
@@ -208,6 +268,7 @@ class AdaptiveProposer:
             )
         else:
             drafts = [[] for _ in rows]
+        self._draft_on_the_side(rows, choice)
         draft_seconds = time.perf_counter() - started
         self._pending = {r.req_id: len(d) for r, d in zip(rows, drafts, strict=True) if d}
         self._pending_step = (choice, batch_size, started, draft_seconds)

@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import torch
@@ -169,6 +170,27 @@ def _patch_rewind() -> None:
             setattr(runner, name, _hide_discarded(method))
 
 
+def _unscannable_modules() -> dict[str, ModuleType]:
+    """Modules holding a global whose ``vars()`` is not a dict (numba's compiled-function
+    wrappers, imported with vLLM's native n-gram proposer): vLLM's ``register_kernels`` scans
+    every module's globals with ``vars(value).get(...)`` and raises AttributeError on them.
+    None of them references a Triton kernel, so the scan may skip them."""
+    out: dict[str, ModuleType] = {}
+    for name, module in list(sys.modules.items()):
+        namespace = getattr(module, "__dict__", None)
+        if not isinstance(namespace, dict):
+            continue
+        for value in list(namespace.values()):
+            try:
+                inner = vars(value) if hasattr(value, "__dict__") else None
+            except TypeError:
+                continue
+            if inner is not None and not hasattr(inner, "get"):
+                out[name] = module
+                break
+    return out
+
+
 def apply() -> list[str]:
     """Apply every fix whose bug is present; returns the names of the fixes applied."""
     from vllm.triton_utils import HAS_TRITON
@@ -178,7 +200,13 @@ def apply() -> list[str]:
     if not HAS_TRITON and expand_is_broken():
         from vllm.triton_utils.dispatcher import register_kernels
 
-        register_kernels({EXPAND_KERNEL: _expand_impl})
+        hidden = _unscannable_modules()
+        try:  # vLLM's rebind scan reads vars(x).get on every module global: see below
+            for name in hidden:
+                del sys.modules[name]
+            register_kernels({EXPAND_KERNEL: _expand_impl})
+        finally:
+            sys.modules.update(hidden)
         if expand_is_broken():
             raise RuntimeError("could not fix vLLM's expand_kernel; speculative sampling is biased")
         logger.warning("patched vLLM's CPU expand_kernel (float values were lost; bug 1)")

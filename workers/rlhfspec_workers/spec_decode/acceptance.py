@@ -229,6 +229,27 @@ class AcceptanceEstimator:
             if reached == 0.0:
                 break  # nothing reached deeper positions: no trials there
 
+    def update_positions(
+        self, trials: Sequence[float], successes: Sequence[float], accepted_tokens: float = 0.0
+    ) -> None:
+        """Fold in per-position evidence observed directly: ``trials[i]`` drafts whose
+        position i was checked, ``successes[i]`` of them accepted there (for drafts scored
+        against tokens the target emitted anyway, where deeper positions go unobserved once
+        the emitted tokens run out, so trials need not follow acceptance). Ages the past by
+        ``trials[0]`` drafts, as :meth:`update` does."""
+        drafts = float(trials[0]) if trials else 0.0
+        if drafts <= 0:
+            return
+        self.forget(0.5 ** (drafts / self.half_life_drafts))
+        self.drafts += drafts
+        self.accepted_tokens += accepted_tokens
+        for i, (n, s) in enumerate(zip(trials, successes, strict=True)):
+            if n <= 0:
+                break
+            self._grow(i + 1)
+            self.successes[i] += min(float(s), float(n))
+            self.trials[i] += float(n)
+
     def forget(self, factor: float) -> None:
         """Scale all evidence by `factor` in [0, 1]; call with e.g. 0.1 right after a weight
         sync so the next few steps dominate without discarding everything."""

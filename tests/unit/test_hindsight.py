@@ -1,0 +1,126 @@
+"""The true hindsight oracle's replay (``spec_decode.hindsight``) and its report
+(``benchmarks.hindsight_oracle``) on hand-made traces whose answers can be worked out."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from rlhfspec_workers.benchmarks.hindsight_oracle import (
+    IterationTraces,
+    measured_cost,
+    oracle_report,
+)
+from rlhfspec_workers.generation.records import StepRecord
+from rlhfspec_workers.spec_decode.hindsight import (
+    OFF,
+    SequenceTrace,
+    replay_fixed,
+    replay_oracle,
+    step_cost_table,
+)
+
+
+def linear_cost(drafter: str, batch: int, k: int) -> float:
+    """A verification step costs more with more tokens in it (batch x (1 + k))."""
+    return 0.01 + 0.001 * batch * (1 + (k if drafter != OFF else 0))
+
+
+def trace(key: str, length: int, matches: dict[str, list[int]], start: int = 1) -> SequenceTrace:
+    return SequenceTrace(key, start, length, matches)
+
+
+def test_off_replay_takes_one_step_per_token() -> None:
+    seqs = [trace("a", 6, {}), trace("b", 3, {})]
+    out = replay_fixed(seqs, linear_cost, (OFF, 0))
+    # a emits 5 tokens after the first (one step each); b ends after 2.
+    assert out.steps == 5
+    assert out.tokens == 5 + 2
+    assert out.accepted == 0
+    expected = 2 * linear_cost(OFF, 2, 0) + 3 * linear_cost(OFF, 1, 0)
+    assert out.seconds == pytest.approx(expected)
+
+
+def test_fixed_replay_accepts_the_match_length_capped_by_k_and_the_end() -> None:
+    # At every position the drafter would get 3 tokens right.
+    seq = trace("a", 9, {"ngram": [3] * 8})
+    out = replay_fixed([seq], linear_cost, ("ngram", 2))
+    # Each step emits 1 + min(2, 3) = 3 tokens: positions 1 -> 4 -> 7 -> 9 (capped at the end).
+    assert out.steps == 3
+    assert out.tokens == 8
+    assert out.accepted == 8 - 3
+
+
+def test_oracle_switches_per_step_and_beats_every_fixed_strategy() -> None:
+    rng = random.Random(0)
+    # Drafts that pay only in bursts (copying phases), differently for the two drafters.
+    seqs = []
+    for i in range(12):
+        length = rng.randint(10, 60)
+        ngram = [4 if (p // 8) % 2 == 0 else 0 for p in range(length)]
+        suffix = [rng.choice([0, 0, 1, 2]) for _ in range(length)]
+        seqs.append(trace(f"s{i}", length, {"ngram": ngram, "suffix": suffix}))
+    strategies = [(d, k) for d in ("ngram", "suffix") for k in (1, 2, 4)]
+    oracle = replay_oracle(seqs, linear_cost, strategies)
+    fixed = [replay_fixed(seqs, linear_cost, s) for s in [(OFF, 0), *strategies]]
+    assert all(oracle.tokens_per_second >= f.tokens_per_second - 1e-9 for f in fixed)
+    assert oracle.tokens_per_second > max(f.tokens_per_second for f in fixed)
+    assert len(oracle.choices) > 1  # it did switch
+    assert oracle.tokens == fixed[0].tokens  # every schedule emits the same tokens
+
+
+def test_oracle_stops_drafting_when_nothing_matches() -> None:
+    seqs = [trace(f"s{i}", 20, {"ngram": [0] * 20}) for i in range(4)]
+    oracle = replay_oracle(seqs, linear_cost, [("ngram", 2)])
+    assert set(oracle.choices) == {(OFF, 0)}
+
+
+def test_step_cost_table_interpolates_measured_batches_and_falls_back() -> None:
+    records = [(("ngram", 2), 4, 0.2), (("ngram", 2), 4, 0.4), (("ngram", 2), 8, 0.5)]
+    cost = step_cost_table(records, lambda d, b, k: 99.0)
+    assert cost("ngram", 4, 2) == pytest.approx(0.3)
+    assert cost("ngram", 6, 2) == pytest.approx(0.4)
+    assert cost("ngram", 1, 2) == pytest.approx(0.3)  # nearest measured size outside
+    assert cost("ngram", 64, 2) == pytest.approx(0.5)
+    assert cost("suffix", 4, 2) == 99.0
+    assert cost("ngram", 4, 0) == 99.0  # k=0 is plain decoding, whatever the drafter
+
+
+def test_measured_cost_reads_fixed_runs_and_the_undrafted_first_step() -> None:
+    def step(batch: int, k: int, seconds: float) -> StepRecord:
+        return StepRecord(
+            step=0, batch_size=batch, num_finished=0, drafter="ngram" if k else "off", k=k,
+            num_drafts=batch if k else 0, num_draft_tokens=batch * k, num_accepted_tokens=0,
+            accepted_per_pos=(), drafted_per_pos=(), proposer_draft_tokens=batch * k,
+            proposer_accepted_tokens=0, next_drafter="ngram", next_k=2, next_draft_tokens=0,
+            step_seconds=seconds, draft_seconds=0.0,
+        )
+
+    runs = [
+        ("fixed:ngram:2", [step(4, 0, 0.1), step(4, 2, 0.3)]),
+        ("ours", [step(4, 2, 9.0)]),  # not a fixed strategy: ignored
+    ]
+    cost = measured_cost(runs, lambda d, b, k: -1.0)
+    assert cost("ngram", 4, 2) == pytest.approx(0.3)
+    assert cost(OFF, 4, 0) == pytest.approx(0.1)
+
+
+def test_report_puts_the_oracle_in_measured_currency_and_flags_a_shortfall() -> None:
+    seqs = [trace(f"s{i}", 30, {"ngram": [2] * 30}) for i in range(4)]
+    its = [IterationTraces(seqs, lambda: None)]
+    strategies = [("ngram", 2)]
+    replayed_fixed = replay_fixed(seqs, linear_cost, ("ngram", 2)).tokens_per_second
+    replayed_off = replay_fixed(seqs, linear_cost, (OFF, 0)).tokens_per_second
+    # Measured runs were half as fast as the replay says: the oracle is scaled by 0.5.
+    measured = {"k0": replayed_off / 2, "fixed:ngram:2": replayed_fixed / 2}
+    doc = oracle_report(its, linear_cost, strategies, measured, [{"off": replayed_off / 2}])
+    assert doc["scale"] == pytest.approx(0.5, abs=1e-3)
+    assert doc["best_fixed"] == "fixed:ngram:2"
+    assert doc["at_or_above_fixed"] is True
+    assert doc["over_best_fixed"] >= 1.0 - 1e-3
+    assert doc["iterations"][0]["over_off"] > 1.0
+    # A measured fixed configuration far above the replay means the replay misses something.
+    measured["fixed:ngram:2"] = replayed_fixed * 3
+    doc = oracle_report(its, linear_cost, strategies, measured)
+    assert doc["at_or_above_fixed"] is False

@@ -1,0 +1,228 @@
+"""The generation benchmark's true hindsight oracle, and the check that it is one.
+
+Where it sits: ``benchmarks.generation`` runs, per iteration, one unmeasured plain-decoding
+pass through the adaptive proposer with shadow drafting on (``generation.shadow``), and keeps
+the measured runs' step records. :func:`oracle_report` then replays each iteration's batch
+(``spec_decode.hindsight``) under:
+
+* every fixed (drafter, k) and plain decoding: the replay's own check. Their replayed
+  throughput should match the measured one; the ratio is reported per configuration, and
+  the oracle is put into measured currency with the median of those ratios;
+* the oracle: at every step the (drafter, k) with the most tokens per second given the
+  acceptance each drafter really had there, and a step cost measured in this run.
+
+By construction the oracle is at least as fast as every fixed configuration in the replay;
+the report says whether it also is against the measured ones, within ``NOISE``.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rlhfspec_workers.drafters.suffix import SuffixDrafter
+from rlhfspec_workers.generation.records import StepRecord
+from rlhfspec_workers.generation.shadow import ShadowDrafts, SuffixReplay
+from rlhfspec_workers.spec_decode.hindsight import (
+    OFF,
+    Dynamic,
+    Replay,
+    SequenceTrace,
+    StepCost,
+    Strategy,
+    replay_fixed,
+    replay_oracle,
+    step_cost_table,
+)
+
+NOISE = 0.03
+"""Run-to-run spread of one configuration's median on this bench (rounds of 3): an oracle
+this much below a fixed configuration is still 'at or above it within noise'."""
+
+
+@dataclass
+class IterationTraces:
+    """What one iteration's shadow run left: the traces, and a fresh live suffix replay."""
+
+    traces: list[SequenceTrace]
+    dynamic: Callable[[], Dynamic | None]
+
+
+def iteration_traces(
+    shadow: ShadowDrafts,
+    suffix: SuffixDrafter | None,
+    max_k: int,
+    history: Mapping[str, Sequence[Sequence[int]]] | None,
+) -> IterationTraces:
+    """One shadow run's traces. With ``suffix`` (the engine's suffix drafter, for its
+    settings) the suffix drafter is replayed live instead of read from the shadow run, on
+    top of ``history`` (the previous iteration's rollouts by prompt group)."""
+    traces = shadow.traces(exclude=("suffix",) if suffix is not None else ())
+
+    def live_suffix() -> SuffixReplay | None:
+        if suffix is None:
+            return None
+        fresh = SuffixDrafter(suffix.min_match, suffix.history_iterations)
+        return SuffixReplay(shadow, fresh, max_k, history)
+
+    return IterationTraces(traces, live_suffix)
+
+
+def strategy_of(config: str) -> Strategy | None:
+    """``fixed:<drafter>:<k>`` -> (drafter, k); ``k0`` -> off; anything else None."""
+    if config == "k0":
+        return (OFF, 0)
+    if config.startswith("fixed:"):
+        _, drafter, k = config.split(":")
+        return (drafter, int(k))
+    return None
+
+
+def measured_cost(runs: Iterable[tuple[str, Sequence[StepRecord]]], fallback: StepCost) -> StepCost:
+    """Step seconds per (strategy, batch size) from fixed-strategy runs through the proposer.
+
+    A step record's drafter/k describe the drafts verified in that step, which the step
+    before made; a fixed run verifies the same strategy every step but its first."""
+    records: list[tuple[Strategy, int, float]] = []
+    for config, steps in runs:
+        strategy = strategy_of(config)
+        if strategy is None:
+            continue
+        for step in steps:
+            if step.batch_size >= 1:
+                verified = strategy if step.k > 0 or strategy[1] == 0 else (OFF, 0)
+                records.append((verified, step.batch_size, step.step_seconds))
+    return step_cost_table(records, fallback)
+
+
+def _total(replays: Sequence[Replay]) -> tuple[int, float]:
+    return sum(r.tokens for r in replays), sum(r.seconds for r in replays)
+
+
+def oracle_report(
+    iterations: Sequence[IterationTraces],
+    cost: StepCost,
+    strategies: Sequence[Strategy],
+    measured: Mapping[str, float],
+    measured_by_iteration: Sequence[Mapping[str, float]] = (),
+) -> dict[str, Any]:
+    """Replays of every fixed configuration and of the oracle, per iteration and overall.
+
+    ``measured``: config -> median tokens/s over the whole run; ``measured_by_iteration``:
+    the same per iteration."""
+    configs = {"k0": (OFF, 0), **{f"fixed:{d}:{k}": (d, k) for d, k in strategies}}
+    fixed: dict[str, list[Replay]] = {name: [] for name in configs}
+    oracle: list[Replay] = []
+    for it in iterations:
+        for name, strategy in configs.items():
+            fixed[name].append(replay_fixed(it.traces, cost, strategy, it.dynamic()))
+        oracle.append(replay_oracle(it.traces, cost, strategies, it.dynamic()))
+
+    def tps(replays: Sequence[Replay]) -> float:
+        tokens, seconds = _total(replays)
+        return tokens / seconds if seconds > 0 else 0.0
+
+    replayed = {name: tps(r) for name, r in fixed.items()}
+    agreement = {
+        name: round(measured[name] / value, 3)
+        for name, value in replayed.items()
+        if value > 0 and measured.get(name, 0) > 0
+    }
+    scale = statistics.median(agreement.values()) if agreement else 1.0
+    oracle_tps = tps(oracle)
+    best_fixed = max(
+        (n for n in measured if n.startswith("fixed:")), key=lambda n: measured[n], default=None
+    )
+    per_iteration = []
+    for i, replay in enumerate(oracle):
+        row: dict[str, Any] = {
+            "iteration": i,
+            "replayed_tokens_per_second": round(replay.tokens_per_second, 2),
+            "tokens_per_second": round(replay.tokens_per_second * scale, 2),
+            "replayed_fixed": {n: round(r[i].tokens_per_second, 2) for n, r in fixed.items()},
+            "choices": {f"{d}:{k}": c for (d, k), c in replay.choices.most_common()},
+        }
+        if i < len(measured_by_iteration):
+            here = measured_by_iteration[i]
+            row["over_off"] = _ratio(replay.tokens_per_second * scale, here.get("off"))
+        per_iteration.append(row)
+    doc: dict[str, Any] = {
+        "tokens_per_second": round(oracle_tps * scale, 2),
+        "replayed_tokens_per_second": round(oracle_tps, 2),
+        "scale": round(scale, 3),
+        "measured_over_replayed": agreement,
+        "replayed": {n: round(v, 2) for n, v in replayed.items()},
+        "choices": _choices(oracle),
+        "iterations": per_iteration,
+        "best_fixed": best_fixed,
+    }
+    if best_fixed is not None:
+        ratio = oracle_tps * scale / measured[best_fixed]
+        doc["over_best_fixed"] = round(ratio, 3)
+        doc["at_or_above_fixed"] = ratio >= 1 - NOISE
+    return doc
+
+
+def add_oracle(
+    shadows: Sequence[IterationTraces],
+    runs: Iterable[tuple[str, Sequence[StepRecord]]],
+    fallback: StepCost,
+    strategies: Sequence[Strategy],
+    medians: dict[str, float],
+    cpu: dict[str, float],
+    by_iteration: Sequence[dict[str, float]],
+) -> dict[str, Any]:
+    """The oracle's report, with ``oracle`` added to the medians (wall, CPU by the fixed
+    configurations' median CPU/wall ratio, and per iteration) in measured tokens/s."""
+    cost = measured_cost(runs, fallback)
+    report = oracle_report(shadows, cost, strategies, medians, by_iteration)
+    medians["oracle"] = report["tokens_per_second"]
+    for m, row in zip(by_iteration, report["iterations"], strict=True):
+        m["oracle"] = row["tokens_per_second"]
+    cpu_over_wall = [cpu[n] / medians[n] for n in medians if n.startswith("fixed:") and n in cpu]
+    if cpu_over_wall:
+        cpu["oracle"] = medians["oracle"] * statistics.median(cpu_over_wall)
+    return report
+
+
+def _choices(replays: Sequence[Replay]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for r in replays:
+        for (d, k), n in r.choices.items():
+            total[f"{d}:{k}"] = total.get(f"{d}:{k}", 0) + n
+    return dict(sorted(total.items(), key=lambda kv: -kv[1]))
+
+
+def _ratio(a: float, b: float | None) -> float | None:
+    return round(a / b, 3) if b else None
+
+
+def summary(doc: Mapping[str, Any]) -> list[str]:
+    """The oracle's lines of the benchmark's printout."""
+    lines = [
+        f"true hindsight oracle: {doc['tokens_per_second']:.1f} tok/s (replayed "
+        f"{doc['replayed_tokens_per_second']:.1f} x {doc['scale']:.3f}, the median measured/"
+        "replayed ratio of the fixed configurations)",
+        "  replay check, measured/replayed: "
+        + ", ".join(f"{n} {v:.2f}" for n, v in sorted(doc["measured_over_replayed"].items())),
+        "  oracle's steps: " + ", ".join(f"{s} {n}" for s, n in list(doc["choices"].items())[:6]),
+    ]
+    if "over_best_fixed" in doc:
+        verdict = (
+            "at or above it within noise"
+            if doc["at_or_above_fixed"]
+            else f"BELOW it by more than {NOISE:.0%}: the replay misses something real"
+        )
+        lines.append(
+            f"  oracle vs the best fixed configuration ({doc['best_fixed']}): "
+            f"{doc['over_best_fixed']:.3f}x, {verdict}"
+        )
+    for row in doc["iterations"]:
+        if row.get("over_off") is not None:
+            lines.append(
+                f"  iteration {row['iteration']}: oracle {row['tokens_per_second']:.1f} tok/s, "
+                f"{row['over_off']:.3f}x off (the ceiling of any per-step selector here)"
+            )
+    return lines

@@ -1,0 +1,113 @@
+"""Shadow drafting: every drafter's longest draft for every row at every step, kept aside.
+
+Where it sits: the generation benchmark sets ``AdaptiveProposer.shadow`` to a
+:class:`ShadowDrafts` for one run with a policy that drafts nothing (plain decoding through
+the proposer). The proposer then asks each drafter for ``max_k`` tokens per row every step
+and hands them here instead of to vLLM, so decoding is unchanged and every position of every
+sequence gets a proposal from every drafter. Once the run is over, :meth:`ShadowDrafts.traces`
+compares each proposal with what the sequence really generated next and gives the
+``spec_decode.hindsight`` replay its match lengths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+from rlhfspec_workers.drafters.base import DraftRow, TokenArray
+from rlhfspec_workers.drafters.suffix import SuffixDrafter
+from rlhfspec_workers.spec_decode.hindsight import Live, SequenceTrace, match_length
+
+
+class ShadowDrafts:
+    """Proposals recorded per request and position, and each request's tokens so far."""
+
+    def __init__(self) -> None:
+        self.proposals: dict[str, dict[int, dict[str, list[int]]]] = {}
+        """req_id -> response tokens out when drafting -> drafter -> draft."""
+        self.latest: dict[str, tuple[TokenArray, int]] = {}
+        """req_id -> (prompt + response tokens last seen, prompt length)."""
+        self.groups: dict[str, str] = {}
+        self.caps: dict[str, dict[int, int]] = {}
+        """req_id -> response tokens out -> the most draft tokens the row could take then."""
+
+    def record(self, rows: Sequence[DraftRow], drafts: Mapping[str, list[list[int]]]) -> None:
+        for i, row in enumerate(rows):
+            out = len(row.tokens) - row.prompt_len
+            if out < 1:  # still prefilling: nothing sampled yet, nothing to draft after
+                continue
+            self.latest[row.req_id] = (row.tokens, row.prompt_len)
+            self.groups[row.req_id] = row.group
+            self.caps.setdefault(row.req_id, {})[out] = row.max_k
+            at = self.proposals.setdefault(row.req_id, {}).setdefault(out, {})
+            for drafter, per_row in drafts.items():
+                at[drafter] = list(per_row[i])
+
+    def response(self, req_id: str) -> list[int]:
+        tokens, prompt_len = self.latest[req_id]
+        return [int(t) for t in tokens[prompt_len:]]
+
+    def traces(self, exclude: Iterable[str] = ()) -> list[SequenceTrace]:
+        """One trace per request, with the match lengths of every drafter not in
+        ``exclude`` (those whose drafts depend on the schedule are replayed live instead)."""
+        skip = set(exclude)
+        traces = []
+        for req_id, by_position in self.proposals.items():
+            response = self.response(req_id)
+            start = min(by_position)
+            drafters = sorted({d for at in by_position.values() for d in at} - skip)
+            matches = {
+                d: [
+                    match_length(by_position.get(pos, {}).get(d, ()), response[pos:])
+                    for pos in range(start, len(response))
+                ]
+                for d in drafters
+            }
+            traces.append(SequenceTrace(req_id, start, len(response), matches))
+        return traces
+
+
+class SuffixReplay:
+    """The suffix drafter re-run inside a replay (a ``hindsight.Dynamic``).
+
+    Its drafts depend on how far each sibling has got: in the plain-decoding shadow run
+    siblings advance in lock step, so a sibling is never ahead to draft from, while under a
+    drafting schedule the ones that accept more run ahead and draft for the rest. So the
+    replay feeds a fresh :class:`SuffixDrafter` every sequence's real tokens up to where the
+    *replayed* schedule has it, step by step, and scores its drafts against what followed.
+    One instance per replay."""
+
+    name = "suffix"
+
+    def __init__(
+        self,
+        shadow: ShadowDrafts,
+        drafter: SuffixDrafter,
+        max_k: int,
+        history: Mapping[str, Sequence[Sequence[int]]] | None = None,
+    ) -> None:
+        self.shadow, self.drafter, self.max_k = shadow, drafter, max_k
+        for group, sequences in (history or {}).items():
+            drafter.add_history(group, sequences)
+        self.live: set[str] = set()
+        self.responses = {key: shadow.response(key) for key in shadow.latest}
+
+    def _row(self, key: str, out: int) -> DraftRow:
+        tokens, prompt_len = self.shadow.latest[key]
+        cap = self.shadow.caps[key].get(out, 0)
+        return DraftRow(key, tokens[: prompt_len + out], prompt_len, self.shadow.groups[key], cap)
+
+    def __call__(self, live: Live) -> Mapping[str, Sequence[int]]:
+        keys = {seq.key for seq, _ in live}
+        ended = sorted(self.live - keys)
+        if ended:  # index their last tokens as finished siblings, as the engine would
+            self.drafter.observe([self._row(k, len(self.responses[k])) for k in ended])
+            self.drafter.release(ended)
+        self.live = keys
+        rows = [self._row(seq.key, pos) for seq, pos in live]
+        drafts = self.drafter.propose(rows, self.max_k)
+        return {
+            self.name: [
+                match_length(draft, self.responses[seq.key][pos:])
+                for draft, (seq, pos) in zip(drafts, live, strict=True)
+            ]
+        }

@@ -1,0 +1,201 @@
+"""The true hindsight oracle: replay a generation batch under any drafting schedule.
+
+Where it sits: the generation benchmark (``benchmarks.generation``) runs the batch once with
+plain decoding while every drafter proposes its longest draft for every sequence at every
+position on the side (``generation.shadow``). Because every drafter here proposes
+deterministic tokens (probability one on each), vLLM's lossless verification accepts a
+proposed token exactly when it equals the token the target samples there; so the number of
+leading draft tokens equal to what the sequence really went on to generate *is* the accepted
+length, in distribution, had that draft been verified. With those match lengths for every
+(sequence, position, drafter), this module replays the batch step by step under any schedule:
+each live sequence advances by one plus the accepted part of its draft, the batch shrinks as
+sequences end, and each step costs what the measured cost table says.
+
+:func:`replay_oracle` picks, at every step, the (drafter, k) with the most tokens per second
+*for that step*, knowing each drafter's real acceptance there: the ceiling of any per-step
+selector that applies one strategy to the whole batch. Pure Python (no numpy, no torch).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+OFF = "off"
+Strategy = tuple[str, int]
+StepCost = Callable[[str, int, int], float]
+"""(drafter, batch size, k) -> seconds of one engine step (draft + verify)."""
+
+
+@dataclass(frozen=True)
+class SequenceTrace:
+    """One sample of the shadow run."""
+
+    key: str
+    start: int
+    """Response tokens it had when decoding started (1: the token prefill sampled)."""
+    length: int
+    """Response tokens at the end."""
+    matches: Mapping[str, Sequence[int]]
+    """drafter -> for each position ``start + i``, how many leading tokens of the draft that
+    drafter proposed there (at most the longest k) equal the tokens that followed. Only for
+    drafters whose draft depends on the sequence's own prefix alone (n-gram, a draft model)."""
+
+    def matched(self, drafter: str, position: int) -> int:
+        row = self.matches.get(drafter, ())
+        i = position - self.start
+        return row[i] if 0 <= i < len(row) else 0
+
+
+Live = Sequence[tuple[SequenceTrace, int]]
+"""The sequences still running at a step, each with its response length so far."""
+Dynamic = Callable[[Live], Mapping[str, Sequence[int]]]
+"""For drafters whose drafts depend on the schedule (the suffix drafter reads how far the
+siblings have got): drafter -> match length of each live sequence's draft at this step."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """One replayed step: who is live, and what each drafter would get accepted."""
+
+    live: Live
+    dynamic: Mapping[str, Sequence[int]]
+
+    def accepted(self, i: int, drafter: str, k: int) -> int:
+        if k <= 0 or drafter == OFF:
+            return 0
+        seq, pos = self.live[i]
+        row = self.dynamic.get(drafter)
+        return min(k, row[i] if row is not None else seq.matched(drafter, pos))
+
+    def advance(self, i: int, strategy: Strategy) -> int:
+        """Tokens sequence ``i`` emits: one plus what it accepts, never past its end."""
+        seq, pos = self.live[i]
+        return min(1 + self.accepted(i, *strategy), seq.length - pos)
+
+    def gain(self, strategy: Strategy) -> int:
+        return sum(self.advance(i, strategy) for i in range(len(self.live)))
+
+
+@dataclass
+class Replay:
+    """A schedule replayed over a batch."""
+
+    tokens: int = 0
+    accepted: int = 0
+    """Draft tokens accepted (tokens minus one per sequence per step)."""
+    seconds: float = 0.0
+    steps: int = 0
+    choices: Counter[Strategy] = field(default_factory=Counter)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+Chooser = Callable[[Step], Strategy]
+
+
+def replay(
+    traces: Iterable[SequenceTrace],
+    cost: StepCost,
+    choose: Chooser,
+    dynamic: Dynamic | None = None,
+) -> Replay:
+    """Step the batch until every sequence ends; ``choose`` picks each step's strategy.
+    ``dynamic`` must be fresh per replay (it tracks the schedule it is replaying)."""
+    live: list[tuple[SequenceTrace, int]] = [
+        (seq, seq.start) for seq in traces if seq.length > seq.start
+    ]
+    out = Replay()
+    while live:
+        step = Step(live, dynamic(live) if dynamic is not None else {})
+        strategy = choose(step)
+        drafter, k = strategy
+        out.seconds += cost(drafter, len(live), k)
+        out.steps += 1
+        out.choices[strategy] += 1
+        nxt = []
+        for i, (seq, pos) in enumerate(live):
+            emitted = step.advance(i, strategy)
+            out.tokens += emitted
+            out.accepted += emitted - 1
+            if pos + emitted < seq.length:
+                nxt.append((seq, pos + emitted))
+        live = nxt
+    return out
+
+
+def replay_fixed(
+    traces: Iterable[SequenceTrace],
+    cost: StepCost,
+    strategy: Strategy,
+    dynamic: Dynamic | None = None,
+) -> Replay:
+    return replay(traces, cost, lambda step: strategy, dynamic)
+
+
+def replay_oracle(
+    traces: Iterable[SequenceTrace],
+    cost: StepCost,
+    strategies: Sequence[Strategy],
+    dynamic: Dynamic | None = None,
+) -> Replay:
+    """Per step, the strategy with the most tokens per second given the real acceptance."""
+    pool = [(OFF, 0), *[s for s in strategies if s[0] != OFF and s[1] > 0]]
+
+    def best(step: Step) -> Strategy:
+        batch = len(step.live)
+        return max(pool, key=lambda s: (step.gain(s) / cost(s[0], batch, s[1]), -s[1]))
+
+    return replay(traces, cost, best, dynamic)
+
+
+def match_length(draft: Sequence[int], actual: Sequence[int]) -> int:
+    """Leading tokens of ``draft`` equal to ``actual`` (the tokens really generated next)."""
+    n = 0
+    for a, b in zip(draft, actual, strict=False):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def _key(drafter: str, k: int) -> Strategy:
+    return (OFF, 0) if drafter == OFF or k <= 0 else (drafter, k)
+
+
+def _interpolate(points: Sequence[tuple[int, float]], batch: int) -> float:
+    """Piecewise-linear in batch size between measured sizes; the nearest one outside."""
+    if batch <= points[0][0]:
+        return points[0][1]
+    for (b0, s0), (b1, s1) in itertools.pairwise(points):
+        if batch <= b1:
+            return s0 + (s1 - s0) * (batch - b0) / (b1 - b0)
+    return points[-1][1]
+
+
+def step_cost_table(records: Iterable[tuple[Strategy, int, float]], fallback: StepCost) -> StepCost:
+    """A cost function from measured steps ``(strategy, batch size, seconds)``: per strategy,
+    the mean seconds at each measured batch size, interpolated between them; ``fallback``
+    (the calibrated cost model) for a strategy never measured. Measured beats modelled here:
+    the oracle must be scored in the same currency as the runs it is compared with."""
+    sums: dict[Strategy, dict[int, list[float]]] = {}
+    for (drafter, k), batch, seconds in records:
+        if batch < 1:
+            continue
+        cell = sums.setdefault(_key(drafter, k), {}).setdefault(batch, [0.0, 0.0])
+        cell[0] += seconds
+        cell[1] += 1
+    curves = {
+        strategy: sorted((b, total / n) for b, (total, n) in cells.items())
+        for strategy, cells in sums.items()
+    }
+
+    def cost(drafter: str, batch: int, k: int) -> float:
+        curve = curves.get(_key(drafter, k))
+        return _interpolate(curve, batch) if curve else fallback(drafter, batch, k)
+
+    return cost

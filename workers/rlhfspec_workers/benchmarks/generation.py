@@ -37,6 +37,7 @@ notes 6: timing on a shared machine is fragile).
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import statistics
@@ -47,7 +48,11 @@ from pathlib import Path
 from typing import Any
 
 from rlhfspec_api.generation import GenerationSpec
-from rlhfspec_workers.generation.adaptive import build_adaptive_policy, calibrated_cost_model
+from rlhfspec_workers.generation.adaptive import (
+    CostLearner,
+    build_adaptive_policy,
+    calibrated_cost_model,
+)
 from rlhfspec_workers.generation.cost_table import describe
 from rlhfspec_workers.generation.engine import GenerationEngine
 from rlhfspec_workers.generation.policy import (
@@ -198,7 +203,12 @@ class Bench:
         self.policies["bandit"] = BanditPolicy(
             BanditSelector(strategy_set(s.drafters, s.ks), seed=s.seed)
         )
-        self.policies["ours"] = build_adaptive_policy(engine, spec, self.cost_model, k_values=s.ks)
+        # As in a generation worker, ours refines its own copy of the cost table from the
+        # steps it runs (CostLearner); the calibrated table stays as measured for the report.
+        own = copy.deepcopy(self.cost_model)
+        self.policies["ours"] = build_adaptive_policy(
+            engine, spec, own, k_values=s.ks, learner=CostLearner(own)
+        )
 
     def profile_pass(self) -> None:
         """Every fixed strategy once: the hindsight profile, and everyone's warm-up. Then one
@@ -305,9 +315,12 @@ class Bench:
         cpu = time.process_time() - cpu_started
         # Tokens sampled during decoding: every sample's first token came with its prefill.
         tokens = sum(len(r.token_ids) for r in samples) - self.batch
-        result = RunResult(
-            name, round_index, seconds, cpu, tokens, len(samples), engine.drain_steps(), iteration
-        )
+        steps = engine.drain_steps()
+        learn = getattr(self.policies.get(name), "observe_step", None)
+        if learn is not None:  # after the clock: a worker does it inline, per step
+            for step in steps:
+                learn(step)
+        result = RunResult(name, round_index, seconds, cpu, tokens, len(samples), steps, iteration)
         self.last_samples = samples
         if round_index >= 0:
             self.results.append(result)

@@ -28,6 +28,7 @@ from rlhfspec_workers.generation.shadow import ShadowDrafts, SuffixReplay
 from rlhfspec_workers.spec_decode.hindsight import (
     OFF,
     Dynamic,
+    MeasuredCost,
     Replay,
     SequenceTrace,
     StepCost,
@@ -80,7 +81,9 @@ def strategy_of(config: str) -> Strategy | None:
     return None
 
 
-def measured_cost(runs: Iterable[tuple[str, Sequence[StepRecord]]], fallback: StepCost) -> StepCost:
+def measured_cost(
+    runs: Iterable[tuple[str, Sequence[StepRecord]]], fallback: StepCost
+) -> MeasuredCost:
     """Step seconds per (strategy, batch size) from fixed-strategy runs through the proposer.
 
     A step record's drafter/k describe the drafts verified in that step, which the step
@@ -178,6 +181,7 @@ def add_oracle(
     configurations' median CPU/wall ratio, and per iteration) in measured tokens/s."""
     cost = measured_cost(runs, fallback)
     report = oracle_report(shadows, cost, strategies, medians, by_iteration)
+    report["cost_fit"] = cost_fit(cost)
     medians["oracle"] = report["tokens_per_second"]
     for m, row in zip(by_iteration, report["iterations"], strict=True):
         m["oracle"] = row["tokens_per_second"]
@@ -185,6 +189,27 @@ def add_oracle(
     if cpu_over_wall:
         cpu["oracle"] = medians["oracle"] * statistics.median(cpu_over_wall)
     return report
+
+
+FIT_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+"""Batch sizes at which measured and modelled step costs are compared (where measured)."""
+
+
+def cost_fit(cost: MeasuredCost, min_steps: int = 3) -> dict[str, dict[int, list[float]]]:
+    """Measured vs modelled (the calibrated cost model, the selector's) milliseconds of one
+    step, per strategy, at the batch sizes of ``FIT_BATCHES`` measured at least ``min_steps``
+    times: whether the selector's cost model fits this machine."""
+    out: dict[str, dict[int, list[float]]] = {}
+    for (drafter, k), curve in sorted(cost.curves.items()):
+        counts = cost.counts[(drafter, k)]
+        row = {
+            batch: [round(1000 * seconds, 2), round(1000 * cost.fallback(drafter, batch, k), 2)]
+            for batch, seconds in curve
+            if batch in FIT_BATCHES and counts[batch] >= min_steps
+        }
+        if row:
+            out[f"{drafter}:{k}"] = row
+    return out
 
 
 def _choices(replays: Sequence[Replay]) -> dict[str, int]:
@@ -219,6 +244,12 @@ def summary(doc: Mapping[str, Any]) -> list[str]:
             f"  oracle vs the best fixed configuration ({doc['best_fixed']}): "
             f"{doc['over_best_fixed']:.3f}x, {verdict}"
         )
+    fit = doc.get("cost_fit", {})
+    if fit:
+        lines.append("  step ms measured/modelled (the selector's cost model):")
+        for strategy, row in fit.items():
+            cells = ", ".join(f"B={b} {m:.1f}/{p:.1f}" for b, (m, p) in row.items())
+            lines.append(f"    {strategy:<16} {cells}")
     for row in doc["iterations"]:
         if row.get("over_off") is not None:
             lines.append(

@@ -57,6 +57,17 @@ class StepFeedback:
     shadow: Mapping[str, ShadowEvidence] = field(default_factory=dict)
     """Drafters that were not chosen but drafted on the side (model-free, so nearly free),
     scored against the tokens the target emitted: drafter -> evidence."""
+    fill: Mapping[str, DraftFill] = field(default_factory=dict)
+    """How full the drafts of this step's drafters (chosen and side) were."""
+
+
+@dataclass(frozen=True)
+class DraftFill:
+    """``asked[i]``: rows asked for more than i draft tokens; ``got[i]``: how many of them
+    were proposed more than i. A model-free drafter drafts only where it finds a match."""
+
+    asked: tuple[int, ...]
+    got: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -156,6 +167,10 @@ class SelectorPolicy:
         return DraftChoice(choice.drafter, choice.k) if choice.enabled else NO_DRAFT
 
     def observe(self, feedback: StepFeedback) -> None:
+        for name, fill in feedback.fill.items():
+            estimator = self.estimators.get(name)
+            if estimator is not None:
+                estimator.update_fill(fill.asked, fill.got)
         for name, evidence in feedback.shadow.items():
             side = self.estimators.get(name)
             if side is not None and evidence.trials and evidence.trials[0] > 0:

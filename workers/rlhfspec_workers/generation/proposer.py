@@ -39,6 +39,7 @@ from .policy import (
     NO_DRAFT,
     OFF,
     DraftChoice,
+    DraftFill,
     DraftPolicy,
     FixedPolicy,
     ShadowEvidence,
@@ -83,6 +84,8 @@ class AdaptiveProposer:
         """drafter -> req_id -> the draft a model-free drafter not chosen made last step."""
         self.side_drafting = True
         """Let model-free drafters draft on the side every step (see ShadowEvidence)."""
+        self._fill: dict[str, DraftFill] = {}
+        """Last step's draft fill per drafter (chosen and side), reported with its outcome."""
         self.shadow: ShadowDrafts | None = None
         """When set (a benchmark's hindsight run): every drafter's longest draft for every
         row, every step, goes here; vLLM still gets what the policy chose."""
@@ -165,6 +168,7 @@ class AdaptiveProposer:
                 step_seconds=time.perf_counter() - started,
                 draft_seconds=draft_seconds,
                 shadow=self._side_evidence(rows, sampled),
+                fill=self._fill,
             )
         )
         try:
@@ -190,6 +194,31 @@ class AdaptiveProposer:
                     successes[i] += 1
             if trials[0]:
                 out[name] = ShadowEvidence(tuple(trials), tuple(successes))
+        return out
+
+    def _draft_fill(
+        self, rows: Sequence[DraftRow], choice: DraftChoice, drafts: Sequence[list[int]]
+    ) -> dict[str, DraftFill]:
+        """Per drafter that drafted this step: rows asked for more than i tokens and how many
+        got more than i (model-free drafters propose only where they find a match)."""
+        made = dict(self.side_drafts)
+        if choice.enabled:
+            made[choice.drafter] = {
+                r.req_id: d for r, d in zip(rows, drafts, strict=True) if r.max_k > 0
+            }
+        out: dict[str, DraftFill] = {}
+        for name, by_row in made.items():
+            k = choice.k if choice.enabled and name == choice.drafter else self.max_k
+            asked, got = [0] * k, [0] * k
+            for r in rows:
+                draft = by_row.get(r.req_id)
+                if draft is None:
+                    continue
+                for i in range(min(k, r.max_k)):
+                    asked[i] += 1
+                    got[i] += i < len(draft)
+            if asked and asked[0]:
+                out[name] = DraftFill(tuple(asked), tuple(got))
         return out
 
     def _draft_on_the_side(self, rows: Sequence[DraftRow], choice: DraftChoice) -> None:
@@ -269,6 +298,7 @@ class AdaptiveProposer:
         else:
             drafts = [[] for _ in rows]
         self._draft_on_the_side(rows, choice)
+        self._fill = self._draft_fill(rows, choice, drafts)
         draft_seconds = time.perf_counter() - started
         self._pending = {r.req_id: len(d) for r, d in zip(rows, drafts, strict=True) if d}
         self._pending_step = (choice, batch_size, started, draft_seconds)

@@ -196,6 +196,12 @@ class AcceptanceEstimator:
     trials: list[float] = field(default_factory=list)
     drafts: float = 0.0
     accepted_tokens: float = 0.0
+    fill_asked: list[float] = field(default_factory=list)
+    fill_got: list[float] = field(default_factory=list)
+    """Draft fill per position: rows asked for more than i tokens, and how many of those got
+    more than i. A model-free drafter proposes only where it finds a match (often a few rows
+    of the batch, short drafts), and vLLM verifies only the tokens proposed: the step costs
+    what was drafted, not batch x k (see :meth:`expected_draft_tokens`)."""
 
     def __post_init__(self) -> None:
         if self.half_life_drafts <= 0:
@@ -250,6 +256,32 @@ class AcceptanceEstimator:
             self.successes[i] += min(float(s), float(n))
             self.trials[i] += float(n)
 
+    def update_fill(self, asked: Sequence[float], got: Sequence[float]) -> None:
+        """Fold in one step's draft fill (per position, see ``fill_asked``); aged with the
+        acceptance evidence by :meth:`update` / :meth:`update_positions`."""
+        for i, (n, g) in enumerate(zip(asked, got, strict=True)):
+            if n <= 0:
+                break
+            while len(self.fill_asked) <= i:
+                self.fill_asked.append(0.0)
+                self.fill_got.append(0.0)
+            self.fill_asked[i] += float(n)
+            self.fill_got[i] += min(float(g), float(n))
+
+    def expected_draft_tokens(self, k: int) -> float:
+        """Mean tokens a row gets proposed when k are asked for (<= k): what verification
+        pays for. Each position's fill is a posterior mean chained from the one before (a
+        row cannot get more than i tokens without more than i - 1), starting from a full
+        draft, so a drafter never seen costs the full k."""
+        total, before = 0.0, 1.0
+        a = self.prior.strength
+        for i in range(k):
+            n = self.fill_asked[i] if i < len(self.fill_asked) else 0.0
+            g = self.fill_got[i] if i < len(self.fill_got) else 0.0
+            before = (a * before + g) / (a + n)
+            total += before
+        return total
+
     def forget(self, factor: float) -> None:
         """Scale all evidence by `factor` in [0, 1]; call with e.g. 0.1 right after a weight
         sync so the next few steps dominate without discarding everything."""
@@ -259,6 +291,8 @@ class AcceptanceEstimator:
         self.trials = [t * factor for t in self.trials]
         self.drafts *= factor
         self.accepted_tokens *= factor
+        self.fill_asked = [n * factor for n in self.fill_asked]
+        self.fill_got = [g * factor for g in self.fill_got]
 
     def _grow(self, n: int) -> None:
         while len(self.trials) < n:
@@ -326,6 +360,8 @@ class AcceptanceEstimator:
             [a + b for a, b in zip(padded(self.trials), padded(other.trials), strict=True)],
             self.drafts + other.drafts,
             self.accepted_tokens + other.accepted_tokens,
+            _add(self.fill_asked, other.fill_asked),
+            _add(self.fill_got, other.fill_got),
         )
 
     def copy(self) -> AcceptanceEstimator:
@@ -348,6 +384,8 @@ class AcceptanceEstimator:
             "trials": list(self.trials),
             "drafts": self.drafts,
             "accepted_tokens": self.accepted_tokens,
+            "fill_asked": list(self.fill_asked),
+            "fill_got": list(self.fill_got),
         }
 
     @classmethod
@@ -363,7 +401,14 @@ class AcceptanceEstimator:
             [float(x) for x in d.get("trials", [])],
             float(d.get("drafts", 0.0)),
             float(d.get("accepted_tokens", 0.0)),
+            [float(x) for x in d.get("fill_asked", [])],
+            [float(x) for x in d.get("fill_got", [])],
         )
+
+
+def _add(a: Sequence[float], b: Sequence[float]) -> list[float]:
+    n = max(len(a), len(b))
+    return [(a[i] if i < len(a) else 0.0) + (b[i] if i < len(b) else 0.0) for i in range(n)]
 
 
 def pool(estimators: Iterable[AcceptanceEstimator]) -> dict[str, AcceptanceEstimator]:

@@ -180,6 +180,14 @@ class CostModel:
             self._cache[(batch, k)] = value
         return value
 
+    def verify_tokens_seconds(self, batch: int, tokens_per_seq: float) -> float:
+        """Step time verifying a mean of ``tokens_per_seq`` (>= 1, fractional) tokens per
+        sequence: rows with short or no drafts verify fewer tokens, and the step costs about
+        what its total token count costs."""
+        if batch < 1 or tokens_per_seq < 1.0:
+            raise ValueError(f"need batch >= 1 and tokens >= 1, got {batch}, {tokens_per_seq}")
+        return grid_value(self._bs, self._ts, self._grid, float(batch), tokens_per_seq)
+
     def calibrated_seconds(self, batch: float, tokens_per_seq: float) -> float:
         """verify(B, T) as calibration left it (measured + fitted), without online evidence."""
         return grid_value(self._bs, self._ts, self._base, batch, tokens_per_seq)

@@ -177,25 +177,36 @@ def _interpolate(points: Sequence[tuple[int, float]], batch: int) -> float:
     return points[-1][1]
 
 
-def step_cost_table(records: Iterable[tuple[Strategy, int, float]], fallback: StepCost) -> StepCost:
-    """A cost function from measured steps ``(strategy, batch size, seconds)``: per strategy,
+class MeasuredCost:
+    """Step seconds per (strategy, batch size) as measured (a :data:`StepCost`): per strategy,
     the mean seconds at each measured batch size, interpolated between them; ``fallback``
     (the calibrated cost model) for a strategy never measured. Measured beats modelled here:
     the oracle must be scored in the same currency as the runs it is compared with."""
-    sums: dict[Strategy, dict[int, list[float]]] = {}
-    for (drafter, k), batch, seconds in records:
-        if batch < 1:
-            continue
-        cell = sums.setdefault(_key(drafter, k), {}).setdefault(batch, [0.0, 0.0])
-        cell[0] += seconds
-        cell[1] += 1
-    curves = {
-        strategy: sorted((b, total / n) for b, (total, n) in cells.items())
-        for strategy, cells in sums.items()
-    }
 
-    def cost(drafter: str, batch: int, k: int) -> float:
-        curve = curves.get(_key(drafter, k))
-        return _interpolate(curve, batch) if curve else fallback(drafter, batch, k)
+    def __init__(self, records: Iterable[tuple[Strategy, int, float]], fallback: StepCost):
+        sums: dict[Strategy, dict[int, list[float]]] = {}
+        for (drafter, k), batch, seconds in records:
+            if batch < 1:
+                continue
+            cell = sums.setdefault(_key(drafter, k), {}).setdefault(batch, [0.0, 0.0])
+            cell[0] += seconds
+            cell[1] += 1
+        self.curves: dict[Strategy, list[tuple[int, float]]] = {
+            strategy: sorted((b, total / n) for b, (total, n) in cells.items())
+            for strategy, cells in sums.items()
+        }
+        """strategy -> (batch size, mean seconds) for every batch size measured."""
+        self.counts: dict[Strategy, dict[int, int]] = {
+            strategy: {b: int(n) for b, (_, n) in cells.items()} for strategy, cells in sums.items()
+        }
+        self.fallback = fallback
 
-    return cost
+    def __call__(self, drafter: str, batch: int, k: int) -> float:
+        curve = self.curves.get(_key(drafter, k))
+        return _interpolate(curve, batch) if curve else self.fallback(drafter, batch, k)
+
+
+def step_cost_table(
+    records: Iterable[tuple[Strategy, int, float]], fallback: StepCost
+) -> MeasuredCost:
+    return MeasuredCost(records, fallback)

@@ -83,8 +83,23 @@ def evaluate(
     if acceptance is None:
         raise ValueError(f"drafter {drafter!r} needs an acceptance model")
     emitted = acceptance.expected_accepted(k) + 1.0  # accepted drafts + the bonus token
-    tps = batch_size * emitted / cost_model.step_seconds(drafter, batch_size, k)
+    tps = batch_size * emitted / step_seconds(drafter, acceptance, batch_size, k, cost_model)
     return Choice(drafter, k, tps, tps / base)
+
+
+def step_seconds(
+    drafter: str, acceptance: AcceptanceModel, batch_size: int, k: int, cost_model: CostModel
+) -> float:
+    """Predicted step time: drafting k tokens, then verifying what was really proposed. A
+    drafter that knows its fill (``expected_draft_tokens``: rows without a match propose
+    nothing, matches can be short) verifies 1 + that many tokens per row, not 1 + k."""
+    fill = getattr(acceptance, "expected_draft_tokens", None)
+    if fill is None:
+        return cost_model.step_seconds(drafter, batch_size, k)
+    tokens = 1.0 + min(float(k), max(0.0, float(fill(k))))
+    return cost_model.verify_tokens_seconds(batch_size, tokens) + cost_model.draft_seconds(
+        drafter, batch_size, k
+    )
 
 
 def _k_values(inp: SelectorInput, cand: Candidate) -> list[int]:

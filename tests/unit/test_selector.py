@@ -297,3 +297,31 @@ def test_estimator_fed_selector_reaches_the_oracle_choice() -> None:
     for b in (1, 4, 16, 64):
         got = choose(SelectorInput(b, (Candidate("draft", est),), 8, cm, S7_K))
         assert got.strategy == oracle_choice(b, {"draft": truth}, cm, 8, k_values=S7_K).strategy
+
+
+def test_sparse_drafts_are_priced_by_what_is_proposed() -> None:
+    """A suffix drafter that finds a match for 1 row in 8 and is right when it does. Flat up
+    to 200 tokens a step: at B=64, k = 8 for every row (576 tokens) would be compute-bound
+    and not worth it, but what is really proposed (~1 token a row) verifies almost free, so
+    drafting pays once the estimator has seen the fill."""
+    rf = Roofline(memory_floor_seconds=0.02, per_token_seconds=0.0001, overhead_seconds=0.001)
+    cm = synthetic_cost_model(rf, drafters=[DrafterCost("suffix", 0.0001)], max_batch=256, max_k=8)
+    est = AcceptanceEstimator("suffix")
+    for _ in range(20):  # 64 rows, 8 with a full 8-token draft, all accepted
+        est.update(StepStats(64, 64, 64, accepted_per_pos=(8,) * 8, draft_len=8))
+    # Coverage is part of acceptance: 1 row in 8 gets 8 tokens accepted.
+    assert 0.9 < est.expected_accepted(8) < 1.2
+    blind = evaluate("suffix", est, 64, 8, cm)
+    assert blind.speedup < 1.0  # priced as 64 x 9 tokens: not worth it
+    for _ in range(5):
+        est.update_fill((64,) * 8, (8,) * 8)
+    assert 0.9 < est.expected_draft_tokens(8) < 1.5
+    informed = evaluate("suffix", est, 64, 8, cm)
+    assert informed.speedup > 1.5
+    # A drafter never seen filling its drafts is priced at the full k (conservative).
+    assert AcceptanceEstimator("ngram").expected_draft_tokens(4) == pytest.approx(4.0)
+    # Fill survives a round trip through the pooled form and ages with forget().
+    again = AcceptanceEstimator.from_dict(est.to_dict())
+    assert again.expected_draft_tokens(8) == pytest.approx(est.expected_draft_tokens(8))
+    merged = est.merge(AcceptanceEstimator("suffix"))
+    assert merged.fill_asked == est.fill_asked

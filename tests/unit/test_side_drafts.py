@@ -107,3 +107,20 @@ def test_update_positions_counts_only_observed_positions() -> None:
     # No trials at position 2: only the chained prior (decay x the position before) speaks.
     assert est.trials[2:] in ([], [0.0])
     assert abs(est.rate(2) - est.prior.position_decay * est.rate(1)) < 1e-9
+
+
+def test_draft_fill_counts_rows_asked_and_tokens_proposed_per_position() -> None:
+    p = proposer(selector_policy(AcceptanceEstimator("ngram")))
+    rows = [
+        DraftRow("a", np.asarray([1, 2, 3, 4, 5, 1, 2, 3], dtype=np.int64), 2, "g", 4),
+        DraftRow("b", np.asarray([7, 8, 9, 6], dtype=np.int64), 2, "g", 4),  # no match
+        DraftRow("c", np.asarray([1, 2, 3, 4, 5, 1, 2, 3], dtype=np.int64), 2, "g", 2),
+    ]
+    # Chosen ngram at k=3: a gets 3 tokens, b none, c only 2 (its cap).
+    drafts = [[4, 5, 1], [], [4, 5]]
+    fill = p._draft_fill(rows, DraftChoice("ngram", 3), drafts)["ngram"]
+    assert fill.asked == (3, 3, 2) and fill.got == (2, 2, 1)
+    # Side drafts are asked for the engine's longest k.
+    p._draft_on_the_side(rows, NO_DRAFT)
+    side = p._draft_fill(rows, NO_DRAFT, [[], [], []])["ngram"]
+    assert side.asked == (3, 3, 2, 2) and side.got == (2, 2, 1, 1)

@@ -5,11 +5,17 @@ trainer worker calls :meth:`~TrainerStateIO.export_weights` after every iteratio
 generation workers load that directory) and ``trainer.checkpoint.CheckpointStore`` calls
 :meth:`~TrainerStateIO.save_state` / :meth:`~TrainerStateIO.load_state` every
 ``trainer.checkpointEvery`` iterations and at start-up.
+
+Checkpoints live on the job's claim, which every pod of the job mounts read-write (and which
+``storage.claimName`` may share with other jobs): nothing read back from it may run code, so
+the optimizer and RNG states load through :func:`load_tensors` (``weights_only`` unpickling,
+tensors and plain containers only) and the models as safetensors.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -89,12 +95,12 @@ class TrainerStateIO:
         if state["algorithm"] != self.algo.name.value:
             raise ValueError(f"checkpoint is {state['algorithm']}, job is {self.algo.name.value}")
         _load_weights(self.policy, load_causal_lm(state_dir / "policy", torch.device("cpu")))
-        optimizers = torch.load(state_dir / "optimizer.pt", weights_only=False)
+        optimizers = load_tensors(state_dir / "optimizer.pt")
         self.policy_optimizer.load_state_dict(optimizers["policy"])
         if self.critic is not None and self.critic_optimizer is not None:
             _load_weights(self.critic, load_value_model(state_dir / "critic", torch.device("cpu")))
             self.critic_optimizer.load_state_dict(optimizers["critic"])
-        rng = torch.load(state_dir / "rng.pt", weights_only=False)
+        rng = load_tensors(state_dir / "rng.pt")
         self.shuffle.set_state(rng["shuffle"])
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
@@ -102,6 +108,21 @@ class TrainerStateIO:
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.iteration = int(state["iteration"])
         return self.iteration
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds something other than tensors and plain containers."""
+
+
+def load_tensors(path: Path) -> Any:
+    """``torch.load`` restricted to tensors, numbers, strings and containers: a file planted on
+    the shared claim cannot run code in the trainer (full unpickling would call anything)."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load (only tensors and plain containers are allowed): {exc}"
+        ) from exc
 
 
 def _load_weights(live: nn.Module, loaded: nn.Module) -> None:

@@ -31,7 +31,7 @@ def test_a_planted_pickle_is_refused_and_never_runs(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     planted = tmp_path / "optimizer.pt"
     torch.save({"policy": _Planted(marker)}, planted)
-    with pytest.raises(UnsafeCheckpointError, match="optimizer.pt: refused to load"):
+    with pytest.raises(UnsafeCheckpointError, match=r"optimizer\.pt: refused to load"):
         load_tensors(planted)
     assert not marker.exists()
 

@@ -43,8 +43,11 @@ def test_what_save_state_writes_loads_back_with_weights_only(tmp_path: Path) -> 
     optimizer.step()
     shuffle = torch.Generator().manual_seed(7)
     torch.save({"policy": optimizer.state_dict()}, tmp_path / "optimizer.pt")
-    rng = {"shuffle": shuffle.get_state(), "torch": torch.get_rng_state()}
-    rng["python"] = random.getstate()
+    rng: dict[str, object] = {
+        "shuffle": shuffle.get_state(),
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+    }
     torch.save(rng, tmp_path / "rng.pt")
 
     restored = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))

@@ -5,7 +5,8 @@ trainer>`` with the job contract in their environment (``runtime.WorkerEnv``); l
 starts the same command as processes. This parses the job once, runs preflight (a bad model
 path or dataset row fails here, naming the field, before any engine starts), waits for Redis
 (with backoff), then hands over to the role's loop. Exit codes: 0 done, 1 bad input or a
-failed run, 2 a broken environment contract, 143 stopped by SIGTERM.
+failed run, 2 a broken environment contract (refused Redis credentials included), 143
+stopped by SIGTERM.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from types import FrameType
 from rlhfspec_api.manifest import DocumentError, ManifestError
 from rlhfspec_workers.observability.metrics import WorkerMetrics
 from rlhfspec_workers.preflight import PreflightError, preflight
-from rlhfspec_workers.runtime import ROLES, Bus, WorkerEnv, WorkerEnvError
+from rlhfspec_workers.runtime import ROLES, Bus, RedisCredentialsError, WorkerEnv, WorkerEnvError
 
 LOOPS = {
     "coordinator": "rlhfspec_workers.coordinator.loop",
@@ -76,6 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         bus.wait_ready()
         return int(loop.run(job, paths, bus))
+    except RedisCredentialsError as exc:
+        # The last line of the log: the pod's termination message, which the operator shows.
+        print(f"rlhfspec worker {args.role}: {exc}", file=sys.stderr, flush=True)
+        return 2
     except (Stopped, KeyboardInterrupt):
         print(f"[rlhfspec] {env.worker}: stopped", file=sys.stderr, flush=True)
         return 143

@@ -6,7 +6,8 @@ hands a :class:`Bus` to the role's loop (coordinator, generation, inference, tra
 wraps Redis: consumer groups on streams (every payload a ``messages`` model under the field
 ``data``), dead-lettering of payloads that do not parse, the stop flag and the heartbeat hash.
 A Redis outage makes calls retry with exponential backoff and report it on stderr; workers do
-not crash-loop.
+not crash-loop. Refused credentials are not an outage: they raise :class:`RedisCredentialsError`
+at once, naming where the password came from (the operator's Secret and key).
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ class WorkerEnvError(ValueError):
     """The process environment does not satisfy the worker contract."""
 
 
+class RedisCredentialsError(RuntimeError):
+    """Redis refused the password (or wants one that was not given): waiting cannot fix it."""
+
+
 @dataclass(frozen=True)
 class WorkerEnv:
     """The operator -> worker contract (environment variables of every worker pod)."""
@@ -61,6 +66,11 @@ class WorkerEnv:
     kv_host: str = "127.0.0.1"
     """How other workers reach it: the operator sets the pod's DNS name (hostname.subdomain of
     its role's headless service); local mode keeps the loopback."""
+    redis_password_source: str = "RLHFSPEC_REDIS_PASSWORD"
+    """Where the password comes from, for the error when Redis refuses it (the operator names
+    the Secret and key)."""
+    redis_ca_file: Path | None = None
+    """CA bundle that verifies a ``rediss://`` server (None: the system's CAs)."""
 
     @property
     def worker(self) -> str:
@@ -104,6 +114,11 @@ class WorkerEnv:
             pod_name=env.get("RLHFSPEC_POD_NAME", ""),
             kv_port=number("RLHFSPEC_KV_PORT", 0),
             kv_host=env.get("RLHFSPEC_KV_HOST") or "127.0.0.1",
+            redis_password_source=env.get("RLHFSPEC_REDIS_PASSWORD_SOURCE")
+            or "RLHFSPEC_REDIS_PASSWORD",
+            redis_ca_file=Path(env["RLHFSPEC_REDIS_CA_FILE"])
+            if env.get("RLHFSPEC_REDIS_CA_FILE")
+            else None,
         )
 
     def load_job(self) -> RLHFJob:
@@ -116,14 +131,23 @@ def retrying(
     what: str,
     deadline_seconds: float = 600.0,
     on_retry: Callable[[str], None] | None = None,
+    credentials: str = "RLHFSPEC_REDIS_PASSWORD",
 ) -> _T:
     """Run ``call``; on a Redis connection error back off (0.2 s doubling to 5 s) and retry
-    until ``deadline_seconds``, reporting each outage once per attempt."""
+    until ``deadline_seconds``, reporting each outage once per attempt. A refused password
+    raises :class:`RedisCredentialsError` at once (``credentials`` says where it came from)."""
     delay = 0.2
     give_up = time.monotonic() + deadline_seconds
     while True:
         try:
             return call()
+        # AuthenticationError subclasses ConnectionError: it must be caught first, or a wrong
+        # password would look like a 10-minute outage.
+        except (redis.AuthenticationError, redis.AuthenticationWrongNumberOfArgsError) as exc:
+            raise RedisCredentialsError(
+                f"Redis refused the credentials during {what} ({exc}); the password comes from "
+                f"{credentials}: fix that value (waiting will not help)"
+            ) from exc
         except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
             if time.monotonic() + delay > give_up:
                 raise
@@ -151,12 +175,16 @@ class Bus:
         self.metrics = metrics or WorkerMetrics(env.job, env.role, env.worker)
         """This process's Prometheus metrics (served by the entrypoint)."""
         self.keys = Keys(env.namespace, env.job)
+        tls: dict[str, Any] = {}
+        if env.redis_ca_file is not None and env.redis_url.startswith("rediss://"):
+            tls["ssl_ca_certs"] = str(env.redis_ca_file)
         self.redis = client or redis.Redis.from_url(
             env.redis_url,
             password=env.redis_password,
             socket_timeout=30,
             socket_connect_timeout=5,
             health_check_interval=10,
+            **tls,
         )
         self.outages = 0
 
@@ -165,7 +193,7 @@ class Bus:
             self.outages += 1
             _stderr(f"{self.env.worker}: {message}")
 
-        return retrying(fn, what=what, on_retry=report)
+        return retrying(fn, what=what, on_retry=report, credentials=self.env.redis_password_source)
 
     def wait_ready(self) -> None:
         self.call("connect", self.redis.ping)

@@ -84,3 +84,80 @@ def test_remote_model_uri_is_refused_locally(kit: Path) -> None:
     assert str(info.value.errors[0]).startswith(
         "spec.models.policy.path: hf:// locations are fetched on a cluster, not in local mode"
     )
+
+
+# --- locations may not leave the job's storage, nor read the pod's filesystem (#17, 5) -------
+
+
+def _with(spec: RLHFJobSpec, policy: str | None = None, dataset: str | None = None) -> RLHFJobSpec:
+    changed = spec.model_copy(deep=True)
+    if policy is not None:
+        changed.models.policy.path = policy
+    if dataset is not None:
+        changed.dataset.path = dataset
+    return changed
+
+
+def _errors(spec: RLHFJobSpec, kit: Path, storage: Path, cluster: bool = False) -> list[str]:
+    with pytest.raises(PreflightError) as info:
+        preflight(spec, storage_root=storage, tiny=resolver(kit), cluster=cluster)
+    return [str(e) for e in info.value.errors]
+
+
+@pytest.mark.parametrize("location", ["pvc://../../../etc", "pvc://models/../../etc", "pvc:///etc"])
+def test_a_pvc_location_outside_the_storage_is_refused(
+    kit: Path, tmp_path: Path, location: str
+) -> None:
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    lines = _errors(_with(spec_of("tiny-grpo.yaml"), policy=location), kit, storage)
+    assert lines == [
+        f"spec.models.policy.path: {location!r} leaves the job's storage (pvc://<relative path "
+        "under the job's storage>, without '..' or a leading '/')"
+    ]
+
+
+def test_a_symlink_on_the_claim_cannot_lead_out_of_it(kit: Path, tmp_path: Path) -> None:
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    (storage / "data").symlink_to(kit / "dataset")  # planted by any pod of the job
+    spec = _with(spec_of("tiny-grpo.yaml"), dataset="pvc://data/train.jsonl")
+    [line] = _errors(spec, kit, storage)
+    assert line.startswith("spec.dataset.path: 'pvc://data/train.jsonl' resolves to ")
+    assert "outside the job's storage" in line
+
+
+def test_a_pvc_location_inside_the_storage_resolves(kit: Path, tmp_path: Path) -> None:
+    storage = tmp_path / "storage"
+    shutil.copytree(kit / "policy", storage / "models" / "policy")
+    spec = _with(spec_of("tiny-grpo.yaml"), policy="pvc://models/policy")
+    resolved = preflight(spec, storage_root=storage, tiny=resolver(kit), cluster=True)
+    assert resolved.models["spec.models.policy"] == (storage / "models" / "policy").resolve()
+
+
+@pytest.mark.parametrize("form", ["file://{}", "{}"], ids=["file-uri", "bare-path"])
+def test_a_cluster_pod_refuses_paths_on_its_own_filesystem(
+    kit: Path, tmp_path: Path, form: str
+) -> None:
+    location = form.format(kit / "policy")
+    spec = _with(spec_of("tiny-grpo.yaml"), policy=location)
+    assert _errors(spec, kit, tmp_path, cluster=True) == [
+        f"spec.models.policy.path: {location!r} is a path on the pod's own filesystem, which a "
+        "cluster job may not read models or data from (on a cluster: pvc://<path under the "
+        "job's storage>, tiny:// or zoo://)"
+    ]
+    # Local mode reads this machine's files: the same spec passes there.
+    assert preflight(spec, storage_root=tmp_path, tiny=resolver(kit)).models
+
+
+def test_only_local_mode_workers_are_local() -> None:
+    from rlhfspec_workers.local.supervisor import local_worker_env
+    from rlhfspec_workers.runtime import WorkerEnv
+
+    env = local_worker_env(
+        job="j", namespace="n", replicas=1, redis_port=6379, redis_password="p",
+        job_config=Path("job.yaml"), storage=Path("."),
+    )  # fmt: skip
+    assert WorkerEnv.from_environ("trainer", env).local
+    pod = {k: v for k, v in env.items() if k != "RLHFSPEC_LOCAL"}  # what the operator sets
+    assert not WorkerEnv.from_environ("trainer", pod).local

@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
-        paths = preflight(job.spec, storage_root=env.storage)
+        paths = preflight(job.spec, storage_root=env.storage, cluster=not env.local)
     except PreflightError as exc:
         for error in exc.errors:
             print(f"{env.job_config}: {error}", file=sys.stderr)

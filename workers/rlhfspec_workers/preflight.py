@@ -7,7 +7,9 @@ draft model whose vocabulary differs from the policy's, a dataset row missing a 
 function reward that does not import (or is not callable) is reported here as ``field.path:
 what is wrong (what is allowed)`` lines, so nothing is half-started when the input is bad.
 Built-in URIs are resolved by ``model_uris`` (which builds the tiny kit or fetches a zoo model
-on first use).
+on first use). Every location first obeys ``rlhfspec_api.locations`` (no ``pvc://`` outside the
+job's storage; on a cluster, no path on the pod's own filesystem); a ``pvc://`` location is
+checked again once resolved, since any pod of the job can plant a symlink on the claim.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from rlhfspec_api.errors import FieldError
 from rlhfspec_api.generation import MODEL_BASED_DRAFTERS, SpeculativeMode
+from rlhfspec_api.locations import PVC_ALLOWED, location_problem
 from rlhfspec_api.models import ModelRef
 from rlhfspec_api.rewards import RewardRule, RewardType
 from rlhfspec_api.spec import ChatTemplate, RLHFJobSpec
@@ -35,6 +38,15 @@ LOCAL_ALLOWED = "a local path, file://, pvc:// (under storage), tiny:// or zoo:/
 # prompts with, so its absence is reported here rather than when the engine starts.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 POLICY_FIELD = "spec.models.policy"
+
+
+class LocationError(ValueError):
+    """A location the rules refuse; ``problem`` and ``allowed`` feed a FieldError."""
+
+    def __init__(self, problem: str, allowed: str) -> None:
+        super().__init__(f"{problem} ({allowed})")
+        self.problem = problem
+        self.allowed = allowed
 
 
 class PreflightError(Exception):
@@ -57,12 +69,21 @@ class ResolvedPaths:
 
 
 def resolve_location(
-    location: str, storage_root: Path | None, tiny: Resolver | None = None
+    location: str,
+    storage_root: Path | None,
+    tiny: Resolver | None = None,
+    *,
+    cluster: bool = False,
 ) -> Path:
-    """Map a path or URI onto this machine's filesystem; ValueError says what is allowed.
+    """Map a path or URI onto this machine's filesystem; ValueError says what is allowed
+    (:class:`LocationError` for a location the rules refuse).
 
-    ``tiny``, when given, replaces the built-in ``tiny://`` resolver (tests use a fake kit).
+    ``tiny``, when given, replaces the built-in ``tiny://`` resolver (tests use a fake kit);
+    ``cluster``: a worker pod, where the pod's own filesystem is not a source.
     """
+    refused = location_problem(location, cluster=cluster)
+    if refused is not None:
+        raise LocationError(*refused)
     scheme, _, rest = location.partition("://")
     if not rest:
         return Path(location).expanduser()
@@ -74,7 +95,14 @@ def resolve_location(
     if scheme == "pvc":
         if storage_root is None:
             raise ValueError(f"{location!r} needs job storage (set spec.storage.path)")
-        return storage_root / rest
+        root = storage_root.resolve()
+        path = (root / rest).resolve()
+        if not path.is_relative_to(root):
+            raise LocationError(
+                f"{location!r} resolves to {path}, outside the job's storage {root} (a symlink?)",
+                PVC_ALLOWED,
+            )
+        return path
     raise ValueError(f"{scheme}:// locations are fetched on a cluster, not in local mode")
 
 
@@ -101,7 +129,11 @@ def _vocab_size(model_dir: Path) -> int | None:
 
 
 def check_models(
-    spec: RLHFJobSpec, storage_root: Path | None, tiny: Resolver | None = None
+    spec: RLHFJobSpec,
+    storage_root: Path | None,
+    tiny: Resolver | None = None,
+    *,
+    cluster: bool = False,
 ) -> tuple[dict[str, Path], list[FieldError]]:
     """Resolve and check every model directory (the policy's tokenizer included); also the
     drafters' vocabularies."""
@@ -109,8 +141,8 @@ def check_models(
     errors: list[FieldError] = []
     for field, ref in model_refs(spec):
         try:
-            path = resolve_location(ref.path, storage_root, tiny)
-        except ModelURIError as exc:
+            path = resolve_location(ref.path, storage_root, tiny, cluster=cluster)
+        except (ModelURIError, LocationError) as exc:
             errors.append(FieldError(f"{field}.path", exc.problem, exc.allowed))
             continue
         except ValueError as exc:
@@ -195,11 +227,11 @@ def check_rewards(spec: RLHFJobSpec) -> list[FieldError]:
 
 
 def _resolve_dataset(
-    location: str, field: str, storage_root: Path | None, tiny: Resolver | None
+    location: str, field: str, storage_root: Path | None, tiny: Resolver | None, cluster: bool
 ) -> tuple[Path | None, list[FieldError]]:
     try:
-        path = resolve_location(location, storage_root, tiny)
-    except ModelURIError as exc:
+        path = resolve_location(location, storage_root, tiny, cluster=cluster)
+    except (ModelURIError, LocationError) as exc:
         return None, [FieldError(field, exc.problem, exc.allowed)]
     except ValueError as exc:
         return None, [FieldError(field, str(exc), LOCAL_ALLOWED)]
@@ -215,16 +247,18 @@ def check_dataset(
     storage_root: Path | None,
     tiny: Resolver | None = None,
     policy_dir: Path | None = None,
+    *,
+    cluster: bool = False,
 ) -> tuple[Path | None, Path | None, list[FieldError]]:
     """(dataset, eval split, problems): the files exist, every row has the fields the job
     reads (located by file and line), the held-out split leaves rows to train on, and chat
     prompts have a chat template to render them (``policy_dir``: the policy's directory)."""
     dataset = spec.dataset
-    path, errors = _resolve_dataset(dataset.path, "spec.dataset.path", storage_root, tiny)
+    path, errors = _resolve_dataset(dataset.path, "spec.dataset.path", storage_root, tiny, cluster)
     eval_path = None
     if dataset.eval is not None:
         eval_path, eval_errors = _resolve_dataset(
-            dataset.eval, "spec.dataset.eval", storage_root, tiny
+            dataset.eval, "spec.dataset.eval", storage_root, tiny, cluster
         )
         errors += eval_errors
     if path is None or errors:
@@ -270,16 +304,18 @@ def preflight(
     spec: RLHFJobSpec,
     storage_root: Path | None = None,
     tiny: Resolver | None = None,
+    *,
+    cluster: bool = False,
 ) -> ResolvedPaths:
     """Check models, dataset and function rewards together; raise PreflightError listing
-    every problem."""
+    every problem. ``cluster``: a worker pod (see ``rlhfspec_api.locations``)."""
     if storage_root is None and spec.storage.path is not None:
         storage_root = Path(spec.storage.path)
     if storage_root is None and os.environ.get("RLHFSPEC_STORAGE"):
         storage_root = Path(os.environ["RLHFSPEC_STORAGE"])
-    models, errors = check_models(spec, storage_root, tiny)
+    models, errors = check_models(spec, storage_root, tiny, cluster=cluster)
     dataset, eval_dataset, dataset_errors = check_dataset(
-        spec, storage_root, tiny, models.get(POLICY_FIELD)
+        spec, storage_root, tiny, models.get(POLICY_FIELD), cluster=cluster
     )
     errors += dataset_errors
     errors += check_rewards(spec)

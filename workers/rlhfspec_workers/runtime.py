@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -66,11 +66,18 @@ class WorkerEnv:
     kv_host: str = "127.0.0.1"
     """How other workers reach it: the operator sets the pod's DNS name (hostname.subdomain of
     its role's headless service); local mode keeps the loopback."""
+    kv_secret: str | None = field(default=None, repr=False)
+    """The job's KV key (generation workers): pulls of KV snapshots are authorised with it and
+    snapshots sealed with it (``generation.kv_auth``). The operator's ``<job>-kv`` Secret, one
+    per run in local mode; without it a worker neither serves nor loads snapshots."""
     redis_password_source: str = "RLHFSPEC_REDIS_PASSWORD"
     """Where the password comes from, for the error when Redis refuses it (the operator names
     the Secret and key)."""
     redis_ca_file: Path | None = None
     """CA bundle that verifies a ``rediss://`` server (None: the system's CAs)."""
+    local: bool = False
+    """Started by local mode (``RLHFSPEC_LOCAL=1``), which may read this machine's files;
+    anything else is a cluster pod, where preflight refuses paths on the pod's filesystem."""
 
     @property
     def worker(self) -> str:
@@ -119,10 +126,24 @@ class WorkerEnv:
             redis_ca_file=Path(env["RLHFSPEC_REDIS_CA_FILE"])
             if env.get("RLHFSPEC_REDIS_CA_FILE")
             else None,
+            local=env.get("RLHFSPEC_LOCAL") == "1",
         )
 
     def load_job(self) -> RLHFJob:
         return load_rlhfjob(self.job_config)
+
+
+MIN_KV_SECRET_CHARS = 32
+
+
+def _kv_secret(raw: str | None) -> str | None:
+    if not raw:
+        return None
+    if len(raw) < MIN_KV_SECRET_CHARS:  # a guessable key would authorise anyone
+        raise WorkerEnvError(
+            f"RLHFSPEC_KV_SECRET has {len(raw)} characters, at least {MIN_KV_SECRET_CHARS} needed"
+        )
+    return raw
 
 
 def retrying(

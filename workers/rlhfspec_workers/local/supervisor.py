@@ -40,6 +40,8 @@ def local_worker_env(
         "RLHFSPEC_JOB_CONFIG": str(job_config.resolve()),
         "RLHFSPEC_STORAGE": str(storage.resolve()),
         "RLHFSPEC_METRICS_PORT": "0",
+        # Local mode reads models and data from this machine (a pod may not: preflight).
+        "RLHFSPEC_LOCAL": "1",
     }
 
 

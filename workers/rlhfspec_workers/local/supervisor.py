@@ -10,6 +10,7 @@ grace period) on completion, failure or Ctrl-C, so no half-started process is le
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -28,9 +29,12 @@ def local_worker_env(
     redis_password: str,
     job_config: Path,
     storage: Path,
+    kv_secret: str | None = None,
 ) -> dict[str, str]:
     """The pod environment contract (``runtime.WorkerEnv``) for workers run on this machine
-    against a local redis-server; each binds a free metrics port and logs it."""
+    against a local redis-server; each binds a free metrics port and logs it. The job's KV key
+    is new for every call (one per run) unless given: workers of another run, or any other
+    local user's process, can neither pull this run's KV snapshots nor feed it theirs."""
     return {
         "RLHFSPEC_JOB": job,
         "RLHFSPEC_NAMESPACE": namespace,
@@ -42,6 +46,7 @@ def local_worker_env(
         "RLHFSPEC_METRICS_PORT": "0",
         # Local mode reads models and data from this machine (a pod may not: preflight).
         "RLHFSPEC_LOCAL": "1",
+        "RLHFSPEC_KV_SECRET": kv_secret or secrets.token_hex(32),
     }
 
 

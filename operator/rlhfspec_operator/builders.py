@@ -10,10 +10,14 @@ the mounts in :func:`worker_pod`: job config at ``/etc/rlhfspec/job.yaml`` (read
 storage at ``/data``, scratch at ``/tmp`` and ``/dev/shm``, metrics on port 9400, and each
 function reward's ConfigMap (its module files) under ``/etc/rlhfspec-rewards/<name>``, on
 PYTHONPATH. Every worker pod mounts those: each one's preflight imports the function.
+Generation pods also get the job's KV key (``RLHFSPEC_KV_SECRET``, from the ``<job>-kv``
+Secret :func:`kv_secret` builds): peers pull each other's KV snapshots only with it.
 """
 
 from __future__ import annotations
 
+import base64
+import secrets
 from typing import Any
 
 import yaml
@@ -55,6 +59,30 @@ def reward_config_maps(job: RLHFJob) -> list[str]:
     """The ConfigMaps holding function rewards' modules, each once, in spec order."""
     names = [term.config_map for term in job.spec.reward_terms if term.config_map]
     return list(dict.fromkeys(names))
+
+
+KV_SECRET_KEY = "key"
+
+
+def kv_secret_name(job: str) -> str:
+    """The job's KV key: generation workers authorise snapshot pulls and seal snapshots
+    with it (``rlhfspec_workers.generation.kv_auth``)."""
+    return f"{job}-kv"
+
+
+def new_kv_key() -> str:
+    return secrets.token_hex(32)  # 32 random bytes
+
+
+def kv_secret(job: RLHFJob, owner: Owner, key: str) -> dict[str, Any]:
+    """Owned by the job (garbage-collected with it), read only by its generation pods' env."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": metadata(owner, kv_secret_name(job.name), GENERATION),
+        "type": "Opaque",
+        "data": {KV_SECRET_KEY: base64.b64encode(key.encode()).decode()},
+    }
 
 
 def _reward_module_dirs(job: RLHFJob) -> list[str]:
@@ -132,10 +160,17 @@ def role_service(job: RLHFJob, owner: Owner, role: str) -> dict[str, Any]:
 
 
 def children(
-    job: RLHFJob, owner: Owner, *, password: str, operator_namespace: str | None
+    job: RLHFJob,
+    owner: Owner,
+    *,
+    password: str,
+    operator_namespace: str | None,
+    kv_key: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Every child except the worker pods, in creation order (config and Redis first)."""
-    objects = [config_map(job, owner)]
+    """Every child except the worker pods, in creation order (config, KV key and Redis
+    first). Without ``kv_key`` a new one is drawn: only the first create of the Secret lands
+    (a later one is a 409), so a running job's key never changes under its pods."""
+    objects = [config_map(job, owner), kv_secret(job, owner, kv_key or new_kv_key())]
     objects += coordinator.manifests(
         job, owner, password=password, operator_namespace=operator_namespace
     )
@@ -207,6 +242,12 @@ def worker_env(job: RLHFJob, role: str, index: int) -> list[dict[str, Any]]:
         env += [
             {"name": "RLHFSPEC_KV_PORT", "value": str(KV_PORT)},
             {"name": "RLHFSPEC_KV_HOST", "value": f"{host}.{job.namespace}.svc"},
+            {
+                "name": "RLHFSPEC_KV_SECRET",
+                "valueFrom": {
+                    "secretKeyRef": {"name": kv_secret_name(job.name), "key": KV_SECRET_KEY}
+                },
+            },
         ]
     return env
 

@@ -17,7 +17,7 @@ from rlhfspec_api.manifest import parse_rlhfjob
 
 CHILDREN = {
     "configmap": ["tiny-grpo-config"],
-    "secret": ["tiny-grpo-redis"],
+    "secret": ["tiny-grpo-kv", "tiny-grpo-redis"],
     "networkpolicy": ["tiny-grpo-redis"],
     "deployment": ["tiny-grpo-redis"],
     "service": [

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 import typing
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -171,3 +172,23 @@ def test_every_way_a_pull_fails_is_a_named_fallback(outbox: KVOutbox) -> None:
     reasons = set(typing.get_args(FallbackReason))
     assert set(seen) == reasons - {"refused"}, sorted(reasons - set(seen))
     assert all(seen.values())  # every reason says what happened
+
+
+def test_a_worker_reads_the_jobs_key_from_its_environment() -> None:
+    from rlhfspec_workers.local.supervisor import local_worker_env
+    from rlhfspec_workers.runtime import WorkerEnv, WorkerEnvError
+
+    base = {"RLHFSPEC_JOB": "j", "RLHFSPEC_REDIS_URL": "redis://r/0", "RLHFSPEC_JOB_CONFIG": "/c"}
+    assert WorkerEnv.from_environ("generation", base).kv_secret is None
+    env = WorkerEnv.from_environ("generation", base | {"RLHFSPEC_KV_SECRET": "f" * 64})
+    assert env.kv_secret == "f" * 64 and "f" * 64 not in repr(env)
+    with pytest.raises(WorkerEnvError, match="RLHFSPEC_KV_SECRET has 8 characters"):
+        WorkerEnv.from_environ("generation", base | {"RLHFSPEC_KV_SECRET": "f" * 8})
+    # Local mode: a key of its own for every run.
+    runs = [
+        local_worker_env(job="j", namespace="default", replicas=2, redis_port=1,
+                         redis_password="p", job_config=Path("c"), storage=Path("s"))
+        for _ in range(2)
+    ]  # fmt: skip
+    keys = [run["RLHFSPEC_KV_SECRET"] for run in runs]
+    assert keys[0] != keys[1] and all(len(bytes.fromhex(k)) == 32 for k in keys)

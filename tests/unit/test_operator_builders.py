@@ -202,6 +202,40 @@ def test_worker_pods_run_the_role_with_the_env_contract() -> None:
     assert pods["tiny-grpo-coordinator"]["spec"]["containers"][0]["command"][-1] == "coordinator"
 
 
+@pytest.mark.parametrize("case", ["managed", "external"])
+def test_generation_pods_get_the_jobs_kv_key_from_a_secret_the_job_owns(case: str) -> None:
+    """Peers authorise KV snapshot pulls with it: a Secret of its own (external mode has no
+    Redis Secret), owned by the job, referenced only by generation pods, its value nowhere
+    else."""
+    job, owner = JOBS[case], owner_of(JOBS[case])
+    key = "ab" * 32
+    objects = builders.children(job, owner, password="s3cret", operator_namespace=None, kv_key=key)
+    secret = objects[1]  # right after the config, before any pod can reference it
+    assert (secret["kind"], secret["metadata"]["name"]) == ("Secret", "tiny-grpo-kv")
+    assert secret["metadata"]["ownerReferences"] == [owner.reference()]
+    assert secret["metadata"]["ownerReferences"][0]["controller"] is True
+    assert coordinator.decode_secret_value(secret, "key") == key
+    validate(secret)
+    pods = builders.worker_pods(job, owner)
+    for pod in pods:
+        env = _env(pod)
+        if pod["metadata"]["labels"][LABEL_ROLE] == "generation":
+            assert env["RLHFSPEC_KV_SECRET"] == {
+                "secretKeyRef": {"name": "tiny-grpo-kv", "key": "key"}
+            }
+        else:
+            assert "RLHFSPEC_KV_SECRET" not in env
+    assert key not in yaml.safe_dump(pods + [o for o in objects if o is not secret])
+    drawn = [
+        coordinator.decode_secret_value(
+            builders.children(job, owner, password="s3cret", operator_namespace=None)[1], "key"
+        )
+        for _ in range(2)
+    ]
+    assert drawn[0] != drawn[1]
+    assert all(value is not None and len(bytes.fromhex(value)) == 32 for value in drawn)
+
+
 def test_gpu_requests_come_from_the_spec_and_cpu_pods_request_none() -> None:
     pods = _pods(JOBS["claim-gpu"])
     generation = pods["tiny-grpo-generation-0"]

@@ -121,6 +121,7 @@ class WorkerEnv:
             pod_name=env.get("RLHFSPEC_POD_NAME", ""),
             kv_port=number("RLHFSPEC_KV_PORT", 0),
             kv_host=env.get("RLHFSPEC_KV_HOST") or "127.0.0.1",
+            kv_secret=_kv_secret(env.get("RLHFSPEC_KV_SECRET")),
             redis_password_source=env.get("RLHFSPEC_REDIS_PASSWORD_SOURCE")
             or "RLHFSPEC_REDIS_PASSWORD",
             redis_ca_file=Path(env["RLHFSPEC_REDIS_CA_FILE"])

@@ -132,7 +132,8 @@ class SampleTask(Message):
     migrations: int = Field(default=0, ge=0)
     kv_snapshot_url: str | None = None
     """Migrated by KV transfer: where the source serves its :class:`KVSnapshot`, once (gone:
-    the destination recomputes the prefix instead)."""
+    the destination recomputes the prefix instead). No credential: the destination proves it
+    belongs to the job with a token of its own (``generation.kv_auth``)."""
 
 
 class KVSnapshot(Message):
@@ -145,7 +146,8 @@ class KVSnapshot(Message):
     Megabytes of tensor data do not belong in JSON (base64 and parsing cost ~90 ms per 4 MB on
     the CPU here, a few ms this way): on the wire it is ``KV_FRAME_MAGIC``, the JSON header's
     length (4 bytes, big-endian), the JSON header (every field but ``data``, with kind and
-    version, checked like any message), then ``data`` raw."""
+    version, checked like any message), then ``data`` raw. Between outbox and destination the
+    frame travels sealed (an HMAC with the job's key appended, ``generation.kv_auth``)."""
 
     KIND: ClassVar[str] = "kv_snapshot"
     sample_id: str = Field(min_length=1)

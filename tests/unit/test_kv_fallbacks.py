@@ -88,3 +88,15 @@ def test_a_task_without_a_snapshot_loads_nothing_and_counts_nothing() -> None:
     worker, _, _ = _worker()
     assert worker._load_kv(_task(url=None)) is None
     assert worker.counters.drain() == {}
+
+
+def test_a_verified_snapshot_that_still_does_not_decode_is_malformed_and_dead_lettered() -> None:
+    inconsistent = KVSnapshot(
+        sample_id="it2/p1/0", token_ids=[1, 2, 3], block_size=4, dtype="float32",
+        layer_names=["l0"], block_shape=[3, 4], data=b"\x00" * 5,
+    )  # fmt: skip
+    worker, letters, _ = _worker()
+    _pulled(worker, (inconsistent, 0.1))
+    assert worker._load_kv(_task()) is None
+    assert worker.counters.drain() == {2: {"kv_fallbacks": 1.0, "kv_fallback:malformed": 1.0}}
+    assert len(letters) == 1 and "it2/p1/0" in letters[0][3]

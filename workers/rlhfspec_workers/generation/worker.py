@@ -287,10 +287,11 @@ class GenerationWorker:
             snapshot, pull_seconds = pull.result()
             started = time.perf_counter()
             state = KVState.from_message(snapshot)
-        except KVRefused as exc:
-            if exc.reason == "malformed":  # sealed by this job yet unreadable: a bug to look at
-                self.bus.dead_letter(url, "kv", b"", f"{task.sample_id}: {exc.detail}")
-            self._kv_fallback(task, exc.reason, exc.detail)
+        except (KVRefused, ValueError) as exc:
+            refused = exc if isinstance(exc, KVRefused) else KVRefused("malformed", str(exc))
+            if refused.reason == "malformed":  # sealed by this job yet unreadable: a bug
+                self.bus.dead_letter(url, "kv", b"", f"{task.sample_id}: {refused.detail}")
+            self._kv_fallback(task, refused.reason, refused.detail)
             return None
         except Exception as exc:  # anything else on the way (a cut connection): recompute
             self._kv_fallback(task, "unreachable", repr(exc))

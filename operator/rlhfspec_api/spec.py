@@ -184,6 +184,15 @@ class SecretKeyRef(ContractModel):
     """Key inside the Secret."""
 
 
+class ConfigMapKeyRef(ContractModel):
+    """A key of a ConfigMap in the job's namespace."""
+
+    name: DnsSubdomain
+    """ConfigMap name."""
+    key: SecretKey = "ca.crt"
+    """Key inside the ConfigMap."""
+
+
 class CoordinatorSpec(ContractModel):
     """The Redis-backed coordinator: work queues, strategy broadcast, migrations, metrics."""
 
@@ -192,7 +201,11 @@ class CoordinatorSpec(ContractModel):
     url: RedisUrl | None = None
     """external: Redis URL, e.g. redis://redis.infra:6379/0."""
     password_secret: SecretKeyRef | None = None
-    """external: Secret holding the Redis password (managed mode generates one)."""
+    """external: Secret holding the Redis password (managed mode generates one). The Secret
+    must carry the label rlhfspec.io/coordinator-password=true."""
+    ca_config_map: ConfigMapKeyRef | None = None
+    """external, rediss:// only: ConfigMap key holding the PEM CA bundle that verifies the
+    Redis server (default: the system's CAs)."""
     redis_image: ImageRef = "redis:7.4-alpine"
     """managed: Redis image."""
 
@@ -323,6 +336,14 @@ class RLHFJobSpec(ContractModel):
             violations.append(
                 Violation(
                     "coordinator.url", "external mode needs a Redis URL", "redis://host:port/db"
+                )
+            )
+        if coord.ca_config_map is not None and not (coord.url or "").startswith("rediss://"):
+            violations.append(
+                Violation(
+                    "coordinator.caConfigMap",
+                    "a CA verifies a TLS server, and the coordinator URL is not rediss://",
+                    "external mode with a rediss:// url, or remove caConfigMap",
                 )
             )
         if coord.mode is CoordinatorMode.MANAGED and (coord.url or coord.password_secret):

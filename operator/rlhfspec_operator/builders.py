@@ -9,7 +9,9 @@ The worker contract (what ``rlhfspec worker <role>`` can rely on) is :func:`work
 the mounts in :func:`worker_pod`: job config at ``/etc/rlhfspec/job.yaml`` (read-only), shared
 storage at ``/data``, scratch at ``/tmp`` and ``/dev/shm``, metrics on port 9400, and each
 function reward's ConfigMap (its module files) under ``/etc/rlhfspec-rewards/<name>``, on
-PYTHONPATH. Every worker pod mounts those: each one's preflight imports the function.
+PYTHONPATH. Every worker pod mounts those: each one's preflight imports the function. A
+``rediss://`` coordinator's CA (``spec.coordinator.caConfigMap``) is mounted under
+``/etc/rlhfspec-redis-ca``; ``/dev/shm`` is bounded (:func:`shm_size_limit`).
 Generation pods also get the job's KV key (``RLHFSPEC_KV_SECRET``, from the ``<job>-kv``
 Secret :func:`kv_secret` builds): peers pull each other's KV snapshots only with it.
 """
@@ -25,6 +27,7 @@ import yaml
 from rlhfspec_api.errors import FieldError
 from rlhfspec_api.manifest import RLHFJob
 from rlhfspec_api.models import Resources
+from rlhfspec_api.quantity import parse_quantity
 from rlhfspec_operator import coordinator
 from rlhfspec_operator.naming import (
     CONFIG_DIR,
@@ -53,6 +56,17 @@ COORDINATOR_RESOURCES = Resources(cpu="500m", memory="1Gi")
 WORKER_UID = 1000
 REWARD_MODULES_DIR = "/etc/rlhfspec-rewards"
 """Function rewards' ConfigMaps are mounted below it, one directory per ConfigMap."""
+REDIS_CA_DIR = "/etc/rlhfspec-redis-ca"
+"""``spec.coordinator.caConfigMap`` is mounted here (the CA verifying a rediss:// Redis)."""
+SHM_FRACTION = 2
+"""/dev/shm may use at most 1/SHM_FRACTION of the container's memory."""
+
+
+def shm_size_limit(resources: Resources) -> str:
+    """A bound on /dev/shm (memory-backed): half the container's memory, in MiB. Without one a
+    runaway writer fills the node's memory, not just its own limit's worth."""
+    mib = int(parse_quantity(resources.memory) / SHM_FRACTION / (1 << 20))
+    return f"{max(mib, 64)}Mi"
 
 
 def reward_config_maps(job: RLHFJob) -> list[str]:
@@ -217,14 +231,21 @@ def worker_env(job: RLHFJob, role: str, index: int) -> list[dict[str, Any]]:
         {"name": "RLHFSPEC_REDIS_URL", "value": coordinator.redis_url(job)},
     ]
     secret = coordinator.password_ref(job)
+    source = "no password (spec.coordinator.passwordSecret is not set)"
     if secret is not None:
         name, key = secret
+        source = f"Secret {job.namespace}/{name}, key {key}"
         env.append(
             {
                 "name": "RLHFSPEC_REDIS_PASSWORD",
                 "valueFrom": {"secretKeyRef": {"name": name, "key": key}},
             }
         )
+    # Named in the worker's error when Redis refuses the password (it fails at once).
+    env.append({"name": "RLHFSPEC_REDIS_PASSWORD_SOURCE", "value": source})
+    ca = job.spec.coordinator.ca_config_map
+    if ca is not None:
+        env.append({"name": "RLHFSPEC_REDIS_CA_FILE", "value": f"{REDIS_CA_DIR}/{ca.key}"})
     env += [
         {"name": "RLHFSPEC_JOB_CONFIG", "value": f"{CONFIG_DIR}/{CONFIG_KEY}"},
         {"name": "RLHFSPEC_STORAGE", "value": STORAGE_DIR},
@@ -268,7 +289,7 @@ def worker_pod(job: RLHFJob, owner: Owner, role: str, index: int = 0) -> dict[st
         {"name": "storage", "persistentVolumeClaim": {"claimName": claim_name(job)}},
         {"name": "tmp", "emptyDir": {}},
         # torch and vLLM share tensors between processes through /dev/shm (64Mi by default).
-        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size_limit(resources)}},
     ]
     mounts = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
@@ -276,6 +297,10 @@ def worker_pod(job: RLHFJob, owner: Owner, role: str, index: int = 0) -> dict[st
         {"name": "tmp", "mountPath": "/tmp"},
         {"name": "dshm", "mountPath": "/dev/shm"},
     ]
+    ca = job.spec.coordinator.ca_config_map
+    if ca is not None:
+        volumes.append({"name": "redis-ca", "configMap": {"name": ca.name}})
+        mounts.append({"name": "redis-ca", "mountPath": REDIS_CA_DIR, "readOnly": True})
     for index, (config_name, path) in enumerate(
         zip(reward_config_maps(job), _reward_module_dirs(job), strict=True)
     ):
@@ -308,6 +333,9 @@ def worker_pod(job: RLHFJob, owner: Owner, role: str, index: int = 0) -> dict[st
                 + ([{"name": "kv", "containerPort": KV_PORT}] if role == GENERATION else []),
                 "resources": _resources(resources),
                 "volumeMounts": mounts,
+                # A worker's last words (e.g. Redis refused the password from Secret X, key Y)
+                # become the pod's termination message, which the job's status quotes.
+                "terminationMessagePolicy": "FallbackToLogsOnError",
                 "securityContext": {
                     "allowPrivilegeEscalation": False,
                     "readOnlyRootFilesystem": True,

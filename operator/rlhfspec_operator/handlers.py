@@ -3,8 +3,11 @@
 Where it sits: loaded by ``rlhfspec operator`` (``main``) or ``kopf run -m``. The flow of a job:
 
 * ``start`` (``on.create`` + ``on.resume``): parse once; invalid -> Failed/ValidationFailed and
-  nothing else; valid -> create the children from ``builders`` (409 = already there), pin the
-  applied spec, status Initializing (or Suspended).
+  nothing else; refused by the cluster's policy (``admission``: images, external Redis host,
+  the password Secret's opt-in label) -> Failed/NotAllowed; valid -> create the children from
+  ``builders`` and ``network_policy`` (one the job already owns counts as created; a name held
+  by anything else fails the job with ChildConflict, naming it), pin the applied spec, status
+  Initializing (or Suspended).
 * ``pods_by_job`` (``index``): every worker pod condensed to a ``PodView`` under (ns, job).
 * ``reconcile`` (``timer``): pods from the index + progress from Redis -> ``status.reconcile``
   -> delete/create pods, post events, patch status. Runs only while the job is active.
@@ -20,7 +23,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -32,17 +34,17 @@ from rlhfspec_api.crd import PLURAL
 from rlhfspec_api.echo import cap
 from rlhfspec_api.manifest import ManifestError, RLHFJob, parse_rlhfjob
 from rlhfspec_api.status import TERMINAL_PHASES, Phase
-from rlhfspec_operator import builders, coordinator, metrics, updates
+from rlhfspec_operator import admission, builders, coordinator, metrics, network_policy, updates
 from rlhfspec_operator import status as state
 from rlhfspec_operator.config import CONFIG
-from rlhfspec_operator.kube import ApiError, Kube
+from rlhfspec_operator.credentials import Credentials, NotUsable
+from rlhfspec_operator.kube import ApiError, ChildConflict, ChildPending, Kube
 from rlhfspec_operator.naming import (
     LABEL_JOB,
     WORKER_ROLES,
     Owner,
     config_map_name,
     desired_pods,
-    redis_name,
 )
 from rlhfspec_operator.pods import PodView, pod_view
 from rlhfspec_operator.progress import ProgressRead
@@ -50,12 +52,13 @@ from rlhfspec_operator.redis_progress import ProgressReader
 
 RESOURCE = (API_GROUP, API_VERSION, PLURAL)
 ACTIVE_PHASES = {Phase.INITIALIZING.value, Phase.RUNNING.value, Phase.SUSPENDED.value}
-PASSWORD_TTL = 300.0  # seconds an external password is trusted before the Secret is re-read
+CHILD_CONFLICT = "ChildConflict"
+CREDENTIALS_UNUSABLE = "CredentialsUnusable"
 
 kube = Kube()
 reader = ProgressReader()
 _metrics_server: list[web.AppRunner] = []
-_passwords: dict[tuple[str, str, str], tuple[float, str | None]] = {}
+credentials = Credentials(kube, CONFIG)
 
 
 def _now() -> datetime.datetime:
@@ -148,8 +151,12 @@ def _status_patch(old: Mapping[str, Any], new: dict[str, Any]) -> dict[str, Any]
 
 
 async def _create(body: kopf.Body, obj: dict[str, Any]) -> None:
+    """Create a child (ChildConflict propagates: the caller fails the job)."""
     try:
         created = await kube.create(obj)
+    except ChildPending as exc:
+        kopf.info(body, reason="WaitingForOldChild", message=str(exc))
+        raise kopf.TemporaryError(str(exc), delay=5) from exc
     except ApiError as exc:
         kind, name = obj["kind"], obj["metadata"]["name"]
         kopf.warn(body, reason="CreateFailed", message=f"cannot create {kind} {name}: {exc}")
@@ -157,38 +164,6 @@ async def _create(body: kopf.Body, obj: dict[str, Any]) -> None:
     if created:
         kind, name = obj["kind"], obj["metadata"]["name"]
         kopf.info(body, reason="Created", message=f"Created {kind} {name}")
-
-
-async def _managed_password(job: RLHFJob) -> str:
-    """The managed Redis password: the existing Secret's, or a new one (never rotated)."""
-    name = redis_name(job.name)
-    secret = await kube.get("v1", "Secret", job.namespace, name)
-    if secret is not None:
-        value = coordinator.decode_secret_value(secret, "password")
-        if value:
-            return value
-    return coordinator.new_password()
-
-
-async def _redis_password(job: RLHFJob, uid: str) -> str | None:
-    ref = coordinator.password_ref(job)
-    if ref is None:
-        return None
-    key = (job.namespace, job.name, uid)
-    cached = _passwords.get(key)
-    if cached is not None and (coordinator.managed(job) or time.monotonic() < cached[0]):
-        return cached[1]
-    secret = await kube.get("v1", "Secret", job.namespace, ref[0])
-    value = coordinator.decode_secret_value(secret, ref[1]) if secret is not None else None
-    if value is not None:
-        _passwords[key] = (time.monotonic() + PASSWORD_TTL, value)
-    return value
-
-
-def _redis_url(job: RLHFJob) -> str:
-    if coordinator.managed(job) and CONFIG.coordinator_url:
-        return CONFIG.coordinator_url
-    return coordinator.redis_url(job)
 
 
 @kopf.on.resume(*RESOURCE)
@@ -200,27 +175,60 @@ async def start(
     if previous.phase in TERMINAL_PHASES:
         return
     now, generation = _now(), meta.get("generation")
+
+    def refuse(lines: list[str], reason: str) -> None:
+        failed, event = state.validation_failed(lines, generation, now, reason)
+        patch.status.update(_status_patch(dict(status), failed.to_wire()))
+        _post(body, [event])
+
     try:
         job = _parse(body)
-        problems = builders.cluster_errors(job)
+        problems = admission.spec_errors(job)
         if problems:
             raise ManifestError(problems)
     except ManifestError as exc:
-        failed, event = state.validation_failed([str(e) for e in exc.errors], generation, now)
-        patch.status.update(_status_patch(dict(status), failed.to_wire()))
-        _post(body, [event])
+        refuse([str(e) for e in exc.errors], "ValidationFailed")
         return
+    fresh = previous.phase is Phase.PENDING
+    if fresh:  # the policy admits jobs; a running job is not failed by a later change of it
+        refused = admission.policy_errors(
+            job,
+            allowed_images=CONFIG.allowed_images,
+            allowed_redis_hosts=CONFIG.allowed_redis_hosts,
+        )
+        if not refused and not coordinator.managed(job):
+            refused = admission.password_secret_errors(job, await credentials.password_secret(job))
+        if refused:
+            refuse([str(e) for e in refused], admission.POLICY_REASON)
+            return
     job = _effective(job, meta.annotations)
     owner = _owner(body)
-    password = await _managed_password(job) if coordinator.managed(job) else ""
-    for obj in builders.children(
-        job, owner, password=password, operator_namespace=CONFIG.operator_namespace
-    ):
-        await _create(body, obj)
-    # Pods of a fresh job right away; after a restart the timer recreates what is missing.
-    if previous.phase is Phase.PENDING and not job.spec.suspend:
-        for pod in builders.worker_pods(job, owner):
-            await _create(body, pod)
+    created_pods: list[str] = []
+    try:
+        password = ""
+        if coordinator.managed(job):
+            password = await credentials.managed_password(job, owner)
+        objects = builders.children(
+            job, owner, password=password, operator_namespace=CONFIG.operator_namespace
+        )
+        objects.append(network_policy.worker_network_policy(job, owner, CONFIG.metrics_from))
+        # Pods of a fresh job right away; after a restart the timer recreates what is missing.
+        if fresh and not job.spec.suspend:
+            objects += builders.worker_pods(job, owner)
+        for obj in objects:
+            await _create(body, obj)
+            if obj["kind"] == "Pod":
+                created_pods.append(obj["metadata"]["name"])
+    except ChildPending as exc:  # the managed Secret of an earlier job of this name
+        raise kopf.TemporaryError(str(exc), delay=5) from exc
+    except ChildConflict as exc:
+        if fresh:
+            refuse([str(exc)], CHILD_CONFLICT)
+            for name in created_pods:  # a failed job holds no accelerators
+                await kube.delete("v1", "Pod", owner.namespace, name)
+        else:  # a resumed job keeps running; the timer fails it if a pod name is taken
+            kopf.warn(body, reason=CHILD_CONFLICT, message=str(exc))
+        return
     new_status, events = state.started(job, generation, previous, now)
     _post(body, events)
     patch.status.update(_status_patch(dict(status), new_status.to_wire()))
@@ -252,10 +260,11 @@ async def reconcile(
     # A job deleted and re-created under the same name must not inherit the old pods.
     pods = [p for p in indexed if p.owner_uid == owner.uid]
     try:
-        password = await _redis_password(job, owner.uid)
-        progress = await reader.read(_redis_url(job), password, job.namespace, job.name)
+        progress = await reader.read(await credentials.target(job, owner), job.namespace, job.name)
     except ApiError as exc:
         progress = ProgressRead(error=f"cannot read the Redis password: {exc}", attempted=True)
+    except NotUsable as exc:
+        progress = ProgressRead(error=str(exc), error_reason=CREDENTIALS_UNUSABLE, attempted=True)
     observation = state.Observation(
         job=job,
         generation=meta.get("generation"),
@@ -268,9 +277,14 @@ async def reconcile(
     for name in plan.delete:
         await kube.delete("v1", "Pod", owner.namespace, name)
     roles = desired_pods(job.name, job.spec.generation.replicas)
-    for name in plan.create:
-        role, index = roles[name]
-        await _create(body, builders.worker_pod(job, owner, role, index))
+    try:
+        for name in plan.create:
+            role, index = roles[name]
+            await _create(body, builders.worker_pod(job, owner, role, index))
+    except ChildConflict as exc:
+        plan = state.fail(observation, CHILD_CONFLICT, str(exc))
+        for name in plan.delete:
+            await kube.delete("v1", "Pod", owner.namespace, name)
     _post(body, plan.events)
     metrics.REGISTRY.observe(owner.namespace, owner.name, plan.status)
     metrics.REGISTRY.count("rlhfspec_operator_reconciles_total")
@@ -320,13 +334,13 @@ async def delete(body: kopf.Body, meta: kopf.Meta, logger: kopf.Logger, **_: Any
         job = _effective(_parse(body), meta.annotations)
     except ManifestError:
         return
-    _passwords.pop((job.namespace, job.name, str(meta.uid)), None)
+    credentials.forget(job.namespace, job.name, str(meta.uid))
     metrics.REGISTRY.forget(job.namespace, job.name)
     if coordinator.managed(job):
         return  # Redis, Secret, Services, pods and the owned claim go with the job
     try:
-        password = await _redis_password(job, str(meta.uid))
-        count = await reader.delete_job_keys(_redis_url(job), password, job.namespace, job.name)
+        target = await credentials.target(job, _owner(body))
+        count = await reader.delete_job_keys(target, job.namespace, job.name)
     except Exception as exc:  # best effort: an unreachable Redis must not block deletion
         logger.warning(f"could not delete the job's keys in external Redis: {exc}")
         kopf.warn(body, reason="CleanupFailed", message=f"job keys left in Redis: {exc}")

@@ -1,7 +1,11 @@
-"""A minimal async Kubernetes client for the children: create (409 is success), get, patch, delete.
+"""A minimal async Kubernetes client for the children: create, get, patch, delete.
 
 Where it sits: the handlers call it to create the manifests the pure builders return and to
-delete pods the status logic names. kopf has no public client for arbitrary objects, and the
+delete pods the status logic names. A child that already exists counts as created only when
+its controller owner reference is the job's (a retry, a resumed operator): an object someone
+else put under the child's name is never adopted (:class:`ChildConflict`), and one left by an
+earlier job of the same name is waited out (:class:`ChildPending`) while the garbage collector
+removes it. kopf has no public client for arbitrary objects, and the
 official client is a heavy dependency of the slim operator image; this one reuses kopf's login
 (``handlers.login`` stores the :class:`kopf.ConnectionInfo` here), so the operator has exactly
 one way of authenticating. Only the handful of kinds the operator creates are mapped.
@@ -30,6 +34,48 @@ PLURALS = {
 }
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=30)
 USER_AGENT = "rlhfspec-operator"
+
+
+class ChildConflict(Exception):
+    """An object under a child's name that the job does not own: never adopted."""
+
+    def __init__(self, kind: str, namespace: str, name: str, holder: str) -> None:
+        super().__init__(
+            f"{kind} {namespace}/{name} already exists and is not owned by this RLHFJob "
+            f"({holder}); the operator will not adopt it: delete or rename it, then re-create "
+            "the job"
+        )
+        self.kind, self.namespace, self.name = kind, namespace, name
+
+
+class ChildPending(Exception):
+    """A child of an earlier job of the same name (or one being deleted): wait for it to go."""
+
+
+def _holder(existing: dict[str, Any]) -> str:
+    """Who controls ``existing``, for messages."""
+    for ref in (existing.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return f"controlled by {ref.get('kind')} {ref.get('name')} uid {ref.get('uid')}"
+    return "no controller"
+
+
+def ownership(existing: dict[str, Any], wanted: dict[str, Any]) -> str:
+    """``mine``, ``stale`` (an earlier job of the same name, or being deleted: the garbage
+    collector removes it) or ``foreign``, comparing ``existing``'s controller reference with the
+    one in ``wanted`` (the manifest the builders made)."""
+    ours = next(r for r in wanted["metadata"]["ownerReferences"] if r.get("controller"))
+    meta = existing.get("metadata") or {}
+    refs = [r for r in meta.get("ownerReferences") or [] if r.get("controller")]
+    if refs and refs[0].get("uid") == ours["uid"]:
+        return "mine"
+    same_job = bool(refs) and all(
+        refs[0].get(key) == ours[key] for key in ("apiVersion", "kind", "name")
+    )
+    # Being deleted: its name frees up soon, and nothing is adopted while we wait.
+    if same_job or meta.get("deletionTimestamp"):
+        return "stale"
+    return "foreign"
 
 
 class ApiError(Exception):
@@ -99,16 +145,39 @@ class Kube:
             return payload if isinstance(payload, dict) else {}
 
     async def create(self, obj: dict[str, Any]) -> bool:
-        """Create ``obj``; False when it already exists (a retry or a resumed operator)."""
+        """Create ``obj``; False when the job already owns it (a retry or a resumed operator).
+
+        Raises :class:`ChildConflict` when an object of that name belongs to anyone else,
+        :class:`ChildPending` when it belongs to an earlier job of the same name. Looks first
+        (no write when it exists), and again when a create races another (409)."""
         meta = obj["metadata"]
-        path = object_path(obj["apiVersion"], obj["kind"], meta["namespace"])
-        try:
-            await self.request("POST", path, obj)
-        except ApiError as exc:
-            if exc.status == 409:
-                return False
-            raise
-        return True
+        args = (obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
+        existing = await self.get(*args)
+        if existing is None:
+            try:
+                await self.request("POST", object_path(*args[:3]), obj)
+                return True
+            except ApiError as exc:
+                if exc.status != 409:
+                    raise
+            existing = await self.get(*args)
+            if existing is None:
+                raise ChildPending(f"{obj['kind']} {meta['name']} is being replaced")
+        self.check_owned(existing, obj)
+        return False
+
+    @staticmethod
+    def check_owned(existing: dict[str, Any], wanted: dict[str, Any]) -> None:
+        """Raise unless ``existing`` is the child ``wanted`` describes (same controller uid)."""
+        state = ownership(existing, wanted)
+        kind, meta = wanted["kind"], wanted["metadata"]
+        if state == "stale":
+            raise ChildPending(
+                f"{kind} {meta['namespace']}/{meta['name']} of an earlier job of this name is "
+                "still being deleted"
+            )
+        if state == "foreign":
+            raise ChildConflict(kind, meta["namespace"], meta["name"], _holder(existing))
 
     async def get(
         self, api_version: str, kind: str, namespace: str, name: str

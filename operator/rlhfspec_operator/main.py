@@ -13,7 +13,7 @@ import importlib
 import logging
 from collections.abc import Sequence
 
-from rlhfspec_operator.config import CONFIG
+from rlhfspec_operator.config import CONFIG, parse_peers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +75,31 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PORT",
         help="serve Prometheus metrics on this port at /metrics",
     )
+    policy = parser.add_argument_group(
+        "admission policy", "what a job author may ask for (the chart's values set these)"
+    )
+    policy.add_argument(
+        "--allowed-image",
+        action="append",
+        dest="allowed_images",
+        metavar="PATTERN",
+        help="a job's images must match one of these globs (repeatable; default: any image)",
+    )
+    policy.add_argument(
+        "--allowed-redis-host",
+        action="append",
+        dest="allowed_redis_hosts",
+        metavar="PATTERN",
+        help="hosts an external coordinator URL may name, as globs (repeatable; default: "
+        "none, external mode is refused)",
+    )
+    policy.add_argument(
+        "--metrics-from",
+        type=parse_peers,
+        default=None,
+        metavar="JSON",
+        help="JSON list of NetworkPolicy peers admitted to worker pods' metrics port (Prometheus)",
+    )
     parser.add_argument(
         "--log-level",
         default="INFO",
@@ -101,6 +126,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     CONFIG.interval = args.interval
     CONFIG.coordinator_url = args.coordinator_url
     CONFIG.metrics_port = args.metrics_port
+    if args.allowed_images is not None:
+        CONFIG.allowed_images = args.allowed_images
+    if args.allowed_redis_hosts is not None:
+        CONFIG.allowed_redis_hosts = args.allowed_redis_hosts
+    if args.metrics_from is not None:
+        CONFIG.metrics_from = args.metrics_from
 
     import kopf
 

@@ -26,7 +26,8 @@ class ProgressRead:
     error: str | None = None
     """Why Redis could not be read (or its payload not decoded); None on success."""
     error_reason: str = "RedisUnavailable"
-    """CamelCase reason of ``error``: RedisUnavailable or InvalidProgress."""
+    """CamelCase reason of ``error``: RedisUnavailable, InvalidProgress, AuthenticationFailed
+    (Redis refused the password) or CredentialsUnusable (the policy or the Secret forbids it)."""
     attempted: bool = False
     """False when nothing was read (no status change about reachability)."""
 

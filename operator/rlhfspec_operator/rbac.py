@@ -24,15 +24,29 @@ RULES: list[dict[str, Any]] = [
     # kopf writes the status through the status subresource.
     {"apiGroups": [API_GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["patch"]},
     # The pod index (list+watch); worker pods are created, and deleted when failed/suspended.
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch", "create", "delete"]},
+    # Every child is read (get) before it is created: an object of that name the job does not
+    # own is never adopted (kube.Kube.create).
+    {
+        "apiGroups": [""],
+        "resources": ["pods"],
+        "verbs": ["get", "list", "watch", "create", "delete"],
+    },
     # The job's config; patched when a mutable field (replicas, suspend ...) changes.
-    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "patch"]},
-    # The managed Redis password (created once, read back after a restart) and the
-    # user's external Redis password Secret (read).
+    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "patch"]},
+    # The managed Redis password and KV key (created once, read back after a restart) and
+    # the user's external Redis password Secret (read only when labelled, see admission).
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "get"]},
-    {"apiGroups": [""], "resources": ["services", "persistentvolumeclaims"], "verbs": ["create"]},
-    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["create"]},
-    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["create"]},
+    {
+        "apiGroups": [""],
+        "resources": ["services", "persistentvolumeclaims"],
+        "verbs": ["get", "create"],
+    },
+    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "create"]},
+    {
+        "apiGroups": ["networking.k8s.io"],
+        "resources": ["networkpolicies"],
+        "verbs": ["get", "create"],
+    },
     # Events on the jobs (kopf posts core/v1 events).
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 ]

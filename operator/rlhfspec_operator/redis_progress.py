@@ -5,62 +5,91 @@ Where it sits: the reconcile timer calls :meth:`ProgressReader.read` each tick a
 calls :meth:`ProgressReader.delete_job_keys` for external Redis (nothing owns those keys, so
 nothing else would remove them). A Redis that is starting, restarting or unreachable is a
 normal state, never an exception: it becomes the CoordinatorReachable condition. Short
-timeouts and no retries keep one slow Redis from stalling the operator's timers.
+timeouts and no retries keep one slow Redis from stalling the operator's timers. A refused
+password is not an outage: its reason is AuthenticationFailed and its message names the Secret
+and key the password came from. ``rediss://`` servers are verified against the job's CA (or
+the system's CAs).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, AuthenticationWrongNumberOfArgsError, RedisError
 
 from rlhfspec_operator.progress import ProgressRead
 from rlhfspec_workers.messages import JobProgress, Keys, MessageError
 
 DEFAULT_TIMEOUT = 2.0
 _DELETE_BATCH = 500
+AUTH_FAILED = "AuthenticationFailed"
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """One job's Redis as the operator reaches it."""
+
+    url: str
+    password: str | None = None
+    password_source: str = "no password (spec.coordinator.passwordSecret is not set)"
+    """Where ``password`` came from, e.g. ``Secret team-a/redis-auth, key password``."""
+    ca_data: str | None = None
+    """PEM CA bundle verifying a ``rediss://`` server (None: the system's CAs)."""
 
 
 class ProgressReader:
-    """Caches one client per (url, password): a connection pool survives between ticks."""
+    """Caches one client per target: a connection pool survives between ticks."""
 
     def __init__(self, timeout: float = DEFAULT_TIMEOUT) -> None:
         self._timeout = timeout
-        self._clients: dict[tuple[str, str | None], aioredis.Redis] = {}
+        self._clients: dict[RedisTarget, aioredis.Redis] = {}
 
-    def _client(self, url: str, password: str | None) -> aioredis.Redis:
-        key = (url, password)
-        client = self._clients.get(key)
+    def _client(self, target: RedisTarget) -> aioredis.Redis:
+        client = self._clients.get(target)
         if client is None:
+            tls: dict[str, Any] = {}
+            if target.url.startswith("rediss://"):
+                tls = {"ssl_cert_reqs": "required", "ssl_check_hostname": True}
+                if target.ca_data is not None:
+                    tls["ssl_ca_data"] = target.ca_data
             client = aioredis.Redis.from_url(
-                url,
-                password=password,
+                target.url,
+                password=target.password,
                 socket_timeout=self._timeout,
                 socket_connect_timeout=self._timeout,
                 retry=Retry(NoBackoff(), 0),
+                **tls,
             )
-            self._clients[key] = client
+            self._clients[target] = client
         return client
 
-    async def _drop(self, url: str, password: str | None) -> None:
-        client = self._clients.pop((url, password), None)
+    async def _drop(self, target: RedisTarget) -> None:
+        client = self._clients.pop(target, None)
         if client is not None:
             with contextlib.suppress(RedisError, OSError):
                 await client.aclose()
 
-    async def read(self, url: str, password: str | None, namespace: str, job: str) -> ProgressRead:
+    async def read(self, target: RedisTarget, namespace: str, job: str) -> ProgressRead:
         key = Keys(namespace, job).progress
         try:
-            raw = await asyncio.wait_for(
-                self._client(url, password).get(key), timeout=self._timeout * 2
+            raw = await asyncio.wait_for(self._client(target).get(key), timeout=self._timeout * 2)
+        # AuthenticationError subclasses ConnectionError: caught first, it is not an outage.
+        except (AuthenticationError, AuthenticationWrongNumberOfArgsError) as exc:
+            await self._drop(target)
+            return ProgressRead(
+                error=f"Redis refused the password from {target.password_source}: {exc}",
+                error_reason=AUTH_FAILED,
+                attempted=True,
             )
         except (RedisError, OSError, TimeoutError) as exc:
             # A broken pool would keep failing: reconnect from scratch next time.
-            await self._drop(url, password)
+            await self._drop(target)
             return ProgressRead(error=f"{type(exc).__name__}: {exc}".rstrip(": "), attempted=True)
         if raw is None:
             return ProgressRead(attempted=True)
@@ -71,11 +100,9 @@ class ProgressReader:
                 error=f"{key}: {exc}", error_reason="InvalidProgress", attempted=True
             )
 
-    async def delete_job_keys(
-        self, url: str, password: str | None, namespace: str, job: str
-    ) -> int:
+    async def delete_job_keys(self, target: RedisTarget, namespace: str, job: str) -> int:
         """Delete every key of the job (``rlhfspec:<namespace>:<job>:*``); return how many."""
-        client = self._client(url, password)
+        client = self._client(target)
         pattern = Keys(namespace, job).prefix + ":*"
         deleted = 0
         batch: list[bytes] = []
@@ -89,5 +116,5 @@ class ProgressReader:
         return deleted
 
     async def close(self) -> None:
-        for url, password in list(self._clients):
-            await self._drop(url, password)
+        for target in list(self._clients):
+            await self._drop(target)

@@ -102,24 +102,27 @@ def _enter(plan: Plan, obs: Observation, phase: Phase, reason: str, message: str
 
 
 def validation_failed(
-    errors: Sequence[str], generation: int | None, now: datetime.datetime
+    errors: Sequence[str],
+    generation: int | None,
+    now: datetime.datetime,
+    reason: str = "ValidationFailed",
 ) -> tuple[RLHFJobStatus, Event]:
-    """Status and event of a manifest the contract rejects (nothing else is created)."""
+    """Status and event of a job refused before it starts (nothing else is created):
+    ValidationFailed for the contract, another ``reason`` for the cluster's policy or a
+    child name someone else holds."""
     # Capped: a refused manifest's errors quote its values, and the status (message and
     # Failed condition) and the event each hold a copy; uncapped, one huge field could push
     # the object past etcd's 1.5 MiB limit.
     message = cap("; ".join(errors))
     status = RLHFJobStatus(
         phase=Phase.FAILED,
-        reason="ValidationFailed",
+        reason=reason,
         message=message,
         completion_time=timestamp(now),
         observed_generation=generation,
     )
-    set_condition(
-        status, FAILED_CONDITION, ConditionStatus.TRUE, "ValidationFailed", message, now, generation
-    )
-    return status, Event(WARNING, "ValidationFailed", message)
+    set_condition(status, FAILED_CONDITION, ConditionStatus.TRUE, reason, message, now, generation)
+    return status, Event(WARNING, reason, message)
 
 
 def started(
@@ -184,6 +187,14 @@ def _finish(
     set_condition(status, kind, ConditionStatus.TRUE, reason, message, obs.now, obs.generation)
     plan.delete += [p.name for p in pods if p.active and p.name not in plan.delete]
     _enter(plan, obs, phase, reason, message)
+
+
+def fail(obs: Observation, reason: str, message: str) -> Plan:
+    """Fail an active job for what the handlers found outside this state machine (a child
+    name held by an object the job does not own); its still-active pods are deleted."""
+    plan = Plan(obs.status.model_copy(deep=True))
+    _finish(plan, obs, Phase.FAILED, reason, message, sorted(obs.pods, key=lambda p: p.name))
+    return plan
 
 
 def _startup_since(status: RLHFJobStatus) -> datetime.datetime | None:

@@ -32,6 +32,11 @@ NON_DEFAULT_VALUES = {
     "logLevel": "DEBUG",
     "grafana": {"dashboard": {"enabled": True, "namespace": "monitoring",
                               "annotations": {"grafana_folder": "RLHF"}}},
+    "allowedImages": ["ghcr.io/rlhfspec/*", "redis:7.4-alpine"],
+    "coordinator": {"allowedHosts": ["*.infra.svc", "redis.shared.example"]},
+    "networkPolicy": {"enabled": True,
+                      "metricsFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}},
+                                      {"podSelector": {"matchLabels": {"app": "prometheus"}}}]},
 }
 
 
@@ -134,9 +139,14 @@ def test_operator_pod_is_non_root_and_read_only(tmp_path: Path) -> None:
         ({"watchNamespace": ["a"]}, "Additional property watchNamespace is not allowed"),
         ({"grafana": {"dashboard": {"enabled": "yes"}}},
          "grafana.dashboard.enabled: Invalid type. Expected: boolean"),
+        ({"allowedImages": "ghcr.io/*"}, "allowedImages: Invalid type. Expected: array"),
+        ({"coordinator": {"allowedHosts": ["redis:6379"]}},
+         "coordinator.allowedHosts.0: Does not match pattern"),
+        ({"networkPolicy": {"metricsFrom": [{"podSelecter": {}}]}},
+         "Additional property podSelecter is not allowed"),
     ],
     ids=["replicas-string", "namespaces-string", "pull-policy", "port", "log-level", "typo",
-         "dashboard-flag"],
+         "dashboard-flag", "images-string", "host-with-port", "peer-typo"],
 )
 def test_wrong_values_fail_on_the_schema(
     tmp_path: Path, values: dict[str, Any], expected: str
@@ -281,3 +291,57 @@ def matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
         if labels.get(expression["key"]) not in expression["values"]:
             return False
     return True
+
+
+# --- issue #17: what a job may ask, who may scrape (findings 8, 9, 2) -------------------------
+
+
+def test_admission_values_reach_the_operator_as_flags_it_parses(tmp_path: Path) -> None:
+    from rlhfspec_operator.main import build_parser
+
+    deployment = next(d for d in render(tmp_path, NON_DEFAULT_VALUES) if d["kind"] == "Deployment")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    parsed = build_parser().parse_args(args[1:])  # args[0] is the `operator` subcommand
+    assert parsed.allowed_images == NON_DEFAULT_VALUES["allowedImages"]
+    assert parsed.allowed_redis_hosts == NON_DEFAULT_VALUES["coordinator"]["allowedHosts"]
+    assert parsed.metrics_from == NON_DEFAULT_VALUES["networkPolicy"]["metricsFrom"]
+    # Defaults: any image, no external Redis host, Prometheus in `monitoring` scrapes.
+    default = next(d for d in render(tmp_path) if d["kind"] == "Deployment")
+    args = default["spec"]["template"]["spec"]["containers"][0]["args"]
+    parsed = build_parser().parse_args(args[1:])
+    assert parsed.allowed_images is None and parsed.allowed_redis_hosts is None
+    assert parsed.metrics_from == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+        }
+    ]
+
+
+def test_operator_metrics_are_open_only_to_metrics_from(tmp_path: Path) -> None:
+    docs = render(tmp_path, NON_DEFAULT_VALUES)
+    policy = next(d for d in docs if d["kind"] == "NetworkPolicy")
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    selected = policy["spec"]["podSelector"]["matchLabels"]
+    assert selected.items() <= labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    health, metrics = policy["spec"]["ingress"]
+    assert health == {"ports": [{"protocol": "TCP", "port": 8080}]}  # the kubelet's probes
+    assert metrics == {
+        "from": NON_DEFAULT_VALUES["networkPolicy"]["metricsFrom"],
+        "ports": [{"protocol": "TCP", "port": 9500}],
+    }
+    closed = render(tmp_path, {"networkPolicy": {"metricsFrom": []}})
+    policy = next(d for d in closed if d["kind"] == "NetworkPolicy")
+    assert [rule["ports"][0]["port"] for rule in policy["spec"]["ingress"]] == [8080]
+    off = render(tmp_path, {"networkPolicy": {"enabled": False}})
+    assert "NetworkPolicy" not in kinds(off)
+
+
+def test_readme_says_what_creating_a_job_grants_and_documents_every_new_value() -> None:
+    readme = (CHART / "README.md").read_text()
+    assert "## What creating an RLHFJob grants" in readme
+    for value in ("allowedImages", "coordinator.allowedHosts", "networkPolicy.metricsFrom",
+                  "rlhfspec.io/coordinator-password"):
+        assert value in readme, value

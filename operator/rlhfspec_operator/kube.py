@@ -5,10 +5,12 @@ delete pods the status logic names. A child that already exists counts as create
 its controller owner reference is the job's (a retry, a resumed operator): an object someone
 else put under the child's name is never adopted (:class:`ChildConflict`), and one left by an
 earlier job of the same name is waited out (:class:`ChildPending`) while the garbage collector
-removes it. kopf has no public client for arbitrary objects, and the
-official client is a heavy dependency of the slim operator image; this one reuses kopf's login
-(``handlers.login`` stores the :class:`kopf.ConnectionInfo` here), so the operator has exactly
-one way of authenticating. Only the handful of kinds the operator creates are mapped.
+removes it.
+
+kopf has no public client for arbitrary objects, and the official client is a heavy dependency
+of the slim operator image; this one reuses kopf's login (``handlers.login`` stores the
+:class:`kopf.ConnectionInfo` here), so the operator has exactly one way of authenticating. Only
+the handful of kinds the operator creates are mapped.
 """
 
 from __future__ import annotations

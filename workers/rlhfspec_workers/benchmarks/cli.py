@@ -115,6 +115,11 @@ ARITHMETIC_EVAL = Path(__file__).resolve().parents[3] / "examples" / "data" / "a
 
 def _generation(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # vLLM's native n-gram proposer runs numba, whose thread pool (one thread per core by
+    # default) then busy-waits beside every engine of the process: every run after the native
+    # engine started used two cores (tok/cpu-s halved) and ran faster on the wall clock than
+    # the runs before it. One numba thread keeps every configuration on one core.
+    os.environ.setdefault("NUMBA_NUM_THREADS", "1")
     from .generation import run_benchmark
     from .workload import Settings
 

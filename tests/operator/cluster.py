@@ -41,6 +41,13 @@ REDIS_PASSWORD = "test-redis-password"  # of the session's redis-server (an "ext
 UNREACHABLE_REDIS = (
     "redis://127.0.0.1:9/0"  # generous: 2 shared cores, kubectl start-up ~0.2 s per call
 )
+# The session operator's admission policy, as the chart's values would set it: the example's
+# images, and the test machine's redis-server as the one external Redis host.
+POLICY_FLAGS = (
+    "--allowed-image=ghcr.io/rlhfspec/*",
+    "--allowed-image=redis:7.4-alpine",
+    "--allowed-redis-host=127.0.0.1",
+)
 T = TypeVar("T")
 
 

@@ -20,6 +20,7 @@ import redis
 # pytest puts this folder on sys.path (rootdir-relative "prepend" imports, no __init__.py).
 from cluster import (
     KUBECTL,
+    POLICY_FLAGS,
     REDIS_PASSWORD,
     ROOT,
     UNREACHABLE_REDIS,
@@ -84,7 +85,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """The shared cluster with a running operator watching every namespace."""
     shared = make_cluster(tmp_path_factory.mktemp("cluster"))
     try:
-        shared.start_operator("--all-namespaces", coordinator_url=UNREACHABLE_REDIS)
+        shared.start_operator("--all-namespaces", *POLICY_FLAGS, coordinator_url=UNREACHABLE_REDIS)
         yield shared
     finally:
         shared.close()

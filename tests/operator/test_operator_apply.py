@@ -18,7 +18,7 @@ from rlhfspec_api.manifest import parse_rlhfjob
 CHILDREN = {
     "configmap": ["tiny-grpo-config"],
     "secret": ["tiny-grpo-kv", "tiny-grpo-redis"],
-    "networkpolicy": ["tiny-grpo-redis"],
+    "networkpolicy": ["tiny-grpo-redis", "tiny-grpo-workers"],
     "deployment": ["tiny-grpo-redis"],
     "service": [
         "tiny-grpo-coordinator",

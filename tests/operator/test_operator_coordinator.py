@@ -27,7 +27,12 @@ def external_job(cluster: Cluster, namespace: str, server: redis.Redis, **spec: 
         "kind": "Secret",
         "type": "Opaque",
         "data": {"password": password},
-        "metadata": {"name": "redis-auth", "namespace": namespace},
+        "metadata": {
+            "name": "redis-auth",
+            "namespace": namespace,
+            # Its owner says the operator may send it to the job's Redis (see admission).
+            "labels": {"rlhfspec.io/coordinator-password": "true"},
+        },
     }
     cluster.apply(secret)
     coordinator = {

@@ -37,7 +37,7 @@ def test_operator_restart_during_initializing_creates_no_duplicates(own_cluster:
     creations = cluster.emulator.call(lambda emulator: dict(emulator.creations))
     children = {k: n for k, n in creations.items() if k[1] == namespace and k[2] != JOB}
     children = {k: n for k, n in children.items() if "/events" not in k[0]}
-    assert len(children) == 15, sorted(children)  # 11 children + 4 pods
+    assert len(children) == 16, sorted(children)  # 12 children + 4 pods
     duplicates = {k: n for k, n in children.items() if n != 1}
     assert duplicates == {}
 

@@ -164,8 +164,9 @@ def test_verified_k_follows_the_selector_as_the_batch_shrinks(
         # Lossless: identical to plain decoding, token for token.
         assert [r.token_ids for r in got] == [r.token_ids for r in reference]
     large = [k for b, ks in verified_at.items() if b >= 64 for k in ks]
-    small = [k for b, ks in verified_at.items() if b <= 4 for k in ks]
-    assert large and small, verified_at
+    # Drafting drains the tail fast (the last dozen samples can finish in one step).
+    small = [k for b, ks in verified_at.items() if b <= 16 for k in ks]
+    assert large and small, sorted((b, ks) for b, ks in verified_at.items())
     assert statistics.median(small) > statistics.median(large), verified_at
 
 
@@ -189,7 +190,7 @@ def test_calibrated_adaptive_mode_is_lossless_and_applied(
 
     drafters = [d["method"] for d in SPECULATIVE["drafters"]]
     ks = range(1, SPECULATIVE["maxDraftTokens"] + 1)
-    cycle = [DraftChoice(d, k) for d in drafters for k in ks]
+    cycle = [DraftChoice(d, k) for k in ks for d in drafters]  # every drafter within 3 steps
     adaptive_engine.set_policy(ScriptedPolicy(lambda call, batch: cycle[call % len(cycle)]))
     adaptive_engine.drain_steps()
     got = adaptive_engine.generate_all(prompts, GREEDY)

@@ -124,3 +124,18 @@ def test_draft_fill_counts_rows_asked_and_tokens_proposed_per_position() -> None
     p._draft_on_the_side(rows, NO_DRAFT)
     side = p._draft_fill(rows, NO_DRAFT, [[], [], []])["ngram"]
     assert side.asked == (3, 3, 2, 2) and side.got == (2, 2, 1, 1)
+
+
+def test_side_drafts_cover_a_rotating_window_of_rows() -> None:
+    from rlhfspec_workers.generation.proposer import SIDE_DRAFT_ROWS
+
+    p = proposer(selector_policy(AcceptanceEstimator("ngram")))
+    tokens = np.asarray([1, 2, 3, 4, 5, 1, 2, 3], dtype=np.int64)
+    rows = [DraftRow(f"r{i}", tokens, 2, "g", 4) for i in range(3 * SIDE_DRAFT_ROWS)]
+    seen: set[str] = set()
+    for call in range(3):
+        p.calls = call
+        p._draft_on_the_side(rows, NO_DRAFT)
+        assert len(p.side_drafts["ngram"]) == SIDE_DRAFT_ROWS
+        seen |= set(p.side_drafts["ngram"])
+    assert seen == {r.req_id for r in rows}  # every row drafted for in turn

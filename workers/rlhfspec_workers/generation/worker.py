@@ -333,13 +333,19 @@ class GenerationWorker:
                 pipe.sadd(keys.done_samples(task.iteration, eval=task.eval), task.sample_id)
                 pipe.xack(request.stream, Keys.GENERATION_GROUP, request.entry_id)
 
-        self.bus.pipelined("publish rollouts", publish)
         for request, rollout in finished:
             task = request.task
             self.count_generated(task, len(rollout.token_ids) - len(task.prefix_token_ids))
             if not task.eval:
                 self.finished_lengths.append(len(rollout.token_ids))
                 self.counters.add(task.iteration, "samples", 1)
+        if not self.in_flight:
+            # This worker's last samples: its counters reach Redis before they are marked
+            # done. The coordinator reads an iteration's figures once training is over, which
+            # on a small job comes sooner than the next heartbeat (tokens read 0 in 1 run of 2).
+            self._record_steps()
+            self._beat(force=True)
+        self.bus.pipelined("publish rollouts", publish)
 
     def count_generated(self, task: SampleTask, produced: int) -> None:
         """Tokens this worker decoded for ``task``, counted when the sample finishes here or

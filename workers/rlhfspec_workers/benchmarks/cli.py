@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 SELF_PARSING = {
     # Benchmarks that parse their own arguments: module name -> help.
@@ -113,6 +114,18 @@ ARITHMETIC_EVAL = Path(__file__).resolve().parents[3] / "examples" / "data" / "a
 ``--dataset`` of a ``--model`` run."""
 
 
+def _workload_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The batch-shape flags both workloads take (None: not given)."""
+    return {
+        "prompts": args.prompts,
+        "samples": args.samples,
+        "max_tokens": args.max_tokens,
+        "repeats": args.repeats,
+        "ks": args.ks,
+        "drafters": args.drafters,
+    }
+
+
 def _generation(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     # vLLM's native n-gram proposer runs numba, whose thread pool (one thread per core by
@@ -140,12 +153,7 @@ def _generation(args: argparse.Namespace) -> int:
         else Settings()
     )
     given = {
-        "prompts": args.prompts,
-        "samples": args.samples,
-        "max_tokens": args.max_tokens,
-        "repeats": args.repeats,
-        "ks": args.ks,
-        "drafters": args.drafters,
+        **_workload_flags(args),
         "target_size": None if args.target_size == "tiny" else args.target_size,
     }
     changes = {k: v for k, v in given.items() if v is not None or k == "target_size"}
@@ -182,12 +190,7 @@ def _generation_model(args: argparse.Namespace) -> int:
     if args.quick:
         numbers.update(prompts=2, samples=4, max_tokens=32, repeats=1, ks=(1, 4), iterations=2)
     given = {
-        "prompts": args.prompts,
-        "samples": args.samples,
-        "max_tokens": args.max_tokens,
-        "repeats": args.repeats,
-        "ks": args.ks,
-        "drafters": args.drafters,
+        **_workload_flags(args),
         "iterations": args.iterations,
         "temperature": args.temperature,
     }

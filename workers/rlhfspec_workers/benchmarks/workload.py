@@ -119,8 +119,7 @@ def load_prompts(kit: Path, settings: Settings) -> list[PromptInput]:
     examples = sorted(
         read_dataset_jsonl(kit / "dataset" / "eval.jsonl"), key=lambda e: (len(e.answer), e.prompt)
     )
-    count = min(settings.prompts, len(examples))
-    picks = [round(i * (len(examples) - 1) / max(count - 1, 1)) for i in range(count)]
+    picks = _evenly_spaced(len(examples), settings.prompts)
     return [
         PromptInput(
             examples[j].prompt,
@@ -130,6 +129,13 @@ def load_prompts(kit: Path, settings: Settings) -> list[PromptInput]:
         )
         for i, j in enumerate(picks)
     ]
+
+
+def _evenly_spaced(total: int, count: int) -> list[int]:
+    """Indices of ``count`` (at most ``total``) items spread evenly over ``total`` sorted ones,
+    first and last included."""
+    count = min(count, total)
+    return [round(i * (total - 1) / max(count - 1, 1)) for i in range(count)]
 
 
 def load_dataset_prompts(path: Path, settings: Settings) -> list[PromptInput]:
@@ -142,8 +148,7 @@ def load_dataset_prompts(path: Path, settings: Settings) -> list[PromptInput]:
         read_rows(path, "prompt", "answer", path_field="--dataset"),
         key=lambda r: (len(r.answer or ""), r.index),
     )
-    count = min(settings.prompts, len(rows))
-    picks = [round(i * (len(rows) - 1) / max(count - 1, 1)) for i in range(count)]
+    picks = _evenly_spaced(len(rows), settings.prompts)
     return [
         PromptInput(
             rows[j].prompt,

@@ -482,6 +482,12 @@ class Keys:
         return self._key("strategy")
 
     @property
+    def strategy_version(self) -> str:
+        """Counter (INCR) of StrategyTable versions: kept in Redis, not in the coordinator's
+        memory, so a restarted coordinator's tables are newer than any a worker applied."""
+        return self._key("strategy-version")
+
+    @property
     def acceptance(self) -> str:
         """AcceptanceReport stream (the coordinator pools them)."""
         return self._key("acceptance")

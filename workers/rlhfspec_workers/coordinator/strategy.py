@@ -6,7 +6,9 @@ pooling them gives each drafter's per-position acceptance more evidence than any
 has, so the table adapts faster after a weight sync. With the workers' calibrated cost model
 (published at ``Keys.calibration``) the pure selector computes the best (drafter, k) per
 batch-size bucket; a changed table is published with the next version, and each worker starts
-from it for its own batch size (``generation.adaptive.AdaptivePolicy.apply_table``).
+from it for its own batch size (``generation.adaptive.AdaptivePolicy.apply_table``). Versions
+come from a Redis counter (``Keys.strategy_version``), so they keep growing across coordinator
+restarts and a restarted coordinator's tables are applied.
 """
 
 from __future__ import annotations
@@ -59,7 +61,14 @@ class StrategyBroadcaster:
         entries = [(e.lo, e.hi, e.drafter, e.k) for e in table.entries]
         if entries == self.last_entries:
             return None
-        self.version += 1
+        # The version comes from a counter in Redis: a restarted coordinator starts at 0 in
+        # memory, and workers apply only a version other than the one they hold.
+        self.version = int(
+            self.bus.call(
+                "next strategy version",
+                lambda: self.bus.redis.incr(self.bus.keys.strategy_version),
+            )
+        )
         self.last_entries = entries
         message = StrategyTable(
             table_version=self.version,

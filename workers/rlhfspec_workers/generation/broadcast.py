@@ -82,7 +82,10 @@ class StrategySync:
             table = StrategyTable.from_bytes(raw)
         except MessageError:
             return  # a coordinator of another version: keep deciding locally
-        if self.table_version is None or table.table_version > self.table_version:
+        # Versions only grow (a Redis counter) and the key holds the latest table, so any
+        # version other than ours is newer; a lower one means Redis lost its state and the
+        # coordinator's counter started over: its table is still the current one.
+        if table.table_version != self.table_version:
             self.policy.apply_table(table, acceptance_drafts=POOLED_ACCEPTANCE_DRAFTS)
             self.table_version = table.table_version
             self.bus.metrics.set_strategy_table_version(table.table_version)

@@ -1,9 +1,10 @@
 """``rlhfspec`` entry point: dispatches sub-commands to the control or data plane.
 
 Where it sits: the console script of the distribution. Control-plane commands (``crd``,
-``validate``) import only the contract; data-plane commands (``models``, ``run``) import
-``rlhfspec_workers`` lazily, so the slim operator image (no torch, no vllm) still runs the
-former. Exit codes: 0 success, 1 invalid input or failed run, 2 usage error.
+``validate``, ``render``) import only the contract and the operator's pure builders;
+data-plane commands (``models``, ``run``) import ``rlhfspec_workers`` lazily, so the slim
+operator image (no torch, no vllm) still runs the former. Exit codes: 0 success, 1 invalid
+input or failed run, 2 usage error.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rlhfspec_api.crd import render_crd_yaml
+from rlhfspec_cli import render
 from rlhfspec_cli.validate import validate_files
 
 
@@ -81,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     crd.add_argument("-o", "--output", help="write to this file instead of stdout")
     validate = sub.add_parser("validate", help="check RLHFJob manifests against the contract")
     validate.add_argument("files", nargs="+", metavar="FILE")
+    render.add_arguments(sub.add_parser("render", help=render.HELP, description=render.HELP))
     for command, (_, help_text) in DELEGATED.items():
         sub.add_parser(command, help=help_text, add_help=False)
     return parser
@@ -96,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_crd(args)
     if args.command == "validate":
         return _cmd_validate(args)
+    if args.command == "render":
+        return render.run(args, sys.stdout, sys.stderr)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -5,7 +5,7 @@ Where it sits: loaded by ``rlhfspec operator`` (``main``) or ``kopf run -m``. Th
 * ``start`` (``on.create`` + ``on.resume``): parse once; invalid -> Failed/ValidationFailed and
   nothing else; refused by the cluster's policy (``admission``: images, external Redis host,
   the password Secret's opt-in label) -> Failed/NotAllowed; valid -> create the children from
-  ``builders`` and ``network_policy`` (one the job already owns counts as created; a name held
+  ``plan.creation_plan`` (one the job already owns counts as created; a name held
   by anything else fails the job with ChildConflict, naming it), pin the applied spec, status
   Initializing (or Suspended).
 * ``pods_by_job`` (``index``): every worker pod condensed to a ``PodView`` under (ns, job).
@@ -34,7 +34,7 @@ from rlhfspec_api.crd import PLURAL
 from rlhfspec_api.echo import cap
 from rlhfspec_api.manifest import ManifestError, RLHFJob, parse_rlhfjob
 from rlhfspec_api.status import TERMINAL_PHASES, Phase
-from rlhfspec_operator import admission, builders, coordinator, metrics, network_policy, updates
+from rlhfspec_operator import admission, builders, coordinator, metrics, updates
 from rlhfspec_operator import status as state
 from rlhfspec_operator.config import CONFIG
 from rlhfspec_operator.credentials import Credentials, NotUsable
@@ -46,6 +46,7 @@ from rlhfspec_operator.naming import (
     config_map_name,
     desired_pods,
 )
+from rlhfspec_operator.plan import creation_plan
 from rlhfspec_operator.pods import PodView, pod_view
 from rlhfspec_operator.progress import ProgressRead
 from rlhfspec_operator.redis_progress import ProgressReader
@@ -208,13 +209,16 @@ async def start(
         password = ""
         if coordinator.managed(job):
             password = await credentials.managed_password(job, owner)
-        objects = builders.children(
-            job, owner, password=password, operator_namespace=CONFIG.operator_namespace
-        )
-        objects.append(network_policy.worker_network_policy(job, owner, CONFIG.metrics_from))
         # Pods of a fresh job right away; after a restart the timer recreates what is missing.
-        if fresh and not job.spec.suspend:
-            objects += builders.worker_pods(job, owner)
+        # The same list `rlhfspec render` prints (plan.creation_plan).
+        objects = creation_plan(
+            job,
+            owner,
+            password=password,
+            operator_namespace=CONFIG.operator_namespace,
+            metrics_from=CONFIG.metrics_from,
+            with_pods=fresh and not job.spec.suspend,
+        )
         for obj in objects:
             await _create(body, obj)
             if obj["kind"] == "Pod":

@@ -4,7 +4,9 @@ Where it sits: ``builders.children`` includes :func:`manifests` in managed mode;
 env (``builders.worker_env``) and the operator's progress reader (``redis_progress``) get the
 URL and password location from :func:`redis_url` and :func:`password_ref`, so the two sides
 of every connection agree. In external mode nothing is created: the user's Redis and (optional)
-password Secret are used as given.
+password Secret are used as given. The managed Redis keeps its AOF in ``redis/`` on the job's
+claim (not an emptyDir), checked and, for a tail cut off by a crash, repaired by an init
+container before Redis starts (``rlhfspec_api.redis_conf``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import base64
 import secrets
 from typing import Any
 
+from rlhfspec_api import redis_conf
 from rlhfspec_api.manifest import RLHFJob
 from rlhfspec_api.spec import CoordinatorMode
 from rlhfspec_operator.naming import (
@@ -25,10 +28,16 @@ from rlhfspec_operator.naming import (
     metadata,
     redis_name,
     selector,
+    storage_claim_name,
 )
 
 REDIS_CONFIG_KEY = "redis.conf"
 REDIS_UID = 999  # the `redis` user of the official images
+REDIS_DATA_DIR = "/data"
+"""The Redis container's data dir: the ``redis/`` folder of the job's claim."""
+REDIS_CLAIM_SUBPATH = "redis"
+CLAIM_MOUNT = "/storage"
+"""Where the AOF check (init container) mounts the whole claim, to create ``redis/``."""
 
 
 def managed(job: RLHFJob) -> bool:
@@ -63,20 +72,15 @@ def decode_secret_value(secret: dict[str, Any], key: str) -> str | None:
     return base64.b64decode(value).decode()
 
 
-def redis_config(password: str) -> str:
-    # No RDB snapshots; an append-only file on the pod's emptyDir survives container restarts.
-    # The password lives here, not in the command line where `ps` and the pod spec show it.
-    return "\n".join(
-        [
-            f"port {REDIS_PORT}",
-            f"requirepass {password}",
-            'save ""',
-            "appendonly yes",
-            "dir /data",
-            "protected-mode no",
-            "",
-        ]
-    )
+def redis_config(password: str, data_dir: str = REDIS_DATA_DIR) -> str:
+    """The shared config (AOF fsynced on every write; see ``rlhfspec_api.redis_conf``), its
+    data on the job's claim: a restarted or rescheduled Redis pod loses nothing acknowledged.
+    ``data_dir`` is the container's; tests render it for a directory of their own."""
+    return redis_conf.redis_config(port=REDIS_PORT, password=password, data_dir=data_dir)
+
+
+def _claim_name(job: RLHFJob) -> str:
+    return job.spec.storage.claim_name or storage_claim_name(job.name)
 
 
 def password_secret(job: RLHFJob, owner: Owner, password: str) -> dict[str, Any]:
@@ -128,6 +132,29 @@ def redis_deployment(job: RLHFJob, owner: Owner) -> dict[str, Any]:
                         "fsGroup": REDIS_UID,
                         "seccompProfile": {"type": "RuntimeDefault"},
                     },
+                    # Before Redis loads its AOF: create redis/ on the claim (as the redis
+                    # user, so it can write there), repair a tail cut off by a crash, and
+                    # fail the pod with the reason on anything else (never load as empty).
+                    "initContainers": [
+                        {
+                            "name": "aof-check",
+                            "image": job.spec.coordinator.redis_image,
+                            "command": redis_conf.aof_check_command(
+                                f"{CLAIM_MOUNT}/{REDIS_CLAIM_SUBPATH}"
+                            ),
+                            "terminationMessagePolicy": "FallbackToLogsOnError",
+                            "resources": {
+                                "requests": {"cpu": "100m", "memory": "64Mi"},
+                                "limits": {"memory": "256Mi"},
+                            },
+                            "volumeMounts": [{"name": "data", "mountPath": CLAIM_MOUNT}],
+                            "securityContext": {
+                                "allowPrivilegeEscalation": False,
+                                "readOnlyRootFilesystem": True,
+                                "capabilities": {"drop": ["ALL"]},
+                            },
+                        }
+                    ],
                     "containers": [
                         {
                             "name": REDIS,
@@ -149,7 +176,11 @@ def redis_deployment(job: RLHFJob, owner: Owner) -> dict[str, Any]:
                             },
                             "volumeMounts": [
                                 {"name": "config", "mountPath": "/etc/redis", "readOnly": True},
-                                {"name": "data", "mountPath": "/data"},
+                                {
+                                    "name": "data",
+                                    "mountPath": REDIS_DATA_DIR,
+                                    "subPath": REDIS_CLAIM_SUBPATH,
+                                },
                             ],
                             "securityContext": {
                                 "allowPrivilegeEscalation": False,
@@ -166,7 +197,7 @@ def redis_deployment(job: RLHFJob, owner: Owner) -> dict[str, Any]:
                                 "items": [{"key": REDIS_CONFIG_KEY, "path": REDIS_CONFIG_KEY}],
                             },
                         },
-                        {"name": "data", "emptyDir": {}},
+                        {"name": "data", "persistentVolumeClaim": {"claimName": _claim_name(job)}},
                     ],
                 },
             },

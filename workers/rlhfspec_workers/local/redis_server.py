@@ -3,7 +3,9 @@
 Where it sits: ``rlhfspec run`` starts one per job (the coordinator's store, like the managed
 Redis the operator deploys on a cluster); the test suite starts one per session. It is always
 the real Debian ``redis-server`` binary, never an in-memory fake, so persistence (AOF), restarts
-and outages behave as they do in production.
+and outages behave as they do in production. Its ``redis.conf`` and the AOF check run before
+every start are the managed Redis' own (``rlhfspec_api.redis_conf``): a tail cut off by a crash
+is repaired and reported in ``redis.log``, any other damage stops the start with the reason.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from rlhfspec_api.redis_conf import aof_check_command, redis_config
+
 INSTALL_HINT = (
     "redis-server was not found on PATH. Install it with `sudo apt-get install redis-server` "
     "(Debian/Ubuntu), or run ./.ci/setup which does it for you."
@@ -23,6 +27,10 @@ INSTALL_HINT = (
 
 class RedisNotInstalledError(RuntimeError):
     """redis-server is missing; the message says how to install it."""
+
+
+class AofDamagedError(RuntimeError):
+    """The AOF check refused to start Redis (damage that a repair would lose writes to)."""
 
 
 def find_redis_server() -> str:
@@ -45,7 +53,8 @@ class RedisServer:
     """A redis-server child process bound to 127.0.0.1, with its data in ``workdir``.
 
     ``appendonly`` defaults to on with fsync every write: nothing acknowledged may be lost
-    across a restart (the coordinator's fault tests restart it on purpose).
+    across a restart (the coordinator's fault tests restart it on purpose). The config file is
+    ``workdir/redis.conf`` (owner-only: it holds the password).
     """
 
     def __init__(
@@ -61,34 +70,56 @@ class RedisServer:
         self.password = password
         self.appendonly = appendonly
         self.process: subprocess.Popen[bytes] | None = None
+        self.aof_check_report = ""
+        """What the AOF check said at the last start."""
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "redis.conf"
+
     def _command(self) -> list[str]:
-        command = [
-            find_redis_server(),
-            "--bind", "127.0.0.1",
-            "--port", str(self.port),
-            "--dir", str(self.workdir),
-            "--save", "",
-            "--daemonize", "no",
-            "--protected-mode", "no",
-            "--logfile", str(self.workdir / "redis.log"),
-        ]
-        if self.appendonly:
-            command += ["--appendonly", "yes", "--appendfsync", "always"]
-        if self.password:
-            command += ["--requirepass", self.password]
+        config = redis_config(
+            port=self.port,
+            data_dir=str(self.workdir),
+            password=self.password,
+            bind="127.0.0.1",
+            logfile=str(self.workdir / "redis.log"),
+        )
+        self.config_path.touch(mode=0o600)
+        self.config_path.chmod(0o600)
+        self.config_path.write_text(config, encoding="utf-8")
+        command = [find_redis_server(), str(self.config_path)]
+        if not self.appendonly:
+            command += ["--appendonly", "no"]
         return command
+
+    def check_aof(self) -> str:
+        """Run the managed Redis' AOF check on ``workdir`` (repairs a cut-off tail); its
+        report goes to ``redis.log``. AofDamagedError with the report when it refuses."""
+        result = subprocess.run(
+            aof_check_command(str(self.workdir)), capture_output=True, text=True, timeout=120
+        )
+        report = (result.stdout + result.stderr).strip()
+        with (self.workdir / "redis.log").open("a", encoding="utf-8") as log:
+            log.write(report + "\n")
+        self.aof_check_report = report
+        if result.returncode != 0:
+            raise AofDamagedError(f"redis-server not started: {report}")
+        return report
 
     def start(self, timeout: float = 10.0) -> str:
         """Start the server and wait until it answers PING; return its URL."""
         self.workdir.mkdir(parents=True, exist_ok=True)
+        command = self._command()
+        if self.appendonly:
+            self.check_aof()
         self.process = subprocess.Popen(
-            self._command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -163,11 +163,25 @@ class LocalRun:
         return client, supervisor
 
     def _watch(self, client: Any, supervisor: Supervisor) -> int:
+        import redis
+
         print(header())
         last_id = "0-0"
         tty = sys.stdout.isatty()
+        outage = False
         while True:
-            reply = client.xread({self.keys.metrics_stream: last_id}, block=500)
+            try:
+                reply = client.xread({self.keys.metrics_stream: last_id}, block=500)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                # Redis restarting (its AOF keeps the state): the workers retry too; watch on.
+                if not outage:
+                    print(f"[rlhfspec] Redis unreachable ({exc}); waiting for it", flush=True)
+                outage, reply = True, None
+                time.sleep(0.5)
+            else:
+                if outage:
+                    print("[rlhfspec] Redis answers again", flush=True)
+                outage = False
             for _, entries in reply or []:
                 for entry_id, fields in entries:
                     last_id = entry_id
@@ -179,7 +193,7 @@ class LocalRun:
                     if tty:
                         print("\r\033[K", end="")
                     print(format_row(metrics), flush=True)
-            if tty:
+            if tty and not outage:
                 self._progress_line(client)
             exits = supervisor.exited()
             coordinator = next((rc for w, rc in exits if w.role == "coordinator"), None)

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from rlhfspec_operator.fetch_init import FETCH_WAITING, fetch_state
 from rlhfspec_operator.naming import LABEL_INDEX, LABEL_JOB, LABEL_ROLE
 
 PENDING = "Pending"
@@ -36,6 +37,10 @@ class PodView:
     deleting: bool = False
     detail: str = ""
     """Why the pod is not running, or why it failed; empty when it runs fine."""
+    fetch: str = FETCH_WAITING
+    """Its fetch init container: waiting (or none), running, done or failed."""
+    fetch_message: str = ""
+    """Why the fetch failed (the URIs and HTTP statuses), when it did."""
 
     @property
     def running(self) -> bool:
@@ -108,6 +113,7 @@ def pod_view(body: Mapping[str, Any]) -> PodView:
         index = int(labels.get(LABEL_INDEX, 0))
     except ValueError:
         index = 0
+    fetch, fetch_message = fetch_state(status)
     return PodView(
         name=str(meta.get("name", "")),
         job=str(labels.get(LABEL_JOB, "")),
@@ -119,4 +125,6 @@ def pod_view(body: Mapping[str, Any]) -> PodView:
         ready=ready,
         deleting=bool(meta.get("deletionTimestamp")),
         detail="; ".join(details),
+        fetch=fetch,
+        fetch_message=fetch_message,
     )

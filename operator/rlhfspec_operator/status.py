@@ -23,6 +23,7 @@ from rlhfspec_api.echo import cap
 from rlhfspec_api.manifest import RLHFJob
 from rlhfspec_api.status import TERMINAL_PHASES, ConditionStatus, Phase, RLHFJobStatus
 from rlhfspec_operator.conditions import condition, parse_time, set_condition, timestamp
+from rlhfspec_operator.fetch_init import set_models_ready
 from rlhfspec_operator.naming import COORDINATOR, GENERATION, TRAINER, desired_pods
 from rlhfspec_operator.pods import FAILED, SUCCEEDED, PodView
 from rlhfspec_operator.progress import COORDINATOR_REACHABLE, ProgressRead, apply_progress
@@ -221,6 +222,7 @@ def reconcile(obs: Observation) -> Plan:
         status, obs.progress, spec.algorithm.iterations, now, obs.generation, reachable_before
     ):
         plan.events.append(Event(*event))
+    set_models_ready(status, obs.job, obs.pods, now, obs.generation)
     pods = sorted(obs.pods, key=lambda p: p.name)
     live = [p for p in pods if not p.deleting]
 

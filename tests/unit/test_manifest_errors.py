@@ -19,6 +19,11 @@ def base() -> dict[str, Any]:
     loaded: dict[str, Any] = yaml.safe_load((EXAMPLES / "tiny-grpo.yaml").read_text())
     return copy.deepcopy(loaded)
 
+FETCHED_ALLOWED = (
+    "(hf://ORG/NAME[@REVISION][/PATH], https://HOST/FILE (a file, or a .tar, .tar.gz, .tgz or "
+    ".zip archive of a model directory), or pvc:// after copying it into the job's storage)"
+)
+
 
 def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
     def mutate(doc: dict[str, Any]) -> None:
@@ -128,7 +133,23 @@ CASES: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         "bad-model-scheme",
         _set("spec.models.policy.path", "ftp://models/policy"),
         "spec.models.policy.path: unknown scheme 'ftp' in 'ftp://models/policy' (a path, or a "
-        "URI tiny://..., zoo://..., hf://..., s3://..., gs://..., pvc://..., file://...)",
+        "URI tiny://..., zoo://..., hf://..., https://..., pvc://..., file://...)",
+    ),
+    (
+        "model-on-s3",
+        _set("spec.models.policy.path", "s3://bucket/policy"),
+        "spec.models.policy.path: s3:// ('s3://bucket/policy') is not supported: the worker "
+        "image has no object-store client " + FETCHED_ALLOWED,
+    ),
+    (
+        "hf-without-org",
+        _set("spec.models.policy.path", "hf://gpt2"),
+        "spec.models.policy.path: 'hf://gpt2': names no repository ORG/NAME " + FETCHED_ALLOWED,
+    ),
+    (
+        "hf-token-without-key",
+        _set("spec.credentials", {"hfToken": {"name": "hf"}}),
+        "spec.credentials.hfToken.key: required field is missing (a string)",
     ),
     (
         "top-p-zero",

@@ -76,13 +76,31 @@ def test_dataset_row_missing_a_field_names_file_line_and_field(kit: Path) -> Non
     ]
 
 
-def test_remote_model_uri_is_refused_locally(kit: Path) -> None:
+def test_remote_model_uri_is_read_only_from_its_fetched_copy(kit: Path, tmp_path: Path) -> None:
     spec = spec_of("tiny-grpo.yaml").model_copy(deep=True)
     spec.models.policy.path = "hf://org/model"
     with pytest.raises(PreflightError) as info:
         preflight(spec, tiny=resolver(kit))
     assert str(info.value.errors[0]).startswith(
-        "spec.models.policy.path: hf:// locations are fetched on a cluster, not in local mode"
+        "spec.models.policy.path: 'hf://org/model' is read from the job's storage, here none "
+        "(a location fetched into the job's storage first"
+    )
+    storage = tmp_path / "storage"
+    fetched = storage / "fetched" / "hf" / "org--model@main"
+    assert _errors(spec, kit, storage, cluster=True) == [
+        f"spec.models.policy.path: 'hf://org/model' has not been fetched (no {fetched}) (a "
+        "location fetched into the job's storage first: on a cluster the job's fetch init "
+        "container does it; locally run `rlhfspec worker fetch FILE --storage RUN_DIR` first)"
+    ]
+    shutil.copytree(kit / "policy", fetched)
+    resolved = preflight(spec, storage_root=storage, tiny=resolver(kit), cluster=True)
+    assert resolved.models["spec.models.policy"] == fetched
+    # A copy that another pod of the job replaced with a symlink out of the storage is refused.
+    shutil.rmtree(fetched)
+    fetched.symlink_to(kit / "policy")
+    assert _errors(spec, kit, storage, cluster=True)[0].startswith(
+        f"spec.models.policy.path: 'hf://org/model': its copy {fetched} leads outside the job's "
+        "storage"
     )
 
 

@@ -41,6 +41,12 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given[:1] == ["fetch"]:
+        # Not a role: the init container that downloads remote models before the workers.
+        from rlhfspec_workers.fetch.cli import main as fetch_main
+
+        return fetch_main(given[1:])
     parser = argparse.ArgumentParser(prog="rlhfspec worker", description=__doc__.splitlines()[0])
     parser.add_argument("role", choices=ROLES)
     args = parser.parse_args(argv)

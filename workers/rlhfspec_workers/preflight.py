@@ -7,7 +7,8 @@ draft model whose vocabulary differs from the policy's, a dataset row missing a 
 function reward that does not import (or is not callable) is reported here as ``field.path:
 what is wrong (what is allowed)`` lines, so nothing is half-started when the input is bad.
 Built-in URIs are resolved by ``model_uris`` (which builds the tiny kit or fetches a zoo model
-on first use). Every location first obeys ``rlhfspec_api.locations`` (no ``pvc://`` outside the
+on first use); ``hf://`` and ``https://`` resolve to their copy in the job's storage, which the
+fetch step (``rlhfspec_workers.fetch``) downloads first. Every location first obeys ``rlhfspec_api.locations`` (no ``pvc://`` outside the
 job's storage; on a cluster, no path on the pod's own filesystem); a ``pvc://`` location is
 checked again once resolved, since any pod of the job can plant a symlink on the claim.
 """
@@ -27,12 +28,18 @@ from rlhfspec_api.models import ModelRef
 from rlhfspec_api.rewards import RewardRule, RewardType
 from rlhfspec_api.spec import ChatTemplate, RLHFJobSpec
 from rlhfspec_workers.data.rows import DatasetError, load_splits
+from rlhfspec_workers.fetch.store import FetchError, is_remote, parse_remote, resolved_path
 from rlhfspec_workers.model_uris import ModelURIError, Resolver, resolve_builtin
 from rlhfspec_workers.rewards.base import RewardError
 from rlhfspec_workers.rewards.function import import_function
 
-# Remote schemes are fetched by an init container on a cluster; local mode reads files only.
-REMOTE_SCHEMES = ("hf", "s3", "gs")
+# hf:// and https:// are read from their copy in the job's storage, which the fetch step
+# (``rlhfspec worker fetch``: a cluster job's init container, run by hand before local mode)
+# downloads; preflight never downloads them itself.
+FETCH_FIRST = (
+    "a location fetched into the job's storage first: on a cluster the job's fetch init "
+    "container does it; locally run `rlhfspec worker fetch FILE --storage RUN_DIR` first"
+)
 LOCAL_ALLOWED = "a local path, file://, pvc:// (under storage), tiny:// or zoo://"
 # Either file makes a directory's tokenizer loadable; the policy's is what generation encodes
 # prompts with, so its absence is reported here rather than when the engine starts.
@@ -103,7 +110,28 @@ def resolve_location(
                 PVC_ALLOWED,
             )
         return path
-    raise ValueError(f"{scheme}:// locations are fetched on a cluster, not in local mode")
+    if is_remote(location):
+        return _fetched(location, storage_root)
+    raise ValueError(f"{scheme}:// locations are not supported here")
+
+
+def _fetched(location: str, storage_root: Path | None) -> Path:
+    """The fetched copy of a remote location; LocationError when it is not there (yet)."""
+    try:
+        remote = parse_remote(location)
+    except FetchError as exc:
+        raise LocationError(exc.problem, FETCH_FIRST) from None
+    if storage_root is None:
+        raise LocationError(f"{location!r} is read from the job's storage, here none", FETCH_FIRST)
+    path = resolved_path(remote, storage_root)
+    if not path.exists():
+        raise LocationError(f"{location!r} has not been fetched (no {path})", FETCH_FIRST)
+    root = storage_root.resolve()
+    if not path.resolve().is_relative_to(root):  # any pod of the job can plant a symlink
+        raise LocationError(
+            f"{location!r}: its copy {path} leads outside the job's storage {root}", FETCH_FIRST
+        )
+    return path
 
 
 def model_refs(spec: RLHFJobSpec) -> Iterator[tuple[str, ModelRef]]:

@@ -1,0 +1,172 @@
+"""The fetch init container of a worker pod, and the ``ModelsReady`` condition read back from it
+(pure: manifests and status values in, no API calls).
+
+Where it sits: ``builders.worker_pod`` calls :func:`fetch_init_container` for every worker pod;
+when the job names an ``hf://`` or ``https://`` model or dataset, the pod gets an init
+container running ``rlhfspec worker fetch`` (``rlhfspec_workers.fetch``), which downloads them
+into the job's storage before the worker's preflight reads them. ``pods.pod_view`` condenses
+that container's status with :func:`fetch_state`, and ``status.reconcile`` turns the pods'
+states into the job's ``ModelsReady`` condition with :func:`set_models_ready`.
+
+Why an init container on every worker pod and not one fetch Job: see the workers' ``fetch``
+package (every worker reads every model at start; concurrent fetchers of one URI are made
+harmless by the atomic install, and later pods reuse the copy without a request).
+
+The init container runs the job's image with the worker's security context and resources
+(no accelerator: a download needs none), mounts only the job config, the storage at ``/data``
+and a scratch ``/tmp``, and gets credentials only from the Secret keys ``spec.credentials``
+names, as ``secretKeyRef`` env; never from the operator's own environment.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from rlhfspec_api.locations import locations
+from rlhfspec_api.manifest import RLHFJob
+from rlhfspec_api.models import FETCHED_SCHEMES
+from rlhfspec_api.status import ConditionStatus, RLHFJobStatus
+from rlhfspec_operator.conditions import condition, set_condition
+from rlhfspec_operator.naming import CONFIG_DIR, CONFIG_KEY, STORAGE_DIR
+
+FETCH_CONTAINER = "fetch"
+MODELS_READY = "ModelsReady"
+FETCH_MOUNTS = ("config", "storage", "tmp")
+"""The worker's volumes the fetch reads or writes; reward modules, CAs and shm it never needs."""
+FAILURE_PREFIX = "fetch failed: "
+"""How ``rlhfspec worker fetch`` starts each failure line (the end of its log)."""
+
+# States of a pod's fetch init container (:func:`fetch_state`).
+FETCH_WAITING = ""
+FETCH_RUNNING = "running"
+FETCH_DONE = "done"
+FETCH_FAILED = "failed"
+
+
+def remote_locations(job: RLHFJob) -> list[str]:
+    """The job's ``hf://`` and ``https://`` locations (models and datasets), each once."""
+    found = [
+        location
+        for _, location in locations(job.spec)
+        if location.partition("://")[0] in FETCHED_SCHEMES and "://" in location
+    ]
+    return list(dict.fromkeys(found))
+
+
+def fetch_env(job: RLHFJob) -> list[dict[str, Any]]:
+    """The init container's environment: where the job and its storage are, and the named
+    credentials (each a ``secretKeyRef``; the Secret must exist or the pod does not start)."""
+    env: list[dict[str, Any]] = [
+        {"name": "RLHFSPEC_JOB_CONFIG", "value": f"{CONFIG_DIR}/{CONFIG_KEY}"},
+        {"name": "RLHFSPEC_STORAGE", "value": STORAGE_DIR},
+        # The root filesystem is read-only: the hub client's own caches go to /tmp.
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "HF_HOME", "value": "/tmp/huggingface"},
+    ]
+    credentials = job.spec.credentials
+    if credentials is not None and credentials.hf_token is not None:
+        ref = credentials.hf_token
+        env.append(
+            {
+                "name": "HF_TOKEN",
+                "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
+            }
+        )
+    return env
+
+
+def fetch_init_container(job: RLHFJob, worker: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The init container for a pod whose main container is ``worker``; None when the job
+    has nothing to fetch."""
+    if not remote_locations(job):
+        return None
+    limits = {k: v for k, v in worker["resources"]["limits"].items() if k in ("cpu", "memory")}
+    return {
+        "name": FETCH_CONTAINER,
+        "image": worker["image"],
+        "command": ["rlhfspec", "worker", "fetch"],
+        "env": fetch_env(job),
+        # Requests equal limits, as for the worker: the pod keeps Guaranteed QoS.
+        "resources": {"requests": dict(limits), "limits": dict(limits)},
+        "volumeMounts": [
+            copy.deepcopy(m) for m in worker["volumeMounts"] if m["name"] in FETCH_MOUNTS
+        ],
+        # Its failure lines (URI, HTTP status) become the termination message ModelsReady quotes.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": copy.deepcopy(worker["securityContext"]),
+    }
+
+
+def fetch_state(pod_status: Mapping[str, Any]) -> tuple[str, str]:
+    """(state, message) of a pod's fetch init container from the pod's ``status``: waiting
+    (or no such container), running, done, or failed with its termination message."""
+    for entry in pod_status.get("initContainerStatuses") or []:
+        if entry.get("name") != FETCH_CONTAINER:
+            continue
+        state = entry.get("state") or {}
+        if "running" in state:
+            return FETCH_RUNNING, ""
+        if "terminated" in state:
+            term = state["terminated"] or {}
+            if term.get("exitCode") == 0:
+                return FETCH_DONE, ""
+            return FETCH_FAILED, _failure_text(term)
+    return FETCH_WAITING, ""
+
+
+def _failure_text(term: Mapping[str, Any]) -> str:
+    message = str(term.get("message") or "").strip()
+    lines = [line for line in message.splitlines() if line.startswith(FAILURE_PREFIX)]
+    if lines:
+        return "; ".join(line.removeprefix(FAILURE_PREFIX) for line in lines)
+    why = f"{term.get('reason') or 'Error'} (exit code {term.get('exitCode')})"
+    return f"{why}: {message}" if message else why
+
+
+class FetchingPod(Protocol):
+    """What :func:`set_models_ready` reads of a pod (``pods.PodView`` has it)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def fetch(self) -> str: ...
+    @property
+    def fetch_message(self) -> str: ...
+
+
+def set_models_ready(
+    status: RLHFJobStatus,
+    job: RLHFJob,
+    pods: Sequence[FetchingPod],
+    now: datetime.datetime,
+    generation: int | None,
+) -> None:
+    """Upsert ``ModelsReady`` from the pods' fetch states (nothing for a job with nothing to
+    fetch). One pod's finished fetch means every location is in the storage (each pod fetches
+    them all), so True is kept while later pods start; a failure names the URI and status."""
+    uris = remote_locations(job)
+    if not uris:
+        return
+    named = ", ".join(uris)
+    done = [p for p in pods if p.fetch == FETCH_DONE]
+    failed = [p for p in pods if p.fetch == FETCH_FAILED]
+    running = [p for p in pods if p.fetch == FETCH_RUNNING]
+    previous = condition(status, MODELS_READY)
+
+    def put(value: ConditionStatus, reason: str, message: str) -> None:
+        set_condition(status, MODELS_READY, value, reason, message, now, generation)
+
+    if done:
+        put(ConditionStatus.TRUE, "Fetched", f"in the job's storage: {named}")
+    elif failed:
+        first = sorted(failed, key=lambda p: p.name)[0]
+        put(ConditionStatus.FALSE, "FetchFailed", f"pod {first.name}: {first.fetch_message}")
+    elif previous is not None and previous.status is ConditionStatus.TRUE:
+        return
+    elif running:
+        put(ConditionStatus.FALSE, "Fetching", f"{len(running)} pod(s) fetching {named}")
+    else:
+        put(ConditionStatus.FALSE, "Pending", f"waiting for a pod to fetch {named}")

@@ -1,0 +1,119 @@
+"""``rlhfspec worker fetch [FILE] [--storage DIR]``: download every remote location of a job.
+
+Where it sits: the first thing a worker pod runs, as its init container (the operator adds it
+when the job names an ``hf://`` or ``https://`` model or dataset, ``rlhfspec_operator.
+fetch_init``); locally, run it before ``rlhfspec run`` with ``--storage`` set to the run
+directory. It reads the job from ``FILE`` (default ``$RLHFSPEC_JOB_CONFIG``, the pod's
+config mount) and writes into ``--storage`` (default ``$RLHFSPEC_STORAGE``, then the spec's
+``storage.path``, then ``/data``). Each location is fetched once per storage (``store``); a
+location already there is reused without a request. Exit 0 when every location is there, 1
+when any is not: each failure is one line ``field: URI: what failed (HTTP status)`` on stderr,
+the last lines of the log, which the pod's termination message and the job's ``ModelsReady``
+condition quote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from rlhfspec_api.locations import locations
+from rlhfspec_api.manifest import DocumentError, ManifestError, load_rlhfjob
+from rlhfspec_api.models import FETCHED_ALLOWED, FETCHED_SCHEMES, UNSUPPORTED_SCHEMES
+from rlhfspec_api.spec import RLHFJobSpec
+from rlhfspec_workers.fetch.store import (
+    FetchError,
+    RemoteLocation,
+    install,
+    parse_remote,
+    resolved_path,
+)
+
+DEFAULT_STORAGE = "/data"
+
+
+def remote_locations(spec: RLHFJobSpec) -> Iterator[tuple[list[str], str]]:
+    """(fields, URI) of every location the fetch step handles, each URI once (the policy and
+    the reference often share one), in spec order."""
+    fields: dict[str, list[str]] = {}
+    for field, location in locations(spec):
+        scheme, sep, _ = location.partition("://")
+        if sep and scheme in FETCHED_SCHEMES + UNSUPPORTED_SCHEMES:
+            fields.setdefault(location, []).append(field)
+    for uri, names in fields.items():
+        yield names, uri
+
+
+def fetch_location(location: RemoteLocation, storage: Path) -> bool:
+    """Download ``location`` into ``storage`` unless it is there; True when it downloaded."""
+    if location.scheme == "hf":
+        from rlhfspec_workers.fetch.hf import download_hf
+
+        return install(location, storage, lambda into: download_hf(location, into))
+    from rlhfspec_workers.fetch.https import download_https
+
+    return install(location, storage, lambda into: download_https(location, into))
+
+
+def fetch_all(spec: RLHFJobSpec, storage: Path) -> list[str]:
+    """Fetch every remote location of ``spec``; the failure lines (empty when all are there)."""
+    failures = []
+    for fields, uri in remote_locations(spec):
+        named = ", ".join(fields)
+        started = time.monotonic()
+        try:
+            scheme = uri.partition("://")[0]
+            if scheme in UNSUPPORTED_SCHEMES:
+                raise FetchError(uri, f"{scheme}:// is not supported ({FETCHED_ALLOWED})")
+            location = parse_remote(uri)
+            downloaded = fetch_location(location, storage)
+        except FetchError as exc:
+            failures.append(f"{named}: {exc.uri}: {exc.problem}")
+            continue
+        except OSError as exc:  # the storage itself: full, read-only, permissions
+            failures.append(f"{named}: {uri}: writing into the job's storage {storage}: {exc}")
+            continue
+        how = f"downloaded in {time.monotonic() - started:.1f}s" if downloaded else "reused"
+        print(f"[rlhfspec] fetch: {named}: {uri} -> {resolved_path(location, storage)} ({how})",
+              flush=True)  # fmt: skip
+    return failures
+
+
+def _storage(flag: str | None, spec: RLHFJobSpec) -> Path:
+    if flag:
+        return Path(flag)
+    if os.environ.get("RLHFSPEC_STORAGE"):
+        return Path(os.environ["RLHFSPEC_STORAGE"])
+    return Path(spec.storage.path or DEFAULT_STORAGE)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="rlhfspec worker fetch", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "file", nargs="?", help="the RLHFJob manifest (default $RLHFSPEC_JOB_CONFIG)"
+    )
+    parser.add_argument("--storage", help="the job's storage root (default $RLHFSPEC_STORAGE)")
+    args = parser.parse_args(argv)
+    config = args.file or os.environ.get("RLHFSPEC_JOB_CONFIG")
+    if not config:
+        print("rlhfspec worker fetch: give FILE or set RLHFSPEC_JOB_CONFIG", file=sys.stderr)
+        return 2
+    try:
+        job = load_rlhfjob(Path(config))
+    except DocumentError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except ManifestError as exc:
+        for error in exc.errors:
+            print(f"{config}: {error}", file=sys.stderr)
+        return 1
+    failures = fetch_all(job.spec, _storage(args.storage, job.spec))
+    for line in failures:
+        print(f"fetch failed: {line}", file=sys.stderr, flush=True)
+    return 1 if failures else 0

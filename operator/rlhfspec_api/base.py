@@ -26,7 +26,12 @@ from pydantic_core import PydanticCustomError
 
 from rlhfspec_api import formats
 from rlhfspec_api.echo import echo
-from rlhfspec_api.quantity import QuantityError, check_positive_quantity
+from rlhfspec_api.quantity import (
+    MAX_QUANTITY_LENGTH,
+    POSITIVE_QUANTITY_PATTERN,
+    QuantityError,
+    check_positive_quantity,
+)
 
 # ctx key carrying the list of cross-field violations of one model (see ``rule_errors``).
 RULES_ERROR_TYPE = "rlhfspec_rules"
@@ -95,6 +100,9 @@ Quantity = Annotated[
         {
             "anyOf": [{"type": "integer"}, {"type": "string"}],
             "x-kubernetes-int-or-string": True,
+            # Applies to the string form; crd_rules checks the integer form is above 0.
+            "pattern": POSITIVE_QUANTITY_PATTERN,
+            "maxLength": MAX_QUANTITY_LENGTH,
         }
     ),
 ]
@@ -119,45 +127,58 @@ def _checked(check: Callable[[str], str | None], allowed: str) -> AfterValidator
 
 
 MAX_PATH_CHARS = 4096
+NO_CONTROL = r"^[^\x00-\x1f\x7f]*$"
+
+
+def _pattern(pattern: str) -> dict[str, Any]:
+    """The CRD's ``pattern`` for a string type whose Python check is richer.
+
+    Only the schema carries it (the ``_checked`` validator stays the authority and gives the
+    message); each pattern accepts everything its check accepts, so the API server refuses
+    early and never refuses what the operator would run.
+    """
+    return {"pattern": pattern}
+
+
 PathText = Annotated[
     str,
     Strict(),
-    Field(min_length=1, max_length=MAX_PATH_CHARS),
+    Field(min_length=1, max_length=MAX_PATH_CHARS, json_schema_extra=_pattern(NO_CONTROL)),
     _checked(formats.control_characters, "a path or URI without control characters"),
 ]
 """A file path or URI (control characters, NUL included, are refused)."""
 PlainText = Annotated[
     str,
     Strict(),
-    Field(min_length=1, max_length=MAX_PATH_CHARS),
+    Field(min_length=1, max_length=MAX_PATH_CHARS, json_schema_extra=_pattern(NO_CONTROL)),
     _checked(formats.control_characters, "text without control characters"),
 ]
 """A name or key read by the workers (dataset fields, labels)."""
 ImageRef = Annotated[
     str,
     Strict(),
-    Field(min_length=1, max_length=512),
+    Field(min_length=1, max_length=512, json_schema_extra=_pattern(formats.IMAGE_PATTERN)),
     _checked(formats.image_reference, "an image reference [registry/]repository[:tag][@digest]"),
 ]
 """A container image reference, e.g. ``ghcr.io/org/worker:1.0``."""
 RedisUrl = Annotated[
     str,
     Strict(),
-    Field(max_length=1024, pattern=r"^rediss?://"),
+    Field(max_length=1024, json_schema_extra=_pattern(formats.REDIS_URL_PATTERN)),
     _checked(formats.redis_url, "redis://host[:port][/db] or rediss://..."),
 ]
 """A Redis URL without credentials."""
 DnsSubdomain = Annotated[
     str,
     Strict(),
-    Field(min_length=1, max_length=253),
+    Field(min_length=1, max_length=253, json_schema_extra=_pattern(formats.DNS_SUBDOMAIN_PATTERN)),
     _checked(formats.dns_subdomain, "lowercase letters, digits, '-' and '.', at most 253"),
 ]
 """A Kubernetes object name (Secret, ConfigMap, PersistentVolumeClaim, StorageClass)."""
 SecretKey = Annotated[
     str,
     Strict(),
-    Field(min_length=1, max_length=253),
+    Field(min_length=1, max_length=253, json_schema_extra=_pattern(formats.SECRET_KEY_PATTERN)),
     _checked(formats.secret_key, "letters, digits, '-', '_' and '.', at most 253"),
 ]
 """A key of a Secret's data."""

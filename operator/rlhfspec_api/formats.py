@@ -45,6 +45,23 @@ _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _DIGEST = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}")
 MAX_IMAGE_NAME = 255
 
+# RE2 patterns the CRD carries (anchored, no look-around): each accepts at least what the
+# matching check below accepts; tests/unit/test_crd_admission holds them to that.
+DNS_SUBDOMAIN_PATTERN = rf"^{_LABEL}(\.{_LABEL})*$".replace("(?:", "(")
+SECRET_KEY_PATTERN = r"^\.?[-_a-zA-Z0-9][-._a-zA-Z0-9]*$"
+"""Secret key characters, not ``.``, ``..`` or starting with ``..``."""
+_HOST_PATTERN = r"([a-zA-Z0-9]([-a-zA-Z0-9.]*[a-zA-Z0-9])?|\[[0-9a-fA-F:.]+\])"
+_PORT_PATTERN = (
+    r"0*([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+)
+REDIS_URL_PATTERN = rf"^rediss?://{_HOST_PATTERN}(:({_PORT_PATTERN})?)?(/[0-9]{{0,5}})?$"
+_COMPONENT_PATTERN = r"[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*"
+IMAGE_PATTERN = (
+    rf"^({_HOST_PATTERN}(:[0-9]+)?/)?{_COMPONENT_PATTERN}(/{_COMPONENT_PATTERN})*"
+    r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"
+    r"(@[A-Za-z][A-Za-z0-9]*([-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?$"
+)
+
 
 def control_characters(value: str) -> str | None:
     if _CONTROL.search(value):

@@ -101,7 +101,7 @@ class SpeculativeSpec(ContractModel):
     """adaptive: choose drafter and draft length every step from batch size, measured cost and
     observed acceptance; fixed: always the first drafter with numDraftTokens; off: plain
     decoding."""
-    drafters: list[DrafterSpec] = Field(default_factory=list)
+    drafters: list[DrafterSpec] = Field(default_factory=list, max_length=len(DrafterMethod))
     """Candidate drafters (one per method). Left out, the model-free drafters are used:
     suffix and ngram in adaptive mode, suffix in fixed mode."""
     max_draft_tokens: Int = Field(default=8, ge=1, le=MAX_DRAFT_TOKENS_LIMIT)

@@ -20,7 +20,9 @@ from rlhfspec_api.errors import FieldError
 # Child objects are named <job>-<role>[-<index>] and Services must be DNS-1035 labels
 # (<= 63 characters, starting with a letter): 40 leaves room for the longest suffix.
 MAX_NAME_LENGTH = 40
-_DNS1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+JOB_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+"""A DNS-1035 label (Service names derive from the job's name), as the CRD states it."""
+_DNS1035 = re.compile(JOB_NAME_PATTERN.strip("^$"))
 NAME_ALLOWED = (
     f"lowercase letters, digits and '-', starting with a letter, at most "
     f"{MAX_NAME_LENGTH} characters"

@@ -41,6 +41,16 @@ _GRAMMAR = re.compile(
 )
 
 
+POSITIVE_QUANTITY_PATTERN = (
+    r"^\+?([0-9]*[1-9][0-9]*(\.[0-9]*)?|[0-9]*\.[0-9]*[1-9][0-9]*)"
+    r"(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?[0-9]+)?$"
+)
+"""The grammar above restricted to amounts above 0 (a non-zero digit, no minus sign), as an
+RE2 pattern the CRD carries. It cannot bound the amount (2^63-1, exponents): the parser
+does that, so the API server may accept a quantity the operator later refuses, never the
+reverse."""
+
+
 class QuantityError(ValueError):
     """Text that is not a quantity; the message says why."""
 

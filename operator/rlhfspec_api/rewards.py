@@ -43,6 +43,8 @@ FUNCTION_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_
 """``package.module:function``: an importable module, a colon, a callable's name."""
 FUNCTION_FORMAT = "package.module:function"
 CONFIG_MAP_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+MAX_REWARDS = 32
+"""Most rewards one job sums; bounded so the CRD's rules over the list have a bounded cost."""
 _RULES = ", ".join(r.value for r in RewardRule)
 
 

@@ -27,8 +27,14 @@ from rlhfspec_api.base import (
     SecretKey,
 )
 from rlhfspec_api.generation import DrafterMethod, GenerationSpec
-from rlhfspec_api.models import FetchCredentials, ModelRef, Resources
-from rlhfspec_api.rewards import RewardRule, RewardSpec, named_terms, reward_violations
+from rlhfspec_api.models import ModelRef, Resources
+from rlhfspec_api.rewards import (
+    MAX_REWARDS,
+    RewardRule,
+    RewardSpec,
+    named_terms,
+    reward_violations,
+)
 from rlhfspec_api.rewards import RewardType as RewardType  # re-exported for spec's users
 from rlhfspec_api.rules import Violation, raise_if_any
 
@@ -265,7 +271,7 @@ class RLHFJobSpec(ContractModel):
     reward: RewardSpec | None = None
     """How responses are scored (default: rule sort_digits, the tiny task's). Give reward or
     rewards, not both."""
-    rewards: list[RewardSpec] | None = Field(default=None, min_length=1)
+    rewards: list[RewardSpec] | None = Field(default=None, min_length=1, max_length=MAX_REWARDS)
     """Several rewards whose weighted scores are summed (instead of reward)."""
     dataset: DatasetSpec
     """Prompt dataset."""
@@ -279,9 +285,6 @@ class RLHFJobSpec(ContractModel):
     """Coordinator and its Redis."""
     storage: StorageSpec = Field(default_factory=lambda: StorageSpec(size="10Gi"))
     """Checkpoint and weight storage."""
-    credentials: FetchCredentials | None = None
-    """Secrets the fetch step uses to download hf:// and https:// models and datasets into
-    the job's storage (e.g. ``hfToken: {name: hf, key: token}``)."""
     image: ImageRef = "ghcr.io/rlhfspec/worker-cpu:0.1.0"
     """Container image of the workers."""
     backoff_limit: Int = Field(default=3, ge=0, le=1000)

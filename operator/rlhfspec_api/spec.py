@@ -27,7 +27,7 @@ from rlhfspec_api.base import (
     SecretKey,
 )
 from rlhfspec_api.generation import DrafterMethod, GenerationSpec
-from rlhfspec_api.models import ModelRef, Resources
+from rlhfspec_api.models import FetchCredentials, ModelRef, Resources
 from rlhfspec_api.rewards import (
     MAX_REWARDS,
     RewardRule,
@@ -285,6 +285,9 @@ class RLHFJobSpec(ContractModel):
     """Coordinator and its Redis."""
     storage: StorageSpec = Field(default_factory=lambda: StorageSpec(size="10Gi"))
     """Checkpoint and weight storage."""
+    credentials: FetchCredentials | None = None
+    """Secrets the fetch step uses to download hf:// and https:// models and datasets into
+    the job's storage (e.g. ``hfToken: {name: hf, key: token}``)."""
     image: ImageRef = "ghcr.io/rlhfspec/worker-cpu:0.1.0"
     """Container image of the workers."""
     backoff_limit: Int = Field(default=3, ge=0, le=1000)

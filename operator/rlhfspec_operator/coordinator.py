@@ -18,6 +18,7 @@ from typing import Any
 from rlhfspec_api import redis_conf
 from rlhfspec_api.manifest import RLHFJob
 from rlhfspec_api.spec import CoordinatorMode
+from rlhfspec_operator import overrides
 from rlhfspec_operator.naming import (
     LABEL_JOB,
     OPERATOR_LABELS,
@@ -111,7 +112,7 @@ def redis_service(job: RLHFJob, owner: Owner) -> dict[str, Any]:
 def redis_deployment(job: RLHFJob, owner: Owner) -> dict[str, Any]:
     meta = metadata(owner, redis_name(job.name), REDIS)
     pod_labels = dict(meta["labels"])
-    return {
+    deployment: dict[str, Any] = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": meta,
@@ -203,6 +204,10 @@ def redis_deployment(job: RLHFJob, owner: Owner) -> dict[str, Any]:
             },
         },
     }
+    # Placed like the coordinator (spec.podTemplateOverrides.coordinator's scheduling fields).
+    spec = deployment["spec"]
+    spec["template"] = overrides.apply_to_redis_template(spec["template"], job)
+    return deployment
 
 
 def network_policy(job: RLHFJob, owner: Owner, operator_namespace: str | None) -> dict[str, Any]:

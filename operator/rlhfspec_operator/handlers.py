@@ -11,6 +11,8 @@ Where it sits: loaded by ``rlhfspec operator`` (``main``) or ``kopf run -m``. Th
 * ``pods_by_job`` (``index``): every worker pod condensed to a ``PodView`` under (ns, job).
 * ``reconcile`` (``timer``): pods from the index + progress from Redis -> ``status.reconcile``
   -> delete/create pods, post events, patch status. Runs only while the job is active.
+* ``expire`` (``timer``): a finished job's ``ttlSecondsAfterFinished`` -> ``ttl`` deletes its
+  children (and the job with ``ttlDeletesJob``).
 * ``update`` (``on.update`` of spec): accept the mutable fields, re-render the ConfigMap; the
   timer then scales, suspends or resumes.
 * ``delete`` (``on.delete``): owned children go with the job (owner references); the job's
@@ -34,7 +36,7 @@ from rlhfspec_api.crd import PLURAL
 from rlhfspec_api.echo import cap
 from rlhfspec_api.manifest import ManifestError, RLHFJob, parse_rlhfjob
 from rlhfspec_api.status import TERMINAL_PHASES, Phase
-from rlhfspec_operator import admission, builders, coordinator, metrics, updates
+from rlhfspec_operator import admission, builders, coordinator, metrics, ttl, updates
 from rlhfspec_operator import status as state
 from rlhfspec_operator.config import CONFIG
 from rlhfspec_operator.credentials import Credentials, NotUsable
@@ -295,6 +297,45 @@ async def reconcile(
     metrics.REGISTRY.count("rlhfspec_operator_pods_created_total", len(plan.create))
     metrics.REGISTRY.count("rlhfspec_operator_pods_deleted_total", len(plan.delete))
     patch.status.update(_status_patch(dict(status), plan.status.to_wire()))
+
+
+def _expiring(status: kopf.Status, spec: kopf.Spec, **_: Any) -> bool:
+    """A finished job with ttlSecondsAfterFinished whose children are still there."""
+    return (
+        status.get("phase") in {phase.value for phase in TERMINAL_PHASES}
+        and spec.get("ttlSecondsAfterFinished") is not None
+        and not ttl.cleaned_up(state.parse_status(dict(status)))
+    )
+
+
+@kopf.timer(*RESOURCE, interval=CONFIG.interval, when=_expiring)
+async def expire(
+    body: kopf.Body, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch, **_: Any
+) -> None:
+    current, owner, now = state.parse_status(dict(status)), _owner(body), _now()
+    try:
+        job = _effective(_parse(body), meta.annotations)
+    except ManifestError:  # refused before anything was created: only the job itself is left
+        if current.phase in TERMINAL_PHASES and body.spec.get("ttlDeletesJob") is True:
+            await ttl.delete_job(kube, owner)
+        else:
+            marked = ttl.mark_cleaned_up(current, [], now, meta.get("generation"))
+            patch.status.update(_status_patch(dict(status), marked.to_wire()))
+        return
+    left = ttl.seconds_left(job.spec.ttl_seconds_after_finished, current, now)
+    if left is None or left > 0:
+        return
+    deleted = await ttl.delete_children(kube, job, owner)
+    message = (
+        f"ttlSecondsAfterFinished ({job.spec.ttl_seconds_after_finished}s) passed: deleted "
+        + (", ".join(deleted) or "nothing")
+    )
+    kopf.info(body, reason=ttl.TTL_REASON, message=cap(message))
+    if job.spec.ttl_deletes_job:
+        await ttl.delete_job(kube, owner)
+        return
+    marked = ttl.mark_cleaned_up(current, deleted, now, meta.get("generation"))
+    patch.status.update(_status_patch(dict(status), marked.to_wire()))
 
 
 @kopf.on.update(*RESOURCE, field="spec")

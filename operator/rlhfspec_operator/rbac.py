@@ -19,8 +19,13 @@ OPERATOR_NAME = MANAGED_BY
 DEFAULT_NAMESPACE = "rlhfspec-system"
 
 RULES: list[dict[str, Any]] = [
-    # kopf: list+watch the jobs, patch finalizers and its annotations (progress, diff-base).
-    {"apiGroups": [API_GROUP], "resources": [PLURAL], "verbs": ["list", "watch", "patch"]},
+    # kopf: list+watch the jobs, patch finalizers and its annotations (progress, diff-base);
+    # delete: a finished job with ttlSecondsAfterFinished and ttlDeletesJob (ttl).
+    {
+        "apiGroups": [API_GROUP],
+        "resources": [PLURAL],
+        "verbs": ["list", "watch", "patch", "delete"],
+    },
     # kopf writes the status through the status subresource.
     {"apiGroups": [API_GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["patch"]},
     # The pod index (list+watch); worker pods are created, and deleted when failed/suspended.
@@ -31,21 +36,26 @@ RULES: list[dict[str, Any]] = [
         "resources": ["pods"],
         "verbs": ["get", "list", "watch", "create", "delete"],
     },
-    # The job's config; patched when a mutable field (replicas, suspend ...) changes.
-    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "patch"]},
+    # The job's config; patched when a mutable field (replicas, suspend ...) changes. Every
+    # child is deleted by name when a finished job's ttlSecondsAfterFinished passes (ttl).
+    {
+        "apiGroups": [""],
+        "resources": ["configmaps"],
+        "verbs": ["get", "create", "patch", "delete"],
+    },
     # The managed Redis password and KV key (created once, read back after a restart) and
     # the user's external Redis password Secret (read only when labelled, see admission).
-    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "get"]},
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "get", "delete"]},
     {
         "apiGroups": [""],
         "resources": ["services", "persistentvolumeclaims"],
-        "verbs": ["get", "create"],
+        "verbs": ["get", "create", "delete"],
     },
-    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "create"]},
+    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "create", "delete"]},
     {
         "apiGroups": ["networking.k8s.io"],
         "resources": ["networkpolicies"],
-        "verbs": ["get", "create"],
+        "verbs": ["get", "create", "delete"],
     },
     # Events on the jobs (kopf posts core/v1 events).
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},

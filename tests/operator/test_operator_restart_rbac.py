@@ -71,6 +71,15 @@ def test_the_operator_uses_exactly_the_verbs_its_rbac_grants(
     cluster.wait_for(lambda: len(cluster.pod_names(namespace, JOB)) == 5, "5 worker pods")
     cluster.set_pod_status(namespace, f"{JOB}-inference", "Failed")
     cluster.wait_for(lambda: cluster.status(JOB, namespace).get("restarts") == 1, "a restart")
+    # ttlSecondsAfterFinished + ttlDeletesJob: every child, then the job, deleted by name.
+    expiring = "expiring"
+    cluster.apply(example_job(expiring, namespace, ttlSecondsAfterFinished=0, ttlDeletesJob=True))
+    cluster.wait_for(lambda: len(cluster.pod_names(namespace, expiring)) == 4, "its 4 pods")
+    cluster.set_pod_status(namespace, f"{expiring}-coordinator", "Succeeded")
+    cluster.wait_for(
+        lambda: expiring not in cluster.peek("rlhfspec.io/v1alpha1/rlhfjobs", namespace),
+        "the finished job deleted by its TTL",
+    )
 
     log = cluster.emulator.call(lambda emulator: list(emulator.request_log))
     operator_agents = ("kopf/", "rlhfspec-operator")

@@ -172,10 +172,49 @@ FUNCTION_REWARD["spec"]["reward"] = {
     "weight": 1.5,
 }
 
+# Cluster controls: every pod template override field for every role, a Kueue queue, a TTL.
+EVERY_OVERRIDE: dict[str, Any] = {
+    "labels": {"team": "rl"},
+    "annotations": {"example.com/owner": "rl"},
+    "nodeSelector": {"pool": "rl"},
+    "tolerations": [
+        {"key": "dedicated", "operator": "Equal", "value": "rl", "effect": "NoSchedule"}
+    ],
+    "affinity": {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["rl"]}]}
+                ]
+            }
+        }
+    },
+    "priorityClassName": "rl-batch",
+    "serviceAccountName": "rl-worker",
+    "imagePullSecrets": [{"name": "registry"}],
+    "env": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}],
+    "envFrom": [{"prefix": "AWS_", "secretRef": {"name": "bucket"}}],
+    "volumes": [{"name": "cache", "persistentVolumeClaim": {"claimName": "model-cache"}}],
+    "volumeMounts": [{"name": "cache", "mountPath": "/models", "readOnly": True}],
+}
+SCHEDULED: dict[str, Any] = copy.deepcopy(TINY)
+SCHEDULED["metadata"] = {
+    "name": "scheduled",
+    "namespace": "team-d",
+    "labels": {"kueue.x-k8s.io/queue-name": "team-d"},
+}
+SCHEDULED["spec"]["podTemplateOverrides"] = {
+    entry: copy.deepcopy(EVERY_OVERRIDE)
+    for entry in ("default", "coordinator", "generation", "inference", "trainer")
+}
+SCHEDULED["spec"]["ttlSecondsAfterFinished"] = 600
+SCHEDULED["spec"]["ttlDeletesJob"] = True
+
 FULL_MANIFESTS = {
     "external-ppo": EXTERNAL_PPO,
     "managed-grpo": MANAGED_GRPO,
     "function-reward": FUNCTION_REWARD,
+    "scheduled": SCHEDULED,
 }
 
 

@@ -1,0 +1,133 @@
+"""Pure: merge ``spec.podTemplateOverrides`` and Kueue's gang metadata into the job's pods.
+
+Where it sits: the last step of pod building. ``builders.worker_pod`` calls
+:func:`apply_to_worker_pod` on every worker pod it returns, ``coordinator.redis_deployment``
+calls :func:`apply_to_redis_template` on the managed Redis's pod template. No API calls.
+
+What is added never replaces what the builders set: the override models
+(``rlhfspec_api.scheduling``) already refused every operator-owned env name, volume, mount
+path, label, annotation and field (command, securityContext ...); here user entries are
+added next to the operator's, the operator's labels written last, and the automatic
+accelerator toleration kept with the user's (no duplicates).
+
+Kueue (plain-pod integration): when the RLHFJob carries the label
+``kueue.x-k8s.io/queue-name``, every worker pod gets it with the pod-group label (the job's
+name) and the group's total pod count annotation, so Kueue admits the job's pods as one gang.
+The count is every worker pod the operator creates (coordinator, generation replicas,
+inference, trainer). The managed Redis (a Deployment's pod) is not in the group: it holds no
+accelerator, and the gang waits on it otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+from rlhfspec_api.manifest import RLHFJob
+from rlhfspec_api.scheduling import PodOverride
+from rlhfspec_operator.naming import COORDINATOR, desired_pods
+
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_GROUP_LABEL = "kueue.x-k8s.io/pod-group-name"
+KUEUE_GROUP_COUNT_ANNOTATION = "kueue.x-k8s.io/pod-group-total-count"
+
+
+def role_override(job: RLHFJob, role: str) -> PodOverride | None:
+    """The override of ``role``'s pods (its entry merged over ``default``), if any."""
+    overrides = job.spec.pod_template_overrides
+    return overrides.for_role(role) if overrides is not None else None
+
+
+def kueue_queue(job: RLHFJob) -> str | None:
+    """The Kueue LocalQueue the job is submitted to (its metadata label), if any."""
+    labels: Mapping[str, Any] = job.metadata.get("labels") or {}
+    queue = labels.get(KUEUE_QUEUE_LABEL)
+    return str(queue) if queue else None
+
+
+def gang_size(job: RLHFJob) -> int:
+    """Pods in the job's Kueue pod group: every worker pod the operator creates."""
+    return len(desired_pods(job.name, job.spec.generation.replicas))
+
+
+def kueue_metadata(job: RLHFJob) -> tuple[dict[str, str], dict[str, str]]:
+    """(labels, annotations) that put a worker pod in the job's Kueue gang; empty without a
+    queue label on the job."""
+    queue = kueue_queue(job)
+    if queue is None:
+        return {}, {}
+    labels = {KUEUE_QUEUE_LABEL: queue, KUEUE_GROUP_LABEL: job.name}
+    return labels, {KUEUE_GROUP_COUNT_ANNOTATION: str(gang_size(job))}
+
+
+def _add_metadata(
+    meta: dict[str, Any], labels: Mapping[str, str], annotations: Mapping[str, str]
+) -> None:
+    # The operator's labels are written last: selectors and the pod index depend on them.
+    meta["labels"] = {**labels, **meta.get("labels", {})}
+    if annotations or meta.get("annotations"):
+        meta["annotations"] = {**annotations, **meta.get("annotations", {})}
+
+
+def _merge_tolerations(spec: dict[str, Any], extra: list[dict[str, Any]]) -> None:
+    tolerations = list(spec.get("tolerations", []))
+    tolerations += [t for t in extra if t not in tolerations]
+    if tolerations:
+        spec["tolerations"] = tolerations
+
+
+def _placement(spec: dict[str, Any], wire: Mapping[str, Any]) -> None:
+    """Pod-level scheduling fields: nodeSelector, affinity, priority, pull secrets."""
+    for key in ("nodeSelector", "affinity", "priorityClassName"):
+        if key in wire:
+            spec[key] = copy.deepcopy(wire[key])
+    if "imagePullSecrets" in wire:
+        pulls = list(spec.get("imagePullSecrets", []))
+        spec["imagePullSecrets"] = pulls + [p for p in wire["imagePullSecrets"] if p not in pulls]
+    _merge_tolerations(spec, copy.deepcopy(wire.get("tolerations", [])))
+
+
+def apply_to_worker_pod(pod: dict[str, Any], job: RLHFJob, role: str) -> dict[str, Any]:
+    """``pod`` (a worker pod of ``role``) with the job's override and Kueue metadata added."""
+    pod = copy.deepcopy(pod)
+    override = role_override(job, role)
+    wire = override.to_wire() if override is not None else {}
+    kueue_labels, kueue_annotations = kueue_metadata(job)
+    _add_metadata(
+        pod["metadata"],
+        {**wire.get("labels", {}), **kueue_labels},
+        {**wire.get("annotations", {}), **kueue_annotations},
+    )
+    if not wire:
+        return pod
+    spec = pod["spec"]
+    _placement(spec, wire)
+    if "serviceAccountName" in wire:
+        spec["serviceAccountName"] = wire["serviceAccountName"]
+    if "volumes" in wire:
+        spec["volumes"] = spec.get("volumes", []) + wire["volumes"]
+    container = spec["containers"][0]
+    if "env" in wire:
+        container["env"] = container.get("env", []) + wire["env"]
+    if "envFrom" in wire:
+        container["envFrom"] = container.get("envFrom", []) + wire["envFrom"]
+    if "volumeMounts" in wire:
+        container["volumeMounts"] = container.get("volumeMounts", []) + wire["volumeMounts"]
+    return pod
+
+
+def apply_to_redis_template(template: dict[str, Any], job: RLHFJob) -> dict[str, Any]:
+    """The managed Redis's pod template placed like the coordinator: the coordinator entry's
+    labels, annotations and scheduling fields (its env, volumes and service account are the
+    coordinator worker's, not Redis's)."""
+    override = role_override(job, COORDINATOR)
+    if override is None:
+        return template
+    template = copy.deepcopy(template)
+    wire = override.to_wire()
+    _add_metadata(
+        template.setdefault("metadata", {}), wire.get("labels", {}), wire.get("annotations", {})
+    )
+    _placement(template["spec"], wire)
+    return template

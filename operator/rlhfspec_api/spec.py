@@ -37,6 +37,7 @@ from rlhfspec_api.rewards import (
 )
 from rlhfspec_api.rewards import RewardType as RewardType  # re-exported for spec's users
 from rlhfspec_api.rules import Violation, raise_if_any
+from rlhfspec_api.scheduling import PodTemplateOverrides
 
 # Deadlines are added to timestamps; 2^31-1 seconds (68 years) keeps that arithmetic safe.
 MAX_DEADLINE_SECONDS = 2**31 - 1
@@ -298,6 +299,15 @@ class RLHFJobSpec(ContractModel):
     """Fail the job when its pods are not all running this long after creation."""
     suspend: Bool = False
     """true deletes worker pods and keeps Redis state and checkpoints; false resumes."""
+    pod_template_overrides: PodTemplateOverrides | None = None
+    """Scheduling, env and volumes added to the pods, for every role (default) and per role
+    (nodeSelector, tolerations, affinity, priorityClassName, imagePullSecrets,
+    serviceAccountName, env/envFrom, volumes/volumeMounts, labels/annotations)."""
+    ttl_seconds_after_finished: Int | None = Field(default=None, ge=0, le=MAX_DEADLINE_SECONDS)
+    """Delete the job's children (pods, Services, ConfigMaps, Secrets, its Redis, the claim it
+    created) this long after it Succeeded or Failed; unset keeps them."""
+    ttl_deletes_job: Bool = False
+    """With ttlSecondsAfterFinished: delete the RLHFJob itself too, not only its children."""
 
     @model_validator(mode="after")
     def _cross_stage_rules(self) -> RLHFJobSpec:
@@ -361,6 +371,14 @@ class RLHFJobSpec(ContractModel):
                     "coordinator.url",
                     "managed mode runs its own Redis",
                     "remove url and passwordSecret, or set mode: external",
+                )
+            )
+        if self.ttl_deletes_job and self.ttl_seconds_after_finished is None:
+            violations.append(
+                Violation(
+                    "ttlDeletesJob",
+                    "deleting the job after its TTL needs a TTL",
+                    "set ttlSecondsAfterFinished, or remove ttlDeletesJob",
                 )
             )
         speculative = self.generation.speculative

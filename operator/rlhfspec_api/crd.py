@@ -17,6 +17,8 @@ from typing import Any
 import yaml
 
 from rlhfspec_api import API_GROUP, API_VERSION, KIND
+from rlhfspec_api.crd_rules import rules_by_model
+from rlhfspec_api.metadata import JOB_NAME_PATTERN, MAX_NAME_LENGTH
 from rlhfspec_api.spec import RLHFJobSpec
 from rlhfspec_api.status import RLHFJobStatus
 
@@ -58,10 +60,16 @@ def _is_scalar_default(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, str | int | float) for v in value)
 
 
-def _structural(node: Any) -> Any:
-    """Rewrite one resolved JSON Schema node into Kubernetes' structural dialect."""
+def _structural(node: Any, unset_is_null: bool = False) -> Any:
+    """Rewrite one resolved JSON Schema node into Kubernetes' structural dialect.
+
+    ``unset_is_null``: a field whose default is null is left non-nullable, so the API server
+    prunes an explicit null before validation and CEL rules see it as unset, as the models
+    do (``None`` and absent are the same there). Fields with a non-null default stay
+    nullable: their null means something (``answerField: null`` is "no answer field").
+    """
     if isinstance(node, list):
-        return [_structural(item) for item in node]
+        return [_structural(item, unset_is_null) for item in node]
     if not isinstance(node, dict):
         return node
     node = dict(node)
@@ -74,6 +82,8 @@ def _structural(node: Any) -> Any:
         node = {**inner, **outer, "nullable": True}
         if node.get("default", 0) is None:
             node.pop("default")
+            if unset_is_null:
+                node.pop("nullable")
     if "const" in node:
         node["enum"] = [node.pop("const")]
     if isinstance(node.get("exclusiveMinimum"), int | float) and not isinstance(
@@ -92,14 +102,14 @@ def _structural(node: Any) -> Any:
     for key, value in node.items():
         if key == "additionalProperties" and isinstance(value, dict):
             # A typed map (labels, nodeSelector): kept, its values checked by the server.
-            out[key] = _structural(value)
+            out[key] = _structural(value, unset_is_null)
             continue
         if key in _DROP_KEYS:
             continue
         if key == "properties":
-            out[key] = {name: _structural(sub) for name, sub in value.items()}
+            out[key] = {name: _structural(sub, unset_is_null) for name, sub in value.items()}
         elif key in ("items", "anyOf", "allOf", "oneOf"):
-            out[key] = _structural(value)
+            out[key] = _structural(value, unset_is_null)
         elif key == "description" and isinstance(value, str):
             # Docstrings use reST literals; kubectl explain shows plain text.
             out[key] = value.replace("``", "`")
@@ -111,8 +121,15 @@ def _structural(node: Any) -> Any:
 def model_schema(model: type[RLHFJobSpec] | type[RLHFJobStatus]) -> dict[str, Any]:
     """The structural OpenAPI v3 schema of a spec/status model."""
     raw = model.model_json_schema(by_alias=True, mode="validation")
-    resolved = _resolve(raw, raw.get("$defs", {}))
-    schema: dict[str, Any] = _structural(resolved)
+    defs = raw.get("$defs", {})
+    if model is RLHFJobSpec:
+        # Each model's CEL rules go on its definition, so inlining puts them wherever the
+        # model appears (spec.reward and every spec.rewards item alike).
+        for title, rules in rules_by_model().items():
+            target = raw if title == model.__name__ else defs[title]
+            target["x-kubernetes-validations"] = rules
+    resolved = _resolve(raw, defs)
+    schema: dict[str, Any] = _structural(resolved, unset_is_null=model is RLHFJobSpec)
     return schema
 
 
@@ -131,7 +148,17 @@ def open_api_schema() -> dict[str, Any]:
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
-            "metadata": {"type": "object"},
+            # The API server lets a CRD restrict only name and generateName of metadata.
+            "metadata": {
+                "type": "object",
+                "properties": {
+                    "name": {
+                        "type": "string",
+                        "maxLength": MAX_NAME_LENGTH,
+                        "pattern": JOB_NAME_PATTERN,
+                    }
+                },
+            },
             "spec": model_schema(RLHFJobSpec),
             "status": status,
         },
@@ -203,6 +230,9 @@ def to_json_schema(node: Any, strict: bool = True) -> Any:
         out["exclusiveMinimum"] = out.pop("minimum")
     if out.get("exclusiveMaximum") is True:
         out["exclusiveMaximum"] = out.pop("maximum")
+    if "properties" in node and isinstance(node["properties"].get("metadata"), dict):
+        # metadata lists only the name's rules; its other fields are ObjectMeta's.
+        out["properties"]["metadata"] = to_json_schema(node["properties"]["metadata"], False)
     if strict and "properties" in node and node.get("type") == "object":
         out["additionalProperties"] = False
     return out

@@ -29,6 +29,7 @@ from rlhfspec_api.manifest import RLHFJob
 from rlhfspec_api.models import Resources
 from rlhfspec_api.quantity import parse_quantity
 from rlhfspec_operator import coordinator, overrides
+from rlhfspec_operator.fetch_init import fetch_init_container
 from rlhfspec_operator.naming import (
     CONFIG_DIR,
     CONFIG_KEY,
@@ -349,6 +350,10 @@ def worker_pod(job: RLHFJob, owner: Owner, role: str, index: int = 0) -> dict[st
         spec["tolerations"] = [
             {"key": resources.gpu_resource_name, "operator": "Exists", "effect": "NoSchedule"}
         ]
+    # hf:// and https:// models and datasets are downloaded into /data before the worker starts.
+    fetch = fetch_init_container(job, spec["containers"][0])
+    if fetch is not None:
+        spec["initContainers"] = [fetch]
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
     # Last: spec.podTemplateOverrides and Kueue's gang metadata, added next to all of the above.
     return overrides.apply_to_worker_pod(pod, job, role)

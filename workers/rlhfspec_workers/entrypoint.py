@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from types import FrameType
 
 from rlhfspec_api.manifest import DocumentError, ManifestError
+from rlhfspec_workers.faults import FaultSpecError, arm_from_environ
 from rlhfspec_workers.observability.metrics import WorkerMetrics
 from rlhfspec_workers.preflight import PreflightError, preflight
 from rlhfspec_workers.runtime import ROLES, Bus, RedisCredentialsError, WorkerEnv, WorkerEnvError
@@ -55,6 +56,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WorkerEnvError as exc:
         print(f"rlhfspec worker {args.role}: {exc}", file=sys.stderr)
         return 2
+    try:
+        # Test-only fault injection (faults.py); a variable naming no hook is refused here.
+        fault = arm_from_environ(env.role, env.worker, env.storage)
+    except FaultSpecError as exc:
+        print(f"rlhfspec worker {args.role}: {exc}", file=sys.stderr)
+        return 2
+    if fault is not None:
+        print(f"[rlhfspec] {env.worker}: fault armed: {fault}", flush=True)
     try:
         job = env.load_job()
     except DocumentError as exc:

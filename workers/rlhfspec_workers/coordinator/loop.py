@@ -21,6 +21,7 @@ from typing import Any
 
 from rlhfspec_api.manifest import RLHFJob
 from rlhfspec_workers.data.rows import Splits, load_splits
+from rlhfspec_workers.faults import fault_point
 from rlhfspec_workers.messages import (
     EvalScore,
     IterationMetrics,
@@ -173,6 +174,7 @@ class Coordinator:
                 },
             ),
         )
+        fault_point("coordinator_mid_iteration")
         self._progress(iteration - 1, "running", f"iteration {iteration}: generating")
         generation_done = inference_done = None
         trace: list[list[float]] = []

@@ -22,6 +22,7 @@ from typing import Any
 
 from rlhfspec_api.generation import MigrationMethod
 from rlhfspec_api.manifest import RLHFJob
+from rlhfspec_workers.faults import fault_point
 from rlhfspec_workers.hardware import resolve_engine_dtype
 from rlhfspec_workers.messages import (
     Keys,
@@ -345,7 +346,9 @@ class GenerationWorker:
             # on a small job comes sooner than the next heartbeat (tokens read 0 in 1 run of 2).
             self._record_steps()
             self._beat(force=True)
+        fault_point("before_publish_rollouts")
         self.bus.pipelined("publish rollouts", publish)
+        fault_point("after_publish_rollouts")
 
     def count_generated(self, task: SampleTask, produced: int) -> None:
         """Tokens this worker decoded for ``task``, counted when the sample finishes here or

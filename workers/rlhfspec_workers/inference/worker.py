@@ -19,6 +19,7 @@ import traceback
 from typing import Any
 
 from rlhfspec_api.manifest import RLHFJob
+from rlhfspec_workers.faults import fault_point
 from rlhfspec_workers.messages import EvalScore, JobFailure, Keys, Rollout, WorkerStatus
 from rlhfspec_workers.preflight import ResolvedPaths
 from rlhfspec_workers.rewards import RewardError
@@ -104,6 +105,7 @@ class InferenceWorker:
                 pipe.sadd(keys.scored_samples(rollout.iteration), rollout.sample_id)
                 pipe.xack(keys.rollouts, Keys.INFERENCE_GROUP, entry_id)
 
+        fault_point("before_publish_experiences")
         bus.pipelined("publish experiences", publish)
         self.scored += len(fresh)
 

@@ -15,6 +15,7 @@ tensors and plain containers only) and the models as safetensors.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import random
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from rlhfspec_api.spec import AlgorithmSpec, RLHFJobSpec
+from rlhfspec_workers.faults import fault_point
 from rlhfspec_workers.torch_models import (
     ValueModel,
     atomic_directory,
@@ -54,11 +56,17 @@ class TrainerStateIO:
         """Write the policy as an HF model dir vLLM loads (atomically); returns ``out_dir``.
 
         ``dtype`` defaults to the policy's ModelRef dtype (bf16: what vLLM serves, half the
-        bytes to sync). Tokenizer and generation files come from the initial policy dir."""
+        bytes to sync). Tokenizer and generation files come from the initial policy dir.
+        The files go into a hidden temp dir (``.v<N>.tmp-*``, which no reader lists), are
+        fsynced, then renamed into place and the rename fsynced: after a crash or power loss
+        ``out_dir`` is absent or complete, never half-written."""
         if dtype is None:
             dtype = DTYPES[self.spec.models.policy.dtype.value]
         with atomic_directory(Path(out_dir)) as tmp:
             save_model_dir(self.policy, tmp, dtype, sidecar_from=self.policy_dir)
+            fsync_tree(tmp)
+            fault_point("mid_weight_write")
+        fsync_dir(Path(out_dir).parent)
         return Path(out_dir)
 
     def export_critic(self, out_dir: Path) -> Path:
@@ -108,6 +116,29 @@ class TrainerStateIO:
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.iteration = int(state["iteration"])
         return self.iteration
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a rename into it) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file under ``root``, then every directory (deepest first), so a rename of
+    ``root`` never publishes names whose data is not on disk yet."""
+    for current, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(Path(current) / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for current, _, _ in sorted(os.walk(root), key=lambda entry: -len(entry[0])):
+        fsync_dir(Path(current))
 
 
 class UnsafeCheckpointError(ValueError):

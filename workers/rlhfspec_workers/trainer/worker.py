@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from rlhfspec_api.manifest import RLHFJob
+from rlhfspec_workers.faults import fault_point
 from rlhfspec_workers.hardware import available_cores
 from rlhfspec_workers.messages import Experience, Keys, WeightsPublished, WorkerStatus
 from rlhfspec_workers.preflight import ResolvedPaths
@@ -26,6 +27,7 @@ from rlhfspec_workers.runtime import Bus
 
 from .checkpoint import CheckpointStore
 from .policy_trainer import PolicyTrainer, TrainStats
+from .trained_record import write_trained_record
 
 KEEP_WEIGHT_VERSIONS = 3
 """Exported policy versions kept on storage (a slow generation worker may still load one)."""
@@ -72,6 +74,7 @@ class TrainerWorker:
 
     def _resume(self) -> None:
         """Restore the last checkpoint; make the published weights agree with it."""
+        remove_partial_exports(self.weights_root)
         restored = self.store.restore(self.trainer) if self.store.latest() is not None else 0
         published = self.bus.get(self.keys.weights, WeightsPublished)
         if published is not None and published.iteration > restored:
@@ -107,7 +110,9 @@ class TrainerWorker:
 
     def _train(self, iteration: int) -> None:
         entries = self.buffer.pop(iteration)
-        stats = self.trainer.train_iteration([e for _, e in entries.values()])
+        experiences = [e for _, e in entries.values()]
+        stats = self.trainer.train_iteration(experiences)
+        write_trained_record(self.bus.env.storage, iteration, experiences)
         started = time.perf_counter()
         if iteration % self.spec.trainer.checkpoint_every == 0 or (
             iteration == self.spec.algorithm.iterations
@@ -115,6 +120,7 @@ class TrainerWorker:
             self.store.save(iteration, self.trainer)
         saved = time.perf_counter() - started
         self._publish(iteration, stats)
+        fault_point("after_weight_publish")
         print(
             f"[rlhfspec] trainer: iteration {iteration} trained on {stats.samples} samples "
             f"(reward {stats.reward_mean:.3f}, kl {stats.kl:.4f}, rollout/trainer log-prob "
@@ -165,6 +171,19 @@ class TrainerWorker:
                 weight_version=self.trainer.iteration,
             )
         )
+
+
+def remove_partial_exports(weights_root: Path) -> list[Path]:
+    """Remove the hidden temp dirs a trainer killed mid-export left (``.v<N>.tmp-*``, and
+    ``.v<N>.old-*`` from a replaced export); returns them. Only this trainer writes there and
+    it is not exporting yet, so none is in use; generation never lists them."""
+    if not weights_root.is_dir():
+        return []
+    partial = [p for p in weights_root.glob(".v*") if ".tmp-" in p.name or ".old-" in p.name]
+    for path in partial:
+        shutil.rmtree(path, ignore_errors=True)
+        print(f"[rlhfspec] trainer: removed the partial weight export {path.name}", flush=True)
+    return partial
 
 
 def _version(path: Path) -> int:

@@ -1,0 +1,119 @@
+"""Kill one role with SIGKILL at a named hook, restart it as Kubernetes would, and the job still
+trains every iteration on exactly its samples, each once, identical to a fault-free run.
+
+Each test runs one tiny greedy job (``fault_harness``) with ``RLHFSPEC_FAULT`` set and compares
+the trainer's record of what it trained on (``<storage>/trained/iter-N.jsonl``) with the
+session's fault-free run: the same sample ids per iteration, each once, and per sample the same
+tokens (hash), reward, rollout and reference log-prob sums and generating policy version.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fault_harness import (
+    ITERATIONS,
+    PROMPTS,
+    SAMPLES,
+    FaultRun,
+    expected_sample_ids,
+    fault_job,
+    run_job,
+)
+
+pytestmark = [pytest.mark.engine, pytest.mark.timeout(1200)]
+
+
+def assert_trained_like_fault_free(run: FaultRun, fault_free: FaultRun) -> None:
+    for iteration in range(1, ITERATIONS + 1):
+        ids = [line["sample_id"] for line in run.trained[iteration]]
+        expected = expected_sample_ids(run.job, run.run_dir, iteration)
+        assert sorted(ids) == expected, f"iteration {iteration} trained on {ids}"
+        assert len(ids) == len(set(ids))
+    recovered, reference = run.by_sample(), fault_free.by_sample()
+    assert recovered.keys() == reference.keys()
+    fields = (
+        "tokens_sha256",
+        "response_tokens",
+        "reward",
+        "logprob_sum",
+        "ref_logprob_sum",
+        "weight_version",
+    )
+    different = {
+        sample: {
+            f: (recovered[sample][f], reference[sample][f])
+            for f in fields
+            if recovered[sample][f] != reference[sample][f]
+        }
+        for sample in reference
+    }
+    assert not any(different.values()), {s: d for s, d in different.items() if d}
+    # Nothing was published twice on the way: one task, one rollout, one experience a sample.
+    samples = ITERATIONS * PROMPTS * SAMPLES
+    assert run.stream_lengths == {"tasks": samples, "rollouts": samples, "experience": samples}
+
+
+def _fired(run: FaultRun) -> list[str]:
+    return sorted(p.name for p in (run.run_dir / "faults").glob("*.fired"))
+
+
+def test_trainer_killed_mid_weight_write(fault_free_run: FaultRun, tmp_path: Path) -> None:
+    run = run_job(fault_job(), tmp_path / "run", fault="trainer:mid_weight_write:2")
+    assert run.killed == ["trainer-0"]
+    assert _fired(run) == ["trainer-0.mid_weight_write.2.fired"]
+    assert_trained_like_fault_free(run, fault_free_run)
+    trainer_log = run.log("trainer-0")
+    # The killed export's temp dir was found and removed by the restarted trainer, which
+    # resumed from checkpoint 2 (saved before the export) and exported v2 from it.
+    assert "removed the partial weight export .v2.tmp-" in trainer_log
+    assert "resumed from checkpoint 2" in trainer_log
+    weights = run.run_dir / "weights"
+    assert not [p.name for p in weights.iterdir() if p.name.startswith(".")]
+    assert sorted(p.name for p in weights.iterdir()) == ["v1", "v2", "v3"]
+    for version in weights.iterdir():
+        assert (version / "config.json").is_file() and list(version.glob("*.safetensors"))
+    generation_log = run.log("generation-0")
+    assert "policy v2 loaded" in generation_log
+
+
+def test_inference_killed_after_consuming_rollouts_before_acking(
+    fault_free_run: FaultRun, tmp_path: Path
+) -> None:
+    run = run_job(fault_job(), tmp_path / "run", fault="inference:before_publish_experiences:2")
+    assert run.killed == ["inference-0"]
+    assert _fired(run) == ["inference-0.before_publish_experiences.2.fired"]
+    assert_trained_like_fault_free(run, fault_free_run)
+
+
+def test_generation_killed_after_publishing_rollouts_with_tasks_unacked(
+    fault_free_run: FaultRun, tmp_path: Path
+) -> None:
+    run = run_job(fault_job(), tmp_path / "run", fault="generation-0:after_publish_rollouts:2")
+    assert run.killed == ["generation-0"]
+    assert _fired(run) == ["generation-0.after_publish_rollouts.2.fired"]
+    assert_trained_like_fault_free(run, fault_free_run)
+    # The kill came after the 2nd step that finished samples of iteration 1 (all 8 tasks taken
+    # at once): the samples still decoding then were finished by the restarted worker.
+    before = sorted(s for s, t in run.rollouts_at.items() if t <= run.fired_at())
+    after_in_1 = [s for s, t in run.rollouts_at.items() if t > run.fired_at() and "it1/" in s]
+    assert before and all(s.startswith("it1/") for s in before), before
+    assert after_in_1, run.rollouts_at
+
+
+def test_coordinator_killed_mid_iteration_and_restarted(
+    fault_free_run: FaultRun, tmp_path: Path
+) -> None:
+    run = run_job(fault_job(), tmp_path / "run", fault="coordinator:coordinator_mid_iteration:2")
+    assert run.killed == ["coordinator-0"]
+    assert _fired(run) == ["coordinator-0.coordinator_mid_iteration.2.fired"]
+    assert_trained_like_fault_free(run, fault_free_run)
+    # The restarted coordinator finished the job (the last row is its record of iteration 3);
+    # iteration 2's tasks were published once (the stream lengths above). Its row of iteration
+    # 2 is not asserted: when training of 2 ends before the new process is up, it starts at 3
+    # and 2 has no metrics row (docs/faults.md, "Known gaps").
+    metrics = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").open()]
+    assert metrics[0]["iteration"] == 1 and metrics[-1]["iteration"] == ITERATIONS
+    assert run.log("coordinator-0").count("coordinator-0 of default/faults starting") == 2

@@ -44,6 +44,10 @@ FETCH_WAITING = ""
 FETCH_RUNNING = "running"
 FETCH_DONE = "done"
 FETCH_FAILED = "failed"
+FETCH_BLOCKED = "blocked"
+"""The init container cannot start: a missing Secret or key, an image that does not pull."""
+STARTING_REASONS = ("PodInitializing", "ContainerCreating")
+"""Waiting reasons that only mean "not started yet"."""
 
 
 def remote_locations(job: RLHFJob) -> list[str]:
@@ -102,7 +106,8 @@ def fetch_init_container(job: RLHFJob, worker: Mapping[str, Any]) -> dict[str, A
 
 def fetch_state(pod_status: Mapping[str, Any]) -> tuple[str, str]:
     """(state, message) of a pod's fetch init container from the pod's ``status``: waiting
-    (or no such container), running, done, or failed with its termination message."""
+    (or no such container), blocked with the kubelet's reason, running, done, or failed with
+    its termination message."""
     for entry in pod_status.get("initContainerStatuses") or []:
         if entry.get("name") != FETCH_CONTAINER:
             continue
@@ -114,6 +119,11 @@ def fetch_state(pod_status: Mapping[str, Any]) -> tuple[str, str]:
             if term.get("exitCode") == 0:
                 return FETCH_DONE, ""
             return FETCH_FAILED, _failure_text(term)
+        waiting = state.get("waiting") or {}
+        reason = waiting.get("reason")
+        if reason and reason not in STARTING_REASONS:
+            detail = str(waiting.get("message") or "").strip()
+            return FETCH_BLOCKED, f"{reason}: {detail}" if detail else str(reason)
     return FETCH_WAITING, ""
 
 
@@ -154,6 +164,7 @@ def set_models_ready(
     done = [p for p in pods if p.fetch == FETCH_DONE]
     failed = [p for p in pods if p.fetch == FETCH_FAILED]
     running = [p for p in pods if p.fetch == FETCH_RUNNING]
+    blocked = sorted((p for p in pods if p.fetch == FETCH_BLOCKED), key=lambda p: p.name)
     previous = condition(status, MODELS_READY)
 
     def put(value: ConditionStatus, reason: str, message: str) -> None:
@@ -168,5 +179,8 @@ def set_models_ready(
         return
     elif running:
         put(ConditionStatus.FALSE, "Fetching", f"{len(running)} pod(s) fetching {named}")
+    elif blocked:
+        message = f"pod {blocked[0].name}: the fetch cannot start: {blocked[0].fetch_message}"
+        put(ConditionStatus.FALSE, "FetchBlocked", message)
     else:
         put(ConditionStatus.FALSE, "Pending", f"waiting for a pod to fetch {named}")

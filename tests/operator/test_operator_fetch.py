@@ -29,9 +29,9 @@ def _models_ready(cluster: Cluster, namespace: str) -> dict[str, Any] | None:
 
 
 def _wait_models_ready(cluster: Cluster, namespace: str, reason: str) -> dict[str, Any]:
-    def probe() -> dict[str, Any] | None:
+    def probe() -> dict[str, Any]:
         found = _models_ready(cluster, namespace)
-        return found if found is not None and found["reason"] == reason else None
+        return found if found is not None and found["reason"] == reason else {}
 
     return cluster.wait_for(probe, f"ModelsReady {reason}")
 
@@ -40,10 +40,12 @@ def test_models_ready_follows_the_fetch_init_containers(cluster: Cluster, namesp
     job = example_job(JOB, namespace, credentials={"hfToken": {"name": "hf", "key": "token"}})
     job["spec"]["models"]["policy"]["path"] = POLICY
     cluster.apply(job)
-    pods = cluster.wait_for(
-        lambda: (names := cluster.pod_names(namespace, JOB)) and len(names) == 4 and names,
-        "4 worker pods",
-    )
+
+    def four_pods() -> list[str]:
+        names = cluster.pod_names(namespace, JOB)
+        return names if len(names) == 4 else []
+
+    pods = cluster.wait_for(four_pods, "4 worker pods")
     for name in pods:
         pod = cluster.get("pod", name, namespace)
         assert pod is not None

@@ -118,6 +118,13 @@ def test_fetch_state_reads_the_init_container_and_its_termination_message() -> N
         "spec.models.policy.path: hf://org/policy@v1: download from the hub failed: HTTP 404: "
         "Repository Not Found for url ...",
     )
+    missing = {
+        "waiting": {"reason": "CreateContainerConfigError", "message": 'secret "hf" not found'}
+    }
+    assert fetch_state(_pod("p", missing)["status"]) == (
+        "blocked",
+        'CreateContainerConfigError: secret "hf" not found',
+    )
     oom = {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}
     assert fetch_state(_pod("p", oom)["status"]) == ("failed", "OOMKilled (exit code 137)")
 
@@ -138,6 +145,13 @@ def test_models_ready_follows_the_pods_fetches() -> None:
 
     fetching = condition(_models_ready(job, [_pod("a", {"running": {}})]), MODELS_READY)
     assert fetching is not None and fetching.reason == "Fetching"
+
+    no_secret = {"waiting": {"reason": "CreateContainerConfigError", "message": "secret missing"}}
+    blocked = condition(_models_ready(job, [_pod("a", no_secret)]), MODELS_READY)
+    assert blocked is not None and blocked.reason == "FetchBlocked"
+    assert blocked.message == (
+        "pod a: the fetch cannot start: CreateContainerConfigError: secret missing"
+    )
 
     failed_state = {"terminated": {"exitCode": 1, "message": FAILED_MESSAGE}}
     failed = condition(_models_ready(job, [_pod("b", failed_state)]), MODELS_READY)

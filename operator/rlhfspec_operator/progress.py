@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from rlhfspec_api.status import Condition, ConditionStatus, GenerationStatus, RLHFJobStatus
 from rlhfspec_operator.conditions import set_condition, timestamp
-from rlhfspec_workers.messages import JobProgress
+from rlhfspec_workers.messages import JobProgress, StorageFull
 
 COORDINATOR_REACHABLE = "CoordinatorReachable"
 
@@ -30,6 +30,8 @@ class ProgressRead:
     (Redis refused the password) or CredentialsUnusable (the policy or the Secret forbids it)."""
     attempted: bool = False
     """False when nothing was read (no status change about reachability)."""
+    storage_full: StorageFull | None = None
+    """The trainer's report of a write refused for lack of room (``Keys.storage_full``)."""
 
 
 def apply_progress(

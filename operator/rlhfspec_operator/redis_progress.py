@@ -24,7 +24,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, AuthenticationWrongNumberOfArgsError, RedisError
 
 from rlhfspec_operator.progress import ProgressRead
-from rlhfspec_workers.messages import JobProgress, Keys, MessageError
+from rlhfspec_workers.messages import JobProgress, Keys, MessageError, StorageFull
 
 DEFAULT_TIMEOUT = 2.0
 _DELETE_BATCH = 500
@@ -76,9 +76,12 @@ class ProgressReader:
                 await client.aclose()
 
     async def read(self, target: RedisTarget, namespace: str, job: str) -> ProgressRead:
-        key = Keys(namespace, job).progress
+        keys = Keys(namespace, job)
+        key = keys.progress
         try:
-            raw = await asyncio.wait_for(self._client(target).get(key), timeout=self._timeout * 2)
+            raw, raw_full = await asyncio.wait_for(
+                self._client(target).mget(key, keys.storage_full), timeout=self._timeout * 2
+            )
         # AuthenticationError subclasses ConnectionError: caught first, it is not an outage.
         except (AuthenticationError, AuthenticationWrongNumberOfArgsError) as exc:
             await self._drop(target)
@@ -91,10 +94,19 @@ class ProgressReader:
             # A broken pool would keep failing: reconnect from scratch next time.
             await self._drop(target)
             return ProgressRead(error=f"{type(exc).__name__}: {exc}".rstrip(": "), attempted=True)
+        full = None
+        if raw_full is not None:
+            try:
+                full = StorageFull.from_bytes(raw_full)
+            except MessageError as exc:  # still a report of a full disk, in another version
+                full = StorageFull(worker="?", path="?", needed_bytes=0, free_bytes=0,
+                                   message=f"storage full (unreadable report: {exc})")  # fmt: skip
         if raw is None:
-            return ProgressRead(attempted=True)
+            return ProgressRead(attempted=True, storage_full=full)
         try:
-            return ProgressRead(progress=JobProgress.from_bytes(raw), attempted=True)
+            return ProgressRead(
+                progress=JobProgress.from_bytes(raw), attempted=True, storage_full=full
+            )
         except MessageError as exc:
             return ProgressRead(
                 error=f"{key}: {exc}", error_reason="InvalidProgress", attempted=True

@@ -27,6 +27,7 @@ from rlhfspec_operator.fetch_init import set_models_ready
 from rlhfspec_operator.naming import COORDINATOR, GENERATION, TRAINER, desired_pods
 from rlhfspec_operator.pods import FAILED, SUCCEEDED, PodView
 from rlhfspec_operator.progress import COORDINATOR_REACHABLE, ProgressRead, apply_progress
+from rlhfspec_operator.storage_condition import apply_storage
 
 PODS_READY = "PodsReady"
 PROGRESSING = "Progressing"
@@ -222,6 +223,8 @@ def reconcile(obs: Observation) -> Plan:
         status, obs.progress, spec.algorithm.iterations, now, obs.generation, reachable_before
     ):
         plan.events.append(Event(*event))
+    for event in apply_storage(status, obs.progress, now, obs.generation):
+        plan.events.append(Event(*event))  # StorageFull: a condition, the job keeps running
     set_models_ready(status, obs.job, obs.pods, now, obs.generation)
     pods = sorted(obs.pods, key=lambda p: p.name)
     live = [p for p in pods if not p.deleting]

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import redis
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -127,3 +128,26 @@ def trained_iterations(run_dir: Path) -> list[tuple[int, int]]:
         at = words.index("iteration")
         found.append((int(words[at + 1]), int(words[at + 4])))
     return found
+
+
+def redis_client(run_dir: Path) -> redis.Redis:
+    """A client of the run's Redis (port from its redis.conf, its generated password)."""
+    config = (run_dir / "redis" / "redis.conf").read_text()
+    port = next(int(line.split()[1]) for line in config.splitlines() if line.startswith("port "))
+    password = (run_dir / "redis" / "password").read_text().strip()
+    return redis.Redis(port=port, password=password, socket_timeout=5)
+
+
+def mount_tmpfs(path: Path, size: str) -> None:
+    """A real small filesystem (root can mount tmpfs; the tests run as root here)."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+
+
+def resize_tmpfs(path: Path, size: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(path)], check=True)
+
+
+def unmount(path: Path) -> None:
+    if path.is_mount():
+        subprocess.run(["umount", "-l", str(path)], check=True)

@@ -411,6 +411,20 @@ class JobFailure(Message):
     failed_at: float = 0.0
 
 
+class StorageFull(Message):
+    """A write to the job's storage was refused for lack of room (the trainer retries it);
+    the operator shows it as the job's StorageFull condition until the key is cleared."""
+
+    KIND: ClassVar[str] = "storage_full"
+    worker: str
+    path: str
+    needed_bytes: int = Field(ge=0)
+    """Estimated from the previous complete write of the same kind."""
+    free_bytes: int = Field(ge=0)
+    message: str
+    reported_at: float = 0.0
+
+
 class DeadLetter(Message):
     """A payload a worker could not use: kept with the reason, never dropped silently."""
 
@@ -534,6 +548,11 @@ class Keys:
     def failure(self) -> str:
         """A JobFailure a worker wrote (string key): the coordinator fails the job with it."""
         return self._key("failure")
+
+    @property
+    def storage_full(self) -> str:
+        """A StorageFull the trainer wrote (string key), deleted once a write succeeds."""
+        return self._key("storage-full")
 
     def load(self, worker: str) -> str:
         """Latest LoadReport of one generation worker (string key)."""

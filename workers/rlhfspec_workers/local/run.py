@@ -38,7 +38,14 @@ from rlhfspec_workers.local.redis_server import (
     find_redis_server,
 )
 from rlhfspec_workers.local.supervisor import Supervisor, local_worker_env
-from rlhfspec_workers.messages import IterationMetrics, JobFailure, JobProgress, Keys, MessageError
+from rlhfspec_workers.messages import (
+    IterationMetrics,
+    JobFailure,
+    JobProgress,
+    Keys,
+    MessageError,
+    StorageFull,
+)
 from rlhfspec_workers.preflight import PreflightError, preflight
 
 STATE = ("redis", "checkpoints", "weights", "logs", "report", "metrics.jsonl", "job.yaml")
@@ -97,19 +104,31 @@ def user_pythonpath(cwd: Path | None = None, environ: Mapping[str, str] | None =
     return os.pathsep.join(dict.fromkeys(parts))
 
 
+def run_manifest(job: RLHFJob, iterations: int | None) -> dict[str, Any]:
+    """The manifest the workers read (``RUN_DIR/job.yaml``): the parsed job, defaults filled."""
+    manifest: dict[str, Any] = job.to_manifest()
+    if iterations is not None:
+        manifest["spec"]["algorithm"]["iterations"] = iterations
+    return manifest
+
+
 def prepare_run_dir(run_dir: Path, job: RLHFJob, iterations: int | None, resume: bool) -> Path:
     """Fresh runs start from nothing; --resume keeps Redis, checkpoints and weights."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         for name in STATE:
             path = run_dir / name
-            if path.is_dir():
+            if path.is_mount():  # a filesystem of its own mounted there: empty it, keep it
+                for child in path.iterdir():
+                    if child.is_dir():
+                        shutil.rmtree(child)
+                    else:
+                        child.unlink()
+            elif path.is_dir():
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
-    manifest: dict[str, Any] = job.to_manifest()
-    if iterations is not None:
-        manifest["spec"]["algorithm"]["iterations"] = iterations
+    manifest = run_manifest(job, iterations)
     config = run_dir / "job.yaml"
     config.write_text(yaml.safe_dump(manifest, sort_keys=False), encoding="utf-8")
     return config
@@ -130,6 +149,7 @@ class LocalRun:
         self.redis_server = RedisServer(run_dir / "redis", password=password)
         self.password = password
         self.supervisor: Supervisor | None = None
+        self._storage_shown: str | None = None
 
     def run(self) -> int:
         client, supervisor = self.start()
@@ -197,6 +217,8 @@ class LocalRun:
                     print(format_row(metrics), flush=True)
             if tty and not outage:
                 self._progress_line(client)
+            if not outage:
+                self._storage_notice(client)
             exits = supervisor.exited()
             coordinator = next((rc for w, rc in exits if w.role == "coordinator"), None)
             failed = [(w, rc) for w, rc in exits if rc != 0]
@@ -232,6 +254,21 @@ class LocalRun:
         except MessageError as exc:
             return f"a worker reported a failure that cannot be read ({exc})"
         return f"{failure.field}: {failure.reason} (reported by {failure.worker})"
+
+    def _storage_notice(self, client: Any) -> None:
+        """Say when the trainer reports StorageFull (it waits for room, the job stays up)
+        and when its writes succeed again."""
+        raw = client.get(self.keys.storage_full)
+        text = None
+        if raw is not None:
+            try:
+                text = StorageFull.from_bytes(raw).message
+            except MessageError as exc:
+                text = f"storage full (unreadable report: {exc})"
+        if text != self._storage_shown:
+            line = f"StorageFull: {text}" if text else "storage has room again"
+            print(f"\n[rlhfspec] {line}", flush=True)
+            self._storage_shown = text
 
     def _progress_line(self, client: Any) -> None:
         raw = client.get(self.keys.progress)

@@ -9,6 +9,9 @@ trainer's business (:class:`Checkpointable`); this module owns naming, atomicity
 Layout: ``<root>/iter-000042/`` per checkpoint (``policy/`` an fp32 HF model dir, ``critic/``,
 ``optimizer.pt``, ``rng.pt``, ``trainer.json``). A checkpoint is written into a hidden temp
 dir and renamed into place, so a crash mid-save leaves no directory :meth:`latest` would pick.
+A save the filesystem refuses for lack of room raises ``storage.StorageFullError`` (path,
+bytes needed and free) with the partial temp dir removed: the previous checkpoint stays the
+latest. :meth:`remove_partials` clears temp dirs a killed trainer left behind.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from pathlib import Path
 from typing import Protocol
 
 from rlhfspec_workers.torch_models import atomic_directory
+
+from .storage import is_no_room, storage_full, tree_bytes
 
 _NAME = re.compile(r"^iter-(\d{6,})$")
 
@@ -67,10 +72,31 @@ class CheckpointStore:
         if iteration < 0:
             raise ValueError(f"iteration must be >= 0, got {iteration}")
         dest = self.path(iteration)
+        latest = self.latest()
+        previous = self.path(latest) if latest is not None else None
         with atomic_directory(dest) as tmp:
-            trainer.save_state(tmp)
+            try:
+                trainer.save_state(tmp)
+            except Exception as exc:
+                if not is_no_room(exc, tmp):
+                    raise
+                # Measured before atomic_directory removes the partial temp dir.
+                raise storage_full(exc, dest, written=tree_bytes(tmp), previous=previous) from exc
         self._prune()
         return dest
+
+    def remove_partials(self) -> list[Path]:
+        """Remove the hidden temp dirs of saves that never finished (``.iter-N.tmp-*``, and
+        ``.iter-N.old-*`` of a replaced one): a trainer killed mid-save leaves them, and on a
+        nearly full disk they hold the room the next save needs. Call before saving starts."""
+        if not self.root.is_dir():
+            return []
+        partial = [
+            p for p in self.root.glob(".iter-*") if ".tmp-" in p.name or ".old-" in p.name
+        ]
+        for path in partial:
+            shutil.rmtree(path, ignore_errors=True)
+        return partial
 
     def restore(self, trainer: Checkpointable, iteration: int | None = None) -> int:
         """Load checkpoint ``iteration`` (default: the latest) into ``trainer``; returns the

@@ -27,6 +27,7 @@ from rlhfspec_workers.runtime import Bus
 
 from .checkpoint import CheckpointStore
 from .policy_trainer import PolicyTrainer, TrainStats
+from .storage import StorageGuard
 from .trained_record import write_trained_record
 
 KEEP_WEIGHT_VERSIONS = 3
@@ -43,10 +44,13 @@ class TrainerWorker:
         self.expected = self.spec.algorithm.samples_per_iteration
         self.weights_root = bus.env.storage / "weights"
         self.buffer: dict[int, dict[str, tuple[str, Experience]]] = {}
+        self.storage = StorageGuard(bus)
+        """No room for a checkpoint or an export: report StorageFull and retry, not exit."""
 
     def run(self) -> int:
         bus, keys = self.bus, self.keys
         bus.ensure_group(keys.experience, Keys.TRAINER_GROUP)
+        self.store.remove_partials()
         self._resume()
         self._take(
             bus.read_group(
@@ -117,9 +121,17 @@ class TrainerWorker:
         if iteration % self.spec.trainer.checkpoint_every == 0 or (
             iteration == self.spec.algorithm.iterations
         ):
-            self.store.save(iteration, self.trainer)
+            self.storage.until_written(
+                lambda: self.store.save(iteration, self.trainer),
+                self.store.path(iteration),
+                "checkpoint",
+            )
         saved = time.perf_counter() - started
-        self._publish(iteration, stats)
+        self.storage.until_written(
+            lambda: self._publish(iteration, stats),
+            self.weights_root / f"v{iteration}",
+            "weight export",
+        )
         fault_point("after_weight_publish")
         print(
             f"[rlhfspec] trainer: iteration {iteration} trained on {stats.samples} samples "

@@ -37,6 +37,7 @@ from rlhfspec_workers.local.redis_server import (
     RedisServer,
     find_redis_server,
 )
+from rlhfspec_workers.local.resume import ResumeRefused, resume_changes
 from rlhfspec_workers.local.supervisor import Supervisor, local_worker_env
 from rlhfspec_workers.messages import (
     IterationMetrics,
@@ -337,6 +338,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail([f"{args.manifest}: {error}" for error in exc.errors])
     if args.resume and not (run_dir / "redis").is_dir():
         print(f"[rlhfspec] nothing to resume in {run_dir}: starting fresh")
+    if args.resume and (run_dir / "job.yaml").is_file():
+        # The job the run dir holds, or refuse: a changed model, dataset or algorithm would
+        # mix two jobs in one set of checkpoints, sample ids and Redis state.
+        try:
+            accepted = resume_changes(run_dir / "job.yaml", run_manifest(job, args.iterations))
+        except ResumeRefused as exc:
+            return _fail([f"[rlhfspec] {exc.lines[0]}", *exc.lines[1:]])
+        if accepted:
+            print("[rlhfspec] resuming with changed fields:", *accepted, sep="\n")
     config = prepare_run_dir(run_dir, job, args.iterations, args.resume)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     local = LocalRun(job, run_dir, config, args.resume)

@@ -2,7 +2,8 @@
 
 Where it sits: the policy may choose it every step inside the adaptive proposer (large
 batches, where verification is compute-bound and drafts only cost); as a whole-engine mode
-(``speculative.mode: off``) it means no speculative config at all (:func:`speculative_config`).
+(``speculative.mode: off``) it means no speculative config at all, so vLLM runs no proposer
+and no rejection sampler (the engine passes None; so does ``registry.native_config``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,3 @@ class OffDrafter:
     def release(self, req_ids: Iterable[str]) -> None:
         pass
 
-
-def speculative_config() -> None:
-    """vLLM runs without a speculative config: no proposer, no rejection sampler."""
-    return None

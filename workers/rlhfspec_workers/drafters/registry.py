@@ -187,7 +187,8 @@ def native_config(
     per_batch_size: Sequence[tuple[int, int, int]] | None = None,
     field: str = "drafter",
 ) -> dict[str, Any] | None:
-    """vLLM's own speculative config for one drafter (baselines)."""
+    """vLLM's own speculative config for one drafter (baselines). ``device`` is no longer
+    read here: the engine runs :func:`check` on its device first, which refuses eagle off-GPU."""
     method = spec.method.value if hasattr(spec.method, "value") else str(spec.method)
     entry(method, field)
     if method == ngram.NAME:
@@ -198,11 +199,10 @@ def native_config(
     if method == draft_model.NAME and model_path is not None:
         return draft_model.speculative_config(model_path, num_tokens, per_batch_size)
     if method == eagle.NAME and model_path is not None:
-        return eagle.speculative_config(
-            model_path, num_tokens, device=device, field=field, per_batch_size=per_batch_size
-        )
+        # check() refused eagle off-GPU at engine start, before this is called.
+        return eagle.speculative_config(model_path, num_tokens, per_batch_size=per_batch_size)
     if method == off.NAME:
-        return None  # off.speculative_config(): no speculative config at all
+        return None  # no speculative config at all: no proposer, no rejection sampler
     raise DrafterConfigError(
         [FieldError(f"{field}.method", f"{method} has no vLLM-native config", "ngram, draft_model")]
     )

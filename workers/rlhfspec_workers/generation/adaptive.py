@@ -52,7 +52,6 @@ from .cost_table import Log, calibrated_cost_model, uncalibrated_cost_model
 from .policy import (
     NO_DRAFT,
     OFF,
-    BatchSizePolicy,
     DraftChoice,
     DraftPolicy,
     FixedPolicy,
@@ -75,7 +74,6 @@ __all__ = [
     "estimator_from_rates",
     "expected_batch",
     "make_policy",
-    "table_policy",
 ]
 
 logger = logging.getLogger(__name__)
@@ -298,11 +296,6 @@ class AdaptivePolicy(SelectorPolicy):
             return  # a drafter this worker does not run: decide locally
         self.selector.current = seeded
         self.selector.anchor_batch = batch_size
-
-
-def table_policy(table: messages.StrategyTable) -> BatchSizePolicy:
-    """Follow a coordinator table exactly (no local decision), e.g. for comparisons."""
-    return BatchSizePolicy([(e.min_batch, e.max_batch, e.drafter, e.k) for e in table.entries])
 
 
 def _speculative(spec: GenerationSpec | SpeculativeSpec) -> SpeculativeSpec:

@@ -3,7 +3,7 @@
 Where it sits: ``engine.GenerationEngine`` takes :class:`PromptInput`s and a
 :class:`SamplingConfig`, streams :class:`SampleResult`s (to the inference stage) and leaves
 one :class:`StepRecord` per engine step (for the selector, the cost model's calibration and
-the benchmarks; :class:`StepSummary` totals them). Plain dataclasses: no vLLM import.
+the benchmarks). Plain dataclasses: no vLLM import.
 """
 
 from __future__ import annotations
@@ -100,26 +100,3 @@ class StepRecord:
     step_seconds: float
     draft_seconds: float
     """Part of step_seconds spent drafting the next step's tokens."""
-
-
-@dataclass
-class StepSummary:
-    """Totals over step records (benchmarks, tests)."""
-
-    steps: int = 0
-    seconds: float = 0.0
-    draft_tokens: int = 0
-    accepted_tokens: int = 0
-    by_strategy: dict[tuple[str, int], int] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, records: Sequence[StepRecord]) -> StepSummary:
-        s = cls()
-        for r in records:
-            s.steps += 1
-            s.seconds += r.step_seconds
-            s.draft_tokens += r.num_draft_tokens
-            s.accepted_tokens += r.num_accepted_tokens
-            key = (r.drafter, r.k)
-            s.by_strategy[key] = s.by_strategy.get(key, 0) + 1
-        return s

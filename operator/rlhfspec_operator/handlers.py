@@ -4,7 +4,8 @@ Where it sits: loaded by ``rlhfspec operator`` (``main``) or ``kopf run -m``. Th
 
 * ``start`` (``on.create`` + ``on.resume``): parse once; invalid -> Failed/ValidationFailed and
   nothing else; refused by the cluster's policy (``admission``: images, external Redis host,
-  the password Secret's opt-in label) -> Failed/NotAllowed; valid -> create the children from
+  the opt-in label of the password Secret and of Secrets the pod template overrides hand to
+  pods) -> Failed/NotAllowed; valid -> create the children from
   ``plan.creation_plan`` (one the job already owns counts as created; a name held
   by anything else fails the job with ChildConflict, naming it), pin the applied spec, status
   Initializing (or Suspended).
@@ -34,9 +35,10 @@ from aiohttp import web
 from rlhfspec_api import API_GROUP, API_VERSION
 from rlhfspec_api.crd import PLURAL
 from rlhfspec_api.echo import cap
+from rlhfspec_api.errors import FieldError
 from rlhfspec_api.manifest import ManifestError, RLHFJob, parse_rlhfjob
 from rlhfspec_api.status import TERMINAL_PHASES, Phase
-from rlhfspec_operator import admission, builders, coordinator, metrics, ttl, updates
+from rlhfspec_operator import admission, builders, coordinator, metrics, overrides, ttl, updates
 from rlhfspec_operator import status as state
 from rlhfspec_operator.config import CONFIG
 from rlhfspec_operator.credentials import Credentials, NotUsable
@@ -169,6 +171,13 @@ async def _create(body: kopf.Body, obj: dict[str, Any]) -> None:
         kopf.info(body, reason="Created", message=f"Created {kind} {name}")
 
 
+async def _override_secret_errors(job: RLHFJob) -> list[FieldError]:
+    """The Secrets ``spec.podTemplateOverrides`` hands to pods exist and are opted in."""
+    names = sorted({name for _, name, _ in overrides.secret_references(job)})
+    secrets = {name: await kube.get("v1", "Secret", job.namespace, name) for name in names}
+    return overrides.secret_reference_errors(job, secrets)
+
+
 @kopf.on.resume(*RESOURCE)
 @kopf.on.create(*RESOURCE)
 async def start(
@@ -201,6 +210,8 @@ async def start(
         )
         if not refused and not coordinator.managed(job):
             refused = admission.password_secret_errors(job, await credentials.password_secret(job))
+        if not refused:
+            refused = await _override_secret_errors(job)
         if refused:
             refuse([str(e) for e in refused], admission.POLICY_REASON)
             return

@@ -24,8 +24,10 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
+from rlhfspec_api import API_GROUP
+from rlhfspec_api.errors import FieldError
 from rlhfspec_api.manifest import RLHFJob
-from rlhfspec_api.scheduling import PodOverride
+from rlhfspec_api.scheduling import ROLES, PodOverride
 from rlhfspec_operator.naming import COORDINATOR, desired_pods
 
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -131,3 +133,77 @@ def apply_to_redis_template(template: dict[str, Any], job: RLHFJob) -> dict[str,
     )
     _placement(template["spec"], wire)
     return template
+
+
+SECRET_OPT_IN_LABEL = f"{API_GROUP}/pod-secret"
+"""A Secret an override hands to a job's pods (env, envFrom, a volume) must carry this label
+(value "true"): whoever labels it says any RLHFJob author of the namespace may read it.
+Without the rule, creating an RLHFJob would disclose every Secret of the namespace (a
+function reward runs the author's code in the pods)."""
+
+
+def secret_references(job: RLHFJob) -> list[tuple[str, str, bool]]:
+    """(field path, Secret name, optional) of every Secret the job's overrides hand to pods."""
+    overrides = job.spec.pod_template_overrides
+    if overrides is None:
+        return []
+    found: list[tuple[str, str, bool]] = []
+    for entry in ("default", *ROLES):
+        override: PodOverride | None = getattr(overrides, entry)
+        if override is None:
+            continue
+        where = f"spec.podTemplateOverrides.{entry}"
+        for i, var in enumerate(override.env or []):
+            ref = var.value_from.secret_key_ref if var.value_from else None
+            if ref is not None:
+                found.append(
+                    (f"{where}.env[{i}].valueFrom.secretKeyRef.name", ref.name, bool(ref.optional))
+                )
+        for i, source in enumerate(override.env_from or []):
+            if source.secret_ref is not None:
+                ref_from = source.secret_ref
+                found.append(
+                    (f"{where}.envFrom[{i}].secretRef.name", ref_from.name, bool(ref_from.optional))
+                )
+        for i, volume in enumerate(override.volumes or []):
+            if volume.secret is not None:
+                found.append(
+                    (
+                        f"{where}.volumes[{i}].secret.secretName",
+                        volume.secret.secret_name,
+                        bool(volume.secret.optional),
+                    )
+                )
+            if volume.csi is not None and volume.csi.node_publish_secret_ref is not None:
+                name = volume.csi.node_publish_secret_ref.name
+                found.append((f"{where}.volumes[{i}].csi.nodePublishSecretRef.name", name, False))
+    return found
+
+
+def secret_reference_errors(
+    job: RLHFJob, secrets: Mapping[str, Mapping[str, Any] | None]
+) -> list[FieldError]:
+    """Refusals of the job's override Secrets (``secrets``: each named Secret as read, None
+    when missing): a Secret without the opt-in label, or a missing one not marked optional."""
+    errors = []
+    for field, name, optional in secret_references(job):
+        secret = secrets.get(name)
+        if secret is None:
+            if not optional:
+                errors.append(
+                    FieldError(
+                        field, f"Secret {name!r} not found", "an existing Secret, or optional: true"
+                    )
+                )
+            continue
+        labels = (secret.get("metadata") or {}).get("labels") or {}
+        if labels.get(SECRET_OPT_IN_LABEL) != "true":
+            errors.append(
+                FieldError(
+                    field,
+                    f"Secret {name!r} does not carry the label {SECRET_OPT_IN_LABEL}=true, so the "
+                    "operator will not hand it to the job's pods",
+                    f"a Secret whose owner labelled it {SECRET_OPT_IN_LABEL}=true",
+                )
+            )
+    return errors

@@ -26,6 +26,9 @@ MUTABLE_FIELDS = (
     "backoffLimit",
     "activeDeadlineSeconds",
     "startupDeadlineSeconds",
+    # As for Kubernetes Jobs, a TTL may be set or changed at any time, also after the finish.
+    "ttlSecondsAfterFinished",
+    "ttlDeletesJob",
 )
 """Wire paths (below ``spec``) a user may change while the job exists."""
 

@@ -15,7 +15,7 @@ import json
 import time
 from typing import Any
 
-from cluster import Cluster, example_job
+from cluster import RLHFJOBS, Cluster, example_job
 
 JOB = "tiny-grpo"
 QUEUE = "kueue.x-k8s.io/queue-name"
@@ -39,6 +39,16 @@ OVERRIDES: dict[str, Any] = {
 }
 
 
+def hf_secret(namespace: str, opted_in: bool) -> dict[str, Any]:
+    labels = {"rlhfspec.io/pod-secret": "true"} if opted_in else {}
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "hf", "namespace": namespace, "labels": labels},
+        "stringData": {"token": "hf_test_token"},
+    }
+
+
 def patch_spec(cluster: Cluster, namespace: str, name: str, spec: dict[str, Any]) -> None:
     body = json.dumps({"spec": spec})
     cluster.kubectl("patch", "rlhfjob", name, "-n", namespace, "--type=merge", "-p", body)
@@ -55,6 +65,7 @@ def parse_time(value: str) -> datetime.datetime:
 def test_a_suspended_kueue_job_starts_on_resume_with_its_gang_labels_and_overrides(
     cluster: Cluster, namespace: str
 ) -> None:
+    cluster.apply(hf_secret(namespace, opted_in=True))
     doc = example_job(JOB, namespace, suspend=True, podTemplateOverrides=OVERRIDES)
     doc["metadata"]["labels"] = {QUEUE: "team-a"}
     cluster.apply(doc)
@@ -119,6 +130,21 @@ def test_an_override_of_the_operators_fields_fails_the_job_naming_them(
     assert "spec.podTemplateOverrides.trainer.command: the operator owns" in failed["message"]
     assert cluster.pod_names(namespace, JOB) == []
     assert cluster.peek("v1/configmaps", namespace) == {}  # nothing was created
+
+
+def test_a_secret_handed_to_pods_without_the_opt_in_label_fails_the_job(
+    cluster: Cluster, namespace: str
+) -> None:
+    cluster.apply(hf_secret(namespace, opted_in=False))
+    cluster.apply(example_job(JOB, namespace, podTemplateOverrides=OVERRIDES))
+    status = cluster.wait_for_phase(JOB, namespace, "Failed")
+    assert status["reason"] == "NotAllowed"
+    field = "spec.podTemplateOverrides.default.env[0].valueFrom.secretKeyRef.name"
+    assert (
+        f"{field}: Secret 'hf' does not carry the label rlhfspec.io/pod-secret=true"
+        in (status["message"])
+    )
+    assert cluster.pod_names(namespace, JOB) == []
 
 
 def _children(cluster: Cluster, namespace: str, job: str) -> list[str]:
@@ -214,3 +240,15 @@ def test_active_deadline_restarts_when_a_suspended_job_resumes(
     status = cluster.wait_for_phase(JOB, namespace, "Failed")
     assert status["reason"] == "DeadlineExceeded"
     assert parse_time(status["completionTime"]) - started >= datetime.timedelta(seconds=deadline)
+
+
+def test_a_ttl_set_after_the_finish_applies_and_can_delete_the_job(
+    cluster: Cluster, namespace: str
+) -> None:
+    cluster.apply(example_job(JOB, namespace))
+    _finish(cluster, namespace, JOB)
+    assert f"configmaps/{JOB}-config" in _children(cluster, namespace, JOB)
+    # Like a Kubernetes Job's, the TTL is mutable, also once the job has finished.
+    patch_spec(cluster, namespace, JOB, {"ttlSecondsAfterFinished": 0, "ttlDeletesJob": True})
+    cluster.wait_for(lambda: JOB not in cluster.peek(RLHFJOBS, namespace), "the job deleted")
+    cluster.wait_for(lambda: _children(cluster, namespace, JOB) == [], "its children deleted")

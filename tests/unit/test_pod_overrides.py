@@ -496,3 +496,35 @@ def test_ttl_deletes_the_claim_the_job_created_but_never_the_users() -> None:
     # Pods go first: they free the accelerators and hold mounts of the rest.
     first = ttl.owned_children(owned, owner_of(owned))[0]
     assert first["kind"] == "Pod"
+
+
+def _secret(labels: dict[str, str]) -> dict[str, Any]:
+    return {"metadata": {"name": "s", "labels": labels}, "data": {"token": "eA=="}}
+
+
+def test_secrets_handed_to_pods_must_exist_and_be_opted_in() -> None:
+    refs = {
+        "default": {
+            "env": [{"name": "T", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "t"}}}],
+            "envFrom": [{"secretRef": {"name": "aws", "optional": True}}],
+        },
+        "trainer": {
+            "volumes": [{"name": "key", "secret": {"secretName": "gcs"}}],
+            "volumeMounts": [{"name": "key", "mountPath": "/var/run/key"}],
+        },
+    }
+    job = make_job({"podTemplateOverrides": refs})
+    fields = {name: field for field, name, _ in overrides.secret_references(job)}
+    assert fields == {
+        "hf": "spec.podTemplateOverrides.default.env[0].valueFrom.secretKeyRef.name",
+        "aws": "spec.podTemplateOverrides.default.envFrom[0].secretRef.name",
+        "gcs": "spec.podTemplateOverrides.trainer.volumes[0].secret.secretName",
+    }
+    opted = _secret({overrides.SECRET_OPT_IN_LABEL: "true"})
+    assert overrides.secret_reference_errors(job, {"hf": opted, "aws": None, "gcs": opted}) == []
+    errors = overrides.secret_reference_errors(job, {"hf": _secret({}), "aws": None, "gcs": None})
+    # hf is not opted in; gcs is missing; aws is missing but optional.
+    assert [e.path for e in errors] == [fields["hf"], fields["gcs"]]
+    assert "does not carry the label rlhfspec.io/pod-secret=true" in errors[0].problem
+    assert "not found" in errors[1].problem
+    assert overrides.secret_reference_errors(make_job(), {}) == []

@@ -1,11 +1,11 @@
 """What every drafter sees and returns: one decode step's batch of requests -> draft tokens.
 
-Where it sits: ``adaptive.AdaptiveProposer`` (vLLM's ``custom_class`` proposer) turns vLLM's
-per-step arrays into :class:`DraftRow`s and asks the drafter chosen for the step for up to
-``k`` tokens per row. vLLM then verifies exactly what was returned (rejection sampling against
-the target, lossless), so a drafter only affects speed, never the sampled distribution.
-Drafts are deterministic proposals (probability one on the proposed token); vLLM accepts a
-proposed token with the target's probability of it.
+Where it sits: ``generation.proposer.AdaptiveProposer`` (vLLM's ``custom_class`` proposer)
+turns vLLM's per-step arrays into :class:`DraftRow`s and asks the drafter chosen for the step
+for up to ``k`` tokens per row. vLLM then verifies exactly what was returned (rejection
+sampling against the target, lossless), so a drafter only affects speed, never the sampled
+distribution. Drafts are deterministic proposals (probability one on the proposed token);
+vLLM accepts a proposed token with the target's probability of it.
 """
 
 from __future__ import annotations

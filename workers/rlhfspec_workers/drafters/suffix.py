@@ -1,9 +1,11 @@
 """Suffix drafter: draft from sibling samples of the same prompt and from earlier rollouts of it.
 
-Where it sits: a candidate drafter of the adaptive proposer (``adaptive``). RLHF samples n
-responses per prompt and revisits prompts every epoch; responses to the same prompt share
-long stretches (Seer's grouped speculative decoding, DAS's suffix tree over recent rollouts,
-SPEC-RL's previous-epoch drafts; field notes 2). Model-free: the cost is a dict lookup.
+Where it sits: a candidate drafter of the adaptive proposer
+(``generation.proposer.AdaptiveProposer``). RLHF samples n responses per prompt and revisits
+prompts every epoch; responses to the same prompt share long stretches. Published RL systems
+draft from exactly that: Seer's grouped speculative decoding from sibling responses, DAS's
+suffix tree over recent rollouts of the same problem, SPEC-RL's previous-epoch rollout as the
+draft. Model-free: the cost is a dict lookup.
 
 How: per prompt group, every sequence (live siblings as they grow, finished siblings, and the
 last ``history_iterations`` iterations' rollouts) is indexed by its ``min_match``-grams. A row

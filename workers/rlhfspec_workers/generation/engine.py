@@ -1,11 +1,14 @@
 """The generation engine: one in-process vLLM engine, speculative decoding chosen per step.
 
 Where it sits: a generation worker builds a :class:`GenerationEngine` from its typed
-``GenerationSpec`` and resolved model paths, then per RL iteration calls :meth:`generate`
-with the iteration's prompts; finished samples stream out as they finish (vLLM's step loop,
-so short samples are not held back by the long tail) and go to the inference stage. Every
-engine step leaves a :class:`StepRecord` (batch size, strategy verified, drafted/accepted as
-vLLM counted them, step time) for the selector and the benchmarks.
+``GenerationSpec`` and resolved model paths, queues each sample task with :meth:`submit`
+(a migrated or recovered sample with its prefix tokens, or its KV state) and calls
+:meth:`poll` every loop turn: one engine step, returning the samples that finished in it, so
+short samples are not held back by the long tail and go to the inference stage at once.
+:meth:`generate` wraps submit/poll for callers holding a whole batch (calibration,
+``rlhfspec generate``). Every engine step leaves a :class:`StepRecord` (batch size, strategy
+verified, drafted/accepted as vLLM counted them, step time) for the selector and the
+benchmarks.
 
 Speculation backends:
 

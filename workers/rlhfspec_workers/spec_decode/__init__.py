@@ -1,31 +1,37 @@
 """Adaptive speculative decoding: the pure decision logic (RLHFSpec's drafting-strategy selector).
 
-The flow, once per generation worker and then every decode step:
-
-1. Calibration -> cost model (`cost_model`). At start-up a worker times a small grid of engine
-   steps (`calibration_grid.calibration_plan`: ~10-20 (B, T) points, T = k + 1 tokens verified
-   per sequence, measured in `calibration_order` within a time budget) and the per-token cost
-   of each drafter (`cost_records`: `CostSample`, `DrafterCost`), fits a monotone `CostModel`
-   (cells the budget did not reach are fitted: `cost_surface`), and caches it as JSON under a
-   `CostTableKey` (model id + hardware id) so the next worker on the same model and hardware
-   reuses it. Real engine steps keep refining it (`CostModel.observe_verify`, per grid cell in
-   `cost_online`). `synthetic_cost` samples a roofline formula into a `CostModel` for tests
-   and the simulator.
-2. Per-step stats -> acceptance (`acceptance`). vLLM's cumulative spec-decode counters are
-   turned into deltas (`counters_delta`) and folded into one `AcceptanceEstimator` per
-   drafter: Beta-smoothed, exponentially-forgetting P(position i accepted | i-1 accepted).
-   Workers ship estimators to the coordinator, which pools them (`merge` / `pool`) and watches
-   for collapse (accepted length ~1.0 after a weight sync).
-3. (cost, acceptance, batch size) -> selector -> choice (`selector`). `choose` maximises
-   expected emitted tokens per second over drafters x k, k = 0 included; `AdaptiveSelector`
-   adds hysteresis for per-step use; `strategy_table` precomputes a versioned per-bucket table
-   the coordinator broadcasts and from which vLLM's `num_speculative_tokens_per_batch_size`
-   schedule is derived. The choice is applied in vLLM each step by the engine-side code
-   (elsewhere: this package never touches an engine).
-4. `bandit` is the TLT-style epsilon-greedy baseline over the same strategies, for benchmarks.
-
 Everything here is standard library only (no torch, vllm, numpy, redis), so it runs in the
-coordinator and in CPU-only unit tests.
+coordinator and in CPU-only unit tests; the code that touches an engine is in ``generation``.
+What runs where:
+
+1. Cost model (`cost_model`), in each generation worker. At start-up
+   ``generation.calibration_run`` times the grid of `calibration_grid.calibration_plan`
+   (~10-20 (B, T) points, T = k + 1 tokens verified per sequence, in `calibration_order`,
+   within a time budget) and each drafter's cost (`cost_records`: `CostSample`,
+   `DrafterCost`), fits a monotone `CostModel` (cells the budget did not reach are fitted:
+   `cost_surface`) and caches it as JSON under a `CostTableKey` (model id + hardware id;
+   ``generation.cost_cache``). Real engine steps keep refining it
+   (``generation.adaptive.CostLearner`` -> `CostModel.observe_verify`, per grid cell in
+   `cost_online`). `synthetic_cost` samples a roofline formula into a `CostModel`: the
+   uncalibrated fallback (``generation.cost_table``), the reallocation simulator and tests.
+2. Acceptance (`acceptance`). In the worker, the proposer learns per-position acceptance from
+   how many tokens vLLM sampled per request (``generation.proposer``); the policy
+   (``generation.policy.SelectorPolicy``) folds each step into one `AcceptanceEstimator` per
+   drafter as `StepStats` (plus each drafter's fill and side drafts). The worker also sends
+   per-(drafter, k) counts as ``messages.AcceptanceReport``s; the coordinator
+   (``coordinator.strategy``) folds them into its own estimators, pooled over all workers,
+   and warns when a drafter collapses (accepted length ~1.0 after a weight sync).
+   `SpecDecodeCounters`, `counters_delta` (vLLM's cumulative counters) and `pool` are used
+   only by tests today; the worker merges the coordinator's pooled rates with
+   `AcceptanceEstimator.merge`.
+3. Selection (`selector`). Per step in the worker: `AdaptiveSelector` (hysteresis over
+   `score_all`, k = 0 included) inside ``generation.policy.SelectorPolicy``. In the
+   coordinator: `strategy_table` over `batch_buckets`, broadcast as a versioned
+   ``messages.StrategyTable`` that each worker starts from for its batch size. `choose` and
+   `SelectorInput` also price a worker's throughput in ``reallocation.model``.
+   `oracle_choice`, `hindsight_schedule` and `StrategyTable.to_batch_size_schedule` are used
+   only by tests; the benchmarks' hindsight oracle replays steps with `hindsight`.
+4. `bandit` is the TLT-style epsilon-greedy baseline over the same strategies, for benchmarks.
 """
 
 from .acceptance import (

@@ -1,16 +1,20 @@
 """Acceptance estimation: how many draft tokens a drafter gets accepted, per draft position.
 
-Place in the flow: each generation worker turns vLLM's cumulative spec-decode counters into
-per-step deltas (`counters_delta`), feeds them to one `AcceptanceEstimator` per drafter, and
-ships the estimator (`to_dict`) to the coordinator, which pools workers (`merge`) and hands the
-pooled estimates to the selector. The selector only needs `expected_accepted(k)`.
+Place in the flow: in each generation worker the policy (``generation.policy``) turns every
+decode step's outcome, as the proposer saw it, into a `StepStats` for one `AcceptanceEstimator`
+per drafter. The worker reports per-(drafter, k) counts to the coordinator
+(``messages.AcceptanceReport``), whose own estimators pool every worker's evidence for the
+strategy table; a worker merges the pooled rates back in (`merge`). The selector only needs
+`expected_accepted(k)`. `SpecDecodeCounters` / `counters_delta` (vLLM's cumulative counters
+as deltas) and `pool` are used only by tests.
 
 Model: position i of a draft is reached only if positions 0..i-1 were accepted, so we estimate
 the conditional rate p_i = P(i accepted | i-1 accepted) for each position and get
 E[accepted | k] = sum_{i<k} prod_{j<=i} p_j (the gpt-fast / vLLM acceptance-per-position view).
 Each p_i is a Beta-posterior mean over exponentially-decayed counts: the prior gives an unseen
 drafter a sensible, modest estimate; the decay (a half-life in drafts) lets the estimate follow
-the policy as weight syncs move it (field notes 3: stale drafters fall to ~1.0 accepted length).
+the policy as weight syncs move it: a drafter left stale by a weight sync silently falls to ~1.0
+accepted length (`collapsed`).
 """
 
 from __future__ import annotations

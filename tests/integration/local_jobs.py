@@ -18,6 +18,8 @@ from pathlib import Path
 import redis
 import yaml
 
+from rlhfspec_workers.local.resume import previous_run_processes
+
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS, SAMPLES = 4, 2
 SAMPLES_PER_ITERATION = PROMPTS * SAMPLES
@@ -100,6 +102,8 @@ def kill_run(job: subprocess.Popen[bytes], run_dir: Path) -> None:
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+    # Gone for good (what `rlhfspec run` checks before it starts in this run dir again).
+    wait_for(lambda: not previous_run_processes(run_dir), 30, "the killed processes to exit")
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:

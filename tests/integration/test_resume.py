@@ -3,14 +3,17 @@ changed manifest silently replaced the run directory's ``job.yaml``.
 
 A resumed run continues the job its run directory holds: a manifest that changes what the job
 trains is refused with every changed field (nothing starts); fields that only change how fast
-or how long it runs are accepted and listed. A real tiny job killed mid-way (the supervisor's
-process group, its workers and Redis SIGKILLed: a machine crash) and resumed continues from
-its last checkpoint and ends with every iteration trained once.
+or how long it runs are accepted and listed. A real tiny job killed mid-way and resumed: with
+only the supervisor's process group killed, its workers live on and the resume is refused
+naming them; with everything killed (a machine crash) it continues from its last checkpoint
+and ends with every iteration trained once.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +27,7 @@ from local_jobs import (
     start_run,
     trained_iterations,
     wait_for,
+    worker_pids,
     write_job,
 )
 
@@ -108,7 +112,22 @@ def test_resume_after_a_kill_continues_from_the_last_checkpoint(
     resumed = None
     try:
         wait_for(lambda: len(trained_iterations(run_dir)) >= 1, 600, "iteration 1 to train")
-        kill_run(first, run_dir)  # mid iteration 2: the whole run dies at once
+        # Only the supervisor's process group dies (it and its redis-server): the workers,
+        # in sessions of their own, live on. A resume now would start a second set of them.
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        orphans = worker_pids(run_dir)
+        assert orphans
+        refused = subprocess.run(
+            [sys.executable, "-m", "rlhfspec_cli", "run", str(manifest), "--run-dir",
+             str(run_dir), "--resume"],
+            capture_output=True, text=True, timeout=300, cwd=ROOT,
+        )  # fmt: skip
+        assert refused.returncode == 1
+        assert "processes of an earlier run are still running" in refused.stderr
+        named = refused.stderr.split("(pids ")[1].split(")")[0].split()
+        assert set(orphans) <= {int(pid) for pid in named}
+        kill_run(first, run_dir)  # now the rest: mid iteration 2, as a machine crash would
         checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
         last = int(checkpoints[-1].removeprefix("iter-"))
         assert 1 <= last < iterations

@@ -7,10 +7,17 @@ the job trains on or how (models, dataset, reward, sampling, algorithm, seed, th
 that namespaces its Redis keys) is refused with every changed field and its old and new value:
 resuming would silently mix two jobs. Fields that only change how fast or how long the job
 runs may change (:data:`RESUMABLE_FIELDS`); they are listed when they do.
+
+Workers run in sessions of their own (the terminal's Ctrl-C reaches only the supervisor), so a
+killed ``rlhfspec run`` can leave its workers, and a crash its redis-server, running.
+:func:`previous_run_processes` finds them, and ``main`` refuses to start a run (fresh or
+resumed) in a run directory whose earlier processes still run: a second set of workers would
+train the same samples against the same checkpoints.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -104,3 +111,22 @@ def resume_changes(previous: Path, manifest: Mapping[str, Any]) -> list[str]:
     body = [f"  {path}: {_show(a)} -> {_show(b)}" for path, a, b in refused]
     allowed = "may change on resume: " + ", ".join(RESUMABLE_FIELDS)
     raise ResumeRefused([header, *body, *(["  accepted:", *lines] if lines else []), allowed])
+
+
+def previous_run_processes(run_dir: Path, proc: Path = Path("/proc")) -> list[int]:
+    """Pids of processes an earlier run in ``run_dir`` started and that still run: workers
+    (their environment names ``run_dir`` as ``RLHFSPEC_STORAGE``) and its redis-server
+    (working in ``run_dir/redis``). Empty where /proc cannot be read (not Linux)."""
+    storage = f"RLHFSPEC_STORAGE={run_dir}".encode()
+    redis_dir = str(run_dir / "redis")
+    found = []
+    for entry in proc.iterdir() if proc.is_dir() else []:
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            worker = storage in (entry / "environ").read_bytes().split(b"\0")
+            if worker or os.readlink(entry / "cwd") == redis_dir:
+                found.append(int(entry.name))
+        except OSError:
+            continue  # gone, or another user's
+    return sorted(found)

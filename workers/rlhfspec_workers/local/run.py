@@ -37,7 +37,7 @@ from rlhfspec_workers.local.redis_server import (
     RedisServer,
     find_redis_server,
 )
-from rlhfspec_workers.local.resume import ResumeRefused, resume_changes
+from rlhfspec_workers.local.resume import ResumeRefused, previous_run_processes, resume_changes
 from rlhfspec_workers.local.supervisor import Supervisor, local_worker_env
 from rlhfspec_workers.messages import (
     IterationMetrics,
@@ -338,6 +338,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail([f"{args.manifest}: {error}" for error in exc.errors])
     if args.resume and not (run_dir / "redis").is_dir():
         print(f"[rlhfspec] nothing to resume in {run_dir}: starting fresh")
+    leftover = previous_run_processes(run_dir)
+    if leftover:
+        pids = " ".join(str(pid) for pid in leftover)
+        return _fail([
+            f"[rlhfspec] {run_dir}: processes of an earlier run are still running "
+            f"(pids {pids}); they would train on the same samples and checkpoints. "
+            f"Stop them (kill {pids}) and run again."
+        ])  # fmt: skip
     if args.resume and (run_dir / "job.yaml").is_file():
         # The job the run dir holds, or refuse: a changed model, dataset or algorithm would
         # mix two jobs in one set of checkpoints, sample ids and Redis state.

@@ -36,6 +36,8 @@ FETCHED_ALLOWED = (
     "hf://ORG/NAME[@REVISION][/PATH], https://HOST/FILE (a file, or a .tar, .tar.gz, .tgz or "
     ".zip archive of a model directory), or pvc:// after copying it into the job's storage"
 )
+DATASET_URI_SCHEMES = ("tiny", "hf", "https", "pvc", "file")
+"""Schemes a dataset location (``spec.dataset.path`` and ``eval``) may use."""
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://(.*)$")
 
 
@@ -52,6 +54,28 @@ def hf_repo_problem(rest: str) -> str | None:
     if any(part in ("", ".", "..") for part in parts[2:]):
         return "has an empty, '.' or '..' path segment"
     return None
+
+
+def check_dataset_location(value: str) -> str:
+    """A dataset file's path or URI, refused (naming what is allowed) when its scheme is
+    unknown, an object store, or an hf:// URI naming no repository."""
+    match = _SCHEME.match(value)
+    if match is None:
+        return value
+    scheme, rest = match.group(1), match.group(2)
+    if scheme in UNSUPPORTED_SCHEMES:
+        raise value_error(
+            f"{scheme}:// ({echo(value)}) is not supported: the worker image has no "
+            "object-store client",
+            FETCHED_ALLOWED,
+        )
+    allowed = "a path, or a URI " + ", ".join(s + "://..." for s in DATASET_URI_SCHEMES)
+    if scheme not in DATASET_URI_SCHEMES:
+        raise value_error(f"unknown scheme {echo(scheme)} in {echo(value)}", allowed)
+    repo_problem = hf_repo_problem(rest) if scheme == "hf" else None
+    if repo_problem is not None:
+        raise value_error(f"{echo(value)}: {repo_problem}", FETCHED_ALLOWED)
+    return value
 
 
 class DType(StrEnum):

@@ -27,7 +27,12 @@ from rlhfspec_api.base import (
     SecretKey,
 )
 from rlhfspec_api.generation import DrafterMethod, GenerationSpec
-from rlhfspec_api.models import FetchCredentials, ModelRef, Resources
+from rlhfspec_api.models import (
+    FetchCredentials,
+    ModelRef,
+    Resources,
+    check_dataset_location,
+)
 from rlhfspec_api.rewards import (
     MAX_REWARDS,
     RewardRule,
@@ -107,7 +112,8 @@ class DatasetSpec(ContractModel):
 
     path: PathText
     """Path or URI of a .jsonl or .parquet file (``tiny://dataset/train.jsonl``,
-    ``pvc://data/x.parquet``, a local path)."""
+    ``pvc://data/x.parquet``, a local path; ``hf://datasets/org/name/train.jsonl`` and
+    ``https://host/train.jsonl`` are downloaded into the job's storage first)."""
     prompt_field: PlainText = "prompt"
     """Field holding the prompt: a string, or a list of ``{role, content}`` chat messages.
     Dots name nested keys (``question.text``)."""
@@ -129,6 +135,11 @@ class DatasetSpec(ContractModel):
     training starts."""
     eval_max_tokens: Int | None = Field(default=None, ge=1, le=131072)
     """Longest held-out response (default: generation.maxNewTokens)."""
+
+    @field_validator("path", "eval")
+    @classmethod
+    def _known_scheme(cls, value: str | None) -> str | None:
+        return None if value is None else check_dataset_location(value)
 
     @field_validator("chat_template", mode="before")
     @classmethod

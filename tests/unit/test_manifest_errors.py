@@ -147,6 +147,18 @@ CASES: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         "spec.models.policy.path: 'hf://gpt2': names no repository ORG/NAME " + FETCHED_ALLOWED,
     ),
     (
+        "dataset-on-s3",
+        _set("spec.dataset.path", "s3://bucket/train.jsonl"),
+        "spec.dataset.path: s3:// ('s3://bucket/train.jsonl') is not supported: the worker "
+        "image has no object-store client " + FETCHED_ALLOWED,
+    ),
+    (
+        "dataset-unknown-scheme",
+        _set("spec.dataset.eval", "ftp://host/eval.jsonl"),
+        "spec.dataset.eval: unknown scheme 'ftp' in 'ftp://host/eval.jsonl' (a path, or a URI "
+        "tiny://..., hf://..., https://..., pvc://..., file://...)",
+    ),
+    (
         "hf-token-without-key",
         _set("spec.credentials", {"hfToken": {"name": "hf"}}),
         "spec.credentials.hfToken.key: required field is missing (a string)",

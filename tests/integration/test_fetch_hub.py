@@ -166,7 +166,7 @@ def _fetch(
     hub: Hub, job: Path, storage: Path, token: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(storage.parent / "hf-home"), HF_HUB_DISABLE_XET="1")
+    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(storage.parent / "hf-home"))
     if token is not None:
         env["HF_TOKEN"] = token
     rlhfspec = Path(sys.executable).parent / "rlhfspec"
@@ -236,3 +236,27 @@ def test_a_private_repository_needs_the_token_which_reaches_the_hub(
     private = [(path, auth) for _, path, auth in hub.requests if "private-policy" in path]
     assert private and all(auth == f"Bearer {TOKEN}" for _, auth in private)
     assert (storage / "fetched" / "hf" / "org--private-policy@main" / "config.json").is_file()
+
+
+def test_pods_fetching_at_once_download_each_file_once(hub: Hub, tmp_path: Path) -> None:
+    """Four pods of a job start together on a fresh claim: four real fetch processes, one
+    download of each file, every one of them finds the complete copy."""
+    storage = tmp_path / "storage"
+    job = _job(tmp_path, "hf://org/tiny-policy")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf-home"))
+    rlhfspec = Path(sys.executable).parent / "rlhfspec"
+    command = [str(rlhfspec), "worker", "fetch", str(job), "--storage", str(storage)]
+    processes = [
+        subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(4)
+    ]
+    outputs = [process.communicate(timeout=120) for process in processes]
+    assert [p.returncode for p in processes] == [0, 0, 0, 0], outputs
+    gets = [path for method, path, _ in hub.requests if method == "GET" and "/resolve/" in path]
+    assert len(gets) == len(set(gets)) == len(hub.repos[("models", "org/tiny-policy")].files) + 1
+    downloaded = sum(out.count("(downloaded in") for out, _ in outputs)
+    assert downloaded == 2  # the policy once and the dataset once, by whichever pod came first
+    assert list((storage / "fetched" / "hf").glob(".*.partial-*")) == []

@@ -1,5 +1,6 @@
 """``bench/generation.py --quick`` end to end: every configuration runs on real engines and
-lands in the JSON with a throughput; the PNG is written. No timing is asserted (field notes 6)."""
+lands in the JSON with a throughput; the PNG is written. No timing is asserted: timings on a
+shared 2-core machine are fragile (docs/cpu-notes.md §5)."""
 
 from __future__ import annotations
 

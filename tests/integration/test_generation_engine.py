@@ -3,7 +3,8 @@
 Engines are expensive on 2 cores, so the module shares three: plain decoding (the reference),
 the adaptive proposer with every per-step drafter, and vLLM's native draft model with Dynamic
 SD. vLLM's native ngram is not started here: an engine created after it in the same process
-fails (numba/llvmlite clash, field notes 3); our own ngram runs inside the adaptive proposer.
+fails (a numba/llvmlite clash: docs/cpu-notes.md §2); our own ngram runs inside the adaptive
+proposer.
 """
 
 from __future__ import annotations

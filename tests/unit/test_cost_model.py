@@ -158,7 +158,8 @@ def test_calibration_plan_is_small_and_covers_the_decision_space(
 
 
 def test_calibration_plan_is_cheap_and_sufficient() -> None:
-    # Field notes 6, t120 (11.4 ms at B=1 to 50 ms at B=64, T=1): a roofline in that range.
+    # A 120M Llama on a 2-core CPU took 11.4 ms at B=1 to 50 ms at B=64, T=1
+    # (docs/cpu-notes.md §3): a roofline in that range.
     rf = Roofline(memory_floor_seconds=0.011, per_token_seconds=0.0007, overhead_seconds=0.0005)
     plan = calibration_plan(64, 8)
     repeats = 15  # per point, interleaved, with medians

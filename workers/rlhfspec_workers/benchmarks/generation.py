@@ -89,7 +89,7 @@ class Bench:
         import torch
 
         self.settings, self.log, self.kit = settings, log, kit
-        torch.set_num_threads(1)  # before any engine: vLLM then pins it (field notes 7)
+        torch.set_num_threads(1)  # before any engine: vLLM then pins it (docs/cpu-notes.md §1)
         self.dtype = auto_dtype() if settings.dtype == "auto" else settings.dtype
         self.draft: Path | None = settings.draft or (kit / "draft" if kit else None)
         if settings.model:

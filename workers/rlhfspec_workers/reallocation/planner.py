@@ -3,11 +3,12 @@
 Where it sits: the coordinator calls `plan_migrations` periodically and whenever a generation
 worker runs dry, with the latest `WorkerLoad`s, each worker's `ThroughputModel` and the job's
 `MigrationCost`; it turns the result into `MigrationOrder`s (`to_orders`) for the sources,
-which abort the samples and hand them over (field notes 3: abort + resubmit with max_tokens
-reduced). The simulator calls the same function.
+which abort the samples and hand them over (vLLM has no live migration: abort, then resubmit
+prompt + generated tokens with max_tokens reduced, or load the shipped KV cache;
+docs/cpu-notes.md §2). The simulator calls the same function.
 
 Objective: the generation stage ends when its last worker drains (RLHF generation is offline:
-makespan, not latency, matters; field notes 1). The planner predicts every worker's drain time
+makespan, not latency, matters). The planner predicts every worker's drain time
 with batch-size-dependent step times (a `RemainingProfile` per worker: each sample's remaining
 length as quantile bands from the `LengthPredictor`, because under a heavy tail a worker's
 finish is set by its longest samples), then greedily takes the worker predicted to finish last

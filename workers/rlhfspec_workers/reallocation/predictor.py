@@ -6,9 +6,10 @@ iteration (with its prompt group), and the planner asks it how many tokens each 
 still needs, given the g tokens it has generated.
 
 Why a conditional expectation over an empirical distribution: response lengths in RLHF are
-long-tailed (field notes 1), so the mean residual life grows with g: a sample that is already
-long is likely to be much longer, which is exactly the signal that marks the long tail. Samples
-of the same prompt group have correlated lengths (Seer, field notes 2), so finished siblings
+long-tailed (a few long samples keep the stage running while most of the batch is done), so
+the mean residual life grows with g: a sample that is already long is likely to be much longer,
+which is exactly the signal that marks the long tail. Samples of the same prompt group have
+correlated lengths (Seer's context-aware scheduling relies on this), so finished siblings
 refine the estimate. Both are shrunk toward a prior: with no data past g, a memoryless guess of
 the mean length (or `prior_mean` before any data) is the sane fallback.
 """

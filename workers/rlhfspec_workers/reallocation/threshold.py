@@ -1,4 +1,4 @@
-"""The RLHFuse-style baseline policy: threshold migration of stragglers (field notes 2).
+"""The RLHFuse-style baseline policy: threshold migration of stragglers.
 
 Where it sits: next to `planner`, with the same inputs and outputs, so the coordinator (as a
 configurable fallback) and the simulator can run either. Once a worker's samples fall below a

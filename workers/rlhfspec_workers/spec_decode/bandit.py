@@ -2,7 +2,7 @@
 
 Place in the flow: a drop-in alternative to `AdaptiveSelector` for the benchmark. Where the
 model-based selector predicts throughput from a calibrated cost model and acceptance
-estimates, this one learns it by trial (field notes 2, TLT / FastRL): per batch-size bucket it
+estimates, this one learns it by trial, as TLT / FastRL does: per batch-size bucket it
 keeps a sliding window (300) of observed rewards, reward = accept_length x batch_size /
 step_time (emitted tokens per second), exploits the best windowed mean, and explores a random
 strategy with probability epsilon (0.1). TLT's guards are kept as options: speculate only

@@ -37,7 +37,8 @@ def calibration_plan(max_batch: int, max_k: int, *, max_points: int = 20) -> lis
 
     T = 1 (plain decode) and T = 2 anchor the cheap end; then T = k + 1 for k in powers of two
     up to max_k, always including max_k + 1 so nothing the selector may choose is
-    extrapolated. Order is by B then T; callers should interleave repeats (field notes 6).
+    extrapolated. Order is by B then T; callers should interleave repeats: on a shared machine
+    another process can double a single timing (docs/cpu-notes.md §5).
     """
     if max_k < 0:
         raise ValueError("max_k must be >= 0")

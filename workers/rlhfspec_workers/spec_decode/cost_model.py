@@ -54,16 +54,17 @@ class CostModel:
     """Monotone interpolated step-cost surface verify(B, T) plus per-drafter draft costs.
 
     Fit: samples are grouped per (B, T) and reduced to their median (robust to the 2-3x
-    stalls a shared machine produces, field notes 6). The grid is the union of the measured
-    cells and the *plan* (the cells calibration meant to measure; by default the measured
-    ones); planned cells calibration did not reach are filled by `fill_unmeasured` (a fitted
-    `Surface` corrected by nearby measurements). Each B row is made non-decreasing in T and
-    then each T column non-decreasing in B. Query: bilinear in (B, T), linear extrapolation
-    past the grid.
+    stalls other processes cause on a shared machine: docs/cpu-notes.md §5). The grid is the
+    union of the measured cells and the *plan* (the cells calibration meant to measure; by
+    default the measured ones); planned cells calibration did not reach are filled by
+    `fill_unmeasured` (a fitted `Surface` corrected by nearby measurements). Each B row is made
+    non-decreasing in T and then each T column non-decreasing in B. Query: bilinear in (B, T),
+    linear extrapolation past the grid.
 
     Why linear in B rather than log B: within one regime a step is close to affine in B
-    (weights read once, then per-sequence KV reads and per-token compute: field notes 6 has
-    t50 at 6.3 / 7.3 / 11.6 / 27.8 ms for B = 1 / 4 / 16 / 64, nearly a + b*B), so linear
+    (weights read once, then per-sequence KV reads and per-token compute: a 58M Llama step on
+    a 2-core CPU took 6.3 / 7.3 / 11.6 / 27.8 ms for B = 1 / 4 / 16 / 64, nearly a + b*B;
+    docs/cpu-notes.md §3), so linear
     interpolation is exact inside a regime and errs only across a knee, where the chord of a
     convex curve overestimates (the safe side: a too-small k costs little). Log-B interpolation
     overestimates a compute-bound segment by up to 25% at 4x grid spacing.

@@ -10,9 +10,10 @@ grid.
 
 Why interpolate measurements instead of fitting a formula: verification cost is flat while the
 step is memory-bound and grows with B x T once compute-bound, and where the knee sits depends on
-the model, the kernels and the card (field notes 6, 7). A monotone piecewise-linear surface over
-measured points follows any knee; a linear extrapolation past the grid keeps the compute-bound
-slope. Pure standard library: this runs inside the coordinator and in CPU-only tests.
+the model, the kernels and the card (measured CPU figures: docs/cpu-notes.md §3-4). A
+monotone piecewise-linear surface over measured points follows any knee; a linear
+extrapolation past the grid keeps the compute-bound slope. Pure standard library: this runs
+inside the coordinator and in CPU-only tests.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ changes, it asks for the (drafter, k) that maximises expected emitted tokens per
 
     tokens/s(d, k) = B * (E_d[accepted | k] + 1) / (verify(B, k + 1) + draft_d(B, k)),
 
-with k = 0 ("off") always a candidate. This is the paper's core decision (field notes 1):
+with k = 0 ("off") always a candidate. This is the RLHFSpec paper's core decision:
 large k wastes verification compute while B is large, small k leaves the card idle in the
 long tail. `AdaptiveSelector` adds hysteresis so noisy acceptance does not flip the engine
 between near-equal choices; `strategy_table` precomputes the choice per batch-size bucket,
@@ -135,7 +135,8 @@ class AdaptiveSelector:
     see (a changed k changes the scheduler's token budget; a changed drafter may need warm-up).
     When B has moved by `rebucket_factor` or more since the current choice was made, the
     margin is dropped and the best strategy is taken outright: a large batch-size change is a
-    real change of regime, not noise (field notes 6: k=8 at B=64 can be a 0.5x slowdown).
+    real change of regime, not noise (on CPU, k=8 at B=64 and acceptance 0.5 measured 0.44-0.52x
+    of plain decoding where k=1 gave 1.1x: docs/cpu-notes.md §3).
     """
 
     def __init__(
@@ -268,7 +269,7 @@ def strategy_table(
 ) -> StrategyTable:
     """Best strategy per bucket. Bucket b covers (previous bucket, b] and is scored at its upper
     end b: within a bucket the largest B favours the smallest k, and a k too small costs far
-    less than a k too large (field notes 6)."""
+    less than a k too large (docs/cpu-notes.md §3)."""
     bs = sorted(set(buckets))
     if not bs or bs[0] < 1:
         raise ValueError("buckets must be non-empty and >= 1")

@@ -2,8 +2,9 @@
 
 Where it sits: the shared test engine (``tests/conftest.py::spec_engine``) and local smoke runs
 build their ``LLM`` here so the CPU settings that matter live in one place. Importing this
-module has no side effects and does not import vLLM (field notes 3: engine-building code must
-be safe to import under ``spawn``); everything happens inside :func:`tiny_spec_llm`.
+module has no side effects and does not import vLLM (vLLM may spawn processes that re-import
+modules, so engine-building code must be safe to import: docs/cpu-notes.md §2); everything
+happens inside :func:`tiny_spec_llm`.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def tiny_spec_llm(
 
     ``threads`` sets torch's thread count *before* the engine starts: vLLM's CPU worker then
     replaces ``torch.set_num_threads`` with a no-op for the rest of the process. One thread is
-    the stable choice on a shared 2-core machine (field notes 7). ``num_speculative_tokens=0``
+    the stable choice on a shared 2-core machine (docs/cpu-notes.md §1).
+    ``num_speculative_tokens=0``
     builds a plain engine without a draft.
     """
     cpu_engine_env()

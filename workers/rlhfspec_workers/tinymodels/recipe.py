@@ -32,7 +32,7 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class TinyRecipe:
-    """Architectures and training schedule (defaults follow field notes 8)."""
+    """Architectures and training schedule (what the defaults gave: docs/cpu-notes.md §6)."""
 
     target: ModelShape = ModelShape(256, 4, 4, 1024)
     draft: ModelShape = ModelShape(128, 2, 2, 512)
@@ -50,9 +50,9 @@ class TinyRecipe:
     target_stop_accuracy: float = 0.5
     probe_prompts: int = 128
 
-    # Draft: forward-KL distillation from the target on answer positions. Fewer steps than the
-    # field notes' 300 (agreement 0.93) so acceptance looks like a real drafter's (0.6-0.9);
-    # 120 steps gave 0.90 here.
+    # Draft: forward-KL distillation from the target on answer positions. Fewer steps than 300
+    # (greedy agreement 0.93, sampling acceptance 0.91) so acceptance looks like a real
+    # drafter's (0.6-0.9); 120 steps gave 0.90 here.
     draft_lr: float = 1e-3
     draft_batch: int = 64
     draft_steps: int = 100
@@ -73,14 +73,15 @@ class TinyRecipe:
     eval_prompts: int = 256
     train_rows: int = 4096
     eval_rows: int = 512
-    # bf16 autocast (field notes 8) pays only on CPUs with native bf16 (AVX512-BF16/AMX); on an
-    # AVX2-only CPU it is emulated and ~8x slower than fp32, so the default trains in fp32 and
-    # only the saved weights are bf16.
+    # bf16 autocast (the first recipe's choice) pays only on CPUs with native bf16
+    # (AVX512-BF16/AMX); on an AVX2-only CPU it is emulated and ~8x slower than fp32, so the
+    # default trains in fp32 and only the saved weights are bf16.
     autocast_bf16: bool = False
     # Fixed thread count: CPU GEMM blocking may depend on it, and the build must be
     # byte-reproducible wherever it runs. One thread, because on a shared 2-core machine a
     # second OpenMP thread spin-waits whenever another process holds a core and small ops then
-    # stall tens of times over (field notes 7; seen here: 4 ms per tiny linear at 2 threads).
+    # stall tens of times over (docs/cpu-notes.md §1; seen here: 4 ms per tiny linear at 2
+    # threads).
     threads: int = 1
 
     def scaled(self, steps_scale: float) -> TinyRecipe:

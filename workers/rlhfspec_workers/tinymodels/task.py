@@ -5,7 +5,7 @@ writes its prompt sets as the kit's dataset, and the RL loop later scores rollou
 :func:`score` (the rule reward named ``sort_digits``). Pure python on purpose: the control plane
 and the rule-reward path import it without torch.
 
-Format (field notes 8): the prompt is ``S`` + digits + ``=``, e.g. ``S31415926=``; the answer is
+Format: the prompt is ``S`` + digits + ``=``, e.g. ``S31415926=``; the answer is
 the digits sorted, e.g. ``11234569``. The tokenizer adds BOS to prompts and the model ends its
 answer with EOS. List lengths are ``3 + floor(Exp(mean 6))`` capped at 40, so answer lengths are
 long-tailed (median 7-8 digits, p90 ~16, p99 ~30): the tail is where the policy fails and where

@@ -26,7 +26,8 @@ SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN)
 # Symbols the task uses, plus a few spare printable ones so a later task variant need not change
 # the vocabulary (and with it every model's shape).
 SYMBOLS = (PROMPT_PREFIX, PROMPT_SUFFIX, ",", " ", "+", "-", ">")
-# 32 = the field notes' size; vLLM 0.32 CPU loads and samples it (checked by the engine test).
+# 32: the specials, digits and symbols above plus reserved spares; vLLM 0.32 CPU loads and
+# samples a vocabulary this small (checked by the engine test).
 VOCAB_SIZE = 32
 MODEL_MAX_LENGTH = 128
 

@@ -6,6 +6,7 @@ Concurrent fetchers of one URI download once; a failed download leaves nothing b
 from __future__ import annotations
 
 import io
+import os
 import ssl
 import subprocess
 import tarfile
@@ -104,6 +105,26 @@ def test_a_copy_renamed_in_by_another_node_wins_and_a_failure_leaves_nothing(
     parent = dest_dir(other, tmp_path).parent
     assert not dest_dir(other, tmp_path).exists()
     assert [p.name for p in parent.iterdir() if ".partial-" in p.name] == []
+
+
+def test_partials_left_by_dead_fetchers_are_removed_after_a_day(tmp_path: Path) -> None:
+    location = parse_remote("hf://org/policy")
+    dest = dest_dir(location, tmp_path)
+    dest.parent.mkdir(parents=True)
+    old, fresh = (dest.with_name(f".{dest.name}.partial-{n}") for n in ("old", "fresh"))
+    for partial in (old, fresh):
+        partial.mkdir()
+        (partial / "half.bin").write_bytes(b"x")
+    two_days_ago = time.time() - 2 * 24 * 3600
+    os.utime(old, (two_days_ago, two_days_ago))
+
+    def download(into: Path) -> None:
+        (into / "config.json").write_text("{}")
+
+    install(location, tmp_path, download)
+    assert not old.exists()
+    assert (fresh / "half.bin").is_file()  # another node's fetcher may still be writing it
+    assert (dest / "config.json").is_file()
 
 
 # --- https:// against a local TLS server -----------------------------------------------------

@@ -15,7 +15,9 @@ A directory at one of these names is complete: downloads are written to a hidden
 ``.NAME.partial-*`` and renamed into place only once every file is there (with
 :data:`MARKER` inside), so a reader never sees half a download. Several pods fetching the
 same URI serialise on a lock file beside it; where the shared filesystem does not honour
-locks, each downloads on its own, the first rename wins and the others reuse its copy.
+locks, each downloads on its own, the first rename wins and the others reuse its copy. A
+partial left by a fetcher that died (its pod deleted mid-download) is removed by the next
+fetch of the same URI once it is a day old.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -41,6 +44,8 @@ MARKER = ".rlhfspec-fetch.json"
 """Written inside a download before it is renamed into place: what was fetched, and when."""
 DEFAULT_REVISION = "main"
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+STALE_PARTIAL_SECONDS = 24 * 3600
+"""A partial download untouched this long was left by a fetcher that died (a deleted pod)."""
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -163,6 +168,16 @@ def _lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
+def _remove_stale_partials(dest: Path) -> None:
+    """Delete partial downloads of ``dest`` that no live fetcher can still be writing: on this
+    node the lock says none is; on another, one would have touched it within the last day."""
+    cutoff = time.time() - STALE_PARTIAL_SECONDS
+    for partial in dest.parent.glob(f".{dest.name}.partial-*"):
+        with contextlib.suppress(OSError):
+            if partial.stat().st_mtime < cutoff:
+                shutil.rmtree(partial, ignore_errors=True)
+
+
 def install(location: RemoteLocation, storage_root: Path, download: Callable[[Path], None]) -> bool:
     """Make ``dest_dir(location)`` complete: reuse it when it is, else ``download(into)`` into
     a fresh hidden directory and rename that into place. True when this call downloaded."""
@@ -173,6 +188,7 @@ def install(location: RemoteLocation, storage_root: Path, download: Callable[[Pa
     with _lock(dest.with_name(f".{dest.name}.lock")):
         if is_complete(dest):  # another fetcher finished while this one waited
             return False
+        _remove_stale_partials(dest)
         partial = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
         try:
             download(partial)

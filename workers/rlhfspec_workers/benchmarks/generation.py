@@ -31,8 +31,8 @@ iteration i - 1 (those of the shadow run), so history drafting is compared fairl
 A profile pass runs every fixed strategy once (it also warms everything up); learned
 policies (bandit, ours) get one unmeasured warm-up run and keep learning across runs, as
 they would across RL iterations. Then ``repeats`` rounds run every configuration, each
-iteration in a shuffled order; results are medians over rounds, reported as ratios (field
-notes 6: timing on a shared machine is fragile).
+iteration in a shuffled order; results are medians over rounds, reported as ratios (timing on
+a shared machine is fragile: docs/cpu-notes.md §5).
 """
 
 from __future__ import annotations

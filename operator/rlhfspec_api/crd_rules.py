@@ -48,7 +48,13 @@ from rlhfspec_api.generation import (
 )
 from rlhfspec_api.models import MODEL_URI_SCHEMES, ModelRef, Resources
 from rlhfspec_api.rewards import RewardSpec
-from rlhfspec_api.spec import DatasetSpec, RLHFJobSpec, StorageSpec
+from rlhfspec_api.spec import (
+    CRITIC_ALGORITHMS,
+    GROUP_ALGORITHMS,
+    DatasetSpec,
+    RLHFJobSpec,
+    StorageSpec,
+)
 
 # Kubernetes escapes property names that are CEL keywords: ``function`` is ``__function__``.
 CEL_RESERVED = frozenset(
@@ -190,14 +196,14 @@ def _spec_rules() -> list[CrdRule]:
     return [
         CrdRule(
             RLHFJobSpec,
-            f"{name} != 'ppo' || has(self.models.critic)",
-            "ppo needs a critic model: set models.critic.path",
+            f"!({name} in {_in(sorted(CRITIC_ALGORITHMS))}) || has(self.models.critic)",
+            "this algorithm needs a critic model: set models.critic.path",
             ".models.critic",
         ),
         CrdRule(
             RLHFJobSpec,
-            f"{name} != 'grpo' || {samples} >= 2",
-            "grpo needs at least 2 samples per prompt",
+            f"!({name} in {_in(sorted(GROUP_ALGORITHMS))}) || {samples} >= 2",
+            "this algorithm compares samples within a group: at least 2 samples per prompt",
             ".algorithm.samplesPerPrompt",
         ),
         CrdRule(

@@ -51,13 +51,22 @@ MAX_DEADLINE_SECONDS = 2**31 - 1
 class AlgorithmName(StrEnum):
     GRPO = "grpo"
     PPO = "ppo"
+    RLOO = "rloo"
+
+
+GROUP_ALGORITHMS = frozenset({AlgorithmName.GRPO, AlgorithmName.RLOO})
+"""Algorithms whose baseline is the prompt's group: they need 2 or more samples per prompt."""
+CRITIC_ALGORITHMS = frozenset({AlgorithmName.PPO})
+"""Algorithms that learn a value model: they need ``models.critic``."""
 
 
 class AlgorithmSpec(ContractModel):
     """The RL algorithm and its optimisation hyper-parameters."""
 
     name: AlgorithmName = AlgorithmName.GRPO
-    """grpo: group-normalised advantages, no critic; ppo: GAE with a learned critic."""
+    """grpo: group-normalised advantages, no critic; ppo: GAE with a learned critic; rloo:
+    each sample's reward minus the mean of its group's other samples (leave-one-out), no
+    critic, no std scaling."""
     iterations: Int = Field(default=10, ge=1, le=1_000_000)
     """Generation -> inference -> training iterations to run."""
     prompts_per_iteration: Int = Field(default=32, ge=1, le=1_000_000)
@@ -82,6 +91,10 @@ class AlgorithmSpec(ContractModel):
     """ppo: value-function clipping epsilon."""
     seed: Int = Field(default=0, ge=0, le=2**31 - 1)
     """Seed of prompt sampling, generation and training."""
+
+    @property
+    def needs_critic(self) -> bool:
+        return self.name in CRITIC_ALGORITHMS
 
     @property
     def samples_per_iteration(self) -> int:
@@ -324,17 +337,21 @@ class RLHFJobSpec(ContractModel):
     def _cross_stage_rules(self) -> RLHFJobSpec:
         algo = self.algorithm
         violations: list[Violation] = []
-        if algo.name is AlgorithmName.PPO and self.models.critic is None:
+        if algo.needs_critic and self.models.critic is None:
             violations.append(
-                Violation("models.critic", "ppo needs a critic model", "set models.critic.path")
+                Violation(
+                    "models.critic",
+                    f"{algo.name.value} needs a critic model",
+                    "set models.critic.path",
+                )
             )
-        if algo.name is AlgorithmName.GRPO and algo.samples_per_prompt < 2:
+        if algo.name in GROUP_ALGORITHMS and algo.samples_per_prompt < 2:
             violations.append(
                 Violation(
                     "algorithm.samplesPerPrompt",
-                    f"grpo normalises rewards within a group and needs at least 2 samples per "
-                    f"prompt, got {algo.samples_per_prompt}",
-                    ">= 2 for grpo",
+                    f"{algo.name.value} compares each sample with its prompt's group and needs "
+                    f"at least 2 samples per prompt, got {algo.samples_per_prompt}",
+                    f">= 2 for {algo.name.value}",
                 )
             )
         if algo.micro_batch_size > algo.samples_per_iteration:

@@ -70,14 +70,14 @@ CASES: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     (
         "unknown-algorithm",
         _set("spec.algorithm.name", "dpo"),
-        "spec.algorithm.name: 'dpo' is not a valid choice (one of grpo, ppo)",
+        "spec.algorithm.name: 'dpo' is not a valid choice (one of grpo, ppo, rloo)",
     ),
     (
         "grpo-one-sample",
         # microBatchSize shrinks too, or it would exceed the 32 samples per iteration.
         _both(_set("spec.algorithm.samplesPerPrompt", 1), _set("spec.algorithm.microBatchSize", 8)),
-        "spec.algorithm.samplesPerPrompt: grpo normalises rewards within a group and needs at "
-        "least 2 samples per prompt, got 1 (>= 2 for grpo)",
+        "spec.algorithm.samplesPerPrompt: grpo compares each sample with its prompt's group and "
+        "needs at least 2 samples per prompt, got 1 (>= 2 for grpo)",
     ),
     (
         "ppo-without-critic",

@@ -1,4 +1,4 @@
-"""PolicyTrainer and CheckpointStore on random tiny Llamas: GRPO raises the rewarded
+"""PolicyTrainer and CheckpointStore on random tiny Llamas: GRPO and RLOO raise the rewarded
 response's log-prob, PPO trains a critic, micro-batching does not change the update, exports
 load in transformers, and a restored checkpoint continues bit-exactly."""
 
@@ -138,9 +138,14 @@ def _params(trainer: PolicyTrainer) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_grpo_raises_the_rewarded_responses_logprob(model_dirs: tuple[Path, Path]) -> None:
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_group_algorithms_raise_the_rewarded_responses_logprob(
+    model_dirs: tuple[Path, Path], algorithm: str
+) -> None:
     policy_dir, _ = model_dirs
-    trainer = PolicyTrainer(_spec(policy_dir), policy_dir, device=torch.device("cpu"))
+    spec = _spec(policy_dir, name=algorithm)
+    trainer = PolicyTrainer(spec, policy_dir, device=torch.device("cpu"))
+    assert trainer.algorithm.name.value == algorithm
     reference = load_causal_lm(policy_dir, torch.device("cpu"))
     samples = _samples(seed=0)
     before = _sequence_logprobs(trainer.policy, samples)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from rlhfspec_api.spec import AlgorithmName, RLHFJobSpec
+from rlhfspec_api.spec import RLHFJobSpec
 from rlhfspec_workers.messages import Experience, Rollout
 from rlhfspec_workers.rewards.registry import WeightedReward, build_reward, model_path
 from rlhfspec_workers.torch_models import (
@@ -76,10 +76,10 @@ class ExperienceMaker:
             spec.named_reward_terms, models, self.device, self.batch_size
         )
         self.critic: ValueModel | None = None
-        if spec.algorithm.name is AlgorithmName.PPO:
+        if spec.algorithm.needs_critic:
             critic_dir = model_path(models, "critic")
             if critic_dir is None:
-                raise ValueError("ppo needs spec.models.critic")
+                raise ValueError(f"{spec.algorithm.name.value} needs spec.models.critic")
             self.load_critic(critic_dir)
         self.last_stats = MakeStats()
 

@@ -1,10 +1,11 @@
-"""The policy (and critic) update of one RLHF iteration: GRPO or PPO on scored rollouts.
+"""The policy (and critic) update of one RLHF iteration: GRPO, PPO or RLOO on scored rollouts.
 
 Where it sits: the training stage. The trainer worker (which owns the Redis loop) collects an
 iteration's :class:`Experience` messages, calls :meth:`PolicyTrainer.train_iteration`, then
 ``export_weights`` into the directory it announces in ``WeightsPublished``, and saves a
 checkpoint through ``trainer.checkpoint.CheckpointStore`` (``save_state`` / ``load_state``;
-both in ``trainer.state_io``). The math is ``core_algos``'s, the cuts ``micro_batches``'.
+both in ``trainer.state_io``). The math is ``core_algos``'s, the advantage estimator and the
+loss's KL term the registered algorithm's (``trainer.algorithms``), the cuts ``micro_batches``'.
 
 One iteration: sort by sample id (so the result does not depend on the order Redis delivered
 the messages), shuffle with the trainer's own seeded generator, split into
@@ -42,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rlhfspec_api.spec import AlgorithmName, RLHFJobSpec
+from rlhfspec_api.spec import RLHFJobSpec
 from rlhfspec_workers.messages import Experience
 from rlhfspec_workers.torch_models import (
     ValueModel,
@@ -54,7 +55,9 @@ from rlhfspec_workers.torch_models import (
     response_logprobs_and_entropy,
     response_values,
 )
+from rlhfspec_workers.trainer import algorithms
 from rlhfspec_workers.trainer import core_algos as ca
+from rlhfspec_workers.trainer.algorithms import AdvantageInputs
 from rlhfspec_workers.trainer.experience_batch import IterationTensors, collate
 from rlhfspec_workers.trainer.micro_batches import length_buckets, overhead_tokens, split_even
 from rlhfspec_workers.trainer.state_io import TrainerStateIO
@@ -126,9 +129,9 @@ class PolicyTrainer(TrainerStateIO):
         self.temperature = spec.generation.temperature
         self.recompute_values = recompute_values
         self.rank, self.world_size = _distributed()
-        self.is_ppo = self.algo.name is AlgorithmName.PPO
-        if self.is_ppo and critic_dir is None:
-            raise ValueError("ppo needs a critic (critic_dir)")
+        self.algorithm = algorithms.get(self.algo.name)
+        if self.algo.needs_critic and critic_dir is None:
+            raise ValueError(f"{self.algo.name.value} needs a critic (critic_dir)")
         torch.manual_seed(self.algo.seed)
         self.policy: Any = load_causal_lm(self.policy_dir, self.device, trainable=True)
         pad = self.policy.config.pad_token_id
@@ -137,7 +140,7 @@ class PolicyTrainer(TrainerStateIO):
         self.policy_optimizer = self._adam(self.policy.parameters())
         self.critic: ValueModel | None = None
         self.critic_optimizer: torch.optim.Optimizer | None = None
-        if self.is_ppo and self.critic_dir is not None:
+        if self.algo.needs_critic and self.critic_dir is not None:
             self.critic = load_value_model(self.critic_dir, self.device, trainable=True)
             self.critic_optimizer = self._adam(self.critic.parameters())
         # Mini-batch shuffling has its own generator so checkpoints can restore it exactly.
@@ -162,7 +165,7 @@ class PolicyTrainer(TrainerStateIO):
         plan = [self._micro_batches(data, rows) for rows in mini_batches]
         # GRPO's first step reads its old log-probs off its own forward; PPO's rewards need
         # every row's before any step.
-        reuse_first = not self.is_ppo
+        reuse_first = not self.algorithm.needs_all_old_logprobs
         old_started = time.perf_counter()
         self._old_logprobs(data, plan[1:] if reuse_first else plan)
         old_seconds = time.perf_counter() - old_started
@@ -206,40 +209,38 @@ class PolicyTrainer(TrainerStateIO):
                 batch = data.padded(rows)
                 logp = response_logprobs(self.policy, batch, self.temperature)
                 _write_rows(old, rows, logp)
-        if self.is_ppo:
-            # Every row's token rewards need them; each rank computed its own rows (others 0).
+        if self.algorithm.needs_all_old_logprobs:
+            # Every row's advantages need them; each rank computed its own rows (others 0).
             self._all_reduce([old])
         data.extra["old_logprobs"] = old
 
     @torch.no_grad()
     def _advantages(self, data: IterationTensors) -> None:
-        """Fill ``data.extra``: advantages [B, T] (and old_values, returns for ppo)."""
-        if not self.is_ppo:
-            per_sample = ca.grpo_advantages_by_group(data.rewards, data.group_index)
-            data.extra["advantages"] = per_sample.unsqueeze(1) * data.mask
-            return
-        old_values = self._old_values(data)
-        token_rewards = ca.ppo_token_rewards(
-            data.rewards,
-            data.extra["old_logprobs"],
-            data.ref_logprobs,
-            data.mask,
-            self.algo.kl_coef,
+        """Fill ``data.extra``: advantages [B, T] (and old_values, returns with a critic)."""
+        old_values = self._old_values(data) if self.algo.needs_critic else None
+        result = self.algorithm.advantages(
+            AdvantageInputs(
+                rewards=data.rewards,
+                group_index=data.group_index,
+                mask=data.mask,
+                old_logprobs=data.extra["old_logprobs"],
+                ref_logprobs=data.ref_logprobs,
+                old_values=old_values,
+                algo=self.algo,
+            )
         )
-        advantages, returns = ca.gae(
-            token_rewards, old_values, data.mask, self.algo.gamma, self.algo.gae_lambda
-        )
-        data.extra["advantages"] = ca.whiten(advantages, data.mask)
-        data.extra["returns"] = returns
-        data.extra["old_values"] = old_values
+        data.extra["advantages"] = result.advantages
+        if old_values is not None and result.returns is not None:
+            data.extra["returns"] = result.returns
+            data.extra["old_values"] = old_values
 
     def _old_values(self, data: IterationTensors) -> torch.Tensor:
         if not self.recompute_values:
             if data.experience_values is None:
-                raise ValueError("ppo experiences carry no values (recompute_values=False)")
+                raise ValueError("experiences carry no values (recompute_values=False)")
             return data.experience_values
         if self.critic is None:
-            raise ValueError("ppo needs a critic")
+            raise ValueError(f"{self.algo.name.value} needs a critic")
         values = torch.zeros_like(data.mask)
         rows = list(range(data.size))
         for start in range(0, data.size, self.algo.micro_batch_size):
@@ -302,8 +303,8 @@ class PolicyTrainer(TrainerStateIO):
             logp, old_logp, t["advantages"], mask, self.algo.clip_range
         )
         kl = ca.masked_mean(ca.kl_per_token(logp, t["ref_logprobs"], "k3"), mask)
-        # GRPO puts the KL in the loss; PPO already paid it in the token rewards.
-        loss = policy_loss if self.is_ppo else policy_loss + self.algo.kl_coef * kl
+        # GRPO and RLOO put the KL in the loss; PPO already paid it in the token rewards.
+        loss = policy_loss + self.algo.kl_coef * kl if self.algorithm.kl_in_loss else policy_loss
         value_loss = torch.zeros(())
         if self.critic is not None:
             values = response_values(self.critic, batch)

@@ -41,6 +41,8 @@ class PodView:
     """Its fetch init container: waiting (or none), running, done or failed."""
     fetch_message: str = ""
     """Why the fetch failed (the URIs and HTTP statuses), when it did."""
+    gated: bool = False
+    """Held by a scheduling gate (Kueue's admission): queued, not failing to start."""
 
     @property
     def running(self) -> bool:
@@ -114,6 +116,9 @@ def pod_view(body: Mapping[str, Any]) -> PodView:
     except ValueError:
         index = 0
     fetch, fetch_message = fetch_state(status)
+    gated = bool((body.get("spec") or {}).get("schedulingGates")) or (
+        scheduled is not None and scheduled.get("reason") == "SchedulingGated"
+    )
     return PodView(
         name=str(meta.get("name", "")),
         job=str(labels.get(LABEL_JOB, "")),
@@ -127,4 +132,5 @@ def pod_view(body: Mapping[str, Any]) -> PodView:
         detail="; ".join(details),
         fetch=fetch,
         fetch_message=fetch_message,
+        gated=gated,
     )

@@ -27,6 +27,7 @@ from rlhfspec_operator.fetch_init import set_models_ready
 from rlhfspec_operator.naming import COORDINATOR, GENERATION, TRAINER, desired_pods
 from rlhfspec_operator.pods import FAILED, SUCCEEDED, PodView
 from rlhfspec_operator.progress import COORDINATOR_REACHABLE, ProgressRead, apply_progress
+from rlhfspec_operator.queueing import admitted_since, apply_queue
 from rlhfspec_operator.storage_condition import apply_storage
 
 PODS_READY = "PodsReady"
@@ -355,6 +356,7 @@ def reconcile(obs: Observation) -> Plan:
         return pod is not None and (pod.running or (finishing and pod.phase == SUCCEEDED))
 
     waiting = [n for n in desired if not up(n)]
+    queued = apply_queue(status, [by_name.get(n) for n in waiting], now, obs.generation)
     if not waiting:
         total = len(desired)
         set_condition(
@@ -378,7 +380,10 @@ def reconcile(obs: Observation) -> Plan:
     set_condition(
         status, PODS_READY, ConditionStatus.FALSE, "PodsNotReady", message, now, obs.generation
     )
-    since = _startup_since(status) or now
+    if queued:  # a queue holds the gang (Kueue): waiting for admission is not starting late
+        _enter(plan, obs, Phase.INITIALIZING, "Queued", message)
+        return plan
+    since = max((m for m in (_startup_since(status), admitted_since(status)) if m), default=now)
     limit = spec.startup_deadline_seconds
     if (now - since).total_seconds() > limit:
         _finish(

@@ -252,3 +252,47 @@ def test_a_ttl_set_after_the_finish_applies_and_can_delete_the_job(
     patch_spec(cluster, namespace, JOB, {"ttlSecondsAfterFinished": 0, "ttlDeletesJob": True})
     cluster.wait_for(lambda: JOB not in cluster.peek(RLHFJOBS, namespace), "the job deleted")
     cluster.wait_for(lambda: _children(cluster, namespace, JOB) == [], "its children deleted")
+
+
+GATED = {
+    "conditions": [
+        {
+            "type": "PodScheduled",
+            "status": "False",
+            "reason": "SchedulingGated",
+            "message": "Scheduling is blocked due to non-empty scheduling gates",
+        }
+    ]
+}
+
+
+def test_a_job_waiting_for_kueue_admission_is_queued_not_past_its_startup_deadline(
+    cluster: Cluster, namespace: str
+) -> None:
+    deadline = 3
+    doc = example_job(JOB, namespace, startupDeadlineSeconds=deadline)
+    doc["metadata"]["labels"] = {QUEUE: "team-a"}
+    cluster.apply(doc)
+    cluster.wait_for(lambda: len(cluster.pod_names(namespace, JOB)) == 4, "4 worker pods")
+    for pod in cluster.pod_names(namespace, JOB):  # Kueue's webhook gates the whole gang
+        cluster.set_pod_status(namespace, pod, "Pending", **GATED)
+    cluster.wait_for(
+        lambda: (
+            conditions(cluster.status(JOB, namespace)).get("Queued", {}).get("status") == "True"
+        ),
+        "the Queued condition",
+    )
+    time.sleep(deadline + 2)  # queued longer than the startup deadline: that does not count
+    status = cluster.status(JOB, namespace)
+    assert (status["phase"], status["reason"]) == ("Initializing", "Queued")
+    assert conditions(status)["Queued"]["reason"] == "WaitingForAdmission"
+
+    # Admitted: the gates go, the pods wait for nodes; the deadline counts from here.
+    for pod in cluster.pod_names(namespace, JOB):
+        cluster.set_pod_status(namespace, pod, "Pending", conditions=[])
+    status = cluster.wait_for_phase(JOB, namespace, "Failed")
+    assert status["reason"] == "StartupDeadlineExceeded"
+    admitted = conditions(status)["Queued"]
+    assert admitted["status"] == "False" and admitted["reason"] == "Admitted"
+    waited = parse_time(status["completionTime"]) - parse_time(admitted["lastTransitionTime"])
+    assert waited >= datetime.timedelta(seconds=deadline - 1)  # whole-second timestamps

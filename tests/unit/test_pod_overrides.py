@@ -26,8 +26,9 @@ from rlhfspec_api.scheduling import (
     RESERVED_VOLUMES,
 )
 from rlhfspec_api.status import ConditionStatus, Phase, RLHFJobStatus
-from rlhfspec_operator import builders, coordinator, overrides, ttl
+from rlhfspec_operator import builders, coordinator, overrides, queueing, ttl
 from rlhfspec_operator.naming import Owner
+from rlhfspec_operator.pods import pod_view
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = yaml.safe_load((ROOT / "examples" / "tiny-grpo.yaml").read_text())
@@ -528,3 +529,26 @@ def test_secrets_handed_to_pods_must_exist_and_be_opted_in() -> None:
     assert "does not carry the label rlhfspec.io/pod-secret=true" in errors[0].problem
     assert "not found" in errors[1].problem
     assert overrides.secret_reference_errors(make_job(), {}) == []
+
+
+def test_gated_pods_make_the_job_queued_and_admission_restarts_the_startup_clock() -> None:
+    gated = pod_view(
+        {
+            "metadata": {"name": "j-trainer", "labels": {"rlhfspec.io/role": "trainer"}},
+            "spec": {"schedulingGates": [{"name": "kueue.x-k8s.io/admission"}]},
+            "status": {"phase": "Pending"},
+        }
+    )
+    free = pod_view({"metadata": {"name": "j-inference"}, "status": {"phase": "Pending"}})
+    assert gated.gated and not free.gated
+    status = RLHFJobStatus(phase=Phase.INITIALIZING)
+    assert queueing.apply_queue(status, [gated, gated], NOW, 1)
+    assert queueing.admitted_since(status) is None  # still queued
+    # One pod not gated (or not created yet): no longer all held by the queue.
+    later = NOW + datetime.timedelta(seconds=30)
+    assert not queueing.apply_queue(status, [gated, free], later, 1)
+    assert queueing.admitted_since(status) == later
+    assert not queueing.apply_queue(status, [gated, None], later, 1)
+    # Never queued: no condition at all.
+    fresh = RLHFJobStatus(phase=Phase.INITIALIZING)
+    assert not queueing.apply_queue(fresh, [free], NOW, 1) and fresh.conditions == []

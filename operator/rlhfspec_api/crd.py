@@ -36,7 +36,29 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Reward", "type": "number", "jsonPath": ".status.rewardMean"},
     {"name": "Eval", "type": "number", "jsonPath": ".status.evalAccuracy"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    # priority 1: only `kubectl get rlhfjobs -o wide` shows these.
+    {
+        "name": "Generation Replicas",
+        "type": "integer",
+        "jsonPath": ".spec.generation.replicas",
+        "priority": 1,
+    },
+    {"name": "Ready", "type": "integer", "jsonPath": ".status.generationReplicas", "priority": 1},
+    {
+        "name": "Migrations",
+        "type": "integer",
+        "jsonPath": ".status.generation.migrations",
+        "priority": 1,
+    },
 ]
+
+SCALE_SUBRESOURCE: dict[str, str] = {
+    # `kubectl scale rlhfjob X --replicas N` writes spec.generation.replicas; the operator
+    # then creates or deletes generation pods (replicas below 1 fail the schema's minimum).
+    "specReplicasPath": ".spec.generation.replicas",
+    "statusReplicasPath": ".status.generationReplicas",
+    "labelSelectorPath": ".status.selector",
+}
 
 _DROP_KEYS = {"title", "additionalProperties", "$defs"}
 
@@ -193,7 +215,7 @@ def build_crd() -> dict[str, Any]:
                     "name": API_VERSION,
                     "served": True,
                     "storage": True,
-                    "subresources": {"status": {}},
+                    "subresources": {"status": {}, "scale": SCALE_SUBRESOURCE},
                     "additionalPrinterColumns": PRINTER_COLUMNS,
                     "schema": {"openAPIV3Schema": open_api_schema()},
                 }

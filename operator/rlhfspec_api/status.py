@@ -61,7 +61,8 @@ class GenerationStatus(ContractModel):
     strategy_table_version: int | None = None
     """Version of the strategy table the coordinator last broadcast."""
     migrations: int | None = None
-    """Samples migrated between replicas so far."""
+    """Samples migrated between replicas during the last trained iteration (the
+    coordinator's count of migration handovers; the MIGRATIONS column of -o wide)."""
     weight_version: int | None = None
     """Policy weight version the replicas generate with."""
 
@@ -93,6 +94,13 @@ class RLHFJobStatus(ContractModel):
     """Held-out accuracy of the latest evaluated policy (dataset.eval / evalFraction)."""
     restarts: int | None = None
     """Worker pods recreated after failures (counts against backoffLimit)."""
+    generation_replicas: int | None = None
+    """Generation pods running and ready (the scale subresource's status.replicas; compare
+    spec.generation.replicas while a scale is under way)."""
+    selector: str | None = None
+    """Label selector of the job's generation pods, e.g.
+    rlhfspec.io/job=tiny-grpo,rlhfspec.io/role=generation (the scale subresource's
+    status.selector: what `kubectl scale` and an autoscaler count)."""
     start_time: str | None = None
     """RFC 3339 time the job started running."""
     completion_time: str | None = None

@@ -15,6 +15,9 @@ What cannot be known offline is filled in openly:
 * Secret values (the managed Redis password, the job's KV key) are drawn here with the same
   generators; the operator draws its own at create time, so they are never the values a job
   will use;
+* the ConfigMap's copy of the job carries the manifest's own labels and annotations; the
+  operator's copy also has those that tools add to the stored job (kubectl's
+  last-applied-configuration, the operator's bookkeeping);
 * the cluster's admission policy (allowed images, Redis hosts) is the operator's flags, not
   checked here; ``--operator-namespace`` and ``--metrics-from`` stand in for the operator's
   settings the NetworkPolicies admit.

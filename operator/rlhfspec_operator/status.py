@@ -24,7 +24,7 @@ from rlhfspec_api.manifest import RLHFJob
 from rlhfspec_api.status import TERMINAL_PHASES, ConditionStatus, Phase, RLHFJobStatus
 from rlhfspec_operator.conditions import condition, parse_time, set_condition, timestamp
 from rlhfspec_operator.fetch_init import set_models_ready
-from rlhfspec_operator.naming import COORDINATOR, GENERATION, TRAINER, desired_pods
+from rlhfspec_operator.naming import COORDINATOR, GENERATION, TRAINER, desired_pods, selector
 from rlhfspec_operator.pods import FAILED, SUCCEEDED, PodView
 from rlhfspec_operator.progress import COORDINATOR_REACHABLE, ProgressRead, apply_progress
 from rlhfspec_operator.queueing import admitted_since, apply_queue
@@ -140,6 +140,7 @@ def started(
     status.iteration = status.iteration or 0
     status.progress = f"{status.iteration}/{total}"
     status.restarts = status.restarts or 0
+    _count_generation(status, job.name, [])
     plan = Plan(status)
     obs = Observation(job, generation, status, [], ProgressRead(), now)
     if job.spec.suspend:
@@ -189,6 +190,7 @@ def _finish(
     kind = SUCCEEDED_CONDITION if phase is Phase.SUCCEEDED else FAILED_CONDITION
     set_condition(status, kind, ConditionStatus.TRUE, reason, message, obs.now, obs.generation)
     plan.delete += [p.name for p in pods if p.active and p.name not in plan.delete]
+    status.generation_replicas = 0  # every active pod is deleted; none runs after this
     _enter(plan, obs, phase, reason, message)
 
 
@@ -198,6 +200,18 @@ def fail(obs: Observation, reason: str, message: str) -> Plan:
     plan = Plan(obs.status.model_copy(deep=True))
     _finish(plan, obs, Phase.FAILED, reason, message, sorted(obs.pods, key=lambda p: p.name))
     return plan
+
+
+def generation_selector(job: str) -> str:
+    """The generation pods' label selector as a string (status.selector of the scale
+    subresource)."""
+    return ",".join(f"{key}={value}" for key, value in selector(job, GENERATION).items())
+
+
+def _count_generation(status: RLHFJobStatus, job: str, pods: Sequence[PodView]) -> None:
+    """What `kubectl scale` and `-o wide` read: generation pods running now, and whose."""
+    status.generation_replicas = sum(1 for p in pods if p.role == GENERATION and p.running)
+    status.selector = generation_selector(job)
 
 
 def _startup_since(status: RLHFJobStatus) -> datetime.datetime | None:
@@ -229,6 +243,7 @@ def reconcile(obs: Observation) -> Plan:
     set_models_ready(status, obs.job, obs.pods, now, obs.generation)
     pods = sorted(obs.pods, key=lambda p: p.name)
     live = [p for p in pods if not p.deleting]
+    _count_generation(status, obs.job.name, pods)
 
     if spec.suspend:
         plan.delete = [p.name for p in live]

@@ -301,7 +301,10 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
                 {"name": "Status", "type": "string", "jsonPath": ".status.phase"},
                 {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
             ]
-        columns += [{"name": c["name"], "type": c["type"]} for c in extra]
+        # priority as the apiserver sends it: kubectl hides priority > 0 columns without -o wide.
+        columns += [
+            {"name": c["name"], "type": c["type"], "priority": c.get("priority", 0)} for c in extra
+        ]
         rows = []
         for item in items:
             cells: list[Any] = [item["metadata"]["name"]]

@@ -59,7 +59,7 @@ def test_schema_carries_defaults_enums_ranges_and_descriptions() -> None:
     method = speculative["drafters"]["items"]["properties"]["method"]
     assert method["enum"] == ["draft_model", "ngram", "suffix", "eagle"]
     assert "prompt lookup" in method["description"]
-    assert spec["algorithm"]["properties"]["name"]["enum"] == ["grpo", "ppo"]
+    assert spec["algorithm"]["properties"]["name"]["enum"] == ["grpo", "ppo", "rloo"]
     assert spec["models"]["required"] == ["policy"]
 
 
@@ -68,9 +68,30 @@ def test_crd_names_status_subresource_and_printer_columns() -> None:
     version = crd["spec"]["versions"][0]
     assert crd["metadata"]["name"] == "rlhfjobs.rlhfspec.io"
     assert crd["spec"]["names"]["shortNames"] == ["rlhf"]
-    assert version["subresources"] == {"status": {}}
-    names = [c["name"].upper() for c in version["additionalPrinterColumns"]]
+    assert version["subresources"] == {
+        "status": {},
+        "scale": {
+            "specReplicasPath": ".spec.generation.replicas",
+            "statusReplicasPath": ".status.generationReplicas",
+            "labelSelectorPath": ".status.selector",
+        },
+    }
+    columns = version["additionalPrinterColumns"]
+    names = [c["name"].upper() for c in columns if not c.get("priority")]
     assert names == ["PHASE", "ITER", "STRATEGY", "TOK/S", "ACCEPT", "REWARD", "EVAL", "AGE"]
+    wide = [c["name"].upper() for c in columns if c.get("priority") == 1]
+    assert wide == ["GENERATION REPLICAS", "READY", "MIGRATIONS"]
+    # Like RayJob: `kubectl get all` does not list RLHFJobs.
+    assert "all" not in crd["spec"]["names"]["categories"]
+
+
+def test_scale_paths_point_at_integer_fields_with_a_minimum_of_one() -> None:
+    properties = schema()["properties"]
+    replicas = properties["spec"]["properties"]["generation"]["properties"]["replicas"]
+    assert replicas["type"] == "integer" and replicas["minimum"] == 1
+    status = properties["status"]["properties"]
+    assert status["generationReplicas"]["type"] == "integer"
+    assert status["selector"]["type"] == "string"
 
 
 def test_printer_columns_point_at_real_status_fields() -> None:
@@ -80,10 +101,18 @@ def test_printer_columns_point_at_real_status_fields() -> None:
         reward_mean=0.5,
         eval_accuracy=0.25,
         generation=GenerationStatus(
-            tokens_per_second=100.0, mean_accepted_length=2.5, strategy="draft_model:k=4"
+            tokens_per_second=100.0,
+            mean_accepted_length=2.5,
+            strategy="draft_model:k=4",
+            migrations=3,
         ),
+        generation_replicas=2,
     ).to_wire()
-    obj = {"status": status, "metadata": {"creationTimestamp": "2026-01-01T00:00:00Z"}}
+    obj = {
+        "status": status,
+        "spec": {"generation": {"replicas": 2}},
+        "metadata": {"creationTimestamp": "2026-01-01T00:00:00Z"},
+    }
     for column in PRINTER_COLUMNS:
         node: Any = obj
         for key in column["jsonPath"].strip(".").split("."):

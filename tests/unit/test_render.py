@@ -32,8 +32,9 @@ K8S_VERSION = "1.32.0"
 
 TINY = yaml.safe_load((ROOT / "examples" / "tiny-grpo.yaml").read_text())
 
-# An external Redis over TLS, PPO with every model, a weighted sum of every reward type, a
-# held-out file, fixed speculation, GPUs, a claim the user brings.
+# An external Redis over TLS, PPO with every model (one fetched from the hub with a token), a
+# weighted sum of every reward type, a held-out file fetched over HTTPS, fixed speculation,
+# GPUs, a claim the user brings.
 EXTERNAL_PPO: dict[str, Any] = {
     "apiVersion": "rlhfspec.io/v1alpha1",
     "kind": "RLHFJob",
@@ -63,7 +64,7 @@ EXTERNAL_PPO: dict[str, Any] = {
             "policy": {"path": "pvc://models/policy", "dtype": "bfloat16"},
             "reference": {"path": "pvc://models/reference", "dtype": "float32"},
             "critic": {"path": "pvc://models/critic", "dtype": "float16"},
-            "reward": {"path": "pvc://models/reward", "dtype": "float32"},
+            "reward": {"path": "hf://acme/reward-model@v2", "dtype": "float32"},
         },
         "rewards": [
             {"type": "rule", "rule": "regex", "pattern": "^[0-9]+$", "weight": 0.5, "name": "re"},
@@ -80,7 +81,7 @@ EXTERNAL_PPO: dict[str, Any] = {
             "promptField": "question",
             "answerField": "solution",
             "chatTemplate": "on",
-            "eval": "pvc://data/eval.jsonl",
+            "eval": "https://data.example.com/eval.jsonl",
             "evalEvery": 2,
             "evalMaxTokens": 128,
         },
@@ -134,6 +135,7 @@ EXTERNAL_PPO: dict[str, Any] = {
             "caConfigMap": {"name": "redis-ca", "key": "ca.pem"},
         },
         "storage": {"claimName": "shared-checkpoints"},
+        "credentials": {"hfToken": {"name": "hf-token", "key": "token"}},
         "image": "ghcr.io/rlhfspec/worker-gpu:0.1.0",
         "backoffLimit": 5,
         "activeDeadlineSeconds": 86400,
@@ -265,7 +267,10 @@ def test_every_example_renders_objects_that_pass_strict_validation(example: Path
     objects = rendered_objects(example)
     assert_valid_objects(objects)
     kinds = {obj["kind"] for obj in objects}
-    assert {"ConfigMap", "Secret", "Service", "NetworkPolicy", "Pod"} <= kinds
+    assert {"ConfigMap", "Secret", "Service", "NetworkPolicy"} <= kinds
+    # A job created suspended gets its pods when it is resumed, not before.
+    suspended = bool(yaml.safe_load(example.read_text())["spec"].get("suspend"))
+    assert ("Pod" in kinds) is not suspended
 
 
 @pytest.mark.parametrize("name", sorted(FULL_MANIFESTS))

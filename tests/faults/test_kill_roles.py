@@ -23,6 +23,8 @@ from fault_harness import (
     run_job,
 )
 
+from rlhfspec_workers.trainer.trained_record import record_path
+
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(1200)]
 
 
@@ -117,3 +119,26 @@ def test_coordinator_killed_mid_iteration_and_restarted(
     metrics = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").open()]
     assert metrics[0]["iteration"] == 1 and metrics[-1]["iteration"] == ITERATIONS
     assert run.log("coordinator-0").count("coordinator-0 of default/faults starting") == 2
+
+
+def test_trainer_killed_after_publishing_weights_before_acking(
+    fault_free_run: FaultRun, tmp_path: Path
+) -> None:
+    run = run_job(fault_job(), tmp_path / "run", fault="trainer:after_weight_publish:1")
+    assert run.killed == ["trainer-0"]
+    assert_trained_like_fault_free(run, fault_free_run)
+    # Checkpoint 1 and v1 were both written: the restart trains nothing again (iteration 1's
+    # redelivered experiences are acked as already trained) and exports nothing again.
+    assert "resumed from checkpoint 1" in run.log("trainer-0")
+    assert record_path(run.run_dir, 1).stat().st_mtime <= run.fired_at()
+    assert (run.run_dir / "weights" / "v1" / "model.safetensors").stat().st_mtime <= run.fired_at()
+
+
+def test_generation_killed_with_finished_samples_unpublished(
+    fault_free_run: FaultRun, tmp_path: Path
+) -> None:
+    run = run_job(fault_job(), tmp_path / "run", fault="generation-0:before_publish_rollouts:1")
+    assert run.killed == ["generation-0"]
+    assert_trained_like_fault_free(run, fault_free_run)
+    # Nothing was published before the kill: every rollout came from the restarted worker.
+    assert all(t > run.fired_at() for t in run.rollouts_at.values())

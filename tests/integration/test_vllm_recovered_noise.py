@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from rlhfspec_workers.generation import vllm_fixes
+from rlhfspec_workers import vllm_fixes
 
 # The recovery kernel's CPU implementation is registered when a vLLM engine starts.
 pytestmark = pytest.mark.engine

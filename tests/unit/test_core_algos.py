@@ -7,16 +7,21 @@ import math
 import pytest
 import torch
 
+from rlhfspec_workers.torch_models import completion_mask
 from rlhfspec_workers.trainer import core_algos as ca
 
 
 def test_completion_mask_stops_at_first_eos_and_keeps_sampled_pad() -> None:
     eos, pad = 2, 0
-    ids = torch.tensor([[5, 0, 7, 2, 0, 0],    # pad sampled mid-answer: still a real token
-                        [5, 6, 7, 8, 9, 9],    # no EOS: length 6
-                        [2, 9, 9, 0, 0, 0]])   # EOS first
+    ids = torch.tensor(
+        [
+            [5, 0, 7, 2, 0, 0],  # pad sampled mid-answer: still a real token
+            [5, 6, 7, 8, 9, 9],  # no EOS: length 6
+            [2, 9, 9, 0, 0, 0],
+        ]
+    )  # EOS first
     lengths = torch.tensor([4, 6, 3])
-    mask = ca.completion_mask(ids, eos, lengths)
+    mask = completion_mask(ids, eos, lengths)
     assert mask.tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]]
     assert pad == 0
 

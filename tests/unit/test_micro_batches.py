@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from rlhfspec_workers.trainer.micro_batches import length_buckets, split_even
+from rlhfspec_workers.micro_batches import length_buckets, split_even
 
 
 def _padded(micros: list[list[int]], length: dict[int, int]) -> int:

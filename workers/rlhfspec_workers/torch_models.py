@@ -32,8 +32,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from rlhfspec_workers.trainer.core_algos import completion_mask
-
 # Files of an HF model dir that save_pretrained does not write and vLLM needs (or uses).
 SIDECAR_FILES = (
     "tokenizer.json",
@@ -46,6 +44,22 @@ SIDECAR_FILES = (
     "chat_template.jinja",
     "generation_config.json",
 )
+
+
+def completion_mask(token_ids: torch.Tensor, eos_id: int, lengths: torch.Tensor) -> torch.Tensor:
+    """[B, T] mask of response tokens up to and including the first EOS.
+
+    token_ids: [B, T] sampled ids (right-padded); lengths: [B] number of sampled tokens.
+    Built from EOS position and length, never from ``token != pad``: a policy may sample the
+    pad id mid-answer, and masking it would misalign log-probs with what was sampled.
+    """
+    batch, width = token_ids.shape
+    positions = torch.arange(width, device=token_ids.device).expand(batch, width)
+    within = positions < lengths.unsqueeze(1)
+    is_eos = (token_ids == eos_id) & within
+    # Index of the first EOS, or width when there is none.
+    first_eos = torch.where(is_eos, positions, torch.full_like(positions, width)).min(dim=1).values
+    return (within & (positions <= first_eos.unsqueeze(1))).to(torch.float32)
 
 
 def default_device() -> torch.device:
@@ -189,7 +203,7 @@ def pad_batch(
 ) -> PaddedBatch:
     """Pack prompts and responses into a :class:`PaddedBatch`.
 
-    With ``eos_id`` the response mask ends at the first EOS (core_algos.completion_mask);
+    With ``eos_id`` the response mask ends at the first EOS (:func:`completion_mask`);
     without it every given response token counts. Never derived from ``token != pad``: a
     policy may sample the pad id mid-answer. Every prompt needs at least one token (the
     first response token is predicted from the prompt's last position).

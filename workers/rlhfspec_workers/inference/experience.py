@@ -21,6 +21,7 @@ import torch
 
 from rlhfspec_api.spec import RLHFJobSpec
 from rlhfspec_workers.messages import Experience, Rollout
+from rlhfspec_workers.micro_batches import length_buckets, overhead_tokens
 from rlhfspec_workers.rewards.registry import WeightedReward, build_reward, model_path
 from rlhfspec_workers.torch_models import (
     ValueModel,
@@ -32,7 +33,6 @@ from rlhfspec_workers.torch_models import (
     response_logprobs,
     response_values,
 )
-from rlhfspec_workers.trainer.micro_batches import length_buckets, overhead_tokens
 
 
 @dataclass

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -34,7 +34,6 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from rlhfspec_workers.generation.records import StepRecord
 from rlhfspec_workers.messages import IterationMetrics, WorkerStatus
 
 log = logging.getLogger(__name__)
@@ -48,6 +47,31 @@ STEP_SECONDS_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 MIGRATION_SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 CounterValues = Mapping[str, float | int | Sequence[float | int]]
 """What ``GenerationEngine.counters()`` returns: vLLM name -> total, or totals per position."""
+
+
+class EngineStep(Protocol):
+    """What :meth:`WorkerMetrics.observe_step` reads of one engine step (the generation
+    role's ``StepRecord`` has these fields; metrics sit below the roles and do not import
+    them)."""
+
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def num_accepted_tokens(self) -> int: ...
+    @property
+    def step_seconds(self) -> float: ...
+    @property
+    def drafter(self) -> str: ...
+    @property
+    def num_drafts(self) -> int: ...
+    @property
+    def accepted_per_pos(self) -> tuple[int, ...]: ...
+    @property
+    def drafted_per_pos(self) -> tuple[int, ...]: ...
+    @property
+    def next_drafter(self) -> str: ...
+    @property
+    def next_k(self) -> int: ...
 
 
 class VllmSpecDecodeCollector(Collector):
@@ -121,7 +145,8 @@ class WorkerMetrics:
         )
         self.chosen_k = self._gauge("spec_k", "Draft tokens per sequence chosen for the next step.")
         self.chosen_drafter = self._gauge(
-            "spec_drafter", "1 for the drafter chosen for the next step, 0 for the others.",
+            "spec_drafter",
+            "1 for the drafter chosen for the next step, 0 for the others.",
             ("drafter",),
         )
         self.chosen_k_steps = self._histogram(
@@ -131,11 +156,13 @@ class WorkerMetrics:
             "spec_drafts", "Drafts verified (one per sequence per step).", ("drafter",)
         )
         self.drafted_per_pos = self._counter(
-            "spec_draft_tokens", "Draft tokens verified at each draft position.",
+            "spec_draft_tokens",
+            "Draft tokens verified at each draft position.",
             ("drafter", "position"),
         )
         self.accepted_per_pos = self._counter(
-            "spec_accepted_tokens", "Draft tokens accepted at each draft position.",
+            "spec_accepted_tokens",
+            "Draft tokens accepted at each draft position.",
             ("drafter", "position"),
         )
         # -- decisions and state
@@ -243,7 +270,7 @@ class WorkerMetrics:
 
     # -- updates ------------------------------------------------------------------------------
 
-    def observe_step(self, step: StepRecord, tokens: int | None = None) -> None:
+    def observe_step(self, step: EngineStep, tokens: int | None = None) -> None:
         """One engine step. ``tokens``: tokens the step emitted if the caller counted them;
         otherwise one per sequence stepped plus the accepted draft tokens. That estimate is
         exact for decode steps and high where a sample stops inside an accepted draft (vLLM

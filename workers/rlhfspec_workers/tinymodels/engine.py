@@ -76,8 +76,8 @@ def tiny_spec_llm(
     llm = LLM(**kwargs)
     if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
         # Sampling (temperature > 0) with speculation is wrong without this; see
-        # generation.vllm_fixes. A multiprocess engine cannot be fixed from here.
-        from rlhfspec_workers.generation import vllm_fixes
+        # vllm_fixes. A multiprocess engine cannot be fixed from here.
+        from rlhfspec_workers import vllm_fixes
 
         vllm_fixes.apply()
     return llm

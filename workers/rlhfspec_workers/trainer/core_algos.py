@@ -24,22 +24,6 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     return masked_sum(values, mask, dim) / count.clamp(min=1.0)
 
 
-def completion_mask(token_ids: torch.Tensor, eos_id: int, lengths: torch.Tensor) -> torch.Tensor:
-    """[B, T] mask of response tokens up to and including the first EOS.
-
-    token_ids: [B, T] sampled ids (right-padded); lengths: [B] number of sampled tokens.
-    Built from EOS position and length, never from ``token != pad``: a policy may sample the
-    pad id mid-answer, and masking it would misalign log-probs with what was sampled.
-    """
-    batch, width = token_ids.shape
-    positions = torch.arange(width, device=token_ids.device).expand(batch, width)
-    within = positions < lengths.unsqueeze(1)
-    is_eos = (token_ids == eos_id) & within
-    # Index of the first EOS, or width when there is none.
-    first_eos = torch.where(is_eos, positions, torch.full_like(positions, width)).min(dim=1).values
-    return (within & (positions <= first_eos.unsqueeze(1))).to(torch.float32)
-
-
 def grpo_advantages(
     rewards: torch.Tensor, group_size: int, eps: float = 1e-6, scale_by_std: bool = True
 ) -> torch.Tensor:

@@ -45,6 +45,7 @@ from torch import nn
 
 from rlhfspec_api.spec import RLHFJobSpec
 from rlhfspec_workers.messages import Experience
+from rlhfspec_workers.micro_batches import length_buckets, overhead_tokens, split_even
 from rlhfspec_workers.torch_models import (
     ValueModel,
     default_device,
@@ -59,7 +60,6 @@ from rlhfspec_workers.trainer import algorithms
 from rlhfspec_workers.trainer import core_algos as ca
 from rlhfspec_workers.trainer.algorithms import AdvantageInputs
 from rlhfspec_workers.trainer.experience_batch import IterationTensors, collate
-from rlhfspec_workers.trainer.micro_batches import length_buckets, overhead_tokens, split_even
 from rlhfspec_workers.trainer.state_io import TrainerStateIO
 
 MAX_GRAD_NORM = 1.0

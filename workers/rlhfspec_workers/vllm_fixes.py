@@ -1,8 +1,10 @@
 """Workarounds for vLLM bugs that break generation (lossless speculative sampling, seeded
 sampling), each self-detecting.
 
-Where it sits: ``GenerationEngine`` calls :func:`apply` after its vLLM engine is up (vLLM
-registers its CPU kernel overrides while the worker starts; ours must come after). Each fix
+Where it sits: ``GenerationEngine`` (and the tiny kit's in-process engines) call :func:`apply`
+after their vLLM engine is up (vLLM registers its CPU kernel overrides while the worker
+starts; ours must come after). Below both, so the tiny kit does not import the generation
+role. Each fix
 first probes whether the bug is present and does nothing when it is not, so upgrading vLLM
 retires the fix without a code change.
 

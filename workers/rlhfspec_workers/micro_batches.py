@@ -1,11 +1,13 @@
 """How one iteration's rows are cut into optimizer steps and micro-batches.
 
-Where it sits: inside ``trainer.policy_trainer``, between collating an iteration and the
-forward passes. :func:`split_even` cuts the shuffled rows into ``algorithm.mini_batches``
-optimizer steps (the randomness RL needs stays there); :func:`length_buckets` then cuts one
-rank's share of a step into micro-batches whose gradients accumulate. The micro-batch cut is
-free to follow length because each micro-batch's loss is weighted by its share of the step's
-tokens: the step's gradient is the same for any cut (up to float rounding).
+Where it sits: inside ``trainer.policy_trainer``, between collating an iteration and the forward
+passes, and in the inference worker's scoring passes (``inference.experience``): both roles cut
+by length the same way, so the module sits below them. :func:`split_even` cuts the shuffled rows
+into ``algorithm.mini_batches`` optimizer steps (the randomness RL needs stays there);
+:func:`length_buckets` then cuts one rank's share of a step into micro-batches whose gradients
+accumulate. The micro-batch cut is free to follow length because each micro-batch's loss is
+weighted by its share of the step's tokens: the step's gradient is the same for any cut (up to
+float rounding).
 
 Why length buckets: every row of a micro-batch is padded to its longest row, and padding
 costs as much compute as real tokens. Rollout lengths are long-tailed (the tiny job: mean

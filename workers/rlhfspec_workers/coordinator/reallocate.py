@@ -6,6 +6,12 @@ more generation workers). It reads every worker's :class:`LoadReport`, feeds fin
 to the length predictor, builds each worker's throughput model from the steps it measured,
 asks the pure planner (``reallocation.planner``) for the migrations that shorten the predicted
 stage time by more than they cost, and sends each source its :class:`MigrationOrder`.
+
+The workers it plans over are the generation workers with a heartbeat, read every tick, not a
+list fixed when the coordinator started: ``kubectl scale`` (``spec.generation.replicas``)
+adds or deletes generation pods while the job runs. A new worker is planned over from its
+first load report; a deleted one drops out when its report goes stale (and its unacked
+samples are reclaimed by the others after the task lease, see ``generation.handover``).
 """
 
 from __future__ import annotations
@@ -59,10 +65,13 @@ class Reallocator:
         self.spec = spec
         self.bus = bus
         self.names = [f"generation-{i}" for i in range(replicas)]
+        """The workers the job started with: read until the first heartbeats are in."""
         realloc = spec.generation.reallocation
         self.policy = policy or ("planner" if realloc.enabled else "none")
         self.threshold = threshold
-        self.enabled = self.policy != "none" and replicas > 1
+        # Not `replicas > 1`: a job started with one replica may be scaled up while it runs
+        # (the planner needs two live reports and plans nothing with fewer).
+        self.enabled = self.policy != "none"
         self.interval = realloc.interval_seconds
         max_new = spec.generation.max_new_tokens
         self.predictor = LengthPredictor(prior_mean=max(max_new / 4, 1.0), max_tokens=max_new)
@@ -160,10 +169,21 @@ class Reallocator:
         )
         return len(migrations)
 
+    def worker_names(self) -> list[str]:
+        """Generation workers to plan over: those with a heartbeat that are not stopping (a
+        scaled job's set changes while it runs), else the ones the job started with."""
+        live = {
+            name
+            for name, status in self.bus.workers().items()
+            if status.role == "generation" and status.state != "stopping"
+        }
+        return sorted(live) if live else list(self.names)
+
     def _reports(self) -> list[LoadReport]:
         keys = self.bus.keys
+        names = self.worker_names()
         raw = self.bus.call(
-            "read loads", lambda: self.bus.redis.mget([keys.load(n) for n in self.names])
+            "read loads", lambda: self.bus.redis.mget([keys.load(n) for n in names])
         )
         reports = []
         for payload in raw:

@@ -33,6 +33,8 @@ from rlhfspec_operator.naming import COORDINATOR, desired_pods
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_GROUP_LABEL = "kueue.x-k8s.io/pod-group-name"
 KUEUE_GROUP_COUNT_ANNOTATION = "kueue.x-k8s.io/pod-group-total-count"
+PINNED_ENV = ({"name": "RLHFSPEC_LOCAL", "value": "0"},)
+"""Worker switches set explicitly on a pod with envFrom (explicit env wins over envFrom)."""
 
 
 def role_override(job: RLHFJob, role: str) -> PodOverride | None:
@@ -114,6 +116,11 @@ def apply_to_worker_pod(pod: dict[str, Any], job: RLHFJob, role: str) -> dict[st
         container["env"] = container.get("env", []) + wire["env"]
     if "envFrom" in wire:
         container["envFrom"] = container.get("envFrom", []) + wire["envFrom"]
+        # envFrom imports whatever keys its Secret or ConfigMap holds, and an explicit env var
+        # wins over it: pinning the one switch the operator leaves unset keeps a key named
+        # RLHFSPEC_LOCAL from turning a pod into a local-mode worker (which may read files).
+        names = {var["name"] for var in container["env"]}
+        container["env"] += [var for var in PINNED_ENV if var["name"] not in names]
     if "volumeMounts" in wire:
         container["volumeMounts"] = container.get("volumeMounts", []) + wire["volumeMounts"]
     return pod

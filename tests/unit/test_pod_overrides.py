@@ -552,3 +552,12 @@ def test_gated_pods_make_the_job_queued_and_admission_restarts_the_startup_clock
     # Never queued: no condition at all.
     fresh = RLHFJobStatus(phase=Phase.INITIALIZING)
     assert not queueing.apply_queue(fresh, [free], NOW, 1) and fresh.conditions == []
+
+
+def test_env_from_cannot_switch_a_pod_into_local_mode() -> None:
+    pods = pods_of(make_job({"podTemplateOverrides": OVERRIDES}))
+    generation, trainer = pods["tiny-grpo-generation-0"], pods["tiny-grpo-trainer"]
+    # The generation pods import a Secret's keys (envFrom): the local-mode switch is pinned
+    # off by an explicit env var, which Kubernetes ranks above envFrom.
+    assert env_of(generation)["RLHFSPEC_LOCAL"] == {"name": "RLHFSPEC_LOCAL", "value": "0"}
+    assert "RLHFSPEC_LOCAL" not in env_of(trainer)  # no envFrom there: nothing to pin

@@ -2,7 +2,7 @@
 (pure: manifests and status values in, no API calls).
 
 Where it sits: ``builders.worker_pod`` calls :func:`fetch_init_container` for every worker pod;
-when the job names an ``hf://`` or ``https://`` model or dataset, the pod gets an init
+when the job names an ``hf://``, ``https://`` or ``s3://`` model or dataset, the pod gets an init
 container running ``rlhfspec worker fetch`` (``rlhfspec_workers.fetch``), which downloads them
 into the job's storage before the worker's preflight reads them. ``pods.pod_view`` condenses
 that container's status with :func:`fetch_state`, and ``status.reconcile`` turns the pods'
@@ -51,7 +51,7 @@ STARTING_REASONS = ("PodInitializing", "ContainerCreating")
 
 
 def remote_locations(job: RLHFJob) -> list[str]:
-    """The job's ``hf://`` and ``https://`` locations (models and datasets), each once."""
+    """The job's fetched locations (``hf://``, ``https://``, ``s3://``), each once."""
     found = [
         location
         for _, location in locations(job.spec)
@@ -71,14 +71,23 @@ def fetch_env(job: RLHFJob) -> list[dict[str, Any]]:
         {"name": "HF_HOME", "value": "/tmp/huggingface"},
     ]
     credentials = job.spec.credentials
-    if credentials is not None and credentials.hf_token is not None:
-        ref = credentials.hf_token
-        env.append(
-            {
-                "name": "HF_TOKEN",
-                "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
-            }
-        )
+    if credentials is None:
+        return env
+    secrets = [("HF_TOKEN", credentials.hf_token)]
+    s3 = credentials.s3
+    if s3 is not None:
+        env.append({"name": "AWS_REGION", "value": s3.region})
+        if s3.endpoint is not None:
+            env.append({"name": "AWS_ENDPOINT_URL", "value": s3.endpoint})
+        secrets += [
+            ("AWS_ACCESS_KEY_ID", s3.access_key_id),
+            ("AWS_SECRET_ACCESS_KEY", s3.secret_access_key),
+        ]
+    for name, ref in secrets:
+        if ref is not None:
+            env.append(
+                {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+            )
     return env
 
 

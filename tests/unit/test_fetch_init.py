@@ -80,6 +80,30 @@ def test_every_worker_pod_fetches_first_and_validates_strictly() -> None:
         assert "HF_TOKEN" not in {e["name"] for e in worker["env"]}
 
 
+def test_s3_settings_and_keys_reach_only_the_init_container() -> None:
+    keys = {
+        "endpoint": "http://minio.infra:9000",
+        "region": "auto",
+        "accessKeyId": {"name": "s3", "key": "id"},
+        "secretAccessKey": {"name": "s3", "key": "secret"},
+    }
+    job = make_job(policy="s3://models/policy", credentials={"s3": keys})
+    for pod in pods_of(job):
+        kubernetes_validate.validate(pod, "1.32.0", strict=True)
+        [init] = pod["spec"]["initContainers"]
+        env = {e["name"]: e for e in init["env"]}
+        assert env["AWS_ENDPOINT_URL"]["value"] == "http://minio.infra:9000"
+        assert env["AWS_REGION"]["value"] == "auto"
+        assert env["AWS_ACCESS_KEY_ID"]["valueFrom"] == {
+            "secretKeyRef": {"name": "s3", "key": "id"}
+        }
+        assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"] == {
+            "secretKeyRef": {"name": "s3", "key": "secret"}
+        }
+        worker_env = {e["name"] for e in pod["spec"]["containers"][0]["env"]}
+        assert not worker_env & {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN"}
+
+
 def test_no_init_container_without_remote_locations_and_no_token_without_credentials() -> None:
     local = make_job(policy="tiny://policy", dataset="tiny://dataset/train.jsonl")
     assert all("initContainers" not in pod["spec"] for pod in pods_of(local))

@@ -49,7 +49,10 @@ def test_uris_map_to_readable_paths_keyed_by_repository_and_revision(tmp_path: P
     first = dest_dir(parse_remote("https://h.example/m.tar.gz?v=1"), tmp_path)
     second = dest_dir(parse_remote("https://h.example/m.tar.gz?v=2"), tmp_path)
     assert first.parent == second.parent == root / "https" / "h.example" and first != second
-    for bad in ("hf://gpt2", "hf://org/x/../y", "s3://bucket/x", "https:///nohost"):
+    bucket_object = dest_dir(parse_remote("s3://models/tiny/policy"), tmp_path)
+    assert bucket_object.parent == root / "s3" / "models"
+    assert bucket_object.name.startswith("tiny--policy+")
+    for bad in ("hf://gpt2", "hf://org/x/../y", "gs://bucket/x", "s3:///x", "https:///nohost"):
         with pytest.raises(FetchError):
             parse_remote(bad)
 

@@ -21,7 +21,9 @@ def base() -> dict[str, Any]:
 
 FETCHED_ALLOWED = (
     "(hf://ORG/NAME[@REVISION][/PATH], https://HOST/FILE (a file, or a .tar, .tar.gz, .tgz or "
-    ".zip archive of a model directory), or pvc:// after copying it into the job's storage)"
+    ".zip archive of a model directory), s3://BUCKET/KEY (an object, or the objects under "
+    "KEY/; GCS through spec.credentials.s3.endpoint https://storage.googleapis.com with HMAC "
+    "keys), or pvc:// after copying it into the job's storage)"
 )
 
 
@@ -133,13 +135,24 @@ CASES: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         "bad-model-scheme",
         _set("spec.models.policy.path", "ftp://models/policy"),
         "spec.models.policy.path: unknown scheme 'ftp' in 'ftp://models/policy' (a path, or a "
-        "URI tiny://..., zoo://..., hf://..., https://..., pvc://..., file://...)",
+        "URI tiny://..., zoo://..., hf://..., https://..., s3://..., pvc://..., file://...)",
     ),
     (
-        "model-on-s3",
-        _set("spec.models.policy.path", "s3://bucket/policy"),
-        "spec.models.policy.path: s3:// ('s3://bucket/policy') is not supported: the worker "
-        "image has no object-store client " + FETCHED_ALLOWED,
+        "model-on-gs",
+        _set("spec.models.policy.path", "gs://bucket/policy"),
+        "spec.models.policy.path: gs:// ('gs://bucket/policy') is not supported: the worker "
+        "image has no GCS client " + FETCHED_ALLOWED,
+    ),
+    (
+        "s3-without-bucket",
+        _set("spec.models.policy.path", "s3:///policy"),
+        "spec.models.policy.path: 's3:///policy': names no bucket " + FETCHED_ALLOWED,
+    ),
+    (
+        "s3-one-key",
+        _set("spec.credentials", {"s3": {"accessKeyId": {"name": "s3", "key": "id"}}}),
+        "spec.credentials.s3.secretAccessKey: one of the two S3 keys is named without the other "
+        "(both accessKeyId and secretAccessKey, or neither (a public bucket))",
     ),
     (
         "hf-without-org",
@@ -147,16 +160,16 @@ CASES: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         "spec.models.policy.path: 'hf://gpt2': names no repository ORG/NAME " + FETCHED_ALLOWED,
     ),
     (
-        "dataset-on-s3",
-        _set("spec.dataset.path", "s3://bucket/train.jsonl"),
-        "spec.dataset.path: s3:// ('s3://bucket/train.jsonl') is not supported: the worker "
-        "image has no object-store client " + FETCHED_ALLOWED,
+        "dataset-on-gs",
+        _set("spec.dataset.path", "gs://bucket/train.jsonl"),
+        "spec.dataset.path: gs:// ('gs://bucket/train.jsonl') is not supported: the worker "
+        "image has no GCS client " + FETCHED_ALLOWED,
     ),
     (
         "dataset-unknown-scheme",
         _set("spec.dataset.eval", "ftp://host/eval.jsonl"),
         "spec.dataset.eval: unknown scheme 'ftp' in 'ftp://host/eval.jsonl' (a path, or a URI "
-        "tiny://..., hf://..., https://..., pvc://..., file://...)",
+        "tiny://..., hf://..., https://..., s3://..., pvc://..., file://...)",
     ),
     (
         "hf-token-without-key",

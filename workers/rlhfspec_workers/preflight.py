@@ -7,10 +7,11 @@ draft model whose vocabulary differs from the policy's, a dataset row missing a 
 function reward that does not import (or is not callable) is reported here as ``field.path:
 what is wrong (what is allowed)`` lines, so nothing is half-started when the input is bad.
 Built-in URIs are resolved by ``model_uris`` (which builds the tiny kit or fetches a zoo model
-on first use); ``hf://`` and ``https://`` resolve to their copy in the job's storage, which the
-fetch step (``rlhfspec_workers.fetch``) downloads first. Every location first obeys ``rlhfspec_api.locations`` (no ``pvc://`` outside the
-job's storage; on a cluster, no path on the pod's own filesystem); a ``pvc://`` location is
-checked again once resolved, since any pod of the job can plant a symlink on the claim.
+on first use); ``hf://``, ``https://`` and ``s3://`` resolve to their copy in the job's
+storage, which the fetch step (``rlhfspec_workers.fetch``) downloads first. Every location
+first obeys ``rlhfspec_api.locations`` (no ``pvc://`` outside the job's storage; on a cluster,
+no path on the pod's own filesystem); a ``pvc://`` location is checked again once resolved,
+since any pod of the job can plant a symlink on the claim.
 """
 
 from __future__ import annotations

@@ -1,13 +1,14 @@
-"""The fetch step: download a job's ``hf://`` and ``https://`` models and datasets into its
-storage before any worker reads them.
+"""The fetch step: download a job's ``hf://``, ``https://`` and ``s3://`` models and datasets
+into its storage before any worker reads them.
 
 Where it sits: between the operator, which gives every worker pod of a job with remote
 locations an init container running ``rlhfspec worker fetch`` (``rlhfspec_operator.
 fetch_init``), and worker preflight, which then resolves each remote URI to its fetched copy
 (``store.resolved_path``) and checks it like any local model. Modules: ``store`` (the path a
 URI is fetched to, and the atomic install), ``hf`` (``huggingface_hub``), ``https`` (a file or
-an archive), ``cli`` (the command). ``s3://`` and ``gs://`` are refused at validate time: the
-worker image has no object-store client.
+an archive), ``s3`` (SigV4 over plain HTTP: AWS or any S3-compatible store, GCS included),
+``cli`` (the command). ``gs://`` is refused at validate time: the worker image has no GCS
+client, and GCS is reached as an S3-compatible endpoint instead.
 
 Why an init container on each worker pod rather than one fetch Job per job: every worker's
 preflight reads every model and the dataset, so every pod needs them before it starts, and

@@ -1,7 +1,7 @@
 """``rlhfspec worker fetch [FILE] [--storage DIR]``: download every remote location of a job.
 
 Where it sits: the first thing a worker pod runs, as its init container (the operator adds it
-when the job names an ``hf://`` or ``https://`` model or dataset, ``rlhfspec_operator.
+when the job names an ``hf://``, ``https://`` or ``s3://`` model or dataset, ``rlhfspec_operator.
 fetch_init``); locally, run it before ``rlhfspec run`` with ``--storage`` set to the run
 directory. It reads the job from ``FILE`` (default ``$RLHFSPEC_JOB_CONFIG``, the pod's
 config mount) and writes into ``--storage`` (default ``$RLHFSPEC_STORAGE``, then the spec's
@@ -54,6 +54,10 @@ def fetch_location(location: RemoteLocation, storage: Path) -> bool:
         from rlhfspec_workers.fetch.hf import download_hf
 
         return install(location, storage, lambda into: download_hf(location, into))
+    if location.scheme == "s3":
+        from rlhfspec_workers.fetch.s3 import download_s3
+
+        return install(location, storage, lambda into: download_s3(location, into))
     from rlhfspec_workers.fetch.https import download_https
 
     return install(location, storage, lambda into: download_https(location, into))

@@ -10,6 +10,7 @@ Layout under the storage root (``/data`` on a pod)::
     fetched/hf/ORG--NAME@REVISION[+PATHHASH]/     an hf:// repository (or the PATH inside it)
     fetched/hf/datasets--ORG--NAME@REVISION/      an hf://datasets/... repository
     fetched/https/HOST/URLHASH/                   an https:// file or unpacked archive
+    fetched/s3/BUCKET/KEY+KEYHASH/                an s3:// object or the objects under KEY/
 
 A directory at one of these names is complete: downloads are written to a hidden sibling
 ``.NAME.partial-*`` and renamed into place only once every file is there (with
@@ -31,7 +32,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -61,18 +62,19 @@ class FetchError(Exception):
 
 @dataclass(frozen=True)
 class RemoteLocation:
-    """A parsed ``hf://`` or ``https://`` location."""
+    """A parsed ``hf://``, ``https://`` or ``s3://`` location."""
 
     uri: str
     scheme: str
     repo_id: str = ""
-    """hf: ``ORG/NAME``."""
+    """hf: ``ORG/NAME``; s3: the bucket."""
     repo_type: str = "model"
     """hf: ``model`` or ``dataset``."""
     revision: str = DEFAULT_REVISION
     """hf: branch, tag or commit (``main`` when the URI names none)."""
     sub_path: str = ""
-    """hf: a file or folder inside the repository (only it is downloaded); empty for all."""
+    """hf: a file or folder inside the repository (only it is downloaded), empty for all;
+    s3: the object key (or the prefix of a directory's objects)."""
 
     @property
     def is_archive(self) -> bool:
@@ -87,14 +89,14 @@ class RemoteLocation:
 
 
 def is_remote(location: str) -> bool:
-    """Whether the fetch step downloads ``location`` (its scheme is hf or https)."""
+    """Whether the fetch step downloads ``location`` (its scheme is hf, https or s3)."""
     scheme, sep, _ = location.partition("://")
     return bool(sep) and scheme in FETCHED_SCHEMES
 
 
 def parse_remote(uri: str) -> RemoteLocation:
-    """``hf://[datasets/]ORG/NAME[@REV][/PATH]`` or ``https://HOST/PATH``; FetchError when the
-    URI is neither."""
+    """``hf://[datasets/]ORG/NAME[@REV][/PATH]``, ``https://HOST/PATH`` or
+    ``s3://BUCKET/KEY``; FetchError for anything else."""
     scheme, sep, rest = uri.partition("://")
     if not sep or scheme not in FETCHED_SCHEMES:
         raise FetchError(uri, f"the fetch step does not download {scheme or 'plain'} locations "
@@ -103,6 +105,11 @@ def parse_remote(uri: str) -> RemoteLocation:
         if not urlsplit(uri).hostname:
             raise FetchError(uri, f"names no host ({FETCHED_ALLOWED})")
         return RemoteLocation(uri=uri, scheme=scheme)
+    if scheme == "s3":
+        bucket, _, key = rest.partition("/")
+        if not bucket or ".." in PurePosixPath(key).parts:
+            raise FetchError(uri, f"names no bucket, or has '..' in its key ({FETCHED_ALLOWED})")
+        return RemoteLocation(uri=uri, scheme=scheme, repo_id=bucket, sub_path=key)
     problem = hf_repo_problem(rest)
     if problem is not None:
         raise FetchError(uri, f"{problem} ({FETCHED_ALLOWED})")
@@ -131,6 +138,10 @@ def dest_dir(location: RemoteLocation, storage_root: Path) -> Path:
     if location.scheme == "https":
         host = _UNSAFE.sub("_", urlsplit(location.uri).hostname or "host")
         return root / host / _short_hash(location.uri, 16)
+    if location.scheme == "s3":
+        key = location.sub_path.strip("/")
+        name = _UNSAFE.sub("_", key.replace("/", "--"))[:80] or "bucket"
+        return root / _UNSAFE.sub("_", location.repo_id) / f"{name}+{_short_hash(key, 12)}"
     prefix = "datasets--" if location.repo_type == "dataset" else ""
     name = prefix + location.repo_id.replace("/", "--")
     key = f"{_UNSAFE.sub('_', name)}@{_UNSAFE.sub('_', location.revision)}"
@@ -144,6 +155,14 @@ def resolved_path(location: RemoteLocation, storage_root: Path) -> Path:
     dest = dest_dir(location, storage_root)
     if location.scheme == "hf":
         return dest / location.sub_path if location.sub_path else dest
+    if location.scheme == "s3":
+        # One object is the file its download record names; a key prefix is the directory.
+        try:
+            record = json.loads((dest / MARKER).read_text())
+        except (OSError, ValueError):
+            return dest
+        single = record.get("file") if isinstance(record, dict) else None
+        return dest / single if isinstance(single, str) and single else dest
     if not location.is_archive:
         return dest / location.file_name
     # An archive of one top-level folder (``model/config.json``) is that folder.
@@ -178,9 +197,14 @@ def _remove_stale_partials(dest: Path) -> None:
                 shutil.rmtree(partial, ignore_errors=True)
 
 
-def install(location: RemoteLocation, storage_root: Path, download: Callable[[Path], None]) -> bool:
+def install(
+    location: RemoteLocation,
+    storage_root: Path,
+    download: Callable[[Path], Mapping[str, str] | None],
+) -> bool:
     """Make ``dest_dir(location)`` complete: reuse it when it is, else ``download(into)`` into
-    a fresh hidden directory and rename that into place. True when this call downloaded."""
+    a fresh hidden directory and rename that into place (what ``download`` returns joins the
+    download record). True when this call downloaded."""
     dest = dest_dir(location, storage_root)
     if is_complete(dest):
         return False
@@ -191,7 +215,7 @@ def install(location: RemoteLocation, storage_root: Path, download: Callable[[Pa
         _remove_stale_partials(dest)
         partial = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
         try:
-            download(partial)
+            extra = download(partial)
             files = [p for p in partial.rglob("*") if p.is_file()]
             record = {
                 "uri": location.uri,
@@ -199,6 +223,7 @@ def install(location: RemoteLocation, storage_root: Path, download: Callable[[Pa
                 "files": len(files),
                 "bytes": sum(p.stat().st_size for p in files),
                 "fetchedAt": datetime.now(UTC).isoformat(timespec="seconds"),
+                **(extra or {}),
             }
             (partial / MARKER).write_text(json.dumps(record, indent=2) + "\n")
             try:

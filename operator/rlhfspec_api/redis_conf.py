@@ -110,7 +110,15 @@ fi
 # A crash mid-write leaves one partial command at the end (never acknowledged: fsync comes
 # before the reply). Any later command start after the damaged one means corruption inside
 # the file, which --fix would "repair" by dropping every acknowledged write after it.
-if tail -c +"$((ok + 1))" "$aof/$file" | tail -n +2 | grep -aq '^\*'; then
+# (grep without -a: busybox grep, in the alpine images, has no -a and reads binary as text;
+# GNU grep with -q still reports a match in a binary file. Exit 2 is an error: fail closed.)
+tail -c +"$((ok + 1))" "$aof/$file" | tail -n +2 | grep -q '^\*'
+later=$?
+if [ "$later" -gt 1 ]; then
+  say "cannot read $aof/$file to tell a cut-off tail from damage; refusing to start"
+  exit 1
+fi
+if [ "$later" -eq 0 ]; then
   say "$file is corrupt at byte $ok with complete commands after it: not a cut-off" \
     "tail; refusing to start (a repair would drop $cut bytes of acknowledged writes)." \
     "Inspect with: redis-check-aof $manifest"

@@ -106,11 +106,21 @@ def kill_run(job: subprocess.Popen[bytes], run_dir: Path) -> None:
     wait_for(lambda: not previous_run_processes(run_dir), 30, "the killed processes to exit")
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+def wait_for(
+    predicate: Callable[[], bool],
+    timeout: float,
+    what: str,
+    job: subprocess.Popen[bytes] | None = None,
+) -> None:
+    """Poll ``predicate``; fail at ``timeout``, or at once (with its output) when ``job``
+    exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
+        if job is not None and job.poll() is not None:
+            output = job.stdout.read().decode(errors="replace") if job.stdout else ""
+            raise AssertionError(f"the job exited ({job.returncode}) before {what}: {output}")
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 

@@ -207,7 +207,7 @@ def test_redis_killed_and_restarted_under_a_running_job(tiny_kit: Path, tmp_path
     restarted: subprocess.Popen[bytes] | None = None
     try:
         # Mid-job: the first iteration trained, the second under way.
-        wait_for(lambda: len(trained_lines(run_dir)) >= 1, 600, "iteration 1 to train")
+        wait_for(lambda: len(trained_lines(run_dir)) >= 1, 600, "iteration 1 to train", job)
         pid = redis_pid(run_dir)
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
@@ -223,7 +223,10 @@ def test_redis_killed_and_restarted_under_a_running_job(tiny_kit: Path, tmp_path
         output, _ = job.communicate(timeout=600)
         text = output.decode(errors="replace")
         assert job.returncode == 0, text[-4000:]
-        assert "Redis unreachable" in text and "Redis answers again" in text
+        # The outage hit the running job: its workers retried (the watcher's own client may
+        # ride it out inside redis-py's retries without a word).
+        logs = [p.read_text(errors="replace") for p in (run_dir / "logs").glob("*.log")]
+        assert any("redis unavailable during" in log for log in logs)
     finally:
         kill_run(job, run_dir)
         if restarted is not None:

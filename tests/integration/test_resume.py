@@ -111,7 +111,7 @@ def test_resume_after_a_kill_continues_from_the_last_checkpoint(
     first = start_run(manifest, run_dir)
     resumed = None
     try:
-        wait_for(lambda: len(trained_iterations(run_dir)) >= 1, 600, "iteration 1 to train")
+        wait_for(lambda: len(trained_iterations(run_dir)) >= 1, 600, "iteration 1 to train", first)
         # Only the supervisor's process group dies (it and its redis-server): the workers,
         # in sessions of their own, live on. A resume now would start a second set of them.
         os.killpg(first.pid, signal.SIGKILL)

@@ -218,7 +218,7 @@ def test_a_job_on_a_full_disk_waits_with_the_condition_survives_a_restart_and_fi
     job = start_run(manifest, run_dir)
     resumed = None
     try:
-        wait_for(lambda: _storage_report(run_dir) is not None, 600, "the StorageFull report")
+        wait_for(lambda: _storage_report(run_dir) is not None, 600, "the StorageFull report", job)
         first = _storage_report(run_dir)
         assert first is not None
         assert first.path == str(checkpoints / "iter-000002")
@@ -236,6 +236,7 @@ def test_a_job_on_a_full_disk_waits_with_the_condition_survives_a_restart_and_fi
             lambda: any("storage full" in line for line in _resumed_trainer_log(run_dir)),
             600,
             "the resumed trainer to report StorageFull again",
+            resumed,
         )
         again = _storage_report(run_dir)
         assert again is not None and again.reported_at > first.reported_at

@@ -10,7 +10,8 @@ This subclass fills what a kube-apiserver adds and the tests rely on:
 * ``kind``/``apiVersion`` on lists, label and field selectors on lists and watches;
 * CRD -> resource registration (``kubectl apply -f crds/``), ``status.phase: Pending`` on new pods;
 * garbage collection of dependents whose owners are all gone (``ownerReferences``);
-* server-side tables for ``kubectl get``, with a CRD's ``additionalPrinterColumns``.
+* server-side tables for ``kubectl get``, with a CRD's ``additionalPrinterColumns``;
+* a CRD's ``scale`` subresource, for ``kubectl scale`` (``emulator_scale``).
 
 It runs in a thread with its own event loop so that synchronous tests can drive it with kubectl.
 """
@@ -31,6 +32,7 @@ from typing import Any
 
 import aiohttp.web
 import kmock
+from emulator_scale import ScaleSubresource
 from kmock._internal import dicts as kmock_dicts  # the emulator's own merge, to predict patches
 
 _CRDS = kmock.resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")
@@ -78,7 +80,7 @@ def _fields_match(obj: Mapping[str, Any], selector: str) -> bool:
     return True
 
 
-class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
+class Emulator(ScaleSubresource, kmock.KubernetesEmulator):  # type: ignore[misc]
     """KMock's KubernetesEmulator with apiserver metadata, selectors, CRDs, GC and tables."""
 
     def __attrs_post_init__(self) -> None:
@@ -96,6 +98,9 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
     # --- writes ------------------------------------------------------------------------------
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        if self.is_scale(request):  # KMock has no scale subresource (emulator_scale)
+            self._record(request)
+            return await self.serve_scale(request)
         resource = request.resource
         if resource is not None and isinstance(request.data, dict):
             if request.action == kmock.action.CREATE:
@@ -196,6 +201,7 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
                 subresources=set(version.get("subresources", {})),
             )
             self._printer_columns[res] = version.get("additionalPrinterColumns", [])
+            self.register_scale(res, version)
 
     async def _collect_garbage(self) -> None:
         """Delete dependents all of whose owners are gone (the garbage collector's job)."""

@@ -4,16 +4,14 @@
   the coordinator's progress in Redis) to the default columns, which keep EVAL;
 * ``kubectl describe rlhfjob`` lists one ``Created`` event per child, and ``CreateFailed``
   (Warning) naming the kind and name when the API server refuses one;
-* scaling ``spec.generation.replicas`` creates and deletes generation pods until they match,
-  and ``status.generationReplicas`` (the scale subresource's status) follows the running ones;
-  replicas below 1 is refused naming the field;
+* ``kubectl scale rlhfjob X --replicas N`` creates and deletes generation pods until they
+  match, and ``status.generationReplicas`` (the scale subresource's status) follows the running
+  ones; replicas below 1 is refused naming the field; ``kubectl patch`` of
+  ``spec.generation.replicas`` takes the same path;
 * ``rlhfspec render`` prints exactly the children the operator creates.
 
-The API emulator (KMock) does not implement the scale subresource: ``kubectl scale`` PATCHes
-``rlhfjobs/X/scale`` and KMock merges ``{"spec": {"replicas": N}}`` into the job itself. On a
-real API server ``kubectl scale`` writes ``spec.generation.replicas`` (the CRD's
-specReplicasPath), which is the field ``kubectl patch`` sets here; the operator reacts to the
-field, not to how it was written, so this drives the same path.
+KMock alone has no scale subresource (it merged ``kubectl scale``'s body into the job itself);
+``emulator_scale`` serves it from the CRD's paths as the API server does.
 """
 
 from __future__ import annotations
@@ -83,8 +81,18 @@ def table(cluster: Cluster, namespace: str, *flags: str) -> dict[str, str]:
 
 
 def scale(cluster: Cluster, namespace: str, replicas: int) -> None:
+    """What a user types: the scale subresource writes spec.generation.replicas."""
+    cluster.kubectl("scale", "rlhfjob", JOB, "-n", namespace, f"--replicas={replicas}")
+
+
+def patch_replicas(cluster: Cluster, namespace: str, replicas: int) -> None:
     body = json.dumps({"spec": {"generation": {"replicas": replicas}}})
     cluster.kubectl("patch", "rlhfjob", JOB, "-n", namespace, "--type=merge", "-p", body)
+
+
+def scale_subresource(cluster: Cluster, namespace: str) -> dict[str, Any]:
+    path = f"/apis/rlhfspec.io/v1alpha1/namespaces/{namespace}/rlhfjobs/{JOB}/scale"
+    return dict(json.loads(cluster.kubectl("get", "--raw", path)))
 
 
 def generation_pods(cluster: Cluster, namespace: str) -> list[str]:
@@ -200,8 +208,11 @@ def test_scaling_replicas_resizes_the_generation_pods_and_the_ready_count(
     )
     cluster.wait_for_phase(JOB, namespace, "Running")
     assert table(cluster, namespace, "-o", "wide")["GENERATION REPLICAS"] == "4"
+    scaled = scale_subresource(cluster, namespace)
+    assert scaled["kind"] == "Scale" and scaled["spec"]["replicas"] == 4
+    assert scaled["status"] == {"replicas": 4, "selector": GENERATION_SELECTOR}
 
-    scale(cluster, namespace, 2)
+    patch_replicas(cluster, namespace, 2)  # the same field, written without the subresource
     cluster.wait_for(
         lambda: generation_pods(cluster, namespace) == expected[:2], "back to 2 generation pods"
     )

@@ -2,7 +2,7 @@
 
 Where it sits: the "cluster" of ``tests/operator``. ``kubectl`` and the operator (a real
 ``rlhfspec operator`` subprocess) talk HTTP to it on localhost. KMock 0.8 stores objects, serves
-discovery, list, watch, get, create, merge/JSON patch and finalizer-aware delete (field notes 5).
+discovery, list, watch, get, create, merge/JSON patch and finalizer-aware delete.
 This subclass fills what a kube-apiserver adds and the tests rely on:
 
 * metadata: ``uid``, ``resourceVersion``, ``creationTimestamp``, ``generation`` (bumped when

@@ -54,6 +54,7 @@ from rlhfspec_operator.plan import creation_plan
 from rlhfspec_operator.pods import PodView, pod_view
 from rlhfspec_operator.progress import ProgressRead
 from rlhfspec_operator.redis_progress import ProgressReader
+from rlhfspec_operator.spec_condition import spec_accepted
 
 RESOURCE = (API_GROUP, API_VERSION, PLURAL)
 ACTIVE_PHASES = {Phase.INITIALIZING.value, Phase.RUNNING.value, Phase.SUSPENDED.value}
@@ -353,23 +354,31 @@ async def expire(
 async def update(
     body: kopf.Body, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch, **_: Any
 ) -> None:
-    if state.parse_status(dict(status)).phase in TERMINAL_PHASES:
+    previous = state.parse_status(dict(status))
+    if previous.phase in TERMINAL_PHASES:
         return
+
+    def record(refused: list[str]) -> None:  # the SpecAccepted condition (spec_condition)
+        new = spec_accepted(previous, refused, _now(), meta.get("generation"))
+        patch.status.update(_status_patch(dict(status), new.to_wire()))
+
     try:
         live = _parse(body)
     except ManifestError as exc:
         message = cap("invalid change ignored: " + "; ".join(str(e) for e in exc.errors))
         kopf.warn(body, reason="UpdateRejected", message=message)
+        record([message])
         return
     pinned = updates.pinned_spec(meta.annotations) or live.spec.to_wire()
     accepted, rejected = updates.split_changes(updates.changed_fields(pinned, live.spec.to_wire()))
+    refused = []
     if rejected:
-        kopf.warn(
-            body,
-            reason="UpdateRejected",
-            message=f"spec.{', spec.'.join(rejected)} cannot change while the job exists "
-            f"(only {', '.join(updates.MUTABLE_FIELDS)} can); delete and re-create the job",
+        refused.append(
+            f"spec.{', spec.'.join(rejected)} cannot change while the job exists "
+            f"(only {', '.join(updates.MUTABLE_FIELDS)} can); delete and re-create the job"
         )
+        kopf.warn(body, reason="UpdateRejected", message=refused[0])
+    record(refused)
     if not accepted:
         return
     job = _effective(live, meta.annotations)

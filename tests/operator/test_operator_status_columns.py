@@ -244,6 +244,27 @@ def test_replicas_below_one_are_refused_naming_the_field(cluster: Cluster, names
     assert "spec.generation.replicas" in message
     assert generation_pods(cluster, namespace) == [f"{JOB}-generation-0"]
 
+    def spec_accepted() -> dict[str, Any]:
+        found = [
+            c
+            for c in cluster.status(JOB, namespace).get("conditions", [])
+            if c["type"] == "SpecAccepted"
+        ]
+        return found[0] if found else {}
+
+    refused = cluster.wait_for(spec_accepted, "the SpecAccepted condition")
+    assert refused["status"] == "False" and refused["reason"] == "UpdateRejected"
+    assert "spec.generation.replicas" in refused["message"]
+    # A valid scale is taken again, and says so.
+    scale(cluster, namespace, 2)
+    cluster.wait_for(
+        lambda: spec_accepted().get("status") == "True", "SpecAccepted True after a valid scale"
+    )
+    cluster.wait_for(
+        lambda: generation_pods(cluster, namespace) == [f"{JOB}-generation-{i}" for i in range(2)],
+        "2 generation pods",
+    )
+
 
 def test_render_prints_the_children_the_operator_creates(cluster: Cluster, namespace: str) -> None:
     doc = example_job(JOB, namespace)

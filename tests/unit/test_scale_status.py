@@ -17,9 +17,11 @@ import yaml
 
 from rlhfspec_api.manifest import RLHFJob, parse_rlhfjob
 from rlhfspec_api.status import Phase, RLHFJobStatus
+from rlhfspec_operator.conditions import condition
 from rlhfspec_operator.naming import desired_pods
 from rlhfspec_operator.pods import PodView
 from rlhfspec_operator.progress import ProgressRead
+from rlhfspec_operator.spec_condition import SPEC_ACCEPTED, spec_accepted
 from rlhfspec_operator.status import Observation, generation_selector, reconcile, started
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,3 +119,19 @@ def test_a_finished_job_reports_no_running_replicas() -> None:
     plan = tick(job, running_status(), pods)
     assert plan.status.phase is Phase.SUCCEEDED
     assert plan.status.generation_replicas == 0
+
+
+def test_spec_accepted_names_the_refused_field_then_clears() -> None:
+    refused = spec_accepted(
+        running_status(), ["spec.generation.replicas: must be >= 1 (1..1024)"], NOW, 3
+    )
+    found = condition(refused, SPEC_ACCEPTED)
+    assert found is not None and found.status.value == "False"
+    assert found.reason == "UpdateRejected" and "spec.generation.replicas" in found.message
+    assert found.observed_generation == 3
+    later = NOW + datetime.timedelta(seconds=5)
+    accepted = spec_accepted(refused, [], later, 4)
+    cleared = condition(accepted, SPEC_ACCEPTED)
+    assert cleared is not None and cleared.status.value == "True"
+    assert cleared.last_transition_time == "2026-01-01T12:00:05Z"
+    assert condition(refused, SPEC_ACCEPTED) == found  # the input status is not changed

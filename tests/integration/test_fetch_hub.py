@@ -37,6 +37,8 @@ class Repo:
     files: dict[str, bytes]
     private: bool = False
     """Answer 401 unless the request carries ``Authorization: Bearer TOKEN``."""
+    down: bool = False
+    """Answer 503 to everything (the hub is down)."""
 
 
 @dataclass
@@ -88,6 +90,9 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
                 error = {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"}
                 self._send(404, b'{"error": "Repository not found"}', error, head)
                 return
+            if repo.down:
+                self._send(503, b'{"error": "Service Unavailable"}', {}, head)
+                return
             if repo.private and auth != f"Bearer {TOKEN}":
                 self._send(401, b'{"error": "Invalid credentials"}', {}, head)
                 return
@@ -137,6 +142,7 @@ def hub(tiny_kit: Path) -> Iterator[Hub]:
     state = Hub()
     state.repos[("models", "org/tiny-policy")] = Repo(_files(tiny_kit / "policy"))
     state.repos[("models", "org/private-policy")] = Repo(_files(tiny_kit / "policy"), private=True)
+    state.repos[("models", "org/down-policy")] = Repo({}, down=True)
     state.repos[("datasets", "org/tiny-sort")] = Repo(
         {"train.jsonl": (tiny_kit / "dataset" / "train.jsonl").read_bytes(), "big.bin": b"x" * 64}
     )
@@ -260,3 +266,11 @@ def test_pods_fetching_at_once_download_each_file_once(hub: Hub, tmp_path: Path)
     downloaded = sum(out.count("(downloaded in") for out, _ in outputs)
     assert downloaded == 2  # the policy once and the dataset once, by whichever pod came first
     assert list((storage / "fetched" / "hf").glob(".*.partial-*")) == []
+
+
+def test_a_hub_that_is_down_is_named_with_its_status(hub: Hub, tmp_path: Path) -> None:
+    """The hub client reports a 5xx as "no local copy" caused by the HTTP error; the fetch
+    still names the status it got."""
+    result = _fetch(hub, _job(tmp_path, "hf://org/down-policy"), tmp_path / "storage")
+    assert result.returncode == 1
+    assert "hf://org/down-policy: download from the hub failed: HTTP 503" in result.stderr

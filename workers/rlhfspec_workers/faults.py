@@ -59,6 +59,14 @@ FAULT_POINTS: dict[str, str] = {
         "inference: a batch of rollouts is read and scored, no experience published, no "
         "rollout acked"
     ),
+    "after_export_kv": (
+        "generation (migration source): a running sample's KV snapshot is in this worker's "
+        "outbox and its resumable task handed to the destination; its own task is not acked"
+    ),
+    "before_import_kv": (
+        "generation (migration destination): a moved sample's KV snapshot is pulled and "
+        "verified, not yet loaded into vLLM; the handed-over task is not acked"
+    ),
     "coordinator_mid_iteration": (
         "coordinator: an iteration's tasks are published and recorded, the iteration is not "
         "finished"

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from rlhfspec_workers.faults import fault_point
 from rlhfspec_workers.messages import Keys, LoadReport, MigrationOrder, SampleLoad, SampleTask
 
 KV_RATE_SMOOTHING = 0.3
@@ -109,6 +110,8 @@ class Handover:
             # Publish the resumable state before acking: a crash in between duplicates the
             # sample (the done set drops the copy), it never loses it.
             self._hand(order, moved[-1])
+            if kv_url is not None:
+                fault_point("after_export_kv")
             self.bus.ack(flight.stream, Keys.GENERATION_GROUP, flight.entry_id)
         seconds = time.perf_counter() - started
         moved_tokens = sum(len(t.prefix_token_ids) for t in moved)

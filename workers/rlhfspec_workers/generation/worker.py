@@ -298,6 +298,7 @@ class GenerationWorker:
             self._kv_fallback(task, "unreachable", repr(exc))
             return None
         seconds = time.perf_counter() - started
+        fault_point("before_import_kv")
         self.counters.add(task.iteration, "kv_receive_seconds", seconds)
         self.counters.add(task.iteration, "kv_pull_seconds", pull_seconds)
         # The pull (and the seal check) ran beside the engine: its wall time (mostly waiting

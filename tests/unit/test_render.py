@@ -32,9 +32,9 @@ K8S_VERSION = "1.32.0"
 
 TINY = yaml.safe_load((ROOT / "examples" / "tiny-grpo.yaml").read_text())
 
-# An external Redis over TLS, PPO with every model (one fetched from the hub with a token), a
-# weighted sum of every reward type, a held-out file fetched over HTTPS, fixed speculation,
-# GPUs, a claim the user brings.
+# An external Redis over TLS, PPO with every model (some fetched from the hub with a token and
+# from an S3-compatible store with keys), a weighted sum of every reward type, a held-out file
+# fetched over HTTPS, fixed speculation, GPUs, a claim the user brings.
 EXTERNAL_PPO: dict[str, Any] = {
     "apiVersion": "rlhfspec.io/v1alpha1",
     "kind": "RLHFJob",
@@ -62,7 +62,7 @@ EXTERNAL_PPO: dict[str, Any] = {
         },
         "models": {
             "policy": {"path": "pvc://models/policy", "dtype": "bfloat16"},
-            "reference": {"path": "pvc://models/reference", "dtype": "float32"},
+            "reference": {"path": "s3://models/reference", "dtype": "float32"},
             "critic": {"path": "pvc://models/critic", "dtype": "float16"},
             "reward": {"path": "hf://acme/reward-model@v2", "dtype": "float32"},
         },
@@ -135,7 +135,15 @@ EXTERNAL_PPO: dict[str, Any] = {
             "caConfigMap": {"name": "redis-ca", "key": "ca.pem"},
         },
         "storage": {"claimName": "shared-checkpoints"},
-        "credentials": {"hfToken": {"name": "hf-token", "key": "token"}},
+        "credentials": {
+            "hfToken": {"name": "hf-token", "key": "token"},
+            "s3": {
+                "endpoint": "http://minio.infra:9000",
+                "region": "eu-west-1",
+                "accessKeyId": {"name": "bucket-keys", "key": "id"},
+                "secretAccessKey": {"name": "bucket-keys", "key": "secret"},
+            },
+        },
         "image": "ghcr.io/rlhfspec/worker-gpu:0.1.0",
         "backoffLimit": 5,
         "activeDeadlineSeconds": 86400,

@@ -6,9 +6,12 @@ redis-server.
 create or delete generation pods while the coordinator keeps running with the
 ``RLHFSPEC_REPLICAS`` of its own start. A worker added by a scale-up must receive migrated
 samples; one deleted by a scale-down (stopping, or its load report gone stale) must receive
-none. Its unacked samples are not lost: the others reclaim them after the task lease, which
-``test_bus_faults`` covers (``test_a_dead_consumers_entries_are_reclaimed_once``,
-``test_samples_handed_to_a_dead_worker_it_never_read_are_taken_over``).
+none. Its unacked samples are not lost: the others reclaim them after the task lease, as for
+any worker that dies. ``test_bus_faults`` covers that against a real redis-server
+(``test_a_dead_consumers_entries_are_reclaimed_once``,
+``test_samples_handed_to_a_dead_worker_it_never_read_are_taken_over``) and
+``test_rlhf_loop`` end to end on real vLLM (a generation worker killed mid-iteration; every
+sample of the iteration is still trained exactly once).
 """
 
 from __future__ import annotations

@@ -37,7 +37,9 @@ MODELS_READY = "ModelsReady"
 FETCH_MOUNTS = ("config", "storage", "tmp")
 """The worker's volumes the fetch reads or writes; reward modules, CAs and shm it never needs."""
 FAILURE_PREFIX = "fetch failed: "
-"""How ``rlhfspec worker fetch`` starts each failure line (the end of its log)."""
+"""How ``rlhfspec worker fetch`` starts each failure line of its termination message."""
+FETCHED_PREFIX = "fetched: "
+"""... and each line of a location it fetched or reused (with its size and time)."""
 
 # States of a pod's fetch init container (:func:`fetch_state`).
 FETCH_WAITING = ""
@@ -126,7 +128,7 @@ def fetch_state(pod_status: Mapping[str, Any]) -> tuple[str, str]:
         if "terminated" in state:
             term = state["terminated"] or {}
             if term.get("exitCode") == 0:
-                return FETCH_DONE, ""
+                return FETCH_DONE, _lines(term, FETCHED_PREFIX)
             return FETCH_FAILED, _failure_text(term)
         waiting = state.get("waiting") or {}
         reason = waiting.get("reason")
@@ -136,11 +138,17 @@ def fetch_state(pod_status: Mapping[str, Any]) -> tuple[str, str]:
     return FETCH_WAITING, ""
 
 
+def _lines(term: Mapping[str, Any], prefix: str) -> str:
+    message = str(term.get("message") or "")
+    lines = [line for line in message.splitlines() if line.startswith(prefix)]
+    return "; ".join(line.removeprefix(prefix) for line in lines)
+
+
 def _failure_text(term: Mapping[str, Any]) -> str:
+    failures = _lines(term, FAILURE_PREFIX)
+    if failures:
+        return failures
     message = str(term.get("message") or "").strip()
-    lines = [line for line in message.splitlines() if line.startswith(FAILURE_PREFIX)]
-    if lines:
-        return "; ".join(line.removeprefix(FAILURE_PREFIX) for line in lines)
     why = f"{term.get('reason') or 'Error'} (exit code {term.get('exitCode')})"
     return f"{why}: {message}" if message else why
 
@@ -180,7 +188,10 @@ def set_models_ready(
         set_condition(status, MODELS_READY, value, reason, message, now, generation)
 
     if done:
-        put(ConditionStatus.TRUE, "Fetched", f"in the job's storage: {named}")
+        # The pod that downloaded says how much and how long; the others only reused.
+        teller = next((p for p in done if "downloaded" in p.fetch_message), done[0])
+        summary = f"pod {teller.name}: {teller.fetch_message}" if teller.fetch_message else ""
+        put(ConditionStatus.TRUE, "Fetched", summary or f"in the job's storage: {named}")
     elif failed:
         first = sorted(failed, key=lambda p: p.name)[0]
         put(ConditionStatus.FALSE, "FetchFailed", f"pod {first.name}: {first.fetch_message}")

@@ -274,3 +274,36 @@ def test_a_hub_that_is_down_is_named_with_its_status(hub: Hub, tmp_path: Path) -
     result = _fetch(hub, _job(tmp_path, "hf://org/down-policy"), tmp_path / "storage")
     assert result.returncode == 1
     assert "hf://org/down-policy: download from the hub failed: HTTP 503" in result.stderr
+
+
+def test_the_termination_message_summarises_what_was_fetched_and_what_failed(
+    hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a pod the kubelet provides the termination message file; the fetch writes its summary
+    there (the operator quotes it in ModelsReady), and never creates such a file elsewhere."""
+    from rlhfspec_workers.fetch import cli
+
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    message = tmp_path / "termination-log"
+    message.touch()
+    monkeypatch.setattr(cli, "TERMINATION_LOG", message)
+    storage = tmp_path / "storage"
+    assert cli.main([str(_job(tmp_path, "hf://org/tiny-policy")), "--storage", str(storage)]) == 0
+    lines = message.read_text().splitlines()
+    assert lines[0].startswith("fetched: hf://org/tiny-policy (downloaded ")
+    assert lines[0].endswith("s)") and " MiB in " in lines[0]
+    assert lines[1].startswith("fetched: hf://datasets/org/tiny-sort/train.jsonl (downloaded ")
+
+    assert cli.main([str(_job(tmp_path, "hf://org/missing")), "--storage", str(storage)]) == 1
+    lines = message.read_text().splitlines()
+    assert lines[0].startswith("fetched: hf://datasets/org/tiny-sort/train.jsonl (reused, ")
+    assert lines[1].startswith(
+        "fetch failed: spec.models.policy.path, spec.models.reference.path: hf://org/missing: "
+        "download from the hub failed: HTTP 404"
+    )
+
+    absent = tmp_path / "no-such-file"
+    monkeypatch.setattr(cli, "TERMINATION_LOG", absent)
+    assert cli.main([str(_job(tmp_path, "hf://org/tiny-policy")), "--storage", str(storage)]) == 0
+    assert not absent.exists()

@@ -2,7 +2,8 @@
 fetches first (an init container with the token from the named Secret), and the job's
 ``ModelsReady`` condition follows the init containers' statuses the test writes as the kubelet
 would: Fetching, then FetchFailed quoting the URI and HTTP status from the termination message
-(the failed pod is recreated, counted against backoffLimit), then Fetched once a fetch is done.
+(the failed pod is recreated, counted against backoffLimit), then Fetched with the size and
+time the finished fetch reported.
 """
 
 from __future__ import annotations
@@ -81,8 +82,9 @@ def test_models_ready_follows_the_fetch_init_containers(cluster: Cluster, namesp
     )
     cluster.wait_for(lambda: cluster.status(JOB, namespace).get("restarts") == 1, "1 restart")
 
-    cluster.set_pod_status(
-        namespace, generation, "Running", **_init({"terminated": {"exitCode": 0}})
-    )
+    summary = f"fetched: {POLICY} (downloaded 16.2 MiB in 4.1s)\n"
+    done = {"terminated": {"exitCode": 0, "reason": "Completed", "message": summary}}
+    cluster.set_pod_status(namespace, generation, "Running", **_init(done))
     fetched = _wait_models_ready(cluster, namespace, "Fetched")
-    assert fetched["status"] == "True" and POLICY in fetched["message"]
+    assert fetched["status"] == "True"
+    assert fetched["message"] == f"pod {generation}: {POLICY} (downloaded 16.2 MiB in 4.1s)"

@@ -136,6 +136,12 @@ def test_fetch_state_reads_the_init_container_and_its_termination_message() -> N
     assert fetch_state(_pod("p", {"waiting": {"reason": "PodInitializing"}})["status"]) == ("", "")
     assert fetch_state(_pod("p", {"running": {}})["status"]) == ("running", "")
     assert fetch_state(_pod("p", {"terminated": {"exitCode": 0}})["status"]) == ("done", "")
+    summary = "fetched: hf://org/policy@v1 (downloaded 16.2 MiB in 3.1s)\nfetched: x (reused)\n"
+    done = {"terminated": {"exitCode": 0, "message": summary}}
+    assert fetch_state(_pod("p", done)["status"]) == (
+        "done",
+        "hf://org/policy@v1 (downloaded 16.2 MiB in 3.1s); x (reused)",
+    )
     failed = {"terminated": {"exitCode": 1, "reason": "Error", "message": FAILED_MESSAGE}}
     assert fetch_state(_pod("p", failed)["status"]) == (
         "failed",
@@ -184,9 +190,14 @@ def test_models_ready_follows_the_pods_fetches() -> None:
     assert failed.message.startswith("pod b: spec.models.policy.path: hf://org/policy@v1: ")
     assert "HTTP 404" in failed.message
 
-    done = _models_ready(job, [_pod("a", {"terminated": {"exitCode": 0}}), _pod("b", None)])
+    reused = {"terminated": {"exitCode": 0, "message": f"fetched: {POLICY} (reused, 1.0 MiB)"}}
+    downloaded = {
+        "terminated": {"exitCode": 0, "message": f"fetched: {POLICY} (downloaded 1.0 MiB in 2s)"}
+    }
+    done = _models_ready(job, [_pod("a", reused), _pod("b", downloaded), _pod("c", None)])
     ready = condition(done, MODELS_READY)
     assert ready is not None and ready.status is ConditionStatus.TRUE and ready.reason == "Fetched"
+    assert ready.message == f"pod b: {POLICY} (downloaded 1.0 MiB in 2s)"
     # Later pods starting (their fetch reuses the copy) do not flip it back.
     later = condition(_models_ready(job, [_pod("c", {"running": {}})], done), MODELS_READY)
     assert later is not None and later.status is ConditionStatus.TRUE

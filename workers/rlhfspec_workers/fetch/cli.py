@@ -7,14 +7,17 @@ directory. It reads the job from ``FILE`` (default ``$RLHFSPEC_JOB_CONFIG``, the
 config mount) and writes into ``--storage`` (default ``$RLHFSPEC_STORAGE``, then the spec's
 ``storage.path``, then ``/data``). Each location is fetched once per storage (``store``); a
 location already there is reused without a request. Exit 0 when every location is there, 1
-when any is not: each failure is one line ``field: URI: what failed (HTTP status)`` on stderr,
-the last lines of the log, which the pod's termination message and the job's ``ModelsReady``
-condition quote.
+when any is not: each failure is one line ``fetch failed: field: URI: what failed (HTTP
+status)`` on stderr. The same lines, and one ``fetched: URI (downloaded N MiB in S s)`` per
+location, go to the pod's termination message file, which the operator quotes in the job's
+``ModelsReady`` condition (the log's tail stands in when the file is missing).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import sys
 import time
@@ -26,14 +29,21 @@ from rlhfspec_api.manifest import DocumentError, ManifestError, load_rlhfjob
 from rlhfspec_api.models import FETCHED_ALLOWED, FETCHED_SCHEMES, UNSUPPORTED_SCHEMES
 from rlhfspec_api.spec import RLHFJobSpec
 from rlhfspec_workers.fetch.store import (
+    MARKER,
     FetchError,
     RemoteLocation,
+    dest_dir,
     install,
     parse_remote,
     resolved_path,
 )
 
 DEFAULT_STORAGE = "/data"
+TERMINATION_LOG = Path("/dev/termination-log")
+"""The pod's termination message file (its default path): the operator reads it back."""
+TERMINATION_MESSAGE_BYTES = 4000
+FETCHED_PREFIX = "fetched: "
+FAILED_PREFIX = "fetch failed: "
 
 
 def remote_locations(spec: RLHFJobSpec) -> Iterator[tuple[list[str], str]]:
@@ -63,9 +73,19 @@ def fetch_location(location: RemoteLocation, storage: Path) -> bool:
     return install(location, storage, lambda into: download_https(location, into))
 
 
-def fetch_all(spec: RLHFJobSpec, storage: Path) -> list[str]:
-    """Fetch every remote location of ``spec``; the failure lines (empty when all are there)."""
-    failures = []
+def _size(dest: Path) -> str:
+    try:
+        size = int(json.loads((dest / MARKER).read_text()).get("bytes", 0))
+    except (OSError, ValueError, AttributeError):
+        return "?"
+    return f"{size / (1 << 20):.1f} MiB"
+
+
+def fetch_all(spec: RLHFJobSpec, storage: Path) -> tuple[list[str], list[str]]:
+    """Fetch every remote location of ``spec``: (one line per location fetched or reused,
+    one line per failure, empty when every location is there)."""
+    fetched: list[str] = []
+    failures: list[str] = []
     for fields, uri in remote_locations(spec):
         named = ", ".join(fields)
         started = time.monotonic()
@@ -81,10 +101,26 @@ def fetch_all(spec: RLHFJobSpec, storage: Path) -> list[str]:
         except OSError as exc:  # the storage itself: full, read-only, permissions
             failures.append(f"{named}: {uri}: writing into the job's storage {storage}: {exc}")
             continue
-        how = f"downloaded in {time.monotonic() - started:.1f}s" if downloaded else "reused"
+        seconds = time.monotonic() - started
+        size = _size(dest_dir(location, storage))
+        how = f"downloaded {size} in {seconds:.1f}s" if downloaded else f"reused, {size}"
+        fetched.append(f"{uri} ({how})")
         print(f"[rlhfspec] fetch: {named}: {uri} -> {resolved_path(location, storage)} ({how})",
               flush=True)  # fmt: skip
-    return failures
+    return fetched, failures
+
+
+def write_termination_message(fetched: list[str], failures: list[str], path: Path) -> None:
+    """The summary the operator quotes in ``ModelsReady``, into the pod's termination message
+    file; only where the kubelet provides one (never created elsewhere, e.g. locally)."""
+    if not path.is_file():
+        return
+    lines = [FETCHED_PREFIX + line for line in fetched] + [FAILED_PREFIX + f for f in failures]
+    text = "\n".join(lines)
+    # The kubelet keeps at most 4096 bytes; the failures (last) matter most, so keep the end.
+    encoded = text.encode()[-TERMINATION_MESSAGE_BYTES:]
+    with contextlib.suppress(OSError):
+        path.write_bytes(encoded)
 
 
 def _storage(flag: str | None, spec: RLHFJobSpec) -> Path:
@@ -117,7 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for error in exc.errors:
             print(f"{config}: {error}", file=sys.stderr)
         return 1
-    failures = fetch_all(job.spec, _storage(args.storage, job.spec))
+    fetched, failures = fetch_all(job.spec, _storage(args.storage, job.spec))
     for line in failures:
-        print(f"fetch failed: {line}", file=sys.stderr, flush=True)
+        print(FAILED_PREFIX + line, file=sys.stderr, flush=True)
+    write_termination_message(fetched, failures, TERMINATION_LOG)
     return 1 if failures else 0

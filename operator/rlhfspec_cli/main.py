@@ -38,7 +38,7 @@ DELEGATED: dict[str, tuple[str, str]] = {
     "models": (
         "rlhfspec_workers.tinymodels.cli",
         "tiny kit and model zoo: `rlhfspec models build [--out DIR]`, `models fetch NAME`, "
-        "`models convert FILE.gguf --out DIR`",
+        "`models convert FILE.gguf --out DIR`, `models distill-draft --policy P --out DIR`",
     ),
     "run": ("rlhfspec_workers.local.run", "run an RLHFJob manifest locally: `rlhfspec run FILE`"),
     "generate": (

@@ -246,7 +246,7 @@ def _takes_logits_to_keep(model: nn.Module) -> bool:
     return _LOGITS_TO_KEEP[cls]
 
 
-def _response_logits(model: Any, batch: PaddedBatch) -> torch.Tensor:
+def response_logits(model: Any, batch: PaddedBatch) -> torch.Tensor:
     """[B, T, V] fp32 logits predicting each response token.
 
     The LM head runs only from the first position that predicts a response token on (HF's
@@ -284,7 +284,7 @@ def response_logprobs_and_entropy(
     model: Any, batch: PaddedBatch, temperature: float = 1.0, with_entropy: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(log-probs [B, T], entropy [B, T] of the tempered next-token distribution or None)."""
-    log_dist = torch.log_softmax(_scaled(_response_logits(model, batch), temperature), dim=-1)
+    log_dist = torch.log_softmax(_scaled(response_logits(model, batch), temperature), dim=-1)
     token_logp = log_dist.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
     entropy = None
     if with_entropy:

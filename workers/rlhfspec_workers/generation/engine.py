@@ -33,13 +33,13 @@ from typing import Any
 
 from rlhfspec_api.generation import GenerationSpec, SpeculativeMode
 from rlhfspec_api.spec import ChatTemplate
-from rlhfspec_workers import vllm_fixes
+from rlhfspec_workers import chat, vllm_fixes
 from rlhfspec_workers.drafters import registry
 from rlhfspec_workers.drafters.base import Drafter
 from rlhfspec_workers.drafters.suffix import SuffixDrafter
 from rlhfspec_workers.hardware import resolve_engine_dtype
 
-from . import chat, weight_sync
+from . import weight_sync
 from .kv_migration import KVMigrationPort, KVState, kv_migration_live
 from .policy import NO_DRAFT, OFF, DraftChoice, DraftPolicy, FixedPolicy
 from .proposer import GROUP_KEY, PROPOSER_CLASS, AdaptiveProposer

@@ -9,6 +9,8 @@ the arguments that follow ``models``.
 - ``fetch NAME`` fetches and converts a zoo model into the cache (``zoo.ensure_zoo_model``, what
   ``zoo://NAME`` does lazily); progress goes to stderr, the directory is the last stdout line.
 - ``convert FILE.gguf --out DIR`` converts a user's own GGUF the same way (``zoo.convert_gguf``).
+- ``distill-draft --policy P --out DIR`` builds a draft from the policy's own layers and
+  distils it on the policy's rollouts (``distill``).
 
 Exit codes: 0 done (or already present), 1 the build, fetch or conversion failed (or the kit
 misses its quality bar, or the GGUF is refused), 2 usage error.
@@ -55,6 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("gguf", type=Path, metavar="FILE.gguf")
     convert.add_argument("--out", type=Path, required=True, help="new (or empty) model directory")
     convert.add_argument("--quiet", action="store_true", help="no progress lines")
+    distill = sub.add_parser(
+        "distill-draft",
+        help="distil a small draft (same tokenizer) from a policy's own rollouts",
+    )
+    from rlhfspec_workers.distill.cli import add_arguments
+
+    add_arguments(distill)
     return parser
 
 
@@ -107,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fetch(args.name, args.quiet)
     if args.command == "convert":
         return _convert(args.gguf, args.out, args.quiet)
+    if args.command == "distill-draft":
+        from rlhfspec_workers.distill.cli import run
+
+        return run(args)
     if args.steps_scale <= 0:
         print("error: --steps-scale must be > 0", file=sys.stderr)
         return 2

@@ -1,10 +1,11 @@
 """Chat prompts: rendering turns with the policy tokenizer's template, and where a reply ends.
 
-Where it sits: ``engine.GenerationEngine`` turns a task's chat messages (or a string prompt,
-wrapped as one user turn when ``dataset.chatTemplate`` is on) into prompt token ids with
-:func:`render`, and adds :func:`end_of_turn_ids` to the stop tokens, so a reply ends where the
-template closes an assistant turn (``<|im_end|>`` in ChatML templates) even when the
-tokenizer's EOS is another token. Works on any HF tokenizer object; no vLLM import.
+Where it sits: below the roles. ``generation.engine.GenerationEngine`` turns a task's chat
+messages (or a string prompt, wrapped as one user turn when ``dataset.chatTemplate`` is on) into
+prompt token ids with :func:`render`, and adds :func:`end_of_turn_ids` to the stop tokens, so a
+reply ends where the template closes an assistant turn (``<|im_end|>`` in ChatML templates) even
+when the tokenizer's EOS is another token; ``distill`` renders its prompts and ends its rollouts
+the same way. Works on any HF tokenizer object; no vLLM import.
 """
 
 from __future__ import annotations

@@ -1,0 +1,99 @@
+"""A draft distilled from the tiny policy's own rollouts: built from its layers, trained by
+forward KL, accepted more often than the layer-subset start; bad input refused by name."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhfspec_workers.distill.acceptance import acceptance_report
+from rlhfspec_workers.distill.layers import DraftInputError, draft_from_policy, pick_layers
+from rlhfspec_workers.distill.rollouts import prompt_token_ids, sample_rollouts
+from rlhfspec_workers.distill.train import distill
+from rlhfspec_workers.torch_models import eos_token_id, load_causal_lm
+
+
+def test_layers_are_evenly_spaced_and_bounded() -> None:
+    assert pick_layers(30, 1) == [0]
+    assert pick_layers(30, 2) == [0, 29]
+    assert pick_layers(30, 4) == [0, 10, 19, 29]
+    assert pick_layers(4, 4) == [0, 1, 2, 3]
+    with pytest.raises(DraftInputError, match="--layers: 5 layers asked of a policy with 4"):
+        pick_layers(4, 5)
+
+
+def test_distillation_raises_acceptance_over_the_layer_subset(tiny_kit: Path) -> None:
+    from transformers import AutoTokenizer
+
+    policy_dir = tiny_kit / "policy"
+    torch.manual_seed(0)
+    policy = load_causal_lm(policy_dir, torch.device("cpu")).float()
+    tokenizer = AutoTokenizer.from_pretrained(str(policy_dir))
+    prompts = prompt_token_ids(tokenizer, tiny_kit / "dataset" / "train.jsonl")
+    stops = [eos_token_id(policy_dir) or 2]
+    sample = dict(max_new_tokens=40, pad_id=0, stop_ids=stops, batch_size=32)
+    train = sample_rollouts(policy, prompts[16:400], token_budget=2000, seed=0, **sample)
+    held_out = sample_rollouts(policy, prompts[:16], token_budget=10**9, seed=1, **sample)
+    assert sum(len(e.response_ids) for e in train) >= 2000
+
+    draft = draft_from_policy(policy, 1)
+    assert draft.config.num_hidden_layers == 1
+    # The shared embedding/head are the policy's and stay frozen; the block is layer 0's.
+    assert torch.equal(draft.lm_head.weight, policy.lm_head.weight.float())
+    assert not draft.lm_head.weight.requires_grad
+    before = acceptance_report(policy, draft, held_out)
+    stats = distill(policy, draft, train, steps=40, batch_size=16, learning_rate=1e-3)
+    after = acceptance_report(policy, draft, held_out)
+
+    assert stats.last_loss < stats.first_loss
+    assert after.mean_alpha > before.mean_alpha + 0.05, (before, after)
+    assert after.expected_accepted > before.expected_accepted
+    # Later positions are accepted less often: each needs all earlier ones.
+    assert list(after.per_position) == sorted(after.per_position, reverse=True)
+    # The policy as its own draft accepts everything: the measure is calibrated.
+    assert acceptance_report(policy, policy, held_out[:4]).mean_alpha == pytest.approx(1.0)
+
+
+def _distill_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "rlhfspec_cli", "models", "distill-draft", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_cli_refuses_more_layers_than_the_policy_has(tiny_kit: Path, tmp_path: Path) -> None:
+    result = _distill_cli(
+        "--policy",
+        str(tiny_kit / "policy"),
+        "--out",
+        str(tmp_path / "d"),
+        "--layers",
+        "9",
+        "--dataset",
+        str(tiny_kit / "dataset" / "train.jsonl"),
+    )
+    assert result.returncode == 1
+    assert "--layers: 9 exceeds the policy's 4 (1..4)" in result.stderr
+    assert not (tmp_path / "d").exists()
+
+
+def test_cli_refuses_an_unsupported_architecture(tmp_path: Path) -> None:
+    model = tmp_path / "gpt2"
+    model.mkdir()
+    config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": 2}
+    (model / "config.json").write_text(json.dumps(config))
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"prompt": "hi"}\n')
+    result = _distill_cli(
+        "--policy", str(model), "--out", str(tmp_path / "d"), "--dataset", str(data)
+    )
+    assert result.returncode == 1
+    assert "--policy: architecture GPT2LMHeadModel is not supported" in result.stderr
+    assert "LlamaForCausalLM" in result.stderr

@@ -8,10 +8,12 @@ replica, inference and trainer) with the pod environment contract. It prints one
 per iteration (read from the coordinator's metrics stream) and a progress line, writes
 ``metrics.jsonl`` and the report's PNG plots into the run directory, and stops every process
 on success, failure or Ctrl-C. ``--resume`` continues from the last checkpoint and the Redis
-state kept in the run directory. Workers inherit the user's environment (installed packages,
-environment variables, PYTHONPATH with the current directory first, as ``python -c`` has it),
-so a function reward importable in the user's shell imports in the job; when a worker reports
-that the job cannot go on (a reward that cannot score), its reason is printed first.
+state kept in the run directory (``local.resume`` says which manifest changes it accepts). A
+redis-server that dies mid-run is restarted on the same port, password and AOF. Workers
+inherit the user's environment (installed packages, environment variables, PYTHONPATH with the
+current directory first, as ``python -c`` has it), so a function reward importable in the
+user's shell imports in the job; when a worker reports that the job cannot go on (a reward
+that cannot score), its reason is printed first.
 """
 
 from __future__ import annotations
@@ -216,10 +218,16 @@ class LocalRun:
                     if tty:
                         print("\r\033[K", end="")
                     print(format_row(metrics), flush=True)
-            if tty and not outage:
-                self._progress_line(client)
             if not outage:
-                self._storage_notice(client)
+                try:
+                    if tty:
+                        self._progress_line(client)
+                    self._storage_notice(client)
+                except (redis.ConnectionError, redis.TimeoutError):
+                    outage = True  # went down since the read: said at the next read
+            restart_failed = self._keep_redis_up()
+            if restart_failed:
+                return _fail([f"[rlhfspec] {self.job.name} failed: {restart_failed}"])
             exits = supervisor.exited()
             coordinator = next((rc for w, rc in exits if w.role == "coordinator"), None)
             failed = [(w, rc) for w, rc in exits if rc != 0]
@@ -255,6 +263,24 @@ class LocalRun:
         except MessageError as exc:
             return f"a worker reported a failure that cannot be read ({exc})"
         return f"{failure.field}: {failure.reason} (reported by {failure.worker})"
+
+    def _keep_redis_up(self) -> str | None:
+        """Restart a redis-server that died (a crash, the OOM killer) on the same port,
+        password and data, its AOF checked first, as a cluster restarts the Redis pod: the
+        workers ride out the gap with their retries. Returns why a restart failed, if it did."""
+        process = self.redis_server.process
+        if process is None or process.poll() is None:
+            return None
+        print(f"\n[rlhfspec] redis-server exited ({process.returncode}); restarting it",
+              file=sys.stderr, flush=True)  # fmt: skip
+        try:
+            self.redis_server.restart()
+        except RuntimeError as exc:  # the AOF check refused, or it did not come up
+            return str(exc)
+        check = self.redis_server.aof_check_report.splitlines()
+        print(f"[rlhfspec] redis-server is back: {check[-1] if check else ''}",
+              file=sys.stderr, flush=True)  # fmt: skip
+        return None
 
     def _storage_notice(self, client: Any) -> None:
         """Say when the trainer reports StorageFull (it waits for room, the job stays up)

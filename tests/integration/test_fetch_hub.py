@@ -207,7 +207,7 @@ def test_fetch_downloads_the_tiny_policy_and_dataset_and_a_second_fetch_reuses(
     before = len(hub.requests)
     second = _fetch(hub, job, storage)
     assert second.returncode == 0, second.stderr
-    assert "(reused)" in second.stdout
+    assert "(reused, " in second.stdout and "(downloaded" not in second.stdout
     assert hub.requests[before:] == []  # a finished download is reused without any request
 
 
@@ -263,7 +263,7 @@ def test_pods_fetching_at_once_download_each_file_once(hub: Hub, tmp_path: Path)
     assert [p.returncode for p in processes] == [0, 0, 0, 0], outputs
     gets = [path for method, path, _ in hub.requests if method == "GET" and "/resolve/" in path]
     assert len(gets) == len(set(gets)) == len(hub.repos[("models", "org/tiny-policy")].files) + 1
-    downloaded = sum(out.count("(downloaded in") for out, _ in outputs)
+    downloaded = sum(out.count("(downloaded ") for out, _ in outputs)
     assert downloaded == 2  # the policy once and the dataset once, by whichever pod came first
     assert list((storage / "fetched" / "hf").glob(".*.partial-*")) == []
 

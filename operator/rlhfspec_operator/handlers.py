@@ -270,7 +270,12 @@ async def reconcile(
     try:
         job = _effective(_parse(body), meta.annotations)
     except ManifestError:
-        return  # start() already failed the job with ValidationFailed
+        # Valid at start (else it would not be active), invalid since: `update` refused the
+        # change (SpecAccepted False) and the job keeps running on the spec last accepted.
+        pinned = updates.last_accepted(str(meta.name), str(meta.namespace), dict(meta))
+        if pinned is None:
+            return
+        job = pinned
     owner = _owner(body)
     indexed: Iterable[PodView] = (
         pods_by_job.get((owner.namespace, owner.name), []) if pods_by_job else []

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from rlhfspec_api import API_GROUP
+from rlhfspec_api.manifest import RLHFJob
 from rlhfspec_api.spec import RLHFJobSpec
 
 APPLIED_SPEC_ANNOTATION = f"{API_GROUP}/applied-spec"
@@ -88,6 +89,20 @@ def pinned_spec(annotations: Mapping[str, str]) -> dict[str, Any] | None:
 
 def pin(spec: RLHFJobSpec) -> str:
     return json.dumps(spec.to_wire(), sort_keys=True, separators=(",", ":"))
+
+
+def last_accepted(job: str, namespace: str, metadata: Mapping[str, Any]) -> RLHFJob | None:
+    """The job as last accepted (its pinned spec), for a live spec that no longer parses (a
+    change refused by the update handler): the job keeps running on it. None when nothing
+    usable is pinned."""
+    pinned = pinned_spec(metadata.get("annotations") or {})
+    if pinned is None:
+        return None
+    try:
+        spec = RLHFJobSpec.model_validate(pinned)
+    except ValidationError:
+        return None
+    return RLHFJob(job, namespace, spec, dict(metadata))
 
 
 def effective_spec(live: RLHFJobSpec, pinned: Mapping[str, Any] | None) -> RLHFJobSpec:

@@ -255,6 +255,18 @@ def test_replicas_below_one_are_refused_naming_the_field(cluster: Cluster, names
     refused = cluster.wait_for(spec_accepted, "the SpecAccepted condition")
     assert refused["status"] == "False" and refused["reason"] == "UpdateRejected"
     assert "spec.generation.replicas" in refused["message"]
+    # The job keeps running on the spec it last accepted: a failed pod is still recreated.
+    pod = f"{JOB}-generation-0"
+    first_uid = cluster.peek("v1/pods", namespace)[pod]["metadata"]["uid"]
+    cluster.set_pod_status(namespace, pod, "Failed")
+    cluster.wait_for(
+        lambda: (
+            (p := cluster.peek("v1/pods", namespace).get(pod)) is not None
+            and p["metadata"]["uid"] != first_uid
+        ),
+        "the failed generation pod recreated under the last accepted spec",
+    )
+    assert cluster.status(JOB, namespace)["restarts"] == 1
     # A valid scale is taken again, and says so.
     scale(cluster, namespace, 2)
     cluster.wait_for(

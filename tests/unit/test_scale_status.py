@@ -17,6 +17,7 @@ import yaml
 
 from rlhfspec_api.manifest import RLHFJob, parse_rlhfjob
 from rlhfspec_api.status import Phase, RLHFJobStatus
+from rlhfspec_operator import updates
 from rlhfspec_operator.conditions import condition
 from rlhfspec_operator.naming import desired_pods
 from rlhfspec_operator.pods import PodView
@@ -135,3 +136,14 @@ def test_spec_accepted_names_the_refused_field_then_clears() -> None:
     assert cleared is not None and cleared.status.value == "True"
     assert cleared.last_transition_time == "2026-01-01T12:00:05Z"
     assert condition(refused, SPEC_ACCEPTED) == found  # the input status is not changed
+
+
+def test_the_last_accepted_spec_survives_an_invalid_live_spec() -> None:
+    job = make_job(2)
+    annotations = {updates.APPLIED_SPEC_ANNOTATION: updates.pin(job.spec)}
+    pinned = updates.last_accepted("tiny-grpo", "ns", {"annotations": annotations})
+    assert pinned is not None and pinned.spec == job.spec
+    assert (pinned.name, pinned.namespace) == ("tiny-grpo", "ns")
+    assert updates.last_accepted("tiny-grpo", "ns", {}) is None  # nothing pinned
+    broken = {updates.APPLIED_SPEC_ANNOTATION: '{"generation": {"replicas": 0}}'}
+    assert updates.last_accepted("tiny-grpo", "ns", {"annotations": broken}) is None

@@ -49,6 +49,7 @@ OBJECTS = {
         "tiny/policy-other/config.json": b"{}",  # shares the prefix text, not the folder
     },
     "data": {"sort/train.jsonl": b'{"prompt": "S21=", "answer": "12"}\n'},
+    "evil": {"m/config.json": b"{}", "m/../../escape.txt": b"x"},
 }
 PAGE = 2
 
@@ -172,3 +173,14 @@ def test_a_wrong_key_and_a_missing_object_name_the_uri_and_status(
     assert refused.value.status == 403
     assert "listing the bucket failed: HTTP 403" in str(refused.value)
     assert "spec.credentials.s3" in str(refused.value)
+
+
+def test_an_object_key_leading_out_of_the_directory_is_refused(s3: Store, tmp_path: Path) -> None:
+    evil = parse_remote("s3://evil/m")
+    with pytest.raises(FetchError) as info:
+        fetch_location(evil, tmp_path)
+    assert str(info.value) == (
+        "s3://evil/m: object key 'm/../../escape.txt' would land outside the directory"
+    )
+    assert not any(p.name == "escape.txt" for p in tmp_path.rglob("*"))
+    assert not dest_dir(evil, tmp_path).exists()

@@ -172,10 +172,12 @@ class _Client:
         partial.rename(target)
 
 
-def _relative(key: str, prefix: str) -> PurePosixPath:
+def _relative(location: RemoteLocation, key: str, prefix: str) -> PurePosixPath:
+    """Where the object ``key`` goes below the download directory; a key that would leave it
+    (a store is free to hold ``m/../../x``) is refused."""
     relative = PurePosixPath(key[len(prefix) :])
     if relative.is_absolute() or ".." in relative.parts or not relative.parts:
-        raise FetchError(key, f"object key {key!r} would land outside the model directory")
+        raise FetchError(location.uri, f"object key {key!r} would land outside the directory")
     return relative
 
 
@@ -191,7 +193,7 @@ def download_s3(
     under = [k for k in client.list_keys(prefix) if not k.endswith("/")]
     if under:
         for object_key in under:
-            client.download(object_key, into / _relative(object_key, prefix))
+            client.download(object_key, into / _relative(location, object_key, prefix))
         return None
     if not key or key.endswith("/"):
         raise FetchError(location.uri, f"no objects under {prefix!r} in bucket {client.bucket!r}")

@@ -213,7 +213,7 @@ def test_eagle_is_refused_on_cpu_naming_the_field(llama_dir: Path) -> None:
         registry.DrafterConfigError, match=r"drafters\[0\]\.method: eagle needs a GPU"
     ):
         registry.check(spec, llama_dir, {0: llama_dir}, device="cpu", native=True)
-    config = registry.native_config(spec.drafters[0], 4, llama_dir, device="cuda")
+    config = registry.native_config(spec.drafters[0], 4, llama_dir)
     assert config == {"method": "eagle", "model": str(llama_dir), "num_speculative_tokens": 4}
 
 
@@ -234,19 +234,40 @@ def test_native_configs_for_baselines(llama_dir: Path) -> None:
     ngram = DrafterSpec.model_validate(
         {"method": "ngram", "promptLookupMin": 2, "promptLookupMax": 3}
     )
-    assert registry.native_config(ngram, 4, None, device="cpu") == {
+    assert registry.native_config(ngram, 4, None) == {
         "method": "ngram",
         "num_speculative_tokens": 4,
         "prompt_lookup_min": 2,
         "prompt_lookup_max": 3,
     }
     draft = DrafterSpec.model_validate({"method": "draft_model", "model": {"path": "d"}})
-    config = registry.native_config(
-        draft, 8, llama_dir, device="cpu", per_batch_size=[(1, 4, 8), (5, 64, 2)]
-    )
+    config = registry.native_config(draft, 8, llama_dir, per_batch_size=[(1, 4, 8), (5, 64, 2)])
     assert config == {
         "method": "draft_model",
         "model": str(llama_dir),
         "num_speculative_tokens": 8,
         "num_speculative_tokens_per_batch_size": [[1, 4, 8], [5, 64, 2]],
     }
+
+
+def test_every_drafter_module_registers_itself_and_agrees_with_the_contract() -> None:
+    from rlhfspec_api.generation import MODEL_BASED_DRAFTERS, DrafterMethod
+
+    # Each method of the spec, plus "off", is one module with an ENTRY; nothing else is.
+    assert set(registry.REGISTRY) == {m.value for m in DrafterMethod} | {"off"}
+    for name, entry in registry.REGISTRY.items():
+        assert entry.name == name
+        is_model_based = name in {m.value for m in MODEL_BASED_DRAFTERS}
+        assert entry.needs_model == is_model_based, name
+    assert not registry.REGISTRY["eagle"].per_step and registry.REGISTRY["eagle"].gpu_only
+    assert registry.REGISTRY["suffix"].native is None
+    # A per-step factory builds the class the module defines.
+    built = registry.build(spec_with({"method": "ngram"}).drafters[0], None, max_slots=2, max_len=8)
+    assert isinstance(built, NgramDrafter)
+
+
+def test_only_drafters_with_history_hear_about_new_iterations() -> None:
+    from rlhfspec_workers.drafters.base import KeepsHistory
+
+    assert isinstance(SuffixDrafter(), KeepsHistory)
+    assert not isinstance(NgramDrafter(), KeepsHistory)

@@ -10,12 +10,15 @@ vLLM accepts a proposed token with the target's probability of it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
+
+from rlhfspec_api.generation import MODEL_BASED_DRAFTERS, DrafterMethod, DrafterSpec
 
 TokenArray = npt.NDArray[np.int64]
 
@@ -54,3 +57,61 @@ class Drafter(Protocol):
 def cap_drafts(drafts: list[list[int]], rows: Sequence[DraftRow], k: int) -> list[list[int]]:
     """Enforce the per-row cap (a drafter bug must not make vLLM verify more than chosen)."""
     return [d[: max(0, min(k, row.max_k))] for d, row in zip(drafts, rows, strict=True)]
+
+
+@runtime_checkable
+class KeepsHistory(Protocol):
+    """A drafter whose state outlives an RL iteration (the suffix drafter's rollouts): the
+    engine calls :meth:`new_iteration` on every such drafter between iterations."""
+
+    def new_iteration(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a per-step drafter's factory gets."""
+
+    spec: DrafterSpec
+    model_path: Path | None
+    """The resolved draft model (model-based drafters)."""
+    max_slots: int
+    max_len: int
+    device: str
+    field: str
+    """The spec field of this drafter, for errors (``generation.speculative.drafters[0]``)."""
+
+
+@dataclass(frozen=True)
+class NativeContext:
+    """What a drafter's vLLM-native config (the benchmark baselines) is built from."""
+
+    spec: DrafterSpec
+    num_tokens: int
+    model_path: Path | None
+    per_batch_size: Sequence[tuple[int, int, int]] | None
+    """vLLM Dynamic SD's schedule: (lo, hi, k) rows, or None for a fixed k."""
+
+
+@dataclass(frozen=True)
+class DrafterEntry:
+    """One drafter method: each drafter module defines its ``ENTRY``; the registry lists them.
+
+    ``build``: the factory of a per-step candidate of the adaptive proposer (None: the method
+    cannot be switched per step, e.g. EAGLE needs hidden states vLLM does not hand to custom
+    proposers). ``native``: vLLM's own speculative config for the method (None: vLLM has none
+    on this install); it returns None for "no speculative config at all" (off)."""
+
+    name: str
+    build: Callable[[BuildContext], Drafter] | None
+    native: Callable[[NativeContext], dict[str, Any] | None] | None
+    gpu_only: bool = False
+
+    @property
+    def per_step(self) -> bool:
+        return self.build is not None
+
+    @property
+    def needs_model(self) -> bool:
+        """Read from the spec contract, which states it once for the validator too."""
+        methods = {m.value: m for m in DrafterMethod}
+        return self.name in methods and methods[self.name] in MODEL_BASED_DRAFTERS

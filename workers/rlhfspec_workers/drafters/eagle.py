@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .base import DrafterEntry, NativeContext
+
 NAME = "eagle"
 
 
@@ -33,3 +35,15 @@ def speculative_config(
     if per_batch_size is not None:
         config["num_speculative_tokens_per_batch_size"] = [list(r) for r in per_batch_size]
     return config
+
+
+def _native(context: NativeContext) -> dict[str, Any]:
+    if context.model_path is None:
+        raise ValueError("eagle needs a model path")
+    return speculative_config(
+        context.model_path, context.num_tokens, per_batch_size=context.per_batch_size
+    )
+
+
+# Not a per-step candidate: vLLM hands custom proposers no hidden states.
+ENTRY = DrafterEntry(NAME, build=None, native=_native, gpu_only=True)

@@ -19,7 +19,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from rlhfspec_api.generation import DrafterSpec
 
-from .base import DraftRow, TokenArray
+from .base import DrafterEntry, DraftRow, NativeContext, TokenArray
 
 NAME = "ngram"
 
@@ -76,3 +76,15 @@ def speculative_config(spec: DrafterSpec, num_tokens: int) -> dict[str, Any]:
         "prompt_lookup_min": spec.prompt_lookup_min,
         "prompt_lookup_max": spec.prompt_lookup_max,
     }
+
+
+def _native(context: NativeContext) -> dict[str, Any]:
+    config = speculative_config(context.spec, context.num_tokens)
+    if context.per_batch_size is not None:
+        config["num_speculative_tokens_per_batch_size"] = [list(r) for r in context.per_batch_size]
+    return config
+
+
+ENTRY = DrafterEntry(
+    NAME, build=lambda context: NgramDrafter.from_spec(context.spec), native=_native
+)

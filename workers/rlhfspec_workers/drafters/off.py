@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from .base import DraftRow
+from .base import BuildContext, DrafterEntry, DraftRow, NativeContext
 
 NAME = "off"
 
@@ -23,3 +23,14 @@ class OffDrafter:
 
     def release(self, req_ids: Iterable[str]) -> None:
         pass
+
+
+def _build(context: BuildContext) -> OffDrafter:
+    return OffDrafter()
+
+
+def _native(context: NativeContext) -> None:
+    return None  # no speculative config at all: no proposer, no rejection sampler
+
+
+ENTRY = DrafterEntry(NAME, build=_build, native=_native)

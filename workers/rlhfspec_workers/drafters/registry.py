@@ -9,35 +9,39 @@ benchmark baselines: fixed k, and vLLM Dynamic SD's k per batch size).
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rlhfspec_api.errors import FieldError
 from rlhfspec_api.generation import MAX_DRAFT_TOKENS_LIMIT, DrafterSpec, SpeculativeSpec
 
-from . import draft_model, eagle, ngram, off, suffix
-from .base import Drafter
+from . import draft_model
+from .base import BuildContext, Drafter, DrafterEntry, NativeContext
+
+# Modules of this package that are not drafters (no ``ENTRY``).
+_NOT_DRAFTERS = frozenset({"base", "registry", "llama_forward"})
 
 
-@dataclass(frozen=True)
-class DrafterEntry:
-    name: str
-    needs_model: bool
-    per_step: bool
-    """Can be a per-step candidate of the adaptive proposer."""
-    native: bool
-    """Has a vLLM-native config (baseline) usable on this install."""
+def _discover() -> dict[str, DrafterEntry]:
+    """Every drafter module's ``ENTRY``: adding a drafter is adding its module."""
+    found: dict[str, DrafterEntry] = {}
+    for module in pkgutil.iter_modules(_package_path()):
+        if module.name in _NOT_DRAFTERS:
+            continue
+        entry_ = getattr(importlib.import_module(f"{__package__}.{module.name}"), "ENTRY", None)
+        if isinstance(entry_, DrafterEntry):
+            found[entry_.name] = entry_
+    return found
 
 
-REGISTRY: dict[str, DrafterEntry] = {
-    off.NAME: DrafterEntry(off.NAME, needs_model=False, per_step=True, native=True),
-    ngram.NAME: DrafterEntry(ngram.NAME, needs_model=False, per_step=True, native=True),
-    suffix.NAME: DrafterEntry(suffix.NAME, needs_model=False, per_step=True, native=False),
-    draft_model.NAME: DrafterEntry(draft_model.NAME, needs_model=True, per_step=True, native=True),
-    eagle.NAME: DrafterEntry(eagle.NAME, needs_model=True, per_step=False, native=True),
-}
+def _package_path() -> list[str]:
+    return list(importlib.import_module(__package__ or "rlhfspec_workers.drafters").__path__)
+
+
+REGISTRY: dict[str, DrafterEntry] = _discover()
 
 
 class DrafterConfigError(ValueError):
@@ -108,21 +112,22 @@ def check(
                         "a draft model with the policy's tokenizer",
                     )
                 )
-        if method == eagle.NAME and not device.startswith("cuda"):
+        if e.gpu_only and not device.startswith("cuda"):
+            cpu_ones = ", ".join(n for n, x in REGISTRY.items() if not x.gpu_only and n != "off")
             errors.append(
                 FieldError(
                     f"{field}.method",
-                    f"eagle needs a GPU (vLLM has no EAGLE path on {device})",
-                    "draft_model, ngram or suffix on CPU, or resources.gpu >= 1",
+                    f"{method} needs a GPU (vLLM has no {method} path on {device})",
+                    f"{cpu_ones} on CPU, or resources.gpu >= 1",
                 )
             )
-        elif native and not e.native:
+        elif native and e.native is None:
+            natives = ", ".join(n for n, x in REGISTRY.items() if x.native and n != "off")
             errors.append(
                 FieldError(
                     f"{field}.method",
-                    f"{method} has no vLLM-native baseline here (vLLM's suffix needs "
-                    "arctic-inference)",
-                    "ngram or draft_model, or the adaptive proposer",
+                    f"{method} has no vLLM-native baseline on this install",
+                    f"{natives}, or the adaptive proposer",
                 )
             )
         elif not native and not e.per_step:
@@ -151,31 +156,16 @@ def build(
     device: str = "cpu",
     field: str = "drafter",
 ) -> Drafter:
-    """A per-step candidate drafter for the adaptive proposer."""
+    """A per-step candidate drafter for the adaptive proposer (the entry's factory)."""
     method = spec.method.value if hasattr(spec.method, "value") else str(spec.method)
     e = entry(method, field)
-    if method == ngram.NAME:
-        return ngram.NgramDrafter.from_spec(spec)
-    if method == suffix.NAME:
-        return suffix.SuffixDrafter.from_spec(spec)
-    if method == draft_model.NAME:
-        if model_path is None:
-            raise DrafterConfigError([FieldError(f"{field}.model", "no model path", "a model")])
-        import torch  # heavy; only model-based drafters need it
-
-        # On CPU the draft computes in float32: eager bf16 matmuls of these small shapes run
-        # ~10x slower than fp32 there (torch 2.13 CPU, measured; vLLM's own kernels differ).
-        dtype = torch.float32
-        if device != "cpu" and spec.model is not None:
-            dtype = getattr(torch, spec.model.dtype.value)
-        return draft_model.DraftModelDrafter(
-            model_path, max_slots=max_slots, max_len=max_len, dtype=dtype, device=device
+    if e.build is None:
+        raise DrafterConfigError(
+            [FieldError(f"{field}.method", f"{e.name} is not a per-step drafter", "native backend")]
         )
-    if method == off.NAME:
-        return off.OffDrafter()
-    raise DrafterConfigError(
-        [FieldError(f"{field}.method", f"{e.name} is not a per-step drafter", "native backend")]
-    )
+    if e.needs_model and model_path is None:
+        raise DrafterConfigError([FieldError(f"{field}.model", "no model path", "a model")])
+    return e.build(BuildContext(spec, model_path, max_slots, max_len, device, field))
 
 
 def native_config(
@@ -183,26 +173,16 @@ def native_config(
     num_tokens: int,
     model_path: Path | None,
     *,
-    device: str,
     per_batch_size: Sequence[tuple[int, int, int]] | None = None,
     field: str = "drafter",
 ) -> dict[str, Any] | None:
-    """vLLM's own speculative config for one drafter (baselines). ``device`` is no longer
-    read here: the engine runs :func:`check` on its device first, which refuses eagle off-GPU."""
+    """vLLM's own speculative config for one drafter (baselines); None for no speculative
+    config at all (off). :func:`check` has refused what this device cannot run."""
     method = spec.method.value if hasattr(spec.method, "value") else str(spec.method)
-    entry(method, field)
-    if method == ngram.NAME:
-        config = ngram.speculative_config(spec, num_tokens)
-        if per_batch_size is not None:
-            config["num_speculative_tokens_per_batch_size"] = [list(r) for r in per_batch_size]
-        return config
-    if method == draft_model.NAME and model_path is not None:
-        return draft_model.speculative_config(model_path, num_tokens, per_batch_size)
-    if method == eagle.NAME and model_path is not None:
-        # check() refused eagle off-GPU at engine start, before this is called.
-        return eagle.speculative_config(model_path, num_tokens, per_batch_size=per_batch_size)
-    if method == off.NAME:
-        return None  # no speculative config at all: no proposer, no rejection sampler
-    raise DrafterConfigError(
-        [FieldError(f"{field}.method", f"{method} has no vLLM-native config", "ngram, draft_model")]
-    )
+    e = entry(method, field)
+    if e.native is None or (e.needs_model and model_path is None):
+        natives = ", ".join(n for n, x in REGISTRY.items() if x.native and n != "off")
+        raise DrafterConfigError(
+            [FieldError(f"{field}.method", f"{method} has no vLLM-native config", natives)]
+        )
+    return e.native(NativeContext(spec, num_tokens, model_path, per_batch_size))

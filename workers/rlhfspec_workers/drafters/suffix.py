@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from rlhfspec_api.generation import DrafterSpec
 
-from .base import DraftRow
+from .base import DrafterEntry, DraftRow
 
 NAME = "suffix"
 MAX_MATCH = 32  # longest match worth extending to; beyond this more context rarely helps
@@ -166,3 +166,7 @@ class SuffixDrafter:
             if not g.seqs:
                 del self.groups[key]
         self.live.clear()
+
+
+# No vLLM-native baseline: vLLM's own suffix method needs the arctic-inference package.
+ENTRY = DrafterEntry(NAME, build=lambda context: SuffixDrafter.from_spec(context.spec), native=None)

@@ -35,7 +35,7 @@ from rlhfspec_api.generation import GenerationSpec, SpeculativeMode
 from rlhfspec_api.spec import ChatTemplate
 from rlhfspec_workers import chat, vllm_fixes
 from rlhfspec_workers.drafters import registry
-from rlhfspec_workers.drafters.base import Drafter
+from rlhfspec_workers.drafters.base import Drafter, KeepsHistory
 from rlhfspec_workers.drafters.suffix import SuffixDrafter
 from rlhfspec_workers.hardware import resolve_engine_dtype
 
@@ -150,7 +150,6 @@ class GenerationEngine:
                 spec_cfg.drafters[0],
                 self.max_k,
                 drafts.get(0),
-                device=self.device,
                 per_batch_size=per_batch_size,
                 field="generation.speculative.drafters[0]",
             )
@@ -261,14 +260,16 @@ class GenerationEngine:
 
     @property
     def suffix(self) -> SuffixDrafter | None:
+        """The suffix drafter, for benchmarks that seed its history (None when not listed)."""
         drafter = self.drafters.get("suffix")
         return drafter if isinstance(drafter, SuffixDrafter) else None
 
     def new_iteration(self) -> None:
-        """Between RL iterations: this iteration's rollouts become the suffix drafter's
-        history."""
-        if self.suffix is not None:
-            self.suffix.new_iteration()
+        """Between RL iterations: every drafter that keeps history across iterations (the
+        suffix drafter's rollouts) moves on to the next."""
+        for drafter in self.drafters.values():
+            if isinstance(drafter, KeepsHistory):
+                drafter.new_iteration()
         if self.kv is not None:
             self.kv.stats().waiting.clear()  # snapshots of samples aborted before they ran
 

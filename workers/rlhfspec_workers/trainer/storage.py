@@ -110,10 +110,11 @@ def storage_full(
 ) -> StorageFullError:
     """The StorageFullError for ``exc`` writing ``path``. What it needs is estimated from the
     previous complete write of the same kind (``previous``), else from what was written
-    before the refusal (then a lower bound)."""
+    before the refusal (then a lower bound). ``written`` bytes of a partial write about to be
+    removed count as free: that is the room the user has once it is gone."""
     needed = max(written, tree_bytes(previous) if previous is not None else 0)
     code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.ENOSPC
-    return StorageFullError(path, needed, free_bytes(path), os.strerror(code))
+    return StorageFullError(path, needed, free_bytes(path) + written, os.strerror(code))
 
 
 def newest_sibling(path: Path, prefix: str) -> Path | None:

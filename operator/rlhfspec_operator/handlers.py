@@ -54,7 +54,7 @@ from rlhfspec_operator.plan import creation_plan
 from rlhfspec_operator.pods import PodView, pod_view
 from rlhfspec_operator.progress import ProgressRead
 from rlhfspec_operator.redis_progress import ProgressReader
-from rlhfspec_operator.spec_condition import spec_accepted
+from rlhfspec_operator.spec_condition import track
 
 RESOURCE = (API_GROUP, API_VERSION, PLURAL)
 ACTIVE_PHASES = {Phase.INITIALIZING.value, Phase.RUNNING.value, Phase.SUSPENDED.value}
@@ -268,10 +268,13 @@ async def reconcile(
     **_: Any,
 ) -> None:
     try:
-        job = _effective(_parse(body), meta.annotations)
-    except ManifestError:
+        live = _parse(body)
+        job = _effective(live, meta.annotations)
+        refused = updates.refused_changes(updates.pinned_spec(meta.annotations), live.spec)
+    except ManifestError as exc:
         # Valid at start (else it would not be active), invalid since: `update` refused the
-        # change (SpecAccepted False) and the job keeps running on the spec last accepted.
+        # change and the job keeps running on the spec last accepted.
+        refused = [cap("invalid change ignored: " + "; ".join(str(e) for e in exc.errors))]
         pinned = updates.last_accepted(str(meta.name), str(meta.namespace), dict(meta))
         if pinned is None:
             return
@@ -297,6 +300,7 @@ async def reconcile(
         now=_now(),
     )
     plan = state.reconcile(observation)
+    plan.status = track(plan.status, refused, observation.now, observation.generation)
     for name in plan.delete:
         await kube.delete("v1", "Pod", owner.namespace, name)
     roles = desired_pods(job.name, job.spec.generation.replicas)
@@ -359,31 +363,19 @@ async def expire(
 async def update(
     body: kopf.Body, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch, **_: Any
 ) -> None:
-    previous = state.parse_status(dict(status))
-    if previous.phase in TERMINAL_PHASES:
+    if state.parse_status(dict(status)).phase in TERMINAL_PHASES:
         return
-
-    def record(refused: list[str]) -> None:  # the SpecAccepted condition (spec_condition)
-        new = spec_accepted(previous, refused, _now(), meta.get("generation"))
-        patch.status.update(_status_patch(dict(status), new.to_wire()))
-
+    # Events here, once per change; the SpecAccepted condition is the reconcile timer's.
     try:
         live = _parse(body)
     except ManifestError as exc:
         message = cap("invalid change ignored: " + "; ".join(str(e) for e in exc.errors))
         kopf.warn(body, reason="UpdateRejected", message=message)
-        record([message])
         return
     pinned = updates.pinned_spec(meta.annotations) or live.spec.to_wire()
     accepted, rejected = updates.split_changes(updates.changed_fields(pinned, live.spec.to_wire()))
-    refused = []
     if rejected:
-        refused.append(
-            f"spec.{', spec.'.join(rejected)} cannot change while the job exists "
-            f"(only {', '.join(updates.MUTABLE_FIELDS)} can); delete and re-create the job"
-        )
-        kopf.warn(body, reason="UpdateRejected", message=refused[0])
-    record(refused)
+        kopf.warn(body, reason="UpdateRejected", message=updates.refusal(rejected))
     if not accepted:
         return
     job = _effective(live, meta.annotations)

@@ -1,11 +1,13 @@
 """Pure: the SpecAccepted condition, which says whether the operator took the latest spec change.
 
-Where it sits: the update handler (``handlers.update``) calls :func:`spec_accepted` after it
-parsed a changed spec. A change the operator refuses (an invalid value such as
-``generation.replicas: 0`` written past the CRD's schema, or a field that cannot change while
-the job exists) keeps the job running on its last accepted spec; the refusal is an event
-(``UpdateRejected``) and this condition, so ``kubectl describe`` and ``kubectl get -o yaml``
-name the field after the event has expired. An accepted change sets it back to True.
+Where it sits: the reconcile timer (``handlers.reconcile``) calls :func:`track` on every tick
+with what it found refused in the live spec: an invalid value such as
+``generation.replicas: 0`` written past the CRD's schema, or a change to a field that cannot
+change while the job exists (``updates.refused_changes``). Such a change keeps the job running
+on its last accepted spec; the update handler posts the ``UpdateRejected`` event once, and this
+condition names the field for as long as the live spec holds it, after the event has expired.
+The timer is the condition's only writer: a second writer (the update handler) raced the
+timer's own status patch, which carries the whole conditions list.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import datetime
 from collections.abc import Sequence
 
 from rlhfspec_api.status import ConditionStatus, RLHFJobStatus
-from rlhfspec_operator.conditions import set_condition
+from rlhfspec_operator.conditions import condition, set_condition
 
 SPEC_ACCEPTED = "SpecAccepted"
 ACCEPTED = "Accepted"
@@ -51,3 +53,16 @@ def spec_accepted(
             generation,
         )
     return new
+
+
+def track(
+    status: RLHFJobStatus,
+    refused: Sequence[str],
+    now: datetime.datetime,
+    generation: int | None,
+) -> RLHFJobStatus:
+    """SpecAccepted for this tick: False while something is refused; True once it no longer is
+    (absent on a job that never had a change refused: nothing to say)."""
+    if refused or condition(status, SPEC_ACCEPTED) is not None:
+        return spec_accepted(status, refused, now, generation)
+    return status

@@ -49,6 +49,23 @@ def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
 
 
+def refusal(rejected: list[str]) -> str:
+    """Why changes to the ``rejected`` paths are not taken (an event and a condition say it)."""
+    return (
+        f"spec.{', spec.'.join(rejected)} cannot change while the job exists "
+        f"(only {', '.join(MUTABLE_FIELDS)} can); delete and re-create the job"
+    )
+
+
+def refused_changes(pinned: Mapping[str, Any] | None, live: RLHFJobSpec) -> list[str]:
+    """One sentence naming the live spec's changes the job does not take, or none: a refused
+    change stays refused until the user reverts it (the pinned spec keeps the old value)."""
+    if pinned is None:
+        return []
+    _, rejected = split_changes(changed_fields(pinned, live.to_wire()))
+    return [refusal(rejected)] if rejected else []
+
+
 def _is_mutable(path: str) -> bool:
     return any(path == f or path.startswith(f + ".") for f in MUTABLE_FIELDS)
 

@@ -22,7 +22,7 @@ from rlhfspec_operator.conditions import condition
 from rlhfspec_operator.naming import desired_pods
 from rlhfspec_operator.pods import PodView
 from rlhfspec_operator.progress import ProgressRead
-from rlhfspec_operator.spec_condition import SPEC_ACCEPTED, spec_accepted
+from rlhfspec_operator.spec_condition import SPEC_ACCEPTED, spec_accepted, track
 from rlhfspec_operator.status import Observation, generation_selector, reconcile, started
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -147,3 +147,22 @@ def test_the_last_accepted_spec_survives_an_invalid_live_spec() -> None:
     assert updates.last_accepted("tiny-grpo", "ns", {}) is None  # nothing pinned
     broken = {updates.APPLIED_SPEC_ANNOTATION: '{"generation": {"replicas": 0}}'}
     assert updates.last_accepted("tiny-grpo", "ns", {"annotations": broken}) is None
+
+
+def test_the_timer_tracks_refusals_of_the_live_spec() -> None:
+    job = make_job(2)
+    pinned = job.spec.to_wire()
+    assert updates.refused_changes(pinned, job.spec) == []
+    # Nothing ever refused: no condition at all.
+    assert condition(track(running_status(), [], NOW, 1), SPEC_ACCEPTED) is None
+    changed = make_job(2).spec.model_copy(update={"image": "example.com/other:1"})
+    (refusal,) = updates.refused_changes(pinned, changed)
+    assert refusal.startswith("spec.image cannot change while the job exists")
+    refused = track(running_status(), [refusal], NOW, 2)
+    found = condition(refused, SPEC_ACCEPTED)
+    assert found is not None and found.status.value == "False" and "spec.image" in found.message
+    # Scaling is a mutable change: not refused, and the condition turns True.
+    scaled = make_job(5).spec
+    assert updates.refused_changes(pinned, scaled) == []
+    cleared = condition(track(refused, [], NOW, 3), SPEC_ACCEPTED)
+    assert cleared is not None and cleared.status.value == "True"

@@ -124,7 +124,7 @@ def test_seeded_batch_with_adaptive_speculation_completes(
 def test_sample_seed_resumed_samples_get_their_own_stream() -> None:
     import zlib
 
-    from rlhfspec_workers.generation.engine import sample_seed
+    from rlhfspec_workers.generation.engine_args import sample_seed
 
     # Unresumed samples keep the seed they always had.
     assert sample_seed(3, "it1/p0", 2) == zlib.crc32(b"3:it1/p0:2") & 0x7FFFFFFF

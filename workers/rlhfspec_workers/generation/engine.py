@@ -10,15 +10,11 @@ short samples are not held back by the long tail and go to the inference stage a
 verified, drafted/accepted as vLLM counted them, step time) for the selector and the
 benchmarks.
 
-Speculation backends:
-
-* adaptive proposer (default, modes adaptive and fixed): vLLM's ``custom_class`` proposer
-  (``proposer.AdaptiveProposer``) owns the candidate drafters and asks a policy for
-  (drafter, k) every step, k = 0 included. Needs the engine in this process
-  (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set here), so the proposer, the policy and this
-  object share memory.
-* native (``native=True``, baselines): vLLM's own ``ngram``/``draft_model``/``eagle`` with a
-  fixed k, or vLLM Dynamic SD (``per_batch_size``: k per scheduled batch size).
+Speculation backends (``engine_args``): the adaptive proposer (modes adaptive and fixed) is
+vLLM's ``custom_class`` proposer (``proposer.AdaptiveProposer``), which owns the candidate
+drafters and asks a policy for (drafter, k) every step; it needs the engine in this process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set here) so proposer, policy and engine share memory.
+Native (``native=True``, baselines) is vLLM's own method, fixed k or Dynamic SD.
 """
 
 from __future__ import annotations
@@ -26,7 +22,6 @@ from __future__ import annotations
 import gc
 import os
 import time
-import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,15 +29,14 @@ from typing import Any
 from rlhfspec_api.generation import GenerationSpec, SpeculativeMode
 from rlhfspec_api.spec import ChatTemplate
 from rlhfspec_workers import chat, vllm_fixes
-from rlhfspec_workers.drafters import registry
 from rlhfspec_workers.drafters.base import Drafter, KeepsHistory
 from rlhfspec_workers.drafters.suffix import SuffixDrafter
-from rlhfspec_workers.hardware import resolve_engine_dtype
 
-from . import weight_sync
+from . import engine_args as vllm_args
+from . import step_stats, weight_sync
 from .kv_migration import KVMigrationPort, KVState, kv_migration_live
-from .policy import NO_DRAFT, OFF, DraftChoice, DraftPolicy, FixedPolicy
-from .proposer import GROUP_KEY, PROPOSER_CLASS, AdaptiveProposer
+from .policy import NO_DRAFT, DraftChoice, DraftPolicy, FixedPolicy
+from .proposer import GROUP_KEY, AdaptiveProposer
 from .records import PromptInput, SampleResult, SamplingConfig, StepRecord
 
 # The proposer must live in this process (see module docstring). vLLM reads this lazily, at
@@ -55,48 +49,11 @@ from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.llm_engine import LLMEngine
 from vllm.v1.executor.abstract import Executor
-from vllm.v1.metrics.loggers import StatLoggerBase
-
-SPEC_COUNTERS = (
-    "vllm:spec_decode_num_drafts",
-    "vllm:spec_decode_num_draft_tokens",
-    "vllm:spec_decode_num_accepted_tokens",
-    "vllm:spec_decode_num_accepted_tokens_per_pos",
-)
-
-
-class _StepStatsSink(StatLoggerBase):  # type: ignore[misc]
-    """Receives vLLM's SchedulerStats after every step (in-process stat logger)."""
-
-    def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
-        self.stats: list[Any] = []
-
-    def record(
-        self,
-        scheduler_stats: Any,
-        iteration_stats: Any,
-        mm_cache_stats: Any = None,
-        engine_idx: int = 0,
-    ) -> None:
-        if scheduler_stats is not None:
-            self.stats.append(scheduler_stats)
-
-    def log_engine_initialized(self) -> None:
-        pass
 
 
 def _attach(worker: Any) -> tuple[Any, Any]:
     runner = worker.model_runner
     return runner, getattr(runner, "drafter", None)
-
-
-def sample_seed(seed: int, prompt_id: str, index: int, resumed_at: int = 0) -> int:
-    """vLLM seed of sample ``index`` of ``prompt_id``: a function of these only, so the sample's
-    tokens do not depend on which engine runs it or what it is batched with. A sample resumed
-    after ``resumed_at`` tokens generated elsewhere gets its own stream (reproducible for the
-    same resume point; not a replay of the stream its start used)."""
-    key = f"{seed}:{prompt_id}:{index}" + (f"@{resumed_at}" if resumed_at else "")
-    return zlib.crc32(key.encode()) & 0x7FFFFFFF
 
 
 class GenerationEngine:
@@ -133,56 +90,24 @@ class GenerationEngine:
         self.max_k = (
             spec_cfg.fixed_k if self.mode is SpeculativeMode.FIXED else spec_cfg.max_draft_tokens
         )
-        if self.mode is not SpeculativeMode.OFF:
-            registry.check(
-                spec_cfg,
-                Path(policy_model),
-                drafts,
-                device=self.device,
-                native=native,
-                per_batch_size=per_batch_size,
-            )
-        speculative_config: dict[str, Any] | None = None
-        if self.mode is SpeculativeMode.OFF:
-            pass
-        elif native:
-            speculative_config = registry.native_config(
-                spec_cfg.drafters[0],
-                self.max_k,
-                drafts.get(0),
-                per_batch_size=per_batch_size,
-                field="generation.speculative.drafters[0]",
-            )
-        else:
-            speculative_config = {
-                "method": "custom_class",
-                "model": PROPOSER_CLASS,
-                "num_speculative_tokens": self.max_k,
-            }
-        self.has_tokenizer = (Path(policy_model) / "tokenizer_config.json").is_file() or (
-            Path(policy_model) / "tokenizer.json"
-        ).is_file()
-        args: dict[str, Any] = {
-            "model": str(policy_model),
-            "skip_tokenizer_init": not self.has_tokenizer,
-            "dtype": resolve_engine_dtype(dtype, self.device),
-            "seed": seed,
-            "max_num_seqs": max_num_seqs,
-            "max_model_len": max_model_len,
-            "disable_log_stats": False,
-            "enable_prefix_caching": True,
-            "logprobs_mode": logprobs_mode,
-            "speculative_config": speculative_config,
-        }
-        if speculative_config is not None:
-            args["per_request_spec_decode_metrics"] = "summary"
-        if self.device == "cpu":
-            args["enforce_eager"] = True
-            args["kv_cache_memory_bytes"] = kv_cache_bytes or (512 << 20)
-        else:
-            args["gpu_memory_utilization"] = spec.gpu_memory_utilization
-            if kv_cache_bytes:
-                args["kv_cache_memory_bytes"] = kv_cache_bytes
+        speculative_config = vllm_args.speculative_config_for(
+            spec_cfg, Path(policy_model), drafts, self.max_k,
+            device=self.device, native=native, per_batch_size=per_batch_size,
+        )  # fmt: skip
+        self.has_tokenizer = vllm_args.has_tokenizer(Path(policy_model))
+        args = vllm_args.engine_args(
+            spec,
+            Path(policy_model),
+            speculative_config,
+            device=self.device,
+            dtype=dtype,
+            seed=seed,
+            max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len,
+            kv_cache_bytes=kv_cache_bytes,
+            logprobs_mode=logprobs_mode,
+            tokenizer=self.has_tokenizer,
+        )
         # One KV connector serves every engine of a process (kv_migration.py): an engine
         # without it must not start while one with it lives, and the reverse.
         if not kv_migration and kv_migration_live():
@@ -192,10 +117,10 @@ class GenerationEngine:
             args.update(self.kv.engine_args(self.device))
         args.update(engine_kwargs or {})
         config = EngineArgs(**args).create_engine_config()
-        sink = _StepStatsSink(config)
+        sink = step_stats.StepStatsSink(config)
         self._sink = sink
 
-        def sink_factory(vllm_config: Any, engine_index: int = 0) -> _StepStatsSink:
+        def sink_factory(vllm_config: Any, engine_index: int = 0) -> step_stats.StepStatsSink:
             return sink
 
         self.engine = LLMEngine(
@@ -222,16 +147,9 @@ class GenerationEngine:
             runner, proposer = self.engine.collective_rpc(_attach)[0]
             if not isinstance(proposer, AdaptiveProposer):
                 raise RuntimeError("vLLM did not load the adaptive proposer in this process")
-            for i, d in enumerate(spec_cfg.drafters):
-                drafter = registry.build(
-                    d,
-                    drafts.get(i),
-                    max_slots=max_num_seqs,
-                    max_len=self.max_model_len + self.max_k + 2,
-                    device=self.device,
-                    field=f"generation.speculative.drafters[{i}]",
-                )
-                self.drafters[drafter.name] = drafter
+            self.drafters = vllm_args.per_step_drafters(
+                spec_cfg, drafts, max_num_seqs, self.max_model_len + self.max_k + 2, self.device
+            )
             if policy is None:
                 first = spec_cfg.drafters[0].method.value
                 policy = FixedPolicy(DraftChoice(first, self.max_k))
@@ -276,14 +194,7 @@ class GenerationEngine:
     def counters(self) -> dict[str, Any]:
         """vLLM's cumulative spec-decode counters (process-wide Prometheus registry: with two
         engines in one process, take deltas around your own calls)."""
-        out: dict[str, Any] = {name: 0 for name in SPEC_COUNTERS}
-        for metric in self.engine.get_metrics():
-            if metric.name in out:
-                values = getattr(metric, "values", None)
-                out[metric.name] = (
-                    list(values) if values is not None else getattr(metric, "value", 0)
-                )
-        return out
+        return step_stats.spec_counters(self.engine.get_metrics())
 
     def close(self) -> None:
         """Release this engine's model, KV cache and drafters.
@@ -346,7 +257,7 @@ class GenerationEngine:
         request_id = f"{self._submitted}:{p.prompt_id}/{index}"
         seed = sampling.seed
         if seed is not None:
-            seed = sample_seed(seed, p.prompt_id, index, resumed_at=len(prefix_token_ids))
+            seed = vllm_args.sample_seed(seed, p.prompt_id, index, resumed_at=len(prefix_token_ids))
         params = SamplingParams(
             n=1,
             temperature=sampling.temperature,
@@ -396,15 +307,6 @@ class GenerationEngine:
         if ids:
             self.engine.abort_request(ids)
 
-    def _request_state(self, request_id: str) -> Any:
-        """vLLM's output state of a request (keyed by its internal id, one per external id)."""
-        processor = self.engine.output_processor
-        for internal in processor.external_req_ids.get(request_id, ()):
-            state = processor.request_states.get(internal)
-            if state is not None:
-                return state
-        return processor.request_states.get(request_id)
-
     def export_kv(self, request_id: str) -> KVState | None:
         """The KV a running request has computed so far (call before :meth:`preempt`); None
         without KV migration or before the request was scheduled."""
@@ -419,7 +321,7 @@ class GenerationEngine:
 
     def generated_so_far(self, request_id: str) -> int:
         """Tokens a running request has produced (from vLLM's output state; 0 if unknown)."""
-        state = self._request_state(request_id)
+        state = step_stats.request_state(self.engine.output_processor, request_id)
         if state is None or state.detokenizer is None:
             return 0
         return len(state.detokenizer.output_token_ids)
@@ -427,15 +329,9 @@ class GenerationEngine:
     def preempt(self, request_id: str) -> tuple[list[int], list[float]]:
         """Abort a running request and return what it generated so far with the log-probs
         (migration: the destination resumes from exactly these tokens)."""
-        state = self._request_state(request_id)
-        tokens: list[int] = []
-        logprobs: list[float] = []
-        if state is not None and state.detokenizer is not None:
-            tokens = [int(t) for t in state.detokenizer.output_token_ids]
-            processor = state.logprobs_processor
-            entries: Any = (processor.logprobs if processor is not None else None) or []
-            # logprobs=0: each position holds exactly the sampled token's entry.
-            logprobs = [float(lp[t].logprob) for lp, t in zip(entries, tokens, strict=True)]
+        tokens, logprobs = step_stats.request_progress(
+            step_stats.request_state(self.engine.output_processor, request_id)
+        )
         self.abort([request_id])
         return tokens, logprobs
 
@@ -502,38 +398,9 @@ class GenerationEngine:
         return sorted(results, key=lambda r: (order[r.prompt_id], r.sample_index))
 
     def _result(self, out: Any, p: PromptInput, j: int, prefix: int = 0) -> SampleResult:
-        completion = out.outputs[0]
-        tokens = [int(t) for t in completion.token_ids]
-        # Each position holds the sampled token's entry (plus the top ones when asked for).
-        per_token = completion.logprobs or []
-        logprobs = [float(lp[t].logprob) for lp, t in zip(per_token, tokens, strict=True)]
-        top: list[list[float]] = []
-        if self._top_logprobs.get(out.request_id, 0):
-            n = self._top_logprobs[out.request_id]
-            top = [sorted((float(e.logprob) for e in lp.values()), reverse=True)[:n]
-                   for lp in per_token]  # fmt: skip
-        self._top_logprobs.pop(out.request_id, None)
-        metrics = getattr(completion, "spec_decode_metrics", None)
-        drafted = accepted = 0
-        if metrics is not None:
-            drafted = int(metrics.num_draft_tokens)
-            accepted = sum(j * c for j, c in enumerate(metrics.histogram))
-        return SampleResult(
-            sample_id=f"{p.prompt_id}/{j}",
-            prompt_id=p.prompt_id,
-            group_id=p.group_id or p.prompt_id,
-            sample_index=j,
-            # A resumed sample's prompt holds its earlier tokens: report the original prompt.
-            prompt_token_ids=[int(t) for t in out.prompt_token_ids or []][
-                : len(out.prompt_token_ids or []) - prefix
-            ],
-            token_ids=tokens,
-            logprobs=logprobs,
-            finish_reason=completion.finish_reason,
-            text=completion.text if self.has_tokenizer else None,
-            num_draft_tokens=drafted,
-            num_accepted_tokens=accepted,
-            top_logprobs=top,
+        top = self._top_logprobs.pop(out.request_id, 0)
+        return step_stats.sample_result(
+            out, p, j, prefix=prefix, top=top, with_text=self.has_tokenizer
         )
 
     def _step(self) -> list[Any]:
@@ -564,27 +431,16 @@ class GenerationEngine:
         else:
             verified = self._pending_choice if self.proposer and drafted else NO_DRAFT
         self._pending_choice = next_choice
-        record = StepRecord(
-            step=self._step_index,
+        record = step_stats.step_record(
+            self._step_index,
+            spec,
             batch_size=batch_size,
-            num_finished=finished,
-            drafter=verified.drafter if num_drafts else OFF,
-            k=verified.k if num_drafts else 0,
-            num_drafts=num_drafts,
-            num_draft_tokens=drafted,
-            num_accepted_tokens=spec.num_accepted_tokens if spec else 0,
-            accepted_per_pos=tuple(spec.num_accepted_tokens_per_pos) if spec else (),
-            drafted_per_pos=tuple(spec.num_draft_tokens_per_pos) if spec else (),
-            proposer_draft_tokens=sum(f.num_draft_tokens for f in feedback)
-            if self.proposer
-            else -1,
-            proposer_accepted_tokens=(
-                sum(f.num_accepted_tokens for f in feedback) if self.proposer else -1
-            ),
-            next_drafter=next_choice.drafter,
-            next_k=next_choice.k,
-            next_draft_tokens=next_tokens,
-            step_seconds=seconds,
+            finished=finished,
+            verified=verified,
+            feedback=feedback if self.proposer else None,
+            next_choice=next_choice,
+            next_tokens=next_tokens,
+            seconds=seconds,
             draft_seconds=draft_seconds,
         )
         self._step_index += 1

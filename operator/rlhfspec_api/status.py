@@ -32,6 +32,30 @@ class ConditionStatus(StrEnum):
     UNKNOWN = "Unknown"
 
 
+class ConditionType(StrEnum):
+    """Every condition the operator writes on an RLHFJob: the one list of their names."""
+
+    PODS_READY = "PodsReady"
+    """Every worker pod is running (False names the ones it waits for)."""
+    PROGRESSING = "Progressing"
+    """The job moves through its phases (reason: the phase's reason)."""
+    SUSPENDED = "Suspended"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    COORDINATOR_REACHABLE = "CoordinatorReachable"
+    """The operator reads the coordinator's progress from Redis."""
+    STORAGE_FULL = "StorageFull"
+    """The trainer cannot write a checkpoint: the job's storage is full."""
+    QUEUED = "Queued"
+    """A queue (Kueue) holds the job's pods until it admits them as a gang."""
+    MODELS_READY = "ModelsReady"
+    """hf:// and https:// models and datasets are fetched into the job's storage."""
+    SPEC_ACCEPTED = "SpecAccepted"
+    """The last spec change was applied (False: refused, the job runs on the last accepted)."""
+    CHILDREN_DELETED = "ChildrenDeleted"
+    """ttlSecondsAfterFinished deleted the finished job's children."""
+
+
 class Condition(ContractModel):
     """A Kubernetes-style condition (PodsReady, CoordinatorReachable, Progressing, Failed ...)."""
 

@@ -28,12 +28,11 @@ from typing import Any, Protocol
 from rlhfspec_api.locations import locations
 from rlhfspec_api.manifest import RLHFJob
 from rlhfspec_api.models import FETCHED_SCHEMES
-from rlhfspec_api.status import ConditionStatus, RLHFJobStatus
+from rlhfspec_api.status import ConditionStatus, ConditionType, RLHFJobStatus
 from rlhfspec_operator.conditions import condition, set_condition
 from rlhfspec_operator.naming import CONFIG_DIR, CONFIG_KEY, STORAGE_DIR
 
 FETCH_CONTAINER = "fetch"
-MODELS_READY = "ModelsReady"
 FETCH_MOUNTS = ("config", "storage", "tmp")
 """The worker's volumes the fetch reads or writes; reward modules, CAs and shm it never needs."""
 FAILURE_PREFIX = "fetch failed: "
@@ -182,10 +181,10 @@ def set_models_ready(
     failed = [p for p in pods if p.fetch == FETCH_FAILED]
     running = [p for p in pods if p.fetch == FETCH_RUNNING]
     blocked = sorted((p for p in pods if p.fetch == FETCH_BLOCKED), key=lambda p: p.name)
-    previous = condition(status, MODELS_READY)
+    previous = condition(status, ConditionType.MODELS_READY)
 
     def put(value: ConditionStatus, reason: str, message: str) -> None:
-        set_condition(status, MODELS_READY, value, reason, message, now, generation)
+        set_condition(status, ConditionType.MODELS_READY, value, reason, message, now, generation)
 
     if done:
         # The pod that downloaded says how much and how long; the others only reused.

@@ -11,11 +11,15 @@ from __future__ import annotations
 import datetime
 from dataclasses import dataclass
 
-from rlhfspec_api.status import Condition, ConditionStatus, GenerationStatus, RLHFJobStatus
+from rlhfspec_api.status import (
+    Condition,
+    ConditionStatus,
+    ConditionType,
+    GenerationStatus,
+    RLHFJobStatus,
+)
 from rlhfspec_operator.conditions import set_condition, timestamp
 from rlhfspec_workers.messages import JobProgress, StorageFull
-
-COORDINATOR_REACHABLE = "CoordinatorReachable"
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,7 @@ def apply_progress(
     if read.error is not None:
         set_condition(
             status,
-            COORDINATOR_REACHABLE,
+            ConditionType.COORDINATOR_REACHABLE,
             ConditionStatus.FALSE,
             read.error_reason,
             read.error,
@@ -73,7 +77,13 @@ def apply_progress(
             written = datetime.datetime.fromtimestamp(progress.updated_at, datetime.UTC)
             message += f", written at {timestamp(written)}"
     set_condition(
-        status, COORDINATOR_REACHABLE, ConditionStatus.TRUE, "Connected", message, now, generation
+        status,
+        ConditionType.COORDINATOR_REACHABLE,
+        ConditionStatus.TRUE,
+        "Connected",
+        message,
+        now,
+        generation,
     )
     if progress is None:
         return events

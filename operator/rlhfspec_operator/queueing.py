@@ -14,11 +14,9 @@ from __future__ import annotations
 import datetime
 from collections.abc import Sequence
 
-from rlhfspec_api.status import ConditionStatus, RLHFJobStatus
+from rlhfspec_api.status import ConditionStatus, ConditionType, RLHFJobStatus
 from rlhfspec_operator.conditions import condition, parse_time, set_condition
 from rlhfspec_operator.pods import PodView
-
-QUEUED = "Queued"
 
 
 def apply_queue(
@@ -30,24 +28,38 @@ def apply_queue(
     """Set the ``Queued`` condition from the pods the job waits for (None: not created yet);
     True while every one of them is held by a scheduling gate."""
     held = bool(waiting) and all(view is not None and view.gated for view in waiting)
-    before = condition(status, QUEUED)
+    before = condition(status, ConditionType.QUEUED)
     if held:
         message = (
             f"{len(waiting)} worker pod(s) held by a scheduling gate until the queue admits the "
             "job (kueue.x-k8s.io/queue-name); startupDeadlineSeconds counts from admission"
         )
         set_condition(
-            status, QUEUED, ConditionStatus.TRUE, "WaitingForAdmission", message, now, generation
+            status,
+            ConditionType.QUEUED,
+            ConditionStatus.TRUE,
+            "WaitingForAdmission",
+            message,
+            now,
+            generation,
         )
     elif before is not None and before.status is ConditionStatus.TRUE:
         message = "the queue admitted the job: its pods' scheduling gates are gone"
-        set_condition(status, QUEUED, ConditionStatus.FALSE, "Admitted", message, now, generation)
+        set_condition(
+            status,
+            ConditionType.QUEUED,
+            ConditionStatus.FALSE,
+            "Admitted",
+            message,
+            now,
+            generation,
+        )
     return held
 
 
 def admitted_since(status: RLHFJobStatus) -> datetime.datetime | None:
     """When the queue last admitted the job (its pods' gates went), if it was ever queued."""
-    queued = condition(status, QUEUED)
+    queued = condition(status, ConditionType.QUEUED)
     if queued is None or queued.status is not ConditionStatus.FALSE:
         return None
     return parse_time(queued.last_transition_time)

@@ -15,10 +15,9 @@ from __future__ import annotations
 import datetime
 from collections.abc import Sequence
 
-from rlhfspec_api.status import ConditionStatus, RLHFJobStatus
+from rlhfspec_api.status import ConditionStatus, ConditionType, RLHFJobStatus
 from rlhfspec_operator.conditions import condition, set_condition
 
-SPEC_ACCEPTED = "SpecAccepted"
 ACCEPTED = "Accepted"
 UPDATE_REJECTED = "UpdateRejected"
 
@@ -35,7 +34,7 @@ def spec_accepted(
     if rejected:
         set_condition(
             new,
-            SPEC_ACCEPTED,
+            ConditionType.SPEC_ACCEPTED,
             ConditionStatus.FALSE,
             UPDATE_REJECTED,
             "; ".join(rejected),
@@ -45,7 +44,7 @@ def spec_accepted(
     else:
         set_condition(
             new,
-            SPEC_ACCEPTED,
+            ConditionType.SPEC_ACCEPTED,
             ConditionStatus.TRUE,
             ACCEPTED,
             "the latest spec change was accepted",
@@ -63,6 +62,6 @@ def track(
 ) -> RLHFJobStatus:
     """SpecAccepted for this tick: False while something is refused; True once it no longer is
     (absent on a job that never had a change refused: nothing to say)."""
-    if refused or condition(status, SPEC_ACCEPTED) is not None:
+    if refused or condition(status, ConditionType.SPEC_ACCEPTED) is not None:
         return spec_accepted(status, refused, now, generation)
     return status

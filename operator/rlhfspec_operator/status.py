@@ -21,20 +21,20 @@ from dataclasses import dataclass, field
 
 from rlhfspec_api.echo import cap
 from rlhfspec_api.manifest import RLHFJob
-from rlhfspec_api.status import TERMINAL_PHASES, ConditionStatus, Phase, RLHFJobStatus
+from rlhfspec_api.status import (
+    TERMINAL_PHASES,
+    ConditionStatus,
+    ConditionType,
+    Phase,
+    RLHFJobStatus,
+)
 from rlhfspec_operator.conditions import condition, parse_time, set_condition, timestamp
 from rlhfspec_operator.fetch_init import set_models_ready
 from rlhfspec_operator.naming import COORDINATOR, GENERATION, TRAINER, desired_pods, selector
 from rlhfspec_operator.pods import FAILED, SUCCEEDED, PodView
-from rlhfspec_operator.progress import COORDINATOR_REACHABLE, ProgressRead, apply_progress
+from rlhfspec_operator.progress import ProgressRead, apply_progress
 from rlhfspec_operator.queueing import admitted_since, apply_queue
 from rlhfspec_operator.storage_condition import apply_storage
-
-PODS_READY = "PodsReady"
-PROGRESSING = "Progressing"
-SUSPENDED = "Suspended"
-SUCCEEDED_CONDITION = "Succeeded"
-FAILED_CONDITION = "Failed"
 
 NORMAL = "Normal"
 WARNING = "Warning"
@@ -95,7 +95,7 @@ def _enter(plan: Plan, obs: Observation, phase: Phase, reason: str, message: str
     active = phase in (Phase.INITIALIZING, Phase.RUNNING)
     set_condition(
         status,
-        PROGRESSING,
+        ConditionType.PROGRESSING,
         ConditionStatus.TRUE if active else ConditionStatus.FALSE,
         reason,
         message,
@@ -124,7 +124,9 @@ def validation_failed(
         completion_time=timestamp(now),
         observed_generation=generation,
     )
-    set_condition(status, FAILED_CONDITION, ConditionStatus.TRUE, reason, message, now, generation)
+    set_condition(
+        status, ConditionType.FAILED, ConditionStatus.TRUE, reason, message, now, generation
+    )
     return status, Event(WARNING, reason, message)
 
 
@@ -150,7 +152,7 @@ def started(
         status.start_time = timestamp(now)
         set_condition(
             status,
-            PODS_READY,
+            ConditionType.PODS_READY,
             ConditionStatus.FALSE,
             "PodsStarting",
             f"0/{pods} worker pods running",
@@ -167,11 +169,17 @@ def _suspend(plan: Plan, obs: Observation, pods_deleted: int) -> None:
     if pods_deleted:
         message = f"{pods_deleted} {message}"
     set_condition(
-        status, SUSPENDED, ConditionStatus.TRUE, "Suspended", message, obs.now, obs.generation
+        status,
+        ConditionType.SUSPENDED,
+        ConditionStatus.TRUE,
+        "Suspended",
+        message,
+        obs.now,
+        obs.generation,
     )
     set_condition(
         status,
-        PODS_READY,
+        ConditionType.PODS_READY,
         ConditionStatus.FALSE,
         "Suspended",
         "job is suspended",
@@ -187,7 +195,7 @@ def _finish(
     """Terminal: free the accelerators (delete still-active pods), keep finished ones' logs."""
     status = plan.status
     status.completion_time = timestamp(obs.now)
-    kind = SUCCEEDED_CONDITION if phase is Phase.SUCCEEDED else FAILED_CONDITION
+    kind = ConditionType.SUCCEEDED if phase is Phase.SUCCEEDED else ConditionType.FAILED
     set_condition(status, kind, ConditionStatus.TRUE, reason, message, obs.now, obs.generation)
     plan.delete += [p.name for p in pods if p.active and p.name not in plan.delete]
     status.generation_replicas = 0  # every active pod is deleted; none runs after this
@@ -217,10 +225,10 @@ def _count_generation(status: RLHFJobStatus, job: str, pods: Sequence[PodView]) 
 def _startup_since(status: RLHFJobStatus) -> datetime.datetime | None:
     """When the job last entered "not every pod is running" (a resume restarts the clock)."""
     moments = []
-    ready = condition(status, PODS_READY)
+    ready = condition(status, ConditionType.PODS_READY)
     if ready is not None and ready.status is ConditionStatus.FALSE:
         moments.append(parse_time(ready.last_transition_time))
-    suspended = condition(status, SUSPENDED)
+    suspended = condition(status, ConditionType.SUSPENDED)
     if suspended is not None and suspended.status is ConditionStatus.FALSE:
         moments.append(parse_time(suspended.last_transition_time))
     known = [m for m in moments if m is not None]
@@ -228,141 +236,168 @@ def _startup_since(status: RLHFJobStatus) -> datetime.datetime | None:
 
 
 def reconcile(obs: Observation) -> Plan:
-    """One step of the state machine; see the module docstring for the phases."""
+    """One step of the state machine; see the module docstring for the phases.
+
+    Each step below owns one transition or condition and returns True when it ended the
+    job (Succeeded or Failed): the steps after it do not run."""
     plan = Plan(obs.status.model_copy(deep=True))
-    status, spec, now = plan.status, obs.job.spec, obs.now
+    status = plan.status
     if status.phase in TERMINAL_PHASES or status.phase is Phase.PENDING:
         return plan  # terminal is final; Pending belongs to the create handler
-    reachable_before = condition(status, COORDINATOR_REACHABLE)
-    for event in apply_progress(
-        status, obs.progress, spec.algorithm.iterations, now, obs.generation, reachable_before
-    ):
-        plan.events.append(Event(*event))
-    for event in apply_storage(status, obs.progress, now, obs.generation):
-        plan.events.append(Event(*event))  # StorageFull: a condition, the job keeps running
-    set_models_ready(status, obs.job, obs.pods, now, obs.generation)
+    _observe(plan, obs)
     pods = sorted(obs.pods, key=lambda p: p.name)
     live = [p for p in pods if not p.deleting]
-    _count_generation(status, obs.job.name, pods)
-
-    if spec.suspend:
+    if obs.job.spec.suspend:
         plan.delete = [p.name for p in live]
         if status.phase is not Phase.SUSPENDED:
             _suspend(plan, obs, pods_deleted=len(plan.delete))
         return plan
     if status.phase is Phase.SUSPENDED:
-        status.start_time = timestamp(now)  # activeDeadlineSeconds restarts, as for Jobs
-        set_condition(
-            status,
-            SUSPENDED,
-            ConditionStatus.FALSE,
-            "Resumed",
-            "suspend set to false; recreating worker pods",
-            now,
-            obs.generation,
-        )
-        set_condition(
-            status,
-            PODS_READY,
-            ConditionStatus.FALSE,
-            "PodsStarting",
-            "job resumed",
-            now,
-            obs.generation,
-        )
-
-    started_at = parse_time(status.start_time)
-    deadline = spec.active_deadline_seconds
-    over = started_at is not None and (now - started_at).total_seconds() > (deadline or 0)
-    if deadline is not None and over:
-        _finish(
-            plan,
-            obs,
-            Phase.FAILED,
-            "DeadlineExceeded",
-            f"job was active longer than activeDeadlineSeconds ({deadline}s)",
-            pods,
-        )
+        _resume(plan, obs)
+    if _deadline(plan, obs, pods) or _coordinator_failed(plan, obs, pods):
         return plan
+    if _pod_exits(plan, obs, pods, live):
+        return plan
+    desired = _scale(plan, obs, pods, live)
+    _readiness(plan, obs, pods, live, desired)
+    return plan
 
+
+def _observe(plan: Plan, obs: Observation) -> None:
+    """Conditions read off the world, whatever the phase: CoordinatorReachable and the
+    progress (Redis), StorageFull (the trainer's report), ModelsReady (the fetch init
+    containers), and the generation pod count (the scale subresource)."""
+    status, now, generation = plan.status, obs.now, obs.generation
+    reachable_before = condition(status, ConditionType.COORDINATOR_REACHABLE)
+    iterations = obs.job.spec.algorithm.iterations
+    for event in apply_progress(
+        status, obs.progress, iterations, now, generation, reachable_before
+    ):
+        plan.events.append(Event(*event))
+    for event in apply_storage(status, obs.progress, now, generation):
+        plan.events.append(Event(*event))  # StorageFull: a condition, the job keeps running
+    set_models_ready(status, obs.job, obs.pods, now, generation)
+    _count_generation(status, obs.job.name, sorted(obs.pods, key=lambda p: p.name))
+
+
+def _resume(plan: Plan, obs: Observation) -> None:
+    """Suspended -> back to starting: activeDeadlineSeconds restarts, as for Jobs."""
+    status, now = plan.status, obs.now
+    status.start_time = timestamp(now)
+    set_condition(
+        status,
+        ConditionType.SUSPENDED,
+        ConditionStatus.FALSE,
+        "Resumed",
+        "suspend set to false; recreating worker pods",
+        now,
+        obs.generation,
+    )
+    set_condition(
+        status,
+        ConditionType.PODS_READY,
+        ConditionStatus.FALSE,
+        "PodsStarting",
+        "job resumed",
+        now,
+        obs.generation,
+    )
+
+
+def _deadline(plan: Plan, obs: Observation, pods: Sequence[PodView]) -> bool:
+    """Failed/DeadlineExceeded once the job was active longer than activeDeadlineSeconds."""
+    deadline = obs.job.spec.active_deadline_seconds
+    started_at = parse_time(plan.status.start_time)
+    if deadline is None or started_at is None:
+        return False
+    if (obs.now - started_at).total_seconds() <= deadline:
+        return False
+    message = f"job was active longer than activeDeadlineSeconds ({deadline}s)"
+    _finish(plan, obs, Phase.FAILED, "DeadlineExceeded", message, pods)
+    return True
+
+
+def _coordinator_failed(plan: Plan, obs: Observation, pods: Sequence[PodView]) -> bool:
+    """Failed/CoordinatorFailed when the coordinator reported a failure in its progress."""
     progress = obs.progress.progress
-    if progress is not None and progress.state == "failed":
-        _finish(
-            plan,
-            obs,
-            Phase.FAILED,
-            "CoordinatorFailed",
-            progress.message or "the coordinator reported a failure",
-            pods,
-        )
-        return plan
+    if progress is None or progress.state != "failed":
+        return False
+    message = progress.message or "the coordinator reported a failure"
+    _finish(plan, obs, Phase.FAILED, "CoordinatorFailed", message, pods)
+    return True
 
+
+def _pod_exits(
+    plan: Plan, obs: Observation, pods: Sequence[PodView], live: Sequence[PodView]
+) -> bool:
+    """Pods that ended: the coordinator's success ends the job; a worker that exits 0 early
+    is recreated; a failed pod is recreated until backoffLimit, then the job fails."""
+    status, spec = plan.status, obs.job.spec
+    progress = obs.progress.progress
     restarts = status.restarts or 0
     for pod in live:
         if pod.role == COORDINATOR and pod.phase == SUCCEEDED:
             done = f"{status.iteration or 0}/{status.total_iterations or 0}"
-            _finish(
-                plan,
-                obs,
-                Phase.SUCCEEDED,
-                "Completed",
-                f"the coordinator finished after {done} iterations",
-                pods,
-            )
-            return plan
+            message = f"the coordinator finished after {done} iterations"
+            _finish(plan, obs, Phase.SUCCEEDED, "Completed", message, pods)
+            return True
         if pod.phase == SUCCEEDED and not (progress is not None and progress.state == "succeeded"):
             # A worker that exits 0 while the job still runs stopped serving: bring it back.
             # Not a failure, so it does not count against backoffLimit.
             plan.delete.append(pod.name)
-            plan.events.append(
-                Event(
-                    WARNING,
-                    "PodExited",
-                    f"pod {pod.name} exited 0 before the coordinator finished; recreating it",
-                )
-            )
+            message = f"pod {pod.name} exited 0 before the coordinator finished; recreating it"
+            plan.events.append(Event(WARNING, "PodExited", message))
             continue
         if pod.phase != FAILED:
             continue
         failure = f"pod {pod.name} failed" + (f": {pod.detail}" if pod.detail else "")
         if restarts >= spec.backoff_limit:
             status.restarts = restarts
-            _finish(
-                plan,
-                obs,
-                Phase.FAILED,
-                "BackoffLimitExceeded",
-                f"{failure}; backoffLimit {spec.backoff_limit} reached after {restarts} restart(s)",
-                pods,
+            message = (
+                f"{failure}; backoffLimit {spec.backoff_limit} reached after {restarts} restart(s)"
             )
-            return plan
+            _finish(plan, obs, Phase.FAILED, "BackoffLimitExceeded", message, pods)
+            return True
         restarts += 1
         plan.delete.append(pod.name)
         resume = " (it resumes from its last checkpoint)" if pod.role == TRAINER else ""
-        plan.events.append(
-            Event(
-                WARNING,
-                "PodFailed",
-                f"{failure}; recreating it{resume}, restart {restarts} "
-                f"of backoffLimit {spec.backoff_limit}",
-            )
+        message = (
+            f"{failure}; recreating it{resume}, restart {restarts} of backoffLimit "
+            f"{spec.backoff_limit}"
         )
+        plan.events.append(Event(WARNING, "PodFailed", message))
     status.restarts = restarts
+    return False
 
-    desired = desired_pods(obs.job.name, spec.generation.replicas)
+
+def _scale(
+    plan: Plan, obs: Observation, pods: Sequence[PodView], live: Sequence[PodView]
+) -> list[str]:
+    """Delete generation pods above generation.replicas, create the missing desired pods;
+    returns the desired pod names (in creation order)."""
+    replicas = obs.job.spec.generation.replicas
+    desired = list(desired_pods(obs.job.name, replicas))
     for pod in live:
         if pod.role == GENERATION and pod.name not in desired and pod.name not in plan.delete:
             plan.delete.append(pod.name)
-            plan.events.append(
-                Event(
-                    NORMAL,
-                    "ScaledDown",
-                    f"deleted pod {pod.name}: generation.replicas is {spec.generation.replicas}",
-                )
-            )
+            message = f"deleted pod {pod.name}: generation.replicas is {replicas}"
+            plan.events.append(Event(NORMAL, "ScaledDown", message))
     present = {p.name for p in pods}  # a terminating pod's name is taken until it is gone
     plan.create = [name for name in desired if name not in present]
+    return desired
 
+
+def _readiness(
+    plan: Plan,
+    obs: Observation,
+    pods: Sequence[PodView],
+    live: Sequence[PodView],
+    desired: Sequence[str],
+) -> None:
+    """PodsReady and the phase it implies: Running when every desired pod runs; else
+    Initializing (Queued while a queue holds the gang), or Failed/StartupDeadlineExceeded."""
+    status, now, generation = plan.status, obs.now, obs.generation
+    progress = obs.progress.progress
     by_name = {p.name: p for p in live if p.name not in plan.delete}
     finishing = progress is not None and progress.state == "succeeded"
 
@@ -371,46 +406,37 @@ def reconcile(obs: Observation) -> Plan:
         return pod is not None and (pod.running or (finishing and pod.phase == SUCCEEDED))
 
     waiting = [n for n in desired if not up(n)]
-    queued = apply_queue(status, [by_name.get(n) for n in waiting], now, obs.generation)
+    queued = apply_queue(status, [by_name.get(n) for n in waiting], now, generation)
     if not waiting:
         total = len(desired)
+        message = f"{total}/{total} worker pods running"
         set_condition(
-            status,
-            PODS_READY,
-            ConditionStatus.TRUE,
-            "AllPodsRunning",
-            f"{total}/{total} worker pods running",
-            now,
-            obs.generation,
-        )
+            status, ConditionType.PODS_READY, ConditionStatus.TRUE, "AllPodsRunning", message,
+            now, generation,
+        )  # fmt: skip
         if status.start_time is None:
             status.start_time = timestamp(now)
         message = f"iteration {status.progress}" if status.progress else "training"
         _enter(plan, obs, Phase.RUNNING, "Training", message)
-        return plan
-
+        return
     details = [by_name[n].describe() if n in by_name else f"{n}: not created yet" for n in waiting]
     running = len(desired) - len(details)
     message = f"{running}/{len(desired)} worker pods running; waiting for " + "; ".join(details)
     set_condition(
-        status, PODS_READY, ConditionStatus.FALSE, "PodsNotReady", message, now, obs.generation
-    )
+        status, ConditionType.PODS_READY, ConditionStatus.FALSE, "PodsNotReady", message, now,
+        generation,
+    )  # fmt: skip
     if queued:  # a queue holds the gang (Kueue): waiting for admission is not starting late
         _enter(plan, obs, Phase.INITIALIZING, "Queued", message)
-        return plan
+        return
     since = max((m for m in (_startup_since(status), admitted_since(status)) if m), default=now)
-    limit = spec.startup_deadline_seconds
+    limit = obs.job.spec.startup_deadline_seconds
     if (now - since).total_seconds() > limit:
-        _finish(
-            plan,
-            obs,
-            Phase.FAILED,
-            "StartupDeadlineExceeded",
+        message = (
             f"worker pods not running {limit}s after start (startupDeadlineSeconds): "
-            + "; ".join(details),
-            pods,
+            + "; ".join(details)
         )
+        _finish(plan, obs, Phase.FAILED, "StartupDeadlineExceeded", message, pods)
         plan.create = []
-        return plan
+        return
     _enter(plan, obs, Phase.INITIALIZING, "PodsStarting", message)
-    return plan

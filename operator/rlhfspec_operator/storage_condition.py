@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import datetime
 
-from rlhfspec_api.status import ConditionStatus, RLHFJobStatus
+from rlhfspec_api.status import ConditionStatus, ConditionType, RLHFJobStatus
 from rlhfspec_operator.conditions import condition, set_condition
 from rlhfspec_operator.progress import ProgressRead
-
-STORAGE_FULL = "StorageFull"
 
 
 def apply_storage(
@@ -28,19 +26,23 @@ def apply_storage(
     failed changes nothing (Redis unreachable says nothing about the disk)."""
     if not read.attempted or read.error is not None:
         return []
-    before = condition(status, STORAGE_FULL)
+    before = condition(status, ConditionType.STORAGE_FULL)
     was_full = before is not None and before.status is ConditionStatus.TRUE
     report = read.storage_full
     if report is not None:
-        set_condition(
-            status, STORAGE_FULL, ConditionStatus.TRUE, STORAGE_FULL, report.message, now,
-            generation,
-        )  # fmt: skip
-        return [] if was_full else [("Warning", STORAGE_FULL, report.message)]
+        full = ConditionType.STORAGE_FULL
+        set_condition(status, full, ConditionStatus.TRUE, full, report.message, now, generation)
+        return [] if was_full else [("Warning", ConditionType.STORAGE_FULL, report.message)]
     if not was_full:
         return []
     message = "the trainer's writes to the job's storage succeed again"
     set_condition(
-        status, STORAGE_FULL, ConditionStatus.FALSE, "StorageAvailable", message, now, generation
+        status,
+        ConditionType.STORAGE_FULL,
+        ConditionStatus.FALSE,
+        "StorageAvailable",
+        message,
+        now,
+        generation,
     )
     return [("Normal", "StorageAvailable", message)]

@@ -3,7 +3,7 @@
 Where it sits: the ``expire`` timer of ``handlers`` runs while a job is Succeeded or Failed,
 has a TTL and has not been cleaned up yet. It asks :func:`seconds_left`; at zero it calls
 :func:`delete_children` and then either deletes the RLHFJob (``spec.ttlDeletesJob``) or marks
-it with the :data:`CHILDREN_DELETED` condition, which ends the timer. The clock starts at
+it with the ``ChildrenDeleted`` condition, which ends the timer. The clock starts at
 ``status.completionTime``.
 
 What goes: every object the operator creates for the job (worker pods, including the
@@ -23,14 +23,12 @@ from typing import Any
 from rlhfspec_api import API_GROUP, API_VERSION
 from rlhfspec_api.crd import PLURAL
 from rlhfspec_api.manifest import RLHFJob
-from rlhfspec_api.status import TERMINAL_PHASES, ConditionStatus, RLHFJobStatus
+from rlhfspec_api.status import TERMINAL_PHASES, ConditionStatus, ConditionType, RLHFJobStatus
 from rlhfspec_operator.conditions import condition, parse_time, set_condition
 from rlhfspec_operator.kube import ApiError, Kube, ownership
 from rlhfspec_operator.naming import Owner
 from rlhfspec_operator.plan import creation_plan
 
-CHILDREN_DELETED = "ChildrenDeleted"
-"""Condition type set once the TTL removed the job's children (the job itself is kept)."""
 TTL_REASON = "TTLExpired"
 
 
@@ -46,18 +44,24 @@ def seconds_left(ttl: int | None, status: RLHFJobStatus, now: datetime.datetime)
 
 
 def cleaned_up(status: RLHFJobStatus) -> bool:
-    done = condition(status, CHILDREN_DELETED)
+    done = condition(status, ConditionType.CHILDREN_DELETED)
     return done is not None and done.status is ConditionStatus.TRUE
 
 
 def mark_cleaned_up(
     status: RLHFJobStatus, deleted: list[str], now: datetime.datetime, generation: int | None
 ) -> RLHFJobStatus:
-    """The status with :data:`CHILDREN_DELETED` set, naming how many objects went."""
+    """The status with :data:`ConditionType.CHILDREN_DELETED` set, naming how many objects went."""
     marked = status.model_copy(deep=True)
     message = f"ttlSecondsAfterFinished passed: deleted {len(deleted)} child object(s)"
     set_condition(
-        marked, CHILDREN_DELETED, ConditionStatus.TRUE, TTL_REASON, message, now, generation
+        marked,
+        ConditionType.CHILDREN_DELETED,
+        ConditionStatus.TRUE,
+        TTL_REASON,
+        message,
+        now,
+        generation,
     )
     return marked
 

@@ -37,11 +37,11 @@ from local_jobs import (
 )
 
 from rlhfspec_api.manifest import parse_rlhfjob
-from rlhfspec_api.status import ConditionStatus, RLHFJobStatus
+from rlhfspec_api.status import ConditionStatus, ConditionType, RLHFJobStatus
 from rlhfspec_operator.conditions import condition
 from rlhfspec_operator.progress import ProgressRead
 from rlhfspec_operator.redis_progress import ProgressReader, RedisTarget
-from rlhfspec_operator.storage_condition import STORAGE_FULL, apply_storage
+from rlhfspec_operator.storage_condition import apply_storage
 from rlhfspec_workers.local.redis_server import RedisServer
 from rlhfspec_workers.messages import Keys, StorageFull, WorkerStatus
 from rlhfspec_workers.runtime import Bus, WorkerEnv
@@ -174,19 +174,19 @@ def test_the_operator_sets_and_clears_the_storage_full_condition_from_redis(
         read_full = asyncio.run(read())
         assert read_full.storage_full == report
         events = apply_storage(status, read_full, now, 1)
-        full = condition(status, STORAGE_FULL)
+        full = condition(status, ConditionType.STORAGE_FULL)
         assert full is not None and full.status is ConditionStatus.TRUE
-        assert full.reason == STORAGE_FULL and full.message == report.message
-        assert events == [("Warning", STORAGE_FULL, report.message)]
+        assert full.reason == ConditionType.STORAGE_FULL and full.message == report.message
+        assert events == [("Warning", ConditionType.STORAGE_FULL, report.message)]
         assert apply_storage(status, read_full, now, 1) == []  # still full: no new event
         # A failed read says nothing about the disk: the condition stays.
         assert apply_storage(status, ProgressRead(error="down", attempted=True), now, 1) == []
-        assert condition(status, STORAGE_FULL).status is ConditionStatus.TRUE  # type: ignore[union-attr]
+        assert condition(status, ConditionType.STORAGE_FULL).status is ConditionStatus.TRUE  # type: ignore[union-attr]
         client.delete(keys.storage_full)
         read_clear = asyncio.run(read())
         assert read_clear.storage_full is None and read_clear.error is None
         events = apply_storage(status, read_clear, now, 1)
-        cleared = condition(status, STORAGE_FULL)
+        cleared = condition(status, ConditionType.STORAGE_FULL)
         assert cleared is not None and cleared.status is ConditionStatus.FALSE
         assert [e[1] for e in events] == ["StorageAvailable"]
 

@@ -15,12 +15,11 @@ import kubernetes_validate
 import yaml
 
 from rlhfspec_api.manifest import RLHFJob, parse_rlhfjob
-from rlhfspec_api.status import ConditionStatus, RLHFJobStatus
+from rlhfspec_api.status import ConditionStatus, ConditionType, RLHFJobStatus
 from rlhfspec_operator import builders
 from rlhfspec_operator.conditions import condition
 from rlhfspec_operator.fetch_init import (
     FETCH_CONTAINER,
-    MODELS_READY,
     fetch_state,
     set_models_ready,
 )
@@ -169,22 +168,24 @@ def _models_ready(
 
 def test_models_ready_follows_the_pods_fetches() -> None:
     job = make_job()
-    pending = condition(_models_ready(job, [_pod("a", None)]), MODELS_READY)
+    pending = condition(_models_ready(job, [_pod("a", None)]), ConditionType.MODELS_READY)
     assert pending is not None and pending.status is ConditionStatus.FALSE
     assert pending.reason == "Pending" and POLICY in pending.message and DATASET in pending.message
 
-    fetching = condition(_models_ready(job, [_pod("a", {"running": {}})]), MODELS_READY)
+    fetching = condition(
+        _models_ready(job, [_pod("a", {"running": {}})]), ConditionType.MODELS_READY
+    )
     assert fetching is not None and fetching.reason == "Fetching"
 
     no_secret = {"waiting": {"reason": "CreateContainerConfigError", "message": "secret missing"}}
-    blocked = condition(_models_ready(job, [_pod("a", no_secret)]), MODELS_READY)
+    blocked = condition(_models_ready(job, [_pod("a", no_secret)]), ConditionType.MODELS_READY)
     assert blocked is not None and blocked.reason == "FetchBlocked"
     assert blocked.message == (
         "pod a: the fetch cannot start: CreateContainerConfigError: secret missing"
     )
 
     failed_state = {"terminated": {"exitCode": 1, "message": FAILED_MESSAGE}}
-    failed = condition(_models_ready(job, [_pod("b", failed_state)]), MODELS_READY)
+    failed = condition(_models_ready(job, [_pod("b", failed_state)]), ConditionType.MODELS_READY)
     assert failed is not None and failed.status is ConditionStatus.FALSE
     assert failed.reason == "FetchFailed"
     assert failed.message.startswith("pod b: spec.models.policy.path: hf://org/policy@v1: ")
@@ -195,14 +196,16 @@ def test_models_ready_follows_the_pods_fetches() -> None:
         "terminated": {"exitCode": 0, "message": f"fetched: {POLICY} (downloaded 1.0 MiB in 2s)"}
     }
     done = _models_ready(job, [_pod("a", reused), _pod("b", downloaded), _pod("c", None)])
-    ready = condition(done, MODELS_READY)
+    ready = condition(done, ConditionType.MODELS_READY)
     assert ready is not None and ready.status is ConditionStatus.TRUE and ready.reason == "Fetched"
     assert ready.message == f"pod b: {POLICY} (downloaded 1.0 MiB in 2s)"
     # Later pods starting (their fetch reuses the copy) do not flip it back.
-    later = condition(_models_ready(job, [_pod("c", {"running": {}})], done), MODELS_READY)
+    later = condition(
+        _models_ready(job, [_pod("c", {"running": {}})], done), ConditionType.MODELS_READY
+    )
     assert later is not None and later.status is ConditionStatus.TRUE
 
 
 def test_no_models_ready_condition_for_a_job_with_nothing_to_fetch() -> None:
     job = make_job(policy="tiny://policy", dataset="tiny://dataset/train.jsonl")
-    assert condition(_models_ready(job, [_pod("a", None)]), MODELS_READY) is None
+    assert condition(_models_ready(job, [_pod("a", None)]), ConditionType.MODELS_READY) is None

@@ -25,7 +25,7 @@ from rlhfspec_api.scheduling import (
     RESERVED_VOLUME_PREFIX,
     RESERVED_VOLUMES,
 )
-from rlhfspec_api.status import ConditionStatus, Phase, RLHFJobStatus
+from rlhfspec_api.status import ConditionStatus, ConditionType, Phase, RLHFJobStatus
 from rlhfspec_operator import builders, coordinator, overrides, queueing, ttl
 from rlhfspec_operator.naming import Owner
 from rlhfspec_operator.pods import pod_view
@@ -479,7 +479,7 @@ def test_ttl_counts_from_completion_and_stops_once_cleaned_up() -> None:
     assert ttl.seconds_left(None, _finished(90), NOW) is None
     assert ttl.seconds_left(0, RLHFJobStatus(phase=Phase.RUNNING), NOW) is None
     marked = ttl.mark_cleaned_up(_finished(90), ["Pod a", "Secret b"], NOW, 1)
-    (done,) = [c for c in marked.conditions if c.type == ttl.CHILDREN_DELETED]
+    (done,) = [c for c in marked.conditions if c.type == ConditionType.CHILDREN_DELETED]
     assert done.status is ConditionStatus.TRUE and done.reason == "TTLExpired"
     assert "2 child object(s)" in done.message
     assert ttl.seconds_left(60, marked, NOW) is None

@@ -16,13 +16,13 @@ from typing import Any
 import yaml
 
 from rlhfspec_api.manifest import RLHFJob, parse_rlhfjob
-from rlhfspec_api.status import Phase, RLHFJobStatus
+from rlhfspec_api.status import ConditionType, Phase, RLHFJobStatus
 from rlhfspec_operator import updates
 from rlhfspec_operator.conditions import condition
 from rlhfspec_operator.naming import desired_pods
 from rlhfspec_operator.pods import PodView
 from rlhfspec_operator.progress import ProgressRead
-from rlhfspec_operator.spec_condition import SPEC_ACCEPTED, spec_accepted, track
+from rlhfspec_operator.spec_condition import spec_accepted, track
 from rlhfspec_operator.status import Observation, generation_selector, reconcile, started
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -126,16 +126,18 @@ def test_spec_accepted_names_the_refused_field_then_clears() -> None:
     refused = spec_accepted(
         running_status(), ["spec.generation.replicas: must be >= 1 (1..1024)"], NOW, 3
     )
-    found = condition(refused, SPEC_ACCEPTED)
+    found = condition(refused, ConditionType.SPEC_ACCEPTED)
     assert found is not None and found.status.value == "False"
     assert found.reason == "UpdateRejected" and "spec.generation.replicas" in found.message
     assert found.observed_generation == 3
     later = NOW + datetime.timedelta(seconds=5)
     accepted = spec_accepted(refused, [], later, 4)
-    cleared = condition(accepted, SPEC_ACCEPTED)
+    cleared = condition(accepted, ConditionType.SPEC_ACCEPTED)
     assert cleared is not None and cleared.status.value == "True"
     assert cleared.last_transition_time == "2026-01-01T12:00:05Z"
-    assert condition(refused, SPEC_ACCEPTED) == found  # the input status is not changed
+    assert (
+        condition(refused, ConditionType.SPEC_ACCEPTED) == found
+    )  # the input status is not changed
 
 
 def test_the_last_accepted_spec_survives_an_invalid_live_spec() -> None:
@@ -154,15 +156,15 @@ def test_the_timer_tracks_refusals_of_the_live_spec() -> None:
     pinned = job.spec.to_wire()
     assert updates.refused_changes(pinned, job.spec) == []
     # Nothing ever refused: no condition at all.
-    assert condition(track(running_status(), [], NOW, 1), SPEC_ACCEPTED) is None
+    assert condition(track(running_status(), [], NOW, 1), ConditionType.SPEC_ACCEPTED) is None
     changed = make_job(2).spec.model_copy(update={"image": "example.com/other:1"})
     (refusal,) = updates.refused_changes(pinned, changed)
     assert refusal.startswith("spec.image cannot change while the job exists")
     refused = track(running_status(), [refusal], NOW, 2)
-    found = condition(refused, SPEC_ACCEPTED)
+    found = condition(refused, ConditionType.SPEC_ACCEPTED)
     assert found is not None and found.status.value == "False" and "spec.image" in found.message
     # Scaling is a mutable change: not refused, and the condition turns True.
     scaled = make_job(5).spec
     assert updates.refused_changes(pinned, scaled) == []
-    cleared = condition(track(refused, [], NOW, 3), SPEC_ACCEPTED)
+    cleared = condition(track(refused, [], NOW, 3), ConditionType.SPEC_ACCEPTED)
     assert cleared is not None and cleared.status.value == "True"

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from rlhfspec_workers.spec_decode.cost_records import OFF
+
 from .base import BuildContext, DrafterEntry, DraftRow, NativeContext
 
-NAME = "off"
+NAME = OFF
 
 
 class OffDrafter:

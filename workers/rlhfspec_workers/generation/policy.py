@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from rlhfspec_workers.spec_decode.acceptance import AcceptanceEstimator, StepStats
+from rlhfspec_workers.spec_decode.cost_records import OFF as OFF  # re-exported
 from rlhfspec_workers.spec_decode.selector import AdaptiveSelector, Candidate
-
-OFF = "off"
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-OFF = "off"
+from rlhfspec_workers.spec_decode.cost_records import OFF as OFF  # re-exported
+
 Strategy = tuple[str, int]
 StepCost = Callable[[str, int, int], float]
 """(drafter, batch size, k) -> seconds of one engine step (draft + verify)."""

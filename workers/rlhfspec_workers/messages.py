@@ -15,6 +15,8 @@ from typing import Any, ClassVar, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 SCHEMA_VERSION = 1
+FIELD = b"data"
+"""The one field of a stream entry, holding its message (``runtime.Bus`` writes and reads it)."""
 
 
 class MessageError(ValueError):

@@ -3,34 +3,40 @@
 Where it sits: ``rlhfspec worker ROLE`` (``entrypoint``) builds a :class:`WorkerEnv` from the
 pod's environment (the operator's contract, also set by local mode), loads the job once, and
 hands a :class:`Bus` to the role's loop (coordinator, generation, inference, trainer). The bus
-wraps Redis: consumer groups on streams (every payload a ``messages`` model under the field
-``data``), dead-lettering of payloads that do not parse, the stop flag and the heartbeat hash.
-A Redis outage makes calls retry with exponential backoff and report it on stderr; workers do
-not crash-loop. Refused credentials are not an outage: they raise :class:`RedisCredentialsError`
-at once, naming where the password came from (the operator's Secret and key).
+is the only code of the roles that talks to Redis: consumer groups on streams and readers with
+a :class:`StreamCursor` (every payload a ``messages`` model under the field :data:`FIELD`;
+one that does not parse is dead-lettered), keys holding the latest message, counters, the stop
+flag and the heartbeat hash. Every call goes through ``redis_retry.retrying``: an outage is
+retried with backoff, refused credentials raise :class:`RedisCredentialsError` at once.
+Worker names (consumer names, heartbeat fields, key suffixes) are :func:`worker_name`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import redis
 
 from rlhfspec_api.manifest import RLHFJob, load_rlhfjob
-from rlhfspec_workers.messages import DeadLetter, Keys, Message, MessageError, WorkerStatus, decode
+from rlhfspec_workers.dead_letters import dead_letter_of
+from rlhfspec_workers.messages import FIELD as FIELD
+from rlhfspec_workers.messages import Keys, Message, MessageError, WorkerStatus, decode
 from rlhfspec_workers.observability.metrics import WorkerMetrics
+from rlhfspec_workers.redis_retry import RedisCredentialsError as RedisCredentialsError
+from rlhfspec_workers.redis_retry import report_stderr, retrying
+from rlhfspec_workers.worker_names import ROLES as ROLES
+from rlhfspec_workers.worker_names import WorkerName as WorkerName
+from rlhfspec_workers.worker_names import parse_worker_name as parse_worker_name
+from rlhfspec_workers.worker_names import worker_name as worker_name
 
 log = logging.getLogger("rlhfspec.worker")
 
-ROLES = ("coordinator", "generation", "inference", "trainer")
-FIELD = b"data"
 RECLAIM_SCAN_CALLS = 8
 """XAUTOCLAIM calls per reclaim: enough to walk every live worker's pending entries."""
 _T = TypeVar("_T")
@@ -39,10 +45,6 @@ _M = TypeVar("_M", bound=Message)
 
 class WorkerEnvError(ValueError):
     """The process environment does not satisfy the worker contract."""
-
-
-class RedisCredentialsError(RuntimeError):
-    """Redis refused the password (or wants one that was not given): waiting cannot fix it."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ class WorkerEnv:
     @property
     def worker(self) -> str:
         """Stable name of this worker (its consumer name in Redis groups)."""
-        return f"{self.role}-{self.index}"
+        return worker_name(self.role, self.index)
 
     @classmethod
     def from_environ(cls, role: str, environ: Mapping[str, str] | None = None) -> WorkerEnv:
@@ -147,40 +149,16 @@ def _kv_secret(raw: str | None) -> str | None:
     return raw
 
 
-def retrying(
-    call: Callable[[], _T],
-    *,
-    what: str,
-    deadline_seconds: float = 600.0,
-    on_retry: Callable[[str], None] | None = None,
-    credentials: str = "RLHFSPEC_REDIS_PASSWORD",
-) -> _T:
-    """Run ``call``; on a Redis connection error back off (0.2 s doubling to 5 s) and retry
-    until ``deadline_seconds``, reporting each outage once per attempt. A refused password
-    raises :class:`RedisCredentialsError` at once (``credentials`` says where it came from)."""
-    delay = 0.2
-    give_up = time.monotonic() + deadline_seconds
-    while True:
-        try:
-            return call()
-        # AuthenticationError subclasses ConnectionError: it must be caught first, or a wrong
-        # password would look like a 10-minute outage.
-        except (redis.AuthenticationError, redis.AuthenticationWrongNumberOfArgsError) as exc:
-            raise RedisCredentialsError(
-                f"Redis refused the credentials during {what} ({exc}); the password comes from "
-                f"{credentials}: fix that value (waiting will not help)"
-            ) from exc
-        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
-            if time.monotonic() + delay > give_up:
-                raise
-            message = f"redis unavailable during {what} ({exc}); retrying in {delay:.1f}s"
-            (on_retry or _stderr)(message)
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+@dataclass
+class StreamCursor(Generic[_M]):
+    """A reader of one stream outside any consumer group (each such reader sees every entry):
+    the stream, what its entries decode to, and the last entry read (:meth:`Bus.read_new`
+    moves it). Start at "0-0" to read the whole stream, at :meth:`Bus.last_entry_id` to read
+    only what is added later."""
 
-
-def _stderr(message: str) -> None:
-    print(f"[rlhfspec] {message}", file=sys.stderr, flush=True)
+    stream: str
+    expected: type[_M]
+    last_id: str = "0-0"
 
 
 class Bus:
@@ -213,7 +191,7 @@ class Bus:
     def call(self, what: str, fn: Callable[[], _T]) -> _T:
         def report(message: str) -> None:
             self.outages += 1
-            _stderr(f"{self.env.worker}: {message}")
+            report_stderr(f"{self.env.worker}: {message}")
 
         return retrying(fn, what=what, on_retry=report, credentials=self.env.redis_password_source)
 
@@ -305,38 +283,68 @@ class Bus:
                 break
         return self._decode_entries(stream, group, expected, [[stream, entries]])
 
-    def _decode_entries(
-        self, stream: str, group: str, expected: type[_M], reply: Any
+    def read_new(
+        self, cursor: StreamCursor[_M], *, count: int | None = None
     ) -> list[tuple[str, _M]]:
+        """Entries after ``cursor`` (oldest first, at most ``count``; returns at once), decoded;
+        the cursor moves past all of them, the dead-lettered ones included."""
+        stream = cursor.stream
+        reply: Any = self.call(
+            f"read {stream}", lambda: self.redis.xread({stream: cursor.last_id}, count=count)
+        )
+        for _, entries in reply or []:
+            if entries:
+                cursor.last_id = _text(entries[-1][0])
+        return self._decode_entries(stream, None, cursor.expected, reply)
+
+    def last_entry_id(self, stream: str) -> str:
+        """The newest entry's id ("0-0" while the stream is empty or absent)."""
+        last: Any = self.call(f"read {stream}", lambda: self.redis.xrevrange(stream, count=1))
+        return _text(last[0][0]) if last else "0-0"
+
+    def _decode_entries(
+        self, stream: str, group: str | None, expected: type[_M], reply: Any
+    ) -> list[tuple[str, _M]]:
+        """The one read loop: each entry of an XREAD/XREADGROUP-shaped ``reply`` decoded as
+        ``expected``; one that does not decode is dead-lettered and, read through ``group``,
+        acked (the dead-letter stream keeps it, so it never stays pending)."""
         out: list[tuple[str, _M]] = []
         for _, entries in reply or []:
             for raw_id, fields in entries:
-                entry_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
-                if fields is None:  # trimmed while pending
-                    self.ack(stream, group, entry_id)
+                entry_id = _text(raw_id)
+                if fields is None:  # trimmed while pending (only group reads see these)
+                    if group is not None:
+                        self.ack(stream, group, entry_id)
                     continue
                 raw = fields.get(FIELD, b"")
                 try:
                     out.append((entry_id, decode(raw, expected)))
                 except MessageError as exc:
                     self.dead_letter(stream, entry_id, raw, str(exc))
-                    self.ack(stream, group, entry_id)
+                    if group is not None:
+                        self.ack(stream, group, entry_id)
         return out
 
     def ack(self, stream: str, group: str, *entry_ids: str) -> None:
         if entry_ids:
             self.call(f"ack {stream}", lambda: self.redis.xack(stream, group, *entry_ids))
 
+    def renew_leases(self, stream: str, group: str, entry_ids: Sequence[str]) -> None:
+        """Reset the idle time of entries this consumer holds (XCLAIM to itself), so that
+        :meth:`reclaim` elsewhere leaves a live worker's long samples alone."""
+        ids: list[Any] = list(entry_ids)
+        if ids:
+            self.call(
+                "renew lease",
+                lambda: self.redis.xclaim(stream, group, self.env.worker, 0, ids, justid=True),
+            )
+
     def dead_letter(self, stream: str, entry_id: str, raw: bytes | str, reason: str) -> None:
         """Keep a payload nobody can use, with the reason; log it with the sample id."""
-        text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
-        sample_id = _sample_id_of(text)
-        letter = DeadLetter(
-            source_stream=stream, entry_id=entry_id, sample_id=sample_id, reason=reason, raw=text
-        )
+        letter = dead_letter_of(stream, entry_id, raw, reason)
         self.publish(self.keys.dead_letters, letter)
-        where = f"{stream} {entry_id} (sample {sample_id})"
-        _stderr(f"{self.env.worker}: dead-lettered {where}: {reason}")
+        where = f"{stream} {entry_id} (sample {letter.sample_id})"
+        report_stderr(f"{self.env.worker}: dead-lettered {where}: {reason}")
 
     # -- flags and heartbeats ---------------------------------------------------------------
 
@@ -361,21 +369,40 @@ class Bus:
                 continue  # a worker of another version: it reports itself on its own
         return out
 
+    # -- keys holding the latest value ------------------------------------------------------
+
     def get(self, key: str, expected: type[_M]) -> _M | None:
         raw = self.call(f"read {key}", lambda: self.redis.get(key))
         return None if raw is None else decode(raw, expected)
 
+    def put(self, key: str, message: Message) -> None:
+        """Make ``message`` the value of ``key`` (the latest wins); :meth:`get` reads it."""
+        self.put_raw(key, message.to_bytes())
 
-def _sample_id_of(text: str) -> str | None:
-    """Best effort: the sample id of a payload that failed validation (for the log)."""
-    import json
+    def get_raw(self, key: str) -> bytes | None:
+        """A value that is not a ``messages`` model (the calibrated cost model's JSON)."""
+        raw: Any = self.call(f"read {key}", lambda: self.redis.get(key))
+        return None if raw is None else bytes(raw)
 
-    try:
-        body = json.loads(text)
-    except ValueError:
-        return None
-    if isinstance(body, dict):
-        for holder in (body, body.get("rollout")):
-            if isinstance(holder, dict) and isinstance(holder.get("sample_id"), str):
-                return str(holder["sample_id"])
-    return None
+    def put_raw(self, key: str, payload: bytes | str) -> None:
+        self.call(f"write {key}", lambda: self.redis.set(key, payload))
+
+    def increment(self, key: str) -> int:
+        """Add 1 to the counter at ``key`` (0 when absent) and return it: it survives restarts
+        of whoever counts, unlike a number held in memory."""
+        return int(self.call(f"increment {key}", lambda: self.redis.incr(key)))
+
+    def add_to_hash(self, key: str, amounts: Mapping[str, float]) -> None:
+        """Add each amount to its field of the hash at ``key``, all or none (MULTI/EXEC)."""
+
+        def add() -> None:
+            pipe = self.redis.pipeline(transaction=True)
+            for name, amount in amounts.items():
+                pipe.hincrbyfloat(key, name, amount)
+            pipe.execute()
+
+        self.call(f"add to {key}", add)
+
+
+def _text(entry_id: bytes | str) -> str:
+    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)

@@ -14,16 +14,17 @@ restarts and a restarted coordinator's tables are applied.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from rlhfspec_api.spec import RLHFJobSpec
-from rlhfspec_workers.messages import AcceptanceReport, MessageError, StrategyEntry, StrategyTable
-from rlhfspec_workers.runtime import Bus
+from rlhfspec_workers.messages import AcceptanceReport, StrategyEntry, StrategyTable
+from rlhfspec_workers.runtime import Bus, StreamCursor
 from rlhfspec_workers.spec_decode.acceptance import AcceptanceEstimator, StepStats
 from rlhfspec_workers.spec_decode.cost_model import CostModel
 from rlhfspec_workers.spec_decode.selector import Candidate, batch_buckets, strategy_table
 
 TICK_SECONDS = 1.0
+READ_BATCH = 10_000
+"""Acceptance reports pooled per tick at most (the rest wait for the next tick)."""
 MAX_BATCH = 256
 
 
@@ -34,7 +35,7 @@ class StrategyBroadcaster:
         half_life = float(spec.generation.speculative.selector.acceptance_half_life_steps)
         self.half_life_drafts = half_life * 16  # steps x a typical batch: drafts, not steps
         self.estimators: dict[str, AcceptanceEstimator] = {}
-        self.cursor: Any = "0-0"
+        self.reports = StreamCursor(bus.keys.acceptance, AcceptanceReport)
         self.version = 0
         self.last_entries: list[tuple[int, int, str, int]] = []
         self.last_tick = 0.0
@@ -48,12 +49,10 @@ class StrategyBroadcaster:
         self.last_tick = now
         self._read_reports()
         if self.cost_model is None:
-            raw = self.bus.call(
-                "read calibration", lambda: self.bus.redis.get(self.bus.keys.calibration)
-            )
+            raw = self.bus.get_raw(self.bus.keys.calibration)
             if raw is None:
                 return None  # not adaptive, or no worker calibrated yet
-            self.cost_model = CostModel.from_json(raw.decode() if isinstance(raw, bytes) else raw)
+            self.cost_model = CostModel.from_json(raw.decode())
         if not self.estimators:
             return None
         candidates = [Candidate(name, est) for name, est in sorted(self.estimators.items())]
@@ -63,12 +62,7 @@ class StrategyBroadcaster:
             return None
         # The version comes from a counter in Redis: a restarted coordinator starts at 0 in
         # memory, and workers apply only a version other than the one they hold.
-        self.version = int(
-            self.bus.call(
-                "next strategy version",
-                lambda: self.bus.redis.incr(self.bus.keys.strategy_version),
-            )
-        )
+        self.version = self.bus.increment(self.bus.keys.strategy_version)
         self.last_entries = entries
         message = StrategyTable(
             table_version=self.version,
@@ -78,27 +72,13 @@ class StrategyBroadcaster:
             ],
             acceptance={name: est.rates(self.max_k) for name, est in self.estimators.items()},
         )
-        payload = message.to_bytes()
-        self.bus.call(
-            "publish strategy", lambda: self.bus.redis.set(self.bus.keys.strategy, payload)
-        )
+        self.bus.put(self.bus.keys.strategy, message)
         self.bus.metrics.set_strategy_table_version(self.version)
         return message
 
     def _read_reports(self) -> None:
-        stream = self.bus.keys.acceptance
-        reply: Any = self.bus.call(
-            "read acceptance", lambda: self.bus.redis.xread({stream: self.cursor}, count=10_000)
-        )
-        for _, entries in reply or []:
-            for entry_id, fields in entries:
-                self.cursor = entry_id
-                try:
-                    report = AcceptanceReport.from_bytes(fields[b"data"])
-                except MessageError as exc:
-                    self.bus.dead_letter(stream, str(entry_id), fields[b"data"], str(exc))
-                    continue
-                self._pool(report)
+        for _, report in self.bus.read_new(self.reports, count=READ_BATCH):
+            self._pool(report)
 
     def _pool(self, report: AcceptanceReport) -> None:
         if report.drafts == 0:

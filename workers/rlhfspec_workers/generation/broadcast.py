@@ -37,10 +37,7 @@ class StrategySync:
     def publish_calibration(self) -> None:
         if self.policy is None:
             return
-        payload = self.policy.selector.cost_model.to_json()
-        self.bus.call(
-            "publish calibration", lambda: self.bus.redis.set(self.bus.keys.calibration, payload)
-        )
+        self.bus.put_raw(self.bus.keys.calibration, self.policy.selector.cost_model.to_json())
 
     def observe(self, step: StepRecord) -> None:
         if self.policy is not None:
@@ -75,13 +72,12 @@ class StrategySync:
         self._pending = {}
         if self.policy is None:
             return
-        raw = self.bus.call("read strategy", lambda: self.bus.redis.get(self.bus.keys.strategy))
-        if raw is None:
-            return
         try:
-            table = StrategyTable.from_bytes(raw)
+            table = self.bus.get(self.bus.keys.strategy, StrategyTable)
         except MessageError:
             return  # a coordinator of another version: keep deciding locally
+        if table is None:
+            return
         # Versions only grow (a Redis counter) and the key holds the latest table, so any
         # version other than ours is newer; a lower one means Redis lost its state and the
         # coordinator's counter started over: its table is still the current one.

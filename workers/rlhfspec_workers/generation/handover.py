@@ -21,6 +21,7 @@ import redis
 
 from rlhfspec_workers.faults import fault_point
 from rlhfspec_workers.messages import Keys, LoadReport, MigrationOrder, SampleLoad, SampleTask
+from rlhfspec_workers.runtime import StreamCursor
 
 KV_RATE_SMOOTHING = 0.3
 
@@ -37,10 +38,9 @@ class Handover:
         self.keys: Keys = worker.keys
         self.orders_stream = self.keys.migrations_for(worker.name)
         # Orders written before this process started were for a previous incarnation.
-        last = self.bus.call(
-            "read orders", lambda: self.bus.redis.xrevrange(self.orders_stream, count=1)
+        self.orders = StreamCursor(
+            self.orders_stream, MigrationOrder, self.bus.last_entry_id(self.orders_stream)
         )
-        self.cursor: Any = last[0][0] if last else "0-0"
         self.kv_send_rate: float | None = None
         """Bytes per second exporting and encoding snapshots (as a source), smoothed."""
         self.kv_receive_rate: float | None = None
@@ -53,19 +53,8 @@ class Handover:
     # -- migration ----------------------------------------------------------------------------
 
     def execute_orders(self) -> None:
-        reply: Any = self.bus.call(
-            "read orders", lambda: self.bus.redis.xread({self.orders_stream: self.cursor})
-        )
-        for _, entries in reply or []:
-            for entry_id, fields in entries:
-                self.cursor = entry_id
-                try:
-                    order = MigrationOrder.from_bytes(fields[b"data"])
-                except Exception as exc:
-                    self.bus.dead_letter(self.orders_stream, str(entry_id), fields[b"data"],
-                                         str(exc))  # fmt: skip
-                    continue
-                self._execute(order)
+        for _, order in self.bus.read_new(self.orders):
+            self._execute(order)
 
     def _execute(self, order: MigrationOrder) -> None:
         worker = self.worker
@@ -195,9 +184,7 @@ class Handover:
             updated_at=time.time(),
         )
         worker.finished_lengths = []
-        payload = report.to_bytes()
-        key = self.keys.load(worker.name)
-        self.bus.call("report load", lambda: self.bus.redis.set(key, payload))
+        self.bus.put(self.keys.load(worker.name), report)
 
     def _profile(self) -> list[list[float]]:
         """Median step time and tokens per sequence per step, by batch size, over recent steps."""
@@ -223,12 +210,7 @@ class Handover:
         for stream, entry_id, _ in self.worker.waiting:
             by_stream.setdefault(stream, []).append(entry_id)
         for stream, ids in by_stream.items():
-            self.bus.call(
-                "renew lease",
-                lambda s=stream, i=ids: self.bus.redis.xclaim(  # type: ignore[misc]
-                    s, Keys.GENERATION_GROUP, self.worker.name, 0, i, justid=True
-                ),
-            )
+            self.bus.renew_leases(stream, Keys.GENERATION_GROUP, ids)
 
     def reclaim_from_dead_workers(self, lease_ms: int) -> None:
         """Take over tasks idle past the lease on the shared stream and on other workers'

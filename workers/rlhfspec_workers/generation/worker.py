@@ -468,15 +468,7 @@ class GenerationWorker:
                 self.counters.add(self.iteration, "kv_load_seconds", loaded - self._kv_load_seen)
                 self._kv_load_seen = loaded
         for iteration, values in self.counters.drain().items():
-            key = self.keys.generation_stats(iteration)
-
-            def flush(key: str = key, values: dict[str, float] = values) -> None:
-                pipe = self.bus.redis.pipeline()
-                for name, amount in values.items():
-                    pipe.hincrbyfloat(key, name, amount)
-                pipe.execute()
-
-            self.bus.call("flush counters", flush)
+            self.bus.add_to_hash(self.keys.generation_stats(iteration), values)
         self.handover.report_load()
         self.strategy.flush(self.engine.weight_version)
         while self._recent and now - self._recent[0][0] >= 5.0:

@@ -156,7 +156,7 @@ def report_failure(bus: Bus, error: RewardError, iteration: int | None = None) -
         iteration=iteration,
         failed_at=time.time(),
     )
-    bus.call("report failure", lambda: bus.redis.set(bus.keys.failure, failure.to_bytes()))
+    bus.put(bus.keys.failure, failure)
     bus.heartbeat(
         WorkerStatus(worker=bus.env.worker, role="inference", state="degraded", message=str(error))
     )

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rlhfspec_workers.messages import IterationMetrics, Keys, MessageError
+from rlhfspec_workers.messages import FIELD, IterationMetrics, Keys, MessageError
 
 METRICS_FILE = "metrics.jsonl"
 REPORT_DIR = "report"
@@ -104,9 +104,9 @@ def collect_from_redis(url: str, namespace: str, job: str, run_dir: Path) -> int
     records: list[IterationMetrics] = []
     for entry_id, fields in entries or []:
         where = f"{stream} entry {_text(entry_id)}"
-        raw = (fields or {}).get(b"data")
+        raw = (fields or {}).get(FIELD)
         if raw is None:
-            raise ReportError(f"{where}: no 'data' field")
+            raise ReportError(f"{where}: no {FIELD.decode()!r} field")
         records.append(parse_line(_text(raw), where))
     if not records:
         raise ReportError(f"{url}: stream {stream} has no records (wrong --job?)")

@@ -168,8 +168,7 @@ class TrainerWorker:
             logprob_mismatch_max=stats.logprob_mismatch_max if stats else None,
             rollout_kl=stats.rollout_kl if stats else None,
         )
-        payload = message.to_bytes()
-        self.bus.call("publish weights", lambda: self.bus.redis.set(self.keys.weights, payload))
+        self.bus.put(self.keys.weights, message)
         self.bus.publish(self.keys.weights_log, message)
         for old in sorted(self.weights_root.glob("v*"), key=_version)[:-KEEP_WEIGHT_VERSIONS]:
             shutil.rmtree(old, ignore_errors=True)

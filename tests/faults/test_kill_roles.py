@@ -108,16 +108,23 @@ def test_generation_killed_after_publishing_rollouts_with_tasks_unacked(
 def test_coordinator_killed_mid_iteration_and_restarted(
     fault_free_run: FaultRun, tmp_path: Path
 ) -> None:
-    run = run_job(fault_job(), tmp_path / "run", fault="coordinator:coordinator_mid_iteration:2")
+    # Restarted 15 s after its death (a kubelet's back-off is 10 s at first): meanwhile the
+    # workers finish iteration 2 on their own, the case that used to lose its metrics row.
+    fault = "coordinator:coordinator_mid_iteration:2"
+    run = run_job(fault_job(), tmp_path / "run", fault=fault, restart_delay=15.0)
     assert run.killed == ["coordinator-0"]
+    ((_, restarted_at),) = run.restarted_at
+    assert record_path(run.run_dir, 2).stat().st_mtime < restarted_at
     assert _fired(run) == ["coordinator-0.coordinator_mid_iteration.2.fired"]
     assert_trained_like_fault_free(run, fault_free_run)
-    # The restarted coordinator finished the job (the last row is its record of iteration 3);
-    # iteration 2's tasks were published once (the stream lengths above). Its row of iteration
-    # 2 is not asserted: when training of 2 ends before the new process is up, it starts at 3
-    # and 2 has no metrics row (docs/faults.md, "Known gaps").
+    # The restarted coordinator finished the job; iteration 2's tasks were published once (the
+    # stream lengths above). Every iteration has exactly one row, in the file and the stream,
+    # iteration 2's included, though it had finished training before the new process was up.
     metrics = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").open()]
-    assert metrics[0]["iteration"] == 1 and metrics[-1]["iteration"] == ITERATIONS
+    assert [m["iteration"] for m in metrics] == list(range(1, ITERATIONS + 1))
+    assert run.metrics_rows == list(range(1, ITERATIONS + 1))
+    assert [m["weight_version"] for m in metrics] == list(range(1, ITERATIONS + 1))
+    assert all(m["samples"] == PROMPTS * SAMPLES for m in metrics), metrics
     assert run.log("coordinator-0").count("coordinator-0 of default/faults starting") == 2
 
 

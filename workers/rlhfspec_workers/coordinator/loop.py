@@ -6,12 +6,13 @@ through Redis (done/scored sets, the generation counters, worker heartbeats) whi
 workers stream samples through, waits for the trainer's WeightsPublished for the iteration,
 then writes one IterationMetrics record (Redis stream + ``metrics.jsonl`` on job storage) and
 the JobProgress the operator copies into the RLHFJob status. Restarted, it resumes after the
-last published weights and republishes the same sample ids (every stage deduplicates).
+last recorded row (``metrics_record``), not the last published weights: the iteration it was
+killed in may have finished training meanwhile, and still gets its one row. It republishes
+the same sample ids (every stage deduplicates).
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections import Counter
@@ -30,12 +31,18 @@ from rlhfspec_workers.messages import (
     Keys,
     MessageError,
     SampleTask,
-    WeightsPublished,
     WorkerStatus,
 )
 from rlhfspec_workers.preflight import ResolvedPaths
 from rlhfspec_workers.runtime import Bus
 
+from .metrics_record import (
+    append_row,
+    last_recorded_iteration,
+    recorded_rows,
+    repair_metrics_file,
+    weights_of,
+)
 from .reallocate import Reallocator
 from .strategy import StrategyBroadcaster
 from .tasks import (
@@ -109,8 +116,15 @@ class Coordinator:
         bus.ensure_group(keys.tasks, Keys.GENERATION_GROUP)
         bus.ensure_group(keys.rollouts, Keys.INFERENCE_GROUP)
         bus.ensure_group(keys.experience, Keys.TRAINER_GROUP)
-        latest = bus.get(keys.weights, WeightsPublished)
-        start = (latest.iteration + 1) if latest else 1
+        # After the last row, not the last weights: an iteration that finished training while
+        # this coordinator was down is recorded now (its weights are read back, not awaited).
+        rows = recorded_rows(bus)
+        repaired = repair_metrics_file(self.metrics_path, rows)
+        if repaired:
+            print(f"[rlhfspec] coordinator: metrics.jsonl completed with rows {repaired}",
+                  flush=True)  # fmt: skip
+        self.last = rows[-1] if rows else None
+        start = last_recorded_iteration(rows) + 1
         if start > self.total:
             self._progress(self.total, "succeeded", "all iterations already trained")
             bus.call("set stop", lambda: bus.redis.set(keys.stop, b"1"))
@@ -160,20 +174,27 @@ class Coordinator:
         expected = len(tasks)
         started = time.monotonic()
         published_flag = f"published:{iteration}"
-        if not bus.call("read state", lambda: bus.redis.hget(keys.iteration, published_flag)):
-            self._publish_tasks(tasks)
-        bus.call(
-            "write state",
-            lambda: bus.redis.hset(
-                keys.iteration,
-                mapping={
-                    "iteration": iteration,
-                    "samples": expected,
-                    published_flag: 1,
-                    "started_at": time.time(),
-                },
-            ),
-        )
+        state = bus.call("read state", lambda: bus.redis.hgetall(keys.iteration))
+        state = {(k.decode() if isinstance(k, bytes) else str(k)): v for k, v in state.items()}
+        if published_flag in state and int(state.get("iteration", 0)) == iteration:
+            # A restart mid-iteration: the stages have run since the tasks went out, so the
+            # row's clock starts then (the stage split counts this coordinator's downtime).
+            started -= max(0.0, time.time() - float(state.get("started_at", time.time())))
+        else:
+            if published_flag not in state:
+                self._publish_tasks(tasks)
+            bus.call(
+                "write state",
+                lambda: bus.redis.hset(
+                    keys.iteration,
+                    mapping={
+                        "iteration": iteration,
+                        "samples": expected,
+                        published_flag: 1,
+                        "started_at": time.time(),
+                    },
+                ),
+            )
         fault_point("coordinator_mid_iteration")
         self._progress(iteration - 1, "running", f"iteration {iteration}: generating")
         generation_done = inference_done = None
@@ -210,8 +231,8 @@ class Coordinator:
                     workers=workers,
                 )
             self._check_failure(iteration - 1)
-            weights = bus.get(keys.weights, WeightsPublished)
-            if weights is not None and weights.iteration >= iteration:
+            weights = weights_of(bus, iteration)
+            if weights is not None:
                 break
             # Once every sample is scored only the trainer is left: the next iteration waits
             # on this poll noticing its weights, so look more often (a cheap GET).
@@ -356,10 +377,10 @@ class Coordinator:
     def _record(self, metrics: IterationMetrics) -> None:
         self.last = metrics
         self.bus.metrics.observe_iteration(metrics)
+        # The stream first: it is the record a restart resumes from and repairs the file with.
         self.bus.publish(self.keys.metrics_stream, metrics)
         if self.metrics_path is not None:
-            with self.metrics_path.open("a", encoding="utf-8") as sink:
-                sink.write(json.dumps(metrics.model_dump(mode="json")) + "\n")
+            append_row(self.metrics_path, metrics)
         if self.on_metrics is not None:
             self.on_metrics(metrics)
         state = "succeeded" if metrics.iteration == self.total else "running"

@@ -4,9 +4,10 @@ changed manifest silently replaced the run directory's ``job.yaml``.
 A resumed run continues the job its run directory holds: a manifest that changes what the job
 trains is refused with every changed field (nothing starts); fields that only change how fast
 or how long it runs are accepted and listed. A real tiny job killed mid-way and resumed: with
-only the supervisor's process group killed, its workers live on and the resume is refused
-naming them; with everything killed (a machine crash) it continues from its last checkpoint
-and ends with every iteration trained once.
+only the supervisor killed (SIGKILL, no chance to stop anything), every process it started
+(workers, their children, its redis-server) is gone within seconds; a leftover process of the
+run (one started with its storage) makes a resume refuse, naming it; once it is gone the job
+continues from its last checkpoint and ends with every iteration trained once.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ from local_jobs import (
     ROOT,
     SAMPLES_PER_ITERATION,
     kill_run,
+    redis_pid,
     start_run,
     trained_iterations,
     wait_for,
@@ -34,6 +37,37 @@ from local_jobs import (
 from rlhfspec_api.manifest import load_rlhfjob
 from rlhfspec_workers.local.resume import ResumeRefused, changed_fields, resume_changes
 from rlhfspec_workers.local.run import prepare_run_dir, run_manifest
+
+
+def _descendants(root: int) -> set[int]:
+    """Every live process below ``root`` (children, grandchildren ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for init to reap it counts as gone)."""
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def _changed_copy(manifest: Path, tmp_path: Path, **algorithm: object) -> Path:
@@ -112,12 +146,24 @@ def test_resume_after_a_kill_continues_from_the_last_checkpoint(
     resumed = None
     try:
         wait_for(lambda: len(trained_iterations(run_dir)) >= 1, 600, "iteration 1 to train", first)
-        # Only the supervisor's process group dies (it and its redis-server): the workers,
-        # in sessions of their own, live on. A resume now would start a second set of them.
-        os.killpg(first.pid, signal.SIGKILL)
+        # Only the supervisor dies, mid iteration 2. Its workers run in sessions of their own,
+        # so nothing else reaches them: their parent-death signal and the run's guard do.
+        started = _descendants(first.pid)
+        assert set(worker_pids(run_dir)) <= started and redis_pid(run_dir) in started
+        assert len(worker_pids(run_dir)) >= 4  # coordinator, generation, inference, trainer
+        os.kill(first.pid, signal.SIGKILL)
         first.wait()
-        orphans = worker_pids(run_dir)
-        assert orphans
+        killed_at = time.monotonic()
+        wait_for(lambda: not any(_alive(p) for p in started), 30, "the run's processes to end")
+        print(f"{len(started)} processes gone {time.monotonic() - killed_at:.1f}s after the kill")
+        assert not worker_pids(run_dir) and redis_pid(run_dir) is None
+        # A process of the run left running anyway (here: one started by hand with the run's
+        # storage) would train the same samples a second time: a resume refuses, naming it.
+        stray = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(600)"],
+            env={**os.environ, "RLHFSPEC_STORAGE": str(run_dir)},
+        )
+        wait_for(lambda: stray.pid in worker_pids(run_dir), 10, "the stray process to start")
         refused = subprocess.run(
             [sys.executable, "-m", "rlhfspec_cli", "run", str(manifest), "--run-dir",
              str(run_dir), "--resume"],
@@ -126,8 +172,9 @@ def test_resume_after_a_kill_continues_from_the_last_checkpoint(
         assert refused.returncode == 1
         assert "processes of an earlier run are still running" in refused.stderr
         named = refused.stderr.split("(pids ")[1].split(")")[0].split()
-        assert set(orphans) <= {int(pid) for pid in named}
-        kill_run(first, run_dir)  # now the rest: mid iteration 2, as a machine crash would
+        assert [int(pid) for pid in named] == [stray.pid]
+        stray.kill()
+        stray.wait()
         checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
         last = int(checkpoints[-1].removeprefix("iter-"))
         assert 1 <= last < iterations

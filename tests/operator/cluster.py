@@ -9,6 +9,7 @@ exercised too. Every wait polls with a deadline; nothing asserts on a fixed slee
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -278,6 +279,27 @@ class Cluster:
     def close(self) -> None:
         self.stop_operator()
         self.emulator.stop()
+
+
+def redis_password_secret(namespace: str, name: str = "redis-auth") -> dict[str, Any]:
+    """A user's Secret holding the external Redis' password, labelled so the operator may send
+    it to the job's Redis (see admission)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "data": {"password": base64.b64encode(REDIS_PASSWORD.encode()).decode()},
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {"rlhfspec.io/coordinator-password": "true"},
+        },
+    }
+
+
+def external_coordinator(url: str, secret: str = "redis-auth") -> dict[str, Any]:
+    """``spec.coordinator`` of a job on an external Redis whose password is in ``secret``."""
+    return {"mode": "external", "url": url, "passwordSecret": {"name": secret}}
 
 
 def unique_namespace(prefix: str = "t") -> str:

@@ -7,12 +7,16 @@ Secret, and the cleanup of the job's keys that nothing else owns.
 
 from __future__ import annotations
 
-import base64
 import time
 from typing import Any
 
 import redis
-from cluster import REDIS_PASSWORD, Cluster, example_job
+from cluster import (
+    Cluster,
+    example_job,
+    external_coordinator,
+    redis_password_secret,
+)
 
 from rlhfspec_workers.messages import JobProgress, Keys
 
@@ -21,25 +25,8 @@ JOB = "tiny-grpo"
 
 def external_job(cluster: Cluster, namespace: str, server: redis.Redis, **spec: Any) -> None:
     port = server.connection_pool.connection_kwargs["port"]
-    password = base64.b64encode(REDIS_PASSWORD.encode()).decode()
-    secret = {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "type": "Opaque",
-        "data": {"password": password},
-        "metadata": {
-            "name": "redis-auth",
-            "namespace": namespace,
-            # Its owner says the operator may send it to the job's Redis (see admission).
-            "labels": {"rlhfspec.io/coordinator-password": "true"},
-        },
-    }
-    cluster.apply(secret)
-    coordinator = {
-        "mode": "external",
-        "url": f"redis://127.0.0.1:{port}/0",
-        "passwordSecret": {"name": "redis-auth"},
-    }
+    cluster.apply(redis_password_secret(namespace))
+    coordinator = external_coordinator(f"redis://127.0.0.1:{port}/0")
     cluster.apply(example_job(JOB, namespace, coordinator=coordinator, **spec))
     cluster.wait_for(lambda: len(cluster.pod_names(namespace, JOB)) == 4, "4 worker pods")
     for pod in cluster.pod_names(namespace, JOB):

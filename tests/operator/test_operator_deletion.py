@@ -8,9 +8,14 @@ restarted under a running job takes it over without creating anything twice.
 
 from __future__ import annotations
 
-import base64
-
-from cluster import POLICY_FLAGS, REDIS_PASSWORD, UNREACHABLE_REDIS, Cluster, example_job
+from cluster import (
+    POLICY_FLAGS,
+    UNREACHABLE_REDIS,
+    Cluster,
+    example_job,
+    external_coordinator,
+    redis_password_secret,
+)
 
 JOB = "tiny-grpo"
 
@@ -59,25 +64,8 @@ def test_a_job_deleted_while_the_operator_is_down_goes_when_it_returns(
 def test_an_unreachable_external_redis_does_not_block_deletion(
     cluster: Cluster, namespace: str
 ) -> None:
-    password = base64.b64encode(REDIS_PASSWORD.encode()).decode()
-    cluster.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "type": "Opaque",
-            "data": {"password": password},
-            "metadata": {
-                "name": "redis-auth",
-                "namespace": namespace,
-                "labels": {"rlhfspec.io/coordinator-password": "true"},
-            },
-        }
-    )
-    coordinator = {
-        "mode": "external",
-        "url": UNREACHABLE_REDIS,  # nothing listens there
-        "passwordSecret": {"name": "redis-auth"},
-    }
+    cluster.apply(redis_password_secret(namespace))
+    coordinator = external_coordinator(UNREACHABLE_REDIS)
     cluster.apply(example_job(JOB, namespace, coordinator=coordinator))
     cluster.wait_for(lambda: len(cluster.pod_names(namespace, JOB)) == 4, "4 worker pods")
 

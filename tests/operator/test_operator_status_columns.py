@@ -16,7 +16,6 @@ KMock alone has no scale subresource (it merged ``kubectl scale``'s body into th
 
 from __future__ import annotations
 
-import base64
 import json
 import subprocess
 import sys
@@ -26,7 +25,13 @@ from typing import Any
 import kmock
 import redis
 import yaml
-from cluster import REDIS_PASSWORD, ROOT, Cluster, example_job
+from cluster import (
+    ROOT,
+    Cluster,
+    example_job,
+    external_coordinator,
+    redis_password_secret,
+)
 
 from rlhfspec_workers.messages import JobProgress, Keys
 
@@ -48,24 +53,8 @@ def run_pods(cluster: Cluster, namespace: str, count: int) -> list[str]:
 def external_job(cluster: Cluster, namespace: str, server: redis.Redis, **spec: Any) -> None:
     """The example job on the session's redis-server (the one Redis the operator reaches)."""
     port = server.connection_pool.connection_kwargs["port"]
-    cluster.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "type": "Opaque",
-            "data": {"password": base64.b64encode(REDIS_PASSWORD.encode()).decode()},
-            "metadata": {
-                "name": "redis-auth",
-                "namespace": namespace,
-                "labels": {"rlhfspec.io/coordinator-password": "true"},
-            },
-        }
-    )
-    coordinator = {
-        "mode": "external",
-        "url": f"redis://127.0.0.1:{port}/0",
-        "passwordSecret": {"name": "redis-auth"},
-    }
+    cluster.apply(redis_password_secret(namespace))
+    coordinator = external_coordinator(f"redis://127.0.0.1:{port}/0")
     cluster.apply(example_job(JOB, namespace, coordinator=coordinator, **spec))
 
 

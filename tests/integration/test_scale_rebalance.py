@@ -23,12 +23,12 @@ from typing import Any
 
 import pytest
 
-from rlhfspec_api.manifest import parse_rlhfjob
+from bus_helpers import bus_on, job_spec
 from rlhfspec_api.spec import RLHFJobSpec
 from rlhfspec_workers.coordinator.reallocate import Reallocator
 from rlhfspec_workers.local.redis_server import RedisServer
 from rlhfspec_workers.messages import LoadReport, MigrationOrder, SampleLoad, WorkerStatus
-from rlhfspec_workers.runtime import FIELD, Bus, WorkerEnv
+from rlhfspec_workers.runtime import FIELD, Bus
 
 ITERATION = 1
 MAX_TOKENS = 512
@@ -40,36 +40,17 @@ STEP_PROFILE = [[1.0, 0.010, 1.0], [8.0, 0.016, 1.0], [24.0, 0.030, 1.0]]
 @pytest.fixture
 def bus(tmp_path: Path) -> Iterator[Bus]:
     with RedisServer(tmp_path / "redis") as server:
-        env = WorkerEnv.from_environ(
-            "coordinator",
-            {
-                "RLHFSPEC_JOB": "job",
-                "RLHFSPEC_REDIS_URL": f"redis://127.0.0.1:{server.port}/0",
-                "RLHFSPEC_JOB_CONFIG": "/nonexistent.yaml",
-                "RLHFSPEC_REPLICAS": "1",  # the coordinator started before the scale-up
-            },
-        )
-        yield Bus(env)
+        # The coordinator started before the scale-up, with one replica.
+        yield bus_on(server, RLHFSPEC_REPLICAS="1")
 
 
 def spec() -> RLHFJobSpec:
-    return parse_rlhfjob(
-        {
-            "apiVersion": "rlhfspec.io/v1alpha1",
-            "kind": "RLHFJob",
-            "metadata": {"name": "job"},
-            "spec": {
-                "models": {"policy": {"path": "tiny://policy"}},
-                "dataset": {"path": "tiny://dataset/train.jsonl"},
-                "generation": {
-                    "replicas": 1,
-                    "maxNewTokens": MAX_TOKENS,
-                    "reallocation": {"enabled": True, "migration": "recompute"},
-                },
-                "storage": {"size": "1Gi"},
-            },
-        }
-    ).spec
+    generation = {
+        "replicas": 1,
+        "maxNewTokens": MAX_TOKENS,
+        "reallocation": {"enabled": True, "migration": "recompute"},
+    }
+    return job_spec(dataset={"path": "tiny://dataset/train.jsonl"}, generation=generation)
 
 
 def heartbeat(bus: Bus, worker: str, state: str = "busy") -> None:

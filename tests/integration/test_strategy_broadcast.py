@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from rlhfspec_api.manifest import parse_rlhfjob
+from bus_helpers import bus_on, job_spec
 from rlhfspec_workers.coordinator import strategy as strategy_module
 from rlhfspec_workers.coordinator.strategy import StrategyBroadcaster
 from rlhfspec_workers.local.redis_server import RedisServer
 from rlhfspec_workers.messages import AcceptanceReport, StrategyTable
-from rlhfspec_workers.runtime import Bus, WorkerEnv
+from rlhfspec_workers.runtime import Bus
 from rlhfspec_workers.spec_decode.cost_records import DrafterCost
 from rlhfspec_workers.spec_decode.synthetic_cost import synthetic_cost_model
 
@@ -21,31 +21,7 @@ from rlhfspec_workers.spec_decode.synthetic_cost import synthetic_cost_model
 @pytest.fixture
 def bus(tmp_path: Path) -> Iterator[Bus]:
     with RedisServer(tmp_path / "redis") as server:
-        env = WorkerEnv.from_environ(
-            "coordinator",
-            {
-                "RLHFSPEC_JOB": "job",
-                "RLHFSPEC_REDIS_URL": f"redis://127.0.0.1:{server.port}/0",
-                "RLHFSPEC_JOB_CONFIG": "/nonexistent.yaml",
-            },
-        )
-        yield Bus(env)
-
-
-def _spec() -> object:
-    return parse_rlhfjob(
-        {
-            "apiVersion": "rlhfspec.io/v1alpha1",
-            "kind": "RLHFJob",
-            "metadata": {"name": "job"},
-            "spec": {
-                "models": {"policy": {"path": "tiny://policy"}},
-                "dataset": {"path": "x.jsonl"},
-                "generation": {"speculative": {"mode": "adaptive", "maxDraftTokens": 8}},
-                "storage": {"size": "1Gi"},
-            },
-        }
-    ).spec
+        yield bus_on(server)
 
 
 def _report(worker: str, rate: float, drafts: int = 400, k: int = 8) -> AcceptanceReport:
@@ -67,7 +43,7 @@ def test_pooled_acceptance_gives_a_versioned_table_that_follows_a_drop(
     draft = DrafterCost("draft_model", 0.0005, ((1, 0.0002), (256, 0.002)))
     cost = synthetic_cost_model(drafters=[draft])
     bus.redis.set(bus.keys.calibration, cost.to_json())
-    broadcaster = StrategyBroadcaster(_spec(), bus)  # type: ignore[arg-type]
+    broadcaster = StrategyBroadcaster(job_spec(), bus)
     assert broadcaster.tick() is None  # no acceptance evidence yet: no table
     for worker in ("generation-0", "generation-1"):  # pooled over both workers
         bus.publish(bus.keys.acceptance, _report(worker, 0.9))

@@ -14,15 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from rlhfspec_api.manifest import parse_rlhfjob
-from rlhfspec_api.spec import RLHFJobSpec
+from bus_helpers import bus_on, job_spec
 from rlhfspec_workers.coordinator import strategy as strategy_module
 from rlhfspec_workers.coordinator.strategy import StrategyBroadcaster
 from rlhfspec_workers.generation.adaptive import AdaptivePolicy
 from rlhfspec_workers.generation.broadcast import StrategySync
 from rlhfspec_workers.local.redis_server import RedisServer
 from rlhfspec_workers.messages import AcceptanceReport, StrategyTable
-from rlhfspec_workers.runtime import Bus, WorkerEnv
+from rlhfspec_workers.runtime import Bus
 from rlhfspec_workers.spec_decode.acceptance import AcceptanceEstimator
 from rlhfspec_workers.spec_decode.cost_records import DrafterCost
 from rlhfspec_workers.spec_decode.selector import AdaptiveSelector
@@ -42,32 +41,7 @@ def server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 def _bus(server: RedisServer, role: str) -> Bus:
-    env = WorkerEnv.from_environ(
-        role,
-        {
-            "RLHFSPEC_JOB": "job",
-            "RLHFSPEC_REDIS_URL": f"redis://127.0.0.1:{server.port}/0",
-            "RLHFSPEC_REDIS_PASSWORD": "secret",
-            "RLHFSPEC_JOB_CONFIG": "/nonexistent.yaml",
-        },
-    )
-    return Bus(env)
-
-
-def _spec() -> RLHFJobSpec:
-    return parse_rlhfjob(
-        {
-            "apiVersion": "rlhfspec.io/v1alpha1",
-            "kind": "RLHFJob",
-            "metadata": {"name": "job"},
-            "spec": {
-                "models": {"policy": {"path": "tiny://policy"}},
-                "dataset": {"path": "x.jsonl"},
-                "generation": {"speculative": {"mode": "adaptive", "maxDraftTokens": 8}},
-                "storage": {"size": "1Gi"},
-            },
-        }
-    ).spec
+    return bus_on(server, role, password="secret")
 
 
 def _report(rate: float, drafts: int = 400, k: int = 8) -> AcceptanceReport:
@@ -91,7 +65,7 @@ def _receiver(server: RedisServer) -> tuple[StrategySync, AdaptivePolicy]:
 
 def _publish_table(coordinator_bus: Bus, rate: float) -> StrategyTable:
     """A fresh coordinator object (what a restarted pod builds) publishes one table."""
-    broadcaster = StrategyBroadcaster(_spec(), coordinator_bus)
+    broadcaster = StrategyBroadcaster(job_spec(), coordinator_bus)
     for _ in range(5):
         coordinator_bus.publish(coordinator_bus.keys.acceptance, _report(rate))
     table = broadcaster.tick()

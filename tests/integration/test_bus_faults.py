@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from rlhfspec_workers.local.redis_server import RedisServer
-from rlhfspec_workers.messages import DeadLetter, Keys, SampleTask, WorkerStatus
+from rlhfspec_workers.messages import FIELD, DeadLetter, Keys, SampleTask, WorkerStatus
 from rlhfspec_workers.runtime import Bus, WorkerEnv
 
 pytestmark = pytest.mark.timeout(120)
@@ -54,13 +54,13 @@ def test_malformed_and_wrong_version_payloads_are_dead_lettered_with_the_sample_
     keys = bus.keys
     bus.ensure_group(keys.tasks, Keys.GENERATION_GROUP)
     bus.publish(keys.tasks, _task(0))
-    bus.redis.xadd(keys.tasks, {b"data": b"{not json"})
+    bus.redis.xadd(keys.tasks, {FIELD: b"{not json"})
     wrong = _task(1).to_bytes().replace(b'"version":1', b'"version":9')
-    bus.redis.xadd(keys.tasks, {b"data": wrong})
+    bus.redis.xadd(keys.tasks, {FIELD: wrong})
     got = bus.read_group(keys.tasks, Keys.GENERATION_GROUP, SampleTask, count=10, block_ms=100)
     assert [t.sample_id for _, t in got] == ["it1/p0/0"]
     letters = [
-        DeadLetter.from_bytes(fields[b"data"]) for _, fields in bus.redis.xrange(keys.dead_letters)
+        DeadLetter.from_bytes(fields[FIELD]) for _, fields in bus.redis.xrange(keys.dead_letters)
     ]
     assert [letter.sample_id for letter in letters] == [None, "it1/p1/0"]
     assert "not JSON" in letters[0].reason and "version 9 unsupported" in letters[1].reason
@@ -221,7 +221,7 @@ def test_inference_scores_each_sample_once_and_acks_every_entry(
     worker = InferenceWorker(SimpleNamespace(spec=spec), bus, maker)  # type: ignore[arg-type]
     batch = bus.read_group(keys.rollouts, Keys.INFERENCE_GROUP, Rollout, count=10, block_ms=100)
     worker._score(batch)
-    published = [Experience.from_bytes(f[b"data"]) for _, f in bus.redis.xrange(keys.experience)]
+    published = [Experience.from_bytes(f[FIELD]) for _, f in bus.redis.xrange(keys.experience)]
     assert [e.rollout.sample_id for e in published] == ["it1/p0/0", "it1/p1/0"]
     assert [e.reward for e in published] == [1.0, 0.0]
     assert [len(e.ref_logprobs) for e in published] == [4, 8]

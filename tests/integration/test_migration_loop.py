@@ -22,7 +22,7 @@ import yaml
 
 from rlhfspec_workers.local.redis_server import RedisServer
 from rlhfspec_workers.local.supervisor import Supervisor, local_worker_env
-from rlhfspec_workers.messages import LoadReport, MigrationOrder, Rollout, SampleTask
+from rlhfspec_workers.messages import FIELD, LoadReport, MigrationOrder, Rollout, SampleTask
 from rlhfspec_workers.runtime import Bus, WorkerEnv
 
 pytestmark = pytest.mark.timeout(900)
@@ -137,7 +137,7 @@ def test_ordered_migration_moves_running_samples_and_stitches_them_exactly(
             wait("every sample", lambda: bus.redis.scard(keys.done_samples(1)) == len(tasks))
             time.sleep(1.0)  # one more heartbeat: counters are exported as they happen
             second_scrape = _scrape(supervisor, SOURCE)
-            rollouts = [Rollout.from_bytes(f[b"data"]) for _, f in bus.redis.xrange(keys.rollouts)]
+            rollouts = [Rollout.from_bytes(f[FIELD]) for _, f in bus.redis.xrange(keys.rollouts)]
             stats = {k.decode(): float(v) for k, v in
                      bus.redis.hgetall(keys.generation_stats(1)).items()}  # fmt: skip
         finally:

@@ -15,7 +15,7 @@ from prometheus_client.samples import Sample
 
 from rlhfspec_api.generation import GenerationSpec
 from rlhfspec_workers.local.redis_server import RedisServer
-from rlhfspec_workers.messages import IterationMetrics, Keys
+from rlhfspec_workers.messages import FIELD, IterationMetrics, Keys
 from rlhfspec_workers.observability import WorkerMetrics, report
 
 LABELS = {"job": "obs-test", "role": "generation", "worker": "obs-test-generation-0"}
@@ -121,7 +121,7 @@ def test_report_from_redis_copies_the_metrics_stream(
                                     reward_mean=0.5 * i, stage_seconds={"generation": 1.0})
                    for i in (1, 2)]
         for record in records:
-            client.xadd(keys.metrics_stream, {b"data": record.to_bytes()})
+            client.xadd(keys.metrics_stream, {FIELD: record.to_bytes()})
         run_dir = tmp_path / "run"
         assert report.main([str(run_dir), "--from-redis", server.url,
                             "--job", "team-a/grpo"]) == 0
@@ -131,7 +131,7 @@ def test_report_from_redis_copies_the_metrics_stream(
         assert (run_dir / "report" / "summary.md").is_file()
 
         # A foreign payload in the stream is named by its entry id, nothing is written.
-        bad_id = client.xadd(keys.metrics_stream, {b"data": b'{"kind": "rollout"}'}).decode()
+        bad_id = client.xadd(keys.metrics_stream, {FIELD: b'{"kind": "rollout"}'}).decode()
         assert report.main([str(tmp_path / "other"), "--from-redis", server.url,
                             "--job", "team-a/grpo"]) == 1
         assert not (tmp_path / "other").exists()

@@ -24,7 +24,7 @@ from rlhfspec_api.manifest import parse_rlhfjob
 from rlhfspec_api.rewards import RewardSpec, RewardType
 from rlhfspec_workers.inference.worker import InferenceWorker
 from rlhfspec_workers.local.redis_server import RedisServer
-from rlhfspec_workers.messages import JobFailure, JobProgress, Keys, Rollout
+from rlhfspec_workers.messages import FIELD, JobFailure, JobProgress, Keys, Rollout
 from rlhfspec_workers.preflight import ResolvedPaths
 from rlhfspec_workers.rewards.registry import build_reward
 from rlhfspec_workers.runtime import Bus, WorkerEnv
@@ -206,6 +206,6 @@ def _sample_ids(client: redis.Redis, stream: str) -> list[str]:
     """The sample id of every entry of a rollout or experience stream, in order."""
     out = []
     for _, fields in client.xrange(stream):
-        doc = json.loads(fields[b"data"])
+        doc = json.loads(fields[FIELD])
         out.append(str(doc.get("sample_id") or doc["rollout"]["sample_id"]))
     return out

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from bus_helpers import bus_on
 from rlhfspec_workers.dead_letters import dead_letter_of
 from rlhfspec_workers.local.redis_server import RedisServer
 from rlhfspec_workers.messages import (
@@ -27,7 +28,7 @@ from rlhfspec_workers.messages import (
     MigrationOrder,
     SampleTask,
 )
-from rlhfspec_workers.runtime import Bus, StreamCursor, WorkerEnv, parse_worker_name, worker_name
+from rlhfspec_workers.runtime import Bus, StreamCursor, parse_worker_name, worker_name
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -45,18 +46,9 @@ def bus(server: RedisServer, request: pytest.FixtureRequest) -> Bus:
 
 
 def _bus(server: RedisServer, *, job: str, index: int = 0) -> Bus:
-    env = WorkerEnv.from_environ(
-        "generation",
-        {
-            "RLHFSPEC_JOB": job,
-            "RLHFSPEC_NAMESPACE": "ns",
-            "RLHFSPEC_WORKER_INDEX": str(index),
-            "RLHFSPEC_REDIS_URL": f"redis://127.0.0.1:{server.port}/0",
-            "RLHFSPEC_REDIS_PASSWORD": "pw",
-            "RLHFSPEC_JOB_CONFIG": "/nonexistent/job.yaml",
-        },
+    return bus_on(
+        server, "generation", password="pw", RLHFSPEC_JOB=job, RLHFSPEC_WORKER_INDEX=str(index)
     )
-    return Bus(env)
 
 
 def _order(n: int) -> MigrationOrder:

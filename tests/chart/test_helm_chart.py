@@ -24,19 +24,33 @@ NON_DEFAULT_VALUES = {
     "watchNamespaces": ["team-a", "team-b"],
     "replicaCount": 2,
     "peering": {"enabled": True, "name": "rlhf-peers"},
-    "image": {"repository": "registry.example/rlhfspec/operator", "tag": "9.9.9",
-              "pullPolicy": "Always"},
-    "metrics": {"enabled": True, "port": 9500,
-                "serviceMonitor": {"enabled": True, "interval": "15s",
-                                   "labels": {"release": "prom"}}},
+    "image": {
+        "repository": "registry.example/rlhfspec/operator",
+        "tag": "9.9.9",
+        "pullPolicy": "Always",
+    },
+    "metrics": {
+        "enabled": True,
+        "port": 9500,
+        "serviceMonitor": {"enabled": True, "interval": "15s", "labels": {"release": "prom"}},
+    },
     "logLevel": "DEBUG",
-    "grafana": {"dashboard": {"enabled": True, "namespace": "monitoring",
-                              "annotations": {"grafana_folder": "RLHF"}}},
+    "grafana": {
+        "dashboard": {
+            "enabled": True,
+            "namespace": "monitoring",
+            "annotations": {"grafana_folder": "RLHF"},
+        }
+    },
     "allowedImages": ["ghcr.io/rlhfspec/*", "redis:7.4-alpine"],
     "coordinator": {"allowedHosts": ["*.infra.svc", "redis.shared.example"]},
-    "networkPolicy": {"enabled": True,
-                      "metricsFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}},
-                                      {"podSelector": {"matchLabels": {"app": "prometheus"}}}]},
+    "networkPolicy": {
+        "enabled": True,
+        "metricsFrom": [
+            {"ipBlock": {"cidr": "10.0.0.0/8"}},
+            {"podSelector": {"matchLabels": {"app": "prometheus"}}},
+        ],
+    },
 }
 
 
@@ -105,11 +119,15 @@ def test_watch_namespaces_use_roles_per_namespace(tmp_path: Path) -> None:
     assert "ClusterRole" not in kinds(docs)
     expected = rbac_manifests(["team-a", "team-b"], peering=True)
     for role in roles:
-        want = next(d for d in expected if d["kind"] == "Role"
-                    and d["metadata"]["namespace"] == role["metadata"]["namespace"])
+        want = next(
+            d
+            for d in expected
+            if d["kind"] == "Role" and d["metadata"]["namespace"] == role["metadata"]["namespace"]
+        )
         assert role["rules"] == want["rules"]
     args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"][
-        "containers"][0]["args"]
+        "containers"
+    ][0]["args"]
     assert "--namespace=team-a" in args and "--namespace=team-b" in args
     assert "--peering=rlhf-peers" in args
     monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
@@ -137,16 +155,32 @@ def test_operator_pod_is_non_root_and_read_only(tmp_path: Path) -> None:
         ({"metrics": {"port": 70000}}, "metrics.port: Must be less than or equal to 65535"),
         ({"logLevel": "TRACE"}, "logLevel: logLevel must be one of the following"),
         ({"watchNamespace": ["a"]}, "Additional property watchNamespace is not allowed"),
-        ({"grafana": {"dashboard": {"enabled": "yes"}}},
-         "grafana.dashboard.enabled: Invalid type. Expected: boolean"),
+        (
+            {"grafana": {"dashboard": {"enabled": "yes"}}},
+            "grafana.dashboard.enabled: Invalid type. Expected: boolean",
+        ),
         ({"allowedImages": "ghcr.io/*"}, "allowedImages: Invalid type. Expected: array"),
-        ({"coordinator": {"allowedHosts": ["redis:6379"]}},
-         "coordinator.allowedHosts.0: Does not match pattern"),
-        ({"networkPolicy": {"metricsFrom": [{"podSelecter": {}}]}},
-         "Additional property podSelecter is not allowed"),
+        (
+            {"coordinator": {"allowedHosts": ["redis:6379"]}},
+            "coordinator.allowedHosts.0: Does not match pattern",
+        ),
+        (
+            {"networkPolicy": {"metricsFrom": [{"podSelecter": {}}]}},
+            "Additional property podSelecter is not allowed",
+        ),
     ],
-    ids=["replicas-string", "namespaces-string", "pull-policy", "port", "log-level", "typo",
-         "dashboard-flag", "images-string", "host-with-port", "peer-typo"],
+    ids=[
+        "replicas-string",
+        "namespaces-string",
+        "pull-policy",
+        "port",
+        "log-level",
+        "typo",
+        "dashboard-flag",
+        "images-string",
+        "host-with-port",
+        "peer-typo",
+    ],
 )
 def test_wrong_values_fail_on_the_schema(
     tmp_path: Path, values: dict[str, Any], expected: str
@@ -174,8 +208,9 @@ def test_notes_tell_the_first_commands(tmp_path: Path) -> None:
         "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\n"
         'data: {notes: {{ tpl (.Files.Get "notes.txt") . | quote }}}\n'
     )
-    result = helm("template", "rel", str(chart), "-n", "rlhf-system",
-                  "--show-only", "templates/zz-notes.yaml")
+    result = helm(
+        "template", "rel", str(chart), "-n", "rlhf-system", "--show-only", "templates/zz-notes.yaml"
+    )
     assert result.returncode == 0, result.stderr
     notes = yaml.safe_load(result.stdout)["data"]["notes"]
     assert "kubectl apply -f examples/tiny-grpo.yaml" in notes
@@ -230,15 +265,28 @@ def test_grafana_dashboard_ships_only_when_enabled_and_queries_real_metrics(
     unknown = queried - exported_names()
     assert not unknown, f"dashboard queries metrics nobody exports: {sorted(unknown)}"
     # The list: each of these is on the dashboard.
-    for name in ("rlhfspec_reward_mean", "rlhfspec_kl", "rlhfspec_policy_loss",
-                 "rlhfspec_value_loss", "rlhfspec_stage_seconds",
-                 "rlhfspec_generation_tokens_total", "rlhfspec_generation_running_batch_size",
-                 "rlhfspec_spec_k", "rlhfspec_spec_drafter", "rlhfspec_spec_k_chosen_bucket",
-                 "rlhfspec_spec_accepted_tokens_total", "rlhfspec_calibration_age_seconds",
-                 "rlhfspec_strategy_table_version", "rlhfspec_migrations_total",
-                 "rlhfspec_migrated_tokens_total", "rlhfspec_migration_seconds_bucket",
-                 "rlhfspec_samples_reclaimed_total", "rlhfspec_weight_version",
-                 "vllm:spec_decode_num_accepted_tokens_total", "rlhfspec_job_phase"):
+    for name in (
+        "rlhfspec_reward_mean",
+        "rlhfspec_kl",
+        "rlhfspec_policy_loss",
+        "rlhfspec_value_loss",
+        "rlhfspec_stage_seconds",
+        "rlhfspec_generation_tokens_total",
+        "rlhfspec_generation_running_batch_size",
+        "rlhfspec_spec_k",
+        "rlhfspec_spec_drafter",
+        "rlhfspec_spec_k_chosen_bucket",
+        "rlhfspec_spec_accepted_tokens_total",
+        "rlhfspec_calibration_age_seconds",
+        "rlhfspec_strategy_table_version",
+        "rlhfspec_migrations_total",
+        "rlhfspec_migrated_tokens_total",
+        "rlhfspec_migration_seconds_bucket",
+        "rlhfspec_samples_reclaimed_total",
+        "rlhfspec_weight_version",
+        "vllm:spec_decode_num_accepted_tokens_total",
+        "rlhfspec_job_phase",
+    ):
         assert name in queried, name
     ids = [p["id"] for p in shipped["panels"]]
     assert len(ids) == len(set(ids))
@@ -264,22 +312,27 @@ def test_worker_service_monitor_selects_every_jobs_role_services(tmp_path: Path)
     owner = Owner(job.name, job.namespace, "0b6c5f9e-7d1e-4d0a-9c55-2f1e3c4b5a69")
     services = [builders.role_service(job, owner, role) for role in WORKER_ROLES]
     selected = [
-        svc for svc in builders.children(job, owner, password="x", operator_namespace="ops")
+        svc
+        for svc in builders.children(job, owner, password="x", operator_namespace="ops")
         if svc["kind"] == "Service" and matches(spec["selector"], svc["metadata"]["labels"])
     ]
     # Exactly the role Services (not Redis), each with the port the endpoint names.
-    assert [s["metadata"]["name"] for s in selected] == [
-        s["metadata"]["name"] for s in services]
+    assert [s["metadata"]["name"] for s in selected] == [s["metadata"]["name"] for s in services]
     for svc in selected:
         assert spec["endpoints"][0]["port"] in [p["name"] for p in svc["spec"]["ports"]]
 
-    default = render(tmp_path, {**NON_DEFAULT_VALUES, "watchNamespaces": [],
-                                "metrics": {"serviceMonitor": {"enabled": True}}})
+    default = render(
+        tmp_path,
+        {
+            **NON_DEFAULT_VALUES,
+            "watchNamespaces": [],
+            "metrics": {"serviceMonitor": {"enabled": True}},
+        },
+    )
     workers = next(d for d in default if d["metadata"]["name"] == "rel-rlhfspec-workers")
     assert workers["spec"]["namespaceSelector"] == {"any": True}
     off = render(tmp_path, {"metrics": {"serviceMonitor": {"enabled": True, "workers": False}}})
-    assert [d["metadata"]["name"] for d in off if d["kind"] == "ServiceMonitor"] == [
-        "rel-rlhfspec"]
+    assert [d["metadata"]["name"] for d in off if d["kind"] == "ServiceMonitor"] == ["rel-rlhfspec"]
 
 
 def matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
@@ -342,6 +395,10 @@ def test_operator_metrics_are_open_only_to_metrics_from(tmp_path: Path) -> None:
 def test_readme_says_what_creating_a_job_grants_and_documents_every_new_value() -> None:
     readme = (CHART / "README.md").read_text()
     assert "## What creating an RLHFJob grants" in readme
-    for value in ("allowedImages", "coordinator.allowedHosts", "networkPolicy.metricsFrom",
-                  "rlhfspec.io/coordinator-password"):
+    for value in (
+        "allowedImages",
+        "coordinator.allowedHosts",
+        "networkPolicy.metricsFrom",
+        "rlhfspec.io/coordinator-password",
+    ):
         assert value in readme, value

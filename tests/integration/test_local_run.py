@@ -20,14 +20,20 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "rlhfspec_cli", "run", *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "rlhfspec_cli", "run", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def write_job(tmp_path: Path, **generation: object) -> Path:
     job = yaml.safe_load((ROOT / "examples" / "tiny-grpo.yaml").read_text())
-    job["spec"]["algorithm"].update(iterations=1, promptsPerIteration=4, samplesPerPrompt=2,
-                                    microBatchSize=8)
+    job["spec"]["algorithm"].update(
+        iterations=1, promptsPerIteration=4, samplesPerPrompt=2, microBatchSize=8
+    )
     job["spec"]["generation"].update(maxNewTokens=24, **generation)
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))

@@ -43,13 +43,23 @@ def engine(tiny_kit: Path) -> Iterator[Any]:
     cpu_engine_env()
     from rlhfspec_workers.generation.engine import GenerationEngine
 
-    spec = GenerationSpec.model_validate({"speculative": {
-        "mode": "fixed", "maxDraftTokens": K, "numDraftTokens": K,
-        "drafters": [{"method": "draft_model", "model": {"path": "tiny://draft"}}],
-    }})
+    spec = GenerationSpec.model_validate(
+        {
+            "speculative": {
+                "mode": "fixed",
+                "maxDraftTokens": K,
+                "numDraftTokens": K,
+                "drafters": [{"method": "draft_model", "model": {"path": "tiny://draft"}}],
+            }
+        }
+    )
     generation = GenerationEngine(
-        spec, tiny_kit / "policy", draft_models={0: tiny_kit / "draft"},
-        max_num_seqs=16, max_model_len=128, kv_cache_bytes=48 << 20,
+        spec,
+        tiny_kit / "policy",
+        draft_models={0: tiny_kit / "draft"},
+        max_num_seqs=16,
+        max_model_len=128,
+        kv_cache_bytes=48 << 20,
     )
     yield generation
     generation.close()
@@ -59,8 +69,9 @@ def engine(tiny_kit: Path) -> Iterator[Any]:
 def test_generation_worker_metrics_follow_a_real_engine(engine: Any, tiny_kit: Path) -> None:
     from rlhfspec_workers.generation.records import PromptInput, SamplingConfig
 
-    prompts = [json.loads(line)["prompt"]
-               for line in (tiny_kit / "dataset" / "train.jsonl").open()][:8]
+    prompts = [
+        json.loads(line)["prompt"] for line in (tiny_kit / "dataset" / "train.jsonl").open()
+    ][:8]
     sampling = SamplingConfig(temperature=0.0, max_tokens=24)
     metrics = WorkerMetrics(LABELS["job"], LABELS["role"], LABELS["worker"])
     metrics.reexport_vllm(engine.counters)
@@ -70,8 +81,10 @@ def test_generation_worker_metrics_follow_a_real_engine(engine: Any, tiny_kit: P
         generated: list[int] = []
         for round_ in range(2):
             engine.drain_steps()
-            batch = [PromptInput(prompt=p, prompt_id=f"r{round_}-{i}", n=2)
-                     for i, p in enumerate(prompts[4 * round_: 4 * round_ + 4])]
+            batch = [
+                PromptInput(prompt=p, prompt_id=f"r{round_}-{i}", n=2)
+                for i, p in enumerate(prompts[4 * round_ : 4 * round_ + 4])
+            ]
             results = engine.generate_all(batch, sampling)
             generated.append(sum(len(r.token_ids) for r in results))
             for step in engine.drain_steps():
@@ -92,13 +105,15 @@ def test_generation_worker_metrics_follow_a_real_engine(engine: Any, tiny_kit: P
     moved("vllm:spec_decode_num_drafts_total")
     now = engine.counters()
     assert total(second, "vllm:spec_decode_num_draft_tokens_total") == float(
-        now["vllm:spec_decode_num_draft_tokens"])
+        now["vllm:spec_decode_num_draft_tokens"]
+    )
     # ...and our per-step, per-position accounting agrees with them exactly.
     assert moved("rlhfspec_spec_draft_tokens_total") == vllm_drafted
     assert moved("rlhfspec_spec_accepted_tokens_total") == vllm_accepted
     assert total(second, "rlhfspec_spec_k") == K
-    positions = {s.labels["position"] for s in second
-                 if s.name == "rlhfspec_spec_accepted_tokens_total"}
+    positions = {
+        s.labels["position"] for s in second if s.name == "rlhfspec_spec_accepted_tokens_total"
+    }
     assert positions == {str(p) for p in range(K)}
     # Without the caller's count, a step's tokens are estimated as batch + accepted: exact for
     # a decode step, high where vLLM accepted draft tokens past a sample's stop (dropped).
@@ -117,26 +132,40 @@ def test_report_from_redis_copies_the_metrics_stream(
     try:
         client = redis.Redis.from_url(server.url)
         keys = Keys("team-a", "grpo")
-        records = [IterationMetrics(iteration=i, total_iterations=2, samples=4, tokens=10 * i,
-                                    reward_mean=0.5 * i, stage_seconds={"generation": 1.0})
-                   for i in (1, 2)]
+        records = [
+            IterationMetrics(
+                iteration=i,
+                total_iterations=2,
+                samples=4,
+                tokens=10 * i,
+                reward_mean=0.5 * i,
+                stage_seconds={"generation": 1.0},
+            )
+            for i in (1, 2)
+        ]
         for record in records:
             client.xadd(keys.metrics_stream, {FIELD: record.to_bytes()})
         run_dir = tmp_path / "run"
-        assert report.main([str(run_dir), "--from-redis", server.url,
-                            "--job", "team-a/grpo"]) == 0
-        copied = [IterationMetrics.model_validate_json(line)
-                  for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert report.main([str(run_dir), "--from-redis", server.url, "--job", "team-a/grpo"]) == 0
+        copied = [
+            IterationMetrics.model_validate_json(line)
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        ]
         assert copied == records
         assert (run_dir / "report" / "summary.md").is_file()
 
         # A foreign payload in the stream is named by its entry id, nothing is written.
         bad_id = client.xadd(keys.metrics_stream, {FIELD: b'{"kind": "rollout"}'}).decode()
-        assert report.main([str(tmp_path / "other"), "--from-redis", server.url,
-                            "--job", "team-a/grpo"]) == 1
+        assert (
+            report.main(
+                [str(tmp_path / "other"), "--from-redis", server.url, "--job", "team-a/grpo"]
+            )
+            == 1
+        )
         assert not (tmp_path / "other").exists()
         assert f"rlhfspec:team-a:grpo:metrics entry {bad_id}: kind 'rollout'" in (
-            capsys.readouterr().err)
+            capsys.readouterr().err
+        )
         client.close()
     finally:
         server.stop()
@@ -148,8 +177,12 @@ def test_report_from_redis_names_an_empty_stream(
     server = RedisServer(tmp_path / "redis")
     server.start()
     try:
-        assert report.main([str(tmp_path / "run"), "--from-redis", server.url,
-                            "--job", "team-a/missing"]) == 1
+        assert (
+            report.main(
+                [str(tmp_path / "run"), "--from-redis", server.url, "--job", "team-a/missing"]
+            )
+            == 1
+        )
     finally:
         server.stop()
     assert "rlhfspec:team-a:missing:metrics has no records" in capsys.readouterr().err

@@ -29,8 +29,14 @@ def _spec(policy: Path, algorithm: str) -> RLHFJobSpec:
         models["critic"] = {"path": str(policy.parent / "critic")}
     return RLHFJobSpec.model_validate(
         {
-            "algorithm": {"name": algorithm, "promptsPerIteration": 3, "samplesPerPrompt": 3,
-                          "microBatchSize": 2, "miniBatches": 2, "learningRate": 1e-3},
+            "algorithm": {
+                "name": algorithm,
+                "promptsPerIteration": 3,
+                "samplesPerPrompt": 3,
+                "microBatchSize": 2,
+                "miniBatches": 2,
+                "learningRate": 1e-3,
+            },
             "models": models,
             "dataset": {"path": "unused.jsonl"},
         }
@@ -46,9 +52,18 @@ def _policy_dir(root: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                         head_dim=32, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=32,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     LlamaForCausalLM(config).save_pretrained(str(root / "policy"))
     config.num_labels = 1  # ppo's critic
     LlamaForSequenceClassification(config).save_pretrained(str(root / "critic"))
@@ -60,8 +75,14 @@ def _experiences(policy_dir: Path) -> list[Experience]:
     gen = torch.Generator().manual_seed(3)
     prompts, responses = [], []
     for _ in range(9):  # 9 samples: ranks get unequal shares, micro-batch counts differ
-        prompts.append([1, *torch.randint(4, 14, (int(torch.randint(2, 6, (1,), generator=gen)),),
-                                          generator=gen).tolist()])
+        prompts.append(
+            [
+                1,
+                *torch.randint(
+                    4, 14, (int(torch.randint(2, 6, (1,), generator=gen)),), generator=gen
+                ).tolist(),
+            ]
+        )
         n = int(torch.randint(1, 7, (1,), generator=gen))
         responses.append([*torch.randint(4, 14, (n,), generator=gen).tolist(), 2])
     with torch.no_grad():
@@ -71,12 +92,26 @@ def _experiences(policy_dir: Path) -> list[Experience]:
         # The engine's log-probs off by 0.01 * i: the mismatch metrics must see it on every
         # rank (max 0.08: sample 8 lives on one rank only).
         engine = [lp + 0.01 * i for lp in logp[i][: len(r)]]
-        rollout = Rollout(iteration=1, sample_id=f"s{i}", prompt_id=f"p{i // 3}",
-                          group_id=f"p{i // 3}", sample_index=i % 3, prompt="",
-                          prompt_token_ids=p, token_ids=r, logprobs=engine, text="",
-                          finish_reason="stop", weight_version=0, worker="t")
-        out.append(Experience(rollout=rollout, reward=float(i % 3 == 0) + 0.1 * i,
-                              ref_logprobs=logp[i][: len(r)]))
+        rollout = Rollout(
+            iteration=1,
+            sample_id=f"s{i}",
+            prompt_id=f"p{i // 3}",
+            group_id=f"p{i // 3}",
+            sample_index=i % 3,
+            prompt="",
+            prompt_token_ids=p,
+            token_ids=r,
+            logprobs=engine,
+            text="",
+            finish_reason="stop",
+            weight_version=0,
+            worker="t",
+        )
+        out.append(
+            Experience(
+                rollout=rollout, reward=float(i % 3 == 0) + 0.1 * i, ref_logprobs=logp[i][: len(r)]
+            )
+        )
     return out
 
 

@@ -29,8 +29,12 @@ CPU = torch.device("cpu")
 def _trained_export(kit: Path, out: Path) -> PolicyTrainer:
     spec = RLHFJobSpec.model_validate(
         {
-            "algorithm": {"promptsPerIteration": 2, "samplesPerPrompt": 2, "microBatchSize": 4,
-                          "learningRate": 1e-3},
+            "algorithm": {
+                "promptsPerIteration": 2,
+                "samplesPerPrompt": 2,
+                "microBatchSize": 4,
+                "learningRate": 1e-3,
+            },
             "models": {"policy": {"path": str(kit / "policy")}},
             "dataset": {"path": "unused.jsonl"},
         }
@@ -41,11 +45,21 @@ def _trained_export(kit: Path, out: Path) -> PolicyTrainer:
         for k, text in enumerate([row.answer, row.answer[::-1]]):
             ids = [*encode_chars(text), EOS_ID]
             rollouts.append(
-                Rollout(iteration=1, sample_id=f"{g}/{k}", prompt_id=str(g), group_id=str(g),
-                        sample_index=k, prompt=row.prompt,
-                        prompt_token_ids=encode_chars(row.prompt, add_bos=True), token_ids=ids,
-                        logprobs=[0.0] * len(ids), text=text, finish_reason="stop",
-                        weight_version=0, worker="test")
+                Rollout(
+                    iteration=1,
+                    sample_id=f"{g}/{k}",
+                    prompt_id=str(g),
+                    group_id=str(g),
+                    sample_index=k,
+                    prompt=row.prompt,
+                    prompt_token_ids=encode_chars(row.prompt, add_bos=True),
+                    token_ids=ids,
+                    logprobs=[0.0] * len(ids),
+                    text=text,
+                    finish_reason="stop",
+                    weight_version=0,
+                    worker="test",
+                )
             )
     experiences = ExperienceMaker(spec, {"spec.models.policy": kit / "policy"}, CPU).make(rollouts)
     # Old log-probs = reference log-probs (the initial policy's), as vLLM would have returned.

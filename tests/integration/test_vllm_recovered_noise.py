@@ -31,9 +31,7 @@ def _inputs(num_draft_tokens: list[int], vocab: int = 64) -> dict[str, object]:
 
 
 def _seeded(n: int) -> SimpleNamespace:
-    return SimpleNamespace(
-        generators={i: torch.Generator().manual_seed(100 + i) for i in range(n)}
-    )
+    return SimpleNamespace(generators={i: torch.Generator().manual_seed(100 + i) for i in range(n)})
 
 
 def test_sparse_noise_gives_the_original_tokens_for_seeded_requests(spec_engine: Any) -> None:

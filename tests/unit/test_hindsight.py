@@ -90,11 +90,23 @@ def test_step_cost_table_interpolates_measured_batches_and_falls_back() -> None:
 def test_measured_cost_reads_fixed_runs_and_the_undrafted_first_step() -> None:
     def step(batch: int, k: int, seconds: float) -> StepRecord:
         return StepRecord(
-            step=0, batch_size=batch, num_finished=0, drafter="ngram" if k else "off", k=k,
-            num_drafts=batch if k else 0, num_draft_tokens=batch * k, num_accepted_tokens=0,
-            accepted_per_pos=(), drafted_per_pos=(), proposer_draft_tokens=batch * k,
-            proposer_accepted_tokens=0, next_drafter="ngram", next_k=2, next_draft_tokens=0,
-            step_seconds=seconds, draft_seconds=0.0,
+            step=0,
+            batch_size=batch,
+            num_finished=0,
+            drafter="ngram" if k else "off",
+            k=k,
+            num_drafts=batch if k else 0,
+            num_draft_tokens=batch * k,
+            num_accepted_tokens=0,
+            accepted_per_pos=(),
+            drafted_per_pos=(),
+            proposer_draft_tokens=batch * k,
+            proposer_accepted_tokens=0,
+            next_drafter="ngram",
+            next_k=2,
+            next_draft_tokens=0,
+            step_seconds=seconds,
+            draft_seconds=0.0,
         )
 
     runs = [

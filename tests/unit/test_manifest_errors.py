@@ -19,6 +19,7 @@ def base() -> dict[str, Any]:
     loaded: dict[str, Any] = yaml.safe_load((EXAMPLES / "tiny-grpo.yaml").read_text())
     return copy.deepcopy(loaded)
 
+
 FETCHED_ALLOWED = (
     "(hf://ORG/NAME[@REVISION][/PATH], https://HOST/FILE (a file, or a .tar, .tar.gz, .tgz or "
     ".zip archive of a model directory), s3://BUCKET/KEY (an object, or the objects under "

@@ -34,9 +34,10 @@ def test_recompute_is_chosen_when_the_kv_is_dearer_than_the_prefill() -> None:
 
 def test_no_kv_path_on_one_worker_or_a_recompute_policy_means_recompute() -> None:
     assert not migration_cost("auto", [report("a", 32768), report("b", 0.0)]).kv_available
-    assert migration_cost("recompute", [report("a", 32768), report("b", 32768)]).choose(
-        200, CPU
-    )[0] == "recompute"
+    assert (
+        migration_cost("recompute", [report("a", 32768), report("b", 32768)]).choose(200, CPU)[0]
+        == "recompute"
+    )
     # Before any worker measured a rate, the prior prices the bytes.
     prior = migration_cost("kv_transfer", [report("a", 32768), report("b", 32768)])
     assert prior.kv_bandwidth_bytes_per_second == KV_PRIOR_BYTES_PER_SECOND

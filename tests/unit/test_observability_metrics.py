@@ -24,22 +24,43 @@ def scrape(port: int) -> list[Sample]:
 
 
 def value(samples: list[Sample], name: str, **labels: str) -> float:
-    found = [s.value for s in samples if s.name == name
-             and all(s.labels.get(k) == v for k, v in labels.items())]
+    found = [
+        s.value
+        for s in samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
     assert len(found) == 1, f"{name} {labels}: {len(found)} samples"
     return found[0]
 
 
-def step(index: int, *, batch: int, drafter: str = "draft_model", k: int = 3,
-         accepted: tuple[int, ...] = (3, 2, 1), next_k: int = 4) -> StepRecord:
+def step(
+    index: int,
+    *,
+    batch: int,
+    drafter: str = "draft_model",
+    k: int = 3,
+    accepted: tuple[int, ...] = (3, 2, 1),
+    next_k: int = 4,
+) -> StepRecord:
     drafted = tuple(batch for _ in range(k))
     return StepRecord(
-        step=index, batch_size=batch, num_finished=0, drafter=drafter, k=k, num_drafts=batch,
-        num_draft_tokens=sum(drafted), num_accepted_tokens=sum(accepted),
-        accepted_per_pos=accepted, drafted_per_pos=drafted,
-        proposer_draft_tokens=sum(drafted), proposer_accepted_tokens=sum(accepted),
-        next_drafter=drafter, next_k=next_k, next_draft_tokens=batch * next_k,
-        step_seconds=0.02, draft_seconds=0.005,
+        step=index,
+        batch_size=batch,
+        num_finished=0,
+        drafter=drafter,
+        k=k,
+        num_drafts=batch,
+        num_draft_tokens=sum(drafted),
+        num_accepted_tokens=sum(accepted),
+        accepted_per_pos=accepted,
+        drafted_per_pos=drafted,
+        proposer_draft_tokens=sum(drafted),
+        proposer_accepted_tokens=sum(accepted),
+        next_drafter=drafter,
+        next_k=next_k,
+        next_draft_tokens=batch * next_k,
+        step_seconds=0.02,
+        draft_seconds=0.005,
     )
 
 
@@ -76,8 +97,10 @@ def test_scraped_twice_the_counters_move_with_the_worker_labels(metrics: WorkerM
     assert value(second, accepted, drafter="draft_model", position="0") == 3 + 2
     assert value(second, accepted, drafter="draft_model", position="2") == 1
     assert value(second, accepted, drafter="suffix", position="1") == 1
-    assert value(second, "rlhfspec_spec_draft_tokens_total", drafter="draft_model",
-                 position="1") == 4 + 3
+    assert (
+        value(second, "rlhfspec_spec_draft_tokens_total", drafter="draft_model", position="1")
+        == 4 + 3
+    )
     assert value(second, "rlhfspec_spec_drafts_total", drafter="suffix") == 2
     # The chosen strategy: gauge (last choice) and histogram (one observation per step).
     assert value(second, "rlhfspec_spec_k") == 2
@@ -95,20 +118,38 @@ def test_scraped_twice_the_counters_move_with_the_worker_labels(metrics: WorkerM
 
 def test_iteration_status_and_decisions_become_gauges(metrics: WorkerMetrics) -> None:
     record = IterationMetrics(
-        iteration=2, total_iterations=5, samples=16, reward_mean=0.25, reward_std=0.5,
-        kl=0.02, policy_loss=-0.1, value_loss=None, tokens_per_second=321.0,
-        mean_accepted_length=2.5, migrations=4, reclaimed=1, weight_version=2,
+        iteration=2,
+        total_iterations=5,
+        samples=16,
+        reward_mean=0.25,
+        reward_std=0.5,
+        kl=0.02,
+        policy_loss=-0.1,
+        value_loss=None,
+        tokens_per_second=321.0,
+        mean_accepted_length=2.5,
+        migrations=4,
+        reclaimed=1,
+        weight_version=2,
         strategy_table_version=7,
         stage_seconds={"generation": 3.0, "inference": 1.0, "training": 2.0, "sync": 0.5},
     )
     metrics.observe_iteration(record)
     metrics.observe_iteration(record.model_copy(update={"iteration": 3, "reward_mean": 0.5}))
     metrics.set_calibration_age(12.5)
-    metrics.observe_status(WorkerStatus(worker=LABELS["worker"], role="generation", running=9,
-                                        weight_version=3, tokens_per_second=111.0,
-                                        strategy_table_version=8))
-    samples = [s for f in text_string_to_metric_families(metrics.render().decode())
-               for s in f.samples]
+    metrics.observe_status(
+        WorkerStatus(
+            worker=LABELS["worker"],
+            role="generation",
+            running=9,
+            weight_version=3,
+            tokens_per_second=111.0,
+            strategy_table_version=8,
+        )
+    )
+    samples = [
+        s for f in text_string_to_metric_families(metrics.render().decode()) for s in f.samples
+    ]
     assert value(samples, "rlhfspec_iteration") == 3
     assert value(samples, "rlhfspec_reward_mean") == 0.5
     assert value(samples, "rlhfspec_reward_std") == 0.5

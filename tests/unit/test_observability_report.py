@@ -25,17 +25,32 @@ def recorded_run() -> list[IterationMetrics]:
                 # Worker 1 receives two migrated samples in iteration 2, after shrinking.
                 batch += 2 if (it == 2 and worker == 1 and s == 4) else -1 if batch > 1 else 0
                 trace.append([0.25 * s, worker, batch, 4 if batch < 5 else 1, 50.0 + 10 * s])
-        records.append(IterationMetrics(
-            iteration=it, total_iterations=4, samples=16, reward_mean=0.1 * it + 0.0123,
-            reward_std=0.2 + 0.01 * it, kl=None if it == 1 else 0.00123 * it,
-            policy_loss=0.5 - 0.1 * it, tokens=900 + it, tokens_per_second=300.0 + 1.25 * it,
-            mean_accepted_length=1.5 + 0.25 * it,
-            strategies={"draft_model:k=4": 9, "off:k=0": 3},
-            migrations=2 if it == 2 else 0, reclaimed=1 if it == 3 else 0,
-            stage_seconds={"generation": 1.5 + it, "inference": 0.5, "training": 0.75,
-                           "sync": 0.125, "total": 2.875 + it},
-            weight_version=it, batch_trace=trace,
-        ))
+        records.append(
+            IterationMetrics(
+                iteration=it,
+                total_iterations=4,
+                samples=16,
+                reward_mean=0.1 * it + 0.0123,
+                reward_std=0.2 + 0.01 * it,
+                kl=None if it == 1 else 0.00123 * it,
+                policy_loss=0.5 - 0.1 * it,
+                tokens=900 + it,
+                tokens_per_second=300.0 + 1.25 * it,
+                mean_accepted_length=1.5 + 0.25 * it,
+                strategies={"draft_model:k=4": 9, "off:k=0": 3},
+                migrations=2 if it == 2 else 0,
+                reclaimed=1 if it == 3 else 0,
+                stage_seconds={
+                    "generation": 1.5 + it,
+                    "inference": 0.5,
+                    "training": 0.75,
+                    "sync": 0.125,
+                    "total": 2.875 + it,
+                },
+                weight_version=it,
+                batch_trace=trace,
+            )
+        )
     return records
 
 
@@ -107,12 +122,15 @@ def test_a_partial_run_without_trace_or_training_still_reports(tmp_path: Path) -
     ("bad_line", "message"),
     [
         ("{not json", "metrics.jsonl:2: not JSON"),
-        ('{"version": 1, "iteration": 0, "total_iterations": 1}',
-         "metrics.jsonl:2: invalid iteration_metrics"),
+        (
+            '{"version": 1, "iteration": 0, "total_iterations": 1}',
+            "metrics.jsonl:2: invalid iteration_metrics",
+        ),
         ('{"kind": "rollout", "iteration": 2}', "metrics.jsonl:2: kind 'rollout'"),
-        ('{"version": 1, "iteration": 2, "total_iterations": 3,'
-          ' "batch_trace": [[0.1, 0, 4]]}',
-         "metrics.jsonl:2: batch_trace[0] has 3 values, expected 5 or 6"),
+        (
+            '{"version": 1, "iteration": 2, "total_iterations": 3, "batch_trace": [[0.1, 0, 4]]}',
+            "metrics.jsonl:2: batch_trace[0] has 3 values, expected 5 or 6",
+        ),
     ],
     ids=["not-json", "invalid-field", "wrong-kind", "short-trace-row"],
 )

@@ -56,8 +56,10 @@ def test_missing_model_and_vocab_mismatch_are_named(kit: Path) -> None:
     with pytest.raises(PreflightError) as info:
         preflight(spec_of("tiny-ppo.yaml"), tiny=resolver(kit))
     lines = [str(e) for e in info.value.errors]
-    assert any(line.startswith("spec.models.critic.path: 'tiny://reward': no such directory")
-               for line in lines)
+    assert any(
+        line.startswith("spec.models.critic.path: 'tiny://reward': no such directory")
+        for line in lines
+    )
     assert any(line.startswith("spec.models.reward.path:") for line in lines)
     assert (
         "spec.generation.speculative.drafters[0].model.path: the draft model's vocabulary (32000) "

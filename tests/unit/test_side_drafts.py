@@ -82,8 +82,14 @@ def test_side_evidence_moves_the_estimate_while_another_strategy_runs() -> None:
 
     def off_step(evidence: ShadowEvidence) -> StepFeedback:
         return StepFeedback(
-            choice=NO_DRAFT, batch_size=8, num_drafts=0, num_draft_tokens=0,
-            num_accepted_tokens=0, accepted_per_pos=(), step_seconds=0.01, draft_seconds=0.0,
+            choice=NO_DRAFT,
+            batch_size=8,
+            num_drafts=0,
+            num_draft_tokens=0,
+            num_accepted_tokens=0,
+            accepted_per_pos=(),
+            step_seconds=0.01,
+            draft_seconds=0.0,
             shadow={"ngram": evidence},
         )
 

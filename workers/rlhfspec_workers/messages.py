@@ -438,7 +438,6 @@ class DeadLetter(Message):
     raw: str
 
 
-
 class Keys:
     """Redis key and stream names of one job; every name is prefixed by namespace and job."""
 

@@ -208,9 +208,7 @@ def read_rows(
     if problems:
         raise DatasetError(problems)
     if not rows:
-        raise DatasetError(
-            [RowProblem(path_field, f"{path} has no rows", "a non-empty dataset")]
-        )
+        raise DatasetError([RowProblem(path_field, f"{path} has no rows", "a non-empty dataset")])
     return rows
 
 

@@ -80,9 +80,7 @@ class KVState:
         names = sorted(self.layers)
         first = self.layers[names[0]]
         # One copy into the frame (a snapshot is megabytes, moved while engines wait).
-        raw = b"".join(
-            self.layers[n].contiguous().view(torch.uint8).numpy().data for n in names
-        )
+        raw = b"".join(self.layers[n].contiguous().view(torch.uint8).numpy().data for n in names)
         return KVSnapshot(
             sample_id=sample_id,
             token_ids=list(self.token_ids),

@@ -83,8 +83,15 @@ def timeline(records: Sequence[IterationMetrics]) -> tuple[list[TracePoint], lis
         span = max([r.stage_seconds.get("generation", 0.0), *(row[0] for row in rows)])
         windows.append(Window(r.iteration, offset, offset + span, r.migrations))
         points += [
-            TracePoint(r.iteration, offset + row[0], int(row[1]), row[2], row[3], row[4],
-                       row[5] if len(row) > 5 else None)
+            TracePoint(
+                r.iteration,
+                offset + row[0],
+                int(row[1]),
+                row[2],
+                row[3],
+                row[4],
+                row[5] if len(row) > 5 else None,
+            )
             for row in rows
         ]
         offset += span
@@ -117,8 +124,15 @@ def arrivals(series: Sequence[TracePoint]) -> list[TracePoint]:
 
 
 def _no_data(ax: Any, what: str) -> None:
-    ax.text(0.5, 0.5, f"{what} not recorded", ha="center", va="center",
-            transform=ax.transAxes, color="gray")
+    ax.text(
+        0.5,
+        0.5,
+        f"{what} not recorded",
+        ha="center",
+        va="center",
+        transform=ax.transAxes,
+        color="gray",
+    )
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -157,8 +171,9 @@ def reward_kl(records: Sequence[IterationMetrics], path: Path) -> Path:
     top.set_title("Reward, held-out accuracy and KL per iteration")
     with_kl = [r for r in records if r.kl is not None]
     if with_kl:
-        bottom.plot([r.iteration for r in with_kl], [r.kl for r in with_kl], marker="o",
-                    color="tab:red")
+        bottom.plot(
+            [r.iteration for r in with_kl], [r.kl for r in with_kl], marker="o", color="tab:red"
+        )
     else:
         _no_data(bottom, "KL")
     bottom.set_ylabel("KL to reference")
@@ -177,11 +192,18 @@ def stage_times(records: Sequence[IterationMetrics], stages: Sequence[str], path
         heights = [r.stage_seconds.get(stage, 0.0) for r in records]
         ax.bar(x, heights, bottom=bottom, label=stage)
         bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
-    totals = [(r.iteration, r.stage_seconds["total"]) for r in records
-              if "total" in r.stage_seconds]
+    totals = [
+        (r.iteration, r.stage_seconds["total"]) for r in records if "total" in r.stage_seconds
+    ]
     if totals:
-        ax.plot([t[0] for t in totals], [t[1] for t in totals], "k_", markersize=20,
-                mew=2, label="total (wall)")
+        ax.plot(
+            [t[0] for t in totals],
+            [t[1] for t in totals],
+            "k_",
+            markersize=20,
+            mew=2,
+            label="total (wall)",
+        )
     if not parts and not totals:
         _no_data(ax, "stage times")
     else:
@@ -206,8 +228,12 @@ def throughput_k_batch(records: Sequence[IterationMetrics], path: Path) -> Path:
     for worker, series in workers.items():
         t = [p.t for p in series]
         color = f"C{worker % 10}"
-        tput.plot(t, smoothed_rates(series), color=color,
-                  label=f"worker {worker} tokens/s ({SMOOTHING_SECONDS:.0f} s window)")
+        tput.plot(
+            t,
+            smoothed_rates(series),
+            color=color,
+            label=f"worker {worker} tokens/s ({SMOOTHING_SECONDS:.0f} s window)",
+        )
         kax.step(t, [p.k for p in series], where="post", color=color, label=f"worker {worker} k")
         for twin in (batch_tput, batch_k):
             twin.plot(t, [p.batch for p in series], linestyle=":", alpha=0.6, color=color)
@@ -219,8 +245,13 @@ def throughput_k_batch(records: Sequence[IterationMetrics], path: Path) -> Path:
     kax.set_xlabel("generation time (s, iterations end to end)")
     tput.legend(loc="upper right", fontsize="small")
     kax.legend(loc="upper right", fontsize="small")
-    dots = scatter.scatter([p.batch for p in points], [p.k for p in points],
-                           c=[p.tokens_per_second for p in points], cmap="viridis", alpha=0.7)
+    dots = scatter.scatter(
+        [p.batch for p in points],
+        [p.k for p in points],
+        c=[p.tokens_per_second for p in points],
+        cmap="viridis",
+        alpha=0.7,
+    )
     fig.colorbar(dots, ax=scatter, label="tokens/s")
     scatter.set_xlabel("running batch size")
     scatter.set_ylabel("chosen k")
@@ -235,20 +266,36 @@ def worker_batch(records: Sequence[IterationMetrics], path: Path) -> Path:
     for w in windows:
         if w.migrations:
             ax.axvspan(w.start, w.end, color="tab:orange", alpha=0.12)
-            ax.text(w.start, 1.0, f" it{w.iteration}: {w.migrations} migrated",
-                    transform=ax.get_xaxis_transform(), va="top", fontsize="small")
+            ax.text(
+                w.start,
+                1.0,
+                f" it{w.iteration}: {w.migrations} migrated",
+                transform=ax.get_xaxis_transform(),
+                va="top",
+                fontsize="small",
+            )
     for w in windows[1:]:
         ax.axvline(w.start, color="gray", linewidth=0.5)
     if not points:
         _no_data(ax, "batch trace")
     marked = False
     for worker, series in by_worker(points).items():
-        ax.step([p.t for p in series], [p.batch for p in series], where="post",
-                color=f"C{worker % 10}", label=f"worker {worker}")
+        ax.step(
+            [p.t for p in series],
+            [p.batch for p in series],
+            where="post",
+            color=f"C{worker % 10}",
+            label=f"worker {worker}",
+        )
         grew = arrivals(series)
         if grew:
-            ax.plot([p.t for p in grew], [p.batch for p in grew], "^", color="tab:red",
-                    label=None if marked else "samples arrived (migration)")
+            ax.plot(
+                [p.t for p in grew],
+                [p.batch for p in grew],
+                "^",
+                color="tab:red",
+                label=None if marked else "samples arrived (migration)",
+            )
             marked = True
     if points:
         ax.legend(loc="upper right", fontsize="small")

@@ -149,18 +149,37 @@ def strategy_cell(strategies: dict[str, int]) -> str:
 def summary_markdown(records: Sequence[IterationMetrics], source: str) -> str:
     stages = stage_names(records)
     header = [
-        "iteration", "samples", "reward mean", "reward std", "KL", "logp mismatch mean/max",
-        "eval accuracy", "tokens/s",
-        "accept length", "strategy", "migrations", "reclaimed", "weight version",
+        "iteration",
+        "samples",
+        "reward mean",
+        "reward std",
+        "KL",
+        "logp mismatch mean/max",
+        "eval accuracy",
+        "tokens/s",
+        "accept length",
+        "strategy",
+        "migrations",
+        "reclaimed",
+        "weight version",
         *(f"{stage} s" for stage in stages),
     ]
     rows = [
         [
-            str(r.iteration), str(r.samples), fmt(r.reward_mean), fmt(r.reward_std), fmt(r.kl, 4),
+            str(r.iteration),
+            str(r.samples),
+            fmt(r.reward_mean),
+            fmt(r.reward_std),
+            fmt(r.kl, 4),
             mismatch_cell(r.logprob_mismatch_mean, r.logprob_mismatch_max),
-            fmt(r.eval_accuracy, 3), fmt(r.tokens_per_second, 1), fmt(r.mean_accepted_length, 2),
-            strategy_cell(r.strategies), str(r.migrations), str(r.reclaimed),
-            str(r.weight_version), *(fmt(r.stage_seconds.get(stage), 2) for stage in stages),
+            fmt(r.eval_accuracy, 3),
+            fmt(r.tokens_per_second, 1),
+            fmt(r.mean_accepted_length, 2),
+            strategy_cell(r.strategies),
+            str(r.migrations),
+            str(r.reclaimed),
+            str(r.weight_version),
+            *(fmt(r.stage_seconds.get(stage), 2) for stage in stages),
         ]
         for r in records
     ]
@@ -180,8 +199,7 @@ def summary_markdown(records: Sequence[IterationMetrics], source: str) -> str:
         "|" + "|".join("---:" if h != "strategy" else "---" for h in header) + "|",
         *("| " + " | ".join(row) + " |" for row in rows),
         "",
-        "Plots: `reward_kl.png`, `stage_times.png`, `throughput_k_batch.png`, "
-        "`worker_batch.png`.",
+        "Plots: `reward_kl.png`, `stage_times.png`, `throughput_k_batch.png`, `worker_batch.png`.",
         "",
     ]
     return "\n".join(lines)
@@ -228,8 +246,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             except ValueError as exc:
                 parser.error(str(exc))
             copied = collect_from_redis(args.from_redis, namespace, name, run_dir)
-            print(f"[rlhfspec] copied {copied} record(s) of {namespace}/{name} into "
-                  f"{run_dir / METRICS_FILE}")
+            print(
+                f"[rlhfspec] copied {copied} record(s) of {namespace}/{name} into "
+                f"{run_dir / METRICS_FILE}"
+            )
         elif args.job:
             parser.error("--job needs --from-redis URL")
         path = run_dir / METRICS_FILE

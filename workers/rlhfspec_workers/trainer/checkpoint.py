@@ -91,9 +91,7 @@ class CheckpointStore:
         nearly full disk they hold the room the next save needs. Call before saving starts."""
         if not self.root.is_dir():
             return []
-        partial = [
-            p for p in self.root.glob(".iter-*") if ".tmp-" in p.name or ".old-" in p.name
-        ]
+        partial = [p for p in self.root.glob(".iter-*") if ".tmp-" in p.name or ".old-" in p.name]
         for path in partial:
             shutil.rmtree(path, ignore_errors=True)
         return partial

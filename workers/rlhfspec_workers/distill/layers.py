@@ -58,7 +58,6 @@ def draft_from_policy(policy: Any, layers: int, train_head: bool = False) -> Any
     config.num_hidden_layers = len(chosen)
     if getattr(config, "layer_types", None):
         config.layer_types = [config.layer_types[i] for i in chosen]
-    config.torch_dtype = "float32"
     draft: Any = LlamaForCausalLM(config)  # type: ignore[no-untyped-call]
     draft = draft.float()
     source = policy.state_dict()

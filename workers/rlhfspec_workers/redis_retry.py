@@ -18,6 +18,12 @@ import redis
 
 _T = TypeVar("_T")
 
+RETRY_SECONDS = 600.0
+"""How long a call retries through an outage before it raises (a Redis pod's restart fits)."""
+OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+"""What an unreachable or still-loading Redis raises: retried, or waited out by a caller
+that does not retry (``local.run``'s watcher restarts the redis-server meanwhile)."""
+
 
 class RedisCredentialsError(RuntimeError):
     """Redis refused the password (or wants one that was not given): waiting cannot fix it."""
@@ -27,7 +33,7 @@ def retrying(
     call: Callable[[], _T],
     *,
     what: str,
-    deadline_seconds: float = 600.0,
+    deadline_seconds: float = RETRY_SECONDS,
     on_retry: Callable[[str], None] | None = None,
     credentials: str = "RLHFSPEC_REDIS_PASSWORD",
 ) -> _T:
@@ -46,7 +52,7 @@ def retrying(
                 f"Redis refused the credentials during {what} ({exc}); the password comes from "
                 f"{credentials}: fix that value (waiting will not help)"
             ) from exc
-        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
+        except OUTAGE_ERRORS as exc:
             if time.monotonic() + delay > give_up:
                 raise
             message = f"redis unavailable during {what} ({exc}); retrying in {delay:.1f}s"

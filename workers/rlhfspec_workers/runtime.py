@@ -1,12 +1,15 @@
-"""What every worker process shares: its environment, Redis with retries, streams, heartbeats.
+"""What every worker process shares: Redis with retries, streams, flags, heartbeats.
 
 Where it sits: ``rlhfspec worker ROLE`` (``entrypoint``) builds a :class:`WorkerEnv` from the
-pod's environment (the operator's contract, also set by local mode), loads the job once, and
-hands a :class:`Bus` to the role's loop (coordinator, generation, inference, trainer). The bus
-is the only code of the roles that talks to Redis: consumer groups on streams and readers with
-a :class:`StreamCursor` (every payload a ``messages`` model under the field :data:`FIELD`;
-one that does not parse is dead-lettered), keys holding the latest message, counters, the stop
-flag and the heartbeat hash. Every call goes through ``redis_retry.retrying``: an outage is
+pod's environment (``worker_env``, re-exported here), loads the job once, and hands a
+:class:`Bus` to the role's loop (coordinator, generation, inference, trainer); local mode's
+watcher (``local.run``) opens one too. The bus is the only code that talks to a job's Redis:
+no other module touches its client (a test walks the sources). It holds consumer groups on
+streams and readers with a :class:`StreamCursor` (every payload a ``messages`` model under
+the field :data:`FIELD`; one that does not parse is dead-lettered), the whole history of a
+record stream, keys holding the latest message, counters, the sets of finished samples, the
+coordinator's state hash, the stop flag and the heartbeat hash. A read returns
+:class:`StreamEntry` pairs. Every call goes through ``redis_retry.retrying``: an outage is
 retried with backoff, refused credentials raise :class:`RedisCredentialsError` at once.
 Worker names (consumer names, heartbeat fields, key suffixes) are :func:`worker_name`.
 """
@@ -14,22 +17,30 @@ Worker names (consumer names, heartbeat fields, key suffixes) are :func:`worker_
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Generic, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import redis
 
-from rlhfspec_api.manifest import RLHFJob, load_rlhfjob
 from rlhfspec_workers.dead_letters import dead_letter_of
 from rlhfspec_workers.messages import FIELD as FIELD
-from rlhfspec_workers.messages import Keys, Message, MessageError, WorkerStatus, decode
+from rlhfspec_workers.messages import (
+    EvalScore,
+    Keys,
+    LoadReport,
+    Message,
+    MessageError,
+    WorkerStatus,
+    decode,
+)
 from rlhfspec_workers.observability.metrics import WorkerMetrics
+from rlhfspec_workers.redis_retry import RETRY_SECONDS, report_stderr, retrying
 from rlhfspec_workers.redis_retry import RedisCredentialsError as RedisCredentialsError
-from rlhfspec_workers.redis_retry import report_stderr, retrying
+from rlhfspec_workers.worker_env import MIN_KV_SECRET_CHARS as MIN_KV_SECRET_CHARS
+from rlhfspec_workers.worker_env import WorkerEnv as WorkerEnv
+from rlhfspec_workers.worker_env import WorkerEnvError as WorkerEnvError
 from rlhfspec_workers.worker_names import ROLES as ROLES
 from rlhfspec_workers.worker_names import WorkerName as WorkerName
 from rlhfspec_workers.worker_names import parse_worker_name as parse_worker_name
@@ -43,110 +54,12 @@ _T = TypeVar("_T")
 _M = TypeVar("_M", bound=Message)
 
 
-class WorkerEnvError(ValueError):
-    """The process environment does not satisfy the worker contract."""
+class StreamEntry(NamedTuple, Generic[_M]):
+    """One entry read from a stream: its id (what acks, lease renewals and cursors name) and
+    its payload decoded as the stream's message."""
 
-
-@dataclass(frozen=True)
-class WorkerEnv:
-    """The operator -> worker contract (environment variables of every worker pod)."""
-
-    job: str
-    namespace: str
-    role: str
-    index: int
-    replicas: int
-    redis_url: str
-    redis_password: str | None
-    job_config: Path
-    storage: Path
-    metrics_port: int
-    pod_name: str
-    kv_port: int = 0
-    """Where a generation worker serves KV snapshots of samples it migrates away (0: any free
-    port, local mode)."""
-    kv_host: str = "127.0.0.1"
-    """How other workers reach it: the operator sets the pod's DNS name (hostname.subdomain of
-    its role's headless service); local mode keeps the loopback."""
-    kv_secret: str | None = field(default=None, repr=False)
-    """The job's KV key (generation workers): pulls of KV snapshots are authorised with it and
-    snapshots sealed with it (``generation.kv_auth``). The operator's ``<job>-kv`` Secret, one
-    per run in local mode; without it a worker neither serves nor loads snapshots."""
-    redis_password_source: str = "RLHFSPEC_REDIS_PASSWORD"
-    """Where the password comes from, for the error when Redis refuses it (the operator names
-    the Secret and key)."""
-    redis_ca_file: Path | None = None
-    """CA bundle that verifies a ``rediss://`` server (None: the system's CAs)."""
-    local: bool = False
-    """Started by local mode (``RLHFSPEC_LOCAL=1``), which may read this machine's files;
-    anything else is a cluster pod, where preflight refuses paths on the pod's filesystem."""
-
-    @property
-    def worker(self) -> str:
-        """Stable name of this worker (its consumer name in Redis groups)."""
-        return worker_name(self.role, self.index)
-
-    @classmethod
-    def from_environ(cls, role: str, environ: Mapping[str, str] | None = None) -> WorkerEnv:
-        env = os.environ if environ is None else environ
-        if role not in ROLES:
-            raise WorkerEnvError(f"role {role!r} unknown (allowed: {', '.join(ROLES)})")
-        missing = [
-            name
-            for name in ("RLHFSPEC_JOB", "RLHFSPEC_REDIS_URL", "RLHFSPEC_JOB_CONFIG")
-            if not env.get(name)
-        ]
-        if missing:
-            raise WorkerEnvError(f"environment variable(s) {', '.join(missing)} not set")
-        declared = env.get("RLHFSPEC_ROLE")
-        if declared and declared != role:
-            raise WorkerEnvError(f"RLHFSPEC_ROLE is {declared!r} but the command runs {role!r}")
-
-        def number(name: str, default: int) -> int:
-            raw = env.get(name, str(default))
-            try:
-                return int(raw)
-            except ValueError:
-                raise WorkerEnvError(f"{name}={raw!r} is not an integer") from None
-
-        return cls(
-            job=env["RLHFSPEC_JOB"],
-            namespace=env.get("RLHFSPEC_NAMESPACE", "default"),
-            role=role,
-            index=number("RLHFSPEC_WORKER_INDEX", 0),
-            replicas=number("RLHFSPEC_REPLICAS", 1),
-            redis_url=env["RLHFSPEC_REDIS_URL"],
-            redis_password=env.get("RLHFSPEC_REDIS_PASSWORD") or None,
-            job_config=Path(env["RLHFSPEC_JOB_CONFIG"]),
-            storage=Path(env.get("RLHFSPEC_STORAGE", "/data")),
-            metrics_port=number("RLHFSPEC_METRICS_PORT", 0),
-            pod_name=env.get("RLHFSPEC_POD_NAME", ""),
-            kv_port=number("RLHFSPEC_KV_PORT", 0),
-            kv_host=env.get("RLHFSPEC_KV_HOST") or "127.0.0.1",
-            kv_secret=_kv_secret(env.get("RLHFSPEC_KV_SECRET")),
-            redis_password_source=env.get("RLHFSPEC_REDIS_PASSWORD_SOURCE")
-            or "RLHFSPEC_REDIS_PASSWORD",
-            redis_ca_file=Path(env["RLHFSPEC_REDIS_CA_FILE"])
-            if env.get("RLHFSPEC_REDIS_CA_FILE")
-            else None,
-            local=env.get("RLHFSPEC_LOCAL") == "1",
-        )
-
-    def load_job(self) -> RLHFJob:
-        return load_rlhfjob(self.job_config)
-
-
-MIN_KV_SECRET_CHARS = 32
-
-
-def _kv_secret(raw: str | None) -> str | None:
-    if not raw:
-        return None
-    if len(raw) < MIN_KV_SECRET_CHARS:  # a guessable key would authorise anyone
-        raise WorkerEnvError(
-            f"RLHFSPEC_KV_SECRET has {len(raw)} characters, at least {MIN_KV_SECRET_CHARS} needed"
-        )
-    return raw
+    entry_id: str
+    message: _M
 
 
 @dataclass
@@ -162,7 +75,8 @@ class StreamCursor(Generic[_M]):
 
 
 class Bus:
-    """One worker's view of the job's Redis: streams, groups, flags and heartbeats."""
+    """One worker's view of the job's Redis: streams, groups, flags and heartbeats. Its
+    methods say what a call means to the job; they are the only callers of :attr:`redis`."""
 
     def __init__(
         self,
@@ -170,7 +84,10 @@ class Bus:
         *,
         client: redis.Redis | None = None,
         metrics: WorkerMetrics | None = None,
+        retry_seconds: float = RETRY_SECONDS,
     ) -> None:
+        """``retry_seconds``: how long a call rides out an outage (0: it raises one of
+        ``redis_retry.OUTAGE_ERRORS`` at once, for a caller that has better to do meanwhile)."""
         self.env = env
         self.metrics = metrics or WorkerMetrics(env.job, env.role, env.worker)
         """This process's Prometheus metrics (served by the entrypoint)."""
@@ -186,14 +103,22 @@ class Bus:
             health_check_interval=10,
             **tls,
         )
+        """The client: called by this class only (tests may look past it)."""
         self.outages = 0
+        self.retry_seconds = retry_seconds
 
     def call(self, what: str, fn: Callable[[], _T]) -> _T:
         def report(message: str) -> None:
             self.outages += 1
             report_stderr(f"{self.env.worker}: {message}")
 
-        return retrying(fn, what=what, on_retry=report, credentials=self.env.redis_password_source)
+        return retrying(
+            fn,
+            what=what,
+            deadline_seconds=self.retry_seconds,
+            on_retry=report,
+            credentials=self.env.redis_password_source,
+        )
 
     def wait_ready(self) -> None:
         self.call("connect", self.redis.ping)
@@ -244,7 +169,7 @@ class Bus:
         count: int,
         block_ms: int | None,
         pending: bool = False,
-    ) -> list[tuple[str, _M]]:
+    ) -> list[StreamEntry[_M]]:
         """Entries for this consumer; ``pending=True`` re-reads what it was given and did not
         ack (after a restart). ``block_ms=None`` returns at once (Redis reads 0 as "forever").
         Undecodable entries are dead-lettered and acked here."""
@@ -259,7 +184,7 @@ class Bus:
 
     def reclaim(
         self, stream: str, group: str, expected: type[_M], *, min_idle_ms: int, count: int
-    ) -> list[tuple[str, _M]]:
+    ) -> list[StreamEntry[_M]]:
         """Take over entries another consumer was given and did not ack within the lease (the
         consumer died). XAUTOCLAIM transfers ownership, so each entry has one owner."""
         entries: list[Any] = []
@@ -284,13 +209,15 @@ class Bus:
         return self._decode_entries(stream, group, expected, [[stream, entries]])
 
     def read_new(
-        self, cursor: StreamCursor[_M], *, count: int | None = None
-    ) -> list[tuple[str, _M]]:
-        """Entries after ``cursor`` (oldest first, at most ``count``; returns at once), decoded;
-        the cursor moves past all of them, the dead-lettered ones included."""
+        self, cursor: StreamCursor[_M], *, count: int | None = None, block_ms: int | None = None
+    ) -> list[StreamEntry[_M]]:
+        """Entries after ``cursor`` (oldest first, at most ``count``), decoded; the cursor moves
+        past all of them, the dead-lettered ones included. Returns at once, or with
+        ``block_ms`` waits up to that long for a first entry."""
         stream = cursor.stream
         reply: Any = self.call(
-            f"read {stream}", lambda: self.redis.xread({stream: cursor.last_id}, count=count)
+            f"read {stream}",
+            lambda: self.redis.xread({stream: cursor.last_id}, count=count, block=block_ms),
         )
         for _, entries in reply or []:
             if entries:
@@ -302,13 +229,30 @@ class Bus:
         last: Any = self.call(f"read {stream}", lambda: self.redis.xrevrange(stream, count=1))
         return _text(last[0][0]) if last else "0-0"
 
+    def history(self, stream: str, expected: type[_M]) -> list[StreamEntry[_M]]:
+        """Every entry of a record stream (metrics rows, the weights log), oldest first. One
+        that does not decode is skipped, not dead-lettered: a writer of another version keeps
+        its own records, and a history is read again at every start."""
+        entries: Any = self.call(f"read {stream}", lambda: self.redis.xrange(stream))
+        out: list[StreamEntry[_M]] = []
+        for raw_id, fields in entries or []:
+            try:
+                out.append(StreamEntry(_text(raw_id), decode(fields[FIELD], expected)))
+            except (KeyError, MessageError):
+                continue
+        return out
+
+    def stream_length(self, stream: str) -> int:
+        """Entries ``stream`` holds (0 when absent)."""
+        return int(self.call(f"read {stream}", lambda: self.redis.xlen(stream)))
+
     def _decode_entries(
         self, stream: str, group: str | None, expected: type[_M], reply: Any
-    ) -> list[tuple[str, _M]]:
+    ) -> list[StreamEntry[_M]]:
         """The one read loop: each entry of an XREAD/XREADGROUP-shaped ``reply`` decoded as
         ``expected``; one that does not decode is dead-lettered and, read through ``group``,
         acked (the dead-letter stream keeps it, so it never stays pending)."""
-        out: list[tuple[str, _M]] = []
+        out: list[StreamEntry[_M]] = []
         for _, entries in reply or []:
             for raw_id, fields in entries:
                 entry_id = _text(raw_id)
@@ -318,7 +262,7 @@ class Bus:
                     continue
                 raw = fields.get(FIELD, b"")
                 try:
-                    out.append((entry_id, decode(raw, expected)))
+                    out.append(StreamEntry(entry_id, decode(raw, expected)))
                 except MessageError as exc:
                     self.dead_letter(stream, entry_id, raw, str(exc))
                     if group is not None:
@@ -350,6 +294,14 @@ class Bus:
 
     def stop_requested(self) -> bool:
         return bool(self.call("read stop flag", lambda: self.redis.exists(self.keys.stop)))
+
+    def request_stop(self) -> None:
+        """Tell every worker of the job to stop (they poll :meth:`stop_requested`)."""
+        self.call("set stop", lambda: self.redis.set(self.keys.stop, b"1"))
+
+    def clear_stop_and_failure(self) -> None:
+        """A run (re)starts: the stop flag and a failure reported before it are the old run's."""
+        self.call("clear stop", lambda: self.redis.delete(self.keys.stop, self.keys.failure))
 
     def heartbeat(self, status: WorkerStatus) -> None:
         self.metrics.observe_status(status)
@@ -387,6 +339,24 @@ class Bus:
     def put_raw(self, key: str, payload: bytes | str) -> None:
         self.call(f"write {key}", lambda: self.redis.set(key, payload))
 
+    def remove(self, key: str) -> bool:
+        """Drop the value of ``key``; True when there was one."""
+        return bool(self.call(f"remove {key}", lambda: self.redis.delete(key)))
+
+    def latest_loads(self, workers: Sequence[str]) -> list[LoadReport]:
+        """The LoadReport each of ``workers`` last put, in one round trip; a worker without one
+        (not started) or with one this version cannot read is left out."""
+        keys = [self.keys.load(name) for name in workers]
+        raw: list[Any] = self.call("read loads", lambda: self.redis.mget(keys)) if keys else []
+        reports = []
+        for payload in raw:
+            try:
+                if payload is not None:
+                    reports.append(decode(payload, LoadReport))
+            except MessageError:
+                continue
+        return reports
+
     def increment(self, key: str) -> int:
         """Add 1 to the counter at ``key`` (0 when absent) and return it: it survives restarts
         of whoever counts, unlike a number held in memory."""
@@ -402,6 +372,48 @@ class Bus:
             pipe.execute()
 
         self.call(f"add to {key}", add)
+
+    # -- an iteration's progress (the coordinator's view) -------------------------------------
+
+    def samples_done(self, iteration: int) -> int:
+        """Samples of ``iteration`` the generation workers finished (its done set)."""
+        key = self.keys.done_samples(iteration)
+        return int(self.call(f"count {key}", lambda: self.redis.scard(key)))
+
+    def samples_scored(self, iteration: int) -> int:
+        """Samples of ``iteration`` the inference worker scored (its scored set)."""
+        key = self.keys.scored_samples(iteration)
+        return int(self.call(f"count {key}", lambda: self.redis.scard(key)))
+
+    def generation_stats(self, iteration: int) -> dict[str, float]:
+        """The generation counters of ``iteration`` (what :meth:`add_to_hash` added)."""
+        key = self.keys.generation_stats(iteration)
+        raw: dict[Any, Any] = self.call(f"read {key}", lambda: self.redis.hgetall(key))
+        return {_text(name): float(value) for name, value in raw.items()}
+
+    def eval_scores_count(self, version: int) -> int:
+        """Held-out samples of policy ``version`` scored so far (cheap: no payload read)."""
+        key = self.keys.eval_scores(version)
+        return int(self.call(f"count {key}", lambda: self.redis.hlen(key)))
+
+    def eval_scores(self, version: int) -> list[EvalScore]:
+        """The held-out scores of policy ``version``, one per sample."""
+        key = self.keys.eval_scores(version)
+        raw: dict[Any, Any] = self.call(f"read {key}", lambda: self.redis.hgetall(key))
+        return [decode(payload, EvalScore) for payload in raw.values()]
+
+    def coordinator_state(self) -> dict[str, str]:
+        """The coordinator's state hash (its iteration, when it started, which tasks it
+        published), which a restarted coordinator resumes from."""
+        raw: dict[Any, Any] = self.call(
+            "read state", lambda: self.redis.hgetall(self.keys.iteration)
+        )
+        return {_text(name): _text(value) for name, value in raw.items()}
+
+    def update_coordinator_state(self, fields: Mapping[str, str | int | float]) -> None:
+        """Set these fields of the state hash (the others stay)."""
+        mapping: dict[Any, Any] = dict(fields)
+        self.call("write state", lambda: self.redis.hset(self.keys.iteration, mapping=mapping))
 
 
 def _text(entry_id: bytes | str) -> str:

@@ -23,7 +23,7 @@ from rlhfspec_workers.faults import fault_point
 from rlhfspec_workers.messages import EvalScore, JobFailure, Keys, Rollout, WorkerStatus
 from rlhfspec_workers.preflight import ResolvedPaths
 from rlhfspec_workers.rewards import RewardError
-from rlhfspec_workers.runtime import Bus
+from rlhfspec_workers.runtime import Bus, StreamEntry
 
 from .experience import ExperienceMaker
 
@@ -71,12 +71,12 @@ class InferenceWorker:
         self._beat("stopping")
         return 0
 
-    def _score(self, batch: list[tuple[str, Rollout]]) -> None:
+    def _score(self, batch: list[StreamEntry[Rollout]]) -> None:
         bus, keys = self.bus, self.keys
-        held_out = [(entry_id, r) for entry_id, r in batch if r.eval]
+        held_out = [entry for entry in batch if entry.message.eval]
         if held_out:
             self._score_eval(held_out)
-            batch = [(entry_id, r) for entry_id, r in batch if not r.eval]
+            batch = [entry for entry in batch if not entry.message.eval]
 
         # One round trip per batch, not per sample: the scored check, then one transaction
         # that publishes every experience, marks it scored and acks its rollout.
@@ -85,14 +85,14 @@ class InferenceWorker:
                 pipe.sismember(keys.scored_samples(r.iteration), r.sample_id)
 
         seen = bus.pipelined("check scored", check) if batch else []
-        fresh: list[tuple[str, Rollout]] = []
+        fresh: list[StreamEntry[Rollout]] = []
         duplicates: list[str] = []
         fresh_ids: set[str] = set()
         for (entry_id, rollout), was_scored in zip(batch, seen, strict=True):
             if was_scored or rollout.sample_id in fresh_ids:
                 duplicates.append(entry_id)
             else:
-                fresh.append((entry_id, rollout))
+                fresh.append(StreamEntry(entry_id, rollout))
                 fresh_ids.add(rollout.sample_id)
         bus.ack(keys.rollouts, Keys.INFERENCE_GROUP, *duplicates)
         if not fresh:
@@ -109,7 +109,7 @@ class InferenceWorker:
         bus.pipelined("publish experiences", publish)
         self.scored += len(fresh)
 
-    def _score_eval(self, batch: list[tuple[str, Rollout]]) -> None:
+    def _score_eval(self, batch: list[StreamEntry[Rollout]]) -> None:
         """Held-out samples: the reward only (no reference log-probs, nothing for the
         trainer), into the evaluated version's score hash (HSET: a redelivered sample
         overwrites its own score, so a restart never double-counts)."""

@@ -23,7 +23,7 @@ from rlhfspec_workers.faults import fault_point
 from rlhfspec_workers.hardware import available_cores
 from rlhfspec_workers.messages import Experience, Keys, WeightsPublished, WorkerStatus
 from rlhfspec_workers.preflight import ResolvedPaths
-from rlhfspec_workers.runtime import Bus
+from rlhfspec_workers.runtime import Bus, StreamEntry
 
 from .checkpoint import CheckpointStore
 from .policy_trainer import PolicyTrainer, TrainStats
@@ -43,7 +43,7 @@ class TrainerWorker:
         self.store = store
         self.expected = self.spec.algorithm.samples_per_iteration
         self.weights_root = bus.env.storage / "weights"
-        self.buffer: dict[int, dict[str, tuple[str, Experience]]] = {}
+        self.buffer: dict[int, dict[str, StreamEntry[Experience]]] = {}
         self.storage = StorageGuard(bus)
         """No room for a checkpoint or an export: report StorageFull and retry, not exit."""
 
@@ -102,15 +102,16 @@ class TrainerWorker:
         if restored:
             print(f"[rlhfspec] trainer: resumed from checkpoint {restored}", flush=True)
 
-    def _take(self, entries: list[tuple[str, Experience]]) -> None:
-        for entry_id, experience in entries:
+    def _take(self, entries: list[StreamEntry[Experience]]) -> None:
+        for entry in entries:
+            entry_id, experience = entry
             iteration = experience.rollout.iteration
             bucket = self.buffer.setdefault(iteration, {})
             sample = experience.rollout.sample_id
             if iteration <= self.trainer.iteration or sample in bucket:
                 self.bus.ack(self.keys.experience, Keys.TRAINER_GROUP, entry_id)  # duplicate
                 continue
-            bucket[sample] = (entry_id, experience)
+            bucket[sample] = entry
 
     def _train(self, iteration: int) -> None:
         entries = self.buffer.pop(iteration)

@@ -108,7 +108,8 @@ def faulty_grpo_run(
     config = prepare_run_dir(run_dir, job, None, resume=False)
     local = LocalRun(job, run_dir, config, resume=False)
     try:
-        client, supervisor = local.start()
+        bus, supervisor = local.start()
+        client = bus.redis  # the test inspects Redis past the bus
         keys = Keys("default", job.name)
 
         def weights_iteration() -> int:

@@ -36,9 +36,9 @@ from rlhfspec_workers.faults import ENV_VAR as FAULT_ENV_VAR
 from rlhfspec_workers.local.redis_server import RedisServer
 from rlhfspec_workers.local.run import LocalRun, prepare_run_dir
 from rlhfspec_workers.local.supervisor import Supervisor, WorkerProcess
-from rlhfspec_workers.messages import IterationMetrics, Keys, MessageError, Rollout
+from rlhfspec_workers.messages import IterationMetrics, Keys, Rollout
 from rlhfspec_workers.preflight import preflight
-from rlhfspec_workers.runtime import FIELD
+from rlhfspec_workers.runtime import Bus
 from rlhfspec_workers.trainer.trained_record import read_trained_record
 
 ROLES = ("generation", "inference", "trainer", "coordinator", "redis")
@@ -167,18 +167,15 @@ def _index(worker: WorkerProcess) -> int:
     return int(worker.name.rsplit("-", 1)[1])
 
 
-def _collect(run: JobRun, client: Any, keys: Keys) -> None:
-    """Stream lengths, rollout times and metrics rows, read from Redis at the end."""
+def _collect(run: JobRun, bus: Bus, keys: Keys) -> None:
+    """Stream lengths, rollout times and metrics rows, read from Redis at the end (a rollout
+    that does not decode has no time: its sample counts as lost)."""
     for stream in ("tasks", "rollouts", "experience"):
-        run.stream_lengths[stream] = int(client.xlen(getattr(keys, stream)))
-    for entry_id, fields in client.xrange(keys.rollouts):
-        rollout = Rollout.from_bytes(fields[FIELD])
-        run.rollouts_at[rollout.sample_id] = int(entry_id.split(b"-")[0]) / 1000
-    for _, fields in client.xrange(keys.metrics_stream):
-        try:
-            run.metrics_rows.append(IterationMetrics.from_bytes(fields[FIELD]).iteration)
-        except MessageError:
-            continue
+        run.stream_lengths[stream] = bus.stream_length(getattr(keys, stream))
+    for entry_id, rollout in bus.history(keys.rollouts, Rollout):
+        run.rollouts_at[rollout.sample_id] = int(entry_id.split("-")[0]) / 1000
+    for _, row in bus.history(keys.metrics_stream, IterationMetrics):
+        run.metrics_rows.append(row.iteration)
 
 
 def run_restarting(
@@ -208,7 +205,7 @@ def run_restarting(
     started = time.monotonic()
     keys = Keys(job.namespace or "default", job.name)
     try:
-        client, supervisor = local.start()
+        bus, supervisor = local.start()
         handled: set[int] = set()
         pending: list[tuple[float, WorkerProcess]] = []
         while True:
@@ -239,7 +236,7 @@ def run_restarting(
                 elif worker.role == "coordinator":
                     finished = True
             if finished:
-                _collect(run, client, keys)
+                _collect(run, bus, keys)
                 break
             if time.monotonic() - started > timeout:
                 tails = "\n".join(f"--- {w.name}\n{w.tail(15)}" for w in supervisor.workers)

@@ -33,7 +33,7 @@ from rlhfspec_workers.coordinator.reallocate import Reallocator, migration_cost
 from rlhfspec_workers.local.redis_server import RedisServer
 from rlhfspec_workers.local.supervisor import Supervisor, local_worker_env
 from rlhfspec_workers.messages import LoadReport, SampleTask
-from rlhfspec_workers.runtime import Bus, WorkerEnv
+from rlhfspec_workers.runtime import Bus, WorkerEnv, worker_name
 
 POLICIES = (
     "none", "balanced", "threshold", "planner", "planner-recompute", "planner-recompute-unbudgeted"
@@ -142,21 +142,19 @@ def run_policy(
             reallocator.predictor.observe(tokens, group_id=prompt)
     started = time.monotonic()
     trace: list[list[float]] = []
-    while int(bus.redis.scard(keys.done_samples(iteration))) < total:
+    while bus.samples_done(iteration) < total:
         reallocator.tick(iteration)
         t = time.monotonic() - started
         for w in range(workers):
-            raw = bus.redis.get(keys.load(f"generation-{w}"))
-            if raw:
-                report = LoadReport.from_bytes(raw)
+            report = bus.get(keys.load(worker_name("generation", w)), LoadReport)
+            if report is not None:
                 for b, sec, tok in report.step_profile:
                     PROFILE.setdefault(int(b), []).append((sec, tok))
                 LAST_REPORTS[w] = report
                 trace.append([round(t, 3), w, float(sum(s.running for s in report.samples))])
         time.sleep(0.05)
     makespan = time.monotonic() - started
-    raw_stats: dict[Any, Any] = bus.redis.hgetall(keys.generation_stats(iteration))
-    stats = {k.decode(): float(v) for k, v in raw_stats.items()}
+    stats = bus.generation_stats(iteration)
     return {
         "policy": LABELS[policy],
         "makespan": makespan,

@@ -24,7 +24,6 @@ from rlhfspec_api.manifest import RLHFJob
 from rlhfspec_workers.data.rows import Splits, load_splits
 from rlhfspec_workers.faults import fault_point
 from rlhfspec_workers.messages import (
-    EvalScore,
     IterationMetrics,
     JobFailure,
     JobProgress,
@@ -111,7 +110,7 @@ class Coordinator:
         bus, keys = self.bus, self.keys
         bus.wait_ready()
         # A failure a worker reported before a resume is the old run's (fixed since).
-        bus.call("clear stop", lambda: bus.redis.delete(keys.stop, keys.failure))
+        bus.clear_stop_and_failure()
         # Groups exist before the first payload, so no consumer misses an entry.
         bus.ensure_group(keys.tasks, Keys.GENERATION_GROUP)
         bus.ensure_group(keys.rollouts, Keys.INFERENCE_GROUP)
@@ -127,7 +126,7 @@ class Coordinator:
         start = last_recorded_iteration(rows) + 1
         if start > self.total:
             self._progress(self.total, "succeeded", "all iterations already trained")
-            bus.call("set stop", lambda: bus.redis.set(keys.stop, b"1"))
+            bus.request_stop()
             return 0
         self._progress(start - 1, "starting", f"starting at iteration {start}")
         self._wait_for_workers(start - 1)
@@ -142,7 +141,7 @@ class Coordinator:
                 metrics = metrics.model_copy(update=update)
             self._record(metrics)
         self._progress(self.total, "succeeded", "done")
-        bus.call("set stop", lambda: bus.redis.set(keys.stop, b"1"))
+        bus.request_stop()
         return 0
 
     def _wait_for_workers(self, done: int) -> None:
@@ -169,13 +168,12 @@ class Coordinator:
     # -- one iteration ----------------------------------------------------------------------
 
     def _iteration(self, iteration: int) -> IterationMetrics:
-        bus, keys = self.bus, self.keys
+        bus = self.bus
         tasks = iteration_tasks(self.spec, self.rows, iteration)
         expected = len(tasks)
         started = time.monotonic()
         published_flag = f"published:{iteration}"
-        state = bus.call("read state", lambda: bus.redis.hgetall(keys.iteration))
-        state = {(k.decode() if isinstance(k, bytes) else str(k)): v for k, v in state.items()}
+        state = bus.coordinator_state()
         if published_flag in state and int(state.get("iteration", 0)) == iteration:
             # A restart mid-iteration: the stages have run since the tasks went out, so the
             # row's clock starts then (the stage split counts this coordinator's downtime).
@@ -183,17 +181,13 @@ class Coordinator:
         else:
             if published_flag not in state:
                 self._publish_tasks(tasks)
-            bus.call(
-                "write state",
-                lambda: bus.redis.hset(
-                    keys.iteration,
-                    mapping={
-                        "iteration": iteration,
-                        "samples": expected,
-                        published_flag: 1,
-                        "started_at": time.time(),
-                    },
-                ),
+            bus.update_coordinator_state(
+                {
+                    "iteration": iteration,
+                    "samples": expected,
+                    published_flag: 1,
+                    "started_at": time.time(),
+                }
             )
         fault_point("coordinator_mid_iteration")
         self._progress(iteration - 1, "running", f"iteration {iteration}: generating")
@@ -209,8 +203,8 @@ class Coordinator:
         last_trace = 0.0
         while True:
             now = time.monotonic()
-            done = int(bus.call("count", lambda: bus.redis.scard(keys.done_samples(iteration))))
-            scored = int(bus.call("count", lambda: bus.redis.scard(keys.scored_samples(iteration))))
+            done = bus.samples_done(iteration)
+            scored = bus.samples_scored(iteration)
             if generation_done is None and done >= expected:
                 generation_done = now
             if inference_done is None and scored >= expected:
@@ -241,16 +235,10 @@ class Coordinator:
         # The stage's closing rows, at its end: the last samples' tokens (heartbeats lag the
         # done set by up to a beat; by now every worker has reported them).
         trace.extend(self._trace_points(bus.workers(), (generation_done or finished) - started))
-        gen_stats = {
-            (k.decode() if isinstance(k, bytes) else str(k)): float(v)
-            for k, v in bus.call(
-                "read stats", lambda: bus.redis.hgetall(keys.generation_stats(iteration))
-            ).items()
-        }
         return iteration_metrics(
             iteration=iteration,
             total=self.total,
-            gen_stats=gen_stats,
+            gen_stats=bus.generation_stats(iteration),
             weights=weights,
             clock=StageClock(
                 started=started,
@@ -280,17 +268,17 @@ class Coordinator:
         """Score policy ``version`` on the held-out split: greedy samples through the same
         generation and inference workers (which keep them out of training), then wait for
         every score. Published once per version, so a restarted coordinator only waits."""
-        bus, keys = self.bus, self.keys
+        bus = self.bus
         tasks = eval_tasks(self.spec, self.eval_rows, version)
         started = time.monotonic()
         flag = f"eval-published:{version}"
-        if not bus.call("read state", lambda: bus.redis.hget(keys.iteration, flag)):
+        if flag not in bus.coordinator_state():
             self._publish_tasks(tasks)
-            bus.call("write state", lambda: bus.redis.hset(keys.iteration, flag, 1))
+            bus.update_coordinator_state({flag: 1})
         last_report = 0.0
         while True:
-            raw = bus.call("read eval", lambda: bus.redis.hgetall(keys.eval_scores(version)))
-            if len(raw) >= len(tasks):
+            scored = bus.eval_scores_count(version)
+            if scored >= len(tasks):
                 break
             self._check_failure(version)
             now = time.monotonic()
@@ -299,13 +287,12 @@ class Coordinator:
                 self._progress(
                     version,
                     "running",
-                    f"evaluating policy v{version}: {len(raw)}/{len(tasks)} held-out scored",
+                    f"evaluating policy v{version}: {scored}/{len(tasks)} held-out scored",
                 )
             time.sleep(POLL_SECONDS)
-        scores = [EvalScore.from_bytes(v) for v in raw.values()]
         summary = eval_summary(
             version,
-            [s.reward for s in scores],
+            [s.reward for s in bus.eval_scores(version)],
             time.monotonic() - started,
             credit=full_credit(self.spec),
         )
@@ -370,7 +357,7 @@ class Coordinator:
                 return
             message = f"{failure.field}: {failure.reason} (reported by {failure.worker})"
         self._progress(iteration, "failed", message)
-        self.bus.call("set stop", lambda: self.bus.redis.set(self.keys.stop, b"1"))
+        self.bus.request_stop()
         print(f"[rlhfspec] coordinator: job failed: {message}", file=sys.stderr, flush=True)
         raise JobFailed(message)
 
@@ -425,9 +412,7 @@ class Coordinator:
             weight_version=last.weight_version if last else 0,
             updated_at=time.time(),
         )
-        self.bus.call(
-            "write progress", lambda: self.bus.redis.set(self.keys.progress, progress.to_bytes())
-        )
+        self.bus.put(self.keys.progress, progress)
 
 
 def run(job: RLHFJob, paths: ResolvedPaths, bus: Bus) -> int:

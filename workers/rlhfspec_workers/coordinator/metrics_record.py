@@ -14,24 +14,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
-from rlhfspec_workers.messages import IterationMetrics, Keys, MessageError, WeightsPublished
-from rlhfspec_workers.runtime import FIELD, Bus
+from rlhfspec_workers.messages import IterationMetrics, Keys, WeightsPublished
+from rlhfspec_workers.runtime import Bus
 
 
 def recorded_rows(bus: Bus) -> list[IterationMetrics]:
     """Every row in the job's metrics stream, oldest first (one per trained iteration)."""
-    entries: list[Any] = bus.call(
-        "read metrics", lambda: bus.redis.xrange(bus.keys.metrics_stream) or []
-    )
-    rows = []
-    for _, fields in entries:
-        try:
-            rows.append(IterationMetrics.from_bytes(fields[FIELD]))
-        except (KeyError, MessageError):
-            continue  # a writer of another version: its rows are its own
-    return rows
+    # A row this version cannot read is a writer of another version's: its rows are its own.
+    return [row for _, row in bus.history(bus.keys.metrics_stream, IterationMetrics)]
 
 
 def last_recorded_iteration(rows: list[IterationMetrics]) -> int:
@@ -83,14 +74,7 @@ def weights_of(bus: Bus, iteration: int) -> WeightsPublished | None:
         return None
     if latest.iteration == iteration:
         return latest
-    entries: list[Any] = bus.call(
-        "read weights log", lambda: bus.redis.xrange(keys.weights_log) or []
-    )
-    for _, fields in reversed(entries):
-        try:
-            message = WeightsPublished.from_bytes(fields[FIELD])
-        except (KeyError, MessageError):
-            continue
+    for _, message in reversed(bus.history(keys.weights_log, WeightsPublished)):
         if message.iteration == iteration:
             return message
     return latest  # not logged (a trainer killed between its two writes): the nearest

@@ -22,7 +22,7 @@ from typing import Literal
 
 from rlhfspec_api.generation import MigrationMethod
 from rlhfspec_api.spec import RLHFJobSpec
-from rlhfspec_workers.messages import LoadReport, MessageError
+from rlhfspec_workers.messages import LoadReport
 from rlhfspec_workers.reallocation.model import (
     MigrationCost,
     ModePolicy,
@@ -180,19 +180,8 @@ class Reallocator:
         return sorted(live) if live else list(self.names)
 
     def _reports(self) -> list[LoadReport]:
-        keys = self.bus.keys
-        names = self.worker_names()
-        raw = self.bus.call(
-            "read loads", lambda: self.bus.redis.mget([keys.load(n) for n in names])
-        )
         reports = []
-        for payload in raw:
-            if payload is None:
-                continue
-            try:
-                report = LoadReport.from_bytes(payload)
-            except MessageError:
-                continue
+        for report in self.bus.latest_loads(self.worker_names()):
             if self._seen.get(report.worker) != report.updated_at:  # each report once
                 self._seen[report.worker] = report.updated_at
                 for length in report.finished_lengths:

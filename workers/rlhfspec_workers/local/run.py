@@ -5,7 +5,8 @@ Where it sits: the README's main command. It parses the manifest once and runs p
 starts), starts an embedded ``redis-server`` with a generated password, then the same worker
 processes a cluster runs (``rlhfspec worker ROLE`` for the coordinator, each generation
 replica, inference and trainer) with the pod environment contract. It prints one table row
-per iteration (read from the coordinator's metrics stream) and a progress line, writes
+per iteration (read from the coordinator's metrics stream through a ``runtime.Bus`` that does
+not retry: the watcher restarts Redis itself) and a progress line, writes
 ``metrics.jsonl`` and the report's PNG plots into the run directory, and stops every process
 on success, failure or Ctrl-C. ``--resume`` continues from the last checkpoint and the Redis
 state kept in the run directory (``local.resume`` says which manifest changes it accepts). A
@@ -27,7 +28,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -50,6 +51,8 @@ from rlhfspec_workers.messages import (
     StorageFull,
 )
 from rlhfspec_workers.preflight import PreflightError, preflight
+from rlhfspec_workers.redis_retry import OUTAGE_ERRORS
+from rlhfspec_workers.runtime import Bus, StreamCursor, StreamEntry, WorkerEnv
 
 STATE = ("redis", "checkpoints", "weights", "logs", "report", "metrics.jsonl", "job.yaml")
 COLUMNS = (
@@ -137,6 +140,13 @@ def prepare_run_dir(run_dir: Path, job: RLHFJob, iterations: int | None, resume:
     return config
 
 
+class Started(NamedTuple):
+    """What :meth:`LocalRun.start` hands back: the watcher's bus and the workers' supervisor."""
+
+    bus: Bus
+    supervisor: Supervisor
+
+
 class LocalRun:
     def __init__(self, job: RLHFJob, run_dir: Path, config: Path, resume: bool) -> None:
         self.job = job
@@ -155,18 +165,18 @@ class LocalRun:
         self._storage_shown: str | None = None
 
     def run(self) -> int:
-        client, supervisor = self.start()
-        return self._watch(client, supervisor)
+        bus, supervisor = self.start()
+        return self._watch(bus, supervisor)
 
-    def start(self) -> tuple[Any, Supervisor]:
-        """Start Redis and every worker process; returns a Redis client and the supervisor."""
-        import redis
+    def start(self) -> Started:
+        """Start Redis and every worker process; returns the watcher's bus and the supervisor.
 
+        The watcher reads the job's Redis as its coordinator does (same keys, no consumer
+        group), without retries: it keeps the redis-server up itself, so an outage is its to
+        wait out while it restarts the server, not to sleep through."""
         spec = self.job.spec
         self.redis_server.start()
         (self.run_dir / "redis" / "password").write_text(self.password + "\n")
-        client = redis.Redis(host="127.0.0.1", port=self.redis_server.port, password=self.password)
-        client.delete(self.keys.stop, self.keys.failure)
         env = local_worker_env(
             job=self.job.name,
             namespace=self.job.namespace or "default",
@@ -177,6 +187,8 @@ class LocalRun:
             storage=self.run_dir,
         )
         env["PYTHONPATH"] = user_pythonpath()
+        bus = Bus(WorkerEnv.from_environ("coordinator", env), retry_seconds=0)
+        bus.clear_stop_and_failure()
         supervisor = self.supervisor = Supervisor(self.run_dir, env)
         supervisor.start("coordinator")
         for index in range(spec.generation.replicas):
@@ -185,45 +197,39 @@ class LocalRun:
         supervisor.start("trainer")
         names = ", ".join(w.name for w in supervisor.workers)
         print(f"[rlhfspec] {self.job.name}: started {names} (logs in {self.run_dir / 'logs'})")
-        return client, supervisor
+        return Started(bus, supervisor)
 
-    def _watch(self, client: Any, supervisor: Supervisor) -> int:
-        import redis
-
+    def _watch(self, bus: Bus, supervisor: Supervisor) -> int:
         print(header())
-        last_id = "0-0"
+        # Every row from the first: a resumed run prints the rows recorded before it too. A
+        # row this version cannot read is dead-lettered (and said) by the bus.
+        rows = StreamCursor(self.keys.metrics_stream, IterationMetrics)
         tty = sys.stdout.isatty()
         outage = False
         while True:
+            entries: list[StreamEntry[IterationMetrics]] = []
             try:
-                reply = client.xread({self.keys.metrics_stream: last_id}, block=500)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                entries = bus.read_new(rows, block_ms=500)
+            except OUTAGE_ERRORS as exc:
                 # Redis restarting (its AOF keeps the state): the workers retry too; watch on.
                 if not outage:
                     print(f"[rlhfspec] Redis unreachable ({exc}); waiting for it", flush=True)
-                outage, reply = True, None
+                outage = True
                 time.sleep(0.5)
             else:
                 if outage:
                     print("[rlhfspec] Redis answers again", flush=True)
                 outage = False
-            for _, entries in reply or []:
-                for entry_id, fields in entries:
-                    last_id = entry_id
-                    try:
-                        metrics = IterationMetrics.from_bytes(fields[b"data"])
-                    except MessageError as exc:
-                        print(f"[rlhfspec] unreadable metrics record {entry_id!r}: {exc}")
-                        continue
-                    if tty:
-                        print("\r\033[K", end="")
-                    print(format_row(metrics), flush=True)
+            for _, metrics in entries:
+                if tty:
+                    print("\r\033[K", end="")
+                print(format_row(metrics), flush=True)
             if not outage:
                 try:
                     if tty:
-                        self._progress_line(client)
-                    self._storage_notice(client)
-                except (redis.ConnectionError, redis.TimeoutError):
+                        self._progress_line(bus)
+                    self._storage_notice(bus)
+                except OUTAGE_ERRORS:
                     outage = True  # went down since the read: said at the next read
             restart_failed = self._keep_redis_up()
             if restart_failed:
@@ -235,7 +241,7 @@ class LocalRun:
                 if tty:
                     print()
                 lines = [f"[rlhfspec] {self.job.name} failed:"]
-                reason = self._failure_reason(client, supervisor)
+                reason = self._failure_reason(bus, supervisor)
                 if reason:
                     lines[0] = f"[rlhfspec] {self.job.name} failed: {reason}"
                 for worker, rc in failed:
@@ -247,22 +253,25 @@ class LocalRun:
                     print()
                 return 0
 
-    def _failure_reason(self, client: Any, supervisor: Supervisor) -> str | None:
+    def _failure_reason(self, bus: Bus, supervisor: Supervisor) -> str | None:
         """The reason a worker reported (``Keys.failure``), after giving the coordinator a
         moment to record it in the job's progress and exit."""
-        raw = client.get(self.keys.failure)
-        if raw is None:
+        try:
+            failure = bus.get(self.keys.failure, JobFailure)
+        except MessageError as exc:
+            reason: str | None = f"a worker reported a failure that cannot be read ({exc})"
+        else:
+            reason = None
+            if failure is not None:
+                reason = f"{failure.field}: {failure.reason} (reported by {failure.worker})"
+        if reason is None:
             return None
         deadline = time.monotonic() + 5.0
         while time.monotonic() < deadline and not any(
             w.role == "coordinator" for w, _ in supervisor.exited()
         ):
             time.sleep(0.1)
-        try:
-            failure = JobFailure.from_bytes(raw)
-        except MessageError as exc:
-            return f"a worker reported a failure that cannot be read ({exc})"
-        return f"{failure.field}: {failure.reason} (reported by {failure.worker})"
+        return reason
 
     def _keep_redis_up(self) -> str | None:
         """Restart a redis-server that died (a crash, the OOM killer) on the same port,
@@ -282,28 +291,25 @@ class LocalRun:
               file=sys.stderr, flush=True)  # fmt: skip
         return None
 
-    def _storage_notice(self, client: Any) -> None:
+    def _storage_notice(self, bus: Bus) -> None:
         """Say when the trainer reports StorageFull (it waits for room, the job stays up)
         and when its writes succeed again."""
-        raw = client.get(self.keys.storage_full)
-        text = None
-        if raw is not None:
-            try:
-                text = StorageFull.from_bytes(raw).message
-            except MessageError as exc:
-                text = f"storage full (unreadable report: {exc})"
+        try:
+            report = bus.get(self.keys.storage_full, StorageFull)
+            text = None if report is None else report.message
+        except MessageError as exc:
+            text = f"storage full (unreadable report: {exc})"
         if text != self._storage_shown:
             line = f"StorageFull: {text}" if text else "storage has room again"
             print(f"\n[rlhfspec] {line}", flush=True)
             self._storage_shown = text
 
-    def _progress_line(self, client: Any) -> None:
-        raw = client.get(self.keys.progress)
-        if raw is None:
-            return
+    def _progress_line(self, bus: Bus) -> None:
         try:
-            progress = JobProgress.from_bytes(raw)
+            progress = bus.get(self.keys.progress, JobProgress)
         except MessageError:
+            return
+        if progress is None:
             return
         total = max(progress.total_iterations, 1)
         filled = int(20 * progress.iteration / total)

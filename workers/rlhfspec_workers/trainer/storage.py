@@ -179,9 +179,7 @@ class StorageGuard:
             message=message,
             reported_at=time.time(),
         )
-        payload = report.to_bytes()
-        keys = self.bus.keys
-        self.bus.call("report storage full", lambda: self.bus.redis.set(keys.storage_full, payload))
+        self.bus.put(self.bus.keys.storage_full, report)
         self.bus.heartbeat(
             WorkerStatus(
                 worker=self.bus.env.worker,
@@ -192,11 +190,7 @@ class StorageGuard:
         )
 
     def _clear(self) -> None:
-        keys = self.bus.keys
-        removed = self.bus.call(
-            "clear storage full", lambda: self.bus.redis.delete(keys.storage_full)
-        )
-        if removed:
+        if self.bus.remove(self.bus.keys.storage_full):
             print(f"[rlhfspec] {self.bus.env.worker}: storage has room again", flush=True)
         self.reported = None
         self._clear_on_success = False

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -106,13 +105,14 @@ def test_reclaim_finds_a_dead_consumers_entries_behind_many_live_ones(
     assert [t.sample_id for _, t in got] == [taken[0][1].sample_id]
 
 
-def _reclaiming_worker(bus: Bus) -> Any:
-    from rlhfspec_workers.generation.worker import _Counters
+def _reclaiming_handover(bus: Bus) -> Any:
+    """A worker's hand-over with an empty sample table and no engine (reclaim needs none)."""
+    from rlhfspec_workers.generation.counters import GenerationCounters
+    from rlhfspec_workers.generation.handover import Handover
+    from rlhfspec_workers.generation.sample_table import SampleTable
 
-    return SimpleNamespace(
-        bus=bus, keys=bus.keys, name=bus.env.worker, max_running=8, in_flight={},
-        waiting=deque(), counters=_Counters(),
-    )  # fmt: skip
+    engine: Any = None
+    return Handover(bus, SampleTable(), engine, None, GenerationCounters(), max_running=8)
 
 
 @pytest.mark.parametrize("heartbeat_age", [0.0, 10.0])
@@ -121,9 +121,7 @@ def test_samples_handed_to_a_dead_worker_it_never_read_are_taken_over(
 ) -> None:
     """A migration planned from a worker's last load report, just before it died, lands in
     a stream nobody reads: once its heartbeat is older than the lease, another takes it."""
-    from rlhfspec_workers.generation.handover import Handover  # slow import: before the clock
-
-    worker = _reclaiming_worker(_bus(server, 0))
+    handover = _reclaiming_handover(_bus(server, 0))  # slow import: before the clock
     alive, dest = _bus(server, 0), _bus(server, 1)
     keys = alive.keys
     direct = keys.direct_tasks(dest.env.worker)
@@ -132,12 +130,12 @@ def test_samples_handed_to_a_dead_worker_it_never_read_are_taken_over(
                           updated_at=time.time() - heartbeat_age)  # fmt: skip
     alive.redis.hset(keys.workers, dest.env.worker, status.to_bytes())
     alive.publish(direct, _task(7))
-    Handover(worker).reclaim_from_dead_workers(lease_ms=3000)
-    taken = [task.sample_id for _, _, task in worker.waiting]
+    handover.reclaim_from_dead_workers(lease_ms=3000)
+    taken = [sample.sample_id for sample in handover.table.waiting()]
     if heartbeat_age > 3.0:  # dead: taken over, once
         assert taken == ["it1/p7/0"]
-        Handover(worker).reclaim_from_dead_workers(lease_ms=3000)
-        assert len(worker.waiting) == 1
+        handover.reclaim_from_dead_workers(lease_ms=3000)
+        assert len(handover.table) == 1 and handover.counters.drain() == {1: {"reclaimed": 1.0}}
     else:  # alive: the sample is its to read
         assert taken == []
         got = dest.read_group(direct, Keys.GENERATION_GROUP, SampleTask, count=5, block_ms=None)

@@ -228,6 +228,7 @@ class GenerationEngine:
         *,
         prefix_token_ids: Sequence[int] = (),
         kv: KVState | None = None,
+        request_id: str | None = None,
     ) -> str:
         """Queue sample ``index`` of ``p``; :meth:`poll` returns it when it finishes.
 
@@ -235,7 +236,9 @@ class GenerationEngine:
         recovery): they are appended to the prompt, so the target conditions on them exactly as
         if it had sampled them, and ``p.max_tokens`` must already be reduced by their count.
         ``kv``: the source's KV of that context (KV migration): vLLM loads it instead of
-        prefilling; raises ValueError when it does not fit this engine (recompute instead)."""
+        prefilling; raises ValueError when it does not fit this engine (recompute instead).
+        ``request_id``: the caller's name for the request (unique among its unfinished ones;
+        the generation worker's is the sample id); by default a fresh one."""
         group = p.group_id or p.prompt_id
         prompt: Any
         plain_text = not prefix_token_ids and kv is None and not self.chat_template
@@ -254,7 +257,7 @@ class GenerationEngine:
                     raise ValueError("this engine was built without kv_migration")
                 self.kv.deposit(prompt["prompt_token_ids"], kv)
         self._submitted += 1
-        request_id = f"{self._submitted}:{p.prompt_id}/{index}"
+        request_id = request_id or f"{self._submitted}:{p.prompt_id}/{index}"
         seed = sampling.seed
         if seed is not None:
             seed = vllm_args.sample_seed(seed, p.prompt_id, index, resumed_at=len(prefix_token_ids))
@@ -285,13 +288,17 @@ class GenerationEngine:
 
     def poll(self) -> list[SampleResult]:
         """Run one engine step; return the samples that finished in it."""
+        return list(self.poll_by_request().values())
+
+    def poll_by_request(self) -> dict[str, SampleResult]:
+        """:meth:`poll`, each sample under the request id :meth:`submit` returned for it."""
         if not self.engine.has_unfinished_requests():
-            return []
-        done: list[SampleResult] = []
+            return {}
+        done: dict[str, SampleResult] = {}
         for out in self._step():
             if out.finished and out.request_id in self._pending:
                 p, j, prefix = self._pending.pop(out.request_id)
-                done.append(self._result(out, p, j, prefix))
+                done[out.request_id] = self._result(out, p, j, prefix)
         return done
 
     @property
@@ -414,13 +421,8 @@ class GenerationEngine:
         if choices:
             _, batch_size, next_choice, next_tokens, draft_seconds = choices[-1]
         else:
-            running = stats[-1].num_running_reqs if stats else 0
-            batch_size, next_choice, next_tokens, draft_seconds = (
-                running + finished,
-                NO_DRAFT,
-                0,
-                0.0,
-            )
+            batch_size = (stats[-1].num_running_reqs if stats else 0) + finished
+            next_choice, next_tokens, draft_seconds = NO_DRAFT, 0, 0.0
         num_drafts = spec.num_drafts if spec else 0
         drafted = spec.num_draft_tokens if spec else 0
         if feedback:

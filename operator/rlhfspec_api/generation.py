@@ -30,6 +30,7 @@ class DrafterMethod(StrEnum):
     DRAFT_MODEL = "draft_model"
     NGRAM = "ngram"
     SUFFIX = "suffix"
+    SUFFIX_TREE = "suffix_tree"
     EAGLE = "eagle"
 
 
@@ -41,8 +42,9 @@ class DrafterSpec(ContractModel):
 
     method: DrafterMethod
     """How drafts are proposed: a separate small model (draft_model), prompt lookup (ngram),
-    continuations of sibling and earlier rollouts of the same prompt (suffix), or an EAGLE
-    head (eagle, GPU only)."""
+    continuations of sibling and earlier rollouts of the same prompt (suffix), a
+    frequency-scored suffix tree over every rollout (suffix_tree), or an EAGLE head (eagle,
+    GPU only)."""
     model: ModelRef | None = None
     """The draft model; required for draft_model and eagle, not allowed otherwise."""
     prompt_lookup_min: Int = Field(default=2, ge=1, le=16)
@@ -50,7 +52,7 @@ class DrafterSpec(ContractModel):
     prompt_lookup_max: Int = Field(default=4, ge=1, le=16)
     """ngram: longest n-gram matched in the context."""
     history_iterations: Int = Field(default=1, ge=0, le=16)
-    """suffix: how many earlier iterations' rollouts of the same prompt feed the suffix index."""
+    """suffix, suffix_tree: how many earlier iterations' rollouts feed the suffix index."""
     min_match: Int = Field(default=2, ge=1, le=64)
     """suffix: minimum matched suffix length before a continuation is proposed."""
 

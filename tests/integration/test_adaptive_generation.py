@@ -48,6 +48,7 @@ SPECULATIVE: dict[str, Any] = {
         {"method": "suffix"},
         {"method": "ngram", "promptLookupMin": 1, "promptLookupMax": 3},
         {"method": "draft_model", "model": {"path": "tiny://draft"}},
+        {"method": "suffix_tree"},
     ],
 }
 

@@ -44,7 +44,7 @@ ENGINE_ARGS: dict[str, Any] = {
 SPECULATIVE = {
     "mode": "adaptive",
     "maxDraftTokens": 8,
-    "drafters": [{"method": "suffix"}, {"method": "ngram"}],
+    "drafters": [{"method": "suffix"}, {"method": "ngram"}, {"method": "suffix_tree"}],
 }
 RESPONSE_TOKENS = 200
 NEAR_TIE_NATS = 0.35
@@ -171,7 +171,7 @@ def _policy(engine: Any, name: str) -> Any:
     return FixedPolicy(DraftChoice(drafter, int(k)))
 
 
-@pytest.mark.parametrize("policy", ["suffix-4", "suffix-6", "ngram-4", "adaptive"])
+@pytest.mark.parametrize("policy", ["suffix-4", "suffix-6", "ngram-4", "suffix_tree-4", "adaptive"])
 def test_fp32_greedy_is_bitwise_identical_to_plain_decoding(
     fp32: tuple[Any, Any], fp32_reference: list[SampleResult], policy: str
 ) -> None:
@@ -218,7 +218,7 @@ def bf16_reference(bf16: tuple[Any, Any]) -> list[SampleResult]:
     return results
 
 
-@pytest.mark.parametrize("policy", ["suffix-4", "ngram-4"])
+@pytest.mark.parametrize("policy", ["suffix-4", "ngram-4", "suffix_tree-4"])
 def test_bf16_greedy_parts_from_plain_decoding_only_at_near_ties(
     bf16: tuple[Any, Any], bf16_reference: list[SampleResult], policy: str
 ) -> None:

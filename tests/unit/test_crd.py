@@ -57,7 +57,7 @@ def test_schema_carries_defaults_enums_ranges_and_descriptions() -> None:
     assert speculative["maxDraftTokens"]["default"] == 8
     assert speculative["mode"]["enum"] == ["adaptive", "fixed", "off"]
     method = speculative["drafters"]["items"]["properties"]["method"]
-    assert method["enum"] == ["draft_model", "ngram", "suffix", "eagle"]
+    assert method["enum"] == ["draft_model", "ngram", "suffix", "suffix_tree", "eagle"]
     assert "prompt lookup" in method["description"]
     assert spec["algorithm"]["properties"]["name"]["enum"] == ["grpo", "ppo", "rloo"]
     assert spec["models"]["required"] == ["policy"]

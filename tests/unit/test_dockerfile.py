@@ -49,3 +49,5 @@ def test_worker_cpu_mirrors_ci_setup() -> None:
     assert removed in setup and removed in body
     assert uninstall in body
     assert "redis-server" in setup and "redis-server" in body
+    # The suffix_tree drafter's extension is built by the same script in both.
+    assert "build-suffix-tree" in setup and "build-suffix-tree" in body

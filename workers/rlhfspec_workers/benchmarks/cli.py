@@ -21,6 +21,7 @@ SELF_PARSING = {
     "e2e": "whole RLHF iterations, speculation adaptive vs off",
     "reallocation": "sample reallocation between generation workers",
     "learning": "held-out accuracy: RLHFSpec vs a shuffled-reward control vs TRL's GRPOTrainer",
+    "suffix": "our grouped suffix drafter vs Arctic Inference's SuffixDecoding, replayed",
     "chaos": "a tiny job under random SIGKILLs of every role: samples lost and duplicated (0)",
 }
 

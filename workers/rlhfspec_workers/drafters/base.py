@@ -99,12 +99,15 @@ class DrafterEntry:
     ``build``: the factory of a per-step candidate of the adaptive proposer (None: the method
     cannot be switched per step, e.g. EAGLE needs hidden states vLLM does not hand to custom
     proposers). ``native``: vLLM's own speculative config for the method (None: vLLM has none
-    on this install); it returns None for "no speculative config at all" (off)."""
+    on this install); it returns None for "no speculative config at all" (off).
+    ``missing``: what this install lacks to run the method, or None when it has everything
+    (a library built at set-up time, say); checked before any engine starts."""
 
     name: str
     build: Callable[[BuildContext], Drafter] | None
     native: Callable[[NativeContext], dict[str, Any] | None] | None
     gpu_only: bool = False
+    missing: Callable[[], str | None] | None = None
 
     @property
     def per_step(self) -> bool:

@@ -112,6 +112,14 @@ def check(
                         "a draft model with the policy's tokenizer",
                     )
                 )
+        if e.missing is not None and (lacking := e.missing()) is not None:
+            errors.append(
+                FieldError(
+                    f"{field}.method",
+                    f"{method} cannot run on this install: {lacking}",
+                    "another drafter method, or install what it names",
+                )
+            )
         if e.gpu_only and not device.startswith("cuda"):
             cpu_ones = ", ".join(n for n, x in REGISTRY.items() if not x.gpu_only and n != "off")
             errors.append(

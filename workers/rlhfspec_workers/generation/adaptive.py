@@ -83,6 +83,7 @@ PRIORS: dict[str, BetaPrior] = {
     "draft_model": BetaPrior(mean=0.6, strength=4.0, position_decay=0.95),
     # Model-free drafters: coverage (rows with no match count as rejected) keeps them lower.
     "suffix": BetaPrior(mean=0.4, strength=4.0, position_decay=0.95),
+    "suffix_tree": BetaPrior(mean=0.3, strength=4.0, position_decay=0.9),
     "ngram": BetaPrior(mean=0.25, strength=4.0, position_decay=0.9),
 }
 IDLE_HALF_LIFE_FACTOR = 4.0

@@ -28,8 +28,8 @@ from rlhfspec_api.manifest import DocumentError, ManifestError, RLHFJob, load_rl
 from rlhfspec_workers.data.rows import DatasetError, DatasetRow, read_rows
 
 OUTPUT_FIELDS = (
-    "prompt_id", "sample_index", "token_ids", "logprobs", "text", "finish_reason",
-    "num_draft_tokens", "num_accepted_tokens",
+    "prompt_id", "sample_index", "prompt_token_ids", "token_ids", "logprobs", "text",
+    "finish_reason", "num_draft_tokens", "num_accepted_tokens",
 )  # fmt: skip
 
 

@@ -33,6 +33,7 @@ from rlhfspec_workers.generation.policy import (
     FixedPolicy,
     ScriptedPolicy,
 )
+from rlhfspec_workers.spec_decode.draft_choice import BatchRange
 
 pytestmark = pytest.mark.engine
 
@@ -168,7 +169,9 @@ def _schedule(batch_size: int) -> int:
 
 
 def test_vllm_metrics_follow_the_chosen_k_as_the_batch_shrinks(spec_engine: Any) -> None:
-    table = [(lo, hi, "draft_model", _schedule(lo)) for lo, hi in ((1, 1), (2, 4), (5, 8))]
+    table = [
+        BatchRange(lo, hi, "draft_model", _schedule(lo)) for lo, hi in ((1, 1), (2, 4), (5, 8))
+    ]
     spec_engine.set_policy(BatchSizePolicy(table))
     spec_engine.drain_steps()
     before = spec_engine.counters()

@@ -11,7 +11,7 @@ import pytest
 from rlhfspec_workers.spec_decode.bandit import BanditSelector, Strategy, bucket_of, strategy_set
 from rlhfspec_workers.spec_decode.cost_model import CostModel
 from rlhfspec_workers.spec_decode.cost_records import OFF, DrafterCost
-from rlhfspec_workers.spec_decode.selector import Choice
+from rlhfspec_workers.spec_decode.selector import ScoredChoice
 from rlhfspec_workers.spec_decode.synthetic_cost import Roofline, synthetic_cost_model
 
 ARMS = strategy_set(["ngram"], [1, 2, 4, 8])
@@ -48,7 +48,7 @@ class Env:
 
 def run(
     bandit: BanditSelector, env: Env, batches: list[int], steps: int
-) -> list[tuple[int, Choice]]:
+) -> list[tuple[int, ScoredChoice]]:
     log = []
     for i in range(steps):
         b = batches[i % len(batches)]

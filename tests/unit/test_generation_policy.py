@@ -12,6 +12,7 @@ from rlhfspec_workers.generation.policy import (
 )
 from rlhfspec_workers.spec_decode.acceptance import AcceptanceEstimator
 from rlhfspec_workers.spec_decode.cost_records import DrafterCost
+from rlhfspec_workers.spec_decode.draft_choice import BatchRange
 from rlhfspec_workers.spec_decode.selector import AdaptiveSelector
 from rlhfspec_workers.spec_decode.synthetic_cost import synthetic_cost_model
 
@@ -32,13 +33,24 @@ def feedback(
 
 
 def test_batch_size_policy_and_script() -> None:
-    policy = BatchSizePolicy([(1, 4, "draft_model", 6), (5, 16, "suffix", 2)])
+    policy = BatchSizePolicy([BatchRange(1, 4, "draft_model", 6), BatchRange(5, 16, "suffix", 2)])
     assert policy.choose(3) == DraftChoice("draft_model", 6)
     assert policy.choose(16) == DraftChoice("suffix", 2)
     assert policy.choose(17) == NO_DRAFT
     script = ScriptedPolicy(lambda call, b: DraftChoice("ngram", call))
     assert [script.choose(8).k for _ in range(3)] == [0, 1, 2]
     assert not DraftChoice("ngram", 0).enabled and not NO_DRAFT.enabled
+
+
+def test_one_draft_choice_type_across_selector_bandit_and_strategies() -> None:
+    """The selector's scored choices and the strategies' per-step choices are one type, and
+    it keys the same dict entries as the plain (drafter, k) tuples the bandit uses."""
+    costs = synthetic_cost_model(drafters=[DrafterCost("ngram")], max_k=4)
+    scored = AdaptiveSelector(costs, 4).select(1, [])
+    assert type(scored.strategy) is DraftChoice and scored.strategy == NO_DRAFT
+    assert {("ngram", 2): 1}[DraftChoice("ngram", 2)] == 1
+    row = BatchRange(2, 4, "ngram", 3)
+    assert row.choice == DraftChoice("ngram", 3) and row.covers(4) and not row.covers(5)
 
 
 def test_selector_policy_learns_acceptance_and_shrinks_k_with_batch() -> None:

@@ -65,6 +65,7 @@ from rlhfspec_workers.generation.policy import (
 from rlhfspec_workers.generation.records import SampleResult, SamplingConfig, StepRecord
 from rlhfspec_workers.generation.shadow import ShadowDrafts
 from rlhfspec_workers.spec_decode.bandit import BanditSelector, strategy_set
+from rlhfspec_workers.spec_decode.draft_choice import BatchRange
 
 from .hindsight_oracle import IterationTraces, add_oracle, iteration_traces
 from .policies import BanditPolicy, Profile, hand_tuned_schedule, oracle_schedule
@@ -234,7 +235,9 @@ class Bench:
         }
         self.meta["dynsd_schedules"] = schedules
         for d, rows in schedules.items():
-            self.policies[f"dynsd:{d}"] = BatchSizePolicy([(lo, hi, d, k) for lo, hi, k in rows])
+            self.policies[f"dynsd:{d}"] = BatchSizePolicy(
+                [BatchRange(lo, hi, d, k) for lo, hi, k in rows]
+            )
         native = next((d for d in ("draft_model", "ngram") if d in self.settings.drafters), None)
         if self.settings.native_dynsd and native is not None:
             self._start_native("dynsd-vllm", native, schedules[native])

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from rlhfspec_workers.generation.policy import NO_DRAFT, OFF, DraftChoice, StepFeedback
 from rlhfspec_workers.generation.records import StepRecord
 from rlhfspec_workers.spec_decode.bandit import BanditSelector, bucket_of
+from rlhfspec_workers.spec_decode.draft_choice import BatchRange
 
 Strategy = tuple[str, int]
 
@@ -32,8 +33,8 @@ class BanditPolicy:
     def choose(self, batch_size: int) -> DraftChoice:
         if batch_size < 1:
             return NO_DRAFT
-        choice = self.bandit.select(batch_size)
-        return DraftChoice(choice.drafter, choice.k) if choice.enabled else NO_DRAFT
+        scored = self.bandit.select(batch_size)
+        return scored.strategy if scored.enabled else NO_DRAFT
 
     def observe(self, feedback: StepFeedback) -> None:
         if feedback.batch_size < 1 or feedback.step_seconds <= 0:
@@ -90,13 +91,13 @@ class Profile:
         return max(measured, key=lambda s: (self.tokens_per_second(s, bucket_hi), -s[1]))
 
 
-def oracle_schedule(profile: Profile, max_batch: int) -> list[tuple[int, int, str, int]]:
+def oracle_schedule(profile: Profile, max_batch: int) -> list[BatchRange]:
     """Best measured strategy per bucket (any drafter, any k, or off): a ``BatchSizePolicy``
     table."""
     table = []
     for lo, hi in buckets(max_batch):
         drafter, k = profile.best(bucket_of(hi))
-        table.append((lo, hi, drafter, k))
+        table.append(BatchRange(lo, hi, drafter, k))
     return table
 
 

@@ -225,8 +225,8 @@ class AdaptivePolicy(SelectorPolicy):
         candidates = [Candidate(name, est) for name, est in self.estimators.items()]
         if self.table is not None:
             self._seed_from_table(batch_size)
-        choice = self.selector.select(batch_size, candidates)
-        return DraftChoice(choice.drafter, choice.k) if choice.enabled else NO_DRAFT
+        scored = self.selector.select(batch_size, candidates)
+        return scored.strategy if scored.enabled else NO_DRAFT
 
     def observe(self, feedback: StepFeedback) -> None:
         used = feedback.choice.drafter if feedback.choice.enabled else None

@@ -16,22 +16,10 @@ from typing import Protocol
 
 from rlhfspec_workers.spec_decode.acceptance import AcceptanceEstimator, StepStats
 from rlhfspec_workers.spec_decode.cost_records import OFF as OFF  # re-exported
+from rlhfspec_workers.spec_decode.draft_choice import NO_DRAFT as NO_DRAFT  # re-exported
+from rlhfspec_workers.spec_decode.draft_choice import BatchRange
+from rlhfspec_workers.spec_decode.draft_choice import DraftChoice as DraftChoice  # re-exported
 from rlhfspec_workers.spec_decode.selector import AdaptiveSelector, Candidate
-
-
-@dataclass(frozen=True)
-class DraftChoice:
-    """The drafting strategy for one step: which drafter, how many tokens per request."""
-
-    drafter: str
-    k: int
-
-    @property
-    def enabled(self) -> bool:
-        return self.drafter != OFF and self.k > 0
-
-
-NO_DRAFT = DraftChoice(OFF, 0)
 
 
 @dataclass(frozen=True)
@@ -106,15 +94,15 @@ class FixedPolicy:
 @dataclass
 class BatchSizePolicy:
     """A strategy per batch-size range, like vLLM's ``num_speculative_tokens_per_batch_size``
-    but able to change the drafter too: ``[(lo, hi, drafter, k), ...]``, inclusive ranges;
-    batch sizes outside every range get plain decoding."""
+    but able to change the drafter too: ``[BatchRange(lo, hi, drafter, k), ...]``, inclusive
+    ranges; batch sizes outside every range get plain decoding."""
 
-    table: Sequence[tuple[int, int, str, int]]
+    table: Sequence[BatchRange]
 
     def choose(self, batch_size: int) -> DraftChoice:
-        for lo, hi, drafter, k in self.table:
-            if lo <= batch_size <= hi:
-                return DraftChoice(drafter, k)
+        for row in self.table:
+            if row.covers(batch_size):
+                return row.choice
         return NO_DRAFT
 
     def observe(self, feedback: StepFeedback) -> None:
@@ -162,8 +150,8 @@ class SelectorPolicy:
         if batch_size < 1:
             return NO_DRAFT
         candidates = [Candidate(name, est) for name, est in self.estimators.items()]
-        choice = self.selector.select(batch_size, candidates)
-        return DraftChoice(choice.drafter, choice.k) if choice.enabled else NO_DRAFT
+        scored = self.selector.select(batch_size, candidates)
+        return scored.strategy if scored.enabled else NO_DRAFT
 
     def observe(self, feedback: StepFeedback) -> None:
         for name, fill in feedback.fill.items():

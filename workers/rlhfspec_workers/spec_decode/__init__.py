@@ -32,6 +32,10 @@ What runs where:
    `oracle_choice`, `hindsight_schedule` and `StrategyTable.to_batch_size_schedule` are used
    only by tests; the benchmarks' hindsight oracle replays steps with `hindsight`.
 4. `bandit` is the TLT-style epsilon-greedy baseline over the same strategies, for benchmarks.
+
+A strategy is a `DraftChoice` (drafter, k) everywhere (`draft_choice`: the selector's
+`ScoredChoice.strategy`, the bandit's arms, the generation worker's per-step choice); a
+`BatchRange` is a batch-size range with its choice (strategy-table rows, schedules).
 """
 
 from .acceptance import (
@@ -48,10 +52,11 @@ from .bandit import BanditSelector, bucket_of, strategy_set
 from .calibration_grid import calibration_batches, calibration_plan
 from .cost_model import CostModel
 from .cost_records import OFF, CostSample, CostTableKey, DrafterCost
+from .draft_choice import NO_DRAFT, BatchRange, DraftChoice
 from .selector import (
     AdaptiveSelector,
     Candidate,
-    Choice,
+    ScoredChoice,
     SelectorInput,
     StrategyEntry,
     StrategyTable,
@@ -66,20 +71,23 @@ from .selector import (
 from .synthetic_cost import Roofline, drafter_from_roofline, synthetic_cost_model
 
 __all__ = [
+    "NO_DRAFT",
     "OFF",
     "AcceptanceEstimator",
     "AcceptanceModel",
     "AdaptiveSelector",
     "BanditSelector",
+    "BatchRange",
     "BetaPrior",
     "Candidate",
-    "Choice",
     "CostModel",
     "CostSample",
     "CostTableKey",
+    "DraftChoice",
     "DrafterCost",
     "FixedAcceptance",
     "Roofline",
+    "ScoredChoice",
     "SelectorInput",
     "SpecDecodeCounters",
     "StepStats",

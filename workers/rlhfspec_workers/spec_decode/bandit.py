@@ -6,7 +6,7 @@ estimates, this one learns it by trial, as TLT / FastRL does: per batch-size buc
 keeps a sliding window (300) of observed rewards, reward = accept_length x batch_size /
 step_time (emitted tokens per second), exploits the best windowed mean, and explores a random
 strategy with probability epsilon (0.1). TLT's guards are kept as options: speculate only
-while B <= 32 and only while draft tokens x B <= 2048. Same strategy set and the same `Choice`
+while B <= 32 and only while draft tokens x B <= 2048. Same strategy set and the same `ScoredChoice`
 output as the selector, so the two can be swapped in one benchmark loop.
 """
 
@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .cost_records import OFF
-from .selector import Choice
+from .selector import ScoredChoice
 
 Strategy = tuple[str, int]
 
@@ -112,7 +112,7 @@ class BanditSelector:
             self._windows[b] = _Window(self.window)
         return self._windows[b]
 
-    def select(self, batch_size: int) -> Choice:
+    def select(self, batch_size: int) -> ScoredChoice:
         arms = self.allowed(batch_size)
         win = self._window(batch_size)
         untried = [a for a in arms if win.counts.get(a, 0) == 0]
@@ -128,13 +128,13 @@ class BanditSelector:
     def observe(
         self,
         batch_size: int,
-        strategy: Strategy | Choice,
+        strategy: Strategy | ScoredChoice,
         accept_length: float,
         step_seconds: float,
     ) -> float:
         """Record one step's outcome; returns the reward. accept_length: tokens emitted per
         sequence in the step (accepted drafts + 1; exactly 1 for off)."""
-        arm = strategy.strategy if isinstance(strategy, Choice) else strategy
+        arm = strategy.strategy if isinstance(strategy, ScoredChoice) else strategy
         if arm[0] == OFF:
             arm = (OFF, 0)
         if step_seconds <= 0:
@@ -152,8 +152,8 @@ class BanditSelector:
         win = self._window(batch_size)
         return {a: win.counts.get(a, 0) for a in self.arms}
 
-    def _choice(self, arm: Strategy, win: _Window) -> Choice:
+    def _choice(self, arm: Strategy, win: _Window) -> ScoredChoice:
         tps = win.mean(arm)
         base = win.mean((OFF, 0))
         speedup = tps / base if base > 0 and not math.isnan(tps) else math.nan
-        return Choice(arm[0], arm[1], tps, speedup)
+        return ScoredChoice(arm[0], arm[1], tps, speedup)

@@ -23,6 +23,7 @@ from typing import Any
 from .acceptance import AcceptanceModel
 from .cost_model import CostModel
 from .cost_records import OFF
+from .draft_choice import DraftChoice
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,9 @@ class SelectorInput:
 
 
 @dataclass(frozen=True)
-class Choice:
-    """A drafting strategy with its predicted throughput at the batch size it was scored for."""
+class ScoredChoice:
+    """A drafting strategy (drafter, k) with its predicted throughput at the batch size it was
+    scored for."""
 
     drafter: str
     k: int
@@ -62,8 +64,8 @@ class Choice:
         return self.drafter != OFF and self.k > 0
 
     @property
-    def strategy(self) -> tuple[str, int]:
-        return (self.drafter, self.k)
+    def strategy(self) -> DraftChoice:
+        return DraftChoice(self.drafter, self.k)
 
 
 def evaluate(
@@ -72,19 +74,19 @@ def evaluate(
     batch_size: int,
     k: int,
     cost_model: CostModel,
-) -> Choice:
+) -> ScoredChoice:
     """Score one strategy. Also the hindsight tool: pass the true acceptance to learn what a
     choice actually delivered."""
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     base = batch_size / cost_model.verify_seconds(batch_size, 0)
     if drafter == OFF or k == 0:
-        return Choice(OFF, 0, base, 1.0)
+        return ScoredChoice(OFF, 0, base, 1.0)
     if acceptance is None:
         raise ValueError(f"drafter {drafter!r} needs an acceptance model")
     emitted = acceptance.expected_accepted(k) + 1.0  # accepted drafts + the bonus token
     tps = batch_size * emitted / step_seconds(drafter, acceptance, batch_size, k, cost_model)
-    return Choice(drafter, k, tps, tps / base)
+    return ScoredChoice(drafter, k, tps, tps / base)
 
 
 def step_seconds(
@@ -108,7 +110,7 @@ def _k_values(inp: SelectorInput, cand: Candidate) -> list[int]:
     return sorted({k for k in ks if 1 <= k <= cap})
 
 
-def score_all(inp: SelectorInput) -> list[Choice]:
+def score_all(inp: SelectorInput) -> list[ScoredChoice]:
     """Every allowed strategy, best first. Ties go to the smaller k (less verification spent
     for the same return), with "off" winning any exact tie."""
     options = [evaluate(OFF, None, inp.batch_size, 0, inp.cost_model)]
@@ -122,7 +124,7 @@ def score_all(inp: SelectorInput) -> list[Choice]:
     return sorted(options, key=lambda c: (-c.tokens_per_second, c.k, c.drafter != OFF))
 
 
-def choose(inp: SelectorInput) -> Choice:
+def choose(inp: SelectorInput) -> ScoredChoice:
     """The throughput-maximising strategy for this input (stateless)."""
     return score_all(inp)[0]
 
@@ -155,11 +157,11 @@ class AdaptiveSelector:
         self.margin = margin
         self.rebucket_factor = rebucket_factor
         self.k_values = None if k_values is None else tuple(k_values)
-        self.current: Choice | None = None
+        self.current: ScoredChoice | None = None
         self.anchor_batch: int | None = None
         self.switches = 0
 
-    def select(self, batch_size: int, candidates: Iterable[Candidate]) -> Choice:
+    def select(self, batch_size: int, candidates: Iterable[Candidate]) -> ScoredChoice:
         inp = SelectorInput(
             batch_size, tuple(candidates), self.max_k, self.cost_model, self.k_values
         )
@@ -178,7 +180,7 @@ class AdaptiveSelector:
         self.current = now  # same strategy, refreshed prediction
         return now
 
-    def _adopt(self, choice: Choice, batch_size: int) -> Choice:
+    def _adopt(self, choice: ScoredChoice, batch_size: int) -> ScoredChoice:
         if self.current is not None and self.current.strategy != choice.strategy:
             self.switches += 1
         self.current = choice
@@ -293,7 +295,7 @@ def oracle_choice(
     max_k: int,
     *,
     k_values: Sequence[int] | None = None,
-) -> Choice:
+) -> ScoredChoice:
     """The best strategy had the true acceptance been known: the benchmark's upper bound."""
     cands = tuple(Candidate(d, a) for d, a in true_acceptance.items())
     ks = None if k_values is None else tuple(k_values)
@@ -307,7 +309,7 @@ def hindsight_schedule(
     max_k: int,
     *,
     k_values: Sequence[int] | None = None,
-) -> dict[int, Choice]:
+) -> dict[int, ScoredChoice]:
     """oracle_choice for each batch size (e.g. every B a run went through)."""
     return {
         b: oracle_choice(b, true_acceptance, cost_model, max_k, k_values=k_values)

@@ -15,16 +15,16 @@ from rlhfspec_workers.spec_decode.cost_records import OFF, CostSample, DrafterCo
 from rlhfspec_workers.spec_decode.selector import (
     AdaptiveSelector,
     Candidate,
+    SelectorEntry,
     SelectorInput,
-    StrategyEntry,
-    StrategyTable,
+    SelectorTable,
     batch_buckets,
     choose,
     evaluate,
     hindsight_schedule,
     oracle_choice,
     score_all,
-    strategy_table,
+    selector_table,
 )
 from rlhfspec_workers.spec_decode.synthetic_cost import (
     Roofline,
@@ -214,13 +214,13 @@ def test_large_batch_change_drops_the_margin() -> None:
     assert sticky.select(64, ()).strategy == (OFF, 0)
 
 
-def test_strategy_table_lookup_schedule_and_serialisation() -> None:
+def test_selector_table_lookup_schedule_and_serialisation() -> None:
     rf = Roofline(memory_floor_seconds=0.02, per_token_seconds=0.0001, overhead_seconds=0.001)
     cm = synthetic_cost_model(rf, drafters=[DrafterCost("ngram", 0.0003)], max_batch=256, max_k=8)
     cands = one("ngram", 0.75)
     buckets = batch_buckets(256)
     assert buckets == (1, 2, 4, 8, 16, 32, 64, 128, 256) and batch_buckets(48)[-1] == 48
-    table = strategy_table(buckets, cands, cm, 8, version=7)
+    table = selector_table(buckets, cands, cm, 8, version=7)
     # Contiguous cover of 1..256; each row's choice is the selector's at its upper end.
     assert table.entries[0].lo == 1 and table.entries[-1].hi == 256
     for a, b in zip(table.entries, table.entries[1:], strict=False):
@@ -237,25 +237,25 @@ def test_strategy_table_lookup_schedule_and_serialisation() -> None:
         for size in (lo, min(hi, 256)):
             assert table.lookup(size).k == k
 
-    back = StrategyTable.from_dict(json.loads(json.dumps(table.to_dict())))
+    back = SelectorTable.from_dict(json.loads(json.dumps(table.to_dict())))
     assert back == table and back.version == 7
 
-    mixed = StrategyTable(
+    mixed = SelectorTable(
         1,
-        (StrategyEntry(1, 4, "eagle", 4, 1.0, 1.5), StrategyEntry(5, 64, "ngram", 2, 1.0, 1.1)),
+        (SelectorEntry(1, 4, "eagle", 4, 1.0, 1.5), SelectorEntry(5, 64, "ngram", 2, 1.0, 1.1)),
     )
     assert mixed.drafters == ("eagle", "ngram")
     with pytest.raises(ValueError):
         mixed.to_batch_size_schedule()
-    with_off = StrategyTable(
-        1, (StrategyEntry(1, 8, "ngram", 3, 1.0, 1.2), StrategyEntry(9, 64, OFF, 0, 1.0, 1.0))
+    with_off = SelectorTable(
+        1, (SelectorEntry(1, 8, "ngram", 3, 1.0, 1.2), SelectorEntry(9, 64, OFF, 0, 1.0, 1.0))
     )
     assert with_off.to_batch_size_schedule() == [[1, 8, 3], [9, 64, 0]]
 
 
 def test_measured_cpu_costs_schedule_shape() -> None:
     cm = cpu_cost_model()
-    table = strategy_table(batch_buckets(64), one("draft", 0.8), cm, 8, k_values=CPU_K)
+    table = selector_table(batch_buckets(64), one("draft", 0.8), cm, 8, k_values=CPU_K)
     schedule = table.to_batch_size_schedule(upper=256)
     assert schedule[0][:1] == [1] and schedule[0][2] == cpu_brute_force(1, 0.8)[0] == 8
     assert schedule[-1][1:] == [256, cpu_brute_force(64, 0.8)[0]] == [256, 1]

@@ -14,18 +14,35 @@ restarts and a restarted coordinator's tables are applied.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 
 from rlhfspec_api.spec import RLHFJobSpec
 from rlhfspec_workers.messages import AcceptanceReport, StrategyEntry, StrategyTable
 from rlhfspec_workers.runtime import Bus, StreamCursor
 from rlhfspec_workers.spec_decode.acceptance import AcceptanceEstimator, StepStats
 from rlhfspec_workers.spec_decode.cost_model import CostModel
-from rlhfspec_workers.spec_decode.selector import Candidate, batch_buckets, strategy_table
+from rlhfspec_workers.spec_decode.draft_choice import BatchRange
+from rlhfspec_workers.spec_decode.selector import Candidate, batch_buckets, selector_table
 
 TICK_SECONDS = 1.0
 READ_BATCH = 10_000
 """Acceptance reports pooled per tick at most (the rest wait for the next tick)."""
 MAX_BATCH = 256
+
+
+def table_message(
+    version: int, ranges: Sequence[BatchRange], acceptance: Mapping[str, list[float]]
+) -> StrategyTable:
+    """The selector's batch ranges as the versioned wire message (the one conversion between
+    the selector's ``SelectorTable`` and ``messages.StrategyTable``, whose field names are part
+    of the wire format)."""
+    return StrategyTable(
+        table_version=version,
+        entries=[
+            StrategyEntry(min_batch=r.lo, max_batch=r.hi, drafter=r.drafter, k=r.k) for r in ranges
+        ],
+        acceptance=dict(acceptance),
+    )
 
 
 class StrategyBroadcaster:
@@ -37,7 +54,7 @@ class StrategyBroadcaster:
         self.estimators: dict[str, AcceptanceEstimator] = {}
         self.reports = StreamCursor(bus.keys.acceptance, AcceptanceReport)
         self.version = 0
-        self.last_entries: list[tuple[int, int, str, int]] = []
+        self.last_ranges: tuple[BatchRange, ...] = ()
         self.last_tick = 0.0
         self.cost_model: CostModel | None = None
         self.collapsed: set[str] = set()
@@ -56,21 +73,17 @@ class StrategyBroadcaster:
         if not self.estimators:
             return None
         candidates = [Candidate(name, est) for name, est in sorted(self.estimators.items())]
-        table = strategy_table(batch_buckets(MAX_BATCH), candidates, self.cost_model, self.max_k)
-        entries = [(e.lo, e.hi, e.drafter, e.k) for e in table.entries]
-        if entries == self.last_entries:
+        table = selector_table(batch_buckets(MAX_BATCH), candidates, self.cost_model, self.max_k)
+        if table.ranges == self.last_ranges:
             return None
         # The version comes from a counter in Redis: a restarted coordinator starts at 0 in
         # memory, and workers apply only a version other than the one they hold.
         self.version = self.bus.increment(self.bus.keys.strategy_version)
-        self.last_entries = entries
-        message = StrategyTable(
-            table_version=self.version,
-            entries=[
-                StrategyEntry(min_batch=lo, max_batch=hi, drafter=d, k=k)
-                for lo, hi, d, k in entries
-            ],
-            acceptance={name: est.rates(self.max_k) for name, est in self.estimators.items()},
+        self.last_ranges = table.ranges
+        message = table_message(
+            self.version,
+            table.ranges,
+            {name: est.rates(self.max_k) for name, est in self.estimators.items()},
         )
         self.bus.put(self.bus.keys.strategy, message)
         self.bus.metrics.set_strategy_table_version(self.version)

@@ -26,10 +26,10 @@ What runs where:
    `AcceptanceEstimator.merge`.
 3. Selection (`selector`). Per step in the worker: `AdaptiveSelector` (hysteresis over
    `score_all`, k = 0 included) inside ``generation.policy.SelectorPolicy``. In the
-   coordinator: `strategy_table` over `batch_buckets`, broadcast as a versioned
+   coordinator: `selector_table` over `batch_buckets`, broadcast as a versioned
    ``messages.StrategyTable`` that each worker starts from for its batch size. `choose` and
    `SelectorInput` also price a worker's throughput in ``reallocation.model``.
-   `oracle_choice`, `hindsight_schedule` and `StrategyTable.to_batch_size_schedule` are used
+   `oracle_choice`, `hindsight_schedule` and `SelectorTable.to_batch_size_schedule` are used
    only by tests; the benchmarks' hindsight oracle replays steps with `hindsight`.
 4. `bandit` is the TLT-style epsilon-greedy baseline over the same strategies, for benchmarks.
 
@@ -57,16 +57,16 @@ from .selector import (
     AdaptiveSelector,
     Candidate,
     ScoredChoice,
+    SelectorEntry,
     SelectorInput,
-    StrategyEntry,
-    StrategyTable,
+    SelectorTable,
     batch_buckets,
     choose,
     evaluate,
     hindsight_schedule,
     oracle_choice,
     score_all,
-    strategy_table,
+    selector_table,
 )
 from .synthetic_cost import Roofline, drafter_from_roofline, synthetic_cost_model
 
@@ -88,11 +88,11 @@ __all__ = [
     "FixedAcceptance",
     "Roofline",
     "ScoredChoice",
+    "SelectorEntry",
     "SelectorInput",
+    "SelectorTable",
     "SpecDecodeCounters",
     "StepStats",
-    "StrategyEntry",
-    "StrategyTable",
     "batch_buckets",
     "bucket_of",
     "calibration_batches",
@@ -105,7 +105,7 @@ __all__ = [
     "oracle_choice",
     "pool",
     "score_all",
+    "selector_table",
     "strategy_set",
-    "strategy_table",
     "synthetic_cost_model",
 ]

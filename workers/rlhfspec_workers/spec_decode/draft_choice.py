@@ -1,7 +1,7 @@
 """The drafting strategy of one step, (drafter, k), and a batch-size range that uses one.
 
 Place in the flow: every layer that names a strategy speaks this one type. The selector
-(`selector.AdaptiveSelector`, `selector.strategy_table`) scores `DraftChoice`s, the bandit
+(`selector.AdaptiveSelector`, `selector.selector_table`) scores `DraftChoice`s, the bandit
 baseline explores them, the generation worker's drafting strategies
 (``generation.policy``) return one per decode step and the proposer drafts with it. A
 `BatchRange` is a (lo, hi) batch-size range with its choice: a row of the coordinator's

@@ -9,7 +9,7 @@ changes, it asks for the (drafter, k) that maximises expected emitted tokens per
 with k = 0 ("off") always a candidate. This is the RLHFSpec paper's core decision:
 large k wastes verification compute while B is large, small k leaves the card idle in the
 long tail. `AdaptiveSelector` adds hysteresis so noisy acceptance does not flip the engine
-between near-equal choices; `strategy_table` precomputes the choice per batch-size bucket,
+between near-equal choices; `selector_table` precomputes the choice per batch-size bucket,
 which the coordinator broadcasts (versioned) and from which a vLLM
 `num_speculative_tokens_per_batch_size` schedule can be derived.
 """
@@ -23,7 +23,7 @@ from typing import Any
 from .acceptance import AcceptanceModel
 from .cost_model import CostModel
 from .cost_records import OFF
-from .draft_choice import DraftChoice
+from .draft_choice import BatchRange, DraftChoice
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,7 @@ def batch_buckets(max_batch: int) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
-class StrategyEntry:
+class SelectorEntry:
     """Batch sizes lo..hi (inclusive) use (drafter, k); predictions are for B = hi."""
 
     lo: int
@@ -214,20 +214,30 @@ class StrategyEntry:
     tokens_per_second: float
     speedup: float
 
+    @property
+    def range(self) -> BatchRange:
+        return BatchRange(self.lo, self.hi, self.drafter, self.k)
+
 
 @dataclass(frozen=True)
-class StrategyTable:
-    """Versioned map from batch size to strategy: what the coordinator broadcasts."""
+class SelectorTable:
+    """Versioned map from batch size to strategy, with the selector's predictions. The
+    coordinator broadcasts its ranges as a ``messages.StrategyTable`` (``coordinator.strategy``
+    converts)."""
 
     version: int
-    entries: tuple[StrategyEntry, ...]
+    entries: tuple[SelectorEntry, ...]
 
-    def lookup(self, batch_size: int) -> StrategyEntry:
+    def lookup(self, batch_size: int) -> SelectorEntry:
         """The entry covering batch_size; past the last bucket, the last entry."""
         for e in self.entries:
             if batch_size <= e.hi:
                 return e
         return self.entries[-1]
+
+    @property
+    def ranges(self) -> tuple[BatchRange, ...]:
+        return tuple(e.range for e in self.entries)
 
     @property
     def drafters(self) -> tuple[str, ...]:
@@ -239,7 +249,7 @@ class StrategyTable:
         if len(self.drafters) > 1:
             raise ValueError(
                 f"table mixes drafters {self.drafters}; build one per drafter with "
-                "strategy_table(..., candidates=[that drafter])"
+                "selector_table(..., candidates=[that drafter])"
             )
         rows: list[list[int]] = []
         for e in self.entries:
@@ -256,11 +266,11 @@ class StrategyTable:
         return {"version": self.version, "entries": [asdict(e) for e in self.entries]}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> StrategyTable:
-        return cls(int(d["version"]), tuple(StrategyEntry(**e) for e in d["entries"]))
+    def from_dict(cls, d: Mapping[str, Any]) -> SelectorTable:
+        return cls(int(d["version"]), tuple(SelectorEntry(**e) for e in d["entries"]))
 
 
-def strategy_table(
+def selector_table(
     buckets: Sequence[int],
     candidates: Sequence[Candidate],
     cost_model: CostModel,
@@ -268,7 +278,7 @@ def strategy_table(
     *,
     k_values: Sequence[int] | None = None,
     version: int = 0,
-) -> StrategyTable:
+) -> SelectorTable:
     """Best strategy per bucket. Bucket b covers (previous bucket, b] and is scored at its upper
     end b: within a bucket the largest B favours the smallest k, and a k too small costs far
     less than a k too large (docs/cpu-notes.md §3)."""
@@ -280,9 +290,9 @@ def strategy_table(
     lo = 1
     for b in bs:
         c = choose(SelectorInput(b, tuple(candidates), max_k, cost_model, ks))
-        entries.append(StrategyEntry(lo, b, c.drafter, c.k, c.tokens_per_second, c.speedup))
+        entries.append(SelectorEntry(lo, b, c.drafter, c.k, c.tokens_per_second, c.speedup))
         lo = b + 1
-    return StrategyTable(version, tuple(entries))
+    return SelectorTable(version, tuple(entries))
 
 
 # -- hindsight (benchmarks) ----------------------------------------------------------------------

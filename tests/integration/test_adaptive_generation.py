@@ -21,14 +21,19 @@ import torch
 
 from rlhfspec_api.generation import GenerationSpec
 from rlhfspec_workers.generation.adaptive import (
-    AdaptivePolicy,
-    build_adaptive_policy,
-    make_policy,
+    AdaptiveStrategy,
+    build_adaptive_strategy,
+    make_strategy,
+)
+from rlhfspec_workers.generation.draft_strategy import (
+    NO_DRAFT,
+    DraftChoice,
+    FixedStrategy,
+    ScriptedStrategy,
 )
 
 # A plain import, never importorskip: a broken engine import must fail these tests, not skip.
 from rlhfspec_workers.generation.engine import GenerationEngine
-from rlhfspec_workers.generation.policy import NO_DRAFT, DraftChoice, FixedPolicy, ScriptedPolicy
 from rlhfspec_workers.generation.records import PromptInput, SamplingConfig
 from rlhfspec_workers.spec_decode.cost_records import DrafterCost
 from rlhfspec_workers.spec_decode.synthetic_cost import Roofline, synthetic_cost_model
@@ -79,33 +84,33 @@ def adaptive_engine(tiny_kit: Path, off_engine: Any) -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def calibration(
     adaptive_engine: Any, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[AdaptivePolicy, Path]:
+) -> tuple[AdaptiveStrategy, Path]:
     cache = tmp_path_factory.mktemp("calibration")
-    policy = make_policy(adaptive_engine, _spec(SPECULATIVE), cache_dir=cache)
-    assert isinstance(policy, AdaptivePolicy)
-    return policy, cache
+    strategy = make_strategy(adaptive_engine, _spec(SPECULATIVE), cache_dir=cache)
+    assert isinstance(strategy, AdaptiveStrategy)
+    return strategy, cache
 
 
 def test_make_policy_calibrates_once_then_reuses_the_cache(
-    adaptive_engine: Any, calibration: tuple[AdaptivePolicy, Path], caplog: Any
+    adaptive_engine: Any, calibration: tuple[AdaptiveStrategy, Path], caplog: Any
 ) -> None:
-    policy, cache = calibration
+    strategy, cache = calibration
     files = list(cache.glob("*.json"))
     assert len(files) == 1
-    costs = policy.selector.cost_model
+    costs = strategy.selector.cost_model
     assert set(costs.drafters) == {"suffix", "ngram", "draft_model"}
     # Measured on this engine: verifying more tokens per sequence costs more at a large batch.
     assert costs.verify_seconds(128, 8) > costs.verify_seconds(128, 0) > 0
     with caplog.at_level(logging.INFO, logger="rlhfspec_workers.generation.cost_table"):
-        again = make_policy(adaptive_engine, _spec(SPECULATIVE), cache_dir=cache)
+        again = make_strategy(adaptive_engine, _spec(SPECULATIVE), cache_dir=cache)
     assert "from cache" in caplog.text
-    assert isinstance(again, AdaptivePolicy)
+    assert isinstance(again, AdaptiveStrategy)
     assert again.selector.cost_model.to_json() == costs.to_json()
     assert again.selector.margin == 0.04 and again.half_life_steps == 64
     # The other modes need no calibration.
-    assert make_policy(adaptive_engine, _spec({"mode": "off"})) == FixedPolicy(NO_DRAFT)
+    assert make_strategy(adaptive_engine, _spec({"mode": "off"})) == FixedStrategy(NO_DRAFT)
     fixed = _spec({"mode": "fixed", "numDraftTokens": 3, "drafters": [{"method": "ngram"}]})
-    assert make_policy(adaptive_engine, fixed) == FixedPolicy(DraftChoice("ngram", 3))
+    assert make_strategy(adaptive_engine, fixed) == FixedStrategy(DraftChoice("ngram", 3))
 
 
 def _long_tailed(tiny_kit: Path) -> list[PromptInput]:
@@ -159,7 +164,9 @@ def test_verified_k_follows_the_selector_as_the_batch_shrinks(
 ) -> None:
     prompts = _long_tailed(tiny_kit)
     reference = off_engine.generate_all(prompts, GREEDY)
-    adaptive_engine.set_policy(build_adaptive_policy(adaptive_engine, _spec(SPECULATIVE), GPU_LIKE))
+    adaptive_engine.set_strategy(
+        build_adaptive_strategy(adaptive_engine, _spec(SPECULATIVE), GPU_LIKE)
+    )
     for _ in range(2):  # the first iteration teaches the estimators; the second is checked
         got, verified_at = _run_checked(adaptive_engine, prompts)
         # Lossless: identical to plain decoding, token for token.
@@ -175,15 +182,15 @@ def test_calibrated_adaptive_mode_is_lossless_and_applied(
     tiny_kit: Path,
     adaptive_engine: Any,
     off_engine: Any,
-    calibration: tuple[AdaptivePolicy, Path],
+    calibration: tuple[AdaptiveStrategy, Path],
 ) -> None:
-    """The calibrated policy is applied step by step (vLLM verified what it chose) and is
+    """The calibrated strategy is applied step by step (vLLM verified what it chose) and is
     lossless. Whether this machine's calibrated table drafts at all depends on the CPU (on a
     small target, verification here is rarely cheap enough), so losslessness *with drafting* is
     proven on the same engine and prompts by a script that cycles every drafter and k: each
     drafter must have drafted and had tokens accepted."""
-    policy, _ = calibration
-    adaptive_engine.set_policy(policy)
+    strategy, _ = calibration
+    adaptive_engine.set_strategy(strategy)
     prompts = _long_tailed(tiny_kit)
     got, _ = _run_checked(adaptive_engine, prompts)
     reference = off_engine.generate_all(prompts, GREEDY)
@@ -192,7 +199,7 @@ def test_calibrated_adaptive_mode_is_lossless_and_applied(
     drafters = [d["method"] for d in SPECULATIVE["drafters"]]
     ks = range(1, SPECULATIVE["maxDraftTokens"] + 1)
     cycle = [DraftChoice(d, k) for k in ks for d in drafters]  # every drafter within 3 steps
-    adaptive_engine.set_policy(ScriptedPolicy(lambda call, batch: cycle[call % len(cycle)]))
+    adaptive_engine.set_strategy(ScriptedStrategy(lambda call, batch: cycle[call % len(cycle)]))
     adaptive_engine.drain_steps()
     got = adaptive_engine.generate_all(prompts, GREEDY)
     steps = adaptive_engine.drain_steps()
@@ -249,8 +256,8 @@ def test_sampling_in_adaptive_mode_matches_plain_decoding(
         max_batch=128,
         max_k=8,
     )
-    policy = build_adaptive_policy(adaptive_engine, _spec(SPECULATIVE), costs)
-    adaptive_engine.set_policy(policy)
+    strategy = build_adaptive_strategy(adaptive_engine, _spec(SPECULATIVE), costs)
+    adaptive_engine.set_strategy(strategy)
     adaptive_engine.drain_steps()
     got = [r for _ in range(8) for r in adaptive_engine.generate_all(prompts, sampling)]
     steps = adaptive_engine.drain_steps()

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from rlhfspec_workers.generation.adaptive import AdaptivePolicy, make_policy
+from rlhfspec_workers.generation.adaptive import AdaptiveStrategy, make_strategy
 from rlhfspec_workers.generation.calibration_run import (
     CalibrationReport,
     calibrate_engine,
@@ -76,8 +76,8 @@ def test_the_deadline_stops_measuring_and_the_table_still_covers(engine: Any) ->
 def test_batches_beyond_the_kv_cache_are_not_planned_nor_waited_for(tiny_kit: Path) -> None:
     from rlhfspec_api.generation import GenerationSpec
     from rlhfspec_workers.generation.calibrate import probe
+    from rlhfspec_workers.generation.draft_strategy import DraftChoice
     from rlhfspec_workers.generation.engine import GenerationEngine
-    from rlhfspec_workers.generation.policy import DraftChoice
 
     spec = GenerationSpec.model_validate(
         {
@@ -141,20 +141,20 @@ def test_real_steps_refine_the_table_and_go_back_to_the_cache(engine: Any, tmp_p
             }
         }
     )
-    policy = make_policy(engine, spec, cache_dir=tmp_path, max_batch=8, budget_seconds=20.0)
-    assert isinstance(policy, AdaptivePolicy) and policy.learner is not None
-    model = policy.selector.cost_model
+    strategy = make_strategy(engine, spec, cache_dir=tmp_path, max_batch=8, budget_seconds=20.0)
+    assert isinstance(strategy, AdaptiveStrategy) and strategy.learner is not None
+    model = strategy.selector.cost_model
     assert max(b for b, _ in model.plan) == 8  # calibrated only as far as the job will go
-    engine.set_policy(policy)
+    engine.set_strategy(strategy)
     engine.drain_steps()
     prompts = [PromptInput([3 + i, 4 + i, 5 + i, 6], f"p{i}", n=2) for i in range(6)]
     engine.generate_all(prompts, SamplingConfig(temperature=1.0, max_tokens=16, seed=1))
     steps = engine.drain_steps()
     for step in steps:
-        policy.observe_step(step)
-    assert policy.learner.steps == len([s for s in steps if s.batch_size > 0]) > 0
-    assert model.observations == policy.learner.steps
-    policy.learner.save_now()
+        strategy.observe_step(step)
+    assert strategy.learner.steps == len([s for s in steps if s.batch_size > 0]) > 0
+    assert model.observations == strategy.learner.steps
+    strategy.learner.save_now()
     stored = CostModel.from_json(cache_path(engine, tmp_path).read_text())
     assert json.loads(stored.to_json())["online"]
     assert stored.evidence(8, 1.0) + stored.evidence(1, 1.0) > 0

@@ -19,19 +19,19 @@ import pytest
 import torch
 
 from rlhfspec_api.generation import GenerationSpec
+from rlhfspec_workers.generation.draft_strategy import (
+    OFF,
+    BatchSizeStrategy,
+    DraftChoice,
+    FixedStrategy,
+    ScriptedStrategy,
+)
 
 # A plain import, never importorskip: a broken engine import must fail these tests, not skip.
 from rlhfspec_workers.generation.engine import (
     GenerationEngine,
     PromptInput,
     SamplingConfig,
-)
-from rlhfspec_workers.generation.policy import (
-    OFF,
-    BatchSizePolicy,
-    DraftChoice,
-    FixedPolicy,
-    ScriptedPolicy,
 )
 from rlhfspec_workers.spec_decode.draft_choice import BatchRange
 
@@ -128,13 +128,13 @@ def _scripted(call: int, batch_size: int) -> DraftChoice:
     return DraftChoice(drafter, 0 if call % 3 == 2 else (3 if batch_size > 4 else 8))
 
 
-POLICIES = {
-    "off": FixedPolicy(DraftChoice(OFF, 0)),
-    "ngram-4": FixedPolicy(DraftChoice("ngram", 4)),
-    "suffix-4": FixedPolicy(DraftChoice("suffix", 4)),
-    "draft-2": FixedPolicy(DraftChoice("draft_model", 2)),
-    "draft-8": FixedPolicy(DraftChoice("draft_model", 8)),
-    "scripted": ScriptedPolicy(_scripted),
+STRATEGIES = {
+    "off": FixedStrategy(DraftChoice(OFF, 0)),
+    "ngram-4": FixedStrategy(DraftChoice("ngram", 4)),
+    "suffix-4": FixedStrategy(DraftChoice("suffix", 4)),
+    "draft-2": FixedStrategy(DraftChoice("draft_model", 2)),
+    "draft-8": FixedStrategy(DraftChoice("draft_model", 8)),
+    "scripted": ScriptedStrategy(_scripted),
 }
 BATCHES = {"B1": (1, 1), "B12": (6, 2), "B40": (20, 2)}
 
@@ -146,11 +146,11 @@ def greedy_reference(ref_engine: Any) -> dict[str, list[Any]]:
     }
 
 
-@pytest.mark.parametrize("policy", list(POLICIES))
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_greedy_outputs_identical_to_plain_decoding(
-    spec_engine: Any, greedy_reference: dict[str, list[Any]], policy: str
+    spec_engine: Any, greedy_reference: dict[str, list[Any]], strategy: str
 ) -> None:
-    spec_engine.set_policy(POLICIES[policy])
+    spec_engine.set_strategy(STRATEGIES[strategy])
     drafted = 0
     for name, (count, n) in BATCHES.items():
         got = spec_engine.generate_all(prompts(count, n), GREEDY)
@@ -161,7 +161,7 @@ def test_greedy_outputs_identical_to_plain_decoding(
         drafted += sum(r.num_draft_tokens for r in got)
     steps = spec_engine.drain_steps()
     assert all(s.num_draft_tokens == s.proposer_draft_tokens for s in steps)
-    assert (drafted > 0) == (policy != "off")
+    assert (drafted > 0) == (strategy != "off")
 
 
 def _schedule(batch_size: int) -> int:
@@ -172,7 +172,7 @@ def test_vllm_metrics_follow_the_chosen_k_as_the_batch_shrinks(spec_engine: Any)
     table = [
         BatchRange(lo, hi, "draft_model", _schedule(lo)) for lo, hi in ((1, 1), (2, 4), (5, 8))
     ]
-    spec_engine.set_policy(BatchSizePolicy(table))
+    spec_engine.set_strategy(BatchSizeStrategy(table))
     spec_engine.drain_steps()
     before = spec_engine.counters()
     # Samples finish one by one (B goes 12 -> 1); the last runs alone for 40 tokens, so k=8
@@ -261,7 +261,7 @@ def test_sampling_distribution_equals_plain_decoding(
     not distinguishable from plain decoding (chi-square, alpha 0.001), while most tokens at
     positions >= 1 were drafts that vLLM accepted."""
     reference = _sampled_reference(ref_engine, _REF)
-    spec_engine.set_policy(FixedPolicy(DraftChoice(drafter, 4)))
+    spec_engine.set_strategy(FixedStrategy(DraftChoice(drafter, 4)))
     spec_engine.drain_steps()
     got = spec_engine.generate_all(prompts(1, n=256), SAMPLED)
     steps = spec_engine.drain_steps()
@@ -281,7 +281,7 @@ def test_logprobs_are_the_targets(spec_engine: Any, ref_engine: Any) -> None:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    spec_engine.set_policy(ScriptedPolicy(_scripted))
+    spec_engine.set_strategy(ScriptedStrategy(_scripted))
     got = spec_engine.generate_all(prompts(4, n=3), SamplingConfig(1.0, 1.0, 16, seed=7))
     engine = ref_engine.engine
     for i, r in enumerate(got):
@@ -303,7 +303,7 @@ def test_logprobs_are_the_targets(spec_engine: Any, ref_engine: Any) -> None:
 
 
 def test_samples_stream_out_as_they_finish(spec_engine: Any) -> None:
-    spec_engine.set_policy(FixedPolicy(DraftChoice("draft_model", 3)))
+    spec_engine.set_strategy(FixedStrategy(DraftChoice("draft_model", 3)))
     spec_engine.drain_steps()
     lengths = [40, 3, 40, 5]
     seen: list[tuple[str, int]] = []

@@ -10,7 +10,7 @@ What lossless means per dtype (README, "Your own model"):
   divergence, and at a divergence the plain run's top-2 log-probs were within
   ``NEAR_TIE_NATS``; sampling keeps the policy's distribution (chi-square, two samples).
 
-Engines are built once per module (about 5 s each); every test picks its policy.
+Engines are built once per module (about 5 s each); every test picks its strategy.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from typing import Any
 import pytest
 
 from rlhfspec_api.generation import GenerationSpec
-from rlhfspec_workers.generation.adaptive import build_adaptive_policy
+from rlhfspec_workers.generation.adaptive import build_adaptive_strategy
 from rlhfspec_workers.generation.cost_table import uncalibrated_cost_model
+from rlhfspec_workers.generation.draft_strategy import DraftChoice, FixedStrategy
 from rlhfspec_workers.generation.engine import GenerationEngine
-from rlhfspec_workers.generation.policy import DraftChoice, FixedPolicy
 from rlhfspec_workers.generation.records import PromptInput, SampleResult, SamplingConfig
 
 pytestmark = pytest.mark.engine
@@ -80,7 +80,7 @@ def _engines(model: Path, dtype: str, prime: int | None) -> Iterator[tuple[Any, 
     spec = GenerationEngine(_spec(SPECULATIVE), model, dtype=dtype, **ENGINE_ARGS)
     # A previous "iteration": two sampled answers per prompt become the suffix drafter's
     # history (alone, a greedy sample has no sibling or earlier rollout to draft from).
-    spec.set_policy(FixedPolicy(DraftChoice("off", 0)))
+    spec.set_strategy(FixedStrategy(DraftChoice("off", 0)))
     primer = SamplingConfig(temperature=1.0, max_tokens=48, seed=0)
     spec.generate_all(chat_prompts("prime", prime, n=2), primer)
     spec.new_iteration()
@@ -161,24 +161,26 @@ def test_chat_messages_end_of_turn_and_stop_strings(
     assert stopped.text == full.text[: full.text.index(cut)]
 
 
-def _policy(engine: Any, name: str) -> Any:
+def _strategy(engine: Any, name: str) -> Any:
     if name == "adaptive":
         # The roofline cost model instead of a calibrated one: what adaptive picks does not
         # matter here, only that whatever it picks, step by step, is lossless.
         cost = uncalibrated_cost_model(engine.drafters, engine.max_k)
-        return build_adaptive_policy(engine, engine.spec, cost)
+        return build_adaptive_strategy(engine, engine.spec, cost)
     drafter, k = name.split("-")
-    return FixedPolicy(DraftChoice(drafter, int(k)))
+    return FixedStrategy(DraftChoice(drafter, int(k)))
 
 
-@pytest.mark.parametrize("policy", ["suffix-4", "suffix-6", "ngram-4", "suffix_tree-4", "adaptive"])
+@pytest.mark.parametrize(
+    "strategy", ["suffix-4", "suffix-6", "ngram-4", "suffix_tree-4", "adaptive"]
+)
 def test_fp32_greedy_is_bitwise_identical_to_plain_decoding(
-    fp32: tuple[Any, Any], fp32_reference: list[SampleResult], policy: str
+    fp32: tuple[Any, Any], fp32_reference: list[SampleResult], strategy: str
 ) -> None:
     _, spec = fp32
-    spec.set_policy(_policy(spec, policy))
+    spec.set_strategy(_strategy(spec, strategy))
     spec.drain_steps()
-    got = spec.generate_all(chat_prompts(policy), GREEDY)
+    got = spec.generate_all(chat_prompts(strategy), GREEDY)
     steps = spec.drain_steps()
     assert all(len(r.token_ids) == RESPONSE_TOKENS for r in got)
     for a, b in zip(got, fp32_reference, strict=True):
@@ -218,13 +220,13 @@ def bf16_reference(bf16: tuple[Any, Any]) -> list[SampleResult]:
     return results
 
 
-@pytest.mark.parametrize("policy", ["suffix-4", "ngram-4", "suffix_tree-4"])
+@pytest.mark.parametrize("strategy", ["suffix-4", "ngram-4", "suffix_tree-4"])
 def test_bf16_greedy_parts_from_plain_decoding_only_at_near_ties(
-    bf16: tuple[Any, Any], bf16_reference: list[SampleResult], policy: str
+    bf16: tuple[Any, Any], bf16_reference: list[SampleResult], strategy: str
 ) -> None:
     _, spec = bf16
-    spec.set_policy(_policy(spec, policy))
-    got = spec.generate_all(chat_prompts(policy, BF16_PROMPTS), BF16_GREEDY)
+    spec.set_strategy(_strategy(spec, strategy))
+    got = spec.generate_all(chat_prompts(strategy, BF16_PROMPTS), BF16_GREEDY)
     assert sum(r.num_accepted_tokens for r in got) > 0
     for a, b in zip(got, bf16_reference, strict=True):
         cut = first_divergence(a.token_ids, b.token_ids)
@@ -273,7 +275,7 @@ def assert_same_distribution(engines: tuple[Any, Any], samples: int, bins: int) 
     """Plain and speculative (n-gram, k=3) sampling at temperature 1 draw the same tokens at
     each of the first POSITIONS positions (independent seeds for the two runs)."""
     off, spec = engines
-    spec.set_policy(FixedPolicy(DraftChoice("ngram", 3)))
+    spec.set_strategy(FixedStrategy(DraftChoice("ngram", 3)))
     ids = [int(t) for t in off.engine.get_tokenizer().encode(REPETITIVE)]
 
     def draw(engine: Any, seed: int) -> list[SampleResult]:

@@ -21,8 +21,8 @@ import torch
 
 from rlhfspec_api.generation import GenerationSpec
 from rlhfspec_api.spec import RLHFJobSpec
+from rlhfspec_workers.generation.draft_strategy import DraftChoice, FixedStrategy
 from rlhfspec_workers.generation.engine import GenerationEngine, PromptInput, SamplingConfig
-from rlhfspec_workers.generation.policy import DraftChoice, FixedPolicy
 from rlhfspec_workers.messages import Experience, Rollout
 from rlhfspec_workers.tinymodels.task import read_dataset_jsonl
 from rlhfspec_workers.tinymodels.tokenizer import encode_chars
@@ -50,7 +50,7 @@ def off_engine(tiny_kit: Path) -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def on_engine(draft_engine: Callable[..., Any], off_engine: Any) -> Iterator[Any]:
     engine = draft_engine(MAX_TOKENS)
-    engine.set_policy(FixedPolicy(DraftChoice("draft_model", 4)))
+    engine.set_strategy(FixedStrategy(DraftChoice("draft_model", 4)))
     yield engine
     engine.close()
 

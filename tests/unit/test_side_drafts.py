@@ -1,6 +1,6 @@
 """Side drafting: model-free drafters that were not chosen still draft every step, are
 scored against the tokens the target emitted, and keep the selector's acceptance measured
-(``AdaptiveProposer._draft_on_the_side`` / ``_side_evidence``, ``SelectorPolicy.observe``,
+(``AdaptiveProposer._draft_on_the_side`` / ``_side_evidence``, ``SelectorStrategy.observe``,
 ``AcceptanceEstimator.update_positions``)."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import numpy as np
 
 from rlhfspec_workers.drafters.base import DraftRow
 from rlhfspec_workers.drafters.ngram import NgramDrafter
-from rlhfspec_workers.generation.adaptive import AdaptivePolicy
-from rlhfspec_workers.generation.policy import (
+from rlhfspec_workers.generation.adaptive import AdaptiveStrategy
+from rlhfspec_workers.generation.draft_strategy import (
     NO_DRAFT,
     DraftChoice,
-    FixedPolicy,
-    SelectorPolicy,
+    FixedStrategy,
+    SelectorStrategy,
     ShadowEvidence,
     StepFeedback,
 )
@@ -27,18 +27,18 @@ from rlhfspec_workers.spec_decode.selector import AdaptiveSelector
 from rlhfspec_workers.spec_decode.synthetic_cost import synthetic_cost_model
 
 
-def selector_policy(estimator: AcceptanceEstimator) -> SelectorPolicy:
+def selector_strategy(estimator: AcceptanceEstimator) -> SelectorStrategy:
     costs = synthetic_cost_model(drafters=[DrafterCost(estimator.drafter)], max_k=4)
-    return SelectorPolicy(AdaptiveSelector(costs, 4), {estimator.drafter: estimator})
+    return SelectorStrategy(AdaptiveSelector(costs, 4), {estimator.drafter: estimator})
 
 
-def proposer(policy: object) -> AdaptiveProposer:
+def proposer(strategy: object) -> AdaptiveProposer:
     config = SimpleNamespace(
         speculative_config=SimpleNamespace(num_speculative_tokens=4),
         model_config=SimpleNamespace(max_model_len=128),
     )
     p = AdaptiveProposer(config)
-    p.configure(None, {"ngram": NgramDrafter()}, policy)  # type: ignore[arg-type]
+    p.configure(None, {"ngram": NgramDrafter()}, strategy)  # type: ignore[arg-type]
     return p
 
 
@@ -47,7 +47,7 @@ def row(tokens: list[int], max_k: int = 4) -> DraftRow:
 
 
 def test_side_draft_is_scored_per_position_and_censored_past_the_emitted_tokens() -> None:
-    p = proposer(selector_policy(AcceptanceEstimator("ngram")))
+    p = proposer(selector_strategy(AcceptanceEstimator("ngram")))
     rows = [row([1, 2, 3, 4, 5, 1, 2, 3])]  # "2 3" seen before, followed by 4 5 1 2
     p._draft_on_the_side(rows, NO_DRAFT)
     assert p.side_drafts["ngram"]["r0"] == [4, 5, 1, 2]
@@ -62,13 +62,13 @@ def test_side_draft_is_scored_per_position_and_censored_past_the_emitted_tokens(
 
 def test_no_side_draft_for_the_chosen_drafter_or_a_policy_that_does_not_learn() -> None:
     rows = [row([1, 2, 3, 4, 5, 1, 2, 3])]
-    p = proposer(selector_policy(AcceptanceEstimator("ngram")))
+    p = proposer(selector_strategy(AcceptanceEstimator("ngram")))
     p._draft_on_the_side(rows, DraftChoice("ngram", 2))
     assert p.side_drafts == {}
-    p = proposer(FixedPolicy(NO_DRAFT))
+    p = proposer(FixedStrategy(NO_DRAFT))
     p._draft_on_the_side(rows, NO_DRAFT)
     assert p.side_drafts == {}
-    p = proposer(selector_policy(AcceptanceEstimator("ngram")))
+    p = proposer(selector_strategy(AcceptanceEstimator("ngram")))
     p._draft_on_the_side([row([1, 2, 3, 4, 5, 1, 2, 3], max_k=0)], NO_DRAFT)
     assert p.side_drafts == {"ngram": {}}  # a prefilling row drafts nothing
 
@@ -77,7 +77,7 @@ def test_side_evidence_moves_the_estimate_while_another_strategy_runs() -> None:
     est = AcceptanceEstimator("ngram")
     costs = synthetic_cost_model(drafters=[DrafterCost("ngram")], max_k=4)
     # Acceptance ages per step for drafters seen on the side too, as for the one in use.
-    policy = AdaptivePolicy(AdaptiveSelector(costs, 4), {"ngram": est}, half_life_steps=4)
+    strategy = AdaptiveStrategy(AdaptiveSelector(costs, 4), {"ngram": est}, half_life_steps=4)
     before = est.rate(0)
 
     def off_step(evidence: ShadowEvidence) -> StepFeedback:
@@ -95,12 +95,12 @@ def test_side_evidence_moves_the_estimate_while_another_strategy_runs() -> None:
 
     # 8 rows, each only position 0 observable (off emits one token), 7 of 8 right.
     for _ in range(20):
-        policy.observe(off_step(ShadowEvidence((8, 0, 0, 0), (7, 0, 0, 0))))
+        strategy.observe(off_step(ShadowEvidence((8, 0, 0, 0), (7, 0, 0, 0))))
     assert est.rate(0) > max(before, 0.8)
-    assert policy.choose(8).drafter == "ngram"  # it now pays to draft with it
+    assert strategy.choose(8).drafter == "ngram"  # it now pays to draft with it
     # The drafter then goes wrong: the estimate follows within a few steps.
     for _ in range(10):
-        policy.observe(off_step(ShadowEvidence((8, 0, 0, 0), (0, 0, 0, 0))))
+        strategy.observe(off_step(ShadowEvidence((8, 0, 0, 0), (0, 0, 0, 0))))
     assert est.rate(0) < 0.3
 
 
@@ -116,7 +116,7 @@ def test_update_positions_counts_only_observed_positions() -> None:
 
 
 def test_draft_fill_counts_rows_asked_and_tokens_proposed_per_position() -> None:
-    p = proposer(selector_policy(AcceptanceEstimator("ngram")))
+    p = proposer(selector_strategy(AcceptanceEstimator("ngram")))
     rows = [
         DraftRow("a", np.asarray([1, 2, 3, 4, 5, 1, 2, 3], dtype=np.int64), 2, "g", 4),
         DraftRow("b", np.asarray([7, 8, 9, 6], dtype=np.int64), 2, "g", 4),  # no match
@@ -135,7 +135,7 @@ def test_draft_fill_counts_rows_asked_and_tokens_proposed_per_position() -> None
 def test_side_drafts_cover_a_rotating_window_of_rows() -> None:
     from rlhfspec_workers.generation.proposer import SIDE_DRAFT_ROWS
 
-    p = proposer(selector_policy(AcceptanceEstimator("ngram")))
+    p = proposer(selector_strategy(AcceptanceEstimator("ngram")))
     tokens = np.asarray([1, 2, 3, 4, 5, 1, 2, 3], dtype=np.int64)
     rows = [DraftRow(f"r{i}", tokens, 2, "g", 4) for i in range(3 * SIDE_DRAFT_ROWS)]
     seen: set[str] = set()

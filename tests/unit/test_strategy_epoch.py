@@ -4,7 +4,7 @@ A restarted coordinator used to count table versions from 0 in memory while work
 only strictly newer ones, so every table it published after the restart was ignored. The
 version now comes from a Redis counter. Real redis-server, the real coordinator broadcaster
 and the real worker-side receiver (``generation.broadcast.StrategySync``) with an adaptive
-policy: the receiver must apply the tables of the coordinator object recreated after a restart.
+strategy: the receiver must apply the tables of the coordinator object recreated after a restart.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 from bus_helpers import bus_on, job_spec
 from rlhfspec_workers.coordinator import strategy as strategy_module
 from rlhfspec_workers.coordinator.strategy import StrategyBroadcaster
-from rlhfspec_workers.generation.adaptive import AdaptivePolicy
+from rlhfspec_workers.generation.adaptive import AdaptiveStrategy
 from rlhfspec_workers.generation.broadcast import StrategySync
 from rlhfspec_workers.local.redis_server import RedisServer
 from rlhfspec_workers.messages import AcceptanceReport, StrategyTable
@@ -56,11 +56,11 @@ def _report(rate: float, drafts: int = 400, k: int = 8) -> AcceptanceReport:
     )  # fmt: skip
 
 
-def _receiver(server: RedisServer) -> tuple[StrategySync, AdaptivePolicy]:
-    policy = AdaptivePolicy(
+def _receiver(server: RedisServer) -> tuple[StrategySync, AdaptiveStrategy]:
+    strategy = AdaptiveStrategy(
         AdaptiveSelector(COST, 8), {"draft_model": AcceptanceEstimator("draft_model")}
     )
-    return StrategySync(_bus(server, "generation"), "generation-0", policy), policy
+    return StrategySync(_bus(server, "generation"), "generation-0", strategy), strategy
 
 
 def _publish_table(coordinator_bus: Bus, rate: float) -> StrategyTable:
@@ -79,11 +79,11 @@ def test_a_restarted_coordinators_tables_are_applied(
     monkeypatch.setattr(strategy_module, "TICK_SECONDS", 0.0)
     coordinator_bus = _bus(server, "coordinator")
     coordinator_bus.redis.set(coordinator_bus.keys.calibration, COST.to_json())
-    sync, policy = _receiver(server)
+    sync, strategy = _receiver(server)
 
     first = _publish_table(coordinator_bus, rate=0.9)
     sync.flush(weight_version=0)
-    assert policy.table == first and sync.table_version == first.table_version
+    assert strategy.table == first and sync.table_version == first.table_version
 
     # The coordinator restarts: a new object with nothing in memory; acceptance has collapsed,
     # so its table differs. The worker keeps running and must apply it.
@@ -91,13 +91,13 @@ def test_a_restarted_coordinators_tables_are_applied(
     assert second.table_version > first.table_version
     assert second.entries != first.entries
     sync.flush(weight_version=0)
-    assert policy.table == second and sync.table_version == second.table_version
+    assert strategy.table == second and sync.table_version == second.table_version
 
     # The counter lives in Redis: a third coordinator keeps counting up.
     third = _publish_table(coordinator_bus, rate=0.9)
     assert third.table_version == second.table_version + 1
     sync.flush(weight_version=0)
-    assert policy.table == third
+    assert strategy.table == third
 
 
 def test_a_table_after_redis_lost_its_state_is_still_applied(
@@ -108,7 +108,7 @@ def test_a_table_after_redis_lost_its_state_is_still_applied(
     monkeypatch.setattr(strategy_module, "TICK_SECONDS", 0.0)
     coordinator_bus = _bus(server, "coordinator")
     coordinator_bus.redis.set(coordinator_bus.keys.calibration, COST.to_json())
-    sync, policy = _receiver(server)
+    sync, strategy = _receiver(server)
     for rate in (0.9, 0.05, 0.9):
         _publish_table(coordinator_bus, rate)
     sync.flush(weight_version=0)
@@ -118,6 +118,6 @@ def test_a_table_after_redis_lost_its_state_is_still_applied(
     after = _publish_table(coordinator_bus, rate=0.05)
     assert after.table_version == 1
     sync.flush(weight_version=0)
-    assert policy.table == after and sync.table_version == 1
+    assert strategy.table == after and sync.table_version == 1
     sync.flush(weight_version=0)  # the same table again: nothing to apply, version unchanged
     assert sync.table_version == 1

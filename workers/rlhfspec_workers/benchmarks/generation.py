@@ -15,7 +15,7 @@ Configurations, all on the same target model:
   hand-tuned from the fixed-k profile; ``dynsd:<drafter>``: the same kind of schedule with our
   drafters;
 * ``bandit``: TLT's bucketed epsilon-greedy bandit over the same strategies;
-* ``ours``: the adaptive policy (calibrated cost model + online acceptance + selector);
+* ``ours``: the adaptive strategy (calibrated cost model + online acceptance + selector);
 * ``bucket-oracle``: the best measured strategy per batch bucket, in hindsight, from the
   profile (a schedule, run like the others);
 * ``oracle``: the true hindsight oracle (``benchmarks.hindsight_oracle``): per step, the best
@@ -29,7 +29,7 @@ configuration's iteration i starts with the suffix drafter holding the same roll
 iteration i - 1 (those of the shadow run), so history drafting is compared fairly.
 
 A profile pass runs every fixed strategy once (it also warms everything up); learned
-policies (bandit, ours) get one unmeasured warm-up run and keep learning across runs, as
+strategies (bandit, ours) get one unmeasured warm-up run and keep learning across runs, as
 they would across RL iterations. Then ``repeats`` rounds run every configuration, each
 iteration in a shuffled order; results are medians over rounds, reported as ratios (timing on
 a shared machine is fragile: docs/cpu-notes.md §5).
@@ -50,25 +50,25 @@ from typing import Any
 from rlhfspec_api.generation import GenerationSpec
 from rlhfspec_workers.generation.adaptive import (
     CostLearner,
-    build_adaptive_policy,
+    build_adaptive_strategy,
     calibrated_cost_model,
 )
 from rlhfspec_workers.generation.cost_table import describe
-from rlhfspec_workers.generation.engine import GenerationEngine
-from rlhfspec_workers.generation.policy import (
+from rlhfspec_workers.generation.draft_strategy import (
     NO_DRAFT,
-    BatchSizePolicy,
+    BatchSizeStrategy,
     DraftChoice,
-    DraftPolicy,
-    FixedPolicy,
+    DraftStrategy,
+    FixedStrategy,
 )
+from rlhfspec_workers.generation.engine import GenerationEngine
 from rlhfspec_workers.generation.records import SampleResult, SamplingConfig, StepRecord
 from rlhfspec_workers.generation.shadow import ShadowDrafts
 from rlhfspec_workers.spec_decode.bandit import BanditSelector, strategy_set
 from rlhfspec_workers.spec_decode.draft_choice import BatchRange
 
 from .hindsight_oracle import IterationTraces, add_oracle, iteration_traces
-from .policies import BanditPolicy, Profile, hand_tuned_schedule, oracle_schedule
+from .strategies import BanditStrategy, Profile, hand_tuned_schedule, oracle_schedule
 from .workload import (
     RunResult,
     Settings,
@@ -84,7 +84,7 @@ DYNSD_RANGES = ((1, 4), (5, 16), (17, 64))
 
 
 class Bench:
-    """Engines, policies and the run loop of one benchmark."""
+    """Engines, strategies and the run loop of one benchmark."""
 
     def __init__(self, kit: Path | None, settings: Settings, log: Log = print) -> None:
         import torch
@@ -126,7 +126,7 @@ class Bench:
             "kv_cache_bytes": max(256 << 20, self._kv_bytes()),
         }
         self.engines: dict[str, GenerationEngine] = {}
-        self.policies: dict[str, DraftPolicy] = {}
+        self.strategies: dict[str, DraftStrategy] = {}
         self.native: dict[str, list[tuple[int, int, int]]] = {}
         self.profile = Profile()
         self.results: list[RunResult] = []
@@ -197,17 +197,17 @@ class Bench:
         self.meta["cost_table"] = describe(
             self.cost_model, sorted({1, 4, 16, 64, self.batch}), sorted({0, *s.ks})
         )
-        self.policies["k0"] = FixedPolicy(NO_DRAFT)
+        self.strategies["k0"] = FixedStrategy(NO_DRAFT)
         for d in s.drafters:
             for k in s.ks:
-                self.policies[f"fixed:{d}:{k}"] = FixedPolicy(DraftChoice(d, k))
-        self.policies["bandit"] = BanditPolicy(
+                self.strategies[f"fixed:{d}:{k}"] = FixedStrategy(DraftChoice(d, k))
+        self.strategies["bandit"] = BanditStrategy(
             BanditSelector(strategy_set(s.drafters, s.ks), seed=s.seed)
         )
         # As in a generation worker, ours refines its own copy of the cost table from the
         # steps it runs (CostLearner); the calibrated table stays as measured for the report.
         own = copy.deepcopy(self.cost_model)
-        self.policies["ours"] = build_adaptive_policy(
+        self.strategies["ours"] = build_adaptive_strategy(
             engine, spec, own, k_values=s.ks, learner=CostLearner(own)
         )
 
@@ -216,17 +216,17 @@ class Bench:
         shadow-drafting run per iteration (the true oracle's traces, and the suffix history
         every configuration of the next iteration starts from)."""
         self.run_config("off", -1)
-        fixed = [n for n in self.policies if n == "k0" or n.startswith("fixed:")]
+        fixed = [n for n in self.strategies if n == "k0" or n.startswith("fixed:")]
         for round_index in range(self.settings.profile_rounds):
             for name in fixed if round_index % 2 == 0 else reversed(fixed):
                 result = self.run_config(name, -1)
-                choice = self.policies[name].choose(1)
+                choice = self.strategies[name].choose(1)
                 self.profile.add((choice.drafter, choice.k), result.steps)
                 self.profile_runs.append((name, result.steps))
         for iteration in range(self.settings.iterations):
             self.shadow_run(iteration)
         oracle = oracle_schedule(self.profile, self.batch)
-        self.policies["bucket-oracle"] = BatchSizePolicy(oracle)
+        self.strategies["bucket-oracle"] = BatchSizeStrategy(oracle)
         self.meta["bucket_oracle_schedule"] = oracle
         ranges = [*DYNSD_RANGES, (DYNSD_RANGES[-1][1] + 1, self.batch)]
         ranges = [(lo, hi) for lo, hi in ranges if lo <= self.batch]
@@ -235,14 +235,14 @@ class Bench:
         }
         self.meta["dynsd_schedules"] = schedules
         for d, rows in schedules.items():
-            self.policies[f"dynsd:{d}"] = BatchSizePolicy(
+            self.strategies[f"dynsd:{d}"] = BatchSizeStrategy(
                 [BatchRange(lo, hi, d, k) for lo, hi, k in rows]
             )
         native = next((d for d in ("draft_model", "ngram") if d in self.settings.drafters), None)
         if self.settings.native_dynsd and native is not None:
             self._start_native("dynsd-vllm", native, schedules[native])
         for name in ("bandit", "ours"):
-            self.run_config(name, -1)  # learned policies: one unmeasured warm-up iteration
+            self.run_config(name, -1)  # learned strategies: one unmeasured warm-up iteration
 
     def shadow_run(self, iteration: int) -> None:
         engine = self.engines["proposer"]
@@ -284,14 +284,14 @@ class Bench:
 
     @property
     def configs(self) -> list[str]:
-        return ["off", *self.native, *self.policies]
+        return ["off", *self.native, *self.strategies]
 
     def run_config(self, name: str, round_index: int, iteration: int = 0) -> RunResult:
         if name in self.engines and name != "proposer":
             engine = self.engines[name]
         else:
             engine = self.engines["proposer"]
-            engine.set_policy(self.policies[name])
+            engine.set_strategy(self.strategies[name])
             suffix = engine.suffix
             if suffix is not None:  # every run of an iteration starts from the same index
                 suffix.groups.clear()
@@ -319,7 +319,7 @@ class Bench:
         # Tokens sampled during decoding: every sample's first token came with its prefill.
         tokens = sum(len(r.token_ids) for r in samples) - self.batch
         steps = engine.drain_steps()
-        learn = getattr(self.policies.get(name), "observe_step", None)
+        learn = getattr(self.strategies.get(name), "observe_step", None)
         if learn is not None:  # after the clock: a worker does it inline, per step
             for step in steps:
                 learn(step)

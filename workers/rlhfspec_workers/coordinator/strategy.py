@@ -6,7 +6,7 @@ pooling them gives each drafter's per-position acceptance more evidence than any
 has, so the table adapts faster after a weight sync. With the workers' calibrated cost model
 (published at ``Keys.calibration``) the pure selector computes the best (drafter, k) per
 batch-size bucket; a changed table is published with the next version, and each worker starts
-from it for its own batch size (``generation.adaptive.AdaptivePolicy.apply_table``). Versions
+from it for its own batch size (``generation.adaptive.AdaptiveStrategy.apply_table``). Versions
 come from a Redis counter (``Keys.strategy_version``), so they keep growing across coordinator
 restarts and a restarted coordinator's tables are applied.
 """

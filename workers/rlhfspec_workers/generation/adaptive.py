@@ -1,26 +1,26 @@
-"""Adaptive speculative decoding, wired for real: cost table, per-step policy, coordinator hooks.
+"""Adaptive speculative decoding, wired for real: cost table, per-step strategy, coordinator hooks.
 
 Where it sits: a generation worker builds its ``GenerationEngine`` and then, once, calls
-:func:`make_policy` and installs the result (``engine.set_policy``). In adaptive mode that
+:func:`make_strategy` and installs the result (``engine.set_strategy``). In adaptive mode that
 
 1. loads the cost table of (policy model, hardware) from the calibration cache, or measures it
    on the running engine within a time budget (``calibrate.py``: the verification grid of
    ``spec_decode.calibration_plan`` and each drafter's cost; what the budget does not reach
    is fitted) and stores it (:func:`calibrated_cost_model`);
-2. builds :class:`AdaptivePolicy` (:func:`build_adaptive_policy`): one
+2. builds :class:`AdaptiveStrategy` (:func:`build_adaptive_strategy`): one
    ``AcceptanceEstimator`` per drafter, with priors and the spec's half-life in decode steps,
    an ``AdaptiveSelector`` with the spec's hysteresis, and a :class:`CostLearner` that keeps
    refining the cost table from the engine's real steps and writes it back to the cache now
    and then.
 
-Every decode step the proposer asks the policy for (drafter, k) and feeds back how the previous
+Every decode step the proposer asks the strategy for (drafter, k) and feeds back how the previous
 step's drafts fared; the worker passes every engine step's record to
-:meth:`AdaptivePolicy.observe_step` (``broadcast.StrategySync.observe``), which teaches the
+:meth:`AdaptiveStrategy.observe_step` (``broadcast.StrategySync.observe``), which teaches the
 cost table what steps really cost. While the job runs, the worker passes the coordinator's
 broadcasts in:
-:meth:`AdaptivePolicy.apply_table` (a ``messages.StrategyTable``: the pooled choice per batch
+:meth:`AdaptiveStrategy.apply_table` (a ``messages.StrategyTable``: the pooled choice per batch
 bucket, used as the default that local evidence may override) and
-:meth:`AdaptivePolicy.set_pooled_acceptance` (acceptance pooled over all workers).
+:meth:`AdaptiveStrategy.set_pooled_acceptance` (acceptance pooled over all workers).
 """
 
 from __future__ import annotations
@@ -49,31 +49,31 @@ from .cost_cache import (
     store_cost_model,
 )
 from .cost_table import Log, calibrated_cost_model, uncalibrated_cost_model
-from .policy import (
+from .draft_strategy import (
     NO_DRAFT,
     OFF,
     DraftChoice,
-    DraftPolicy,
-    FixedPolicy,
-    SelectorPolicy,
+    DraftStrategy,
+    FixedStrategy,
+    SelectorStrategy,
     StepFeedback,
 )
 from .records import StepRecord
 
-if TYPE_CHECKING:  # the engine imports vLLM: policies and their tests must not need it
+if TYPE_CHECKING:  # the engine imports vLLM: strategies and their tests must not need it
     from .engine import GenerationEngine
 
 __all__ = [
-    "AdaptivePolicy",
+    "AdaptiveStrategy",
     "CostLearner",
     "CostTableKey",
-    "build_adaptive_policy",
+    "build_adaptive_strategy",
     "calibrated_cost_model",
     "cost_table_key",
     "default_cache_dir",
     "estimator_from_rates",
     "expected_batch",
-    "make_policy",
+    "make_strategy",
 ]
 
 logger = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ class CostLearner:
         self.saves += 1
 
 
-# -- the policy ---------------------------------------------------------------------------------
+# -- the strategy -------------------------------------------------------------------------------
 
 
 def estimator_from_rates(
@@ -192,8 +192,8 @@ def estimator_from_rates(
     return est
 
 
-class AdaptivePolicy(SelectorPolicy):
-    """The selector policy of adaptive mode (see module docstring).
+class AdaptiveStrategy(SelectorStrategy):
+    """The selector strategy of adaptive mode (see module docstring).
 
     Acceptance ages per decode step, as the spec says: the estimator of the drafter used in a
     step decays by 0.5 ** (1 / half_life_steps) whatever the batch size; estimators of drafters
@@ -303,7 +303,7 @@ def _speculative(spec: GenerationSpec | SpeculativeSpec) -> SpeculativeSpec:
     return spec.speculative if isinstance(spec, GenerationSpec) else spec
 
 
-def build_adaptive_policy(
+def build_adaptive_strategy(
     engine: GenerationEngine,
     spec: GenerationSpec | SpeculativeSpec,
     cost_model: CostModel,
@@ -311,7 +311,7 @@ def build_adaptive_policy(
     k_values: Sequence[int] | None = None,
     priors: Mapping[str, BetaPrior] | None = None,
     learner: CostLearner | None = None,
-) -> AdaptivePolicy:
+) -> AdaptiveStrategy:
     """Selector + one estimator per drafter of the engine, tuned by ``spec.selector``; with a
     ``learner`` (over the same ``cost_model``) real steps refine the cost table."""
     speculative = _speculative(spec)
@@ -323,14 +323,14 @@ def build_adaptive_policy(
     selector = AdaptiveSelector(
         cost_model, engine.max_k, margin=tuning.hysteresis, k_values=k_values
     )
-    policy = AdaptivePolicy(
+    strategy = AdaptiveStrategy(
         selector, estimators, half_life_steps=float(tuning.acceptance_half_life_steps)
     )
     if learner is not None:
         if learner.model is not cost_model:
             raise ValueError("the learner must refine the selector's own cost model")
-        policy.learner = learner
-    return policy
+        strategy.learner = learner
+    return strategy
 
 
 def expected_batch(spec: RLHFJobSpec, max_num_seqs: int) -> int:
@@ -342,7 +342,7 @@ def expected_batch(spec: RLHFJobSpec, max_num_seqs: int) -> int:
     return max(1, min(max_num_seqs, share))
 
 
-def make_policy(
+def make_strategy(
     engine: GenerationEngine,
     spec: GenerationSpec | SpeculativeSpec,
     *,
@@ -350,10 +350,10 @@ def make_policy(
     log: Log | None = None,
     max_batch: int | None = None,
     budget_seconds: float | None = None,
-) -> DraftPolicy:
-    """The policy a generation worker installs at start (``engine.set_policy``) for its mode:
+) -> DraftStrategy:
+    """The strategy a generation worker installs at start (``engine.set_strategy``) for its mode:
     plain decoding for off, the first drafter at numDraftTokens for fixed, and for adaptive
-    the calibrated (or cached) cost table with :class:`AdaptivePolicy`, learning online.
+    the calibrated (or cached) cost table with :class:`AdaptiveStrategy`, learning online.
 
     ``max_batch``: the largest batch calibration measures (e.g. :func:`expected_batch`;
     default the engine's slots). ``budget_seconds``: calibration's time budget (default
@@ -362,9 +362,9 @@ def make_policy(
     not stored."""
     speculative = _speculative(spec)
     if speculative.mode is SpeculativeMode.OFF or not speculative.drafters:
-        return FixedPolicy(NO_DRAFT)
+        return FixedStrategy(NO_DRAFT)
     if speculative.mode is SpeculativeMode.FIXED:
-        return FixedPolicy(DraftChoice(speculative.drafters[0].method.value, speculative.fixed_k))
+        return FixedStrategy(DraftChoice(speculative.drafters[0].method.value, speculative.fixed_k))
     save: Callable[[CostModel], None] | None = None
     if speculative.selector.calibrate:
         cost_model = calibrated_cost_model(
@@ -380,4 +380,4 @@ def make_policy(
         cached = cached_cost_model(engine, cache_dir)
         cost_model = cached or uncalibrated_cost_model(engine.drafters, engine.max_k)
     learner = CostLearner(cost_model, save)
-    return build_adaptive_policy(engine, speculative, cost_model, learner=learner)
+    return build_adaptive_strategy(engine, speculative, cost_model, learner=learner)

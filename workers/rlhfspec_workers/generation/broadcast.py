@@ -3,9 +3,9 @@
 Where it sits: called from the worker's heartbeat. It publishes the engine's calibrated cost
 model once (the coordinator needs it to rank strategies), reports speculative counters per
 (drafter, k) since the last report as AcceptanceReports, and applies a newer StrategyTable to
-the adaptive policy within one step of reading it (the policy then starts each batch bucket
+the adaptive strategy within one step of reading it (the strategy then starts each batch bucket
 from the table's entry and still decides locally for its own batch size). Every engine step
-it observes also goes to the adaptive policy, whose cost table learns from real step times.
+it observes also goes to the adaptive strategy, whose cost table learns from real step times.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 from rlhfspec_workers.messages import AcceptanceReport, MessageError, StrategyTable
 
-from .adaptive import AdaptivePolicy
-from .policy import DraftPolicy
+from .adaptive import AdaptiveStrategy
+from .draft_strategy import DraftStrategy
 from .records import StepRecord
 
 if TYPE_CHECKING:
@@ -26,22 +26,22 @@ POOLED_ACCEPTANCE_DRAFTS = 64.0
 
 
 class StrategySync:
-    def __init__(self, bus: Bus, worker: str, policy: DraftPolicy) -> None:
+    def __init__(self, bus: Bus, worker: str, strategy: DraftStrategy) -> None:
         self.bus = bus
         self.worker = worker
-        self.policy = policy if isinstance(policy, AdaptivePolicy) else None
+        self.adaptive = strategy if isinstance(strategy, AdaptiveStrategy) else None
         self.table_version: int | None = None
         self._pending: dict[tuple[str, int], list[list[int]]] = {}
         """(drafter, k) -> [drafts, drafted_per_pos..., accepted_per_pos...] since last report."""
 
     def publish_calibration(self) -> None:
-        if self.policy is None:
+        if self.adaptive is None:
             return
-        self.bus.put_raw(self.bus.keys.calibration, self.policy.selector.cost_model.to_json())
+        self.bus.put_raw(self.bus.keys.calibration, self.adaptive.selector.cost_model.to_json())
 
     def observe(self, step: StepRecord) -> None:
-        if self.policy is not None:
-            self.policy.observe_step(step)  # what the step cost refines the cost table
+        if self.adaptive is not None:
+            self.adaptive.observe_step(step)  # what the step cost refines the cost table
         if step.num_drafts == 0 or step.k == 0:
             return
         drafts, drafted, accepted = self._pending.setdefault((step.drafter, step.k), [[0], [], []])
@@ -70,7 +70,7 @@ class StrategySync:
                 ),
             )
         self._pending = {}
-        if self.policy is None:
+        if self.adaptive is None:
             return
         try:
             table = self.bus.get(self.bus.keys.strategy, StrategyTable)
@@ -82,6 +82,6 @@ class StrategySync:
         # version other than ours is newer; a lower one means Redis lost its state and the
         # coordinator's counter started over: its table is still the current one.
         if table.table_version != self.table_version:
-            self.policy.apply_table(table, acceptance_drafts=POOLED_ACCEPTANCE_DRAFTS)
+            self.adaptive.apply_table(table, acceptance_drafts=POOLED_ACCEPTANCE_DRAFTS)
             self.table_version = table.table_version
             self.bus.metrics.set_strategy_table_version(table.table_version)

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from rlhfspec_workers.drafters.base import DraftRow
 from rlhfspec_workers.spec_decode.cost_records import CostSample, DrafterCost
 
+from .draft_strategy import DraftChoice, FixedStrategy
 from .engine import GenerationEngine
-from .policy import DraftChoice, FixedPolicy
 from .records import PromptInput, SamplingConfig, StepRecord
 
 FILL = "fill"
@@ -46,14 +46,14 @@ class FillDrafter:
 
 
 @contextmanager
-def _policy_kept(engine: GenerationEngine) -> Iterator[None]:
-    """Calibration switches policies; the caller's comes back afterwards."""
-    saved = engine.proposer.policy if engine.proposer is not None else None
+def _strategy_kept(engine: GenerationEngine) -> Iterator[None]:
+    """Calibration switches strategies; the caller's comes back afterwards."""
+    saved = engine.proposer.strategy if engine.proposer is not None else None
     try:
         yield
     finally:
         if saved is not None:
-            engine.set_policy(saved)
+            engine.set_strategy(saved)
 
 
 def _probe_prompts(batch_size: int, prompt_len: int, vocab: int) -> list[PromptInput]:
@@ -82,7 +82,7 @@ def _run(
     if engine.proposer is None:
         raise RuntimeError("calibration needs the adaptive proposer (not mode off / native)")
     engine.proposer.drafters.setdefault(FILL, FillDrafter())
-    engine.set_policy(FixedPolicy(choice))
+    engine.set_strategy(FixedStrategy(choice))
     engine.drain_steps()
     sampling = SamplingConfig(temperature=0.0, max_tokens=steps + 3, ignore_eos=True)
     prompts = _probe_prompts(batch_size, prompt_len, _vocab_size(engine))
@@ -113,7 +113,7 @@ def measure_verify(
     """One CostSample per plan point and repeat (median of its steady steps); repeats are
     interleaved over the plan so a burst of load on a shared machine hits every point."""
     samples: list[CostSample] = []
-    with _policy_kept(engine):
+    with _strategy_kept(engine):
         for _ in range(repeats):
             for batch_size, tokens_per_seq in plan:
                 k = tokens_per_seq - 1
@@ -136,7 +136,7 @@ def measure_drafter(
 ) -> DrafterCost:
     """Per-token draft cost per batch size (median draft_seconds / k of steady steps)."""
     points: list[tuple[int, float]] = []
-    with _policy_kept(engine):
+    with _strategy_kept(engine):
         for batch_size in batches:
             seconds = _draft_seconds(engine, name, batch_size, k, steps, prompt_len)
             if seconds is not None:
@@ -150,7 +150,7 @@ def _draft_seconds(
     """Median seconds one drafting call of ``name`` at k takes for batch_size rows."""
     if engine.proposer is None:
         raise RuntimeError("calibration needs the adaptive proposer")
-    engine.set_policy(FixedPolicy(DraftChoice(name, k)))
+    engine.set_strategy(FixedStrategy(DraftChoice(name, k)))
     engine.drain_steps()
     sampling = SamplingConfig(temperature=0.0, max_tokens=steps + 3, ignore_eos=True)
     prompts = _probe_prompts(batch_size, prompt_len, _vocab_size(engine))
@@ -215,7 +215,7 @@ def probe(
     if engine.proposer is None:
         raise RuntimeError("calibration needs the adaptive proposer (not mode off / native)")
     engine.proposer.drafters.setdefault(FILL, FillDrafter())
-    engine.set_policy(FixedPolicy(choice))
+    engine.set_strategy(FixedStrategy(choice))
     engine.drain_steps()
     k = choice.k if choice.enabled else 0
     started = clock()

@@ -25,7 +25,7 @@ from rlhfspec_workers.spec_decode.cost_model import CostModel
 from rlhfspec_workers.spec_decode.cost_records import OFF, CostSample, CostTableKey, DrafterCost
 
 from .cost_cache import cost_table_key
-from .policy import DraftChoice
+from .draft_strategy import DraftChoice
 
 if TYPE_CHECKING:  # the engine imports vLLM; loading a cached table must not need it
     from .engine import GenerationEngine

@@ -1,6 +1,6 @@
 """Cost tables: measure the engine's step costs per model and hardware, cache, reload, refine.
 
-Where it sits: ``adaptive.make_policy`` calls :func:`calibrated_cost_model` at worker start
+Where it sits: ``adaptive.make_strategy`` calls :func:`calibrated_cost_model` at worker start
 (``SelectorSpec.calibrate``), before the first rollout. It reloads the JSON table stored under
 ``CostTableKey`` (model + hardware) when one covers this engine (its drafters, batch sizes and
 k; the cache: ``cost_cache``), else runs ``calibrate.py``'s probes on the running engine

@@ -12,8 +12,8 @@ benchmarks.
 
 Speculation backends (``engine_args``): the adaptive proposer (modes adaptive and fixed) is
 vLLM's ``custom_class`` proposer (``proposer.AdaptiveProposer``), which owns the candidate
-drafters and asks a policy for (drafter, k) every step; it needs the engine in this process
-(``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set here) so proposer, policy and engine share memory.
+drafters and asks a strategy for (drafter, k) every step; it needs the engine in this process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set here) so proposer, strategy and engine share memory.
 Native (``native=True``, baselines) is vLLM's own method, fixed k or Dynamic SD.
 """
 
@@ -34,8 +34,8 @@ from rlhfspec_workers.drafters.suffix import SuffixDrafter
 
 from . import engine_args as vllm_args
 from . import step_stats, weight_sync
+from .draft_strategy import NO_DRAFT, DraftChoice, DraftStrategy, FixedStrategy
 from .kv_migration import KVMigrationPort, KVState, kv_migration_live
-from .policy import NO_DRAFT, DraftChoice, DraftPolicy, FixedPolicy
 from .proposer import GROUP_KEY, AdaptiveProposer
 from .records import PromptInput, SampleResult, SamplingConfig, StepRecord
 
@@ -65,7 +65,7 @@ class GenerationEngine:
         policy_model: Path,
         *,
         draft_models: Mapping[int, Path] | None = None,
-        policy: DraftPolicy | None = None,
+        strategy: DraftStrategy | None = None,
         native: bool = False,
         per_batch_size: Sequence[tuple[int, int, int]] | None = None,
         max_num_seqs: int = 256,
@@ -150,10 +150,10 @@ class GenerationEngine:
             self.drafters = vllm_args.per_step_drafters(
                 spec_cfg, drafts, max_num_seqs, self.max_model_len + self.max_k + 2, self.device
             )
-            if policy is None:
+            if strategy is None:
                 first = spec_cfg.drafters[0].method.value
-                policy = FixedPolicy(DraftChoice(first, self.max_k))
-            proposer.configure(runner, self.drafters, policy)
+                strategy = FixedStrategy(DraftChoice(first, self.max_k))
+            proposer.configure(runner, self.drafters, strategy)
             self.proposer = proposer
         self.steps: list[StepRecord] = []
         self._closed = False
@@ -171,10 +171,10 @@ class GenerationEngine:
 
     # -- control ------------------------------------------------------------------------------
 
-    def set_policy(self, policy: DraftPolicy) -> None:
+    def set_strategy(self, strategy: DraftStrategy) -> None:
         if self.proposer is None:
-            raise RuntimeError("policies apply to the adaptive proposer only")
-        self.proposer.set_policy(policy)
+            raise RuntimeError("strategies apply to the adaptive proposer only")
+        self.proposer.set_strategy(strategy)
 
     @property
     def suffix(self) -> SuffixDrafter | None:

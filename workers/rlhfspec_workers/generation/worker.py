@@ -30,15 +30,15 @@ from rlhfspec_workers.messages import Keys, Rollout, SampleTask, WeightsPublishe
 from rlhfspec_workers.preflight import ResolvedPaths
 from rlhfspec_workers.runtime import Bus
 
-from .adaptive import AdaptivePolicy, expected_batch, make_policy
+from .adaptive import AdaptiveStrategy, expected_batch, make_strategy
 from .broadcast import StrategySync
 from .counters import GenerationCounters
+from .draft_strategy import NO_DRAFT, DraftStrategy, FixedStrategy
 from .engine import GenerationEngine
 from .handover import Handover, ack
 from .kv_auth import KVAuth
 from .kv_outbox import KVOutbox
 from .kv_pull import KVPulls
-from .policy import NO_DRAFT, DraftPolicy, FixedPolicy
 from .records import PromptInput, SampleResult, SamplingConfig, StepRecord
 from .sample_table import Sample, SampleTable
 
@@ -71,7 +71,7 @@ class GenerationWorker:
         paths: ResolvedPaths,
         bus: Bus,
         engine: GenerationEngine,
-        policy: DraftPolicy | None = None,
+        draft_strategy: DraftStrategy | None = None,
     ) -> None:
         self.job = job
         self.bus = bus
@@ -102,7 +102,7 @@ class GenerationWorker:
         )
         self.pulls = KVPulls(self.name, engine.kv, kv_auth, self.counters, bus.dead_letter,
                              self.handover.observe_kv_received)  # fmt: skip
-        self.strategy = StrategySync(bus, self.name, policy or FixedPolicy(NO_DRAFT))
+        self.strategy = StrategySync(bus, self.name, draft_strategy or FixedStrategy(NO_DRAFT))
         self._last_step: StepRecord | None = None
         self._last_beat = 0.0
         self._kv_load_seen = 0.0
@@ -384,15 +384,17 @@ def run(job: RLHFJob, paths: ResolvedPaths, bus: Bus) -> int:
         max_num_seqs=MAX_RUNNING,
         kv_migration=spec.generation.reallocation.migration is not MigrationMethod.RECOMPUTE,
     )
-    policy: DraftPolicy | None = None
+    draft_strategy: DraftStrategy | None = None
     try:
         # Calibrate only batches this worker will run (its share of an iteration's samples).
-        policy = make_policy(engine, spec.generation, max_batch=expected_batch(spec, MAX_RUNNING))
+        draft_strategy = make_strategy(
+            engine, spec.generation, max_batch=expected_batch(spec, MAX_RUNNING)
+        )
         if engine.proposer is not None:
-            engine.set_policy(policy)
+            engine.set_strategy(draft_strategy)
         bus.metrics.reexport_vllm(engine.counters)
-        return GenerationWorker(job, paths, bus, engine, policy).run()
+        return GenerationWorker(job, paths, bus, engine, draft_strategy).run()
     finally:
-        if isinstance(policy, AdaptivePolicy) and policy.learner is not None:
-            policy.learner.save_now()  # what the last steps taught the cost table
+        if isinstance(draft_strategy, AdaptiveStrategy) and draft_strategy.learner is not None:
+            draft_strategy.learner.save_now()  # what the last steps taught the cost table
         engine.close()

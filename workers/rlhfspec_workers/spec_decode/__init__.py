@@ -15,17 +15,16 @@ What runs where:
    `cost_online`). `synthetic_cost` samples a roofline formula into a `CostModel`: the
    uncalibrated fallback (``generation.cost_table``), the reallocation simulator and tests.
 2. Acceptance (`acceptance`). In the worker, the proposer learns per-position acceptance from
-   how many tokens vLLM sampled per request (``generation.proposer``); the policy
-   (``generation.policy.SelectorPolicy``) folds each step into one `AcceptanceEstimator` per
-   drafter as `StepStats` (plus each drafter's fill and side drafts). The worker also sends
+   how many tokens vLLM sampled per request (``generation.proposer``); the drafting strategy
+   (``generation.draft_strategy.SelectorStrategy``) folds each step into one `AcceptanceEstimator`
+   per drafter as `StepStats` (plus each drafter's fill and side drafts). The worker also sends
    per-(drafter, k) counts as ``messages.AcceptanceReport``s; the coordinator
-   (``coordinator.strategy``) folds them into its own estimators, pooled over all workers,
-   and warns when a drafter collapses (accepted length ~1.0 after a weight sync).
-   `SpecDecodeCounters`, `counters_delta` (vLLM's cumulative counters) and `pool` are used
-   only by tests today; the worker merges the coordinator's pooled rates with
-   `AcceptanceEstimator.merge`.
+   (``coordinator.strategy``) folds them into its own estimators, pooled over all workers, and warns
+   when a drafter collapses (accepted length ~1.0 after a weight sync). `SpecDecodeCounters`,
+   `counters_delta` (vLLM's cumulative counters) and `pool` are used only by tests today; the worker
+   merges the coordinator's pooled rates with `AcceptanceEstimator.merge`.
 3. Selection (`selector`). Per step in the worker: `AdaptiveSelector` (hysteresis over
-   `score_all`, k = 0 included) inside ``generation.policy.SelectorPolicy``. In the
+   `score_all`, k = 0 included) inside ``generation.draft_strategy.SelectorStrategy``. In the
    coordinator: `selector_table` over `batch_buckets`, broadcast as a versioned
    ``messages.StrategyTable`` that each worker starts from for its batch size. `choose` and
    `SelectorInput` also price a worker's throughput in ``reallocation.model``.

@@ -1,12 +1,12 @@
 """Acceptance estimation: how many draft tokens a drafter gets accepted, per draft position.
 
-Place in the flow: in each generation worker the policy (``generation.policy``) turns every
-decode step's outcome, as the proposer saw it, into a `StepStats` for one `AcceptanceEstimator`
-per drafter. The worker reports per-(drafter, k) counts to the coordinator
-(``messages.AcceptanceReport``), whose own estimators pool every worker's evidence for the
-strategy table; a worker merges the pooled rates back in (`merge`). The selector only needs
-`expected_accepted(k)`. `SpecDecodeCounters` / `counters_delta` (vLLM's cumulative counters
-as deltas) and `pool` are used only by tests.
+Place in the flow: in each generation worker the drafting strategy (``generation.draft_strategy``)
+turns every decode step's outcome, as the proposer saw it, into a `StepStats` for one
+`AcceptanceEstimator` per drafter. The worker reports per-(drafter, k) counts to the coordinator
+(``messages.AcceptanceReport``), whose own estimators pool every worker's evidence for the strategy
+table; a worker merges the pooled rates back in (`merge`). The selector only needs
+`expected_accepted(k)`. `SpecDecodeCounters` / `counters_delta` (vLLM's cumulative counters as
+deltas) and `pool` are used only by tests.
 
 Model: position i of a draft is reached only if positions 0..i-1 were accepted, so we estimate
 the conditional rate p_i = P(i accepted | i-1 accepted) for each position and get

@@ -3,7 +3,7 @@
 Place in the flow: every layer that names a strategy speaks this one type. The selector
 (`selector.AdaptiveSelector`, `selector.selector_table`) scores `DraftChoice`s, the bandit
 baseline explores them, the generation worker's drafting strategies
-(``generation.policy``) return one per decode step and the proposer drafts with it. A
+(``generation.draft_strategy``) return one per decode step and the proposer drafts with it. A
 `BatchRange` is a (lo, hi) batch-size range with its choice: a row of the coordinator's
 strategy table and of a per-batch-size schedule. Both are NamedTuples, so they compare equal
 to the plain ``(drafter, k)`` / ``(lo, hi, drafter, k)`` tuples the bandit and the benchmarks

@@ -1,4 +1,4 @@
-"""Adaptive mode's policy without an engine: per-step aging, coordinator table and pooled
+"""Adaptive mode's strategy without an engine: per-step aging, coordinator table and pooled
 acceptance, cost-table coverage, and the benchmark's bandit/oracle helpers."""
 
 from __future__ import annotations
@@ -6,16 +6,16 @@ from __future__ import annotations
 import pytest
 
 from rlhfspec_workers import messages
-from rlhfspec_workers.benchmarks.policies import (
-    BanditPolicy,
+from rlhfspec_workers.benchmarks.strategies import (
+    BanditStrategy,
     Profile,
     buckets,
     hand_tuned_schedule,
     oracle_schedule,
 )
-from rlhfspec_workers.generation.adaptive import AdaptivePolicy, estimator_from_rates
+from rlhfspec_workers.generation.adaptive import AdaptiveStrategy, estimator_from_rates
 from rlhfspec_workers.generation.cost_table import covers
-from rlhfspec_workers.generation.policy import NO_DRAFT, OFF, DraftChoice, StepFeedback
+from rlhfspec_workers.generation.draft_strategy import NO_DRAFT, OFF, DraftChoice, StepFeedback
 from rlhfspec_workers.generation.records import StepRecord
 from rlhfspec_workers.spec_decode.acceptance import AcceptanceEstimator, BetaPrior
 from rlhfspec_workers.spec_decode.bandit import BanditSelector, strategy_set
@@ -32,12 +32,12 @@ COSTS = synthetic_cost_model(
 )
 
 
-def policy(
+def strategy(
     margin: float = 0.04, half_life: float = 8.0, drafters: tuple[str, ...] = ("suffix", "ngram")
-) -> AdaptivePolicy:
+) -> AdaptiveStrategy:
     priors = {"suffix": BetaPrior(0.5, 4.0), "ngram": BetaPrior(0.2, 4.0)}
     estimators = {d: AcceptanceEstimator(d, priors[d]) for d in drafters}
-    return AdaptivePolicy(
+    return AdaptiveStrategy(
         AdaptiveSelector(COSTS, 8, margin=margin), estimators, half_life_steps=half_life
     )
 
@@ -56,7 +56,7 @@ def feedback(drafter: str, k: int, batch: int, accepted_per_pos: tuple[int, ...]
 
 
 def test_acceptance_ages_per_decode_step_whatever_the_batch() -> None:
-    small, large = policy(), policy()
+    small, large = strategy(), strategy()
     for _ in range(20):
         small.observe(feedback("suffix", 2, 1, (1, 1)))
         large.observe(feedback("suffix", 2, 64, (64, 64)))
@@ -76,7 +76,7 @@ def test_acceptance_ages_per_decode_step_whatever_the_batch() -> None:
 
 
 def test_good_acceptance_gives_large_k_at_small_batch_and_less_at_large() -> None:
-    p = policy()
+    p = strategy()
     for _ in range(30):
         p.observe(feedback("suffix", 8, 4, (4, 4, 4, 3, 3, 3, 2, 2)))
     small = p.choose(1)
@@ -95,7 +95,7 @@ def table(version: int, *rows: tuple[int, int, str, int]) -> messages.StrategyTa
 
 
 def test_coordinator_table_is_the_default_that_local_evidence_can_override() -> None:
-    p = policy(margin=10.0)  # a margin no alternative clears: the table's entry stands
+    p = strategy(margin=10.0)  # a margin no alternative clears: the table's entry stands
     for _ in range(30):
         p.observe(feedback("suffix", 4, 4, (4, 4, 3, 3)))
     local = p.choose(2)
@@ -114,7 +114,7 @@ def test_coordinator_table_is_the_default_that_local_evidence_can_override() -> 
 
 
 def test_pooled_acceptance_replaces_local_evidence() -> None:
-    p = policy(drafters=("suffix",))
+    p = strategy(drafters=("suffix",))
     for _ in range(30):
         p.observe(feedback("suffix", 4, 4, (0, 0, 0, 0)))  # locally useless
     assert p.choose(1) == NO_DRAFT
@@ -125,7 +125,7 @@ def test_pooled_acceptance_replaces_local_evidence() -> None:
     assert "eagle" not in p.estimators
     assert p.choose(1).drafter == "suffix"
     # The table's pooled acceptance can come in the same message.
-    q = policy()
+    q = strategy()
     msg = messages.StrategyTable(
         table_version=1,
         entries=[messages.StrategyEntry(min_batch=1, max_batch=256, drafter=OFF, k=0)],
@@ -171,7 +171,7 @@ def test_oracle_and_hand_tuned_schedules_pick_the_measured_best() -> None:
 
 
 def test_bandit_policy_learns_the_better_arm() -> None:
-    bandit = BanditPolicy(BanditSelector(strategy_set(["suffix"], [4]), epsilon=0.0, seed=1))
+    bandit = BanditStrategy(BanditSelector(strategy_set(["suffix"], [4]), epsilon=0.0, seed=1))
     for _ in range(10):
         choice = bandit.choose(2)
         accepted = (2, 2, 2, 2) if choice.enabled else ()

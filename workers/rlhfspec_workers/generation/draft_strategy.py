@@ -1,10 +1,10 @@
-"""Drafting policies: what the adaptive proposer asks every step for (drafter, k).
+"""Drafting strategies: what the adaptive proposer asks every step for (drafter, k).
 
-Where it sits: ``proposer.AdaptiveProposer`` calls ``policy.choose(batch_size)`` once per
-decode step, right before drafting, and ``policy.observe(feedback)`` with the outcome of the
+Where it sits: ``proposer.AdaptiveProposer`` calls ``strategy.choose(batch_size)`` once per
+decode step, right before drafting, and ``strategy.observe(feedback)`` with the outcome of the
 previous step's drafts (how many vLLM verified and accepted, per position, and how long the
 step took). The selector of ``rlhfspec_workers.spec_decode`` plugs in through
-:class:`SelectorPolicy`; the simple policies here serve fixed mode, tests and benchmarks.
+:class:`SelectorStrategy`; the simple strategies here serve fixed mode, tests and benchmarks.
 Policies run inside vLLM's model runner, so they must be cheap (microseconds) and never raise.
 """
 
@@ -72,14 +72,14 @@ class ShadowEvidence:
     successes: tuple[int, ...]
 
 
-class DraftPolicy(Protocol):
+class DraftStrategy(Protocol):
     def choose(self, batch_size: int) -> DraftChoice: ...
 
     def observe(self, feedback: StepFeedback) -> None: ...
 
 
 @dataclass
-class FixedPolicy:
+class FixedStrategy:
     """Always the same strategy (``speculative.mode: fixed``; ``OFF``/0 for plain decoding)."""
 
     choice: DraftChoice
@@ -92,7 +92,7 @@ class FixedPolicy:
 
 
 @dataclass
-class BatchSizePolicy:
+class BatchSizeStrategy:
     """A strategy per batch-size range, like vLLM's ``num_speculative_tokens_per_batch_size``
     but able to change the drafter too: ``[BatchRange(lo, hi, drafter, k), ...]``, inclusive
     ranges; batch sizes outside every range get plain decoding."""
@@ -110,7 +110,7 @@ class BatchSizePolicy:
 
 
 @dataclass
-class ScriptedPolicy:
+class ScriptedStrategy:
     """``choose`` from a function of (call index, batch size); records every call and every
     feedback. For tests and calibration runs that need a known, changing schedule."""
 
@@ -127,8 +127,8 @@ class ScriptedPolicy:
         self.feedback.append(feedback)
 
 
-class SelectorPolicy:
-    """``spec_decode``'s AdaptiveSelector + one AcceptanceEstimator per drafter, as a policy.
+class SelectorStrategy:
+    """``spec_decode``'s AdaptiveSelector + one AcceptanceEstimator per drafter, as a strategy.
 
     Feedback -> estimator: a step's drafts become one ``StepStats`` of the drafter used. Rows
     that got no draft (a model-free drafter found no match) count as drafts rejected at

@@ -1,9 +1,9 @@
-"""The benchmark's baseline policies and the hindsight profile they are scored against.
+"""The benchmark's baseline strategies and the hindsight profile they are scored against.
 
 Where it sits: ``benchmarks.generation`` runs every configuration on the same engines; the
-ones that decide per step plug into the adaptive proposer as ``DraftPolicy``s:
+ones that decide per step plug into the adaptive proposer as ``DraftStrategy``s:
 
-* :class:`BanditPolicy`: TLT's bucketed epsilon-greedy bandit (``spec_decode.bandit``), fed the
+* :class:`BanditStrategy`: TLT's bucketed epsilon-greedy bandit (``spec_decode.bandit``), fed the
   proposer's per-step feedback as its reward (accept length x batch / step time);
 * :func:`oracle_schedule`: the hindsight oracle, the best measured strategy per batch-size
   bucket from the profile (:class:`Profile`) of every fixed-strategy run;
@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from rlhfspec_workers.generation.policy import NO_DRAFT, OFF, DraftChoice, StepFeedback
+from rlhfspec_workers.generation.draft_strategy import NO_DRAFT, OFF, DraftChoice, StepFeedback
 from rlhfspec_workers.generation.records import StepRecord
 from rlhfspec_workers.spec_decode.bandit import BanditSelector, bucket_of
 from rlhfspec_workers.spec_decode.draft_choice import BatchRange
@@ -24,8 +24,8 @@ from rlhfspec_workers.spec_decode.draft_choice import BatchRange
 Strategy = tuple[str, int]
 
 
-class BanditPolicy:
-    """``BanditSelector`` as a per-step drafting policy."""
+class BanditStrategy:
+    """``BanditSelector`` as a per-step drafting strategy."""
 
     def __init__(self, bandit: BanditSelector) -> None:
         self.bandit = bandit
@@ -92,7 +92,7 @@ class Profile:
 
 
 def oracle_schedule(profile: Profile, max_batch: int) -> list[BatchRange]:
-    """Best measured strategy per bucket (any drafter, any k, or off): a ``BatchSizePolicy``
+    """Best measured strategy per bucket (any drafter, any k, or off): a ``BatchSizeStrategy``
     table."""
     table = []
     for lo, hi in buckets(max_batch):

@@ -1,13 +1,13 @@
-"""Drafting policies: fixed, per-batch-size, scripted, and the spec_decode selector adapter."""
+"""Drafting strategies: fixed, per-batch-size, scripted, and the spec_decode selector adapter."""
 
 from __future__ import annotations
 
-from rlhfspec_workers.generation.policy import (
+from rlhfspec_workers.generation.draft_strategy import (
     NO_DRAFT,
-    BatchSizePolicy,
+    BatchSizeStrategy,
     DraftChoice,
-    ScriptedPolicy,
-    SelectorPolicy,
+    ScriptedStrategy,
+    SelectorStrategy,
     StepFeedback,
 )
 from rlhfspec_workers.spec_decode.acceptance import AcceptanceEstimator
@@ -33,11 +33,13 @@ def feedback(
 
 
 def test_batch_size_policy_and_script() -> None:
-    policy = BatchSizePolicy([BatchRange(1, 4, "draft_model", 6), BatchRange(5, 16, "suffix", 2)])
-    assert policy.choose(3) == DraftChoice("draft_model", 6)
-    assert policy.choose(16) == DraftChoice("suffix", 2)
-    assert policy.choose(17) == NO_DRAFT
-    script = ScriptedPolicy(lambda call, b: DraftChoice("ngram", call))
+    strategy = BatchSizeStrategy(
+        [BatchRange(1, 4, "draft_model", 6), BatchRange(5, 16, "suffix", 2)]
+    )
+    assert strategy.choose(3) == DraftChoice("draft_model", 6)
+    assert strategy.choose(16) == DraftChoice("suffix", 2)
+    assert strategy.choose(17) == NO_DRAFT
+    script = ScriptedStrategy(lambda call, b: DraftChoice("ngram", call))
     assert [script.choose(8).k for _ in range(3)] == [0, 1, 2]
     assert not DraftChoice("ngram", 0).enabled and not NO_DRAFT.enabled
 
@@ -57,12 +59,12 @@ def test_selector_policy_learns_acceptance_and_shrinks_k_with_batch() -> None:
     estimators = {"draft_model": AcceptanceEstimator("draft_model")}
     draft_cost = DrafterCost("draft_model", 0.0005, ((1, 0.0005), (256, 0.002)))
     costs = synthetic_cost_model(drafters=[draft_cost], max_k=8)
-    policy = SelectorPolicy(AdaptiveSelector(costs, 8), estimators)
+    strategy = SelectorStrategy(AdaptiveSelector(costs, 8), estimators)
     # A drafter that is nearly always right: every position accepted.
     for _ in range(50):
-        policy.observe(feedback("draft_model", 8, 16, 16, (16,) * 8))
+        strategy.observe(feedback("draft_model", 8, 16, 16, (16,) * 8))
     assert estimators["draft_model"].drafts > 0
-    small, large = policy.choose(1), policy.choose(256)
+    small, large = strategy.choose(1), strategy.choose(256)
     assert small.drafter == "draft_model" and small.k >= 4
     assert large.k <= small.k
 
@@ -70,9 +72,9 @@ def test_selector_policy_learns_acceptance_and_shrinks_k_with_batch() -> None:
 def test_selector_policy_counts_undrafted_rows_as_rejections() -> None:
     est = AcceptanceEstimator("suffix")
     costs = synthetic_cost_model(drafters=[DrafterCost("suffix")], max_k=4)
-    policy = SelectorPolicy(AdaptiveSelector(costs, 4), {"suffix": est})
+    strategy = SelectorStrategy(AdaptiveSelector(costs, 4), {"suffix": est})
     # 4 of 16 rows found a match and had all 4 tokens accepted.
     for _ in range(50):
-        policy.observe(feedback("suffix", 4, 16, 4, (4, 4, 4, 4)))
+        strategy.observe(feedback("suffix", 4, 16, 4, (4, 4, 4, 4)))
     assert 0.15 < est.rate(0) < 0.35
-    policy.observe(feedback("off", 0, 16, 0, ()))  # ignored
+    strategy.observe(feedback("off", 0, 16, 0, ()))  # ignored

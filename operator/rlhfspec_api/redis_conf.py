@@ -1,7 +1,7 @@
 """The coordinator Redis' ``redis.conf`` and its AOF start-up check: one text, pods and local mode.
 
 Where it sits: the operator renders :func:`redis_config` into the managed Redis' Secret and runs
-:data:`AOF_CHECK_SCRIPT` in the Deployment's init container (``rlhfspec_operator.coordinator``);
+:data:`AOF_CHECK_SCRIPT` in the Deployment's init container (``rlhfspec_operator.managed_redis``);
 ``rlhfspec run`` writes the same file and runs the same script before its ``redis-server``
 (``rlhfspec_workers.local.redis_server``), so the tests exercise the configuration pods get.
 Pure text, no I/O: both control plane and data plane import it.

@@ -45,7 +45,7 @@ from rlhfspec_api.manifest import (
     load_documents,
     parse_rlhfjob,
 )
-from rlhfspec_operator import admission, coordinator
+from rlhfspec_operator import admission, managed_redis
 from rlhfspec_operator.config import parse_peers
 from rlhfspec_operator.naming import Owner
 from rlhfspec_operator.plan import creation_plan
@@ -113,7 +113,7 @@ def render_job(
 ) -> list[dict[str, Any]]:
     """The children of a new ``job``, as the create handler builds them."""
     owner = Owner(name=job.name, namespace=job.namespace, uid=PLACEHOLDER_UID)
-    password = coordinator.new_password() if coordinator.managed(job) else ""
+    password = managed_redis.new_password() if managed_redis.managed(job) else ""
     return creation_plan(
         job,
         owner,

@@ -5,7 +5,7 @@ package: the standard library owns the name ``operator``).
 
 The flow, module by module: ``main`` (``rlhfspec operator``) starts kopf with ``handlers``;
 the handlers parse the RLHFJob once (``rlhfspec_api.manifest``) and call pure code only:
-``builders``/``coordinator`` (spec -> child manifests, named by ``naming``), ``status``
+``builders``/``managed_redis`` (spec -> child manifests, named by ``naming``), ``status``
 (pods from ``pods`` + progress from ``progress`` -> phase, conditions, events, pod actions),
 ``updates`` (which spec changes a running job accepts). I/O lives in ``kube`` (children),
 ``redis_progress`` (the coordinator's progress) and ``metrics`` (/metrics). ``rbac`` and

@@ -3,7 +3,7 @@
 Where it sits: the create/resume handlers call :func:`children` once per job, the reconcile
 timer calls :func:`worker_pod` for each pod it (re)creates. Everything here is a function of
 the job and its owner identity, so unit tests validate every manifest offline with
-``kubernetes-validate`` and the handlers stay thin. The managed Redis lives in ``coordinator``.
+``kubernetes-validate`` and the handlers stay thin. The managed Redis lives in ``managed_redis``.
 
 The worker contract (what ``rlhfspec worker <role>`` can rely on) is :func:`worker_env` plus
 the mounts in :func:`worker_pod`: job config at ``/etc/rlhfspec/job.yaml`` (read-only), shared
@@ -28,7 +28,7 @@ from rlhfspec_api.errors import FieldError
 from rlhfspec_api.manifest import RLHFJob
 from rlhfspec_api.models import Resources
 from rlhfspec_api.quantity import parse_quantity
-from rlhfspec_operator import coordinator, overrides
+from rlhfspec_operator import managed_redis, overrides
 from rlhfspec_operator.fetch_init import fetch_init_container
 from rlhfspec_operator.naming import (
     CONFIG_DIR,
@@ -186,7 +186,7 @@ def children(
     first). Without ``kv_key`` a new one is drawn: only the first create of the Secret lands
     (a later one is a 409), so a running job's key never changes under its pods."""
     objects = [config_map(job, owner), kv_secret(job, owner, kv_key or new_kv_key())]
-    objects += coordinator.manifests(
+    objects += managed_redis.manifests(
         job, owner, password=password, operator_namespace=operator_namespace
     )
     objects += [role_service(job, owner, role) for role in WORKER_ROLES]
@@ -229,9 +229,9 @@ def worker_env(job: RLHFJob, role: str, index: int) -> list[dict[str, Any]]:
         {"name": "RLHFSPEC_ROLE", "value": role},
         {"name": "RLHFSPEC_WORKER_INDEX", "value": str(index)},
         {"name": "RLHFSPEC_REPLICAS", "value": str(job.spec.generation.replicas)},
-        {"name": "RLHFSPEC_REDIS_URL", "value": coordinator.redis_url(job)},
+        {"name": "RLHFSPEC_REDIS_URL", "value": managed_redis.redis_url(job)},
     ]
-    secret = coordinator.password_ref(job)
+    secret = managed_redis.password_ref(job)
     source = "no password (spec.coordinator.passwordSecret is not set)"
     if secret is not None:
         name, key = secret

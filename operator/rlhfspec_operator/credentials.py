@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from rlhfspec_api.manifest import RLHFJob
-from rlhfspec_operator import admission, coordinator
+from rlhfspec_operator import admission, managed_redis
 from rlhfspec_operator.config import OperatorConfig
 from rlhfspec_operator.kube import ChildConflict, ChildPending, Kube
 from rlhfspec_operator.naming import Owner, redis_name
@@ -30,7 +30,7 @@ class NotUsable(Exception):
 
 def _managed_secret(job: RLHFJob, owner: Owner) -> dict[str, Any]:
     """The managed password Secret as the job would own it (ownership is checked against it)."""
-    return coordinator.password_secret(job, owner, "")
+    return managed_redis.password_secret(job, owner, "")
 
 
 class Credentials:
@@ -47,10 +47,10 @@ class Credentials:
         secret = await self._kube.get("v1", "Secret", job.namespace, redis_name(job.name))
         if secret is not None:
             self._kube.check_owned(secret, _managed_secret(job, owner))
-            value = coordinator.decode_secret_value(secret, "password")
+            value = managed_redis.decode_secret_value(secret, "password")
             if value:
                 return value
-        return coordinator.new_password()
+        return managed_redis.new_password()
 
     async def password_secret(self, job: RLHFJob) -> dict[str, Any] | None:
         """The external password Secret as stored (None: not found or none named)."""
@@ -60,15 +60,15 @@ class Credentials:
         return await self._kube.get("v1", "Secret", job.namespace, ref.name)
 
     def url(self, job: RLHFJob) -> str:
-        if coordinator.managed(job) and self._config.coordinator_url:
+        if managed_redis.managed(job) and self._config.coordinator_url:
             return self._config.coordinator_url
-        return coordinator.redis_url(job)
+        return managed_redis.redis_url(job)
 
     async def target(self, job: RLHFJob, owner: Owner) -> RedisTarget:
         """How to reach the job's Redis; NotUsable when the policy or the Secret forbids it.
         The external Secret is re-checked at every re-read: removing its label stops the
         operator from using it within PASSWORD_TTL."""
-        if not coordinator.managed(job):
+        if not managed_redis.managed(job):
             refused = admission.policy_errors(
                 job, allowed_images=(), allowed_redis_hosts=self._config.allowed_redis_hosts
             )
@@ -76,16 +76,16 @@ class Credentials:
                 raise NotUsable("; ".join(str(e) for e in refused))
         key = (job.namespace, job.name, owner.uid)
         cached = self._targets.get(key)
-        if cached is not None and (coordinator.managed(job) or time.monotonic() < cached[0]):
+        if cached is not None and (managed_redis.managed(job) or time.monotonic() < cached[0]):
             return cached[1]
         url, ca_data = self.url(job), await self._ca_data(job)
-        ref = coordinator.password_ref(job)
+        ref = managed_redis.password_ref(job)
         if ref is None:
             target = RedisTarget(url, ca_data=ca_data)
             self._targets[key] = (time.monotonic() + PASSWORD_TTL, target)
             return target
         secret = await self._kube.get("v1", "Secret", job.namespace, ref[0])
-        if coordinator.managed(job):
+        if managed_redis.managed(job):
             if secret is None:
                 raise NotUsable(f"Secret {job.namespace}/{ref[0]} (the managed password) not found")
             try:
@@ -99,7 +99,7 @@ class Credentials:
         assert secret is not None  # both branches raised otherwise
         target = RedisTarget(
             url,
-            coordinator.decode_secret_value(secret, ref[1]),
+            managed_redis.decode_secret_value(secret, ref[1]),
             password_source=f"Secret {job.namespace}/{ref[0]}, key {ref[1]}",
             ca_data=ca_data,
         )

@@ -38,7 +38,7 @@ from rlhfspec_api.echo import cap
 from rlhfspec_api.errors import FieldError
 from rlhfspec_api.manifest import ManifestError, RLHFJob, parse_rlhfjob
 from rlhfspec_api.status import TERMINAL_PHASES, Phase
-from rlhfspec_operator import admission, builders, coordinator, metrics, overrides, ttl, updates
+from rlhfspec_operator import admission, builders, managed_redis, metrics, overrides, ttl, updates
 from rlhfspec_operator import status as state
 from rlhfspec_operator.config import CONFIG
 from rlhfspec_operator.credentials import Credentials, NotUsable
@@ -209,7 +209,7 @@ async def start(
             allowed_images=CONFIG.allowed_images,
             allowed_redis_hosts=CONFIG.allowed_redis_hosts,
         )
-        if not refused and not coordinator.managed(job):
+        if not refused and not managed_redis.managed(job):
             refused = admission.password_secret_errors(job, await credentials.password_secret(job))
         if not refused:
             refused = await _override_secret_errors(job)
@@ -221,7 +221,7 @@ async def start(
     created_pods: list[str] = []
     try:
         password = ""
-        if coordinator.managed(job):
+        if managed_redis.managed(job):
             password = await credentials.managed_password(job, owner)
         # Pods of a fresh job right away; after a restart the timer recreates what is missing.
         # The same list `rlhfspec render` prints (plan.creation_plan).
@@ -398,7 +398,7 @@ async def delete(body: kopf.Body, meta: kopf.Meta, logger: kopf.Logger, **_: Any
         return
     credentials.forget(job.namespace, job.name, str(meta.uid))
     metrics.REGISTRY.forget(job.namespace, job.name)
-    if coordinator.managed(job):
+    if managed_redis.managed(job):
         return  # Redis, Secret, Services, pods and the owned claim go with the job
     try:
         target = await credentials.target(job, _owner(body))

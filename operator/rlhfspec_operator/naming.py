@@ -1,6 +1,6 @@
 """Names, labels and owner references of everything the operator creates for an RLHFJob.
 
-Where it sits: shared by the pure builders (``builders``, ``coordinator``), the status logic
+Where it sits: shared by the pure builders (``builders``, ``managed_redis``), the status logic
 (which pods should exist) and the handlers (which index key a pod belongs to). Names are
 deterministic (``<job>-<role>[-<index>]``) so that a create after an operator restart hits 409
 instead of creating a duplicate; ``parse_rlhfjob`` caps job names at 40 characters so the

@@ -1,7 +1,7 @@
 """Pure builder of the job's worker NetworkPolicy: who may open connections to its worker pods.
 
 Where it sits: the create/resume handler creates it with the other children (owned by the
-RLHFJob, like the managed Redis NetworkPolicy in ``coordinator``). Worker pods listen on two
+RLHFJob, like the managed Redis NetworkPolicy in ``managed_redis``). Worker pods listen on two
 ports and nothing else: metrics (9400, plain HTTP without authentication) and, on generation
 pods, the KV snapshot port (9401). With this policy in place only the job's own generation pods
 reach the KV port, and only the peers the cluster's administrator names (Prometheus, chart value

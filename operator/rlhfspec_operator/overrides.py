@@ -1,7 +1,7 @@
 """Pure: merge ``spec.podTemplateOverrides`` and Kueue's gang metadata into the job's pods.
 
 Where it sits: the last step of pod building. ``builders.worker_pod`` calls
-:func:`apply_to_worker_pod` on every worker pod it returns, ``coordinator.redis_deployment``
+:func:`apply_to_worker_pod` on every worker pod it returns, ``managed_redis.redis_deployment``
 calls :func:`apply_to_redis_template` on the managed Redis's pod template. No API calls.
 
 What is added never replaces what the builders set: the override models

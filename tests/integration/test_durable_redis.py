@@ -36,7 +36,7 @@ from local_jobs import (
 
 from rlhfspec_api.manifest import parse_rlhfjob
 from rlhfspec_api.redis_conf import AOF_DIRNAME, AOF_MANIFEST
-from rlhfspec_operator import builders, coordinator
+from rlhfspec_operator import builders, managed_redis
 from rlhfspec_operator.naming import Owner
 from rlhfspec_workers.local.redis_server import (
     AofDamagedError,
@@ -70,18 +70,18 @@ def pod_redis(tmp_path: Path) -> Iterator[tuple[list[str], list[str], Path]]:
     (init container argv, redis-server argv, data dir). ``/data`` is the only line changed."""
     objects = _managed_job_objects()
     secret = objects[("Secret", "tiny-grpo-redis")]
-    rendered = base64.b64decode(secret["data"][coordinator.REDIS_CONFIG_KEY]).decode()
-    data = tmp_path / "claim" / coordinator.REDIS_CLAIM_SUBPATH
-    ours = coordinator.redis_config("s3cret", data_dir=str(data))
+    rendered = base64.b64decode(secret["data"][managed_redis.REDIS_CONFIG_KEY]).decode()
+    data = tmp_path / "claim" / managed_redis.REDIS_CLAIM_SUBPATH
+    ours = managed_redis.redis_config("s3cret", data_dir=str(data))
     changed = set(rendered.splitlines()) ^ set(ours.splitlines())
     assert changed == {"dir /data", f"dir {data}"}
     config = tmp_path / "redis.conf"
     config.write_text(ours)
     spec = objects[("Deployment", "tiny-grpo-redis")]["spec"]["template"]["spec"]
     (init,) = spec["initContainers"]
-    assert init["volumeMounts"] == [{"name": "data", "mountPath": coordinator.CLAIM_MOUNT}]
+    assert init["volumeMounts"] == [{"name": "data", "mountPath": managed_redis.CLAIM_MOUNT}]
     init_argv = [*init["command"][:-1], str(data)]
-    assert init["command"][-1] == f"{coordinator.CLAIM_MOUNT}/{coordinator.REDIS_CLAIM_SUBPATH}"
+    assert init["command"][-1] == f"{managed_redis.CLAIM_MOUNT}/{managed_redis.REDIS_CLAIM_SUBPATH}"
     (container,) = spec["containers"]
     server_argv = [find_redis_server(), str(config), *container["command"][2:]]
     # The port is the pod's 6379 in the file; this shared machine may use it: only the port

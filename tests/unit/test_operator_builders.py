@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from rlhfspec_api.manifest import RLHFJob, parse_rlhfjob
-from rlhfspec_operator import builders, coordinator, install, rbac, updates
+from rlhfspec_operator import builders, install, managed_redis, rbac, updates
 from rlhfspec_operator.naming import (
     LABEL_JOB,
     LABEL_ROLE,
@@ -214,7 +214,7 @@ def test_generation_pods_get_the_jobs_kv_key_from_a_secret_the_job_owns(case: st
     assert (secret["kind"], secret["metadata"]["name"]) == ("Secret", "tiny-grpo-kv")
     assert secret["metadata"]["ownerReferences"] == [owner.reference()]
     assert secret["metadata"]["ownerReferences"][0]["controller"] is True
-    assert coordinator.decode_secret_value(secret, "key") == key
+    assert managed_redis.decode_secret_value(secret, "key") == key
     validate(secret)
     pods = builders.worker_pods(job, owner)
     for pod in pods:
@@ -227,7 +227,7 @@ def test_generation_pods_get_the_jobs_kv_key_from_a_secret_the_job_owns(case: st
             assert "RLHFSPEC_KV_SECRET" not in env
     assert key not in yaml.safe_dump(pods + [o for o in objects if o is not secret])
     drawn = [
-        coordinator.decode_secret_value(
+        managed_redis.decode_secret_value(
             builders.children(job, owner, password="s3cret", operator_namespace=None)[1], "key"
         )
         for _ in range(2)
@@ -266,7 +266,7 @@ def test_managed_redis_password_lives_only_in_the_secret() -> None:
     job = JOBS["managed"]
     objects = {(o["kind"], o["metadata"]["name"]): o for o in everything(job)}
     secret = objects[("Secret", "tiny-grpo-redis")]
-    assert coordinator.decode_secret_value(secret, "password") == "s3cret"
+    assert managed_redis.decode_secret_value(secret, "password") == "s3cret"
     config = base64.b64decode(secret["data"]["redis.conf"]).decode()
     assert "requirepass s3cret" in config
     deployment = objects[("Deployment", "tiny-grpo-redis")]
@@ -300,7 +300,7 @@ def test_network_policy_admits_only_the_jobs_pods_and_the_operator() -> None:
     ]
     deployment = install.operator_deployment(None)
     assert deployment["spec"]["template"]["metadata"]["labels"].items() >= OPERATOR_LABELS.items()
-    alone = coordinator.network_policy(job, owner_of(job), None)
+    alone = managed_redis.network_policy(job, owner_of(job), None)
     assert len(alone["spec"]["ingress"][0]["from"]) == 1
 
 

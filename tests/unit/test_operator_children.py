@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from rlhfspec_api.manifest import RLHFJob, parse_rlhfjob
-from rlhfspec_operator import admission, coordinator
+from rlhfspec_operator import admission, managed_redis
 from rlhfspec_operator.config import OperatorConfig
 from rlhfspec_operator.credentials import Credentials, NotUsable
 from rlhfspec_operator.kube import ApiError, ChildConflict, ChildPending, Kube, ownership
@@ -133,7 +133,7 @@ def b64(text: str) -> str:
 
 
 def managed_secret(owner: Owner | None, password: str = "planted") -> dict[str, Any]:
-    secret = coordinator.password_secret(make_job(), owner or OWNER, password)
+    secret = managed_redis.password_secret(make_job(), owner or OWNER, password)
     if owner is None:
         del secret["metadata"]["ownerReferences"]
     return secret

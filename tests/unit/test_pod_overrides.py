@@ -26,7 +26,7 @@ from rlhfspec_api.scheduling import (
     RESERVED_VOLUMES,
 )
 from rlhfspec_api.status import ConditionStatus, ConditionType, Phase, RLHFJobStatus
-from rlhfspec_operator import builders, coordinator, overrides, queueing, ttl
+from rlhfspec_operator import builders, managed_redis, overrides, queueing, ttl
 from rlhfspec_operator.naming import Owner
 from rlhfspec_operator.pods import pod_view
 
@@ -226,7 +226,7 @@ def test_kueue_queue_label_puts_every_worker_pod_in_one_gang() -> None:
         assert annotations["kueue.x-k8s.io/pod-group-total-count"] == "6"
         assert "other" not in labels  # only the queue label is copied from the job
     # The managed Redis is not a member: Kueue would otherwise hold it and the gang forever.
-    deployment = coordinator.redis_deployment(job, owner_of(job))
+    deployment = managed_redis.redis_deployment(job, owner_of(job))
     assert not any(
         k.startswith("kueue.") for k in deployment["spec"]["template"]["metadata"]["labels"]
     )
@@ -249,7 +249,7 @@ def test_the_managed_redis_is_placed_like_the_coordinator() -> None:
             }
         }
     )
-    deployment = coordinator.redis_deployment(job, owner_of(job))
+    deployment = managed_redis.redis_deployment(job, owner_of(job))
     template = deployment["spec"]["template"]
     assert template["spec"]["nodeSelector"] == {"pool": "cpu"}
     assert template["spec"]["tolerations"] == [{"key": "cpu-only", "operator": "Exists"}]

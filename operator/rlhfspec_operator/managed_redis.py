@@ -1,5 +1,9 @@
 """Pure builders of the job's Redis: password Secret, Deployment, Service, NetworkPolicy.
 
+In spec terms this Redis is the job's "coordinator" (``spec.coordinator``: managed or
+external); in the code "coordinator" names the worker process that plans and routes, so the
+module that builds its Redis is named for what it builds.
+
 Where it sits: ``builders.children`` includes :func:`manifests` in managed mode; the worker
 env (``builders.worker_env``) and the operator's progress reader (``redis_progress``) get the
 URL and password location from :func:`redis_url` and :func:`password_ref`, so the two sides

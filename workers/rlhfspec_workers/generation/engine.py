@@ -380,7 +380,6 @@ class GenerationEngine:
         if not files:
             raise FileNotFoundError(f"no *.safetensors in {model_dir}")
         self.engine.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
-        fault_point("mid_weight_load")
         self.engine.collective_rpc(weight_sync.refresh_packed_embeddings)
         self.engine.reset_prefix_cache()
         self.engine.set_weight_version(str(version))

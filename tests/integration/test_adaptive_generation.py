@@ -91,14 +91,14 @@ def calibration(
     return strategy, cache
 
 
-def test_make_policy_calibrates_once_then_reuses_the_cache(
+def test_make_strategy_calibrates_once_then_reuses_the_cache(
     adaptive_engine: Any, calibration: tuple[AdaptiveStrategy, Path], caplog: Any
 ) -> None:
     strategy, cache = calibration
     files = list(cache.glob("*.json"))
     assert len(files) == 1
     costs = strategy.selector.cost_model
-    assert set(costs.drafters) == {"suffix", "ngram", "draft_model"}
+    assert set(costs.drafters) == {"suffix", "ngram", "draft_model", "suffix_tree"}
     # Measured on this engine: verifying more tokens per sequence costs more at a large batch.
     assert costs.verify_seconds(128, 8) > costs.verify_seconds(128, 0) > 0
     with caplog.at_level(logging.INFO, logger="rlhfspec_workers.generation.cost_table"):

@@ -170,7 +170,7 @@ def test_oracle_and_hand_tuned_schedules_pick_the_measured_best() -> None:
     assert hand_tuned_schedule(profile, "suffix", [(1, 4), (5, 64)]) == [(1, 4, 4), (5, 64, 0)]
 
 
-def test_bandit_policy_learns_the_better_arm() -> None:
+def test_bandit_strategy_learns_the_better_arm() -> None:
     bandit = BanditStrategy(BanditSelector(strategy_set(["suffix"], [4]), epsilon=0.0, seed=1))
     for _ in range(10):
         choice = bandit.choose(2)

@@ -32,7 +32,7 @@ def feedback(
     )
 
 
-def test_batch_size_policy_and_script() -> None:
+def test_batch_size_strategy_and_script() -> None:
     strategy = BatchSizeStrategy(
         [BatchRange(1, 4, "draft_model", 6), BatchRange(5, 16, "suffix", 2)]
     )
@@ -55,7 +55,7 @@ def test_one_draft_choice_type_across_selector_bandit_and_strategies() -> None:
     assert row.choice == DraftChoice("ngram", 3) and row.covers(4) and not row.covers(5)
 
 
-def test_selector_policy_learns_acceptance_and_shrinks_k_with_batch() -> None:
+def test_selector_strategy_learns_acceptance_and_shrinks_k_with_batch() -> None:
     estimators = {"draft_model": AcceptanceEstimator("draft_model")}
     draft_cost = DrafterCost("draft_model", 0.0005, ((1, 0.0005), (256, 0.002)))
     costs = synthetic_cost_model(drafters=[draft_cost], max_k=8)
@@ -69,7 +69,7 @@ def test_selector_policy_learns_acceptance_and_shrinks_k_with_batch() -> None:
     assert large.k <= small.k
 
 
-def test_selector_policy_counts_undrafted_rows_as_rejections() -> None:
+def test_selector_strategy_counts_undrafted_rows_as_rejections() -> None:
     est = AcceptanceEstimator("suffix")
     costs = synthetic_cost_model(drafters=[DrafterCost("suffix")], max_k=4)
     strategy = SelectorStrategy(AdaptiveSelector(costs, 4), {"suffix": est})

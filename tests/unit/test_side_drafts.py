@@ -60,7 +60,7 @@ def test_side_draft_is_scored_per_position_and_censored_past_the_emitted_tokens(
     assert evidence == ShadowEvidence((1, 0, 0, 0), (0, 0, 0, 0))
 
 
-def test_no_side_draft_for_the_chosen_drafter_or_a_policy_that_does_not_learn() -> None:
+def test_no_side_draft_for_the_chosen_drafter_or_a_strategy_that_does_not_learn() -> None:
     rows = [row([1, 2, 3, 4, 5, 1, 2, 3])]
     p = proposer(selector_strategy(AcceptanceEstimator("ngram")))
     p._draft_on_the_side(rows, DraftChoice("ngram", 2))

@@ -81,6 +81,18 @@ def test_trainer_killed_mid_weight_write(fault_free_run: FaultRun, tmp_path: Pat
     assert "policy v2 loaded" in generation_log
 
 
+def test_generation_killed_while_loading_new_weights(
+    fault_free_run: FaultRun, tmp_path: Path
+) -> None:
+    # The first weight sync (v1, after iteration 1): vLLM holds the new weights, the tied
+    # head's packed copy still the old ones. The restarted worker must generate iteration 2
+    # from v1 in full: the per-sample weight_version and log-prob sums below say it did.
+    run = run_job(fault_job(), tmp_path / "run", fault="generation-0:mid_weight_load:1")
+    assert run.killed == ["generation-0"]
+    assert _fired(run) == ["generation-0.mid_weight_load.1.fired"]
+    assert_trained_like_fault_free(run, fault_free_run)
+
+
 def test_inference_killed_after_consuming_rollouts_before_acking(
     fault_free_run: FaultRun, tmp_path: Path
 ) -> None:

@@ -47,6 +47,10 @@ FAULT_POINTS: dict[str, str] = {
     "after_weight_publish": (
         "trainer: weights/v<N> is published in Redis, the iteration's experiences are not acked yet"
     ),
+    "mid_weight_load": (
+        "generation: vLLM has reloaded the new policy's weights, the packed embedding copies "
+        "are not refreshed yet (a half-loaded engine); no task of the new iteration is taken"
+    ),
     "before_publish_rollouts": (
         "generation: a step's samples finished in vLLM, none of them published; their tasks "
         "are unacked"

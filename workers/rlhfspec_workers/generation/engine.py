@@ -1,20 +1,17 @@
 """The generation engine: one in-process vLLM engine, speculative decoding chosen per step.
 
 Where it sits: a generation worker builds a :class:`GenerationEngine` from its typed
-``GenerationSpec`` and resolved model paths, queues each sample task with :meth:`submit`
-(a migrated or recovered sample with its prefix tokens, or its KV state) and calls
-:meth:`poll` every loop turn: one engine step, returning the samples that finished in it, so
-short samples are not held back by the long tail and go to the inference stage at once.
-:meth:`generate` wraps submit/poll for callers holding a whole batch (calibration,
-``rlhfspec generate``). Every engine step leaves a :class:`StepRecord` (batch size, strategy
-verified, drafted/accepted as vLLM counted them, step time) for the selector and the
-benchmarks.
+``GenerationSpec`` and model paths, queues each sample task with :meth:`submit` (a migrated or
+recovered sample with its prefix tokens, or its KV state) and calls :meth:`poll` every loop
+turn: one engine step, returning the samples that finished in it, so short samples go to the
+inference stage at once. :meth:`generate` wraps submit/poll for whole batches (calibration,
+``rlhfspec generate``). Every step leaves a :class:`StepRecord` for the selector and benchmarks.
 
 Speculation backends (``engine_args``): the adaptive proposer (modes adaptive and fixed) is
-vLLM's ``custom_class`` proposer (``proposer.AdaptiveProposer``), which owns the candidate
-drafters and asks a strategy for (drafter, k) every step; it needs the engine in this process
-(``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set here) so proposer, strategy and engine share memory.
-Native (``native=True``, baselines) is vLLM's own method, fixed k or Dynamic SD.
+vLLM's ``custom_class`` proposer (``proposer.AdaptiveProposer``), which owns the drafters and
+asks a strategy for (drafter, k) every step; it shares memory with the engine, which therefore
+runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set here). Native (``native=True``,
+baselines) is vLLM's own method, fixed k or Dynamic SD.
 """
 
 from __future__ import annotations
@@ -31,6 +28,7 @@ from rlhfspec_api.spec import ChatTemplate
 from rlhfspec_workers import chat, vllm_fixes
 from rlhfspec_workers.drafters.base import Drafter, KeepsHistory
 from rlhfspec_workers.drafters.suffix import SuffixDrafter
+from rlhfspec_workers.faults import fault_point
 
 from . import engine_args as vllm_args
 from . import step_stats, weight_sync
@@ -96,18 +94,11 @@ class GenerationEngine:
         )  # fmt: skip
         self.has_tokenizer = vllm_args.has_tokenizer(Path(policy_model))
         args = vllm_args.engine_args(
-            spec,
-            Path(policy_model),
-            speculative_config,
-            device=self.device,
-            dtype=dtype,
-            seed=seed,
-            max_num_seqs=max_num_seqs,
-            max_model_len=max_model_len,
-            kv_cache_bytes=kv_cache_bytes,
-            logprobs_mode=logprobs_mode,
+            spec, Path(policy_model), speculative_config, device=self.device, dtype=dtype,
+            seed=seed, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+            kv_cache_bytes=kv_cache_bytes, logprobs_mode=logprobs_mode,
             tokenizer=self.has_tokenizer,
-        )
+        )  # fmt: skip
         # One KV connector serves every engine of a process (kv_migration.py): an engine
         # without it must not start while one with it lives, and the reverse.
         if not kv_migration and kv_migration_live():
@@ -380,6 +371,7 @@ class GenerationEngine:
         if not files:
             raise FileNotFoundError(f"no *.safetensors in {model_dir}")
         self.engine.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
+        fault_point("mid_weight_load")
         self.engine.collective_rpc(weight_sync.refresh_packed_embeddings)
         self.engine.reset_prefix_cache()
         self.engine.set_weight_version(str(version))

@@ -43,11 +43,16 @@ from rlhfspec_operator.progress import ProgressRead
 from rlhfspec_operator.redis_progress import ProgressReader, RedisTarget
 from rlhfspec_operator.storage_condition import apply_storage
 from rlhfspec_workers.local.redis_server import RedisServer
-from rlhfspec_workers.messages import Keys, StorageFull, WorkerStatus
+from rlhfspec_workers.messages import Experience, Keys, Rollout, StorageFull, WorkerStatus
 from rlhfspec_workers.runtime import Bus, WorkerEnv
 from rlhfspec_workers.trainer.checkpoint import CheckpointStore
 from rlhfspec_workers.trainer.policy_trainer import PolicyTrainer
 from rlhfspec_workers.trainer.storage import StorageFullError, StorageGuard, tree_bytes
+from rlhfspec_workers.trainer.trained_record import (
+    read_trained_record,
+    record_path,
+    write_trained_record,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
@@ -144,6 +149,61 @@ def test_the_trainer_reports_storage_full_retries_and_clears_it_when_room_appear
         assert seen[0].free_bytes < seen[0].needed_bytes
         assert seen[0].message.startswith("checkpoint: storage full writing")
         assert bus.redis.get(bus.keys.storage_full) is None  # cleared once written
+
+
+def test_the_trained_record_waits_for_room_like_a_checkpoint_and_leaves_no_partial_file(
+    tmp_path: Path,
+) -> None:
+    storage = tmp_path / "storage"
+    mount_tmpfs(storage, "1m")
+    try:
+        filler = storage / "filler"
+        with filler.open("wb", buffering=0) as f, pytest.raises(OSError):
+            while True:  # fill the filesystem for real, to the last byte
+                f.write(b"x" * 4096)
+        experiences = [_experience(f"it3/p{i}/0") for i in range(64)]
+        with RedisServer(tmp_path / "redis", password="pw") as server:
+            bus = Bus(_worker_env(server.port))
+            refused: list[list[str]] = []
+
+            def wait(seconds: float) -> None:
+                refused.append(sorted(p.name for p in (storage / "trained").iterdir()))
+                assert bus.redis.get(bus.keys.storage_full) is not None
+                filler.unlink()  # room appears
+
+            guard = StorageGuard(bus, sleep=wait)
+            path = guard.until_written(
+                lambda: write_trained_record(storage, 3, experiences),
+                record_path(storage, 3),
+                "trained record",
+            )
+        assert refused == [[]]  # refused once, and no partial record or temp file was left
+        assert path == record_path(storage, 3)
+        assert len(read_trained_record(storage, 3)) == 64
+    finally:
+        unmount(storage)
+
+
+def _worker_env(port: int) -> WorkerEnv:
+    return WorkerEnv.from_environ(
+        "trainer",
+        {
+            "RLHFSPEC_JOB": "job",
+            "RLHFSPEC_REDIS_URL": f"redis://127.0.0.1:{port}/0",
+            "RLHFSPEC_REDIS_PASSWORD": "pw",
+            "RLHFSPEC_JOB_CONFIG": "/nonexistent.yaml",
+        },
+    )
+
+
+def _experience(sample_id: str) -> Experience:
+    rollout = Rollout(
+        iteration=3, sample_id=sample_id, prompt_id="p0", group_id="row1", sample_index=0,
+        prompt="1 3 2", prompt_token_ids=[5, 6], token_ids=[7, 8, 9],
+        logprobs=[-0.5, -0.25, -1.0], text="1 2 3", finish_reason="stop", weight_version=2,
+        worker="generation-0",
+    )  # fmt: skip
+    return Experience(rollout=rollout, reward=1.0, ref_logprobs=[-0.5, -0.5, -0.5])
 
 
 def test_the_operator_sets_and_clears_the_storage_full_condition_from_redis(

@@ -55,11 +55,15 @@ def write_trained_record(storage: Path, iteration: int, experiences: Sequence[Ex
     ordered = sorted(experiences, key=lambda e: e.rollout.sample_id)
     text = "".join(json.dumps(sample_line(e), sort_keys=True) + "\n" for e in ordered)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not keep a partial record's bytes
+        raise
     fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -28,7 +28,7 @@ from rlhfspec_workers.runtime import Bus, StreamEntry
 from .checkpoint import CheckpointStore
 from .policy_trainer import PolicyTrainer, TrainStats
 from .storage import StorageGuard
-from .trained_record import write_trained_record
+from .trained_record import record_path, write_trained_record
 
 KEEP_WEIGHT_VERSIONS = 3
 """Exported policy versions kept on storage (a slow generation worker may still load one)."""
@@ -117,7 +117,11 @@ class TrainerWorker:
         entries = self.buffer.pop(iteration)
         experiences = [e for _, e in entries.values()]
         stats = self.trainer.train_iteration(experiences)
-        write_trained_record(self.bus.env.storage, iteration, experiences)
+        self.storage.until_written(
+            lambda: write_trained_record(self.bus.env.storage, iteration, experiences),
+            record_path(self.bus.env.storage, iteration),
+            "trained record",
+        )
         started = time.perf_counter()
         if iteration % self.spec.trainer.checkpoint_every == 0 or (
             iteration == self.spec.algorithm.iterations

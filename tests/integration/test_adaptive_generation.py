@@ -86,7 +86,12 @@ def calibration(
     adaptive_engine: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[AdaptiveStrategy, Path]:
     cache = tmp_path_factory.mktemp("calibration")
-    strategy = make_strategy(adaptive_engine, _spec(SPECULATIVE), cache_dir=cache)
+    # A budget no machine runs out of: the table is complete, so the test below is about the
+    # cache, not about how much of the grid a loaded machine measures in a worker's 45 s (a
+    # partial table is continued by the next start, a different path).
+    strategy = make_strategy(
+        adaptive_engine, _spec(SPECULATIVE), cache_dir=cache, budget_seconds=3600.0
+    )
     assert isinstance(strategy, AdaptiveStrategy)
     return strategy, cache
 
@@ -128,7 +133,7 @@ GREEDY = SamplingConfig(temperature=0.0, max_tokens=64)
 # dependence visible while everything else (estimators, selector, proposer) is the real path.
 GPU_LIKE = synthetic_cost_model(
     Roofline(memory_floor_seconds=0.010, per_token_seconds=0.0002),
-    drafters=[DrafterCost(d, 0.0003) for d in ("suffix", "ngram", "draft_model")],
+    drafters=[DrafterCost(d, 0.0003) for d in ("suffix", "ngram", "draft_model", "suffix_tree")],
     max_batch=128,
     max_k=8,
 )
@@ -252,7 +257,9 @@ def test_sampling_in_adaptive_mode_matches_plain_decoding(
     # Flat until 100 tokens per step: k = 2 pays at batch 32, k = 8 at batch 8.
     costs = synthetic_cost_model(
         Roofline(memory_floor_seconds=0.020, per_token_seconds=0.0002),
-        drafters=[DrafterCost(d, 0.0002) for d in ("suffix", "ngram", "draft_model")],
+        drafters=[
+            DrafterCost(d, 0.0002) for d in ("suffix", "ngram", "draft_model", "suffix_tree")
+        ],
         max_batch=128,
         max_k=8,
     )

@@ -107,7 +107,7 @@ CASES: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         "unknown-drafter",
         _set("spec.generation.speculative.drafters.1", {"method": "medusa"}),
         "spec.generation.speculative.drafters[1].method: 'medusa' is not a valid choice "
-        "(one of draft_model, ngram, suffix, eagle)",
+        "(one of draft_model, ngram, suffix, suffix_tree, eagle)",
     ),
     (
         "unknown-field",

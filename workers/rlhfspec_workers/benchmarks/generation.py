@@ -3,10 +3,9 @@
 Where it sits: ``rlhfspec bench generation`` (``benchmarks.cli``) and ``bench/generation.py``
 call :func:`run_benchmark`; ``benchmarks.report`` prints the table and writes JSON and a PNG.
 
-The workload is one RLHF generation batch of the tiny kit's sort-digits task: P prompts x n
-samples at temperature 1, lengths long-tailed by nature (median ~8 tokens, a tail of wrong
-answers running to max_tokens), so the running batch drains from P x n to a handful.
-Configurations, all on the same target model:
+The workload is one RLHF generation batch: P prompts x n samples at temperature 1 of the tiny
+kit's sort-digits task (median ~8 tokens, a tail of wrong answers running to max_tokens), so
+the batch drains from P x n to a handful. Configurations, all on the same target model:
 
 * ``off``: an engine without speculation;
 * ``k0``: the adaptive-proposer engine drafting nothing (its bookkeeping cost alone);
@@ -22,17 +21,15 @@ Configurations, all on the same target model:
   (drafter, k) given the acceptance each drafter really had at that step. Computed by replay
   from a shadow-drafting run, not run.
 
-The workload is the tiny kit's by default; ``Settings.model`` + ``Settings.dataset`` take any
-policy and chat dataset (SmolLM2 on the arithmetic task, say), with the drafters that need no
-draft model. ``Settings.iterations`` revisits the same prompts, as RL epochs do: every
-configuration's iteration i starts with the suffix drafter holding the same rollouts of
+``Settings.model`` + ``Settings.dataset`` take any policy and chat dataset instead (SmolLM2 on
+the arithmetic task, say). ``Settings.iterations`` revisits the same prompts, as RL epochs do:
+every configuration's iteration i starts with the suffix drafter holding the same rollouts of
 iteration i - 1 (those of the shadow run), so history drafting is compared fairly.
 
-A profile pass runs every fixed strategy once (it also warms everything up); learned
-strategies (bandit, ours) get one unmeasured warm-up run and keep learning across runs, as
-they would across RL iterations. Then ``repeats`` rounds run every configuration, each
-iteration in a shuffled order; results are medians over rounds, reported as ratios (timing on
-a shared machine is fragile: docs/cpu-notes.md §5).
+A profile pass runs every fixed strategy once (and warms up); learned strategies (bandit,
+ours) get one unmeasured warm-up run and keep learning across runs, as across RL iterations.
+Then ``repeats`` rounds run every configuration, each iteration in a shuffled order; results
+are medians over rounds, as ratios (timing on a shared machine: docs/cpu-notes.md §5).
 """
 
 from __future__ import annotations
@@ -43,7 +40,6 @@ import random
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +132,7 @@ class Bench:
         self.history: list[dict[str, list[list[int]]]] = []
         """Per iteration: its shadow run's rollouts by prompt group (the next iteration's
         suffix history, the same for every configuration)."""
-        self.meta: dict[str, Any] = {"settings": _jsonable(asdict(settings)), "dtype": self.dtype}
+        self.meta: dict[str, Any] = {"settings": settings.to_json(), "dtype": self.dtype}
 
     def _max_model_len(self) -> int:
         if not self.settings.model:
@@ -394,15 +390,12 @@ class Bench:
         doc["target"] = str(self.target)
         if self.shadows:
             s = self.settings
+            runs = [*self.profile_runs, *((r.config, r.steps) for r in self.results)]
+            strategies = [(d, k) for d in s.drafters for k in s.ks]
             doc["oracle"] = add_oracle(
-                self.shadows,
-                [*self.profile_runs, *((r.config, r.steps) for r in self.results)],
-                self.cost_model.step_seconds,
-                [(d, k) for d in s.drafters for k in s.ks],
-                medians,
-                cpu,
+                self.shadows, runs, self.cost_model.step_seconds, strategies, medians, cpu,
                 by_iteration,
-            )
+            )  # fmt: skip
         doc["configs"] = {
             name: {
                 "median_tokens_per_second": round(medians[name], 2),
@@ -423,16 +416,6 @@ class Bench:
             if run is not None:
                 doc["traces"][name] = trace(run.steps)
         return doc
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def run_benchmark(

@@ -8,7 +8,7 @@ results into the table, JSON and PNG. No engine code here.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,20 @@ class Settings:
     @property
     def max_k(self) -> int:
         return max(self.ks)
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings as JSON values (paths as strings, tuples as lists)."""
+        return dict(_jsonable(asdict(self)))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
 
 
 @dataclass

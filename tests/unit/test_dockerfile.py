@@ -49,5 +49,8 @@ def test_worker_cpu_mirrors_ci_setup() -> None:
     assert removed in setup and removed in body
     assert uninstall in body
     assert "redis-server" in setup and "redis-server" in body
-    # The suffix_tree drafter's extension is built by the same script in both.
-    assert "build-suffix-tree" in setup and "build-suffix-tree" in body
+    # The suffix_tree drafter's extension is built by the same script in both, once for the
+    # images in a stage of its own that both worker images copy.
+    assert "build-suffix-tree" in setup and "build-suffix-tree" in stages()["suffix-tree"]
+    for target in ("worker-cpu", "worker"):
+        assert "COPY --from=suffix-tree /opt/suffix-tree" in stages()[target], target

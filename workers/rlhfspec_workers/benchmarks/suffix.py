@@ -47,6 +47,7 @@ import numpy as np
 from rlhfspec_workers.drafters.base import DraftRow
 from rlhfspec_workers.drafters.suffix import SuffixDrafter
 from rlhfspec_workers.drafters.suffix_tree import MAX_DEPTH, SuffixTreeDrafter, load_cache_class
+from rlhfspec_workers.spec_decode.hindsight import match_length
 
 
 @dataclass(frozen=True)
@@ -191,16 +192,6 @@ class Tally:
         }
 
 
-def accepted_length(draft: Sequence[int], truth: Sequence[int]) -> int:
-    """Leading draft tokens equal to the tokens that really followed."""
-    n = 0
-    for d, t in zip(draft, truth, strict=False):
-        if d != t:
-            break
-        n += 1
-    return n
-
-
 @dataclass
 class Replay:
     k: int
@@ -222,7 +213,7 @@ class Replay:
                 for (r, pos), draft in zip(live, drafts, strict=True):
                     tally.positions += 1
                     tally.drafted += len(draft)
-                    tally.accepted += accepted_length(draft, r.response[pos : pos + self.k])
+                    tally.accepted += match_length(draft, r.response[pos : pos + self.k])
                 drafter.finish(r for r in rollouts if len(r.response) == t + 1)
             drafter.finish(r for r in rollouts if len(r.response) <= 1)
             drafter.end_iteration()

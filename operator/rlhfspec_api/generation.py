@@ -35,6 +35,42 @@ class DrafterMethod(StrEnum):
 
 
 MODEL_BASED_DRAFTERS = frozenset({DrafterMethod.DRAFT_MODEL, DrafterMethod.EAGLE})
+REFRESHABLE_DRAFTERS = frozenset({DrafterMethod.DRAFT_MODEL})
+
+
+class DraftRefreshSpec(ContractModel):
+    """Keep a draft model fresh as RL moves the policy.
+
+    After a trained iteration the trainer continues distilling the draft (forward KL to the
+    new policy's next-token distribution) on that iteration's rollouts, publishes it as
+    ``drafts/v<N>`` beside the policy's ``weights/v<N>``, and generation loads it with the
+    policy at the next iteration. Set ``every``, ``onAcceptanceBelow`` or both (either one
+    triggers a refresh)."""
+
+    every: Int | None = Field(default=None, ge=1, le=100000)
+    """Refresh after every N-th trained iteration."""
+    on_acceptance_below: Float | None = Field(default=None, gt=0.0, le=1.0)
+    """Refresh after an iteration in which the draft's drafted tokens were accepted at a rate
+    below this (or it drafted too little to tell: a stale draft is dropped by the selector)."""
+    steps: Int = Field(default=16, ge=1, le=100000)
+    """Distillation steps per refresh (AdamW, one batch of rollouts each)."""
+    batch_size: Int = Field(default=8, ge=1, le=4096)
+    """Rollouts per distillation step."""
+    learning_rate: Float = Field(default=1e-4, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> DraftRefreshSpec:
+        if self.every is None and self.on_acceptance_below is None:
+            raise_if_any(
+                [
+                    Violation(
+                        "every",
+                        "a refresh needs a trigger",
+                        "set every: N, onAcceptanceBelow: x (0 < x <= 1), or both",
+                    )
+                ]
+            )
+        return self
 
 
 class DrafterSpec(ContractModel):
@@ -55,6 +91,9 @@ class DrafterSpec(ContractModel):
     """suffix, suffix_tree: how many earlier iterations' rollouts feed the suffix index."""
     min_match: Int = Field(default=2, ge=1, le=64)
     """suffix: minimum matched suffix length before a continuation is proposed."""
+    refresh: DraftRefreshSpec | None = None
+    """draft_model: keep the draft fresh as RL moves the policy (see DraftRefreshSpec);
+    unset, the draft stays as loaded."""
 
     @model_validator(mode="after")
     def _check(self) -> DrafterSpec:
@@ -69,6 +108,19 @@ class DrafterSpec(ContractModel):
                     "model",
                     f"{self.method.value} is model-free and takes no model",
                     "remove model, or use method draft_model or eagle",
+                )
+            )
+        if self.refresh is not None and self.method not in REFRESHABLE_DRAFTERS:
+            what = (
+                "has no model to refresh"
+                if self.method not in MODEL_BASED_DRAFTERS
+                else "heads are not distilled by the draft builder"
+            )
+            violations.append(
+                Violation(
+                    "refresh",
+                    f"{self.method.value} {what}",
+                    "refresh applies to method draft_model only; remove refresh",
                 )
             )
         if self.prompt_lookup_min > self.prompt_lookup_max:

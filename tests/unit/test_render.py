@@ -158,7 +158,17 @@ MANAGED_GRPO: dict[str, Any] = copy.deepcopy(TINY)
 MANAGED_GRPO["metadata"] = {"name": "full-grpo", "namespace": "team-b"}
 MANAGED_GRPO["spec"]["dataset"]["evalFraction"] = 0.1
 MANAGED_GRPO["spec"]["generation"]["speculative"]["drafters"] = [
-    {"method": "draft_model", "model": {"path": "tiny://draft", "dtype": "float32"}},
+    {
+        "method": "draft_model",
+        "model": {"path": "tiny://draft", "dtype": "float32"},
+        "refresh": {
+            "every": 2,
+            "onAcceptanceBelow": 0.3,
+            "steps": 8,
+            "batchSize": 4,
+            "learningRate": 5e-5,
+        },
+    },
     {"method": "suffix", "historyIterations": 2, "minMatch": 3},
     {"method": "ngram", "promptLookupMin": 1, "promptLookupMax": 5},
 ]

@@ -86,6 +86,9 @@ class JobProgress(Message):
     eval_accuracy: float | None = None
     """Held-out accuracy of the latest evaluated policy version."""
     weight_version: int = 0
+    collapsed_drafters: dict[str, float] = Field(default_factory=dict)
+    """Drafters whose pooled mean accepted length fell to ~1 (stale after a weight sync) ->
+    that mean accepted length; the operator shows them as the DrafterCollapsed condition."""
     updated_at: float = 0.0
     """Unix time the coordinator wrote this (the operator flags stale progress)."""
 
@@ -257,6 +260,13 @@ class WeightsPublished(Message):
     logprob_mismatch_max: float | None = None
     rollout_kl: float | None = None
     """Token-mean k3 estimate of KL(rollout policy || trainer policy) at the old weights."""
+    draft_version: int | None = None
+    """The draft model generation drafts with next (``draft_model`` with ``refresh``): the
+    iteration whose rollouts it was last distilled on, 0 for the draft as given."""
+    draft_path: str | None = None
+    """HF-format directory of that draft (``drafts/v<N>`` on shared storage, or the spec's)."""
+    draft_refresh_seconds: float = 0.0
+    """Trainer time spent refreshing the draft after this iteration (0: not refreshed)."""
 
 
 class WorkerStatus(Message):
@@ -400,6 +410,14 @@ class IterationMetrics(Message):
     eval_seconds: float = 0.0
     baseline_eval_accuracy: float | None = None
     """Iteration 1 only: the held-out accuracy of the initial weights (before any training)."""
+    draft_acceptance: dict[str, float] = Field(default_factory=dict)
+    """Drafter -> accepted / drafted tokens in this iteration's generation (drafters that
+    drafted at least one token)."""
+    draft_version: int | None = None
+    """The draft model version generation drafted with in this iteration (the oldest any
+    worker held; 0: the draft as given). None without a ``draft_model`` drafter."""
+    draft_refresh_seconds: float = 0.0
+    """Trainer time spent refreshing the draft after this iteration (0: not refreshed)."""
 
 
 class JobFailure(Message):

@@ -46,6 +46,9 @@ class ConditionType(StrEnum):
     """The operator reads the coordinator's progress from Redis."""
     STORAGE_FULL = "StorageFull"
     """The trainer cannot write a checkpoint: the job's storage is full."""
+    DRAFTER_COLLAPSED = "DrafterCollapsed"
+    """A drafter's pooled mean accepted length fell to ~1 (a stale draft model after a weight
+    sync): the selector stops using it; set only once one has collapsed."""
     QUEUED = "Queued"
     """A queue (Kueue) holds the job's pods until it admits them as a gang."""
     MODELS_READY = "ModelsReady"

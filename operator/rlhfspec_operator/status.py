@@ -29,6 +29,7 @@ from rlhfspec_api.status import (
     RLHFJobStatus,
 )
 from rlhfspec_operator.conditions import condition, parse_time, set_condition, timestamp
+from rlhfspec_operator.drafter_condition import apply_drafters
 from rlhfspec_operator.fetch_init import set_models_ready
 from rlhfspec_operator.naming import COORDINATOR, GENERATION, TRAINER, desired_pods, selector
 from rlhfspec_operator.pods import FAILED, SUCCEEDED, PodView
@@ -265,8 +266,9 @@ def reconcile(obs: Observation) -> Plan:
 
 def _observe(plan: Plan, obs: Observation) -> None:
     """Conditions read off the world, whatever the phase: CoordinatorReachable and the
-    progress (Redis), StorageFull (the trainer's report), ModelsReady (the fetch init
-    containers), and the generation pod count (the scale subresource)."""
+    progress (Redis), StorageFull (the trainer's report), DrafterCollapsed (the coordinator's
+    pooled acceptance), ModelsReady (the fetch init containers), and the generation pod count
+    (the scale subresource)."""
     status, now, generation = plan.status, obs.now, obs.generation
     reachable_before = condition(status, ConditionType.COORDINATOR_REACHABLE)
     iterations = obs.job.spec.algorithm.iterations
@@ -276,6 +278,8 @@ def _observe(plan: Plan, obs: Observation) -> None:
         plan.events.append(Event(*event))
     for event in apply_storage(status, obs.progress, now, generation):
         plan.events.append(Event(*event))  # StorageFull: a condition, the job keeps running
+    for event in apply_drafters(status, obs.progress, now, generation):
+        plan.events.append(Event(*event))  # DrafterCollapsed: the selector drops the drafter
     set_models_ready(status, obs.job, obs.pods, now, generation)
     _count_generation(status, obs.job.name, sorted(obs.pods, key=lambda p: p.name))
 

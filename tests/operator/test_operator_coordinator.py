@@ -92,6 +92,48 @@ def test_progress_from_redis_fills_the_status_and_printer_columns(
     assert "4/4 iterations" in status["message"]
 
 
+def test_a_collapsed_drafter_in_the_progress_becomes_the_drafter_collapsed_condition(
+    cluster: Cluster, namespace: str, redis_server: redis.Redis
+) -> None:
+    external_job(cluster, namespace, redis_server)
+
+    def drafter_condition() -> dict[str, Any] | None:
+        conditions = cluster.status(JOB, namespace).get("conditions", [])
+        return next((c for c in conditions if c["type"] == "DrafterCollapsed"), None)
+
+    write_progress(redis_server, namespace, iteration=1, total_iterations=4)
+    cluster.wait_for(lambda: cluster.status(JOB, namespace).get("progress") == "1/4", "1/4")
+    assert drafter_condition() is None  # never collapsed: no condition at all
+
+    write_progress(
+        redis_server, namespace, iteration=2, total_iterations=4,
+        collapsed_drafters={"draft_model": 1.03},
+    )  # fmt: skip
+    collapsed = cluster.wait_for(
+        lambda: (c := drafter_condition()) is not None and c["status"] == "True" and c,
+        "DrafterCollapsed=True",
+    )
+    assert collapsed["reason"] == "DrafterCollapsed"
+    assert "draft_model (mean accepted length 1.03)" in collapsed["message"]
+    assert "refresh: {every: 1}" in collapsed["message"]
+    cluster.wait_for(
+        lambda: "DrafterCollapsed" in cluster.event_reasons(namespace), "a Warning event"
+    )
+    (warning,) = [e for e in cluster.events(namespace) if e["reason"] == "DrafterCollapsed"]
+    assert warning["type"] == "Warning"
+    assert cluster.status(JOB, namespace)["phase"] == "Running"  # the job keeps training
+
+    write_progress(redis_server, namespace, iteration=3, total_iterations=4)
+    recovered = cluster.wait_for(
+        lambda: (c := drafter_condition()) is not None and c["status"] == "False" and c,
+        "DrafterCollapsed=False",
+    )
+    assert recovered["reason"] == "DraftersAccepting"
+    cluster.wait_for(
+        lambda: "DraftersAccepting" in cluster.event_reasons(namespace), "a Normal event"
+    )
+
+
 def test_a_coordinator_reporting_failure_fails_the_job(
     cluster: Cluster, namespace: str, redis_server: redis.Redis
 ) -> None:

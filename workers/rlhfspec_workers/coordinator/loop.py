@@ -410,6 +410,8 @@ class Coordinator:
             eval_accuracy=self.last_eval.accuracy if self.last_eval else None,
             kl=last.kl if last else None,
             weight_version=last.weight_version if last else 0,
+            # Drafters the pooled acceptance found collapsed: the DrafterCollapsed condition.
+            collapsed_drafters=dict(self.strategy.collapsed),
             updated_at=time.time(),
         )
         self.bus.put(self.keys.progress, progress)

@@ -57,7 +57,9 @@ class StrategyBroadcaster:
         self.last_ranges: tuple[BatchRange, ...] = ()
         self.last_tick = 0.0
         self.cost_model: CostModel | None = None
-        self.collapsed: set[str] = set()
+        self.collapsed: dict[str, float] = {}
+        """Collapsed drafters -> their pooled mean accepted length (the progress carries it
+        to the operator, which shows the DrafterCollapsed condition); gone once recovered."""
 
     def tick(self) -> StrategyTable | None:
         now = time.monotonic()
@@ -110,8 +112,10 @@ class StrategyBroadcaster:
                 draft_len=k,
             )
         )
-        if est.collapsed and report.drafter not in self.collapsed:
-            self.collapsed.add(report.drafter)
+        if not est.collapsed:
+            self.collapsed.pop(report.drafter, None)
+            return
+        if report.drafter not in self.collapsed:
             # A stale drafter after a weight sync falls to ~1.0 accepted length: say it loudly.
             print(
                 f"[rlhfspec] WARNING: drafter {report.drafter} collapsed: mean accepted length "
@@ -119,5 +123,5 @@ class StrategyBroadcaster:
                 "selector stops using it until it recovers",
                 flush=True,
             )
-        elif not est.collapsed:
-            self.collapsed.discard(report.drafter)
+        # The latest pooled mean: the condition's message follows it while it stays collapsed.
+        self.collapsed[report.drafter] = est.mean_accepted_length

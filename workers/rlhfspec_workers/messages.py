@@ -414,8 +414,8 @@ class IterationMetrics(Message):
     """Drafter -> accepted / drafted tokens in this iteration's generation (drafters that
     drafted at least one token)."""
     draft_version: int | None = None
-    """The draft model version generation drafted with in this iteration (the oldest any
-    worker held; 0: the draft as given). None without a ``draft_model`` drafter."""
+    """The draft model version that drafted in this iteration (the oldest, if workers held
+    different ones; 0: the draft as given). None when the draft model drafted nothing."""
     draft_refresh_seconds: float = 0.0
     """Trainer time spent refreshing the draft after this iteration (0: not refreshed)."""
 

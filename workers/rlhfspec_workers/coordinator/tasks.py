@@ -155,7 +155,9 @@ def iteration_metrics(
     """Counters of one iteration -> its metrics record.
 
     Mean accepted length is tokens emitted per sequence per engine step (1.0 when drafts never
-    help; vLLM's own per-draft counters are exported separately by the workers)."""
+    help; vLLM's own per-draft counters are exported separately by the workers). The draft
+    version is the oldest that drafted in this iteration (None: the draft model drafted
+    nothing)."""
     tokens = int(_number(gen_stats, "tokens"))
     sequence_steps = _number(gen_stats, "sequence_steps")
     sync = max((v for k, v in gen_stats.items() if k.startswith("sync:")), default=0.0)
@@ -165,6 +167,11 @@ def iteration_metrics(
         for k, v in gen_stats.items()
         if k.startswith("strategy:")
     }
+    drafted = {
+        k.removeprefix("drafted:"): v for k, v in gen_stats.items() if k.startswith("drafted:")
+    }
+    # "draft_version:<N>": tokens drafted by the draft_model drafter's version N.
+    draft_versions = [int(k.split(":", 1)[1]) for k in gen_stats if k.startswith("draft_version:")]
     return IterationMetrics(
         iteration=iteration,
         total_iterations=total,
@@ -196,4 +203,9 @@ def iteration_metrics(
         rollout_kl=weights.rollout_kl,
         batch_trace=[list(point) for point in trace],
         finished_at=finished_at,
+        draft_acceptance={
+            name: _number(gen_stats, f"accepted:{name}") / n for name, n in drafted.items() if n
+        },
+        draft_version=min(draft_versions, default=None),
+        draft_refresh_seconds=weights.draft_refresh_seconds,
     )

@@ -88,6 +88,15 @@ class DraftModelDrafter:
         self.fed: dict[str, TokenArray] = {}
         """req_id -> tokens whose keys/values sit in the slot's positions 0..len-1."""
 
+    def load_weights(self, path: Path) -> None:
+        """Draft with the model in ``path`` from now on (a refreshed draft, same shape).
+
+        Every request's cached keys and values came from the old weights: forgetting what
+        was fed makes the next call recompute each context with the new ones."""
+        self.model.load_weights(path)
+        for req_id in self.fed:
+            self.fed[req_id] = np.zeros(0, dtype=np.int64)
+
     def _slot_of(self, req_id: str) -> int:
         if req_id not in self.slot:
             slot = len(self.slot)

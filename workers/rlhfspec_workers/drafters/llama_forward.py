@@ -85,13 +85,42 @@ class LlamaDraftModel:
         self.eps = float(config.get("rms_norm_eps", 1e-6))
         self.max_slots, self.max_len = max_slots, max_len
         self.dtype, self.device = dtype, torch.device(device)
+        self.embed = self.norm = self.lm_head = torch.empty(0)
+        self.layers: list[dict[str, torch.Tensor]] = []
+        self.shape: dict[str, int] | None = None
+        """The loaded model's sizes: a reload must keep them."""
+        self.load_weights(path)
+        theta = _rope_theta(config)
+        inv_freq = 1.0 / theta ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        self.cos = angles.cos().to(self.device)
+        self.sin = angles.sin().to(self.device)
+        # Head-major rows, so a row's keys for attention are a strided view (no copy). Callers
+        # keep the used slots compact (0..n-1, see DraftModelDrafter.release): attention then
+        # runs on the view of the first n slots, with the batch's queries scattered into it.
+        shape = (self.num_layers, max_slots, self.num_kv_heads, max_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
 
-        w = {k: v.to(dtype=dtype, device=self.device) for k, v in _load_weights(path).items()}
+    def load_weights(self, path: Path) -> None:
+        """Take the weights of the model in ``path`` (at start, and when a refreshed draft is
+        published). Its shape must equal this one's: the KV cache and the rotary tables are
+        kept. Cached keys and values are from the old weights; callers drop them
+        (``DraftModelDrafter.load_weights``)."""
+        config = read_config(path)
+        names = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+        shape = {n: int(config[n]) for n in names}
+        if self.shape is not None and shape != self.shape:
+            changed = [n for n in names if shape[n] != self.shape[n]]
+            raise ValueError(f"draft {path} changes {', '.join(changed)}: not a reload")
+        self.shape = shape
+        dtype, device = self.dtype, self.device
+        w = {k: v.to(dtype=dtype, device=device) for k, v in _load_weights(path).items()}
         w = {k.removeprefix("model."): v for k, v in w.items()}
         self.embed = w["embed_tokens.weight"]
         self.norm = w["norm.weight"]
         self.lm_head = w.get("lm_head.weight", self.embed)
-        self.layers: list[dict[str, torch.Tensor]] = []
+        self.layers = []
         for i in range(self.num_layers):
             p = f"layers.{i}."
             self.layers.append(
@@ -109,17 +138,6 @@ class LlamaDraftModel:
                     "ln2": w[p + "post_attention_layernorm.weight"],
                 }
             )
-        theta = _rope_theta(config)
-        inv_freq = 1.0 / theta ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim)
-        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
-        self.cos = angles.cos().to(self.device)
-        self.sin = angles.sin().to(self.device)
-        # Head-major rows, so a row's keys for attention are a strided view (no copy). Callers
-        # keep the used slots compact (0..n-1, see DraftModelDrafter.release): attention then
-        # runs on the view of the first n slots, with the batch's queries scattered into it.
-        shape = (self.num_layers, max_slots, self.num_kv_heads, max_len, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
 
     def move_slot(self, src: int, dst: int) -> None:
         """Copy slot ``src``'s cache into ``dst`` (compaction after a request leaves)."""

@@ -27,6 +27,7 @@ from rlhfspec_api.generation import GenerationSpec, SpeculativeMode
 from rlhfspec_api.spec import ChatTemplate
 from rlhfspec_workers import chat, vllm_fixes
 from rlhfspec_workers.drafters.base import Drafter, KeepsHistory
+from rlhfspec_workers.drafters.draft_model import DraftModelDrafter
 from rlhfspec_workers.drafters.suffix import SuffixDrafter
 from rlhfspec_workers.faults import fault_point
 
@@ -158,6 +159,8 @@ class GenerationEngine:
         self._pending: dict[str, tuple[PromptInput, int, int]] = {}
         self._top_logprobs: dict[str, int] = {}
         self.weight_version = 0
+        self.draft_version = 0
+        """The draft model's version (0: as given; see :meth:`load_draft`)."""
         self._submitted = 0
 
     # -- control ------------------------------------------------------------------------------
@@ -376,6 +379,17 @@ class GenerationEngine:
         self.engine.reset_prefix_cache()
         self.engine.set_weight_version(str(version))
         self.weight_version = version
+
+    def load_draft(self, model_dir: Path, version: int) -> bool:
+        """Draft with the refreshed draft model in ``model_dir`` from now on (between
+        iterations, with the policy's weights). False when no draft_model drafter runs in
+        the proposer (vLLM's native draft path loads its draft once, at start)."""
+        drafter = self.drafters.get(DraftModelDrafter.name)
+        if not isinstance(drafter, DraftModelDrafter):
+            return False
+        drafter.load_weights(model_dir)
+        self.draft_version = version
+        return True
 
     def generate(
         self, prompts: Sequence[PromptInput], sampling: SamplingConfig

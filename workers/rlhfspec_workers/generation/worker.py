@@ -24,6 +24,7 @@ from typing import Any
 
 from rlhfspec_api.generation import MigrationMethod
 from rlhfspec_api.manifest import RLHFJob
+from rlhfspec_workers.drafters.draft_model import DraftModelDrafter
 from rlhfspec_workers.faults import fault_point
 from rlhfspec_workers.hardware import resolve_engine_dtype
 from rlhfspec_workers.messages import Keys, Rollout, SampleTask, WeightsPublished, WorkerStatus
@@ -299,6 +300,12 @@ class GenerationWorker:
             self.counters.add(iteration, f"strategy:{step.drafter}:k={step.k}", 1)
             self.counters.add(iteration, "draft_tokens", step.num_draft_tokens)
             self.counters.add(iteration, "accepted_tokens", step.num_accepted_tokens)
+            if step.num_draft_tokens:
+                self.counters.add(iteration, f"drafted:{step.drafter}", step.num_draft_tokens)
+                self.counters.add(iteration, f"accepted:{step.drafter}", step.num_accepted_tokens)
+                if step.drafter == DraftModelDrafter.name:  # which draft version drafted
+                    version = f"draft_version:{self.engine.draft_version}"
+                    self.counters.add(iteration, version, step.num_draft_tokens)
 
     # -- weight sync ------------------------------------------------------------------------
 
@@ -316,13 +323,18 @@ class GenerationWorker:
         self._beat(force=True)
         started = time.perf_counter()
         self.engine.load_weights(Path(latest.path), latest.policy_version)
+        draft = latest.draft_version
+        if draft is not None and latest.draft_path and draft != self.engine.draft_version:
+            self.engine.load_draft(Path(latest.draft_path), draft)
         self.engine.new_iteration()  # last iteration's rollouts become suffix-drafter history
         seconds = time.perf_counter() - started
         self.bus.metrics.set_weight_version(latest.policy_version)
         iteration = latest.iteration + 1
         self.counters.add(iteration, f"sync:{self.name}", seconds)
         print(
-            f"[rlhfspec] {self.name}: policy v{latest.policy_version} loaded in {seconds:.2f}s",
+            f"[rlhfspec] {self.name}: policy v{latest.policy_version} "
+            f"{'' if draft is None else f'and draft v{self.engine.draft_version} '}"
+            f"loaded in {seconds:.2f}s",
             flush=True,
         )
         self.state = "ready"

@@ -54,7 +54,7 @@ from rlhfspec_workers.preflight import PreflightError, preflight
 from rlhfspec_workers.redis_retry import OUTAGE_ERRORS
 from rlhfspec_workers.runtime import Bus, StreamCursor, StreamEntry, WorkerEnv
 
-STATE = ("redis", "checkpoints", "weights", "logs", "report", "metrics.jsonl", "job.yaml")
+STATE = ("redis", "checkpoints", "weights", "drafts", "logs", "report", "metrics.jsonl", "job.yaml")
 COLUMNS = (
     ("iter", 5), ("reward", 7), ("kl", 7), ("eval", 11), ("tok/s", 8), ("accept", 6),
     ("strategy", 18), ("migr", 4), ("gen s", 6), ("inf s", 6), ("train s", 7), ("sync s", 6),

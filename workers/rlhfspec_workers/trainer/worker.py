@@ -26,6 +26,7 @@ from rlhfspec_workers.preflight import ResolvedPaths
 from rlhfspec_workers.runtime import Bus, StreamEntry
 
 from .checkpoint import CheckpointStore
+from .draft_refresh import DraftRefresher, refresh_spec
 from .policy_trainer import PolicyTrainer, TrainStats
 from .storage import StorageGuard
 from .trained_record import record_path, write_trained_record
@@ -35,7 +36,14 @@ KEEP_WEIGHT_VERSIONS = 3
 
 
 class TrainerWorker:
-    def __init__(self, job: RLHFJob, bus: Bus, trainer: PolicyTrainer, store: CheckpointStore):
+    def __init__(
+        self,
+        job: RLHFJob,
+        bus: Bus,
+        trainer: PolicyTrainer,
+        store: CheckpointStore,
+        drafts: DraftRefresher | None = None,
+    ):
         self.spec = job.spec
         self.bus = bus
         self.keys: Keys = bus.keys
@@ -46,6 +54,9 @@ class TrainerWorker:
         self.buffer: dict[int, dict[str, StreamEntry[Experience]]] = {}
         self.storage = StorageGuard(bus)
         """No room for a checkpoint or an export: report StorageFull and retry, not exit."""
+        self.drafts = drafts
+        """The draft model kept fresh with the policy (a draft_model drafter's refresh)."""
+        self.draft_seconds = 0.0
 
     def run(self) -> int:
         bus, keys = self.bus, self.keys
@@ -81,6 +92,9 @@ class TrainerWorker:
         remove_partial_exports(self.weights_root)
         restored = self.store.restore(self.trainer) if self.store.latest() is not None else 0
         published = self.bus.get(self.keys.weights, WeightsPublished)
+        if self.drafts is not None:
+            remove_partial_exports(self.drafts.root)
+            self.drafts.restore()
         if published is not None and published.iteration > restored:
             # Trained past the last checkpoint (checkpointEvery > 1) before a crash: the exported
             # weights are exact; the optimizer state is the checkpoint's (Adam moments older).
@@ -132,6 +146,7 @@ class TrainerWorker:
                 "checkpoint",
             )
         saved = time.perf_counter() - started
+        self._refresh_draft(iteration, experiences)
         self.storage.until_written(
             lambda: self._publish(iteration, stats),
             self.weights_root / f"v{iteration}",
@@ -147,6 +162,28 @@ class TrainerWorker:
             flush=True,
         )
         self.bus.ack(self.keys.experience, Keys.TRAINER_GROUP, *(i for i, _ in entries.values()))
+
+    def _refresh_draft(self, iteration: int, experiences: list[Experience]) -> None:
+        """Distil the draft on this iteration's rollouts when it is due, and write it (before
+        the weights are published: generation loads both from the one message)."""
+        self.draft_seconds = 0.0
+        drafts = self.drafts
+        if drafts is None or iteration >= self.spec.algorithm.iterations:
+            return  # after the last iteration no generation would draft with it
+        reason = drafts.due(iteration, self.bus.generation_stats(iteration))
+        if reason is None:
+            return
+        seconds = drafts.distill(self.trainer.policy, experiences, seed=iteration)
+        started = time.perf_counter()
+        self.storage.until_written(
+            lambda: drafts.write(iteration), drafts.root / f"v{iteration}", "draft export"
+        )
+        self.draft_seconds = seconds + time.perf_counter() - started
+        print(
+            f"[rlhfspec] trainer: draft v{iteration} distilled on {len(experiences)} rollouts "
+            f"({reason}) in {self.draft_seconds:.2f}s",
+            flush=True,
+        )
 
     def _publish(self, iteration: int, stats: TrainStats | None) -> None:
         started = time.perf_counter()
@@ -172,6 +209,9 @@ class TrainerWorker:
             logprob_mismatch_mean=stats.logprob_mismatch_mean if stats else None,
             logprob_mismatch_max=stats.logprob_mismatch_max if stats else None,
             rollout_kl=stats.rollout_kl if stats else None,
+            draft_version=self.drafts.current.version if self.drafts else None,
+            draft_path=str(self.drafts.current.path) if self.drafts else None,
+            draft_refresh_seconds=self.draft_seconds if stats else 0.0,
         )
         self.bus.put(self.keys.weights, message)
         self.bus.publish(self.keys.weights_log, message)
@@ -230,4 +270,10 @@ def run(job: RLHFJob, paths: ResolvedPaths, bus: Bus) -> int:
         spec, paths.models["spec.models.policy"], paths.models.get("spec.models.critic")
     )
     store = CheckpointStore(bus.env.storage / "checkpoints", keep=spec.trainer.keep_checkpoints)
-    return TrainerWorker(job, bus, trainer, store).run()
+    drafts = None
+    refreshed = refresh_spec(spec)
+    if refreshed is not None:
+        index, settings = refreshed
+        initial = paths.models[f"spec.generation.speculative.drafters[{index}].model"]
+        drafts = DraftRefresher(settings, initial, bus.env.storage / "drafts", trainer.pad_id)
+    return TrainerWorker(job, bus, trainer, store, drafts).run()

@@ -135,6 +135,23 @@ def test_pooled_acceptance_replaces_local_evidence() -> None:
     assert q.estimators["ngram"].rate(3) > 0.95
 
 
+def test_a_drafter_with_new_weights_is_chosen_again() -> None:
+    """A stale draft that collapsed is no longer chosen; after its refresh
+    (``drafter_changed``) its estimate restarts from the prior and the selector drafts with
+    it again, while the other drafter's evidence stays."""
+    s = strategy(drafters=("suffix", "ngram"))
+    for _ in range(40):
+        s.observe(feedback("suffix", 4, 4, (0, 0, 0, 0)))
+        s.observe(feedback("ngram", 2, 4, (1, 0)))
+    assert s.choose(4).drafter != "suffix"
+    ngram_drafts = s.estimators["ngram"].drafts
+    s.drafter_changed("suffix")
+    assert s.estimators["suffix"].drafts == 0
+    assert s.estimators["ngram"].drafts == ngram_drafts
+    assert s.choose(4).drafter == "suffix"  # its prior (0.5 per position) beats ngram's record
+    s.drafter_changed("eagle")  # not a drafter of this worker: nothing to forget
+
+
 def test_estimator_from_rates_holds_the_rates() -> None:
     est = estimator_from_rates("ngram", [0.8, 0.5], drafts=100, like=AcceptanceEstimator("ngram"))
     assert est.trials == [100, 80] and est.successes == [80, 40]

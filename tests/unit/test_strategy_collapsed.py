@@ -79,6 +79,23 @@ def test_the_broadcaster_keeps_each_collapsed_drafters_mean_until_it_recovers(
     assert broadcaster.collapsed == {}
 
 
+def test_a_refreshed_draft_is_trusted_again(bus: Bus) -> None:
+    """A new draft version published with the weights drops the old draft's pooled evidence
+    and its collapse: the next table may choose it again. The same version changes nothing."""
+    broadcaster = StrategyBroadcaster(job_spec(), bus)
+    _feed(bus, broadcaster, _report("draft_model", 0.01), _report("ngram", 0.8))
+    assert set(broadcaster.collapsed) == {"draft_model"}
+    broadcaster.draft_published(0)  # the draft as given: nothing new
+    assert set(broadcaster.collapsed) == {"draft_model"}
+    broadcaster.draft_published(None)  # no refreshed draft in this job
+    assert "draft_model" in broadcaster.estimators
+    broadcaster.draft_published(2)
+    assert broadcaster.collapsed == {} and "draft_model" not in broadcaster.estimators
+    assert "ngram" in broadcaster.estimators  # other drafters' evidence stays
+    _feed(bus, broadcaster, _report("draft_model", 0.9))
+    assert broadcaster.estimators["draft_model"].mean_accepted_length > 2.0
+
+
 def _coordinator(bus: Bus, tmp_path: Path) -> Coordinator:
     doc: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "tiny-grpo.yaml").read_text())
     data = tmp_path / "train.jsonl"

@@ -227,6 +227,7 @@ class Coordinator:
             self._check_failure(iteration - 1)
             weights = weights_of(bus, iteration)
             if weights is not None:
+                self.strategy.draft_published(weights.draft_version)
                 break
             # Once every sample is scored only the trainer is left: the next iteration waits
             # on this poll noticing its weights, so look more often (a cheap GET).

@@ -28,6 +28,7 @@ TICK_SECONDS = 1.0
 READ_BATCH = 10_000
 """Acceptance reports pooled per tick at most (the rest wait for the next tick)."""
 MAX_BATCH = 256
+DRAFT_MODEL = "draft_model"
 
 
 def table_message(
@@ -58,6 +59,8 @@ class StrategyBroadcaster:
         self.last_tick = 0.0
         self.cost_model: CostModel | None = None
         self.collapsed: dict[str, float] = {}
+        self.draft_version = 0
+        """The draft model version the pooled draft_model evidence is about."""
         """Collapsed drafters -> their pooled mean accepted length (the progress carries it
         to the operator, which shows the DrafterCollapsed condition); gone once recovered."""
 
@@ -90,6 +93,18 @@ class StrategyBroadcaster:
         self.bus.put(self.bus.keys.strategy, message)
         self.bus.metrics.set_strategy_table_version(self.version)
         return message
+
+    def draft_published(self, version: int | None) -> None:
+        """The trainer published draft ``version`` with its weights (``WeightsPublished``): a
+        refreshed draft model is a new drafter as far as acceptance goes, so the pooled
+        evidence of the old one, and its collapse, are dropped (the next table lets workers
+        try it again)."""
+        if version is None or version == self.draft_version:
+            return
+        self.draft_version = version
+        self.estimators.pop(DRAFT_MODEL, None)
+        self.collapsed.pop(DRAFT_MODEL, None)
+        self.last_ranges = ()
 
     def _read_reports(self) -> None:
         for _, report in self.bus.read_new(self.reports, count=READ_BATCH):

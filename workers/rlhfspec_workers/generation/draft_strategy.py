@@ -153,6 +153,14 @@ class SelectorStrategy:
         scored = self.selector.select(batch_size, candidates)
         return scored.strategy if scored.enabled else NO_DRAFT
 
+    def drafter_changed(self, name: str) -> None:
+        """``name`` drafts with new weights (a refreshed draft): what was measured of the old
+        ones says nothing of them, so its estimate starts again from its prior. Otherwise a
+        draft that collapsed while stale would never be tried again after its refresh."""
+        estimator = self.estimators.get(name)
+        if estimator is not None:
+            estimator.forget(0.0)
+
     def observe(self, feedback: StepFeedback) -> None:
         for name, fill in feedback.fill.items():
             estimator = self.estimators.get(name)

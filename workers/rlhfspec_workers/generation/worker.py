@@ -325,7 +325,9 @@ class GenerationWorker:
         self.engine.load_weights(Path(latest.path), latest.policy_version)
         draft = latest.draft_version
         if draft is not None and latest.draft_path and draft != self.engine.draft_version:
-            self.engine.load_draft(Path(latest.draft_path), draft)
+            loaded = self.engine.load_draft(Path(latest.draft_path), draft)
+            if loaded and self.strategy.adaptive:  # the old draft's acceptance is not its own
+                self.strategy.adaptive.drafter_changed(DraftModelDrafter.name)
         self.engine.new_iteration()  # last iteration's rollouts become suffix-drafter history
         seconds = time.perf_counter() - started
         self.bus.metrics.set_weight_version(latest.policy_version)

@@ -93,7 +93,7 @@ class TrainerWorker:
         restored = self.store.restore(self.trainer) if self.store.latest() is not None else 0
         published = self.bus.get(self.keys.weights, WeightsPublished)
         if self.drafts is not None:
-            remove_partial_exports(self.drafts.root)
+            remove_partial_exports(self.drafts.root, "draft export")
             self.drafts.restore()
         if published is not None and published.iteration > restored:
             # Trained past the last checkpoint (checkpointEvery > 1) before a crash: the exported
@@ -229,7 +229,7 @@ class TrainerWorker:
         )
 
 
-def remove_partial_exports(weights_root: Path) -> list[Path]:
+def remove_partial_exports(weights_root: Path, kind: str = "weight export") -> list[Path]:
     """Remove the hidden temp dirs a trainer killed mid-export left (``.v<N>.tmp-*``, and
     ``.v<N>.old-*`` from a replaced export); returns them. Only this trainer writes there and
     it is not exporting yet, so none is in use; generation never lists them."""
@@ -238,7 +238,7 @@ def remove_partial_exports(weights_root: Path) -> list[Path]:
     partial = [p for p in weights_root.glob(".v*") if ".tmp-" in p.name or ".old-" in p.name]
     for path in partial:
         shutil.rmtree(path, ignore_errors=True)
-        print(f"[rlhfspec] trainer: removed the partial weight export {path.name}", flush=True)
+        print(f"[rlhfspec] trainer: removed the partial {kind} {path.name}", flush=True)
     return partial
 
 

@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 SELF_PARSING = {
-    # Benchmarks that parse their own arguments: module name -> help.
+    # Benchmarks that parse their own arguments: name (the module's, '-' for '_') -> help.
     "e2e": "whole RLHF iterations, speculation adaptive vs off",
     "reallocation": "sample reallocation between generation workers",
     "learning": "held-out accuracy: RLHFSpec vs a shuffled-reward control vs TRL's GRPOTrainer",
     "suffix": "our grouped suffix drafter vs Arctic Inference's SuffixDecoding, replayed",
     "chaos": "a tiny job under random SIGKILLs of every role: samples lost and duplicated (0)",
+    "draft-refresh": "GRPO with the draft model refreshed vs frozen vs no speculation",
 }
 
 
@@ -229,7 +230,7 @@ def _finish(doc: dict[str, object], out: Path) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SELF_PARSING:
-        module = importlib.import_module(f"{__package__}.{argv[0]}")
+        module = importlib.import_module(f"{__package__}.{argv[0].replace('-', '_')}")
         return int(module.main(argv[1:]))
     args = build_parser().parse_args(argv)
     if args.benchmark == "generation":

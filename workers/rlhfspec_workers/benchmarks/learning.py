@@ -29,7 +29,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -178,19 +178,18 @@ def read_curve(metrics_path: Path) -> tuple[float | None, list[list[float]], lis
     return (None if baseline is None else float(baseline)), curve, seconds
 
 
-def run_job_arm(task: Task, setup: GrpoSetup, arm: str, out: Path) -> ArmResult:
-    """An RLHFSpec arm: the job through ``rlhfspec run``'s code path, then its curve."""
+def run_local(
+    job: dict[str, Any], run_dir: Path, label: str, env: Mapping[str, str] | None = None
+) -> float:
+    """Runs an RLHFJob manifest through ``rlhfspec run``'s code path into ``run_dir`` (the
+    manifest written beside it as ``<run_dir>.yaml``), with ``env`` set while it runs; its
+    wall seconds. Raises, naming ``label`` and the logs, when the run fails."""
     from rlhfspec_workers.local.run import main as run_main
 
-    result = ArmResult(arm)
-    run_dir = out / arm
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = run_dir.with_suffix(".yaml")
-    # TRL trains in one process on every core. Arms run one at a time, and a job's trainer
-    # runs while its other workers wait for the weights, so it gets the same cores.
-    job = job_manifest(task, setup, arm, trainer_cpu=available_cores())
     manifest.write_text(yaml.safe_dump(job, sort_keys=False))
-    env = {SHUFFLE_SEED_ENV: str(setup.seed)}
+    env = dict(env or {})
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     started = time.perf_counter()
@@ -202,9 +201,21 @@ def run_job_arm(task: Task, setup: GrpoSetup, arm: str, out: Path) -> ArmResult:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    result.total_seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started
     if code != 0:
-        raise RuntimeError(f"{arm}: rlhfspec run failed (exit {code}); logs in {run_dir}/logs")
+        raise RuntimeError(f"{label}: rlhfspec run failed (exit {code}); logs in {run_dir}/logs")
+    return seconds
+
+
+def run_job_arm(task: Task, setup: GrpoSetup, arm: str, out: Path) -> ArmResult:
+    """An RLHFSpec arm: the job through ``rlhfspec run``'s code path, then its curve."""
+    result = ArmResult(arm)
+    run_dir = out / arm
+    # TRL trains in one process on every core. Arms run one at a time, and a job's trainer
+    # runs while its other workers wait for the weights, so it gets the same cores.
+    job = job_manifest(task, setup, arm, trainer_cpu=available_cores())
+    env = {SHUFFLE_SEED_ENV: str(setup.seed)}
+    result.total_seconds = run_local(job, run_dir, arm, env)
     baseline, result.curve, result.step_seconds = read_curve(run_dir / "metrics.jsonl")
     result.wall_seconds = sum(result.step_seconds)
     if baseline is None:

@@ -1,5 +1,6 @@
 """The fault hooks themselves (no engine): the variable's grammar, refusal at start, placement,
-a real SIGKILL that fires once per job storage, and the trainer's record and temp-dir cleanup."""
+a real SIGKILL that fires once per job storage, a hold that waits for its release once per job
+storage, and the trainer's record and temp-dir cleanup."""
 
 from __future__ import annotations
 
@@ -9,12 +10,22 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from rlhfspec_workers.faults import FAULT_POINTS, FaultSpec, FaultSpecError, parse_fault
+from rlhfspec_workers.faults import (
+    FAULT_POINTS,
+    HOLD_ENV_VAR,
+    FaultSpec,
+    FaultSpecError,
+    arm_from_environ,
+    fault_point,
+    hold_markers,
+    parse_fault,
+)
 from rlhfspec_workers.messages import Experience, Rollout
 from rlhfspec_workers.trainer.trained_record import read_trained_record, write_trained_record
 from rlhfspec_workers.trainer.worker import remove_partial_exports
@@ -49,6 +60,10 @@ def test_bad_fault_variable_is_refused_naming_the_part(value: str, says: str) ->
         parse_fault(value)
     assert says in str(raised.value)
     assert "RLHFSPEC_FAULT" in str(raised.value)
+    with pytest.raises(FaultSpecError) as raised:
+        arm_from_environ("trainer", "trainer-0", Path("/nonexistent"), {HOLD_ENV_VAR: value})
+    assert says in str(raised.value)
+    assert f"{HOLD_ENV_VAR}={value!r}" in str(raised.value)
 
 
 def test_every_hook_is_placed_exactly_once_and_every_placed_hook_is_known() -> None:
@@ -60,27 +75,32 @@ def test_every_hook_is_placed_exactly_once_and_every_placed_hook_is_known() -> N
     assert all(len(where) == 1 for where in placed.values()), placed
 
 
-def _worker_env(tmp_path: Path, fault: str) -> dict[str, str]:
+def _worker_env(tmp_path: Path, fault: str, variable: str = "RLHFSPEC_FAULT") -> dict[str, str]:
     return {
         **os.environ,
         "RLHFSPEC_JOB": "job",
         "RLHFSPEC_REDIS_URL": "redis://127.0.0.1:1/0",
         "RLHFSPEC_JOB_CONFIG": str(tmp_path / "job.yaml"),
         "RLHFSPEC_STORAGE": str(tmp_path),
-        "RLHFSPEC_FAULT": fault,
+        variable: fault,
     }
 
 
-def test_worker_refuses_an_unknown_hook_at_start_with_the_list(tmp_path: Path) -> None:
+@pytest.mark.parametrize("variable", ["RLHFSPEC_FAULT", HOLD_ENV_VAR])
+def test_worker_refuses_an_unknown_hook_at_start_with_the_list(
+    tmp_path: Path, variable: str
+) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "rlhfspec_cli", "worker", "trainer"],
-        env=_worker_env(tmp_path, "trainer:mid_wieght_write"),
+        env=_worker_env(tmp_path, "trainer:mid_wieght_write", variable),
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 2, result.stderr
-    assert "no fault hook 'mid_wieght_write'" in result.stderr
+    assert f"{variable}='trainer:mid_wieght_write': no fault hook 'mid_wieght_write'" in (
+        result.stderr
+    )
     for hook in FAULT_POINTS:
         assert hook in result.stderr
     assert "Traceback" not in result.stderr
@@ -142,6 +162,78 @@ def test_fault_kills_for_real_at_the_nth_time_and_only_once_per_storage(tmp_path
         "reached 3",
         "survived",
     ]
+
+
+HOLD_PROGRAM = """
+import sys
+from pathlib import Path
+from rlhfspec_workers.faults import arm_from_environ, fault_point
+armed = arm_from_environ("generation", "generation-0", Path(sys.argv[1]))
+print("kill armed" if armed else "no kill armed", flush=True)
+for n in range(1, 4):
+    print(f"reached {n}", flush=True)
+    fault_point("after_engine_step")
+print("survived", flush=True)
+"""
+
+
+def test_hold_waits_for_its_release_at_the_nth_time_and_only_once_per_storage(
+    tmp_path: Path,
+) -> None:
+    value = "generation-0:after_engine_step:2"
+    held, release = hold_markers(tmp_path, "generation-0", parse_fault(value))
+    assert release.name == "generation-0.after_engine_step.2.release"
+
+    def start() -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-c", HOLD_PROGRAM, str(tmp_path)],
+            env={**os.environ, HOLD_ENV_VAR: value},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    first = start()
+    deadline = time.monotonic() + 60
+    while not held.exists():
+        assert first.poll() is None, first.communicate()
+        assert time.monotonic() < deadline, "never held"
+        time.sleep(0.01)
+    time.sleep(0.5)
+    assert first.poll() is None  # still waiting: it got no further than the hold
+    release.touch()
+    out, err = first.communicate(timeout=60)
+    assert first.returncode == 0, err
+    lines = out.splitlines()
+    assert lines[:3] == ["no kill armed", "reached 1", "reached 2"]
+    assert lines[3].startswith("[rlhfspec] fault hold at after_engine_step (time 2) until ")
+    assert lines[4:] == [
+        "[rlhfspec] fault hold at after_engine_step: released",
+        "reached 3",
+        "survived",
+    ]
+    release.unlink()
+    second = start()  # the restart: same environment, same storage, nobody to release it
+    out, err = second.communicate(timeout=60)
+    assert second.returncode == 0, err
+    assert out.splitlines() == ["no kill armed", "reached 1", "reached 2", "reached 3", "survived"]
+
+
+def test_a_hold_and_a_kill_arm_side_by_side(tmp_path: Path) -> None:
+    environ = {
+        HOLD_ENV_VAR: "generation-0:after_engine_step:3",
+        "RLHFSPEC_FAULT": "generation-1:before_import_kv",
+    }
+    held, release = hold_markers(tmp_path, "generation-0", parse_fault(environ[HOLD_ENV_VAR]))
+    release.parent.mkdir()
+    release.touch()  # released before it holds: it goes straight on
+    assert arm_from_environ("generation", "generation-0", tmp_path, environ) is None  # no kill
+    for _ in range(3):
+        fault_point("after_engine_step")
+    assert held.exists()
+    killed = arm_from_environ("generation", "generation-1", tmp_path, environ)
+    assert killed == FaultSpec("generation-1", "before_import_kv", 1)
+    arm_from_environ("trainer", "trainer-0", tmp_path, {})  # disarm this test process again
 
 
 def test_a_fault_for_another_worker_does_not_arm(tmp_path: Path) -> None:

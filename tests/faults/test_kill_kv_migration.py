@@ -2,8 +2,10 @@
 sample still finishes, with exactly the tokens no migration gives.
 
 Two real generation workers (real vLLM, real redis-server, ``migration: kv``). The source gets
-every task; once samples run, a hand-made KV-transfer order moves two of them to the other
-worker (as ``tests/integration/test_migration_loop.py`` does, without a fault). One worker
+every task at once and is held (``RLHFSPEC_HOLD``) after its HOLD_STEP-th engine step, every
+sample a few tokens in; the test then sends a hand-made KV-transfer order moving two of them to
+the other worker (as ``tests/integration/test_migration_loop.py`` does, without a fault) and
+releases it, so the order always finds them early, however loaded the machine. One worker
 carries ``RLHFSPEC_FAULT``: the source dies right after handing a sample over (snapshot in its
 outbox, its own task unacked: ``after_export_kv``), or the destination dies after pulling the
 snapshot, before vLLM loads it (``before_import_kv``). The test restarts it as a kubelet would.
@@ -23,16 +25,21 @@ from typing import Any
 import pytest
 import yaml
 
-from rlhfspec_workers.faults import ENV_VAR
+from rlhfspec_workers.faults import ENV_VAR, HOLD_ENV_VAR, hold_markers, parse_fault
 from rlhfspec_workers.local.redis_server import RedisServer
 from rlhfspec_workers.local.supervisor import Supervisor, local_worker_env
-from rlhfspec_workers.messages import LoadReport, MigrationOrder, Rollout, SampleTask
+from rlhfspec_workers.messages import MigrationOrder, Rollout, SampleTask
 from rlhfspec_workers.runtime import Bus, WorkerEnv
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
 
 PROMPTS, MAX_TOKENS = 6, 100
 SOURCE, DESTINATION = "generation-0", "generation-1"
+HOLD_STEP = 8
+"""The source stops after this engine step until the order is sent: one token per step (the
+first with the prefill), so every sample is at most HOLD_STEP of MAX_TOKENS tokens in."""
+MOVING = ["it1/p0/0", "it1/p1/0"]
+"""What the order moves: running on the source at the hold (every task starts in step 1)."""
 
 
 def _manifest() -> dict[str, Any]:
@@ -109,6 +116,8 @@ def _run(tmp_path: Path, fault: str) -> MigrationRun:
             storage=tmp_path,
         )
         env[ENV_VAR] = fault  # both workers see it; it names one (faults.FaultSpec)
+        env[HOLD_ENV_VAR] = f"{SOURCE}:after_engine_step:{HOLD_STEP}"
+        held, release = hold_markers(tmp_path, SOURCE, parse_fault(env[HOLD_ENV_VAR]))
         supervisor = Supervisor(tmp_path, env)
         try:
             for index in (0, 1):
@@ -135,23 +144,15 @@ def _run(tmp_path: Path, fault: str) -> MigrationRun:
                 lambda: sum(s.state == "ready" for s in bus.workers().values()) == 2,
             )
             tasks = _tasks()
-            for task in tasks:
-                bus.publish(keys.direct_tasks(SOURCE), task)
-            moving: list[str] = []
 
-            def running_firsts() -> bool:
-                raw = bus.redis.get(keys.load(SOURCE))
-                report = LoadReport.from_bytes(raw) if raw else None
-                samples = [s for s in (report.samples if report else []) if s.running]
-                moving[:] = [
-                    s.sample_id
-                    for s in samples
-                    if 0 < s.generated < MAX_TOKENS // 2 and s.sample_id.endswith("/0")
-                ][:2]
-                assert not samples or min(s.generated for s in samples) < MAX_TOKENS // 2
-                return len(moving) == 2
+            def publish(pipe: Any) -> None:
+                for task in tasks:
+                    bus.queue_publish(pipe, keys.direct_tasks(SOURCE), task)
 
-            wait("the source running samples", running_firsts)
+            # One transaction: the source reads every task at once, so all start in one step.
+            bus.pipelined("publish tasks", publish)
+            wait(f"the source held after engine step {HOLD_STEP}", held.exists)
+            moving = list(MOVING)
             order = MigrationOrder(
                 order_id="fault-1",
                 source=SOURCE,
@@ -160,6 +161,7 @@ def _run(tmp_path: Path, fault: str) -> MigrationRun:
                 mode="kv_transfer",
             )
             bus.publish(keys.migrations_for(SOURCE), order)
+            release.touch()  # the order is in Redis: the source reads it before its next step
             wait("every sample", lambda: bus.redis.scard(keys.done_samples(1)) == len(tasks))
             time.sleep(1.0)  # one more heartbeat: counters are flushed as they happen
             client: Any = bus.redis
@@ -214,3 +216,5 @@ def test_migration_destination_killed_before_loading_a_kv_snapshot(tmp_path: Pat
     # The snapshot is served once: the restarted destination's second pull finds it gone and
     # recomputes the moved prefix instead.
     assert run.stats.get("kv_fallbacks", 0.0) >= 1.0
+    # The surviving source counted what it handed over: a few tokens each, as held.
+    assert 0 < run.stats["migrated_tokens"] <= len(MOVING) * HOLD_STEP

@@ -6,8 +6,10 @@ HTTP and its vLLM loads it through the MigrationConnector).
 
 Greedy decoding makes two samples of one prompt identical, so a migrated sample is checked
 token for token against its unmigrated sibling, with log-probs aligned. Lengths are fixed
-(``ignore_eos``) and every task is handed to one worker, so the samples are still running when
-the order arrives: the test does not race the tiny policy's ~10-token answers.
+(``ignore_eos``) and every task is handed to one worker in one transaction, which is held
+(``RLHFSPEC_HOLD``) after its HOLD_STEP-th engine step until the order is in Redis: the order
+always finds the moved samples a few tokens in, whatever the machine's load (a load report's
+0.5 s period is most of a tiny sample's life, so waiting for an early report is a race).
 """
 
 from __future__ import annotations
@@ -20,17 +22,22 @@ from typing import Any
 import pytest
 import yaml
 
+from rlhfspec_workers.faults import HOLD_ENV_VAR, hold_markers, parse_fault
 from rlhfspec_workers.local.redis_server import RedisServer
 from rlhfspec_workers.local.supervisor import Supervisor, local_worker_env
-from rlhfspec_workers.messages import FIELD, LoadReport, MigrationOrder, Rollout, SampleTask
+from rlhfspec_workers.messages import FIELD, MigrationOrder, Rollout, SampleTask
 from rlhfspec_workers.runtime import Bus, WorkerEnv
 
 pytestmark = pytest.mark.timeout(900)
 
 PROMPTS, MAX_TOKENS = 12, 100
-"""100 of the tiny policy's 128 positions: both halves of a sample (when it may be picked, and
-what is left once the order arrives) last longer than a load report's 0.5 s period."""
+"""100 of the tiny policy's 128 positions: most of a moved sample is decoded after the move."""
 SOURCE, DESTINATION = "generation-0", "generation-1"
+HOLD_STEP = 8
+"""The source stops after this engine step until the order is sent: one token per step (the
+first with the prefill), so every sample is at most HOLD_STEP tokens in."""
+MOVING = ["it1/p0/0", "it1/p1/0", "it1/p2/0"]
+"""What the order moves: running on the source at the hold (every task starts in step 1)."""
 
 
 def _manifest(migration: str) -> dict[str, Any]:
@@ -93,6 +100,8 @@ def test_ordered_migration_moves_running_samples_and_stitches_them_exactly(
             job="migrate", namespace="default", replicas=2, redis_port=server.port,
             redis_password="test", job_config=config, storage=tmp_path,
         )  # fmt: skip
+        env[HOLD_ENV_VAR] = f"{SOURCE}:after_engine_step:{HOLD_STEP}"
+        held, release = hold_markers(tmp_path, SOURCE, parse_fault(env[HOLD_ENV_VAR]))
         supervisor = Supervisor(tmp_path, env)
         try:
             for index in (0, 1):
@@ -111,29 +120,22 @@ def test_ordered_migration_moves_running_samples_and_stitches_them_exactly(
             wait("both workers ready", lambda: sum(
                 s.state == "ready" for s in bus.workers().values()) == 2)  # fmt: skip
             tasks = _tasks()
-            for task in tasks:
-                bus.publish(keys.direct_tasks(SOURCE), task)
-            moving: list[str] = []
 
-            def running_firsts() -> bool:
-                raw = bus.redis.get(keys.load(SOURCE))
-                report = LoadReport.from_bytes(raw) if raw else None
-                samples = [s for s in (report.samples if report else []) if s.running]
-                moving[:] = [
-                    s.sample_id for s in samples
-                    if 0 < s.generated < MAX_TOKENS // 2 and s.sample_id.endswith("/0")
-                ][:3]  # fmt: skip
-                # Fail now, not at the deadline, if the reports skipped the window.
-                assert not samples or min(s.generated for s in samples) < MAX_TOKENS // 2
-                return len(moving) == 3
+            def publish(pipe: Any) -> None:
+                for task in tasks:
+                    bus.queue_publish(pipe, keys.direct_tasks(SOURCE), task)
 
-            wait("the source running samples", running_firsts)
+            # One transaction: the source reads every task at once, so all start in one step.
+            bus.pipelined("publish tasks", publish)
+            wait(f"the source held after engine step {HOLD_STEP}", held.exists)
+            moving = list(MOVING)
             first_scrape = _scrape(supervisor, SOURCE)
             order = MigrationOrder(
                 order_id="test-1", source=SOURCE, destination=DESTINATION, sample_ids=moving,
                 mode=mode,  # type: ignore[arg-type]
             )  # fmt: skip
             bus.publish(keys.migrations_for(SOURCE), order)
+            release.touch()  # the order is in Redis: the source reads it before its next step
             wait("every sample", lambda: bus.redis.scard(keys.done_samples(1)) == len(tasks))
             time.sleep(1.0)  # one more heartbeat: counters are exported as they happen
             second_scrape = _scrape(supervisor, SOURCE)
@@ -147,14 +149,15 @@ def test_ordered_migration_moves_running_samples_and_stitches_them_exactly(
     labels = f'job="migrate",role="generation",worker="{SOURCE}"'
     steps = [_value(text, "rlhfspec_generation_steps_total", labels) for text in
              (first_scrape, second_scrape)]  # fmt: skip
-    assert 0 < steps[0] < steps[1]
+    assert 0 < steps[0] <= HOLD_STEP < steps[1]  # the first scrape is of the held source
     migrations = [_value(text, "rlhfspec_migrations_total", labels, missing=0.0) for text in
                   (first_scrape, second_scrape)]  # fmt: skip
     assert migrations == [0.0, 3.0]
     by_id = {r.sample_id: r for r in rollouts}
     assert len(rollouts) == len(by_id) == len(tasks)  # every sample exactly once
     migrated = sorted(r.sample_id for r in rollouts if r.migrations > 0)
-    assert migrated == sorted(moving)  # each was running with at least half its budget left
+    assert migrated == sorted(moving)  # each was running, held a few tokens in
+    assert 0 < stats["migrated_tokens"] <= len(moving) * HOLD_STEP
     for sample_id in moving:
         r, sibling = by_id[sample_id], by_id[sample_id[:-1] + "1"]
         assert r.worker == DESTINATION and sibling.worker == SOURCE and sibling.migrations == 0

@@ -22,6 +22,17 @@ keeps its environment, so a fault meant to happen once would crash-loop the pod.
 lives with the job's storage (what a restarted pod keeps), so the restarted process sees it
 and does not fire again; local restarts can then reuse the exact same environment too.
 
+A hold instead of a kill (same grammar, same hooks)::
+
+    RLHFSPEC_HOLD=<worker>:<point>[:<nth>]
+
+When the point is reached that time, the process writes ``<...>.held`` (fsynced) and waits,
+doing nothing else, until ``<...>.release`` exists next to it (``hold_markers``). A test uses it
+to freeze a worker at a known moment (e.g. a generation worker between two engine steps, its
+samples provably a few tokens in), act on the frozen state, then let it go: what would
+otherwise be a race with the worker's own pace becomes a fixed order. The ``held`` marker
+keeps a restarted process from holding again, as ``fired`` does.
+
 Unset (every production process), :func:`fault_point` costs one dict lookup. A variable that
 names no hook, an unknown role, or an ``nth`` that is not a positive integer is refused at
 start, with the list of hooks (:class:`FaultSpecError`).
@@ -32,11 +43,16 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 ENV_VAR = "RLHFSPEC_FAULT"
+HOLD_ENV_VAR = "RLHFSPEC_HOLD"
+HOLD_POLL_SECONDS = 0.01
+HOLD_MAX_SECONDS = 300.0
+"""A hold nobody releases (its test died) ends by itself: the process is never stuck for good."""
 ROLES = ("coordinator", "generation", "inference", "trainer")
 
 FAULT_POINTS: dict[str, str] = {
@@ -46,6 +62,10 @@ FAULT_POINTS: dict[str, str] = {
     ),
     "after_weight_publish": (
         "trainer: weights/v<N> is published in Redis, the iteration's experiences are not acked yet"
+    ),
+    "mid_draft_write": (
+        "trainer: a refreshed draft model's files are written into the temporary drafts dir, "
+        "not yet renamed to drafts/v<N>; the policy's weights/v<N> is not yet published"
     ),
     "mid_weight_load": (
         "generation: vLLM has reloaded the new policy's weights, the packed embedding copies "
@@ -70,6 +90,10 @@ FAULT_POINTS: dict[str, str] = {
     "before_import_kv": (
         "generation (migration destination): a moved sample's KV snapshot is pulled and "
         "verified, not yet loaded into vLLM; the handed-over task is not acked"
+    ),
+    "after_engine_step": (
+        "generation: an engine step ran and is being recorded (reached once per step); the "
+        "samples still decoding have unacked tasks. Held here, a worker decodes nothing"
     ),
     "coordinator_mid_iteration": (
         "coordinator: an iteration's tasks are published and recorded, the iteration is not "
@@ -101,23 +125,23 @@ def _hooks() -> str:
     return ", ".join(sorted(FAULT_POINTS))
 
 
-def parse_fault(value: str) -> FaultSpec:
+def parse_fault(value: str, variable: str = ENV_VAR) -> FaultSpec:
     """``<worker>:<point>[:<nth>]`` -> :class:`FaultSpec`; :class:`FaultSpecError` naming the
-    part that is wrong and what is allowed."""
+    part that is wrong and what is allowed (``variable``: which one it came from)."""
     parts = value.strip().split(":")
     if len(parts) not in (2, 3):
         raise FaultSpecError(
-            f"{ENV_VAR}={value!r}: expected <worker>:<point>[:<nth>] (hooks: {_hooks()})"
+            f"{variable}={value!r}: expected <worker>:<point>[:<nth>] (hooks: {_hooks()})"
         )
     worker, point = parts[0], parts[1]
     match = _WORKER.match(worker)
     if match is None or match.group("role") not in ROLES:
         raise FaultSpecError(
-            f"{ENV_VAR}={value!r}: worker {worker!r} unknown (allowed: a role of "
+            f"{variable}={value!r}: worker {worker!r} unknown (allowed: a role of "
             f"{', '.join(ROLES)}, or <role>-<index> such as generation-1)"
         )
     if point not in FAULT_POINTS:
-        raise FaultSpecError(f"{ENV_VAR}={value!r}: no fault hook {point!r} (hooks: {_hooks()})")
+        raise FaultSpecError(f"{variable}={value!r}: no fault hook {point!r} (hooks: {_hooks()})")
     nth = 1
     if len(parts) == 3:
         try:
@@ -126,7 +150,7 @@ def parse_fault(value: str) -> FaultSpec:
             nth = 0
         if nth < 1:
             raise FaultSpecError(
-                f"{ENV_VAR}={value!r}: nth {parts[2]!r} is not allowed (a positive integer)"
+                f"{variable}={value!r}: nth {parts[2]!r} is not allowed (a positive integer)"
             )
     return FaultSpec(worker, point, nth)
 
@@ -135,54 +159,86 @@ def parse_fault(value: str) -> FaultSpec:
 class _Armed:
     spec: FaultSpec
     marker: Path
+    hold: bool = False
+    """Wait for the release file instead of dying."""
     reached: int = 0
 
 
-_armed: dict[str, _Armed] = {}
-"""point -> the armed fault; empty unless this process was started with the variable."""
+_armed: dict[str, list[_Armed]] = {}
+"""point -> what is armed there (a hold before a kill); empty unless this process was started
+with a variable naming it."""
 
 
-def marker_path(storage: Path, worker: str, spec: FaultSpec) -> Path:
-    """Where the fired fault leaves its mark (the job's storage survives the restart)."""
-    return Path(storage) / "faults" / f"{worker}.{spec.point}.{spec.nth}.fired"
+def marker_path(storage: Path, worker: str, spec: FaultSpec, kind: str = "fired") -> Path:
+    """Where the fired fault (``kind`` fired) or hold (held, release) leaves its mark: on the
+    job's storage, which survives the restart."""
+    return Path(storage) / "faults" / f"{worker}.{spec.point}.{spec.nth}.{kind}"
+
+
+def hold_markers(storage: Path, worker: str, spec: FaultSpec) -> tuple[Path, Path]:
+    """(held, release): the held process writes the first; whoever holds it creates the second
+    to let it go."""
+    return marker_path(storage, worker, spec, "held"), marker_path(storage, worker, spec, "release")
 
 
 def arm_from_environ(
     role: str, worker: str, storage: Path, environ: Mapping[str, str] | None = None
 ) -> FaultSpec | None:
-    """Read ``RLHFSPEC_FAULT`` once at process start; arm it when it names this process and
-    has not fired yet on this job's storage. Returns the armed spec (None: nothing armed).
-    :class:`FaultSpecError` when the variable is malformed, whoever it names."""
+    """Read ``RLHFSPEC_FAULT`` and ``RLHFSPEC_HOLD`` once at process start; arm each that names
+    this process and has not fired (held) yet on this job's storage. Returns the armed fault
+    (None: no kill armed). :class:`FaultSpecError` when either is malformed, whoever it names."""
     _armed.clear()
-    value = (os.environ if environ is None else environ).get(ENV_VAR, "").strip()
-    if not value:
-        return None
-    spec = parse_fault(value)
-    if not spec.applies_to(role, worker):
-        return None
-    marker = marker_path(storage, worker, spec)
-    if marker.exists():
-        return None  # fired in an earlier incarnation of this worker: run normally now
-    _armed[spec.point] = _Armed(spec, marker)
-    return spec
+    source = os.environ if environ is None else environ
+    specs = {
+        variable: parse_fault(value, variable)
+        for variable in (HOLD_ENV_VAR, ENV_VAR)  # a hold is checked before a kill
+        if (value := source.get(variable, "").strip())
+    }
+    fault = None
+    for variable, spec in specs.items():
+        hold = variable == HOLD_ENV_VAR
+        marker = marker_path(storage, worker, spec, "held" if hold else "fired")
+        if not spec.applies_to(role, worker) or marker.exists():
+            continue  # someone else's, or done in an earlier incarnation: run normally now
+        _armed.setdefault(spec.point, []).append(_Armed(spec, marker, hold=hold))
+        fault = fault if hold else spec
+    return fault
 
 
 def fault_point(name: str) -> None:
-    """The named moment: SIGKILL this process if the armed fault is for here and now."""
+    """The named moment: SIGKILL this process (or hold it) if armed for here and now."""
     armed = _armed.get(name)
-    if armed is None:
+    if not armed:
         return
-    armed.reached += 1
-    if armed.reached < armed.spec.nth:
-        return
-    _armed.pop(name, None)
-    _leave_marker(armed.marker)
-    print(f"[rlhfspec] fault injected: SIGKILL at {name} (time {armed.reached})", flush=True)
-    os.kill(os.getpid(), signal.SIGKILL)
+    for entry in list(armed):
+        entry.reached += 1
+        if entry.reached < entry.spec.nth:
+            continue
+        armed.remove(entry)
+        _leave_marker(entry.marker)
+        if entry.hold:
+            _hold(name, entry)
+            continue
+        print(f"[rlhfspec] fault injected: SIGKILL at {name} (time {entry.reached})", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _hold(name: str, entry: _Armed) -> None:
+    """Do nothing until the release file appears (HOLD_MAX_SECONDS at most)."""
+    release = entry.marker.with_suffix(".release")
+    print(f"[rlhfspec] fault hold at {name} (time {entry.reached}) until {release}", flush=True)
+    deadline = time.monotonic() + HOLD_MAX_SECONDS
+    while not release.exists():
+        if time.monotonic() > deadline:
+            print(f"[rlhfspec] fault hold at {name}: not released, going on", flush=True)
+            return
+        time.sleep(HOLD_POLL_SECONDS)
+    print(f"[rlhfspec] fault hold at {name}: released", flush=True)
 
 
 def _leave_marker(marker: Path) -> None:
-    """Write and fsync the marker (and its dir) before dying, so the restart sees it."""
+    """Write and fsync the marker (and its dir) before dying or holding, so the restart sees
+    it."""
     marker.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:

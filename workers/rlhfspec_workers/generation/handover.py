@@ -173,6 +173,7 @@ class Handover:
 
     def observe_step(self, step: StepRecord) -> None:
         self.recent_steps.append(step)
+        fault_point("after_engine_step")  # tests hold a worker here: decoding stops between steps
 
     def observe_finished(self, length: int) -> None:
         """A training sample of ``length`` tokens finished here (the planner's length prior)."""

@@ -106,21 +106,24 @@ def test_worker_refuses_an_unknown_hook_at_start_with_the_list(
     assert "Traceback" not in result.stderr
 
 
-def test_local_run_refuses_an_unknown_hook_before_starting_anything(tmp_path: Path) -> None:
+@pytest.mark.parametrize("variable", ["RLHFSPEC_FAULT", HOLD_ENV_VAR])
+def test_local_run_refuses_an_unknown_hook_before_starting_anything(
+    tmp_path: Path, variable: str
+) -> None:
     job = yaml.safe_load((ROOT / "examples" / "tiny-grpo.yaml").read_text())
     manifest = tmp_path / "job.yaml"
     manifest.write_text(yaml.safe_dump(job))
     run_dir = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, "-m", "rlhfspec_cli", "run", str(manifest), "--run-dir", str(run_dir)],
-        env={**os.environ, "RLHFSPEC_FAULT": "inference:nowhere"},
+        env={**os.environ, variable: "inference:nowhere"},
         capture_output=True,
         text=True,
         timeout=120,
         cwd=ROOT,
     )
     assert result.returncode == 1, result.stderr
-    assert "no fault hook 'nowhere'" in result.stderr
+    assert f"{variable}='inference:nowhere': no fault hook 'nowhere'" in result.stderr
     assert "before_publish_experiences" in result.stderr
     assert not run_dir.exists()
 

@@ -133,6 +133,8 @@ def test_iteration_status_and_decisions_become_gauges(metrics: WorkerMetrics) ->
         weight_version=2,
         strategy_table_version=7,
         stage_seconds={"generation": 3.0, "inference": 1.0, "training": 2.0, "sync": 0.5},
+        draft_acceptance={"draft_model": 0.375, "suffix": 0.25},
+        draft_version=1,
     )
     metrics.observe_iteration(record)
     metrics.observe_iteration(record.model_copy(update={"iteration": 3, "reward_mean": 0.5}))
@@ -160,6 +162,9 @@ def test_iteration_status_and_decisions_become_gauges(metrics: WorkerMetrics) ->
     assert value(samples, "rlhfspec_stage_seconds", stage="training") == 2.0
     assert value(samples, "rlhfspec_stage_cumulative_seconds_total", stage="generation") == 6.0
     assert value(samples, "rlhfspec_iteration_migrations") == 4
+    assert value(samples, "rlhfspec_iteration_draft_acceptance", drafter="draft_model") == 0.375
+    assert value(samples, "rlhfspec_iteration_draft_acceptance", drafter="suffix") == 0.25
+    assert value(samples, "rlhfspec_draft_version") == 1
     assert value(samples, "rlhfspec_iteration_samples_reclaimed") == 1
     assert value(samples, "rlhfspec_calibration_age_seconds") == 12.5
     assert value(samples, "rlhfspec_strategy_table_version") == 8  # the heartbeat came last

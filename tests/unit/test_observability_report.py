@@ -49,6 +49,9 @@ def recorded_run() -> list[IterationMetrics]:
                 },
                 weight_version=it,
                 batch_trace=trace,
+                draft_acceptance={"draft_model": 0.5 + 0.125 * it, "suffix": 0.25},
+                draft_version=it - 1,
+                draft_refresh_seconds=0.0 if it == 3 else 0.375,
             )
         )
     return records
@@ -96,6 +99,10 @@ def test_report_writes_every_plot_and_a_summary_equal_to_the_jsonl(
         for stage, seconds in j["stage_seconds"].items():
             assert row[f"{stage} s"] == f"{seconds:.2f}"
         assert row["strategy"] == "draft_model:k=4 (75%), off:k=0 (25%)"
+        rates = j["draft_acceptance"]
+        assert row["draft acceptance"] == f"draft_model {rates['draft_model']:.2f}, suffix 0.25"
+        assert int(row["draft version"]) == j["draft_version"]
+        assert row["draft refresh s"] == f"{j['draft_refresh_seconds']:.2f}"
     tokens = sum(j["tokens"] for j in jsonl)
     assert f"tokens generated: {tokens};" in summary
     assert "Iterations recorded: 3 of 4" in summary

@@ -34,7 +34,7 @@ import yaml
 
 from rlhfspec_api.manifest import DocumentError, ManifestError, RLHFJob, load_rlhfjob
 from rlhfspec_workers.faults import ENV_VAR as FAULT_ENV_VAR
-from rlhfspec_workers.faults import FaultSpecError, parse_fault
+from rlhfspec_workers.faults import HOLD_ENV_VAR, FaultSpecError, parse_fault
 from rlhfspec_workers.local.redis_server import (
     RedisNotInstalledError,
     RedisServer,
@@ -347,11 +347,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.iterations is not None and args.iterations < 1:
         return _fail([f"--iterations: {args.iterations} is not allowed (>= 1)"])
-    if os.environ.get(FAULT_ENV_VAR, "").strip():
-        try:  # test-only fault injection: refuse a hook that does not exist before any start
-            parse_fault(os.environ[FAULT_ENV_VAR])
-        except FaultSpecError as exc:
-            return _fail([str(exc)])
+    for variable in (FAULT_ENV_VAR, HOLD_ENV_VAR):
+        if os.environ.get(variable, "").strip():
+            try:  # test-only fault injection: refuse a hook that does not exist before any start
+                parse_fault(os.environ[variable], variable)
+            except FaultSpecError as exc:
+                return _fail([str(exc)])
     try:
         job = load_rlhfjob(args.manifest)
     except DocumentError as exc:

@@ -199,6 +199,14 @@ class WorkerMetrics:
         self.iteration_accepted_length = self._gauge(
             "iteration_mean_accepted_length", "Mean accepted length of the last iteration."
         )
+        self.iteration_draft_acceptance = self._gauge(
+            "iteration_draft_acceptance",
+            "Accepted / drafted tokens of each drafter in the last iteration.",
+            ("drafter",),
+        )
+        self.draft_version = self._gauge(
+            "draft_version", "Draft model version that drafted in the last iteration (0: given)."
+        )
         self.iteration_migrations = self._gauge(
             "iteration_migrations", "Samples migrated in the last iteration."
         )
@@ -325,6 +333,10 @@ class WorkerMetrics:
             self._own(self.iteration_accepted_length).set(m.mean_accepted_length)
         if m.strategy_table_version is not None:
             self._own(self.strategy_table_version).set(m.strategy_table_version)
+        for drafter, rate in m.draft_acceptance.items():
+            self._own(self.iteration_draft_acceptance, drafter).set(rate)
+        if m.draft_version is not None:
+            self._own(self.draft_version).set(m.draft_version)
         self._own(self.iteration_migrations).set(m.migrations)
         self._own(self.iteration_reclaimed).set(m.reclaimed)
         self._own(self.weight_version).set(m.weight_version)

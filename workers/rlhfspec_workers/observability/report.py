@@ -28,6 +28,7 @@ TRACE_FIELDS = (
     "t_seconds", "worker_index", "running_batch", "k", "tokens_per_second", "tokens_so_far",
 )  # fmt: skip
 """A batch_trace row; records written before ``tokens_so_far`` existed have the first five."""
+TEXT_COLUMNS = ("strategy", "draft acceptance")
 
 
 class ReportError(Exception):
@@ -146,8 +147,23 @@ def strategy_cell(strategies: dict[str, int]) -> str:
     return ", ".join(cells)
 
 
+def acceptance_cell(acceptance: dict[str, float]) -> str:
+    """Accepted / drafted tokens per drafter, ``name rate``, highest first (``-``: no drafts)."""
+    ranked = sorted(acceptance.items(), key=lambda item: (-item[1], item[0]))
+    return ", ".join(f"{name} {rate:.2f}" for name, rate in ranked) or "-"
+
+
+def draft_columns(records: Sequence[IterationMetrics]) -> tuple[bool, bool]:
+    """(a draft model drafted in some iteration, it was refreshed in some iteration)."""
+    return (
+        any(r.draft_version is not None for r in records),
+        any(r.draft_refresh_seconds > 0 for r in records),
+    )
+
+
 def summary_markdown(records: Sequence[IterationMetrics], source: str) -> str:
     stages = stage_names(records)
+    versions, refreshes = draft_columns(records)
     header = [
         "iteration",
         "samples",
@@ -158,6 +174,9 @@ def summary_markdown(records: Sequence[IterationMetrics], source: str) -> str:
         "eval accuracy",
         "tokens/s",
         "accept length",
+        "draft acceptance",
+        *(["draft version"] if versions else []),
+        *(["draft refresh s"] if refreshes else []),
         "strategy",
         "migrations",
         "reclaimed",
@@ -175,6 +194,9 @@ def summary_markdown(records: Sequence[IterationMetrics], source: str) -> str:
             fmt(r.eval_accuracy, 3),
             fmt(r.tokens_per_second, 1),
             fmt(r.mean_accepted_length, 2),
+            acceptance_cell(r.draft_acceptance),
+            *([str(r.draft_version) if r.draft_version is not None else "-"] if versions else []),
+            *([fmt(r.draft_refresh_seconds, 2)] if refreshes else []),
             strategy_cell(r.strategies),
             str(r.migrations),
             str(r.reclaimed),
@@ -196,7 +218,7 @@ def summary_markdown(records: Sequence[IterationMetrics], source: str) -> str:
         f"samples reclaimed: {sum(r.reclaimed for r in records)}.",
         "",
         "| " + " | ".join(header) + " |",
-        "|" + "|".join("---:" if h != "strategy" else "---" for h in header) + "|",
+        "|" + "|".join("---" if h in TEXT_COLUMNS else "---:" for h in header) + "|",
         *("| " + " | ".join(row) + " |" for row in rows),
         "",
         "Plots: `reward_kl.png`, `stage_times.png`, `throughput_k_batch.png`, `worker_batch.png`.",

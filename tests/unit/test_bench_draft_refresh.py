@@ -114,6 +114,10 @@ def test_summary_ratios_on_hand_made_rows() -> None:
     pays = ratios["refresh_pays"]
     assert pays["generation_seconds_saved"] == pytest.approx(2.0)
     assert pays["ratio"] == pytest.approx(1.0)
+    # Only iteration 2 drafted with a refreshed draft (version 1): it saved 2 s of 2 spent.
+    assert pays["fresh_iterations"] == [2]
+    assert pays["fresh_generation_seconds_saved"] == pytest.approx(2.0)
+    assert pays["fresh_ratio"] == pytest.approx(1.0)
     assert ratios["end_to_end_frozen_over_refreshed"] == pytest.approx(14 / 12)
     text = "\n".join(table(summary))
     assert "refresh pays:" in text and "= 1.00: does not pay for itself" in text
@@ -130,6 +134,8 @@ def test_summary_without_refresh_time_or_some_arms() -> None:
     # Nothing refreshed: no ratio, rather than a division by zero or infinity.
     assert ratios["refresh_pays"]["ratio"] is None
     assert ratios["refresh_pays"]["generation_seconds_saved"] == -2.0
+    assert ratios["refresh_pays"]["fresh_iterations"] == []
+    assert ratios["refresh_pays"]["fresh_ratio"] is None
     assert "refresh_pays" not in summarise({"none": frozen, "frozen": frozen})["ratios"]
     assert table(summary)  # prints with missing figures
 
@@ -191,3 +197,20 @@ def test_registered_under_rlhfspec_bench(capsys: pytest.CaptureFixture[str]) -> 
     assert "draft-refresh" in cli.SELF_PARSING
     assert cli.main(["draft-refresh", "--k", "0"]) == 2
     assert "--k: 0 is outside 1..8" in capsys.readouterr().err
+
+
+def test_refresh_pays_also_counts_only_iterations_with_a_refreshed_draft() -> None:
+    frozen = rows(
+        record(1, 100.0, 3.0, 5.0, acceptance=0.6, version=0),
+        record(2, 100.0, 4.0, 6.0, acceptance=0.4, version=0),
+    )
+    refreshed = rows(
+        record(1, 150.0, 2.0, 5.0, acceptance=0.6, version=0, refresh=1.0),
+        record(2, 130.0, 3.0, 5.0, acceptance=0.6, version=1),
+    )
+    pays = summarise({"frozen": frozen, "refreshed": refreshed})["ratios"]["refresh_pays"]
+    # All iterations: 7 - 5 = 2 s saved for 1 s of refreshing. Iteration 1 drafted with the
+    # same draft in both arms, so only iteration 2's 1 s is the refresh's doing.
+    assert pays["ratio"] == pytest.approx(2.0)
+    assert pays["fresh_iterations"] == [2]
+    assert pays["fresh_ratio"] == pytest.approx(1.0)

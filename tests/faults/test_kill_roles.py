@@ -58,6 +58,18 @@ def assert_trained_like_fault_free(run: FaultRun, fault_free: FaultRun) -> None:
     assert run.stream_lengths == {"tasks": samples, "rollouts": samples, "experience": samples}
 
 
+def assert_tokens_are_the_trained_tokens(run: FaultRun) -> None:
+    """Each metrics row's ``tokens`` (what tokens/s is computed from) is the sum of the
+    response tokens the trainer trained on in that iteration: every sample counted once."""
+    rows = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").open()]
+    tokens = {row["iteration"]: row["tokens"] for row in rows}
+    trained = {
+        iteration: sum(line["response_tokens"] for line in lines)
+        for iteration, lines in run.trained.items()
+    }
+    assert tokens == trained, (tokens, trained)
+
+
 def _fired(run: FaultRun) -> list[str]:
     return sorted(p.name for p in (run.run_dir / "faults").glob("*.fired"))
 
@@ -161,3 +173,7 @@ def test_generation_killed_with_finished_samples_unpublished(
     assert_trained_like_fault_free(run, fault_free_run)
     # Nothing was published before the kill: every rollout came from the restarted worker.
     assert all(t > run.fired_at() for t in run.rollouts_at.values())
+    # The killed worker had decoded (and counted, as its own work) samples it never
+    # published; the iteration's tokens count each published sample once, as without a kill.
+    assert_tokens_are_the_trained_tokens(run)
+    assert_tokens_are_the_trained_tokens(fault_free_run)

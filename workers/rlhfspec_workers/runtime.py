@@ -52,6 +52,12 @@ RECLAIM_SCAN_CALLS = 8
 """XAUTOCLAIM calls per reclaim: enough to walk every live worker's pending entries."""
 _T = TypeVar("_T")
 _M = TypeVar("_M", bound=Message)
+_MARK_DONE_AND_ADD = """
+if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
+for i = 2, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[2], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+"""Mark a sample done; add its figures to a hash only when it was not done already."""
 
 
 class StreamEntry(NamedTuple, Generic[_M]):
@@ -159,6 +165,18 @@ class Bus:
     def queue_publish(pipe: Any, stream: str, message: Message) -> None:
         """``publish`` inside a :meth:`pipelined` build."""
         pipe.xadd(stream, {FIELD: message.to_bytes()})
+
+    @staticmethod
+    def queue_mark_done(
+        pipe: Any, done_key: str, sample_id: str, stats_key: str, amounts: Mapping[str, float]
+    ) -> None:
+        """Inside a :meth:`pipelined` build: add ``sample_id`` to the done set at ``done_key``
+        and, only if it was not there yet, each amount to its field of the hash at
+        ``stats_key``. One script, so a sample's figures are added exactly once however often
+        it is published (a copy finished by two workers, a transaction re-sent after a lost
+        reply)."""
+        flat = [str(x) for pair in amounts.items() for x in pair]
+        pipe.eval(_MARK_DONE_AND_ADD, 2, done_key, stats_key, sample_id, *flat)
 
     def read_group(
         self,

@@ -320,8 +320,11 @@ class Coordinator:
         """One row per generation worker: [t, worker, running, k, tokens/s, tokens so far].
 
         The rate is the worker's generated-token counter over the interval since this
-        stage's previous row (not the worker's own recent-window figure), so the rows of a
-        stage add up to exactly the tokens the iteration's tokens/s is computed from."""
+        stage's previous row (not the worker's own recent-window figure). The counter is the
+        work a worker decoded; the iteration's tokens (what tokens/s is computed from) count
+        each published sample once. Without kills the rows of a stage add up to exactly those
+        tokens; a worker killed before publishing decodes its samples again (and its counter
+        restarts from 0), so there they differ."""
         points = []
         for name, status in sorted(workers.items()):
             if status.role != "generation":

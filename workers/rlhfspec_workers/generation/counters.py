@@ -4,7 +4,9 @@ Where it sits: owned by the generation worker (``worker.GenerationWorker``) and 
 everything that moves a sample: the loop (engine steps, finished samples, weight syncs), the
 hand-over (migrations, reclaimed tasks, KV snapshots sent) and the KV pulls (snapshots
 received, fallbacks). Each heartbeat drains the per-iteration figures into the iteration's
-gen-stats hash in Redis and reports the token totals in the worker's status.
+gen-stats hash in Redis and reports the token totals in the worker's status. The iteration's
+``tokens`` and ``samples`` figures are not among them: they are added with the transaction that
+publishes a sample (``worker._finish``), so a sample counts once however often it was decoded.
 """
 
 from __future__ import annotations
@@ -38,15 +40,17 @@ class GenerationCounters:
 
     def count_generated(self, task: SampleTask, produced: int) -> None:
         """Tokens this worker decoded for ``task``, counted when the sample finishes here or
-        is handed over (the prefix it carries away): every token of an iteration is counted
-        once, by the worker that decoded it, so tokens/s and the per-worker trace include
-        migrated samples' work on both sides. Held-out samples stay out of the training
-        figures and the trace."""
+        is handed over (the prefix it carries away), by the worker that decoded them, so
+        its rate and the per-worker trace (``tokens_total``, in the heartbeat) include
+        migrated samples' work on both sides. This is work done, not samples made: a sample
+        decoded again after a kill counts again here. The iteration's ``tokens`` figure is
+        not counted here but when the sample is published (``worker._finish``), once per
+        sample; without kills or copies the two agree. Held-out samples stay out of
+        ``tokens_total`` and the trace."""
         self._recent.append((time.monotonic(), produced))
         if task.eval:
             return
         self.tokens_total += produced
-        self.add(task.iteration, "tokens", produced)
 
     def tokens_per_second(self, now: float) -> float:
         """Decoded tokens per second over the last few seconds (``now``: monotonic)."""

@@ -214,7 +214,11 @@ class GenerationWorker:
     def _finish(self, results: dict[str, SampleResult]) -> None:
         """Publish the step's finished samples (by sample id), mark them done and ack their
         tasks: one transaction for the whole step, so a sample is never published without
-        being marked done (a redelivered task is then skipped, not generated twice)."""
+        being marked done (a redelivered task is then skipped, not generated twice). The
+        iteration's ``tokens`` and ``samples`` figures are added in the same transaction, by
+        the call that marks the sample done and only if it was not done yet: each published
+        sample counts once, with its whole response (a migrated sample's prefix included),
+        however often it was decoded (a worker killed before publishing decodes it again)."""
         if not results:
             return
         finished: list[tuple[Sample, Rollout]] = []
@@ -227,7 +231,13 @@ class GenerationWorker:
             for sample, rollout in finished:
                 task = sample.task
                 self.bus.queue_publish(pipe, keys.rollouts, rollout)
-                pipe.sadd(keys.done_samples(task.iteration, eval=task.eval), task.sample_id)
+                done = keys.done_samples(task.iteration, eval=task.eval)
+                if task.eval:  # held-out samples are not part of any iteration's counters
+                    pipe.sadd(done, task.sample_id)
+                else:
+                    figures = {"tokens": float(len(rollout.token_ids)), "samples": 1.0}
+                    stats = keys.generation_stats(task.iteration)
+                    self.bus.queue_mark_done(pipe, done, task.sample_id, stats, figures)
                 for stream, entry_ids in sample.entries_by_stream().items():
                     pipe.xack(stream, Keys.GENERATION_GROUP, *entry_ids)
 
@@ -236,11 +246,10 @@ class GenerationWorker:
             self.counters.count_generated(task, len(rollout.token_ids) - len(task.prefix_token_ids))
             if not task.eval:
                 self.handover.observe_finished(len(rollout.token_ids))
-                self.counters.add(task.iteration, "samples", 1)
         if not self.table.running():
-            # This worker's last samples: its counters reach Redis before they are marked
-            # done. The coordinator reads an iteration's figures once training is over, which
-            # on a small job comes sooner than the next heartbeat (tokens read 0 in 1 run of 2).
+            # This worker's last samples: its other counters (engine steps, strategies) reach
+            # Redis before they are marked done. The coordinator reads an iteration's figures
+            # once training is over, which on a small job comes sooner than the next heartbeat.
             self._record_steps()
             self._beat(force=True)
         fault_point("before_publish_rollouts")

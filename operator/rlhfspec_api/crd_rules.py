@@ -42,8 +42,10 @@ from pydantic import BaseModel
 
 from rlhfspec_api.generation import (
     MODEL_BASED_DRAFTERS,
+    REFRESHABLE_DRAFTERS,
     DrafterMethod,
     DrafterSpec,
+    DraftRefreshSpec,
     SpeculativeSpec,
 )
 from rlhfspec_api.models import MODEL_URI_SCHEMES, ModelRef, Resources
@@ -268,6 +270,7 @@ def _spec_rules() -> list[CrdRule]:
 
 def _part_rules() -> list[CrdRule]:
     model_based = _in(sorted(m.value for m in MODEL_BASED_DRAFTERS))
+    refreshable = _in(sorted(m.value for m in REFRESHABLE_DRAFTERS))
     lookup_min = value_or_default(DrafterSpec, "promptLookupMin")
     lookup_max = value_or_default(DrafterSpec, "promptLookupMax")
     spec_mode = value_or_default(SpeculativeSpec, "mode")
@@ -310,6 +313,19 @@ def _part_rules() -> list[CrdRule]:
             f"self.method in {model_based} || !has(self.model)",
             "ngram, suffix and suffix_tree are model-free and take no model",
             ".model",
+        ),
+        CrdRule(
+            DrafterSpec,
+            f"!has(self.refresh) || self.method in {refreshable}",
+            "refresh applies to method draft_model only (the others have no model the draft "
+            "builder distils)",
+            ".refresh",
+        ),
+        CrdRule(
+            DraftRefreshSpec,
+            "has(self.every) || has(self.onAcceptanceBelow)",
+            "a refresh needs a trigger: set every, onAcceptanceBelow, or both",
+            ".every",
         ),
         CrdRule(
             DrafterSpec,

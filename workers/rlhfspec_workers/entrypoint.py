@@ -5,7 +5,8 @@ trainer>`` with the job contract in their environment (``runtime.WorkerEnv``); l
 starts the same command as processes. This parses the job once, runs preflight (a bad model
 path or dataset row fails here, naming the field, before any engine starts), waits for Redis
 (with backoff), then hands over to the role's loop. Exit codes: 0 done, 1 bad input or a
-failed run, 2 a broken environment contract (refused Redis credentials included), 143
+failed run, 2 a broken environment contract (refused Redis credentials included), 3 Redis
+unreachable for longer than the retry limit (``redis_retry``; the restarted pod rejoins), 143
 stopped by SIGTERM.
 """
 
@@ -23,6 +24,11 @@ from rlhfspec_api.manifest import DocumentError, ManifestError
 from rlhfspec_workers.faults import FaultSpecError, arm_from_environ
 from rlhfspec_workers.observability.metrics import WorkerMetrics
 from rlhfspec_workers.preflight import PreflightError, preflight
+from rlhfspec_workers.redis_retry import (
+    RedisUnreachableError,
+    RetryLimitError,
+    retry_seconds_from_environ,
+)
 from rlhfspec_workers.runtime import ROLES, Bus, RedisCredentialsError, WorkerEnv, WorkerEnvError
 
 LOOPS = {
@@ -53,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         env = WorkerEnv.from_environ(args.role)
-    except WorkerEnvError as exc:
+        retry_seconds = retry_seconds_from_environ()
+    except (WorkerEnvError, RetryLimitError) as exc:
         print(f"rlhfspec worker {args.role}: {exc}", file=sys.stderr)
         return 2
     try:
@@ -83,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     metrics = WorkerMetrics(env.job, env.role, env.worker)
     port = metrics.serve(env.metrics_port)
-    bus = Bus(env, metrics=metrics)
+    bus = Bus(env, metrics=metrics, retry_seconds=retry_seconds)
     loop = importlib.import_module(LOOPS[args.role])
     print(
         f"[rlhfspec] {env.worker} of {env.namespace}/{env.job} starting (metrics on :{port})",
@@ -96,6 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The last line of the log: the pod's termination message, which the operator shows.
         print(f"rlhfspec worker {args.role}: {exc}", file=sys.stderr, flush=True)
         return 2
+    except RedisUnreachableError as exc:
+        print(f"rlhfspec worker {args.role}: {exc}", file=sys.stderr, flush=True)
+        return 3
     except (Stopped, KeyboardInterrupt):
         print(f"[rlhfspec] {env.worker}: stopped", file=sys.stderr, flush=True)
         return 143

@@ -8,10 +8,11 @@ redis-server and real worker processes) and restarts what dies of SIGKILL the wa
 does: a worker with the same command, environment and storage, its log appended to (a
 kubelet restarting the pod's container); redis-server on the same port, password and AOF, the
 AOF check first (the managed Redis pod restarting on its claim). Any other non-zero exit fails
-the run. With a :class:`ChaosMonkey` it SIGKILLs a random process of the chosen roles every
-``--kill-every`` seconds (jittered, seeded). At the end it reads what the trainer trained on
-(``<storage>/trained/iter-N.jsonl``) against the sample ids the coordinator draws for each
-iteration: samples lost and duplicated must both be 0.
+the run, unless the caller names its code (the Redis partition test restarts workers that exit
+:data:`REDIS_UNREACHABLE`). With a :class:`ChaosMonkey` it SIGKILLs a random process of the
+chosen roles every ``--kill-every`` seconds (jittered, seeded). At the end it reads what the
+trainer trained on (``<storage>/trained/iter-N.jsonl``) against the sample ids the coordinator
+draws for each iteration: samples lost and duplicated must both be 0.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,9 @@ from rlhfspec_workers.trainer.trained_record import read_trained_record
 ROLES = ("generation", "inference", "trainer", "coordinator", "redis")
 PROMPTS, SAMPLES = 4, 2
 SIGKILLED = -9
+REDIS_UNREACHABLE = 3
+"""``rlhfspec worker``'s exit code when Redis stayed unreachable past the retry limit
+(``redis_retry``): the pod is restarted and rejoins once Redis answers."""
 
 
 def tiny_greedy_job(name: str, iterations: int) -> RLHFJob:
@@ -111,6 +115,8 @@ class JobRun:
     """The iteration of every row in the coordinator's metrics stream, in order."""
     restarted_at: list[tuple[str, float]] = field(default_factory=list)
     """(worker, wall time) of every worker restart."""
+    exits: list[tuple[str, int]] = field(default_factory=list)
+    """(worker, exit code) of every worker death that was restarted, in order (SIGKILL: -9)."""
     seconds: float = 0.0
 
     def log(self, worker: str) -> str:
@@ -186,11 +192,12 @@ def run_restarting(
     timeout: float = 420.0,
     chaos: Chaos | None = None,
     restart_delay: float = 0.0,
+    restart_codes: Collection[int] = (SIGKILLED,),
 ) -> JobRun:
     """Run ``job`` to the end (``fault``: ``RLHFSPEC_FAULT``'s value, None for none); restart
-    whatever dies of SIGKILL, a worker ``restart_delay`` s after its death (a kubelet's
-    crash-loop back-off starts at 10 s); AssertionError on any other crash or after
-    ``timeout`` s."""
+    whatever dies of SIGKILL (a worker also when it exits with another code in
+    ``restart_codes``), a worker ``restart_delay`` s after its death (a kubelet's crash-loop
+    back-off starts at 10 s); AssertionError on any other crash or after ``timeout`` s."""
     saved = {name: os.environ.get(name) for name in (FAULT_ENV_VAR, "RLHFSPEC_TASK_LEASE_MS")}
     if fault is None:
         os.environ.pop(FAULT_ENV_VAR, None)
@@ -225,8 +232,10 @@ def run_restarting(
                 if id(worker) in handled:
                     continue
                 handled.add(id(worker))
-                if rc == SIGKILLED:
-                    run.killed.append(worker.name)
+                if rc == SIGKILLED or rc in restart_codes:
+                    if rc == SIGKILLED:
+                        run.killed.append(worker.name)
+                    run.exits.append((worker.name, rc))
                     pending.append((time.monotonic() + restart_delay, worker))
                 elif rc != 0:
                     raise AssertionError(

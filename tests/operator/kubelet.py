@@ -8,10 +8,18 @@ a local process with the pod's environment resolved the way a kubelet would (``v
 * volumes become directories: a ConfigMap volume is written out, a claim is one directory per
   claim shared by all pods, an emptyDir is per pod; env values under a mount path are rewritten;
 * each container port gets a free local port (env ``*_PORT`` values that name it are rewritten);
-* the cluster DNS of the managed Redis (``redis://<job>-redis.<ns>.svc:6379``) points to a local
-  ``redis-server`` the kubelet starts up front (the operator is given its URL with
-  ``--coordinator-url``: :attr:`ProcessKubelet.redis_url`) and protects with the password of
-  the job's Secret once that exists;
+* the managed Redis runs as the operator renders it: once the job's Redis Deployment and its
+  Secret exist, the kubelet runs the Deployment's pod template (its init containers, the AOF
+  check, to completion, then its container's command: ``redis-server`` on the ``redis.conf``
+  from the Secret, password included, with the data mount on the job's claim). Its port is
+  bound up front (the operator is given the URL with ``--coordinator-url`` before any Secret
+  exists: :attr:`ProcessKubelet.redis_url`), so the container's command gets ``--port`` (the
+  local port of its containerPort) and ``--bind 127.0.0.1`` appended, and reads a copy of the
+  config whose ``dir`` names the local folder of that mount path (redis-server changes into it
+  as it reads the file): the one node's mapping, nothing else of the config changes. The
+  cluster DNS of the managed Redis (``redis://<job>-redis.<ns>.svc:6379``) points to it. The
+  pod runs as the test user, not the image's ``redis`` user (999); its Deployment gets no
+  status (the operator does not wait on it);
 * ``rlhfspec`` in a command is this interpreter's ``python -m rlhfspec_cli``;
 * ``host_env`` names (e.g. ``HOME``) keep this process's values whatever the pod says: the
   image's caches (tiny models, vLLM) are the test user's here; ``extra_env`` stands in for what
@@ -32,6 +40,7 @@ import base64
 import contextlib
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -41,7 +50,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-import redis
 from cluster import Cluster, free_port
 
 CommandFn = Callable[[dict[str, Any]], list[str]]
@@ -68,7 +76,9 @@ class ProcessKubelet:
         self.extra_env = dict(extra_env)
         self.redis_port = 0
         self.redis_url = ""
-        self._password_set = False
+        self._redis_pod: str | None = None
+        """The managed Redis' pod (its Deployment's, run once): None until it runs."""
+        self._said = False
         self.processes: dict[str, subprocess.Popen[bytes]] = {}  # pod uid -> process
         self.exits: dict[str, int] = {}  # pod name -> exit code of its last process
         self._names: dict[str, str] = {}  # pod uid -> pod name
@@ -82,7 +92,9 @@ class ProcessKubelet:
 
     def start(self) -> ProcessKubelet:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._start_redis()
+        # Bound when the Deployment's pod runs; a port free now stays free on a test host.
+        self.redis_port = free_port()
+        self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
         self._thread.start()
         return self
 
@@ -118,7 +130,7 @@ class ProcessKubelet:
             time.sleep(0.2)
 
     def _sync(self) -> None:
-        self._ensure_password()
+        self._ensure_redis()
         pods = self.cluster.peek("v1/pods", self.namespace)
         live = {p["metadata"]["uid"]: p for p in pods.values()}
         deleted = []
@@ -140,83 +152,110 @@ class ProcessKubelet:
 
     # --- the managed Redis ---------------------------------------------------------------------
 
-    def _start_redis(self) -> None:
-        """Bind the Redis port now (the operator is told the URL before any Secret exists);
-        the password is set when the job's Secret appears, as the Deployment would read it."""
-        for _ in range(3):  # a free port can be taken between probing and binding
-            self.redis_port = free_port()
-            self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
-            log = (self.workdir / "redis.log").open("ab")
-            self._logs.append(log)
-            self._redis = subprocess.Popen(
-                [
-                    "redis-server",
-                    "--port",
-                    str(self.redis_port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    str(self.workdir),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # a "container" too: stopped with its group
-            )
-            client = redis.Redis(port=self.redis_port, socket_connect_timeout=1)
-            deadline = time.monotonic() + 30
-            while self._redis.poll() is None and time.monotonic() < deadline:
-                with contextlib.suppress(redis.ConnectionError):
-                    client.ping()
-                    client.close()
-                    return
-                time.sleep(0.1)
-            self._terminate(self._redis)
-        raise RuntimeError(f"redis-server did not start; see {self.workdir / 'redis.log'}")
-
-    def _ensure_password(self) -> None:
-        if self._password_set:
+    def _ensure_redis(self) -> None:
+        """Run the job's Redis Deployment's pod once it and the Secret it mounts exist."""
+        if self._redis_pod is not None:
+            if self._redis is not None and self._redis.poll() is not None and not self._said:
+                self._said = True
+                self.errors.append(
+                    f"redis-server of {self._redis_pod} exited with {self._redis.returncode}; "
+                    f"see {self.workdir / 'pods' / self._redis_pod / 'log'}"
+                )
             return
+        deployments = self.cluster.peek("apps/v1/deployments", self.namespace)
+        found = next(((n, d) for n, d in deployments.items() if n.endswith("-redis")), None)
+        if found is None:
+            return
+        name, deployment = found
+        spec = deployment["spec"]["template"]["spec"]
         secrets = self.cluster.peek("v1/secrets", self.namespace)
-        secret = next((s for n, s in secrets.items() if n.endswith("-redis")), None)
-        if secret is None:
-            return
-        password = base64.b64decode(secret["data"]["password"]).decode()
-        client = redis.Redis(port=self.redis_port)
-        client.config_set("requirepass", password)
-        client.close()
-        self._password_set = True
+        wanted = [v["secret"]["secretName"] for v in spec.get("volumes", []) if "secret" in v]
+        if any(secret not in secrets for secret in wanted):
+            return  # the operator creates the Secret first; not seen yet
+        self._redis_pod = pod = f"{name}-0"
+        pod_dir = self.workdir / "pods" / pod
+        pod_dir.mkdir(parents=True, exist_ok=True)
+        log = (pod_dir / "log").open("ab")
+        self._logs.append(log)
+        for init in spec.get("initContainers", []):
+            mounts = self._volume_dirs(spec, init, pod_dir)
+            argv = [_local(arg, mounts) for arg in [*init["command"], *init.get("args", [])]]
+            code = subprocess.run(
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=pod_dir, env={**os.environ, **self.extra_env}, timeout=120,
+            ).returncode  # fmt: skip
+            if code != 0:
+                self._said = True
+                raise RuntimeError(
+                    f"init container {init['name']} of {pod} exited with {code}; see "
+                    f"{pod_dir / 'log'}"
+                )
+        container = spec["containers"][0]
+        mounts = self._volume_dirs(spec, container, pod_dir)
+        argv = [_local(arg, mounts) for arg in [*container["command"], *container.get("args", [])]]
+        config = Path(argv[1])
+        settings = _redis_settings(config.read_text())
+        ports = {int(p["containerPort"]) for p in container.get("ports", [])}
+        if int(settings["port"]) not in ports:
+            raise RuntimeError(f"{pod}: redis.conf's port {settings['port']} is not in {ports}")
+        # redis-server changes into ``dir`` as it reads the file (a command-line --dir comes
+        # too late): the node's copy names the local folder; port and bind are arguments.
+        local_dir = _local(settings["dir"], mounts)
+        mapped = pod_dir / "redis.node.conf"
+        mapped.write_text(
+            "\n".join(
+                f'dir "{local_dir}"' if line.startswith("dir ") else line
+                for line in config.read_text().splitlines()
+            )
+            + "\n"
+        )
+        argv = [argv[0], str(mapped), *argv[2:]]
+        argv += ["--port", str(self.redis_port), "--bind", "127.0.0.1"]
+        self._redis = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=pod_dir,
+            start_new_session=True,  # a "container" too: stopped with its group
+        )
 
     # --- pods ----------------------------------------------------------------------------------
 
-    def _volume_dirs(self, pod: dict[str, Any], pod_dir: Path) -> dict[str, Path]:
-        """mountPath -> local directory, with ConfigMap and Secret contents written out."""
-        spec = pod["spec"]
+    def _volume_dirs(
+        self, spec: dict[str, Any], container: dict[str, Any], pod_dir: Path
+    ) -> dict[str, Path]:
+        """mountPath -> local directory, with ConfigMap and Secret contents written out
+        (``items`` picks keys and names their files; ``subPath`` mounts a folder of the
+        volume, created if missing, as a kubelet does)."""
         volumes = {v["name"]: v for v in spec.get("volumes", [])}
         mounts: dict[str, Path] = {}
-        for mount in spec["containers"][0].get("volumeMounts", []):
+        for mount in container.get("volumeMounts", []):
             volume = volumes[mount["name"]]
             if "persistentVolumeClaim" in volume:
                 local = self.workdir / "claims" / volume["persistentVolumeClaim"]["claimName"]
             else:
                 local = pod_dir / "volumes" / mount["name"]
+            if mount.get("subPath"):
+                local = local / mount["subPath"]
             local.mkdir(parents=True, exist_ok=True)
-            source, decode = None, False
+            source, decode, items = None, False, None
             if "configMap" in volume:
                 source = self.cluster.peek("v1/configmaps", self.namespace).get(
                     volume["configMap"]["name"]
                 )
+                items = volume["configMap"].get("items")
             elif "secret" in volume:
                 source = self.cluster.peek("v1/secrets", self.namespace).get(
                     volume["secret"]["secretName"]
                 )
-                decode = True
-            for key, value in ((source or {}).get("data") or {}).items():
+                decode, items = True, volume["secret"].get("items")
+            data = (source or {}).get("data") or {}
+            files = {i["key"]: i["path"] for i in items} if items else {k: k for k in data}
+            for key, path in files.items():
+                value = data[key]
                 content = base64.b64decode(value) if decode else str(value).encode()
-                (local / key).write_bytes(content)
+                (local / path).write_bytes(content)
             mounts[mount["mountPath"]] = local
         return mounts
 
@@ -240,10 +279,7 @@ class ProcessKubelet:
             else:
                 field = item["valueFrom"]["fieldRef"]["fieldPath"]
                 value = str(pod["metadata"][field.split(".", 1)[1]])
-            for path in sorted(mounts, key=len, reverse=True):
-                if value == path or value.startswith(path + "/"):
-                    value = str(mounts[path]) + value[len(path) :]
-                    break
+            value = _local(value, mounts)
             if name.endswith("_PORT") and value in ports:
                 value = ports[value]
             if _SERVICE_REDIS.match(value):
@@ -256,7 +292,7 @@ class ProcessKubelet:
         name = pod["metadata"]["name"]
         pod_dir = self.workdir / "pods" / name
         pod_dir.mkdir(parents=True, exist_ok=True)
-        mounts = self._volume_dirs(pod, pod_dir)
+        mounts = self._volume_dirs(pod["spec"], pod["spec"]["containers"][0], pod_dir)
         env = self._env(pod, mounts)
         if self.command is not None:
             argv = self.command(pod)
@@ -307,3 +343,21 @@ class ProcessKubelet:
                 process.kill()
                 process.wait(timeout=10)
             cls._kill_group(process)
+
+
+def _local(value: str, mounts: Mapping[str, Path]) -> str:
+    """``value`` with a mount path (the longest that matches) replaced by its local folder."""
+    for path in sorted(mounts, key=len, reverse=True):
+        if value == path or value.startswith(path + "/"):
+            return str(mounts[path]) + value[len(path) :]
+    return value
+
+
+def _redis_settings(config: str) -> dict[str, str]:
+    """The first argument of each directive in a ``redis.conf`` (quotes removed)."""
+    settings = {}
+    for line in config.splitlines():
+        words = shlex.split(line, comments=True)
+        if len(words) >= 2:
+            settings[words[0]] = words[1]
+    return settings

@@ -4,9 +4,11 @@ Where it sits: the last step of the operator tests. An RLHFJob applied with the 
 ``kubectl`` to the emulator is reconciled by the real operator (``rlhfspec operator``, i.e.
 ``kopf run``); the process kubelet runs every pod it creates with the pod's own command,
 ``rlhfspec worker ROLE`` (the data plane: vLLM generation with a draft model, inference,
-the GRPO trainer, the coordinator), against a real ``redis-server`` protected by the job's
-Secret. Nothing is faked: the tiny policy trains, the coordinator's progress reaches the
-status through the operator's timer, and the exit codes drive the phase to Succeeded.
+the GRPO trainer, the coordinator), against the job's managed Redis run from the operator's
+Deployment (its AOF check init container, then ``redis-server`` on the ``redis.conf`` and
+password of the job's Secret, its AOF on the job's claim). Nothing is faked: the tiny policy
+trains, the coordinator's progress reaches the status through the operator's timer, and the
+exit codes drive the phase to Succeeded.
 """
 
 from __future__ import annotations

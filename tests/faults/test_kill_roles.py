@@ -177,3 +177,26 @@ def test_generation_killed_with_finished_samples_unpublished(
     # published; the iteration's tokens count each published sample once, as without a kill.
     assert_tokens_are_the_trained_tokens(run)
     assert_tokens_are_the_trained_tokens(fault_free_run)
+
+
+def test_generation_killed_with_the_last_samples_of_an_iteration_unpublished(
+    fault_free_run: FaultRun, tmp_path: Path
+) -> None:
+    # The kill at the step that finishes iteration 1's last samples: the worker's counters were
+    # flushed just before it (a worker's last samples force a heartbeat), so tokens counted
+    # before publishing would count the restarted worker's copies again (the kill above, at
+    # the first such step, loses them with the process instead). All 8 tasks are taken at once
+    # and decode a token a step: a sample finishes at the step of its length's rank.
+    lengths = sorted({line["response_tokens"] for line in fault_free_run.trained[1]})
+    fault = f"generation-0:before_publish_rollouts:{len(lengths)}"
+    run = run_job(fault_job(), tmp_path / "run", fault=fault)
+    assert run.killed == ["generation-0"]
+    assert_trained_like_fault_free(run, fault_free_run)
+    longest = {
+        line["sample_id"]
+        for line in fault_free_run.trained[1]
+        if line["response_tokens"] == lengths[-1]
+    }
+    after = {s for s, t in run.rollouts_at.items() if t > run.fired_at() and s.startswith("it1/")}
+    assert after == longest, (after, longest)
+    assert_tokens_are_the_trained_tokens(run)

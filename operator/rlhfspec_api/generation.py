@@ -42,9 +42,9 @@ class DraftRefreshSpec(ContractModel):
     """Keep a draft model fresh as RL moves the policy.
 
     After a trained iteration the trainer continues distilling the draft (forward KL to the
-    new policy's next-token distribution) on that iteration's rollouts, publishes it as
-    ``drafts/v<N>`` beside the policy's ``weights/v<N>``, and generation loads it with the
-    policy at the next iteration. Set ``every``, ``onAcceptanceBelow`` or both (either one
+    new policy's next-token distribution) on that iteration's rollouts, writes it as
+    ``drafts/v<N>``, and generation loads it with the policy weights the trainer publishes
+    next (see ``overlap``). Set ``every``, ``onAcceptanceBelow`` or both (either one
     triggers a refresh)."""
 
     every: Int | None = Field(default=None, ge=1, le=100000)
@@ -57,6 +57,11 @@ class DraftRefreshSpec(ContractModel):
     batch_size: Int = Field(default=8, ge=1, le=4096)
     """Rollouts per distillation step."""
     learning_rate: Float = Field(default=1e-4, gt=0.0, le=1.0)
+    overlap: Bool = True
+    """Distil while the next iteration generates, when the trainer would otherwise wait for
+    rollouts: no step waits for the refresh where the trainer has its own accelerator, and
+    the draft drafts from the iteration after next. false: distil
+    before the weights are published, so the next iteration already drafts with it."""
 
     @model_validator(mode="after")
     def _check(self) -> DraftRefreshSpec:

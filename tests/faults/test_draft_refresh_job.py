@@ -2,10 +2,11 @@
 and a trainer SIGKILLed while publishing a refreshed draft leaves the old draft in use.
 
 The job is the fault harness's tiny greedy job with speculation on: mode fixed, the tiny kit's
-``draft_model`` at k=4 with ``refresh: {every: 1}``. Greedy decoding is exact, so every
-sample's tokens must equal the session's fault-free run without speculation (drafting with the
-fresh draft, the stale one and none gives the same rollouts), and the metrics rows say which
-draft version drafted each iteration.
+``draft_model`` at k=4 with ``refresh: {every: 1}``, distilled while the next iteration
+generates (``overlap``, the default) or before the weights are published. Greedy decoding
+is exact, so every sample's tokens must equal the session's fault-free run without
+speculation (drafting with the fresh draft, the stale one and none gives the same
+rollouts), and the metrics rows say which draft version drafted each iteration.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from rlhfspec_api.manifest import RLHFJob, parse_rlhfjob
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(1200)]
 
 
-def refresh_job(name: str) -> RLHFJob:
+def refresh_job(name: str, overlap: bool) -> RLHFJob:
     manifest = fault_job(name).to_manifest()
     manifest["spec"]["generation"]["speculative"] = {
         "mode": "fixed",
@@ -39,7 +40,7 @@ def refresh_job(name: str) -> RLHFJob:
             {
                 "method": "draft_model",
                 "model": {"path": "tiny://draft", "dtype": "float32"},
-                "refresh": {"every": 1, "steps": 8, "learningRate": 1e-4},
+                "refresh": {"every": 1, "steps": 8, "learningRate": 1e-4, "overlap": overlap},
             }
         ],
     }
@@ -73,7 +74,8 @@ def _complete_drafts(run: FaultRun) -> list[str]:
 
 @pytest.fixture(scope="module")
 def refreshed_run(tiny_kit: Path, tmp_path_factory: pytest.TempPathFactory) -> FaultRun:
-    run = run_job(refresh_job("refresh"), tmp_path_factory.mktemp("refresh"), fault=None)
+    job = refresh_job("refresh", overlap=True)
+    run = run_job(job, tmp_path_factory.mktemp("refresh"), fault=None)
     assert run.killed == []
     return run
 
@@ -83,15 +85,15 @@ def test_a_refreshed_draft_drafts_the_next_iteration_and_changes_no_token(
 ) -> None:
     rows = _rows(refreshed_run)
     assert [row["iteration"] for row in rows] == [1, 2, 3]
-    # Iteration N+1 drafts with the draft distilled after iteration N; none after the last.
-    assert [row["draft_version"] for row in rows] == [0, 1, 2]
-    assert [row["draft_refresh_seconds"] > 0 for row in rows] == [True, True, False]
+    # overlap: the draft distilled on iteration 1's rollouts is distilled while iteration 2
+    # generates, published with policy v2 and drafts iteration 3. None follows iteration 2:
+    # no iteration would draft with it.
+    assert [row["draft_version"] for row in rows] == [0, 0, 1]
+    assert [row["draft_refresh_seconds"] > 0 for row in rows] == [False, True, False]
     for row in rows:  # the draft really drafted, and some of its tokens were accepted
         assert 0 < row["draft_acceptance"]["draft_model"] <= 1, row["draft_acceptance"]
-    assert _complete_drafts(refreshed_run) == ["v1", "v2"]
-    generation_log = refreshed_run.log("generation-0")
-    assert "policy v1 and draft v1 loaded" in generation_log
-    assert "policy v2 and draft v2 loaded" in generation_log
+    assert _complete_drafts(refreshed_run) == ["v1"]
+    assert "policy v2 and draft v1 loaded" in refreshed_run.log("generation-0")
     assert "draft v1 distilled on 8 rollouts (every 1 iteration(s))" in refreshed_run.log(
         "trainer-0"
     )
@@ -103,7 +105,8 @@ def test_a_refreshed_draft_drafts_the_next_iteration_and_changes_no_token(
 def test_trainer_killed_while_writing_a_draft_leaves_the_old_draft_in_use(
     fault_free_run: FaultRun, tmp_path: Path
 ) -> None:
-    run = run_job(refresh_job("refresh-fault"), tmp_path / "run", fault="trainer:mid_draft_write:1")
+    job = refresh_job("refresh-fault", overlap=False)  # distilled before the weights publish
+    run = run_job(job, tmp_path / "run", fault="trainer:mid_draft_write:1")
     assert run.killed == ["trainer-0"]
     assert sorted(p.name for p in (run.run_dir / "faults").glob("*.fired")) == [
         "trainer-0.mid_draft_write.1.fired"

@@ -167,6 +167,7 @@ MANAGED_GRPO["spec"]["generation"]["speculative"]["drafters"] = [
             "steps": 8,
             "batchSize": 4,
             "learningRate": 5e-5,
+            "overlap": False,
         },
     },
     {"method": "suffix", "historyIterations": 2, "minMatch": 3},

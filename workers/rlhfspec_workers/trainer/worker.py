@@ -57,6 +57,10 @@ class TrainerWorker:
         self.drafts = drafts
         """The draft model kept fresh with the policy (a draft_model drafter's refresh)."""
         self.draft_seconds = 0.0
+        """Time spent refreshing the draft since the last weights were published."""
+        self.pending_draft: tuple[int, list[Experience]] | None = None
+        """With ``overlap``: the trained iteration whose rollouts the draft is distilled on
+        while the next iteration generates."""
 
     def run(self) -> int:
         bus, keys = self.bus, self.keys
@@ -75,6 +79,10 @@ class TrainerWorker:
         )
         while not bus.stop_requested():
             self._beat("ready")
+            if self.pending_draft is not None:  # idle until the next batch: distil now
+                self._beat("busy")
+                self._refresh_draft(*self.pending_draft)
+                self.pending_draft = None
             self._take(
                 bus.read_group(
                     keys.experience, Keys.TRAINER_GROUP, Experience, count=1024, block_ms=500
@@ -146,7 +154,9 @@ class TrainerWorker:
                 "checkpoint",
             )
         saved = time.perf_counter() - started
-        self._refresh_draft(iteration, experiences)
+        overlap = self.drafts is not None and self.drafts.settings.overlap
+        if not overlap:
+            self._refresh_draft(iteration, experiences)
         self.storage.until_written(
             lambda: self._publish(iteration, stats),
             self.weights_root / f"v{iteration}",
@@ -162,14 +172,19 @@ class TrainerWorker:
             flush=True,
         )
         self.bus.ack(self.keys.experience, Keys.TRAINER_GROUP, *(i for i, _ in entries.values()))
+        if overlap:
+            self.pending_draft = (iteration, experiences)
 
     def _refresh_draft(self, iteration: int, experiences: list[Experience]) -> None:
-        """Distil the draft on this iteration's rollouts when it is due, and write it (before
-        the weights are published: generation loads both from the one message)."""
-        self.draft_seconds = 0.0
+        """Distil the draft on this iteration's rollouts when it is due, and write it; the
+        next weights published carry it (generation loads both from the one message)."""
         drafts = self.drafts
-        if drafts is None or iteration >= self.spec.algorithm.iterations:
-            return  # after the last iteration no generation would draft with it
+        if drafts is None:
+            return
+        # Drafting starts at the iteration after the next publication: none may be left.
+        first_use = iteration + (2 if drafts.settings.overlap else 1)
+        if first_use > self.spec.algorithm.iterations:
+            return
         reason = drafts.due(iteration, self.bus.generation_stats(iteration))
         if reason is None:
             return
@@ -178,10 +193,11 @@ class TrainerWorker:
         self.storage.until_written(
             lambda: drafts.write(iteration), drafts.root / f"v{iteration}", "draft export"
         )
-        self.draft_seconds = seconds + time.perf_counter() - started
+        took = seconds + time.perf_counter() - started
+        self.draft_seconds += took
         print(
             f"[rlhfspec] trainer: draft v{iteration} distilled on {len(experiences)} rollouts "
-            f"({reason}) in {self.draft_seconds:.2f}s",
+            f"({reason}) in {took:.2f}s",
             flush=True,
         )
 
@@ -211,8 +227,9 @@ class TrainerWorker:
             rollout_kl=stats.rollout_kl if stats else None,
             draft_version=self.drafts.current.version if self.drafts else None,
             draft_path=str(self.drafts.current.path) if self.drafts else None,
-            draft_refresh_seconds=self.draft_seconds if stats else 0.0,
+            draft_refresh_seconds=self.draft_seconds,
         )
+        self.draft_seconds = 0.0
         self.bus.put(self.keys.weights, message)
         self.bus.publish(self.keys.weights_log, message)
         for old in sorted(self.weights_root.glob("v*"), key=_version)[:-KEEP_WEIGHT_VERSIONS]:

@@ -1,8 +1,9 @@
 """Shared by tests that talk to a real redis-server through the runtime's Bus.
 
 Where it sits: importable from every test folder (``tests/`` is on the path through its
-conftest). :func:`bus_on` is the Bus a worker of ``role`` would open on a test server, and
-:func:`job_spec` the smallest valid job spec, with overrides merged one level deep.
+conftest). :func:`bus_on` is the Bus a worker of ``role`` would open on a test server,
+:func:`job_spec` the smallest valid job spec, with overrides merged one level deep, and
+:func:`acceptance_report` a worker's AcceptanceReport of a drafter accepting at a given rate.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 from rlhfspec_api.manifest import parse_rlhfjob
 from rlhfspec_api.spec import RLHFJobSpec
 from rlhfspec_workers.local.redis_server import RedisServer
+from rlhfspec_workers.messages import AcceptanceReport
 from rlhfspec_workers.runtime import Bus, WorkerEnv
 
 
@@ -47,3 +49,24 @@ def job_spec(**spec: Any) -> RLHFJobSpec:
         "spec": body,
     }
     return parse_rlhfjob(manifest).spec
+
+
+def acceptance_report(
+    drafter: str = "draft_model",
+    rate: float = 0.5,
+    *,
+    drafts: int = 400,
+    k: int = 8,
+    worker: str = "generation-0",
+    weight_version: int = 0,
+) -> AcceptanceReport:
+    """``drafts`` drafts of ``k`` tokens, position i accepted with probability rate**(i+1)."""
+    drafted, accepted, reached = [], [], float(drafts)
+    for _ in range(k):
+        drafted.append(drafts)
+        reached *= rate
+        accepted.append(round(reached))
+    return AcceptanceReport(
+        worker=worker, weight_version=weight_version, drafter=drafter, drafts=drafts,
+        drafted_per_pos=drafted, accepted_per_pos=accepted,
+    )  # fmt: skip

@@ -8,6 +8,8 @@ and heavy (~2 GB), so tests share this one instead of building their own. Rules 
 use it: do not shut it down or change its state globally; its metrics counters are cumulative
 over the session, so measure deltas around your own requests
 (``rlhfspec_workers.tinymodels.engine.spec_counters``).
+``password_redis``: one real redis-server with the password ``pw`` per test module (tests
+that share it keep to keys of their own job, e.g. one job name per test).
 """
 
 from __future__ import annotations
@@ -20,6 +22,14 @@ import pytest
 
 # The model zoo's session fixtures (smollm2_dir): tests/zoo_fixtures.py.
 pytest_plugins = ["zoo_fixtures"]
+
+
+@pytest.fixture(scope="module")
+def password_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from rlhfspec_workers.local.redis_server import RedisServer
+
+    with RedisServer(tmp_path_factory.mktemp("redis"), password="pw") as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bus_helpers import bus_on, job_spec
+from bus_helpers import acceptance_report, bus_on, job_spec
 from rlhfspec_workers.coordinator import strategy as strategy_module
 from rlhfspec_workers.coordinator.strategy import StrategyBroadcaster
 from rlhfspec_workers.local.redis_server import RedisServer
@@ -25,15 +25,7 @@ def bus(tmp_path: Path) -> Iterator[Bus]:
 
 
 def _report(worker: str, rate: float, drafts: int = 400, k: int = 8) -> AcceptanceReport:
-    drafted, accepted, reached = [], [], float(drafts)
-    for _ in range(k):
-        drafted.append(drafts)
-        reached *= rate
-        accepted.append(round(reached))
-    return AcceptanceReport(
-        worker=worker, drafter="draft_model", drafts=drafts, drafted_per_pos=drafted,
-        accepted_per_pos=accepted,
-    )  # fmt: skip
+    return acceptance_report("draft_model", rate, drafts=drafts, k=k, worker=worker)
 
 
 def test_pooled_acceptance_gives_a_versioned_table_that_follows_a_drop(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -34,17 +33,11 @@ from rlhfspec_workers.runtime import Bus, StreamCursor, StreamEntry, WorkerEnv
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path_factory.mktemp("redis"), password="pw") as srv:
-        yield srv
-
-
 @pytest.fixture
-def bus(server: RedisServer, request: pytest.FixtureRequest) -> Bus:
+def bus(password_redis: RedisServer, request: pytest.FixtureRequest) -> Bus:
     """The coordinator's bus on a job of its own (each test sees empty keys)."""
     job = request.node.name.replace("[", "-").rstrip("]")
-    return bus_on(server, "coordinator", password="pw", RLHFSPEC_JOB=job)
+    return bus_on(password_redis, "coordinator", password="pw", RLHFSPEC_JOB=job)
 
 
 def _load(worker: str, free_slots: int) -> LoadReport:
@@ -196,13 +189,15 @@ def test_entries_are_named_pairs(bus: Bus) -> None:
     assert (got_id, got_order) == (entry_id, order)
 
 
-def test_read_new_with_block_waits_for_the_first_entry(server: RedisServer, bus: Bus) -> None:
+def test_read_new_with_block_waits_for_the_first_entry(
+    password_redis: RedisServer, bus: Bus
+) -> None:
     stream = bus.keys.metrics_stream
     rows = StreamCursor(stream, IterationMetrics)
     started = time.monotonic()
     assert bus.read_new(rows, block_ms=300) == []
     assert time.monotonic() - started >= 0.25  # it waited
-    writer = bus_on(server, "coordinator", password="pw", RLHFSPEC_JOB=bus.env.job)
+    writer = bus_on(password_redis, "coordinator", password="pw", RLHFSPEC_JOB=bus.env.job)
     later = threading.Timer(0.2, lambda: writer.publish(stream, _row(1)))
     later.start()
     started = time.monotonic()

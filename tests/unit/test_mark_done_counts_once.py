@@ -8,7 +8,6 @@ a lost reply) changes neither the done set nor the figures.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,15 +19,9 @@ from rlhfspec_workers.runtime import Bus
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path_factory.mktemp("redis"), password="pw") as srv:
-        yield srv
-
-
 @pytest.fixture
-def bus(server: RedisServer, request: pytest.FixtureRequest) -> Bus:
-    return bus_on(server, "generation", password="pw", RLHFSPEC_JOB=request.node.name)
+def bus(password_redis: RedisServer, request: pytest.FixtureRequest) -> Bus:
+    return bus_on(password_redis, "generation", password="pw", RLHFSPEC_JOB=request.node.name)
 
 
 def _publish(bus: Bus, samples: list[tuple[str, int]]) -> list[Any]:

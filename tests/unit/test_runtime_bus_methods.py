@@ -10,7 +10,6 @@ hash of float counters, lease renewal, and the worker names.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -33,16 +32,10 @@ from rlhfspec_workers.runtime import Bus, StreamCursor, parse_worker_name, worke
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path_factory.mktemp("redis"), password="pw") as srv:
-        yield srv
-
-
 @pytest.fixture
-def bus(server: RedisServer, request: pytest.FixtureRequest) -> Bus:
+def bus(password_redis: RedisServer, request: pytest.FixtureRequest) -> Bus:
     """A generation worker's bus on a job of its own (each test sees empty keys)."""
-    return _bus(server, job=request.node.name.replace("[", "-").rstrip("]"))
+    return _bus(password_redis, job=request.node.name.replace("[", "-").rstrip("]"))
 
 
 def _bus(server: RedisServer, *, job: str, index: int = 0) -> Bus:
@@ -171,9 +164,9 @@ def test_read_group_dead_letters_and_acks_what_does_not_decode(bus: Bus) -> None
     assert list(_pending_owners(bus, stream, group)) == [got[0][0]]  # only the good one
 
 
-def test_renewed_leases_are_not_reclaimed_and_stale_ones_are(server: RedisServer) -> None:
-    holder = _bus(server, job="leases", index=0)
-    other = _bus(server, job="leases", index=1)
+def test_renewed_leases_are_not_reclaimed_and_stale_ones_are(password_redis: RedisServer) -> None:
+    holder = _bus(password_redis, job="leases", index=0)
+    other = _bus(password_redis, job="leases", index=1)
     stream, group = holder.keys.tasks, Keys.GENERATION_GROUP
     holder.ensure_group(stream, group)
     for n in range(2):
@@ -209,10 +202,12 @@ def test_raw_values_round_trip(bus: Bus) -> None:
     assert bus.get_raw(key) == b'{"model": "cost"}'
 
 
-def test_increment_counts_from_one_across_bus_instances(server: RedisServer, bus: Bus) -> None:
+def test_increment_counts_from_one_across_bus_instances(
+    password_redis: RedisServer, bus: Bus
+) -> None:
     key = bus.keys.strategy_version
     assert [bus.increment(key), bus.increment(key)] == [1, 2]
-    restarted = _bus(server, job=bus.env.job)  # a restarted coordinator continues the count
+    restarted = _bus(password_redis, job=bus.env.job)  # a restarted coordinator continues the count
     assert restarted.increment(key) == 3
 
 

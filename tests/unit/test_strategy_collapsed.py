@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from bus_helpers import bus_on, job_spec
+from bus_helpers import acceptance_report, bus_on, job_spec
 from rlhfspec_api.manifest import parse_rlhfjob
 from rlhfspec_workers.coordinator import strategy as strategy_module
 from rlhfspec_workers.coordinator.loop import Coordinator
@@ -38,16 +38,7 @@ def bus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Bus]:
 
 
 def _report(drafter: str, rate: float, drafts: int = 400, k: int = 4) -> AcceptanceReport:
-    """``drafts`` drafts of ``k`` tokens, position i accepted with probability rate**(i+1)."""
-    drafted, accepted, reached = [], [], float(drafts)
-    for _ in range(k):
-        drafted.append(drafts)
-        reached *= rate
-        accepted.append(round(reached))
-    return AcceptanceReport(
-        worker="generation-0", weight_version=3, drafter=drafter, drafts=drafts,
-        drafted_per_pos=drafted, accepted_per_pos=accepted,
-    )  # fmt: skip
+    return acceptance_report(drafter, rate, drafts=drafts, k=k, weight_version=3)
 
 
 def _feed(bus: Bus, broadcaster: StrategyBroadcaster, *reports: AcceptanceReport) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bus_helpers import bus_on, job_spec
+from bus_helpers import acceptance_report, bus_on, job_spec
 from rlhfspec_workers.coordinator import strategy as strategy_module
 from rlhfspec_workers.coordinator.strategy import StrategyBroadcaster
 from rlhfspec_workers.generation.adaptive import AdaptiveStrategy
@@ -45,15 +45,7 @@ def _bus(server: RedisServer, role: str) -> Bus:
 
 
 def _report(rate: float, drafts: int = 400, k: int = 8) -> AcceptanceReport:
-    drafted, accepted, reached = [], [], float(drafts)
-    for _ in range(k):
-        drafted.append(drafts)
-        reached *= rate
-        accepted.append(round(reached))
-    return AcceptanceReport(
-        worker="generation-0", drafter="draft_model", drafts=drafts, drafted_per_pos=drafted,
-        accepted_per_pos=accepted,
-    )  # fmt: skip
+    return acceptance_report("draft_model", rate, drafts=drafts, k=k)
 
 
 def _receiver(server: RedisServer) -> tuple[StrategySync, AdaptiveStrategy]:

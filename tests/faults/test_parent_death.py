@@ -112,3 +112,31 @@ def test_a_disarmed_guard_kills_nothing(tmp_path: Path) -> None:
         assert not _gone(stray, 2), "a disarmed guard killed a process"
     finally:
         _kill([parent.pid, stray, guard])
+
+
+STOPPING = """
+import os, subprocess, sys, time
+from pathlib import Path
+from rlhfspec_workers.local.supervisor import Supervisor
+storage = Path(sys.argv[1])
+supervisor = Supervisor(storage, {{"RLHFSPEC_STORAGE": str(storage.resolve())}})
+# The run's redis-server, which local.run stops after the workers (no parent-death signal).
+redis = subprocess.Popen({sleeper!r}, start_new_session=True,
+                         env={{**os.environ, "RLHFSPEC_STORAGE": str(storage.resolve())}})
+supervisor.stop(disarm=False)  # the workers are stopped; Redis is being stopped ...
+print(redis.pid, supervisor.guard.process.pid, flush=True)
+time.sleep(120)  # ... when the supervisor is SIGKILLed
+"""
+
+
+def test_a_supervisor_killed_while_stopping_redis_still_takes_redis_down(tmp_path: Path) -> None:
+    """``local.run`` keeps the guard armed until its redis-server has stopped too: a run killed
+    between stopping its workers and stopping Redis leaves nothing behind."""
+    parent, (redis, guard) = _parent(STOPPING.format(sleeper=SLEEPER), tmp_path)
+    try:
+        assert not _gone(redis, 0.5) and not _gone(guard, 0.1)  # still armed after stop()
+        parent.kill()
+        parent.wait()
+        assert _gone(redis, 5), "redis-server outlived a supervisor killed while stopping it"
+    finally:
+        _kill([parent.pid, redis, guard])

@@ -318,8 +318,10 @@ class LocalRun:
 
     def stop(self) -> None:
         if self.supervisor is not None:
-            self.supervisor.stop()
+            self.supervisor.stop(disarm=False)
         self.redis_server.stop()
+        if self.supervisor is not None:  # killed before this line, the guard stops Redis too
+            self.supervisor.guard.disarm()
 
 
 def _report(run_dir: Path) -> None:

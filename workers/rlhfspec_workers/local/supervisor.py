@@ -199,8 +199,11 @@ class Supervisor:
     def exited(self) -> list[tuple[WorkerProcess, int]]:
         return [(w, rc) for w in self.workers if (rc := w.process.poll()) is not None]
 
-    def stop(self, grace_seconds: float = 15.0) -> None:
-        """SIGTERM every live worker, wait, then SIGKILL what is left."""
+    def stop(self, grace_seconds: float = 15.0, *, disarm: bool = True) -> None:
+        """SIGTERM every live worker, wait, then SIGKILL what is left. ``disarm=False`` keeps
+        the guard armed: the caller still has processes of the run to stop (its
+        redis-server) and disarms it after them (``guard.disarm``), so a supervisor killed in
+        between still takes them down."""
         for worker in self.workers:
             if worker.process.poll() is None:
                 worker.process.send_signal(signal.SIGTERM)
@@ -214,7 +217,8 @@ class Supervisor:
                 worker.process.wait()
         for worker in self.workers:
             worker.log.close()
-        self.guard.disarm()
+        if disarm:
+            self.guard.disarm()
 
 
 if __name__ == "__main__":

@@ -214,3 +214,16 @@ def test_refresh_pays_also_counts_only_iterations_with_a_refreshed_draft() -> No
     assert pays["ratio"] == pytest.approx(2.0)
     assert pays["fresh_iterations"] == [2]
     assert pays["fresh_ratio"] == pytest.approx(1.0)
+
+
+def test_smollm2_arms_train_on_the_arithmetic_chat_task_with_the_given_draft(
+    tmp_path: Path,
+) -> None:
+    setup = GrpoSetup(tmp_path / "policy", tmp_path / "train.jsonl", tmp_path / "eval.jsonl")
+    draft = str(tmp_path / "draft")
+    spec = arm_manifest(TASKS["smollm2"], setup, "refreshed", draft, 2, 16)["spec"]
+    assert spec["models"]["policy"] == {"path": "zoo://smollm2-135m-instruct"}
+    assert spec["reward"] == {"type": "rule", "rule": "math_answer"}
+    assert spec["dataset"]["chatTemplate"] == "auto"
+    (drafter,) = spec["generation"]["speculative"]["drafters"]
+    assert drafter["model"] == {"path": draft} and drafter["refresh"]["every"] == 1

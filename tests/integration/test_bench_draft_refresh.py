@@ -1,8 +1,10 @@
 """``bench/draft_refresh.py`` end to end on the tiny kit: two iterations of the frozen and the
-refreshed arm, one round. The refreshed job's trainer distils the draft after iteration 1,
-so generation drafts with version 0 and then version 1, and the refresh took trainer time;
-the frozen job keeps version 0. No timing ratio is asserted: timings on a shared 2-core
-machine are fragile (docs/cpu-notes.md §5)."""
+refreshed arm, one round, the refresh not overlapped (``--no-overlap``; overlapped, the
+draft distilled after iteration 1 would draft iteration 3, so two iterations make no refresh).
+The refreshed job's trainer distils the draft after iteration 1 before publishing the
+weights, so generation drafts with version 0 and then version 1, and the refresh took
+trainer time; the frozen job keeps version 0. No timing ratio is asserted: timings on a
+shared 2-core machine are fragile (docs/cpu-notes.md §5)."""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ def test_refreshed_arm_drafts_with_a_new_version_after_a_refresh(
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(REPO / "bench" / "draft_refresh.py"), "--model", "tiny",
                "--iterations", "2", "--rounds", "1", "--arms", "frozen,refreshed",
+               "--no-overlap",
                "--out", str(out)]  # fmt: skip
     proc = subprocess.run(command, capture_output=True, text=True, timeout=1500, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -10,7 +10,9 @@ iteration on. This runs one multi-iteration GRPO job per arm, in local mode as
 
 - ``none``: speculative mode off;
 - ``frozen``: mode fixed, the ``draft_model`` drafter, k = ``--k``, never refreshed;
-- ``refreshed``: the same with ``refresh: {every: 1, steps: --refresh-steps}``.
+- ``refreshed``: the same with ``refresh: {every: 1, steps: --refresh-steps}``; by default
+  the refresh overlaps the next iteration's generation (the draft distilled on iteration N's
+  rollouts drafts N+2), ``--no-overlap`` refreshes before the weights are published (N+1).
 
 Mode fixed keeps the comparison to the draft's quality: an adaptive selector would stop
 drafting with a stale draft and hide what it costs. Every arm has the same seed, rows,
@@ -251,18 +253,26 @@ def table(summary: dict[str, Any]) -> list[str]:
 # --- running the arms -----------------------------------------------------------------------
 
 
-def speculative(arm: str, draft: str, k: int, refresh_steps: int) -> dict[str, Any]:
-    """``spec.generation.speculative`` of an arm."""
+def speculative(
+    arm: str, draft: str, k: int, refresh_steps: int, overlap: bool = True
+) -> dict[str, Any]:
+    """``spec.generation.speculative`` of an arm (``overlap``: the refresh's)."""
     if arm == "none":
         return {"mode": "off"}
     drafter: dict[str, Any] = {"method": DRAFTER, "model": {"path": draft}}
     if arm == "refreshed":
-        drafter["refresh"] = {"every": 1, "steps": refresh_steps}
+        drafter["refresh"] = {"every": 1, "steps": refresh_steps, "overlap": overlap}
     return {"mode": "fixed", "maxDraftTokens": k, "numDraftTokens": k, "drafters": [drafter]}
 
 
 def arm_manifest(
-    task: Task, setup: GrpoSetup, arm: str, draft: str, k: int, refresh_steps: int
+    task: Task,
+    setup: GrpoSetup,
+    arm: str,
+    draft: str,
+    k: int,
+    refresh_steps: int,
+    overlap: bool = True,
 ) -> dict[str, Any]:
     """The RLHFJob of an arm: the learning benchmark's job for the task, without its held-out
     evaluation (not measured here), with the arm's speculative decoding."""
@@ -270,7 +280,7 @@ def arm_manifest(
     job["metadata"]["name"] = f"draft-refresh-{task.name}-{arm}"
     for key in ("eval", "evalEvery", "evalMaxTokens"):
         job["spec"]["dataset"].pop(key, None)
-    job["spec"]["generation"]["speculative"] = speculative(arm, draft, k, refresh_steps)
+    job["spec"]["generation"]["speculative"] = speculative(arm, draft, k, refresh_steps, overlap)
     return job
 
 
@@ -330,6 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--refresh-steps", type=int, default=16, help="distillation steps per refresh"
     )
+    parser.add_argument(
+        "--no-overlap", action="store_true",
+        help="refresh before the weights are published (refresh.overlap: false): the draft "
+        "distilled on iteration N's rollouts drafts N+1 and the refresh is on the critical "
+        "path; default (overlap): it is distilled while N+1 generates and drafts N+2",
+    )  # fmt: skip
     parser.add_argument("--rounds", type=int, default=1, help="runs of every arm (rotating order)")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma list of {', '.join(ARMS)}")
     parser.add_argument("--lr", type=float, help="learning rate (default: the task's)")
@@ -379,6 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     settings = {
         "model": args.model, "draft": draft, "k": args.k, "refresh_steps": args.refresh_steps,
+        "refresh_overlap": not args.no_overlap,
         "rounds": args.rounds, "arms": arms,
         "setup": {k: str(v) if isinstance(v, Path) else v for k, v in vars(setup).items()},
     }  # fmt: skip
@@ -388,7 +405,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for arm in rotated(arms, round_index):
             run_dir = out / f"round-{round_index + 1}" / arm
             shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never a resumed one
-            job = arm_manifest(task, setup, arm, draft, args.k, args.refresh_steps)
+            job = arm_manifest(
+                task, setup, arm, draft, args.k, args.refresh_steps, not args.no_overlap
+            )
             print(f"[draft-refresh] round {round_index + 1}/{args.rounds}: {arm}", flush=True)
             seconds = run_local(job, run_dir, arm)
             rows = read_rows(run_dir / "metrics.jsonl")

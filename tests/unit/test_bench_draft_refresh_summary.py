@@ -1,5 +1,7 @@
 """``rlhfspec bench draft-refresh`` without engines: the summary and its ratios on hand-made
-metrics rows, the arms' manifests, the round order, and the flags it refuses."""
+metrics rows, the arms' manifests, the round order, and the flags it refuses. (Not named
+test_bench_draft_refresh.py: tests/integration has that basename, and the suite's test
+modules share one namespace.)"""
 
 from __future__ import annotations
 
@@ -161,7 +163,9 @@ def test_arm_manifests_differ_only_in_speculation(tmp_path: Path) -> None:
     assert frozen["mode"] == "fixed" and frozen["numDraftTokens"] == 3
     assert frozen["drafters"] == [{"method": "draft_model", "model": {"path": "tiny://draft"}}]
     fresh = specs["refreshed"]["generation"]["speculative"]
-    assert fresh["drafters"][0]["refresh"] == {"every": 1, "steps": 5}
+    assert fresh["drafters"][0]["refresh"] == {"every": 1, "steps": 5, "overlap": True}
+    sync = arm_manifest(TASKS["tiny"], setup, "refreshed", "tiny://draft", 3, 5, overlap=False)
+    assert sync["spec"]["generation"]["speculative"]["drafters"][0]["refresh"]["overlap"] is False
     without = {arm: {k: v for k, v in spec.items() if k != "generation"}
                for arm, spec in specs.items()}  # fmt: skip
     assert without["none"] == without["frozen"] == without["refreshed"]

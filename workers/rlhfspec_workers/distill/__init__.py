@@ -10,7 +10,8 @@ are pure functions a job can call again later to keep a draft fresh as RL moves 
 2. ``rollouts.sample_rollouts``: the policy's own generations (temperature 1, as RL samples)
    over the dataset's prompts, rendered with the chat template when rows are chat messages.
 3. ``train.distill``: forward KL from the policy's next-token distribution to the draft's on
-   the response positions, the teacher recomputed per batch (no stored vocabularies).
+   the response positions, the frozen teacher's final hidden states computed once (no stored
+   vocabularies), its head re-applied per batch.
 4. ``acceptance.acceptance_report``: what speculative sampling would accept, per draft
    position, on held-out prompts: alpha_t = sum_x min(p_t(x), q_t(x)) along the policy's
    own trajectories, and P(position i accepted) = mean over t of prod_{j<=i} alpha_{t+j}.

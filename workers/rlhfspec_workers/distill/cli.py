@@ -150,6 +150,7 @@ def distill_draft(args: argparse.Namespace) -> dict[str, Any]:
             "rollout_tokens": sum(len(e.response_ids) for e in train_set),
             "sampling_seconds": round(sampling_seconds, 1),
             "distill_seconds": round(stats.seconds, 1),
+            "teacher_seconds": round(stats.teacher_seconds, 1),
             "steps": stats.steps,
             "kl_first": round(stats.first_loss, 4),
             "kl_last": round(stats.last_loss, 4),

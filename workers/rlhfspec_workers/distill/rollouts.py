@@ -5,6 +5,7 @@ Where it sits: step 2 of ``distill``. Prompts come from the dataset file as a jo
 chat template with the assistant header added, plain rows are tokenized as text. Sampling is
 at temperature 1, as on-policy RL samples, with transformers' ``generate`` in batches: an
 offline tool with a token budget, where vLLM's start-up would cost more than it saves.
+Decoding keeps a KV cache (``use_cache=True``), whatever the loaded model's config says.
 """
 
 from __future__ import annotations
@@ -89,6 +90,9 @@ def sample_rollouts(
             max_new_tokens=max_new_tokens,
             pad_token_id=pad_id,
             eos_token_id=list(stops) or None,
+            # load_causal_lm turns the model config's cache off (its other passes are full
+            # forwards); decoding without one would re-run the whole sequence per token.
+            use_cache=True,
         )[:, width:]
         for prompt, row in zip(chunk, generated.tolist(), strict=True):
             response: list[int] = []

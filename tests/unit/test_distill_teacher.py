@@ -1,0 +1,112 @@
+"""The distiller's fast paths compute what the plain one did: the teacher's hidden states
+cached once give the policy's logits, the draft's logits only at response tokens are the
+full pass's, the first loss equals the per-batch computation, and sampling keeps a KV cache
+without changing what it samples."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from rlhfspec_workers.distill.layers import draft_from_policy
+from rlhfspec_workers.distill.rollouts import DraftExample, sample_rollouts
+from rlhfspec_workers.distill.train import (
+    Teacher,
+    distill,
+    kl_loss,
+    native_bf16,
+    student_logits,
+)
+from rlhfspec_workers.torch_models import load_causal_lm, pad_batch, response_logits
+
+
+def _examples(count: int, seed: int = 0, vocab: int = 30) -> list[DraftExample]:
+    rng = random.Random(seed)
+    return [
+        DraftExample(
+            [rng.randrange(1, vocab) for _ in range(rng.randrange(1, 9))],
+            [rng.randrange(1, vocab) for _ in range(rng.randrange(1, 12))],
+        )
+        for _ in range(count)
+    ]
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_kit: Path) -> Any:
+    torch.manual_seed(0)
+    return load_causal_lm(tiny_kit / "policy", torch.device("cpu")).float()
+
+
+def test_cached_teacher_and_response_only_logits_equal_the_full_pass(policy: Any) -> None:
+    examples = _examples(11)
+    teacher = Teacher(policy, examples, batch_size=4, bf16=False)
+    assert teacher.head is not None and len(teacher.hidden) == len(examples)
+    draft = draft_from_policy(policy, 2)
+    for indices in ([0, 5, 9], [10], list(range(11))):
+        chosen = [examples[i] for i in indices]
+        batch = pad_batch([e.prompt_ids for e in chosen], [e.response_ids for e in chosen])
+        real = batch.response_mask > 0
+        with torch.no_grad():
+            full = response_logits(policy, batch)[real]
+            drafted = student_logits(draft, batch)
+            expected = response_logits(draft, batch)[real]
+        assert full.shape[0] == sum(len(e.response_ids) for e in chosen)
+        torch.testing.assert_close(teacher.logits(indices), full, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(drafted, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_first_loss_is_the_per_batch_kl_and_training_lowers_it(policy: Any) -> None:
+    examples = _examples(24, seed=1)
+    draft = draft_from_policy(policy, 1)
+    # What the old loop computed on its first batch: the same draws, the full [B, T, V] pass.
+    first = random.Random(3).sample(list(examples), 8)
+    batch = pad_batch([e.prompt_ids for e in first], [e.response_ids for e in first])
+    with torch.no_grad():
+        expected = float(
+            kl_loss(
+                response_logits(policy, batch), response_logits(draft, batch), batch.response_mask
+            )
+        )
+    stats = distill(
+        policy, draft, examples, steps=12, batch_size=8, learning_rate=1e-3, seed=3, bf16=False
+    )
+    assert stats.first_loss == pytest.approx(expected, rel=1e-4)
+    assert stats.last_loss < stats.first_loss
+    assert 0 < stats.teacher_seconds <= stats.seconds
+
+
+def test_bf16_only_on_a_cpu() -> None:
+    assert native_bf16(torch.device("cuda")) is False
+    assert native_bf16(torch.device("meta")) is False
+
+
+def test_sampling_keeps_a_kv_cache_and_samples_the_same(policy: Any) -> None:
+    prompts = [e.prompt_ids for e in _examples(6, seed=2)]
+    calls: list[dict[str, Any]] = []
+    generate = policy.generate
+
+    def spy(**kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return generate(**kwargs)
+
+    sample = dict(max_new_tokens=12, token_budget=10**9, pad_id=0, stop_ids=[2], batch_size=4)
+    try:
+        policy.generate = spy
+        cached = sample_rollouts(policy, prompts, seed=5, **sample)
+    finally:
+        del policy.generate
+    assert calls and all(c["use_cache"] is True for c in calls)
+    # Without the cache every token is a full forward: slower, and the same samples.
+    original = policy.generation_config.use_cache
+    try:
+        policy.generate = lambda **kw: generate(**{**kw, "use_cache": False})
+        uncached = sample_rollouts(policy, prompts, seed=5, **sample)
+    finally:
+        del policy.generate
+        policy.generation_config.use_cache = original
+    assert [e.response_ids for e in cached] == [e.response_ids for e in uncached]
+    assert len(cached) == len(prompts)

@@ -271,3 +271,27 @@ def test_only_drafters_with_history_hear_about_new_iterations() -> None:
 
     assert isinstance(SuffixDrafter(), KeepsHistory)
     assert not isinstance(NgramDrafter(), KeepsHistory)
+
+
+def test_draft_cache_grows_with_the_context_and_keeps_what_it_cached(
+    llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache starts with a few positions and doubles as contexts grow (an engine's
+    max_len of 8192 would otherwise be allocated for every slot); drafts across the growth
+    equal those of a cache allocated whole."""
+    from rlhfspec_workers.drafters import llama_forward
+
+    whole = DraftModelDrafter(llama_dir, max_slots=4, max_len=96, dtype=torch.float32)
+    monkeypatch.setattr(llama_forward, "INITIAL_POSITIONS", 8)
+    growing = DraftModelDrafter(llama_dir, max_slots=4, max_len=96, dtype=torch.float32)
+    assert growing.model.capacity == 8 and growing.model.k_cache.shape[3] == 8
+    rng = np.random.default_rng(1)
+    ctx = {f"r{i}": [int(t) for t in rng.integers(0, 96, 4 + i)] for i in range(3)}
+    for _ in range(8):
+        rows = [row(r, t, prompt_len=4) for r, t in ctx.items()]
+        drafts = growing.propose(rows, 3)
+        assert drafts == whole.propose(rows, 3)
+        for t, d in zip(ctx.values(), drafts, strict=True):
+            t.extend([*d[:1], int(rng.integers(0, 96))])  # one accepted + the bonus token
+    assert 8 < growing.model.capacity <= 96  # it grew, within the engine's max_len
+    assert growing.model.k_cache.shape[3] == growing.model.capacity

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+INITIAL_POSITIONS = 512
+"""Cache positions per slot allocated at start; more are added as contexts grow."""
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -98,9 +100,26 @@ class LlamaDraftModel:
         # Head-major rows, so a row's keys for attention are a strided view (no copy). Callers
         # keep the used slots compact (0..n-1, see DraftModelDrafter.release): attention then
         # runs on the view of the first n slots, with the batch's queries scattered into it.
-        shape = (self.num_layers, max_slots, self.num_kv_heads, max_len, self.head_dim)
+        # Positions grow on demand (doubling, up to max_len): max_len is the engine's longest
+        # context (8192 for SmolLM2) and max_slots its most sequences, and a cache of both
+        # would hold gigabytes a job of short answers never touches (measured: a SmolLM2
+        # job's generation worker killed for memory at 14.9 GB as its pages were written).
+        self.capacity = min(max_len, INITIAL_POSITIONS)
+        shape = (self.num_layers, max_slots, self.num_kv_heads, self.capacity, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+
+    def _reserve(self, positions: int) -> None:
+        """Make room for ``positions`` cache positions per slot (keeps what is cached)."""
+        if positions <= self.capacity:
+            return
+        grown = min(self.max_len, max(positions, 2 * self.capacity))
+        for name in ("k_cache", "v_cache"):
+            old = getattr(self, name)
+            new = old.new_zeros((*old.shape[:3], grown, old.shape[4]))
+            new[:, :, :, : self.capacity] = old
+            setattr(self, name, new)
+        self.capacity = grown
 
     def load_weights(self, path: Path) -> None:
         """Take the weights of the model in ``path`` (at start, and when a refreshed draft is
@@ -177,6 +196,7 @@ class LlamaDraftModel:
         pos = start[:, None] + torch.arange(t, device=self.device)[None, :]
         if int(pos.max()) >= self.max_len:
             raise ValueError(f"draft cache overflow: position {int(pos.max())} >= {self.max_len}")
+        self._reserve(int(pos.max()) + 1)
         kv_len = int((start + t).max())
         n_slots = int(slots.max()) + 1
         slot_bt = slots[:, None].expand(bsz, t)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 
+from rlhfspec_api.generation import DrafterMethod
 from rlhfspec_api.spec import RLHFJobSpec
 from rlhfspec_workers.messages import AcceptanceReport, StrategyEntry, StrategyTable
 from rlhfspec_workers.runtime import Bus, StreamCursor
@@ -28,7 +29,7 @@ TICK_SECONDS = 1.0
 READ_BATCH = 10_000
 """Acceptance reports pooled per tick at most (the rest wait for the next tick)."""
 MAX_BATCH = 256
-DRAFT_MODEL = "draft_model"
+DRAFT_MODEL = DrafterMethod.DRAFT_MODEL.value
 
 
 def table_message(

@@ -24,7 +24,6 @@ steps on fresh rollouts, where old moments would point towards the previous poli
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from rlhfspec_workers.faults import fault_point
 from rlhfspec_workers.messages import Experience
 from rlhfspec_workers.torch_models import atomic_directory, load_causal_lm, save_model_dir
 
-from .state_io import fsync_dir, fsync_tree
+from .state_io import fsync_dir, fsync_tree, prune_versions, version_of
 
 DRAFTER = DrafterMethod.DRAFT_MODEL.value
 KEEP_DRAFT_VERSIONS = 3
@@ -78,13 +77,6 @@ def draft_acceptance(gen_stats: Mapping[str, float], drafter: str = DRAFTER) -> 
     return gen_stats.get(f"accepted:{drafter}", 0.0) / drafted
 
 
-def _version(path: Path) -> int:
-    try:
-        return int(path.name.removeprefix("v"))
-    except ValueError:
-        return -1
-
-
 class DraftRefresher:
     def __init__(self, settings: DraftRefreshSpec, initial: Path, root: Path, pad_id: int) -> None:
         self.settings = settings
@@ -97,15 +89,13 @@ class DraftRefresher:
         self.seconds = 0.0
         """Time the last refresh took (distillation and write)."""
 
-    def restore(self, up_to: int | None = None) -> DraftVersion:
-        """Continue from the newest complete ``drafts/v<N>`` (N <= ``up_to`` when given)."""
+    def restore(self) -> DraftVersion:
+        """Continue from the newest complete ``drafts/v<N>`` (temp dirs are not ``v*``)."""
         if self.root.is_dir():
-            versions = sorted(
-                (p for p in self.root.glob("v*") if _version(p) > 0 and p.is_dir()), key=_version
-            )
-            versions = [p for p in versions if up_to is None or _version(p) <= up_to]
+            versions = [p for p in self.root.glob("v*") if version_of(p) > 0 and p.is_dir()]
             if versions:
-                self.current = DraftVersion(_version(versions[-1]), versions[-1])
+                newest = max(versions, key=version_of)
+                self.current = DraftVersion(version_of(newest), newest)
         self.model = None  # loaded lazily from self.current.path
         return self.current
 
@@ -162,6 +152,5 @@ class DraftRefresher:
             fault_point("mid_draft_write")
         fsync_dir(self.root)
         self.current = DraftVersion(iteration, out)
-        for old in sorted(self.root.glob("v*"), key=_version)[:-KEEP_DRAFT_VERSIONS]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_versions(self.root, KEEP_DRAFT_VERSIONS)
         return self.current

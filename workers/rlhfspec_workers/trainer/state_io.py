@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,20 @@ class TrainerStateIO:
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.iteration = int(state["iteration"])
         return self.iteration
+
+
+def version_of(path: Path) -> int:
+    """N of a ``v<N>`` export directory (-1 for any other name)."""
+    try:
+        return int(path.name.removeprefix("v"))
+    except ValueError:
+        return -1
+
+
+def prune_versions(root: Path, keep: int) -> None:
+    """Remove all but the ``keep`` newest ``v<N>`` directories under ``root``."""
+    for old in sorted(root.glob("v*"), key=version_of)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def fsync_dir(path: Path) -> None:

@@ -28,6 +28,7 @@ from rlhfspec_workers.runtime import Bus, StreamEntry
 from .checkpoint import CheckpointStore
 from .draft_refresh import DraftRefresher, refresh_spec
 from .policy_trainer import PolicyTrainer, TrainStats
+from .state_io import prune_versions
 from .storage import StorageGuard
 from .trained_record import record_path, write_trained_record
 
@@ -232,8 +233,7 @@ class TrainerWorker:
         self.draft_seconds = 0.0
         self.bus.put(self.keys.weights, message)
         self.bus.publish(self.keys.weights_log, message)
-        for old in sorted(self.weights_root.glob("v*"), key=_version)[:-KEEP_WEIGHT_VERSIONS]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_versions(self.weights_root, KEEP_WEIGHT_VERSIONS)
 
     def _beat(self, state: str) -> None:
         self.bus.heartbeat(
@@ -257,13 +257,6 @@ def remove_partial_exports(weights_root: Path, kind: str = "weight export") -> l
         shutil.rmtree(path, ignore_errors=True)
         print(f"[rlhfspec] trainer: removed the partial {kind} {path.name}", flush=True)
     return partial
-
-
-def _version(path: Path) -> int:
-    try:
-        return int(path.name.removeprefix("v"))
-    except ValueError:
-        return -1
 
 
 def trainer_threads(cpu: str, available: int) -> int:

@@ -1,19 +1,22 @@
-"""A draft distilled from the tiny policy's own rollouts: built from its layers, trained by
-forward KL, accepted more often than the layer-subset start; bad input refused by name."""
+"""A draft distilled from the tiny policy's own rollouts: sampled by vLLM from the policy's
+distribution, built from its layers, trained by forward KL, accepted more often than the
+layer-subset start; bad input refused by name."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from rlhfspec_workers.distill.acceptance import acceptance_report
 from rlhfspec_workers.distill.layers import DraftInputError, draft_from_policy, pick_layers
-from rlhfspec_workers.distill.rollouts import prompt_token_ids, sample_rollouts
+from rlhfspec_workers.distill.rollouts import policy_sampler, prompt_token_ids, sample_rollouts
 from rlhfspec_workers.distill.train import distill
 from rlhfspec_workers.torch_models import eos_token_id, load_causal_lm
 
@@ -27,7 +30,52 @@ def test_layers_are_evenly_spaced_and_bounded() -> None:
         pick_layers(4, 5)
 
 
-def test_distillation_raises_acceptance_over_the_layer_subset(tiny_kit: Path) -> None:
+@pytest.fixture(scope="module")
+def sampler(tiny_kit: Path) -> Iterator[Any]:
+    # fp32: the sampled tokens' log-probs are compared with the transformers policy's.
+    with policy_sampler(tiny_kit / "policy", max_model_len=128, dtype="float32") as llm:
+        yield llm
+
+
+def test_rollouts_are_the_policys_own_samples(tiny_kit: Path, sampler: Any) -> None:
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    policy_dir = tiny_kit / "policy"
+    tokenizer = AutoTokenizer.from_pretrained(str(policy_dir))
+    prompts = prompt_token_ids(tokenizer, tiny_kit / "dataset" / "train.jsonl")[:40]
+    stop = eos_token_id(policy_dir) or 2
+    rollouts = sample_rollouts(
+        sampler, prompts, max_new_tokens=24, token_budget=150, stop_ids=[stop], batch_size=8
+    )
+    total = sum(len(e.response_ids) for e in rollouts)
+    # Whole batches of 8 until the budget is met, and no batch more.
+    assert total >= 150 and len(rollouts) % 8 == 0 and len(rollouts) < len(prompts)
+    assert total - sum(len(e.response_ids) for e in rollouts[-8:]) < 150
+    for example in rollouts:
+        assert example.prompt_ids in prompts
+        body = example.response_ids[:-1]
+        assert stop not in body
+        # Ended by the stop id (kept, so the draft learns it) or by the length limit.
+        assert example.response_ids[-1] == stop or len(example.response_ids) == 24
+
+    # Temperature 1 over the whole vocabulary: each sampled token's log-prob under vLLM is
+    # the transformers policy's, so the draft learns the policy's own distribution.
+    params = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, max_tokens=16, logprobs=0)
+    results = sampler.generate([TokensPrompt(prompt_token_ids=p) for p in prompts[:6]], params)
+    policy = load_causal_lm(policy_dir, torch.device("cpu")).float()
+    for prompt, result in zip(prompts[:6], results, strict=True):
+        out = result.outputs[0]
+        ids = torch.tensor([prompt + list(out.token_ids)])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(policy(ids).logits[0].float(), dim=-1)
+        for i, token in enumerate(out.token_ids):
+            expected = float(logprobs[len(prompt) - 1 + i, token])
+            assert out.logprobs[i][token].logprob == pytest.approx(expected, abs=2e-3)
+
+
+def test_distillation_raises_acceptance_over_the_layer_subset(tiny_kit: Path, sampler: Any) -> None:
     from transformers import AutoTokenizer
 
     policy_dir = tiny_kit / "policy"
@@ -36,9 +84,9 @@ def test_distillation_raises_acceptance_over_the_layer_subset(tiny_kit: Path) ->
     tokenizer = AutoTokenizer.from_pretrained(str(policy_dir))
     prompts = prompt_token_ids(tokenizer, tiny_kit / "dataset" / "train.jsonl")
     stops = [eos_token_id(policy_dir) or 2]
-    sample = dict(max_new_tokens=40, pad_id=0, stop_ids=stops, batch_size=32)
-    train = sample_rollouts(policy, prompts[16:400], token_budget=2000, seed=0, **sample)
-    held_out = sample_rollouts(policy, prompts[:16], token_budget=10**9, seed=1, **sample)
+    sample = dict(max_new_tokens=40, stop_ids=stops, batch_size=32)
+    train = sample_rollouts(sampler, prompts[16:400], token_budget=2000, seed=0, **sample)
+    held_out = sample_rollouts(sampler, prompts[:16], token_budget=10**9, seed=1, **sample)
     assert sum(len(e.response_ids) for e in train) >= 2000
 
     draft = draft_from_policy(policy, 1)

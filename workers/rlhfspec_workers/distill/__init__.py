@@ -8,7 +8,8 @@ are pure functions a job can call again later to keep a draft fresh as RL moves 
    final norm and (tied) head are the policy's own. Same tokenizer, same vocabulary: the
    ``draft_model`` drafter takes it as is.
 2. ``rollouts.sample_rollouts``: the policy's own generations (temperature 1, as RL samples)
-   over the dataset's prompts, rendered with the chat template when rows are chat messages.
+   over the dataset's prompts, rendered with the chat template when rows are chat messages,
+   sampled by a vLLM engine over the policy (``rollouts.policy_sampler``).
 3. ``train.distill``: forward KL from the policy's next-token distribution to the draft's on
    the response positions, the frozen teacher's final hidden states computed once (no stored
    vocabularies), its head re-applied per batch.

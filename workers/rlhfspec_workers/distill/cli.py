@@ -78,7 +78,11 @@ def distill_draft(args: argparse.Namespace) -> dict[str, Any]:
     from rlhfspec_workers.chat import end_of_turn_ids
     from rlhfspec_workers.distill.acceptance import acceptance_report
     from rlhfspec_workers.distill.layers import check_architecture, draft_from_policy
-    from rlhfspec_workers.distill.rollouts import prompt_token_ids, sample_rollouts
+    from rlhfspec_workers.distill.rollouts import (
+        policy_sampler,
+        prompt_token_ids,
+        sample_rollouts,
+    )
     from rlhfspec_workers.distill.train import distill
     from rlhfspec_workers.torch_models import (
         atomic_directory,
@@ -93,19 +97,16 @@ def distill_draft(args: argparse.Namespace) -> dict[str, Any]:
 
     started = time.perf_counter()
     policy_dir = _resolve(args.policy)
-    check_architecture(AutoConfig.from_pretrained(str(policy_dir)))
-    torch.manual_seed(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(str(policy_dir))
-    policy = load_causal_lm(policy_dir, torch.device("cpu")).float()
-    layers = int(policy.config.num_hidden_layers)
+    config = AutoConfig.from_pretrained(str(policy_dir))
+    check_architecture(config)
+    layers = int(config.num_hidden_layers)
     if args.layers > layers:
         from rlhfspec_workers.distill.layers import DraftInputError
 
         raise DraftInputError(
             "--layers", f"{args.layers} exceeds the policy's {layers}", f"1..{layers}"
         )
-    pad = policy.config.pad_token_id
-    pad_id = int(pad) if pad is not None else 0
+    tokenizer = AutoTokenizer.from_pretrained(str(policy_dir))
     stops = [t for t in {eos_token_id(policy_dir), *end_of_turn_ids(tokenizer)} if t is not None]
     prompts = prompt_token_ids(tokenizer, _resolve(args.dataset), args.prompt_field)
     if len(prompts) <= args.eval_prompts:
@@ -115,13 +116,21 @@ def distill_draft(args: argparse.Namespace) -> dict[str, Any]:
         )
     held_out, train_prompts = prompts[: args.eval_prompts], prompts[args.eval_prompts :]
     sampling = time.perf_counter()
-    sample = dict(max_new_tokens=args.max_new_tokens, pad_id=pad_id, stop_ids=stops)
-    train_set = sample_rollouts(
-        policy, train_prompts, token_budget=args.tokens, seed=args.seed, **sample
-    )
-    eval_set = sample_rollouts(policy, held_out, token_budget=10**9, seed=args.seed + 1, **sample)
+    # Sampled before the transformers copy of the policy is loaded: the two never share memory.
+    longest = max(len(p) for p in prompts) + args.max_new_tokens
+    max_len = min(longest, int(getattr(config, "max_position_embeddings", longest)))
+    sample = dict(max_new_tokens=args.max_new_tokens, stop_ids=stops)
+    with policy_sampler(policy_dir, max_model_len=max_len, seed=args.seed) as llm:
+        train_set = sample_rollouts(
+            llm, train_prompts, token_budget=args.tokens, seed=args.seed, **sample
+        )
+        eval_set = sample_rollouts(llm, held_out, token_budget=10**9, seed=args.seed, **sample)
     sampling_seconds = time.perf_counter() - sampling
     log(f"{len(train_set)} training rollouts, {len(eval_set)} held out ({sampling_seconds:.0f} s)")
+    torch.manual_seed(args.seed)
+    policy = load_causal_lm(policy_dir, torch.device("cpu")).float()
+    pad = policy.config.pad_token_id
+    pad_id = int(pad) if pad is not None else 0
     draft = draft_from_policy(policy, args.layers, train_head=args.train_head)
     before = acceptance_report(policy, draft, eval_set, pad_id=pad_id)
     log(f"layer-subset draft: acceptance per position {before.per_position}")

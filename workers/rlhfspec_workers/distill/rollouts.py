@@ -3,23 +3,28 @@
 Where it sits: step 2 of ``distill``. Prompts come from the dataset file as a job reads it
 (``data.rows``); chat rows (a list of messages) and ``chat=True`` go through the tokenizer's
 chat template with the assistant header added, plain rows are tokenized as text. Sampling is
-at temperature 1, as on-policy RL samples, with transformers' ``generate`` in batches: an
-offline tool with a token budget, where vLLM's start-up would cost more than it saves.
-Decoding keeps a KV cache (``use_cache=True``), whatever the loaded model's config says.
+at temperature 1 (top-p 1, no top-k), as on-policy RL samples, by vLLM: the engine a job's
+generation workers run, so the draft learns the distribution (dtype included) it will draft
+for. vLLM decodes ~70x faster than transformers' ``generate`` here (SmolLM2-135M on 2 cores:
+~450 response tokens/s at 64 sequences against ~6/s), which makes sampling a small part of
+the recipe instead of most of it.
 """
 
 from __future__ import annotations
 
+import gc
+import os
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from rlhfspec_workers.chat import render
 from rlhfspec_workers.data.rows import read_rows
+
+DEFAULT_KV_CACHE_BYTES = 512 << 20  # SmolLM2-135M: ~22k bf16 tokens, 64 sequences of 340
 
 
 @dataclass(frozen=True)
@@ -48,58 +53,91 @@ def prompt_token_ids(
     return out
 
 
-@torch.no_grad()
+@contextmanager
+def policy_sampler(
+    policy_dir: Path,
+    *,
+    max_model_len: int,
+    dtype: str = "auto",
+    threads: int | None = None,
+    kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
+    seed: int = 0,
+) -> Iterator[Any]:
+    """An in-process ``vllm.LLM`` over ``policy_dir`` (no speculation), released on exit.
+
+    ``dtype`` "auto" is a job's rule (bf16 where the CPU computes it natively, else fp32).
+    ``threads`` (default: this process's cores) is set before the engine starts, because
+    vLLM's CPU worker then turns ``torch.set_num_threads`` into a no-op for the process: the
+    distillation that follows runs at this count too. The engine's seed makes a fresh
+    sampler's draws reproducible (vLLM's CPU sampler refuses per-request seeds)."""
+    from rlhfspec_workers.hardware import available_cores, resolve_engine_dtype
+    from rlhfspec_workers.tinymodels.engine import cpu_engine_env
+
+    cpu_engine_env()
+    # vLLM's log lines go to stderr: stdout is the tool's JSON report.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    import torch
+
+    torch.set_num_threads(threads or available_cores())
+    from vllm import LLM
+
+    llm = LLM(
+        model=str(policy_dir),
+        tokenizer=str(policy_dir),
+        dtype=resolve_engine_dtype(dtype, "cpu"),
+        enforce_eager=True,
+        max_model_len=max_model_len,
+        kv_cache_memory_bytes=kv_cache_bytes,
+        seed=seed,
+    )
+    try:
+        yield llm
+    finally:
+        del llm
+        gc.collect()
+
+
 def sample_rollouts(
-    policy: Any,
+    llm: Any,
     prompts: Sequence[list[int]],
     *,
     max_new_tokens: int,
     token_budget: int,
-    pad_id: int,
     stop_ids: Sequence[int],
-    batch_size: int = 16,
+    batch_size: int = 64,
     seed: int = 0,
 ) -> list[DraftExample]:
-    """Sample responses (temperature 1) until ``token_budget`` response tokens exist.
+    """Sample one response per prompt (temperature 1) until ``token_budget`` response tokens
+    exist, ``batch_size`` prompts per ``generate`` call in a seeded shuffled order.
 
-    Prompts are taken in a seeded shuffled order, left-padded per batch; a response ends at
-    the first stop id (kept: the draft must learn where turns end) or ``max_new_tokens``."""
+    A response ends at the first stop id (kept: the draft must learn where turns end) or at
+    ``max_new_tokens``."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
     order = list(prompts)
     random.Random(seed).shuffle(order)
-    torch.manual_seed(seed)
+    params = SamplingParams(
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        max_tokens=max_new_tokens,
+        stop_token_ids=[int(s) for s in stop_ids],
+        # The stop id is a token of the response: the draft learns to propose it.
+        include_stop_str_in_output=True,
+        skip_special_tokens=False,
+        detokenize=False,
+    )
     out: list[DraftExample] = []
     total = 0
-    stops = set(int(s) for s in stop_ids)
     for start in range(0, len(order), batch_size):
         if total >= token_budget:
             break
         chunk = order[start : start + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        attention = torch.zeros_like(ids)
-        for i, p in enumerate(chunk):
-            ids[i, width - len(p) :] = torch.tensor(p)
-            attention[i, width - len(p) :] = 1
-        generated = policy.generate(
-            input_ids=ids,
-            attention_mask=attention,
-            do_sample=True,
-            temperature=1.0,
-            top_p=1.0,
-            top_k=0,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=pad_id,
-            eos_token_id=list(stops) or None,
-            # load_causal_lm turns the model config's cache off (its other passes are full
-            # forwards); decoding without one would re-run the whole sequence per token.
-            use_cache=True,
-        )[:, width:]
-        for prompt, row in zip(chunk, generated.tolist(), strict=True):
-            response: list[int] = []
-            for token in row:
-                response.append(int(token))
-                if token in stops:
-                    break
+        requests = [TokensPrompt(prompt_token_ids=p) for p in chunk]
+        results = llm.generate(requests, params, use_tqdm=False)
+        for prompt, result in zip(chunk, results, strict=True):
+            response = [int(t) for t in result.outputs[0].token_ids]
             if response:
                 out.append(DraftExample(prompt, response))
                 total += len(response)

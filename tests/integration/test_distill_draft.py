@@ -116,6 +116,35 @@ def _distill_cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def test_cli_writes_a_draft_directory_and_its_report(tiny_kit: Path, tmp_path: Path) -> None:
+    from transformers import AutoConfig, AutoTokenizer
+
+    out = tmp_path / "draft"
+    result = _distill_cli(
+        "--policy", "tiny://policy", "--out", str(out), "--layers", "1", "--tokens", "1500",
+        "--steps", "30", "--lr", "1e-3", "--batch-size", "16", "--max-new-tokens", "40",
+        "--dataset", str(tiny_kit / "dataset" / "train.jsonl"), "--quiet",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    # stdout is the report and the directory, nothing else (vLLM logs to stderr).
+    *report_lines, last = result.stdout.strip().splitlines()
+    report = json.loads("\n".join(report_lines))
+    assert last == str(out)
+    assert report == json.loads((out / "distill.json").read_text())
+    assert report["layers"] == [0] and report["policy_layers"] == 4
+    assert 0 < report["draft_parameters"] < report["policy_parameters"]
+    assert report["rollout_tokens"] >= 1500 and report["steps"] == 30
+    assert report["sampling_seconds"] > 0 and report["distill_seconds"] > 0
+    before, after = report["acceptance_before"], report["acceptance_after"]
+    assert len(after["per_position"]) == 4 and after["tokens"] > 0
+    assert after["expected_accepted"] > before["expected_accepted"]
+    # A standard HF directory: config and tokenizer load as the draft_model drafter loads them.
+    config = AutoConfig.from_pretrained(str(out))
+    assert config.num_hidden_layers == 1 and config.architectures == ["LlamaForCausalLM"]
+    policy_tokenizer = AutoTokenizer.from_pretrained(str(tiny_kit / "policy"))
+    assert AutoTokenizer.from_pretrained(str(out)).get_vocab() == policy_tokenizer.get_vocab()
+
+
 def test_cli_refuses_more_layers_than_the_policy_has(tiny_kit: Path, tmp_path: Path) -> None:
     result = _distill_cli(
         "--policy",

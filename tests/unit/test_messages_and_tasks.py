@@ -138,3 +138,21 @@ def test_iteration_metrics_arithmetic() -> None:
     assert out.stage_seconds["inference"] == pytest.approx(0.5)
     assert out.stage_seconds["total"] == pytest.approx(11.0)
     assert out.reclaimed == 2 and out.samples == 12 and out.reward_mean == 0.5
+    assert out.draft_acceptance == {} and out.draft_version is None
+
+
+def test_iteration_metrics_read_the_fields_the_workers_write() -> None:
+    from rlhfspec_workers.redis_keys import GenStatsField as F
+
+    weights = m.WeightsPublished(policy_version=2, iteration=2, path="/w", samples=4)
+    stats = {"tokens": 80.0, F.strategy("draft_model", 3): 5.0, F.sync("generation-1"): 0.25,
+             F.sync("generation-0"): 1.0, F.drafted("draft_model"): 40.0,
+             F.accepted("draft_model"): 10.0, F.drafted("suffix"): 0.0,
+             F.draft_version(2): 30.0, F.draft_version(1): 10.0}  # fmt: skip
+    clock = StageClock(started=0.0, generation_done=5.0, inference_done=6.0, finished=7.0)
+    out = iteration_metrics(iteration=2, total=3, gen_stats=stats, weights=weights, clock=clock)
+    assert out.strategies == {"draft_model:k=3": 5}
+    assert out.stage_seconds["generation"] == pytest.approx(4.0)  # the slowest sync excluded
+    assert out.draft_acceptance == {"draft_model": pytest.approx(0.25)}  # suffix drafted none
+    assert out.draft_version == 1  # the oldest version that drafted in the iteration
+    assert F.labelled(stats, "draft_version") == {"2": 30.0, "1": 10.0}

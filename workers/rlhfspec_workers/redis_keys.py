@@ -7,6 +7,8 @@ here, only names (the clients are ``runtime.Bus`` and the operator's progress re
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 
 class Keys:
     """Redis key and stream names of one job; every name is prefixed by namespace and job."""
@@ -102,9 +104,8 @@ class Keys:
         return self._key("eval-done" if eval else "done", iteration)
 
     def generation_stats(self, iteration: int) -> str:
-        """Hash of one iteration's generation counters (tokens, samples, sequence steps,
-        ``strategy:<drafter>:k=<k>`` step counts, ``sync:<worker>`` seconds), HINCRBY'd by
-        the generation workers."""
+        """Hash of one iteration's generation counters, HINCRBY'd by the generation workers;
+        its field names are :class:`GenStatsField`'s."""
         return self._key("gen-stats", iteration)
 
     def scored_samples(self, iteration: int, *, eval: bool = False) -> str:
@@ -137,3 +138,43 @@ class Keys:
     def calibration(self) -> str:
         """The generation workers' calibrated cost model (CostModel JSON, string key)."""
         return self._key("calibration")
+
+
+class GenStatsField:
+    """Field names of an iteration's gen-stats hash (:meth:`Keys.generation_stats`).
+
+    Generation workers HINCRBY them; the coordinator's metrics and the trainer's refresh
+    trigger read them back. Plain fields: ``tokens``, ``samples``, ``sequence_steps``,
+    ``steps``, ``draft_tokens``, ``accepted_tokens``, ``migrations``, ``reclaimed``. Labelled
+    fields are ``<kind>:<label>``, one kind per method below."""
+
+    @staticmethod
+    def strategy(drafter: str, k: int) -> str:
+        """Engine steps run with (drafter, k)."""
+        return f"strategy:{drafter}:k={k}"
+
+    @staticmethod
+    def drafted(drafter: str) -> str:
+        """Tokens ``drafter`` proposed."""
+        return f"drafted:{drafter}"
+
+    @staticmethod
+    def accepted(drafter: str) -> str:
+        """Tokens of ``drafter``'s proposals the target accepted."""
+        return f"accepted:{drafter}"
+
+    @staticmethod
+    def draft_version(version: int) -> str:
+        """Tokens the draft_model drafter proposed with its draft's version ``version``."""
+        return f"draft_version:{version}"
+
+    @staticmethod
+    def sync(worker: str) -> str:
+        """Seconds ``worker`` spent loading new weights."""
+        return f"sync:{worker}"
+
+    @staticmethod
+    def labelled(stats: Mapping[str, float], kind: str) -> dict[str, float]:
+        """label -> value of every ``<kind>:<label>`` field in ``stats``."""
+        prefix = f"{kind}:"
+        return {k.removeprefix(prefix): v for k, v in stats.items() if k.startswith(prefix)}

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from rlhfspec_api.spec import RewardType, RLHFJobSpec
 from rlhfspec_workers.data.rows import DatasetRow
 from rlhfspec_workers.messages import IterationMetrics, SampleTask, WeightsPublished
+from rlhfspec_workers.redis_keys import GenStatsField
 
 
 def iteration_tasks(
@@ -160,18 +161,11 @@ def iteration_metrics(
     nothing)."""
     tokens = int(_number(gen_stats, "tokens"))
     sequence_steps = _number(gen_stats, "sequence_steps")
-    sync = max((v for k, v in gen_stats.items() if k.startswith("sync:")), default=0.0)
+    sync = max(GenStatsField.labelled(gen_stats, "sync").values(), default=0.0)
     generation = max(clock.generation_done - clock.started - sync, 1e-9)
-    strategies = {
-        k.removeprefix("strategy:"): int(v)
-        for k, v in gen_stats.items()
-        if k.startswith("strategy:")
-    }
-    drafted = {
-        k.removeprefix("drafted:"): v for k, v in gen_stats.items() if k.startswith("drafted:")
-    }
-    # "draft_version:<N>": tokens drafted by the draft_model drafter's version N.
-    draft_versions = [int(k.split(":", 1)[1]) for k in gen_stats if k.startswith("draft_version:")]
+    strategies = {k: int(v) for k, v in GenStatsField.labelled(gen_stats, "strategy").items()}
+    drafted = GenStatsField.labelled(gen_stats, "drafted")
+    draft_versions = [int(label) for label in GenStatsField.labelled(gen_stats, "draft_version")]
     return IterationMetrics(
         iteration=iteration,
         total_iterations=total,
@@ -204,7 +198,9 @@ def iteration_metrics(
         batch_trace=[list(point) for point in trace],
         finished_at=finished_at,
         draft_acceptance={
-            name: _number(gen_stats, f"accepted:{name}") / n for name, n in drafted.items() if n
+            name: _number(gen_stats, GenStatsField.accepted(name)) / n
+            for name, n in drafted.items()
+            if n
         },
         draft_version=min(draft_versions, default=None),
         draft_refresh_seconds=weights.draft_refresh_seconds,

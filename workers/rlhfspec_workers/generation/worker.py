@@ -29,6 +29,7 @@ from rlhfspec_workers.faults import fault_point
 from rlhfspec_workers.hardware import resolve_engine_dtype
 from rlhfspec_workers.messages import Keys, Rollout, SampleTask, WeightsPublished, WorkerStatus
 from rlhfspec_workers.preflight import ResolvedPaths
+from rlhfspec_workers.redis_keys import GenStatsField
 from rlhfspec_workers.runtime import Bus
 
 from .adaptive import AdaptiveStrategy, expected_batch, make_strategy
@@ -306,14 +307,16 @@ class GenerationWorker:
                 continue
             self.counters.add(iteration, "sequence_steps", step.batch_size)
             self.counters.add(iteration, "steps", 1)
-            self.counters.add(iteration, f"strategy:{step.drafter}:k={step.k}", 1)
+            self.counters.add(iteration, GenStatsField.strategy(step.drafter, step.k), 1)
             self.counters.add(iteration, "draft_tokens", step.num_draft_tokens)
             self.counters.add(iteration, "accepted_tokens", step.num_accepted_tokens)
             if step.num_draft_tokens:
-                self.counters.add(iteration, f"drafted:{step.drafter}", step.num_draft_tokens)
-                self.counters.add(iteration, f"accepted:{step.drafter}", step.num_accepted_tokens)
+                drafter = step.drafter
+                self.counters.add(iteration, GenStatsField.drafted(drafter), step.num_draft_tokens)
+                accepted = step.num_accepted_tokens
+                self.counters.add(iteration, GenStatsField.accepted(drafter), accepted)
                 if step.drafter == DraftModelDrafter.name:  # which draft version drafted
-                    version = f"draft_version:{self.engine.draft_version}"
+                    version = GenStatsField.draft_version(self.engine.draft_version)
                     self.counters.add(iteration, version, step.num_draft_tokens)
 
     # -- weight sync ------------------------------------------------------------------------
@@ -341,7 +344,7 @@ class GenerationWorker:
         seconds = time.perf_counter() - started
         self.bus.metrics.set_weight_version(latest.policy_version)
         iteration = latest.iteration + 1
-        self.counters.add(iteration, f"sync:{self.name}", seconds)
+        self.counters.add(iteration, GenStatsField.sync(self.name), seconds)
         print(
             f"[rlhfspec] {self.name}: policy v{latest.policy_version} "
             f"{'' if draft is None else f'and draft v{self.engine.draft_version} '}"

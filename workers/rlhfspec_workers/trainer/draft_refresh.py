@@ -38,6 +38,7 @@ from rlhfspec_workers.distill.rollouts import DraftExample
 from rlhfspec_workers.distill.train import distill
 from rlhfspec_workers.faults import fault_point
 from rlhfspec_workers.messages import Experience
+from rlhfspec_workers.redis_keys import GenStatsField
 from rlhfspec_workers.torch_models import atomic_directory, load_causal_lm, save_model_dir
 
 from .state_io import fsync_dir, fsync_tree, prune_versions, version_of
@@ -71,10 +72,10 @@ def refresh_spec(spec: RLHFJobSpec) -> tuple[int, DraftRefreshSpec] | None:
 
 def draft_acceptance(gen_stats: Mapping[str, float], drafter: str = DRAFTER) -> float | None:
     """Accepted / drafted tokens of ``drafter`` in an iteration's counters (None: too few)."""
-    drafted = gen_stats.get(f"drafted:{drafter}", 0.0)
+    drafted = gen_stats.get(GenStatsField.drafted(drafter), 0.0)
     if drafted < MIN_DRAFTED_TOKENS:
         return None
-    return gen_stats.get(f"accepted:{drafter}", 0.0) / drafted
+    return gen_stats.get(GenStatsField.accepted(drafter), 0.0) / drafted
 
 
 class DraftRefresher:

@@ -81,3 +81,15 @@ def test_first_loss_is_the_per_batch_kl_and_training_lowers_it(policy: Any) -> N
 def test_bf16_only_on_a_cpu() -> None:
     assert native_bf16(torch.device("cuda")) is False
     assert native_bf16(torch.device("meta")) is False
+
+
+@pytest.mark.parametrize("train_head", [False, True])
+def test_the_head_learns_only_when_asked(policy: Any, train_head: bool) -> None:
+    draft = draft_from_policy(policy, 1, train_head=train_head)
+    head = draft.lm_head.weight.detach().clone()
+    block = draft.model.layers[0].mlp.down_proj.weight.detach().clone()
+    distill(policy, draft, _examples(16, seed=4), steps=3, batch_size=8, learning_rate=1e-2)
+    assert not torch.equal(draft.model.layers[0].mlp.down_proj.weight, block)
+    assert torch.equal(draft.lm_head.weight, head) is not train_head
+    # Tied: the embedding is the head, trained or frozen with it.
+    assert draft.model.embed_tokens.weight.data_ptr() == draft.lm_head.weight.data_ptr()

@@ -81,15 +81,16 @@ def policy_sampler(
     torch.set_num_threads(threads or available_cores())
     from vllm import LLM
 
-    llm = LLM(
-        model=str(policy_dir),
-        tokenizer=str(policy_dir),
-        dtype=resolve_engine_dtype(dtype, "cpu"),
-        enforce_eager=True,
-        max_model_len=max_model_len,
-        kv_cache_memory_bytes=kv_cache_bytes,
-        seed=seed,
-    )
+    args: dict[str, Any] = {
+        "model": str(policy_dir),
+        "tokenizer": str(policy_dir),
+        "dtype": resolve_engine_dtype(dtype),
+        "enforce_eager": True,
+        "max_model_len": max_model_len,
+        "kv_cache_memory_bytes": kv_cache_bytes,
+        "seed": seed,
+    }
+    llm = LLM(**args)
     try:
         yield llm
     finally:

@@ -311,13 +311,12 @@ class GenerationWorker:
             self.counters.add(iteration, "draft_tokens", step.num_draft_tokens)
             self.counters.add(iteration, "accepted_tokens", step.num_accepted_tokens)
             if step.num_draft_tokens:
-                drafter = step.drafter
-                self.counters.add(iteration, GenStatsField.drafted(drafter), step.num_draft_tokens)
-                accepted = step.num_accepted_tokens
-                self.counters.add(iteration, GenStatsField.accepted(drafter), accepted)
+                drafted, accepted = step.num_draft_tokens, step.num_accepted_tokens
+                self.counters.add(iteration, GenStatsField.drafted(step.drafter), drafted)
+                self.counters.add(iteration, GenStatsField.accepted(step.drafter), accepted)
                 if step.drafter == DraftModelDrafter.name:  # which draft version drafted
                     version = GenStatsField.draft_version(self.engine.draft_version)
-                    self.counters.add(iteration, version, step.num_draft_tokens)
+                    self.counters.add(iteration, version, drafted)
 
     # -- weight sync ------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from typing import Any
 from rlhfspec_workers.chat import render
 from rlhfspec_workers.data.rows import read_rows
 
-DEFAULT_KV_CACHE_BYTES = 512 << 20  # SmolLM2-135M: ~22k bf16 tokens, 64 sequences of 340
+KV_CACHE_BYTES = 512 << 20  # SmolLM2-135M: ~22k bf16 tokens, 64 sequences of 340
 
 
 @dataclass(frozen=True)
@@ -59,14 +59,12 @@ def policy_sampler(
     *,
     max_model_len: int,
     dtype: str = "auto",
-    threads: int | None = None,
-    kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
     seed: int = 0,
 ) -> Iterator[Any]:
     """An in-process ``vllm.LLM`` over ``policy_dir`` (no speculation), released on exit.
 
     ``dtype`` "auto" is a job's rule (bf16 where the CPU computes it natively, else fp32).
-    ``threads`` (default: this process's cores) is set before the engine starts, because
+    Torch's thread count (this process's cores) is set before the engine starts, because
     vLLM's CPU worker then turns ``torch.set_num_threads`` into a no-op for the process: the
     distillation that follows runs at this count too. The engine's seed makes a fresh
     sampler's draws reproducible (vLLM's CPU sampler refuses per-request seeds)."""
@@ -78,7 +76,7 @@ def policy_sampler(
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     import torch
 
-    torch.set_num_threads(threads or available_cores())
+    torch.set_num_threads(available_cores())
     from vllm import LLM
 
     args: dict[str, Any] = {
@@ -87,7 +85,7 @@ def policy_sampler(
         "dtype": resolve_engine_dtype(dtype),
         "enforce_eager": True,
         "max_model_len": max_model_len,
-        "kv_cache_memory_bytes": kv_cache_bytes,
+        "kv_cache_memory_bytes": KV_CACHE_BYTES,
         "seed": seed,
     }
     llm = LLM(**args)

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from rlhfspec_workers import hardware
 from rlhfspec_workers.distill.layers import SUPPORTED_ARCHITECTURES
 from rlhfspec_workers.distill.rollouts import DraftExample
 from rlhfspec_workers.torch_models import PaddedBatch, pad_batch, response_logits
@@ -52,13 +53,10 @@ def kl_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: to
 
 
 def native_bf16(device: torch.device) -> bool:
-    """True on a CPU that computes bf16 natively (AVX512-BF16 or AMX): there bf16 autocast
-    is faster than fp32; on AVX2-only CPUs it is emulated and slower, so fp32 stays."""
-    if device.type != "cpu":
-        return False
-    cpu: Any = torch.cpu
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+    """True on a CPU that computes bf16 natively (``hardware.native_bf16``: AVX512-BF16 or
+    AMX): there bf16 autocast is faster than fp32; on AVX2-only CPUs it is emulated and
+    slower, so fp32 stays. Autocast here is CPU-only, so any other device is False."""
+    return device.type == "cpu" and hardware.native_bf16("cpu")
 
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:

@@ -186,3 +186,30 @@ def test_report_from_redis_names_an_empty_stream(
     finally:
         server.stop()
     assert "rlhfspec:team-a:missing:metrics has no records" in capsys.readouterr().err
+
+
+@pytest.mark.engine
+def test_steps_say_which_prefilled_and_how_long_the_worker_took_between_them(
+    engine: Any, tiny_kit: Path
+) -> None:
+    """The load report's step profile is taken over decoding steps only, at engine time plus
+    the gap before each step: both come from what vLLM and the engine record per step."""
+    from rlhfspec_workers.generation.records import PromptInput, SamplingConfig
+
+    prompts = [
+        json.loads(line)["prompt"] for line in (tiny_kit / "dataset" / "train.jsonl").open()
+    ][:3]
+    engine.drain_steps()
+    results = engine.generate_all(
+        [PromptInput(prompt=p, prompt_id=f"p{i}", n=2) for i, p in enumerate(prompts)],
+        SamplingConfig(temperature=0.0, max_tokens=12),
+    )
+    steps = engine.drain_steps()
+    # Every request's prompt is counted once, in the step that finished prefilling it.
+    assert sum(s.prefill_tokens for s in steps) == sum(len(r.prompt_token_ids) for r in results)
+    # Six short prompts fit one step's token budget: the first step prefilled them all, and
+    # every later one only decoded.
+    assert steps[0].prefill_tokens > 0 and len(steps) > 1
+    assert all(s.prefill_tokens == 0 for s in steps[1:])
+    assert all(s.gap_seconds >= 0.0 for s in steps)
+    assert sum(s.gap_seconds for s in steps[1:]) > 0.0

@@ -44,7 +44,10 @@ def test_cpu_flags_come_from_this_machine() -> None:
     if Path("/proc/cpuinfo").is_file():
         assert flags, "no flags line parsed from /proc/cpuinfo"
     machine = hardware.describe_machine()
-    assert machine.startswith(("cpu", "cuda"))
+    assert machine.startswith(hardware.cpu_model())
+    assert f"{hardware.available_cores()} cores" in machine
+    assert ("no amx" in machine) == ("amx_bf16" not in flags)
+    assert machine.split("; ")[1].startswith(("cpu", "cuda"))
 
 
 def _rollout(text: str, answer: str, finish: str = "stop") -> Rollout:

@@ -3,6 +3,8 @@ priced at the slowest measured hand-over rate; ``auto`` takes whichever is cheap
 
 from __future__ import annotations
 
+import pytest
+
 from rlhfspec_workers.coordinator.reallocate import KV_PRIOR_BYTES_PER_SECOND, migration_cost
 from rlhfspec_workers.messages import LoadReport
 from rlhfspec_workers.reallocation import ThroughputModel
@@ -58,3 +60,20 @@ def test_one_step_table_pools_every_replica_s_measured_batches() -> None:
     assert alone.step(144) < 0.25
     assert pooled.step(144) == 0.25 and pooled.step(48) == 0.10  # measured, median of both
     assert _speed([LoadReport(worker="c", iteration=1, free_slots=0)]) is None
+
+
+def test_recompute_is_priced_at_the_measured_prefill_rate_once_reported() -> None:
+    from rlhfspec_workers.coordinator.reallocate import _speed
+
+    rows = [[8.0, 0.03, 1.0], [48.0, 0.09, 1.0]]
+    unmeasured = _speed([LoadReport(worker="a", iteration=1, free_slots=0, step_profile=rows)])
+    reports = [
+        LoadReport(worker=name, iteration=1, free_slots=0, step_profile=rows,
+                   prefill_seconds_per_token=rate)
+        for name, rate in (("a", 4e-4), ("b", 6e-4))
+    ]  # fmt: skip
+    measured = _speed(reports)
+    assert unmeasured is not None and measured is not None
+    # Before a prefill is timed: the cheapest decode row, 0.09 s / 48.
+    assert unmeasured.prefill_seconds_per_token == pytest.approx(0.09 / 48)
+    assert measured.prefill_seconds_per_token == pytest.approx(5e-4)  # median of the reports

@@ -148,3 +148,35 @@ def test_partitions_cover_every_sample_once() -> None:
     assert min(s.length for s in skewed[0]) >= max(s.length for s in skewed[1])
     with pytest.raises(ValueError):
         partition_samples(samples, 2, "nope")  # type: ignore[arg-type]
+
+
+def test_a_first_admission_pays_its_prompt_s_prefill() -> None:
+    # 1 ms a prompt token: 4 prompts of 50 tokens stall the worker 0.2 s before decoding.
+    parts = [[SimSample(f"s{i}", 100, prompt_tokens=50) for i in range(4)]]
+    speed = ThroughputModel(LINEAR.step_seconds, LINEAR.tokens_per_step, 0.001)
+    result = simulate(parts, speed, SimConfig(policy="static"))
+    assert result.prefill_seconds == pytest.approx(0.2)
+    assert result.makespan_seconds == pytest.approx(0.2 + 100 * 0.004)
+    # A queued sample pays when it is admitted, so every prompt is paid once.
+    queued = simulate(parts, speed, SimConfig(policy="static", capacity=2))
+    assert queued.prefill_seconds == pytest.approx(0.2)
+    assert queued.makespan_seconds == pytest.approx(0.1 + 0.2 + 0.1 + 0.2)
+
+
+def test_the_simulator_replays_a_real_two_worker_run() -> None:
+    """The committed run (bench/data: real workers, vLLM, a 512x8 target on this project's
+    2-core CPU) replayed on its own measured step table, prefill rate and KV cost: every
+    policy's makespan within 10% of the real one, and ours moving about as often."""
+    import json
+    from pathlib import Path
+
+    from rlhfspec_workers.benchmarks.reallocation import simulator_check
+
+    path = Path(__file__).parents[2] / "bench/data/reallocation-2workers-amd-avx512bf16.json"
+    run = json.loads(path.read_text())
+    check = simulator_check(run["simulator_inputs"], run["summary"])
+    for policy, ratio in check["real_over_simulated"].items():
+        assert 0.9 <= ratio <= 1.1, (policy, ratio)
+    real_moves = run["summary"]["ours"]["migrations"]
+    assert 0.7 * real_moves <= check["migrations"] <= 1.3 * real_moves
+    assert check["ours_ratio"] < 0.85 < check["threshold_ratio"]  # the planner's win is seen

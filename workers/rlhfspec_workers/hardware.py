@@ -58,10 +58,26 @@ def resolve_engine_dtype(dtype: EngineDType | str, device: str | None = None) ->
     return EngineDType.BFLOAT16.value if native_bf16(device) else EngineDType.FLOAT32.value
 
 
+def cpu_model() -> str:
+    """The first CPU's model name from /proc/cpuinfo ("unknown CPU" where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    for line in text.splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
 def describe_machine() -> str:
-    """One line for logs and benchmark output: device and native bf16 or not."""
+    """One line for logs and benchmark output: the CPU (model, cores this process may use,
+    AMX or not), the device, and native bf16 or not. Results differ between CPU kinds, so a
+    benchmark's JSON says which one measured it."""
     device = "cuda" if cuda_available() else "cpu"
-    return f"{device}, native bf16: {'yes' if native_bf16(device) else 'no'}"
+    amx = "amx" if "amx_bf16" in cpu_flags() else "no amx"
+    cpu = f"{cpu_model()}, {available_cores()} cores, {amx}"
+    return f"{cpu}; {device}, native bf16: {'yes' if native_bf16(device) else 'no'}"
 
 
 def available_cores() -> int:

@@ -364,6 +364,9 @@ class LoadReport(Message):
     kv_bytes_per_second: float | None = Field(default=None, gt=0.0)
     """Measured KV hand-over rate in engine time (read out of the cache and encoded as a
     source, decoded as a destination); None before its first KV migration."""
+    prefill_seconds_per_token: float | None = Field(default=None, gt=0.0)
+    """Measured engine seconds per prompt token prefilled (steps that prefilled, less a
+    decode step's time); None before any. What a recomputed migration's context costs."""
     updated_at: float = 0.0
 
 

@@ -101,6 +101,8 @@ def balanced_partition(parts: list[list[tuple[str, int]]]) -> list[list[tuple[st
 
 PROFILE: dict[int, list[tuple[float, float]]] = {}
 """Batch size -> measured (seconds per step, tokens per sequence per step) over all runs."""
+PREFILL: list[float] = []
+"""The workers' measured prefill seconds per prompt token, one entry per report."""
 LAST_REPORTS: dict[int, LoadReport] = {}
 """Each worker's latest load report (its KV size and measured KV hand-over rate)."""
 
@@ -150,6 +152,8 @@ def run_policy(
             if report is not None:
                 for b, sec, tok in report.step_profile:
                     PROFILE.setdefault(int(b), []).append((sec, tok))
+                if report.prefill_seconds_per_token:
+                    PREFILL.append(report.prefill_seconds_per_token)
                 LAST_REPORTS[w] = report
                 trace.append([round(t, 3), w, float(sum(s.running for s in report.samples))])
         time.sleep(0.05)
@@ -193,7 +197,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "policy's step is mostly fixed per-step overhead, which no migration can shorten",
     )
     parser.add_argument("--out", type=Path, default=Path("bench/results/reallocation.json"))
+    parser.add_argument(
+        "--replay",
+        type=Path,
+        default=None,
+        help="start no worker: replay a JSON this benchmark wrote in the simulator and print "
+        "the check against its real makespans",
+    )
     args = parser.parse_args(argv)
+    if args.replay is not None:
+        return replay(args.replay)
     from rlhfspec_workers.tinymodels import ensure_tiny_models
 
     kit = ensure_tiny_models(seed=0)
@@ -242,63 +255,143 @@ def main(argv: Sequence[str] | None = None) -> int:
             finally:
                 supervisor.stop()
     summary = summarise(results)
-    summary["simulator"] = simulator_check(parts, summary)
+    inputs = simulator_inputs(parts, spec)
+    summary["simulator"] = simulator_check(inputs, summary)
     print(table(summary))
     print(
         f"ours / balanced (the bound of free, perfect moves): "
         f"{summary['ours']['makespan'] / summary['balanced']['makespan']:.2f}x"
     )
-    sim = summary["simulator"]
-    print(
-        f"simulator on the measured step table: static {sim['static_seconds']:.2f}s "
-        f"(real {summary['static']['makespan']:.2f}s), threshold {sim['threshold_ratio']:.2f}x "
-        f"(real {summary['threshold']['vs_static']:.2f}x), ours {sim['ours_ratio']:.2f}x "
-        f"(real {summary['ours']['vs_static']:.2f}x), ours recomputing "
-        f"{sim['recompute_ratio']:.2f}x (real {summary['recompute']['vs_static']:.2f}x)"
-    )
+    print_simulator_check(summary)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"summary": summary, "runs": results}, indent=1) + "\n")
+    from rlhfspec_workers.hardware import describe_machine
+
+    doc = {
+        "machine": describe_machine(),
+        "summary": summary,
+        "simulator_inputs": inputs,
+        "runs": results,
+    }
+    args.out.write_text(json.dumps(doc, indent=1) + "\n")
     plot(results, args.out.with_suffix(".png"))
     print(f"[rlhfspec] wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
 
 
-def simulator_check(parts: list[list[tuple[str, int]]], summary: dict[str, Any]) -> dict[str, Any]:
-    """Replay the same partition in the simulator, driven by the step times the real workers
-    measured, so the simulator's many-worker tables can be trusted as far as this agrees."""
-    from rlhfspec_workers.benchmarks.reallocation_sim import simulate_policies
-    from rlhfspec_workers.reallocation.model import ThroughputModel
-    from rlhfspec_workers.reallocation.workload import SimSample
-
+def simulator_inputs(parts: list[list[tuple[str, int]]], spec: Any) -> dict[str, Any]:
+    """What the simulator replays a real run from, kept in the JSON (``--replay``): the
+    partition, the step table the workers measured (median per batch size over every report)
+    and the KV transfer cost they measured."""
     rows = [
-        (b, statistics.median(v[0] for v in vals), statistics.median(v[1] for v in vals))
+        [b, statistics.median(v[0] for v in vals), statistics.median(v[1] for v in vals)]
         for b, vals in sorted(PROFILE.items())
     ]
-    speed = ThroughputModel.from_table(
-        rows, prefill_seconds_per_token=min(sec / b for b, sec, _ in rows)
-    )
-    sim_parts = [
-        [SimSample(f"w{w}/{j}", tokens, len(prompt), f"w{w}") for j, (prompt, tokens) in
-         enumerate(part)]
-        for w, part in enumerate(parts)
-    ]  # fmt: skip
-    workers = len(parts)
-    # Ours as the job ran it (KV transfer priced from what the workers measured) and recomputing.
     kv_cost = migration_cost("auto", list(LAST_REPORTS.values()))
-    result = simulate_policies(
-        [workers], None, speed, partitions={workers: sim_parts}, migration_cost=kv_cost
-    )
-    recompute = simulate_policies([workers], None, speed, partitions={workers: sim_parts})
-    row = result["rows"][0]
     return {
-        "static_seconds": row["static_seconds"],
+        "partition": [[list(sample) for sample in part] for part in parts],
+        "step_table": rows,
+        "prefill_seconds_per_token": statistics.median(PREFILL) if PREFILL else None,
+        "migration_cost": dataclasses.asdict(kv_cost),
+        "max_tokens": spec.generation.max_new_tokens,
+        "min_gain_seconds": spec.generation.reallocation.min_gain_seconds,
+    }
+
+
+def simulator_check(inputs: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    """Replay the same partitions in the simulator, driven by the step times the real workers
+    measured, so the simulator's many-worker tables can be trusted as far as this agrees:
+    static and balanced (no migration: the step table and the prefill of every prompt),
+    threshold, ours as the job ran it (KV transfer priced from what the workers measured) and
+    ours recomputing. Real/simulated makespans per policy are in ``real_over_simulated``."""
+    from rlhfspec_workers.benchmarks.reallocation_sim import simulate_policies
+    from rlhfspec_workers.reallocation.model import MigrationCost, ThroughputModel
+    from rlhfspec_workers.reallocation.planner import PlannerConfig
+    from rlhfspec_workers.reallocation.simulator import SimConfig, simulate
+    from rlhfspec_workers.reallocation.workload import SimSample
+
+    rows = [(int(b), float(sec), float(tok)) for b, sec, tok in inputs["step_table"]]
+    # The workers' measured prefill rate; without one (older runs), a CPU computes a prompt
+    # token about as fast as it decodes one row at its largest batch (both compute-bound).
+    per_token = inputs.get("prefill_seconds_per_token") or min(sec / b for b, sec, _ in rows)
+    speed = ThroughputModel.from_table(rows, prefill_seconds_per_token=per_token)
+    parts = [[(str(p), int(n)) for p, n in part] for part in inputs["partition"]]
+
+    def samples(partition: list[list[tuple[str, int]]]) -> list[list[SimSample]]:
+        return [
+            [SimSample(f"w{w}/{j}", tokens, len(prompt), prompt) for j, (prompt, tokens) in
+             enumerate(part)]
+            for w, part in enumerate(partition)
+        ]  # fmt: skip
+
+    sim_parts = samples(parts)
+    workers = len(parts)
+    kv_cost = MigrationCost(**inputs["migration_cost"])
+    # As the job's coordinator: its planner settings, and a predictor that has seen this
+    # batch's lengths by prompt (run_policy seeds the real one the same way).
+    history = [s for part in sim_parts for s in part]
+    max_tokens = int(inputs.get("max_tokens", 4096))
+    planner = PlannerConfig(min_gain_seconds=float(inputs.get("min_gain_seconds", 0.0)))
+
+    def policies(cost: MigrationCost | None) -> dict[str, Any]:
+        return simulate_policies(
+            [workers], None, speed, partitions={workers: sim_parts}, history=history,
+            max_tokens=max_tokens, planner=planner, migration_cost=cost,
+        )  # fmt: skip
+
+    result = policies(kv_cost)
+    recompute = policies(None)
+    balanced = simulate(samples(balanced_partition(parts)), speed, SimConfig(policy="static"))
+    row = result["rows"][0]
+    static = row["static_seconds"]
+    simulated = {
+        "static": static,
+        "balanced": balanced.makespan_seconds,
+        "threshold": row["threshold_ratio"] * static,
+        "ours": row["ours_ratio"] * static,
+        "recompute": recompute["rows"][0]["ours_ratio"] * static,
+    }
+    return {
+        "static_seconds": static,
+        "balanced_ratio": balanced.makespan_seconds / static,
         "threshold_ratio": row["threshold_ratio"],
         "ours_ratio": row["ours_ratio"],
         "recompute_ratio": recompute["rows"][0]["ours_ratio"],
         "migrations": row["migrations"],
+        "recompute_migrations": recompute["rows"][0]["migrations"],
         "kv_bytes_per_token": kv_cost.kv_bytes_per_token,
         "kv_bytes_per_second": kv_cost.kv_bandwidth_bytes_per_second,
+        "real_over_simulated": {
+            label: summary[label]["makespan"] / seconds for label, seconds in simulated.items()
+        },
     }
+
+
+def replay(path: Path) -> int:
+    doc = json.loads(path.read_text())
+    if "simulator_inputs" not in doc:
+        raise SystemExit(f"{path}: no simulator_inputs (written by an older version)")
+    summary = doc["summary"]
+    summary["simulator"] = simulator_check(doc["simulator_inputs"], summary)
+    print_simulator_check(summary)
+    return 0
+
+
+def print_simulator_check(summary: dict[str, Any]) -> None:
+    sim = summary["simulator"]
+    print(
+        f"simulator on the measured step table: static {sim['static_seconds']:.2f}s "
+        f"(real {summary['static']['makespan']:.2f}s); x static, simulated (real): balanced "
+        f"{sim['balanced_ratio']:.2f} ({summary['balanced']['vs_static']:.2f}), threshold "
+        f"{sim['threshold_ratio']:.2f} ({summary['threshold']['vs_static']:.2f}), ours "
+        f"{sim['ours_ratio']:.2f} ({summary['ours']['vs_static']:.2f}), ours recomputing "
+        f"{sim['recompute_ratio']:.2f} ({summary['recompute']['vs_static']:.2f}); migrations, "
+        f"simulated (real): ours {sim['migrations']} ({summary['ours']['migrations']:.0f}), "
+        f"recomputing {sim['recompute_migrations']} ({summary['recompute']['migrations']:.0f})"
+    )
+    print(
+        "real / simulated makespan: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in sim["real_over_simulated"].items())
+    )
 
 
 def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:

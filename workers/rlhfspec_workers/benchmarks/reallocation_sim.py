@@ -162,6 +162,17 @@ def _batch(
     return resample(lengths, n, seed=seed, tag=tag)
 
 
+def _predictor(seen: Sequence[SimSample], max_tokens: int, grouped: bool) -> LengthPredictor:
+    """A fresh predictor that has seen these lengths (by prompt group only when the groups are
+    the batch's own: an independent draw's group ids name other prompts)."""
+    if not grouped:
+        return LengthPredictor([s.length for s in seen], max_tokens=max_tokens)
+    predictor = LengthPredictor(max_tokens=max_tokens)
+    for s in seen:
+        predictor.observe(s.length, s.group_id)
+    return predictor
+
+
 def simulate_policies(
     workers: Sequence[int],
     lengths: Sequence[SimSample] | None,
@@ -179,6 +190,7 @@ def simulate_policies(
     seed: int = 0,
     trace_workers: int | None = 8,
     partitions: dict[int, list[list[SimSample]]] | None = None,
+    history: Sequence[SimSample] | None = None,
 ) -> dict[str, Any]:
     """Replay static / threshold / planner for each fleet size; returns rows, targets and the
     batch traces of one fleet size (`trace_workers`, or the first one).
@@ -187,7 +199,10 @@ def simulate_policies(
     samples_per_worker) or None for the synthetic distribution. The predictor learns from an
     independent draw of the same distribution (an earlier iteration) plus what finishes.
     `partitions`: fleet size -> an explicit initial assignment (e.g. the real run's), which
-    replaces `assignment` for that size.
+    replaces `assignment` for that size. `history`: finished samples the predictor has seen
+    before the stage, with their prompt groups (what a real run's coordinator learnt from
+    earlier iterations of the same prompts); None: an independent draw of the batch's
+    distribution, without groups.
     """
     cost = migration_cost or MigrationCost()
     rows: list[dict[str, Any]] = []
@@ -199,9 +214,8 @@ def simulate_policies(
             batch = _batch(lengths, w * samples_per_worker, group_size, max_tokens, seed, "b")
             parts = partition_samples(batch, w, assignment)
         batch = [s for p in parts for s in p]
-        history = [
-            s.length for s in _batch(lengths, len(batch), group_size, max_tokens, seed + 7919, "h")
-        ]
+        seen = history or _batch(lengths, len(batch), group_size, max_tokens, seed + 7919, "h")
+        grouped = history is not None
         capacity = max(len(p) for p in parts)
         speed = speed_from(cost_model, max_batch=capacity, acceptance=acceptance, max_k=max_k)
         results: dict[str, SimResult] = {}
@@ -214,9 +228,8 @@ def simulate_policies(
                 planner=planner or PlannerConfig(),
                 max_tokens=max_tokens,
             )
-            results[policy] = simulate(
-                parts, speed, config, predictor=LengthPredictor(history, max_tokens=max_tokens)
-            )
+            predictor = _predictor(seen, max_tokens, grouped)
+            results[policy] = simulate(parts, speed, config, predictor=predictor)
         lpt = simulate(partition_samples(batch, w, "lpt"), speed, SimConfig(policy="static"))
         static = results["static"].makespan_seconds
         longest = max(s.length for s in batch)

@@ -92,8 +92,8 @@ class Reallocator:
         self.spent_seconds = 0.0
         """Engine seconds the migrations ordered this stage cost their destinations."""
         self.recompute_seconds = 0.0
-        """The part of ``spent_seconds`` that re-prefills contexts (recompute moves): the one
-        migration cost no worker can measure, since vLLM does not time a step's prefill apart."""
+        """The part of ``spent_seconds`` that re-prefills contexts (recompute moves), as the
+        planner priced them (at the workers' measured prefill rate once they report one)."""
         self.transit = TransitLedger()
 
     def tick(self, iteration: int) -> int:
@@ -210,9 +210,11 @@ def _speed(reports: list[LoadReport]) -> ThroughputModel | None:
         (b, statistics.median(s for s, _ in v), statistics.median(t for _, t in v))
         for b, v in sorted(by_batch.items())
     ]
-    # Prefill of a migrated context costs about one decode step's time per ~batch tokens:
-    # the cheapest per-token cost the worker measured (conservative for long contexts).
-    per_token = min(s / b for b, s, _ in rows)
+    measured = [r.prefill_seconds_per_token for r in reports if r.prefill_seconds_per_token]
+    # Before any prefill was timed: a compute-bound prompt token costs about what a decode
+    # row costs at the largest batch, the cheapest per-row step time measured.
+    fallback = min(s / b for b, s, _ in rows)
+    per_token = statistics.median(measured) if measured else fallback
     return ThroughputModel.from_table(rows, prefill_seconds_per_token=per_token)
 
 

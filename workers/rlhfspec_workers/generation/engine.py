@@ -155,6 +155,7 @@ class GenerationEngine:
         if finalizer is not None:
             finalizer.detach()
         self._step_index = 0
+        self._last_step_end: float | None = None
         self._pending_choice = NO_DRAFT
         self._pending: dict[str, tuple[PromptInput, int, int]] = {}
         self._top_logprobs: dict[str, int] = {}
@@ -418,9 +419,11 @@ class GenerationEngine:
 
     def _step(self) -> list[Any]:
         started = time.perf_counter()
+        gap = 0.0 if self._last_step_end is None else started - self._last_step_end
         outputs: list[Any] = self.engine.step()
         seconds = time.perf_counter() - started
         stats, self._sink.stats = self._sink.stats, []
+        prefill_tokens, self._sink.prompt_tokens = self._sink.prompt_tokens, 0
         spec = stats[-1].spec_decoding_stats if stats else None
         finished = sum(1 for o in outputs if o.finished)
         choices, feedback = self.proposer.drain() if self.proposer else ([], [])
@@ -450,9 +453,12 @@ class GenerationEngine:
             next_tokens=next_tokens,
             seconds=seconds,
             draft_seconds=draft_seconds,
+            prefill_tokens=prefill_tokens,
+            gap_seconds=gap,
         )
         self._step_index += 1
         self.steps.append(record)
+        self._last_step_end = time.perf_counter()
         return outputs
 
     def drain_steps(self) -> list[StepRecord]:

@@ -16,8 +16,10 @@ moves ownership, the done set filters duplicates).
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import deque
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import redis
@@ -32,7 +34,9 @@ from .sample_table import Sample, SampleStatus, SampleTable
 
 KV_RATE_SMOOTHING = 0.3
 PROFILE_STEPS = 256
-"""Recent engine steps the load report's step profile is taken over."""
+"""Recent decoding steps the load report's step profile is taken over."""
+PREFILL_STEPS = 32
+"""Recent steps that also prefilled prompts, the load report's prefill rate is taken over."""
 
 if TYPE_CHECKING:
     from .engine import GenerationEngine
@@ -62,6 +66,10 @@ class Handover:
         self.finished_lengths: list[int] = []
         """Lengths of training samples finished here since the last load report."""
         self.recent_steps: deque[StepRecord] = deque(maxlen=PROFILE_STEPS)
+        """Steps that only decoded: the step profile."""
+        self.recent_prefills: deque[StepRecord] = deque(maxlen=PREFILL_STEPS)
+        """Steps that also prefilled prompts: their time is no decode step's (a batch of 144
+        prompts arriving at once made one step 11x the decode step at that batch size)."""
         self.orders_stream = self.keys.migrations_for(self.name)
         # Orders written before this process started were for a previous incarnation.
         self.orders = StreamCursor(
@@ -172,7 +180,7 @@ class Handover:
     # -- load reports ------------------------------------------------------------------------
 
     def observe_step(self, step: StepRecord) -> None:
-        self.recent_steps.append(step)
+        (self.recent_prefills if step.prefill_tokens > 0 else self.recent_steps).append(step)
         fault_point("after_engine_step")  # tests hold a worker here: decoding stops between steps
 
     def observe_finished(self, length: int) -> None:
@@ -210,7 +218,8 @@ class Handover:
             free_slots=max(self.max_running - len(samples), 0),
             samples=samples,
             finished_lengths=self.finished_lengths,
-            step_profile=self._profile(),
+            step_profile=(profile := self._profile()),
+            prefill_seconds_per_token=self._prefill_seconds_per_token(profile),
             kv_bytes_per_token=self._kv_bytes_per_token(),
             kv_bytes_per_second=self.kv_bytes_per_second,
             updated_at=time.time(),
@@ -219,18 +228,10 @@ class Handover:
         self.bus.put(self.keys.load(self.name), report)
 
     def _profile(self) -> list[list[float]]:
-        """Median step time and tokens per sequence per step, by batch size, over recent steps."""
-        by_batch: dict[int, list[tuple[float, float]]] = {}
-        for step in self.recent_steps:
-            if step.batch_size > 0:
-                tokens = 1.0 + step.num_accepted_tokens / step.batch_size
-                by_batch.setdefault(step.batch_size, []).append((step.step_seconds, tokens))
-        rows = []
-        for batch, values in sorted(by_batch.items()):
-            seconds = sorted(v[0] for v in values)[len(values) // 2]
-            tokens = sorted(v[1] for v in values)[len(values) // 2]
-            rows.append([float(batch), seconds, tokens])
-        return rows
+        return step_profile(self.recent_steps)
+
+    def _prefill_seconds_per_token(self, profile: list[list[float]]) -> float | None:
+        return prefill_seconds_per_token(self.recent_prefills, profile)
 
     # -- leases and recovery -------------------------------------------------------------------
 
@@ -288,3 +289,40 @@ def ack(bus: Bus, sample: Sample) -> None:
 def _smooth(old: float | None, value: float) -> float:
     """Exponential moving average; the first value starts it."""
     return value if old is None else old + KV_RATE_SMOOTHING * (value - old)
+
+
+def step_profile(steps: Iterable[StepRecord]) -> list[list[float]]:
+    """[batch size, seconds per step, tokens per sequence per step]: medians by batch size over
+    decoding steps. A step's seconds are the engine's plus the worker's own work since the one
+    before (its gap): a running sample advances at that pace, and the planner and the simulator
+    read these rows as that pace (engine time alone made a 2-worker replay 10% optimistic on a
+    2-core CPU)."""
+    by_batch: dict[int, list[tuple[float, float]]] = {}
+    for step in steps:
+        if step.batch_size > 0:
+            tokens = 1.0 + step.num_accepted_tokens / step.batch_size
+            seconds = step.step_seconds + step.gap_seconds
+            by_batch.setdefault(step.batch_size, []).append((seconds, tokens))
+    rows = []
+    for batch, values in sorted(by_batch.items()):
+        seconds = sorted(v[0] for v in values)[len(values) // 2]
+        tokens = sorted(v[1] for v in values)[len(values) // 2]
+        rows.append([float(batch), seconds, tokens])
+    return rows
+
+
+def prefill_seconds_per_token(
+    prefills: Iterable[StepRecord], profile: list[list[float]]
+) -> float | None:
+    """Median over steps that prefilled of (their seconds - the decode step's at the nearest
+    profiled batch size) per prompt token: what re-prefilling a recomputed context costs
+    here. None before any such step."""
+    rates = []
+    for step in prefills:
+        if step.prefill_tokens <= 0:
+            continue
+        nearest = min(profile, key=lambda row: abs(row[0] - step.batch_size), default=None)
+        extra = step.step_seconds + step.gap_seconds - (nearest[1] if nearest else 0.0)
+        if extra > 0:
+            rates.append(extra / step.prefill_tokens)
+    return statistics.median(rates) if rates else None

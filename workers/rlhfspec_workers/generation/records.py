@@ -100,3 +100,10 @@ class StepRecord:
     step_seconds: float
     draft_seconds: float
     """Part of step_seconds spent drafting the next step's tokens."""
+    prefill_tokens: int = 0
+    """Prompt tokens whose prefill completed in this step: such a step also computed prompts,
+    so its time says nothing of decoding at this batch size alone."""
+    gap_seconds: float = 0.0
+    """Wall time from the end of the previous engine step to the start of this one: the
+    worker's own work between steps (Redis reads, admission, load reports), or idle time
+    when nothing ran. step + gap is how fast a running sample really advances."""

@@ -50,6 +50,8 @@ class StepStatsSink(StatLoggerBase):  # type: ignore[misc]
 
     def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
         self.stats: list[Any] = []
+        self.prompt_tokens = 0
+        """Prompt tokens prefilled since the engine last took this count."""
 
     def record(
         self,
@@ -60,6 +62,8 @@ class StepStatsSink(StatLoggerBase):  # type: ignore[misc]
     ) -> None:
         if scheduler_stats is not None:
             self.stats.append(scheduler_stats)
+        if iteration_stats is not None:
+            self.prompt_tokens += int(iteration_stats.num_prompt_tokens)
 
     def log_engine_initialized(self) -> None:
         pass
@@ -77,6 +81,8 @@ def step_record(
     next_tokens: int,
     seconds: float,
     draft_seconds: float,
+    prefill_tokens: int = 0,
+    gap_seconds: float = 0.0,
 ) -> StepRecord:
     """One step's record. ``spec``: vLLM's ``spec_decoding_stats`` of the step (None without
     drafts); ``feedback``: the adaptive proposer's per-step feedback (None on the native
@@ -104,6 +110,8 @@ def step_record(
         next_draft_tokens=next_tokens,
         step_seconds=seconds,
         draft_seconds=draft_seconds,
+        prefill_tokens=prefill_tokens,
+        gap_seconds=gap_seconds,
     )
 
 

@@ -11,10 +11,13 @@ The policies see only what a coordinator would: tokens generated so far and a
 Events: a sample finishes (its worker's virtual token clock reaches it), a migrated sample
 arrives, the planner's periodic tick, or a worker running dry (which also triggers a plan).
 Between events every worker runs a constant batch B, advancing each running sample by
-tokens_per_step(B) per step_seconds(B). A migration removes the sample at the source with its
-whole tokens so far (fractional progress of the last step is lost, as with a real abort),
-stalls the destination for the recompute prefill (a KV copy does not), and delivers the sample
-after the migration's cost; the destination resumes it with the remaining tokens only.
+tokens_per_step(B) per step_seconds(B). A sample's first admission stalls its worker for the
+prefill of its prompt (a real engine computes every prompt before it decodes it; on a CPU that
+costs about as much per token as decoding, and 144 short prompts delay the first token by
+~1 s). A migration removes the sample at the source with its whole tokens so far (fractional
+progress of the last step is lost, as with a real abort), stalls the destination for the
+recompute prefill (a KV copy does not), and delivers the sample after the migration's cost;
+the destination resumes it with the remaining tokens only.
 """
 
 from __future__ import annotations
@@ -71,6 +74,8 @@ class SimResult:
     """Sum over moved samples of the time they did not decode (order round trip included)."""
     idle_worker_seconds: float
     """Worker-time with nothing to run before the stage ended (what RLHFuse reuses)."""
+    prefill_seconds: float
+    """Engine time spent computing prompts at their first admission (every policy pays it)."""
     tokens: int
     plan_calls: int
     plan_wall_seconds: float
@@ -97,6 +102,8 @@ class _Sample:
     v_start: float = 0.0
     v_finish: float = 0.0
     last_migrated_at: float | None = None
+    prefilled: bool = False
+    """Its prompt was computed by some engine (a migration then pays its own way in)."""
     segments: list[tuple[str, int]] = field(default_factory=list)
 
 
@@ -112,17 +119,23 @@ class _Worker:
     stalled_until: float = 0.0
     incoming: int = 0
     overhead: float = 0.0
+    prefill: float = 0.0
     busy_until: float = 0.0
 
-    def admit(self, s: _Sample) -> None:
+    def admit(self, s: _Sample, now: float) -> None:
+        if not s.prefilled:
+            seconds = self.speed.prefill_seconds(s.spec.prompt_tokens)
+            self.stalled_until = max(self.stalled_until, now) + seconds
+            self.prefill += seconds
+            s.prefilled = True
         s.v_start = self.clock
         s.v_finish = self.clock + (s.spec.length - s.done)
         self.running[s.spec.sample_id] = s
         heapq.heappush(self.heap, (s.v_finish, s.spec.sample_id))
 
-    def fill(self) -> None:
+    def fill(self, now: float) -> None:
         while self.waiting and len(self.running) < self.capacity:
-            self.admit(self.waiting.popleft())
+            self.admit(self.waiting.popleft(), now)
 
     def _head(self) -> float | None:
         while self.heap:
@@ -235,7 +248,7 @@ def simulate(
         raise ValueError("sample ids must be unique")
     for w, part in zip(workers, partition, strict=True):
         w.waiting.extend(_Sample(s) for s in part)
-        w.fill()
+        w.fill(0.0)
 
     interval = cfg.plan_interval_seconds
     if interval is None:
@@ -278,13 +291,13 @@ def simulate(
                 segments[s.spec.sample_id] = s.segments
                 pred.observe(s.spec.length, s.spec.group_id)
                 w.busy_until = t
-            w.fill()
+            w.fill(t)
             went_idle = went_idle or (w.empty and w.busy_until == t)
         while arrivals and arrivals[0][0] <= t:
             _, _, i, s = heapq.heappop(arrivals)
             workers[i].incoming -= 1
             workers[i].waiting.append(s)
-            workers[i].fill()
+            workers[i].fill(t)
         record()
         due = t >= next_plan or (cfg.plan_on_idle and went_idle)
         if cfg.policy == "static" or not due:
@@ -319,7 +332,8 @@ def simulate(
             moved = src.remove(m.sample_id)
             if moved is None:
                 continue
-            src.fill()
+            src.fill(t)
+            moved.prefilled = True  # the move's cost below covers its way into the destination
             moved.last_migrated_at = t
             dst.incoming += 1
             dst.stalled_until = max(dst.stalled_until, t) + m.destination_busy_seconds
@@ -345,6 +359,7 @@ def simulate(
         ),
         migration_delay_seconds=delay,
         idle_worker_seconds=idle,
+        prefill_seconds=sum(w.prefill for w in workers),
         tokens=sum(s.length for s in every),
         plan_calls=plan_calls,
         plan_wall_seconds=plan_wall,

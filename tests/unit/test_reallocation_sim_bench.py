@@ -91,3 +91,23 @@ def test_gpu_like_model_is_memory_bound_at_small_batch() -> None:
     assert cost.verify_seconds(4, 0) == pytest.approx(cost.verify_seconds(1, 0), rel=0.05)
     # ...and compute-bound once B x T passes ~200 + 2B: k = 8 at B = 64 costs ~1.8x k = 0.
     assert cost.verify_seconds(64, 8) > 1.5 * cost.verify_seconds(64, 0)
+
+
+def test_a_measured_run_projects_to_more_workers(tmp_path: Path) -> None:
+    """--from-run: the committed 2-worker run's step table, prefill rate and KV cost drive the
+    fleet-size table (each worker as fast as one engine of that run)."""
+    run = Path(__file__).parents[2] / "bench/data/reallocation-2workers-amd-avx512bf16.json"
+    out = tmp_path / "out"
+    argv = ["--from-run", str(run), "--workers", "2,8", "--samples-per-worker", "48",
+            "--max-tokens", "256", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    doc = json.loads((out / "reallocation_sim.json").read_text())
+    inputs = json.loads(run.read_text())["simulator_inputs"]
+    assert doc["config"]["migration_cost"]["kv_bytes_per_token"] == pytest.approx(
+        inputs["migration_cost"]["kv_bytes_per_token"]
+    )
+    assert all(r["ours_ratio"] < 1.0 and r["migrations"] > 0 for r in doc["rows"])
+    bad = tmp_path / "old.json"
+    bad.write_text(json.dumps({"summary": {}}))
+    with pytest.raises(SystemExit, match="simulator_inputs"):
+        main(["--from-run", str(bad), "--out", str(out)])

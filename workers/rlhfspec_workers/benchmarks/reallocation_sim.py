@@ -352,6 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--acceptance", type=float, default=0.8)
     p.add_argument("--max-k", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=4096)
+    p.add_argument(
+        "--from-run",
+        type=Path,
+        help="a JSON `rlhfspec bench reallocation` wrote (e.g. bench/data/reallocation-2workers-"
+        "*.json): its workers' measured step table, prefill rate and KV cost (replaces "
+        "--step-table, --prefill-per-token and the --kv options)",
+    )
     p.add_argument("--kv-bytes-per-token", type=float, default=0.0)
     p.add_argument("--kv-bandwidth", type=float, default=0.0, help="bytes/s; 0: no KV path")
     p.add_argument("--cost-weight", type=float)
@@ -364,6 +371,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def measured_run(path: Path) -> tuple[ThroughputModel, MigrationCost]:
+    """The speed and move cost real workers measured, from a reallocation benchmark's JSON."""
+    inputs = json.loads(path.read_text()).get("simulator_inputs")
+    if not inputs or not inputs.get("prefill_seconds_per_token"):
+        raise SystemExit(f"{path}: no simulator_inputs with a measured prefill rate")
+    model = ThroughputModel.from_table(
+        [(int(b), float(s), float(t)) for b, s, t in inputs["step_table"]],
+        prefill_seconds_per_token=float(inputs["prefill_seconds_per_token"]),
+    )
+    return model, MigrationCost(**inputs["migration_cost"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     workers = [int(x) for x in str(args.workers).split(",") if x]
@@ -371,7 +390,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         workers, per_worker = [2, 8], 64
     model: CostModel | ThroughputModel
-    if args.step_table is not None:
+    cost = MigrationCost(
+        kv_bytes_per_token=args.kv_bytes_per_token, kv_bandwidth_bytes_per_second=args.kv_bandwidth
+    )
+    if args.from_run is not None:
+        model, cost = measured_run(args.from_run)
+    elif args.step_table is not None:
         rows = json.loads(args.step_table.read_text())
         if args.prefill_per_token is None:
             raise SystemExit("--step-table needs --prefill-per-token")
@@ -399,10 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         samples_per_worker=per_worker,
         group_size=args.group_size,
         assignment=args.assignment,
-        migration_cost=MigrationCost(
-            kv_bytes_per_token=args.kv_bytes_per_token,
-            kv_bandwidth_bytes_per_second=args.kv_bandwidth,
-        ),
+        migration_cost=cost,
         planner=PlannerConfig(**overrides),
         acceptance=args.acceptance,
         max_k=args.max_k,

@@ -140,6 +140,8 @@ class CostLearner:
     def observe_step(self, step: StepRecord) -> None:
         if step.batch_size < 1 or not math.isfinite(step.step_seconds):
             return
+        if step.prefill_tokens > 0:
+            return  # also computed prompts: no verification cost at (B, T) alone
         seconds = step.step_seconds
         if step.next_k > 0 and step.next_drafter in self.model.drafters:
             seconds -= self.model.draft_seconds(step.next_drafter, step.batch_size, step.next_k)

@@ -46,6 +46,12 @@ class StepFeedback:
     scored against the tokens the target emitted: drafter -> evidence."""
     fill: Mapping[str, DraftFill] = field(default_factory=dict)
     """How full the drafts of this step's drafters (chosen and side) were."""
+    rows_asked: int = -1
+    """Rows the chosen drafter was asked to draft for that were still running when its
+    drafts were verified: the drafts' denominator (-1: not counted; ``batch_size`` stands in).
+    Rows that finished in between were never verified, and rows without room for a draft
+    were never asked: counted as rejected drafts they pulled the tiny bench's draft-model
+    estimate to 0.55 at position 1 where its tail accepted ~0.7."""
 
 
 @dataclass(frozen=True)
@@ -131,9 +137,10 @@ class SelectorStrategy:
     """``spec_decode``'s AdaptiveSelector + one AcceptanceEstimator per drafter, as a strategy.
 
     Feedback -> estimator: a step's drafts become one ``StepStats`` of the drafter used. Rows
-    that got no draft (a model-free drafter found no match) count as drafts rejected at
-    position 0: the selector's throughput model multiplies expected acceptance by the batch
-    size, so coverage must be part of a drafter's acceptance.
+    asked for a draft that got none (a model-free drafter found no match) count as drafts
+    rejected at position 0: the selector's throughput model multiplies expected acceptance by
+    the batch size, so coverage must be part of a drafter's acceptance. Rows never verified
+    (finished before it) or never asked (no room left) are no evidence either way.
     """
 
     wants_side_drafts = True
@@ -175,7 +182,10 @@ class SelectorStrategy:
         estimator = self.estimators.get(feedback.choice.drafter)
         if estimator is None or not feedback.choice.enabled or feedback.batch_size < 1:
             return
-        rows = max(feedback.batch_size, feedback.num_drafts)
+        asked = feedback.rows_asked if feedback.rows_asked >= 0 else feedback.batch_size
+        rows = max(asked, feedback.num_drafts)
+        if rows == 0:
+            return
         estimator.update(
             StepStats(
                 num_drafts=rows,

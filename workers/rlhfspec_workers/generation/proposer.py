@@ -84,6 +84,8 @@ class AdaptiveProposer:
         """Outcome of each call's drafts (seen at the next call); drained by the engine."""
         self._pending: dict[str, int] = {}
         self._pending_step: tuple[DraftChoice, int, float, float] | None = None
+        self._asked: set[str] = set()
+        """Rows the last step's chosen drafter was asked to draft for (room for a token)."""
         self._live: set[str] = set()
         self._warned: set[str] = set()
         self.side_drafts: dict[str, dict[str, list[int]]] = {}
@@ -151,9 +153,10 @@ class AdaptiveProposer:
         if self._pending_step is None:
             return
         choice, batch_size, started, draft_seconds = self._pending_step
-        num_drafts = drafted = accepted = 0
+        num_drafts = drafted = accepted = asked = 0
         per_pos = [0] * self.max_k
         for row, tokens in zip(rows, sampled, strict=True):
+            asked += bool(tokens) and row.req_id in self._asked
             proposed = self._pending.get(row.req_id, 0)
             if proposed == 0 or not tokens:
                 continue
@@ -175,6 +178,7 @@ class AdaptiveProposer:
                 draft_seconds=draft_seconds,
                 shadow=self._side_evidence(rows, sampled),
                 fill=self._fill,
+                rows_asked=asked,
             )
         )
         try:
@@ -309,6 +313,7 @@ class AdaptiveProposer:
         self._fill = self._draft_fill(rows, choice, drafts)
         draft_seconds = time.perf_counter() - started
         self._pending = {r.req_id: len(d) for r, d in zip(rows, drafts, strict=True) if d}
+        self._asked = {r.req_id for r in rows if r.max_k > 0} if choice.enabled else set()
         self._pending_step = (choice, batch_size, started, draft_seconds)
         total = sum(len(d) for d in drafts)
         self.choices.append((self.calls, batch_size, choice, total, draft_seconds))

@@ -117,7 +117,7 @@ def test_pooled_acceptance_replaces_local_evidence() -> None:
     p = strategy(drafters=("suffix",))
     for _ in range(30):
         p.observe(feedback("suffix", 4, 4, (0, 0, 0, 0)))  # locally useless
-    assert p.choose(1) == NO_DRAFT
+    assert p.choose(4) == NO_DRAFT
     pooled = estimator_from_rates("suffix", [0.95, 0.95, 0.95, 0.95, 0.95], drafts=500, like=None)
     p.set_pooled_acceptance({"suffix": pooled, "eagle": pooled})
     assert p.estimators["suffix"].rate(0) > 0.9

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import pytest
+
 from rlhfspec_workers.generation.draft_strategy import (
     NO_DRAFT,
     BatchSizeStrategy,
@@ -78,3 +82,26 @@ def test_selector_strategy_counts_undrafted_rows_as_rejections() -> None:
         strategy.observe(feedback("suffix", 4, 16, 4, (4, 4, 4, 4)))
     assert 0.15 < est.rate(0) < 0.35
     strategy.observe(feedback("off", 0, 16, 0, ()))  # ignored
+
+
+def test_rows_finished_before_verification_are_no_evidence() -> None:
+    """Drafts made for 12 rows, 4 of which finished before the next step verified them: the 8
+    verified rows are the evidence (4 accepted at position 1: 0.5), not 12 rows of which 8
+    rejected (0.33). Without the count (-1), the batch size stands in, as before."""
+    costs = synthetic_cost_model(drafters=[DrafterCost("draft_model")], max_k=4)
+    counted, uncounted = AcceptanceEstimator("draft_model"), AcceptanceEstimator("draft_model")
+    last: dict[int, tuple[float, float]] = {}
+    for est, asked in ((counted, 8), (uncounted, -1)):
+        strategy = SelectorStrategy(AdaptiveSelector(costs, 4), {"draft_model": est})
+        step = feedback("draft_model", 2, 12, 8, (4, 3))
+        for _ in range(60):
+            strategy.observe(replace(step, rows_asked=asked))
+        before = est.trials[0]
+        # A batch's last step: one row asked, finished before its drafts were verified.
+        end = feedback("draft_model", 2, 1, 0, (0, 0))
+        strategy.observe(replace(end, rows_asked=0 if asked >= 0 else -1))
+        last[asked] = (before, est.trials[0])
+    assert counted.rate(0) == pytest.approx(0.5, abs=0.02)
+    assert uncounted.rate(0) == pytest.approx(1 / 3, abs=0.03)
+    assert last[8][1] == last[8][0]  # no trial added
+    assert last[-1][1] > last[-1][0]  # counted as one rejected draft

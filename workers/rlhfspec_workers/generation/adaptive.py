@@ -38,6 +38,7 @@ from rlhfspec_workers import messages
 from rlhfspec_workers.spec_decode.acceptance import AcceptanceEstimator, BetaPrior
 from rlhfspec_workers.spec_decode.cost_model import CostModel
 from rlhfspec_workers.spec_decode.cost_records import CostTableKey
+from rlhfspec_workers.spec_decode.phased import PhasedAcceptance, phase_of
 from rlhfspec_workers.spec_decode.selector import AdaptiveSelector, Candidate, evaluate
 
 from .calibration_run import CALIBRATION_BUDGET_SECONDS
@@ -57,6 +58,7 @@ from .draft_strategy import (
     FixedStrategy,
     SelectorStrategy,
     StepFeedback,
+    fold_feedback,
 )
 from .records import StepRecord
 
@@ -86,6 +88,9 @@ PRIORS: dict[str, BetaPrior] = {
     "suffix_tree": BetaPrior(mean=0.3, strength=4.0, position_decay=0.9),
     "ngram": BetaPrior(mean=0.25, strength=4.0, position_decay=0.9),
 }
+PHASE_HALF_LIFE_DRAFTS = 1024.0
+"""A phase's evidence halves every this many drafts made in that phase: a batch passes each
+phase once per iteration, so this spans a few iterations of it."""
 IDLE_HALF_LIFE_FACTOR = 4.0
 """A drafter not in use forgets its evidence this many times slower than one in use: its
 estimate drifts back to the prior, so a drafter that looked bad is eventually retried."""
@@ -199,7 +204,10 @@ class AdaptiveStrategy(SelectorStrategy):
 
     Acceptance ages per decode step, as the spec says: the estimator of the drafter used in a
     step decays by 0.5 ** (1 / half_life_steps) whatever the batch size; estimators of drafters
-    not in use decay ``IDLE_HALF_LIFE_FACTOR`` times slower, back towards their priors.
+    not in use decay ``IDLE_HALF_LIFE_FACTOR`` times slower, back towards their priors. The
+    selector reads each drafter in the batch's phase (``spec_decode.phased``): the pooled
+    estimate refined by what this worker saw at that batch size, with one standard deviation
+    of optimism where it saw little.
     """
 
     def __init__(
@@ -216,6 +224,10 @@ class AdaptiveStrategy(SelectorStrategy):
         self.learner: CostLearner | None = None
         """Refines the selector's cost table from real engine steps (:meth:`observe_step`)."""
         self.table: messages.StrategyTable | None = None
+        self.phases: dict[tuple[str, int], AcceptanceEstimator] = {}
+        """(drafter, batch phase) -> that phase's evidence: the selector reads each drafter
+        as its pooled estimate refined by the phase the batch is in (``spec_decode.phased``).
+        Local to this worker; the pooled estimates are what workers share."""
         self._seeded: tuple[int, int, int] | None = None
         """(table version, bucket lo, bucket hi) whose entry the selector was last seeded with."""
 
@@ -224,7 +236,11 @@ class AdaptiveStrategy(SelectorStrategy):
     def choose(self, batch_size: int) -> DraftChoice:
         if batch_size < 1:
             return NO_DRAFT
-        candidates = [Candidate(name, est) for name, est in self.estimators.items()]
+        phase = phase_of(batch_size)
+        candidates = [
+            Candidate(name, PhasedAcceptance(est, self._phase(name, phase)))
+            for name, est in self.estimators.items()
+        ]
         if self.table is not None:
             self._seed_from_table(batch_size)
         scored = self.selector.select(batch_size, candidates)
@@ -240,6 +256,23 @@ class AdaptiveStrategy(SelectorStrategy):
             else:
                 est.forget(idle)
         super().observe(feedback)
+        if feedback.batch_size >= 1:
+            phase = phase_of(feedback.batch_size)
+            fold_feedback(feedback, {name: self._phase(name, phase) for name in self.estimators})
+
+    def drafter_changed(self, name: str) -> None:
+        """New weights: the pooled estimate restarts from its prior and the phases forget."""
+        super().drafter_changed(name)
+        for key in [key for key in self.phases if key[0] == name]:
+            del self.phases[key]
+
+    def _phase(self, drafter: str, phase: int) -> AcceptanceEstimator:
+        """``drafter``'s evidence in batch ``phase`` (created empty)."""
+        est = self.phases.get((drafter, phase))
+        if est is None:
+            est = AcceptanceEstimator(drafter, half_life_drafts=PHASE_HALF_LIFE_DRAFTS)
+            self.phases[(drafter, phase)] = est
+        return est
 
     def observe_step(self, step: StepRecord) -> None:
         """One engine step's record (the worker's step loop): refines the cost table."""

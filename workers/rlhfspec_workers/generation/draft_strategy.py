@@ -169,29 +169,35 @@ class SelectorStrategy:
             estimator.forget(0.0)
 
     def observe(self, feedback: StepFeedback) -> None:
-        for name, fill in feedback.fill.items():
-            estimator = self.estimators.get(name)
-            if estimator is not None:
-                estimator.update_fill(fill.asked, fill.got)
-        for name, evidence in feedback.shadow.items():
-            side = self.estimators.get(name)
-            if side is not None and evidence.trials and evidence.trials[0] > 0:
-                side.update_positions(
-                    evidence.trials, evidence.successes, float(sum(evidence.successes))
-                )
-        estimator = self.estimators.get(feedback.choice.drafter)
-        if estimator is None or not feedback.choice.enabled or feedback.batch_size < 1:
-            return
-        asked = feedback.rows_asked if feedback.rows_asked >= 0 else feedback.batch_size
-        rows = max(asked, feedback.num_drafts)
-        if rows == 0:
-            return
-        estimator.update(
-            StepStats(
-                num_drafts=rows,
-                num_draft_tokens=rows * feedback.choice.k,
-                num_accepted_tokens=feedback.num_accepted_tokens,
-                accepted_per_pos=feedback.accepted_per_pos,
-                draft_len=feedback.choice.k,
+        fold_feedback(feedback, self.estimators)
+
+
+def fold_feedback(feedback: StepFeedback, estimators: Mapping[str, AcceptanceEstimator]) -> None:
+    """One step's outcome into the estimators it concerns: every drafter's fill, the side
+    drafters' evidence, and the chosen drafter's verified drafts (see SelectorStrategy)."""
+    for name, fill in feedback.fill.items():
+        estimator = estimators.get(name)
+        if estimator is not None:
+            estimator.update_fill(fill.asked, fill.got)
+    for name, evidence in feedback.shadow.items():
+        side = estimators.get(name)
+        if side is not None and evidence.trials and evidence.trials[0] > 0:
+            side.update_positions(
+                evidence.trials, evidence.successes, float(sum(evidence.successes))
             )
+    estimator = estimators.get(feedback.choice.drafter)
+    if estimator is None or not feedback.choice.enabled or feedback.batch_size < 1:
+        return
+    asked = feedback.rows_asked if feedback.rows_asked >= 0 else feedback.batch_size
+    rows = max(asked, feedback.num_drafts)
+    if rows == 0:
+        return
+    estimator.update(
+        StepStats(
+            num_drafts=rows,
+            num_draft_tokens=rows * feedback.choice.k,
+            num_accepted_tokens=feedback.num_accepted_tokens,
+            accepted_per_pos=feedback.accepted_per_pos,
+            draft_len=feedback.choice.k,
         )
+    )

@@ -1,0 +1,65 @@
+"""Acceptance by batch phase: a drafter's pooled estimate, refined where the batch is now.
+
+Place in the flow: the adaptive strategy (``generation.adaptive``) keeps, beside each
+drafter's pooled `AcceptanceEstimator`, one evidence-only estimator per batch phase (a range
+of batch sizes) and hands the selector a `PhasedAcceptance` for the phase of the batch it is
+choosing for. Why: in an RL batch, acceptance depends on where the batch is. At its start
+every row is young and no sibling has written anything (a draft model accepts well, a
+suffix drafter finds nothing); as it drains, the rows left are the stragglers (long, often
+wrong answers: a draft model accepts less) while the finished siblings feed the suffix
+drafter. One estimate per drafter averages the phases into a wrong answer for each (tiny
+bench: the draft model's pooled estimate stood at 0.55 at position 1 where a batch's first
+steps accept ~0.85, so it was never chosen there).
+
+Estimate: each position's conditional rate is the phase's own evidence shrunk towards the
+pooled rate by `strength` drafts (a phase with little evidence says what the drafter says
+overall), plus `z` posterior standard deviations of optimism, so a phase where a drafter was
+never tried gets tried once before the pooled estimate is believed there. Pure Python.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+
+from .acceptance import AcceptanceEstimator
+
+PHASE_BOUNDS = (2, 4, 8, 16, 32, 48)
+"""Upper batch sizes of the phases 1-2, 3-4, 5-8, 9-16, 17-32, 33-48; 49 and more is the last."""
+
+
+def phase_of(batch_size: int) -> int:
+    """The phase index of a batch size (0 for 1-2 rows, ..., len(PHASE_BOUNDS) past 48)."""
+    return bisect.bisect_left(PHASE_BOUNDS, batch_size)
+
+
+@dataclass(frozen=True)
+class PhasedAcceptance:
+    """What the selector reads for one drafter in one phase (an ``AcceptanceModel``)."""
+
+    pooled: AcceptanceEstimator
+    phase: AcceptanceEstimator
+    """Evidence of this phase only (its prior is not used: the pooled estimate is)."""
+    strength: float = 16.0
+    z: float = 1.0
+
+    def rates(self, k: int) -> list[float]:
+        out = []
+        for i, prior in enumerate(self.pooled.rates(k)):
+            s = self.phase.successes[i] if i < len(self.phase.successes) else 0.0
+            n = self.phase.trials[i] if i < len(self.phase.trials) else 0.0
+            p = (self.strength * prior + s) / (self.strength + n)
+            sd = math.sqrt(max(p * (1.0 - p), 0.0) / (self.strength + n + 1.0))
+            out.append(min(1.0, p + self.z * sd))
+        return out
+
+    def expected_accepted(self, k: int) -> float:
+        total, survive = 0.0, 1.0
+        for p in self.rates(k):
+            survive *= p
+            total += survive
+        return total
+
+    def expected_draft_tokens(self, k: int) -> float:
+        return self.pooled.expected_draft_tokens(k)

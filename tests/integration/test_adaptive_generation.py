@@ -177,8 +177,8 @@ def test_verified_k_follows_the_selector_as_the_batch_shrinks(
         # Lossless: identical to plain decoding, token for token.
         assert [r.token_ids for r in got] == [r.token_ids for r in reference]
     large = [k for b, ks in verified_at.items() if b >= 64 for k in ks]
-    # Drafting drains the tail fast (the last dozen samples can finish in one step).
-    small = [k for b, ks in verified_at.items() if b <= 16 for k in ks]
+    # Drafting drains the tail fast: the last 20 samples can finish in one step of k = 8.
+    small = [k for b, ks in verified_at.items() if b <= 32 for k in ks]
     assert large and small, sorted((b, ks) for b, ks in verified_at.items())
     assert statistics.median(small) > statistics.median(large), verified_at
 

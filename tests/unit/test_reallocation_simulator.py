@@ -170,7 +170,7 @@ def test_the_simulator_replays_a_real_two_worker_run() -> None:
     import json
     from pathlib import Path
 
-    from rlhfspec_workers.benchmarks.reallocation import simulator_check
+    from rlhfspec_workers.benchmarks.reallocation_replay import simulator_check
 
     path = Path(__file__).parents[2] / "bench/data/reallocation-2workers-amd-avx512bf16.json"
     run = json.loads(path.read_text())

@@ -130,6 +130,10 @@ def _rank_main(rank: int, root: str, algorithm: str) -> None:
         stats = trainer.train_iteration(experiences)
         state = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
         torch.save({"state": state, "stats": stats.to_dict()}, base / f"rank{rank}.pt")
+        # Both ranks past their last collective before either tears gloo down: a rank that
+        # destroyed the group while the other's gloo threads still talked to it aborted the
+        # other (SIGABRT, "terminate called without an active exception") in ~1 run of 7.
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 

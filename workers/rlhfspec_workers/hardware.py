@@ -22,16 +22,21 @@ NATIVE_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
 @cache
-def cpu_flags() -> frozenset[str]:
-    """The first CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+def _cpuinfo_field(*names: str) -> str | None:
+    """The first CPU's value of the first /proc/cpuinfo field starting with one of names."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return frozenset()
+        return None
     for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+        if line.startswith(names):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+def cpu_flags() -> frozenset[str]:
+    """The first CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    return frozenset((_cpuinfo_field("flags", "Features") or "").split())
 
 
 def cuda_available() -> bool:
@@ -60,14 +65,7 @@ def resolve_engine_dtype(dtype: EngineDType | str, device: str | None = None) ->
 
 def cpu_model() -> str:
     """The first CPU's model name from /proc/cpuinfo ("unknown CPU" where there is none)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown CPU"
-    for line in text.splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
+    return _cpuinfo_field("model name") or "unknown CPU"
 
 
 def describe_machine() -> str:

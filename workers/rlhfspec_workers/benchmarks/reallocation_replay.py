@@ -36,9 +36,8 @@ def simulator_check(inputs: dict[str, Any], summary: dict[str, Any]) -> dict[str
     threshold, ours as the job ran it (KV transfer priced from what the workers measured) and
     ours recomputing. Real/simulated makespans per policy are in ``real_over_simulated``."""
     rows = [(int(b), float(sec), float(tok)) for b, sec, tok in inputs["step_table"]]
-    # The workers' measured prefill rate; without one (older runs), a CPU computes a prompt
-    # token about as fast as it decodes one row at its largest batch (both compute-bound).
-    per_token = inputs.get("prefill_seconds_per_token") or min(sec / b for b, sec, _ in rows)
+    # The workers' measured prefill rate; older runs have none (from_table then guesses).
+    per_token = inputs.get("prefill_seconds_per_token") or None
     speed = ThroughputModel.from_table(rows, prefill_seconds_per_token=per_token)
     parts = [[(str(p), int(n)) for p, n in part] for part in inputs["partition"]]
 

@@ -211,10 +211,7 @@ def _speed(reports: list[LoadReport]) -> ThroughputModel | None:
         for b, v in sorted(by_batch.items())
     ]
     measured = [r.prefill_seconds_per_token for r in reports if r.prefill_seconds_per_token]
-    # Before any prefill was timed: a compute-bound prompt token costs about what a decode
-    # row costs at the largest batch, the cheapest per-row step time measured.
-    fallback = min(s / b for b, s, _ in rows)
-    per_token = statistics.median(measured) if measured else fallback
+    per_token = statistics.median(measured) if measured else None  # None: from the table
     return ThroughputModel.from_table(rows, prefill_seconds_per_token=per_token)
 
 

@@ -218,20 +218,14 @@ class Handover:
             free_slots=max(self.max_running - len(samples), 0),
             samples=samples,
             finished_lengths=self.finished_lengths,
-            step_profile=(profile := self._profile()),
-            prefill_seconds_per_token=self._prefill_seconds_per_token(profile),
+            step_profile=(profile := step_profile(self.recent_steps)),
+            prefill_seconds_per_token=prefill_seconds_per_token(self.recent_prefills, profile),
             kv_bytes_per_token=self._kv_bytes_per_token(),
             kv_bytes_per_second=self.kv_bytes_per_second,
             updated_at=time.time(),
         )
         self.finished_lengths = []
         self.bus.put(self.keys.load(self.name), report)
-
-    def _profile(self) -> list[list[float]]:
-        return step_profile(self.recent_steps)
-
-    def _prefill_seconds_per_token(self, profile: list[list[float]]) -> float | None:
-        return prefill_seconds_per_token(self.recent_prefills, profile)
 
     # -- leases and recovery -------------------------------------------------------------------
 

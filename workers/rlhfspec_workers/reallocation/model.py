@@ -159,16 +159,21 @@ class ThroughputModel:
         cls,
         rows: Iterable[tuple[int, float, float]],
         *,
-        prefill_seconds_per_token: float,
+        prefill_seconds_per_token: float | None,
         max_batch: int | None = None,
     ) -> ThroughputModel:
         """From a measured table of (batch size, seconds per step, tokens per sequence per step),
-        e.g. a real run's batch trace; linear between measured batch sizes, clamped below."""
+        e.g. a real run's batch trace; linear between measured batch sizes, clamped below.
+        ``prefill_seconds_per_token`` None (no prefill timed yet): a compute-bound prompt token
+        costs about what a decode row costs at the largest batch, the cheapest per-row step
+        time in the table."""
         by_b: dict[int, tuple[float, float]] = {}
         for b, s, t in rows:
             by_b[int(b)] = (float(s), float(t))
         if not by_b:
             raise ValueError("need at least one measured row")
+        if prefill_seconds_per_token is None:
+            prefill_seconds_per_token = min(s / b for b, (s, _) in by_b.items())
         bs = sorted(by_b)
         top = max_batch or bs[-1]
         steps, tokens = [], []

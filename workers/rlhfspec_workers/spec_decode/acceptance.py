@@ -54,10 +54,11 @@ class FixedAcceptance:
         return self.rates[min(position, len(self.rates) - 1)]
 
     def expected_accepted(self, k: int) -> float:
-        return _expected_accepted([self.rate(i) for i in range(k)])
+        return expected_accepted_from_rates([self.rate(i) for i in range(k)])
 
 
-def _expected_accepted(rates: Sequence[float]) -> float:
+def expected_accepted_from_rates(rates: Sequence[float]) -> float:
+    """E[accepted] of a draft whose position i is accepted with conditional rate rates[i]."""
     total, survive = 0.0, 1.0
     for p in rates:
         survive *= p
@@ -323,7 +324,7 @@ class AcceptanceEstimator:
 
     def expected_accepted(self, k: int) -> float:
         """E[accepted draft tokens per draft] when proposing k tokens."""
-        return _expected_accepted(self.rates(k))
+        return expected_accepted_from_rates(self.rates(k))
 
     @property
     def mean_accepted_length(self) -> float:

@@ -23,7 +23,7 @@ import bisect
 import math
 from dataclasses import dataclass
 
-from .acceptance import AcceptanceEstimator
+from .acceptance import AcceptanceEstimator, expected_accepted_from_rates
 
 PHASE_BOUNDS = (2, 4, 8, 16, 32, 48)
 """Upper batch sizes of the phases 1-2, 3-4, 5-8, 9-16, 17-32, 33-48; 49 and more is the last."""
@@ -55,11 +55,7 @@ class PhasedAcceptance:
         return out
 
     def expected_accepted(self, k: int) -> float:
-        total, survive = 0.0, 1.0
-        for p in self.rates(k):
-            survive *= p
-            total += survive
-        return total
+        return expected_accepted_from_rates(self.rates(k))
 
     def expected_draft_tokens(self, k: int) -> float:
         return self.pooled.expected_draft_tokens(k)

@@ -50,6 +50,10 @@ def test_quick_generation_benchmark_runs_every_configuration(
     for name, config in doc["configs"].items():
         assert config["median_tokens_per_second"] > 0, name
         assert all(run["tokens"] > 0 for run in config["runs"]), name
+    # Common random numbers: a round's configurations sample with the same seeds, so the
+    # two that draft nothing generate the same tokens.
+    tokens = {n: [r["tokens"] for r in doc["configs"][n]["runs"]] for n in ("off", "k0")}
+    assert tokens["off"] == tokens["k0"]
     assert doc["ratios"]["best_fixed"].startswith("fixed:")
     assert {t["target"] for t in doc["ratios"]["targets"]} >= {"speculation off", "bandit (TLT)"}
     # What vLLM verified under ours is recorded step by step for the plot.

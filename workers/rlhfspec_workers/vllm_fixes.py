@@ -302,13 +302,12 @@ def _plain_when_undrafted(original: Callable[..., Any]) -> Callable[..., Any]:
     return forward
 
 
-def _patch_undrafted_steps() -> bool:
-    """Cost 2: True when draft-free steps (now) take the plain sampler."""
+def _patch_undrafted_steps() -> None:
+    """Cost 2: draft-free steps take the plain sampler (once per process)."""
     from vllm.v1.sample.rejection_sampler import RejectionSampler
 
     if not getattr(RejectionSampler.forward, _PLAIN, False):
         RejectionSampler.forward = _plain_when_undrafted(RejectionSampler.forward)  # type: ignore[method-assign]
-    return True
 
 
 def apply() -> list[str]:
@@ -341,6 +340,6 @@ def apply() -> list[str]:
         applied.append("seeded_rewind")
     if _patch_recovered():
         applied.append("sparse_recovered_noise")
-    if _patch_undrafted_steps():
-        applied.append("plain_sampler_when_undrafted")
+    _patch_undrafted_steps()
+    applied.append("plain_sampler_when_undrafted")
     return applied

@@ -22,6 +22,19 @@ def test_quick_generation_benchmark_runs_every_configuration(
 ) -> None:
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Another machine's verification grid (the shape bench/gpu_verify_grid.py writes): a
+    # GPU-like one, where verifying more tokens per row costs almost nothing.
+    grid = tmp_path / "grid.json"
+    cells = [[b, t, 0.01 + 1e-5 * b * t, []] for b in (1, 4, 16, 64) for t in range(1, 10)]
+    grid.write_text(
+        json.dumps(
+            {
+                "schema": "rlhfspec.bench.verify_grid/v1",
+                "device": "flat",
+                "models": [{"name": "flat", "samples": cells}],
+            }
+        )
+    )
     proc = subprocess.run(
         [
             sys.executable,
@@ -33,6 +46,8 @@ def test_quick_generation_benchmark_runs_every_configuration(
             str(out),
             "--calibration-cache",
             str(tmp_path / "calibration"),
+            "--cost-grid",
+            str(grid),
         ],
         capture_output=True,
         text=True,
@@ -70,3 +85,13 @@ def test_quick_generation_benchmark_runs_every_configuration(
     assert sum(oracle["choices"].values()) > 0
     assert isinstance(oracle["at_or_above_fixed"], bool)
     assert "true hindsight oracle:" in proc.stdout
+    # Ours replayed on the same batches and step costs as the oracle (no timing noise)...
+    ours = oracle["ours_replayed"]
+    assert ours["tokens_per_second"] > 0 and sum(ours["choices"].values()) > 0
+    assert ours["over_oracle"] > 0 and ours["over_off"] > 0
+    assert "ours replayed on the same batches" in proc.stdout
+    # ...and on the other machine's grid, where drafting pays more than here.
+    flat = doc["projections"]["models"]["flat"]
+    assert flat["oracle_over_off"] > 1.0
+    assert flat["ours"]["over_off"] > 0
+    assert "projected on flat" in proc.stdout

@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--recalibrate", action="store_true", help="measure the cost table even if cached"
     )
     gen.add_argument("--out", type=Path, default=Path("bench/results"), help="output directory")
+    gen.add_argument(
+        "--cost-grid",
+        type=Path,
+        help="a verification grid measured elsewhere (bench/gpu_verify_grid.py): also replay "
+        "the batches on its step costs and print the predicted ratios there",
+    )
     return parser
 
 
@@ -175,7 +181,9 @@ def _generation(args: argparse.Namespace) -> int:
         settings = dataclasses.replace(settings, iterations=args.iterations)
     if args.temperature is not None:
         settings = dataclasses.replace(settings, temperature=args.temperature)
-    settings = dataclasses.replace(settings, hindsight=not args.no_hindsight)
+    settings = dataclasses.replace(
+        settings, hindsight=not args.no_hindsight, cost_grid=args.cost_grid
+    )
     if args.kit is not None:
         kit = args.kit
     else:
@@ -211,6 +219,7 @@ def _generation_model(args: argparse.Namespace) -> int:
         calibration_cache=args.calibration_cache,
         recalibrate=args.recalibrate,
         hindsight=not args.no_hindsight,
+        cost_grid=args.cost_grid,
     )
     kit = args.kit
     if kit is None and "draft_model" in settings.drafters and args.draft is None:
@@ -234,6 +243,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(module.main(argv[1:]))
     args = build_parser().parse_args(argv)
     if args.benchmark == "generation":
+        if args.cost_grid is not None:
+            from .projection import load_grid
+
+            try:
+                load_grid(args.cost_grid)  # before a run of many minutes, not after it
+            except ValueError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
         return _generation(args)
     return 2
 

@@ -63,17 +63,22 @@ from rlhfspec_workers.generation.engine import GenerationEngine
 from rlhfspec_workers.generation.records import SampleResult, SamplingConfig, StepRecord
 from rlhfspec_workers.generation.shadow import ShadowDrafts
 from rlhfspec_workers.spec_decode.bandit import BanditSelector, strategy_set
+from rlhfspec_workers.spec_decode.cost_model import CostModel
 from rlhfspec_workers.spec_decode.draft_choice import BatchRange
 
 from .hindsight_oracle import IterationTraces, add_oracle, iteration_traces
+from .projection import projections
+from .selector_replay import ReplayOptions, ours_replayer
 from .strategies import BanditStrategy, Profile, hand_tuned_schedule, oracle_schedule
 from .workload import (
     RunResult,
     Settings,
     auto_dtype,
     bench_spec,
+    kv_cache_bytes,
     load_dataset_prompts,
     load_prompts,
+    max_model_len,
 )
 
 Log = Callable[[str], None]
@@ -115,13 +120,15 @@ class Bench:
         self.sampling = SamplingConfig(
             temperature=settings.temperature, max_tokens=settings.max_tokens
         )
-        self.max_model_len = self._max_model_len()
+        self.max_model_len = max_model_len(self.target, self.prompts, settings)
         self.engine_args: dict[str, Any] = {
             "max_num_seqs": max(self.batch, 1),
             "max_model_len": self.max_model_len,
             "dtype": self.dtype,
             "seed": settings.seed,
-            "kv_cache_bytes": max(256 << 20, self._kv_bytes()),
+            "kv_cache_bytes": kv_cache_bytes(
+                self.target, self.dtype, self.max_model_len, self.batch
+            ),
         }
         self.engines: dict[str, GenerationEngine] = {}
         self.strategies: dict[str, DraftStrategy] = {}
@@ -135,31 +142,6 @@ class Bench:
         """Per iteration: its shadow run's rollouts by prompt group (the next iteration's
         suffix history, the same for every configuration)."""
         self.meta: dict[str, Any] = {"settings": settings.to_json(), "dtype": self.dtype}
-
-    def _max_model_len(self) -> int:
-        if not self.settings.model:
-            return 128
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(self.target))
-        longest = 0
-        for p in self.prompts:
-            if p.messages is not None:
-                text = tokenizer.apply_chat_template(
-                    [dict(m) for m in p.messages], add_generation_prompt=True, tokenize=False
-                )
-                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-                longest = max(longest, len(ids))
-            else:
-                longest = max(longest, len(tokenizer(str(p.prompt))["input_ids"]))
-        return longest + self.settings.max_tokens + self.settings.max_k + 8
-
-    def _kv_bytes(self) -> int:
-        cfg = json.loads((self.target / "config.json").read_text())
-        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-        per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim
-        width = 2 if self.dtype == "bfloat16" else 4
-        return int(per_token * width * self.max_model_len * (self.batch + 16) * 1.2)
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -207,6 +189,11 @@ class Bench:
         own = copy.deepcopy(self.cost_model)
         self.strategies["ours"] = build_adaptive_strategy(
             engine, spec, own, k_values=s.ks, learner=CostLearner(own)
+        )
+        free = (n for n, d in engine.drafters.items() if getattr(d, "model_free", False))
+        self.replay_options = ReplayOptions(engine.max_k, s.max_tokens, tuple(free))
+        self.fresh_ours: Callable[[CostModel], DraftStrategy] = lambda model: (
+            build_adaptive_strategy(engine, spec, copy.deepcopy(model), k_values=s.ks)
         )
 
     def profile_pass(self) -> None:
@@ -404,10 +391,19 @@ class Bench:
             s = self.settings
             runs = [*self.profile_runs, *((r.config, r.steps) for r in self.results)]
             strategies = [(d, k) for d in s.drafters for k in s.ks]
+            here = self.cost_model
+            ours = ours_replayer(
+                lambda: self.fresh_ours(here), self.shadows, self.replay_options, s.repeats
+            )
             doc["oracle"] = add_oracle(
-                self.shadows, runs, self.cost_model.step_seconds, strategies, medians, cpu,
-                by_iteration,
+                self.shadows, runs, here.step_seconds, strategies, medians, cpu, by_iteration,
+                ours,
             )  # fmt: skip
+            if s.cost_grid is not None:
+                doc["projections"] = projections(
+                    s.cost_grid, self.shadows, here, strategies, self.fresh_ours,
+                    self.replay_options, s.repeats,
+                )  # fmt: skip
         doc["configs"] = {
             name: {
                 "median_tokens_per_second": round(medians[name], 2),
@@ -436,6 +432,7 @@ def run_benchmark(
     """Run everything, write ``generation.json`` and ``generation.png`` into ``out_dir``, and
     return the JSON document."""
     from .hindsight_oracle import summary
+    from .projection import summary as projection_summary
     from .report import plot, table
 
     bench = Bench(kit, settings, log)
@@ -452,4 +449,6 @@ def run_benchmark(
     log(table(doc))
     if "oracle" in doc:
         log("\n".join(summary(doc["oracle"])))
+    if "projections" in doc:
+        log("\n".join(projection_summary(doc["projections"], doc["oracle"].get("ours_replayed"))))
     return doc

@@ -176,12 +176,19 @@ def add_oracle(
     medians: dict[str, float],
     cpu: dict[str, float],
     by_iteration: Sequence[dict[str, float]],
+    ours: Callable[[StepCost], Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The oracle's report, with ``oracle`` added to the medians (wall, CPU by the fixed
-    configurations' median CPU/wall ratio, and per iteration) in measured tokens/s."""
+    configurations' median CPU/wall ratio, and per iteration) in measured tokens/s.
+
+    ``ours``: replays the selector over the same traces and step costs
+    (``selector_replay.replay_rounds``); its result is reported beside the oracle's and the
+    fixed configurations' replays (``ours_replayed``), free of timing noise."""
     cost = measured_cost(runs, fallback)
     report = oracle_report(shadows, cost, strategies, medians, by_iteration)
     report["cost_fit"] = cost_fit(cost)
+    if ours is not None:
+        report["ours_replayed"] = ours_versus_replays(ours(cost), report)
     medians["oracle"] = report["tokens_per_second"]
     for m, row in zip(by_iteration, report["iterations"], strict=True):
         m["oracle"] = row["tokens_per_second"]
@@ -189,6 +196,39 @@ def add_oracle(
     if cpu_over_wall:
         cpu["oracle"] = medians["oracle"] * statistics.median(cpu_over_wall)
     return report
+
+
+def ours_versus_replays(ours: Mapping[str, Any], report: Mapping[str, Any]) -> dict[str, Any]:
+    """Ours replayed, against the oracle, plain decoding and the best fixed configuration
+    replayed on the same batches and step costs (overall and per iteration)."""
+    replayed = report["replayed"]
+    fixed = {n: v for n, v in replayed.items() if n.startswith("fixed:")}
+    best = max(fixed, key=lambda n: fixed[n], default=None)
+    tps = float(ours["tokens_per_second"])
+    out: dict[str, Any] = {
+        **ours,
+        "tokens_per_second_scaled": round(tps * report["scale"], 2),
+        "over_oracle": _ratio(tps, report["replayed_tokens_per_second"]),
+        "over_off": _ratio(tps, replayed.get("k0")),
+        "best_fixed": best,
+        "over_best_fixed": _ratio(tps, fixed.get(best) if best else None),
+    }
+    rows = []
+    for row, value in zip(report["iterations"], ours["iterations"], strict=False):
+        again = row["replayed_fixed"]
+        here = {n: v for n, v in again.items() if n.startswith("fixed:")}
+        best_here = max(here, key=lambda n: here[n], default=None)
+        rows.append(
+            {
+                "iteration": row["iteration"],
+                "tokens_per_second": value,
+                "over_oracle": _ratio(value, row["replayed_tokens_per_second"]),
+                "over_off": _ratio(value, again.get("k0")),
+                "over_best_fixed": _ratio(value, here.get(best_here) if best_here else None),
+            }
+        )
+    out["iterations"] = rows
+    return out
 
 
 FIT_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -244,6 +284,20 @@ def summary(doc: Mapping[str, Any]) -> list[str]:
             f"  oracle vs the best fixed configuration ({doc['best_fixed']}): "
             f"{doc['over_best_fixed']:.3f}x, {verdict}"
         )
+    ours = doc.get("ours_replayed")
+    if ours:
+        lines.append(
+            f"  ours replayed on the same batches and step costs: {ours['tokens_per_second']:.1f}"
+            f" tok/s = {ours['over_oracle']}x the oracle, {ours['over_best_fixed']}x the best "
+            f"fixed ({ours['best_fixed']}), {ours['over_off']}x off (replayed; no timing noise)"
+        )
+        for row in ours["iterations"]:
+            lines.append(
+                f"    iteration {row['iteration']}: {row['over_oracle']}x oracle, "
+                f"{row['over_best_fixed']}x best fixed, {row['over_off']}x off"
+            )
+        top = ", ".join(f"{s} {n}" for s, n in list(ours["choices"].items())[:6])
+        lines.append(f"    its steps: {top}")
     fit = doc.get("cost_fit", {})
     if fit:
         lines.append("  step ms measured/modelled (the selector's cost model):")

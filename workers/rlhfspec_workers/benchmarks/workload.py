@@ -7,6 +7,7 @@ results into the table, JSON and PNG. No engine code here.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,6 +55,9 @@ class Settings:
     drafter drafts from the previous visit's rollouts too."""
     hindsight: bool = True
     """Compute the true hindsight oracle (one shadow-drafting run per iteration)."""
+    cost_grid: Path | None = None
+    """A verification grid measured elsewhere (``bench/gpu_verify_grid.py``): the batches are
+    also replayed on its step costs (``benchmarks.projection``)."""
 
     @property
     def max_k(self) -> int:
@@ -191,3 +195,33 @@ def bench_spec(
         "drafters": [drafter(d) for d in drafters],
     }
     return GenerationSpec.model_validate({"speculative": speculative})
+
+
+def max_model_len(target: Path, prompts: Sequence[PromptInput], settings: Settings) -> int:
+    """The engines' context: the longest prompt as the policy's tokenizer renders it, plus
+    the response cap and a full draft (the tiny kit's workload: 128)."""
+    if not settings.model:
+        return 128
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(target))
+    longest = 0
+    for p in prompts:
+        if p.messages is not None:
+            text = tokenizer.apply_chat_template(
+                [dict(m) for m in p.messages], add_generation_prompt=True, tokenize=False
+            )
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            longest = max(longest, len(ids))
+        else:
+            longest = max(longest, len(tokenizer(str(p.prompt))["input_ids"]))
+    return longest + settings.max_tokens + settings.max_k + 8
+
+
+def kv_cache_bytes(target: Path, dtype: str, max_model_len: int, batch: int) -> int:
+    """KV cache for the whole batch at full context (and 16 rows to spare), at least 256 MiB."""
+    cfg = json.loads((target / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim
+    width = 2 if dtype == "bfloat16" else 4
+    return max(256 << 20, int(per_token * width * max_model_len * (batch + 16) * 1.2))

@@ -1,0 +1,225 @@
+"""Verification-cost grid t(B, T) of a target model on a GPU: the selector's cost table there.
+
+Usage (on the GPU machine, which has torch and transformers but neither vLLM nor this
+project's dependencies, hence a standalone script)::
+
+    python bench/gpu_verify_grid.py --out DIR [--budget-seconds 420]
+
+For every model in ``MODELS`` (random weights with the real model's shape: step time does
+not depend on the weights' values) and every batch size B and draft length T - 1, it times
+one forward of B rows x T new tokens on top of a ``--context``-token KV cache, logits
+included: exactly a speculative verification step of T tokens per row (T = 1 is plain
+decoding). A row's cache is cut back to the context after each timed forward, so every cell
+sees the same context. Each cell is the median of ``--reps`` timed forwards after
+``--warmup`` untimed ones, with the device synchronised around each.
+
+What it leaves out, so the grid is an upper bound on a serving engine's step: CUDA graphs
+(eager launches cost ~10-20 us per kernel, felt at small B), paged attention and vLLM's
+scheduler and sampler. ``rlhfspec bench project`` turns the grid into a cost model and
+replays this machine's acceptance traces on it.
+
+Writes ``DIR/verify-grid.json``::
+
+    {"schema": "rlhfspec.bench.verify_grid/v1", "device": ..., "torch": ..., "models": [
+      {"name": ..., "dtype": ..., "context": ..., "config": {...},
+       "samples": [[B, T, median_seconds, [each timed seconds...]], ...]}, ...]}
+
+after every model (a run stopped by its budget keeps what it measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+MODELS: dict[str, dict[str, Any]] = {
+    # SmolLM2-135M-Instruct's config.json (the project's real test model).
+    "smollm2-135m": {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "vocab_size": 49152,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 100000.0,
+        "tie_word_embeddings": True,
+    },
+    # Qwen2.5-7B's shape (random weights: the issue's "7B-shaped" target).
+    "qwen2.5-7b-shape": {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "vocab_size": 152064,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": False,
+    },
+    # A model small enough for a CPU smoke test of this script.
+    "tiny": {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 512,
+        "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+    },
+}
+BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+TOKENS = tuple(range(1, 10))
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def build(name: str, dtype: Any, device: Any) -> Any:
+    """The model ``name`` of ``MODELS`` with random weights, in eval mode on ``device``."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(MODELS[name])
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    torch.manual_seed(0)
+    with torch.device(device):
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except TypeError:  # transformers before 4.56 names it torch_dtype
+            model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+    return model.eval()
+
+
+def measure_model(
+    model: Any,
+    batches: tuple[int, ...],
+    tokens: tuple[int, ...],
+    *,
+    context: int,
+    warmup: int,
+    reps: int,
+    deadline: float,
+) -> list[list[Any]]:
+    """[B, T, median seconds, [timed seconds]] per cell, batch by batch, until ``deadline``."""
+    import torch
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    vocab = int(model.config.vocab_size)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    samples: list[list[Any]] = []
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for batch in batches:
+        if time.monotonic() >= deadline:
+            break
+        prompt = torch.randint(3, vocab, (batch, context), generator=gen).to(device)
+        with torch.inference_mode():
+            cache = DynamicCache()
+            model.model(input_ids=prompt, past_key_values=cache, use_cache=True)
+            for t in tokens:
+                if time.monotonic() >= deadline:
+                    break
+                ids = torch.randint(3, vocab, (batch, t), generator=gen).to(device)
+                times: list[float] = []
+                for i in range(warmup + reps):
+                    sync()
+                    started = time.perf_counter()
+                    model(input_ids=ids, past_key_values=cache, use_cache=True)
+                    sync()
+                    if i >= warmup:
+                        times.append(time.perf_counter() - started)
+                    cache.crop(-t)  # back to the context (negative: drop the last t)
+                samples.append([batch, t, statistics.median(times), [round(x, 6) for x in times]])
+        del cache, prompt
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return samples
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--models", default="smollm2-135m,qwen2.5-7b-shape")
+    parser.add_argument("--batches", type=_ints, default=BATCHES)
+    parser.add_argument("--tokens", type=_ints, default=TOKENS)
+    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
+    parser.add_argument("--budget-seconds", type=float, default=420.0)
+    args = parser.parse_args(argv)
+
+    import torch
+    import transformers
+
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    dtype = getattr(torch, args.dtype)
+    started = time.monotonic()
+    deadline = started + args.budget_seconds
+    doc: dict[str, Any] = {
+        "schema": "rlhfspec.bench.verify_grid/v1",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "models": [],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / "verify-grid.json"
+    for name in [m for m in args.models.split(",") if m]:
+        if time.monotonic() >= deadline:
+            break
+        model = build(name, dtype, device)
+        samples = measure_model(
+            model,
+            args.batches,
+            args.tokens,
+            context=args.context,
+            warmup=args.warmup,
+            reps=args.reps,
+            deadline=deadline,
+        )
+        doc["models"].append(
+            {
+                "name": name,
+                "dtype": args.dtype,
+                "context": args.context,
+                "config": MODELS[name],
+                "samples": samples,
+            }
+        )
+        out.write_text(json.dumps(doc, indent=1))
+        print(f"{name}: {len(samples)} cells, {time.monotonic() - started:.0f}s", flush=True)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    out.write_text(json.dumps(doc, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Ours, replayed: the adaptive strategy itself driven through the hindsight replay.
+
+Where it sits: the generation benchmark's oracle report (``benchmarks.hindsight_oracle``)
+replays each iteration's shadow traces under every fixed strategy and the true oracle, with
+step costs measured in the same run. This module replays the same traces under a fresh copy
+of the strategy ``ours`` runs (the worker's ``AdaptiveStrategy``): every step it chooses for
+the live batch, then observes what that step's drafts really got, as the proposer would
+report it (``StepFeedback``: accepted tokens per position, and side drafts of the model-free
+drafters it did not choose on a rotating window of rows). Timing noise then drops out of the
+comparison: on identical batches and identical step costs, ours-replayed against the
+oracle-replayed and the fixed configurations replayed is the selector's decision quality
+alone, where measured runs of one configuration spread by ~10% on a shared 2-core machine.
+
+What the replay cannot give the strategy: the fill of a model-free drafter's drafts (the
+traces keep how many draft tokens matched, not how many were proposed), so ours prices
+those drafters without its fill evidence, and no cost learning (the replay's costs are
+fixed). Both make the replayed ours, if anything, slightly worse than the real one.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rlhfspec_workers.benchmarks.hindsight_oracle import IterationTraces
+from rlhfspec_workers.generation.draft_strategy import (
+    DraftChoice,
+    DraftStrategy,
+    ShadowEvidence,
+    StepFeedback,
+)
+from rlhfspec_workers.generation.proposer import SIDE_DRAFT_ROWS
+from rlhfspec_workers.spec_decode.hindsight import (
+    OFF,
+    Dynamic,
+    Replay,
+    SequenceTrace,
+    Step,
+    StepCost,
+    Strategy,
+    replay,
+)
+
+
+@dataclass(frozen=True)
+class ReplayOptions:
+    """What the replayed proposer knows: its largest k, the response cap (a row's room for a
+    draft, as the engine computes it from ``max_tokens``) and which drafters draft on the
+    side when not chosen (model-free ones)."""
+
+    max_k: int
+    max_tokens: int
+    side_drafters: tuple[str, ...] = ()
+
+
+def _match(step: Step, i: int, drafter: str) -> int:
+    """How many leading tokens of ``drafter``'s longest draft row ``i`` would get accepted."""
+    row = step.dynamic.get(drafter)
+    if row is not None:
+        return int(row[i])
+    seq, pos = step.live[i]
+    return seq.matched(drafter, pos)
+
+
+def _side_evidence(
+    step: Step, strategy: Strategy, options: ReplayOptions, call: int
+) -> dict[str, ShadowEvidence]:
+    """Side drafts scored as ``proposer.AdaptiveProposer._side_evidence`` scores them: on a
+    rotating window of ``SIDE_DRAFT_ROWS`` rows with room, position i is a trial when the row
+    emitted more than i tokens, a success when the draft matched there too."""
+    rows = [i for i, (seq, pos) in enumerate(step.live) if options.max_tokens - pos - 1 > 0]
+    if len(rows) > SIDE_DRAFT_ROWS:
+        start = (call * SIDE_DRAFT_ROWS) % len(rows)
+        rows = [rows[(start + j) % len(rows)] for j in range(SIDE_DRAFT_ROWS)]
+    out: dict[str, ShadowEvidence] = {}
+    for name in options.side_drafters:
+        if name == strategy[0] and strategy[1] > 0:
+            continue
+        trials, successes = [0] * options.max_k, [0] * options.max_k
+        for i in rows:
+            matched, emitted = _match(step, i, name), step.advance(i, strategy)
+            for p in range(min(options.max_k, emitted)):
+                trials[p] += 1
+                if p >= matched:
+                    break
+                successes[p] += 1
+        if trials[0]:
+            out[name] = ShadowEvidence(tuple(trials), tuple(successes))
+    return out
+
+
+def step_feedback(
+    step: Step, strategy: Strategy, seconds: float, options: ReplayOptions, call: int
+) -> StepFeedback:
+    """What the proposer would report of one replayed step's drafts."""
+    drafter, k = strategy
+    enabled = drafter != OFF and k > 0
+    num_drafts = drafted = accepted = 0
+    per_pos = [0] * (k if enabled else 0)
+    if enabled:
+        for i, (_, pos) in enumerate(step.live):
+            proposed = min(k, max(0, options.max_tokens - pos - 1))
+            if proposed == 0:
+                continue
+            ok = min(step.advance(i, strategy) - 1, proposed)
+            num_drafts += 1
+            drafted += proposed
+            accepted += ok
+            for p in range(ok):
+                per_pos[p] += 1
+    return StepFeedback(
+        choice=DraftChoice(drafter, k) if enabled else DraftChoice(OFF, 0),
+        batch_size=len(step.live),
+        num_drafts=num_drafts,
+        num_draft_tokens=drafted,
+        num_accepted_tokens=accepted,
+        accepted_per_pos=tuple(per_pos),
+        step_seconds=seconds,
+        draft_seconds=0.0,
+        shadow=_side_evidence(step, strategy, options, call),
+        rows_asked=num_drafts,
+    )
+
+
+def replay_strategy(
+    traces: Sequence[SequenceTrace],
+    cost: StepCost,
+    strategy: DraftStrategy,
+    options: ReplayOptions,
+    dynamic: Dynamic | None = None,
+) -> Replay:
+    """One batch replayed under ``strategy``: it chooses each step for the live batch and
+    observes that step's outcome before choosing the next (its state carries over to the
+    next call, as a worker's does from batch to batch)."""
+    pending: list[tuple[Step, Strategy, float]] = []
+    calls = 0
+
+    def settle() -> None:
+        nonlocal calls
+        if pending:
+            step, chosen, seconds = pending.pop()
+            strategy.observe(step_feedback(step, chosen, seconds, options, calls))
+            calls += 1
+
+    def choose(step: Step) -> Strategy:
+        settle()
+        choice = strategy.choose(len(step.live))
+        chosen: Strategy = (choice.drafter, choice.k) if choice.enabled else (OFF, 0)
+        pending.append((step, chosen, cost(chosen[0], len(step.live), chosen[1])))
+        return chosen
+
+    result = replay(traces, cost, choose, dynamic)
+    settle()
+    return result
+
+
+def replay_rounds(
+    iterations: Sequence[IterationTraces],
+    cost: StepCost,
+    strategy: DraftStrategy,
+    options: ReplayOptions,
+    *,
+    warmup: int = 1,
+    rounds: int = 3,
+) -> dict[str, Any]:
+    """The benchmark's schedule for ``ours``, replayed: ``warmup`` unmeasured rounds, then
+    ``rounds`` measured ones, each visiting every iteration's batch in turn with the same
+    strategy object. Returns per round the tokens per second (a round's iterations together)
+    and per iteration the median over rounds, and the measured rounds' strategy counts."""
+    per_round: list[float] = []
+    per_iteration: list[list[float]] = [[] for _ in iterations]
+    choices: dict[str, int] = {}
+    for r in range(warmup + rounds):
+        tokens, seconds = 0, 0.0
+        for i, batch in enumerate(iterations):
+            result = replay_strategy(batch.traces, cost, strategy, options, batch.dynamic())
+            if r < warmup:
+                continue
+            tokens, seconds = tokens + result.tokens, seconds + result.seconds
+            per_iteration[i].append(result.tokens_per_second)
+            for (d, k), n in result.choices.items():
+                choices[f"{d}:{k}"] = choices.get(f"{d}:{k}", 0) + n
+        if r >= warmup:
+            per_round.append(tokens / seconds if seconds > 0 else 0.0)
+    return {
+        "tokens_per_second": round(statistics.median(per_round), 2) if per_round else 0.0,
+        "rounds": [round(v, 2) for v in per_round],
+        "iterations": [round(statistics.median(v), 2) if v else 0.0 for v in per_iteration],
+        "choices": dict(sorted(choices.items(), key=lambda kv: -kv[1])),
+    }
+
+
+def ours_replayer(
+    fresh: Callable[[], DraftStrategy],
+    iterations: Sequence[IterationTraces],
+    options: ReplayOptions,
+    rounds: int,
+) -> Callable[[StepCost], Mapping[str, Any]]:
+    """``hindsight_oracle.add_oracle``'s hook: under the step costs it measured, a fresh
+    strategy (``fresh()``, as ``ours`` started) replayed on the benchmark's schedule."""
+
+    def run(cost: StepCost) -> Mapping[str, Any]:
+        return replay_rounds(iterations, cost, fresh(), options, rounds=rounds)
+
+    return run

@@ -88,6 +88,27 @@ def test_each_step_reports_what_its_drafts_got_and_the_side_drafts() -> None:
     assert set(rec_off.seen[0].shadow) == {"ngram", "suffix"}
 
 
+def test_a_model_free_drafters_fill_is_reported_like_the_proposer_does() -> None:
+    # suffix found a 3-token match for row a and nothing for row b: b was asked for a draft
+    # and got none (a rejection the estimator must count), and the fill says so.
+    seqs = [
+        SequenceTrace("a", 1, 30, {"suffix": [3] * 29}, {"suffix": [3] * 29}),
+        SequenceTrace("b", 1, 30, {"suffix": [0] * 29}, {"suffix": [0] * 29}),
+    ]
+    rec = Recording(DraftChoice("suffix", 4))
+    options = ReplayOptions(max_k=4, max_tokens=64, side_drafters=("suffix",))
+    replay_strategy(seqs, cost, rec, options)
+    first = rec.seen[0]
+    assert first.rows_asked == 2 and first.num_drafts == 1
+    assert first.num_draft_tokens == 3 and first.accepted_per_pos == (1, 1, 1, 0)
+    assert first.fill["suffix"].asked == (2, 2, 2, 2)
+    assert first.fill["suffix"].got == (1, 1, 1, 0)
+    # Plain decoding: suffix drafts on the side, its fill too (window of both rows, k = max_k).
+    rec_off = Recording(DraftChoice(OFF, 0))
+    replay_strategy(seqs, cost, rec_off, options)
+    assert rec_off.seen[0].fill["suffix"].got == (1, 1, 1, 0)
+
+
 def test_a_fixed_strategy_replays_exactly_like_the_fixed_replay() -> None:
     seqs = [SequenceTrace(f"s{i}", 1, 20 + i, {"ngram": [i % 3] * (19 + i)}) for i in range(5)]
     options = ReplayOptions(max_k=4, max_tokens=64)

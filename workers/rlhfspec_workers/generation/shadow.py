@@ -62,7 +62,11 @@ class ShadowDrafts:
                 ]
                 for d in drafters
             }
-            traces.append(SequenceTrace(req_id, start, len(response), matches))
+            proposed = {
+                d: [len(by_position.get(pos, {}).get(d, ())) for pos in range(start, len(response))]
+                for d in drafters
+            }
+            traces.append(SequenceTrace(req_id, start, len(response), matches, proposed))
         return traces
 
 
@@ -90,6 +94,8 @@ class SuffixReplay:
             drafter.add_history(group, sequences)
         self.live: set[str] = set()
         self.responses = {key: shadow.response(key) for key in shadow.latest}
+        self.last_proposed: dict[str, list[int]] = {}
+        """The last call's draft length per live sequence (a replayed selector's fill)."""
 
     def _row(self, key: str, out: int) -> DraftRow:
         tokens, prompt_len = self.shadow.latest[key]
@@ -105,6 +111,7 @@ class SuffixReplay:
         self.live = keys
         rows = [self._row(seq.key, pos) for seq, pos in live]
         drafts = self.drafter.propose(rows, self.max_k)
+        self.last_proposed = {self.name: [len(d) for d in drafts]}
         return {
             self.name: [
                 match_length(draft, self.responses[seq.key][pos:])

@@ -44,10 +44,20 @@ class SequenceTrace:
     drafter proposed there (at most the longest k) equal the tokens that followed. Only for
     drafters whose draft depends on the sequence's own prefix alone (n-gram, a draft model)."""
 
+    proposed: Mapping[str, Sequence[int]] = field(default_factory=dict)
+    """drafter -> for each position, how many tokens that longest draft had (a model-free
+    drafter proposes only where it finds a match); absent: not recorded."""
+
     def matched(self, drafter: str, position: int) -> int:
         row = self.matches.get(drafter, ())
         i = position - self.start
         return row[i] if 0 <= i < len(row) else 0
+
+    def proposed_length(self, drafter: str, position: int) -> int | None:
+        """Tokens of the longest draft ``drafter`` made at ``position`` (None: unknown)."""
+        row = self.proposed.get(drafter)
+        i = position - self.start
+        return row[i] if row is not None and 0 <= i < len(row) else None
 
 
 Live = Sequence[tuple[SequenceTrace, int]]

@@ -11,10 +11,12 @@ comparison: on identical batches and identical step costs, ours-replayed against
 oracle-replayed and the fixed configurations replayed is the selector's decision quality
 alone, where measured runs of one configuration spread by ~10% on a shared 2-core machine.
 
-What the replay cannot give the strategy: the fill of a model-free drafter's drafts (the
-traces keep how many draft tokens matched, not how many were proposed), so ours prices
-those drafters without its fill evidence, and no cost learning (the replay's costs are
-fixed). Both make the replayed ours, if anything, slightly worse than the real one.
+The strategy also gets the fill of each drafter's drafts (how many rows got a draft, and
+how long: the traces keep each longest draft's length, the live suffix replay its last
+call's), and its cost learner gets a step record per replayed step, charged what the
+replay charged (``step_record``), as a worker's learner gets the engine's. What it does not
+see is the engine's own spread: each replayed step of a strategy at a batch size costs the
+mean of what fixed runs measured there.
 """
 
 from __future__ import annotations
@@ -225,10 +227,11 @@ def replay_strategy(
     dynamic: Dynamic | None = None,
 ) -> Replay:
     """One batch replayed under ``strategy``: it chooses each step for the live batch and
-        observes that step's outcome before choosing the next (its state carries over to the
-        next call, as a worker's does from batch to batch), and learns costs from each step where it
-    has a cost learner (``observe_step``), as a worker does. A dynamic drafter that keeps its last
-        call's draft lengths (``shadow.SuffixReplay.last_proposed``) lends them to the fill."""
+    observes that step's outcome before choosing the next (its state carries over to the
+    next call, as a worker's does from batch to batch), and where it has a cost learner
+    (``observe_step``) it learns from each step, as a worker does. A dynamic drafter that
+    keeps its last call's draft lengths (``shadow.SuffixReplay.last_proposed``) lends them
+    to the fill."""
     pending: list[tuple[Step, Strategy, float, Lengths]] = []
     calls = 0
     made: dict[str, Sequence[int]] = {}

@@ -149,7 +149,7 @@ def oracle_report(
         }
         if i < len(measured_by_iteration):
             here = measured_by_iteration[i]
-            row["over_off"] = _ratio(replay.tokens_per_second * scale, here.get("off"))
+            row["over_off"] = ratio_of(replay.tokens_per_second * scale, here.get("off"))
         per_iteration.append(row)
     doc: dict[str, Any] = {
         "tokens_per_second": round(oracle_tps * scale, 2),
@@ -208,10 +208,10 @@ def ours_versus_replays(ours: Mapping[str, Any], report: Mapping[str, Any]) -> d
     out: dict[str, Any] = {
         **ours,
         "tokens_per_second_scaled": round(tps * report["scale"], 2),
-        "over_oracle": _ratio(tps, report["replayed_tokens_per_second"]),
-        "over_off": _ratio(tps, replayed.get("k0")),
+        "over_oracle": ratio_of(tps, report["replayed_tokens_per_second"]),
+        "over_off": ratio_of(tps, replayed.get("k0")),
         "best_fixed": best,
-        "over_best_fixed": _ratio(tps, fixed.get(best) if best else None),
+        "over_best_fixed": ratio_of(tps, fixed.get(best) if best else None),
     }
     rows = []
     for row, value in zip(report["iterations"], ours["iterations"], strict=False):
@@ -222,9 +222,9 @@ def ours_versus_replays(ours: Mapping[str, Any], report: Mapping[str, Any]) -> d
             {
                 "iteration": row["iteration"],
                 "tokens_per_second": value,
-                "over_oracle": _ratio(value, row["replayed_tokens_per_second"]),
-                "over_off": _ratio(value, again.get("k0")),
-                "over_best_fixed": _ratio(value, here.get(best_here) if best_here else None),
+                "over_oracle": ratio_of(value, row["replayed_tokens_per_second"]),
+                "over_off": ratio_of(value, again.get("k0")),
+                "over_best_fixed": ratio_of(value, here.get(best_here) if best_here else None),
             }
         )
     out["iterations"] = rows
@@ -260,7 +260,8 @@ def _choices(replays: Sequence[Replay]) -> dict[str, int]:
     return dict(sorted(total.items(), key=lambda kv: -kv[1]))
 
 
-def _ratio(a: float, b: float | None) -> float | None:
+def ratio_of(a: float, b: float | None) -> float | None:
+    """a / b to 3 places (None when b is missing or zero)."""
     return round(a / b, 3) if b else None
 
 

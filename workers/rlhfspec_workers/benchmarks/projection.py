@@ -27,7 +27,7 @@ from rlhfspec_workers.spec_decode.cost_model import CostModel
 from rlhfspec_workers.spec_decode.cost_records import CostSample, CostTableKey, DrafterCost
 from rlhfspec_workers.spec_decode.hindsight import Strategy
 
-from .hindsight_oracle import IterationTraces, oracle_report, ours_versus_replays
+from .hindsight_oracle import IterationTraces, oracle_report, ours_versus_replays, ratio_of
 from .selector_replay import ReplayOptions, replay_rounds
 
 GRID_SCHEMA = "rlhfspec.bench.verify_grid/v1"
@@ -82,7 +82,7 @@ def project(
     return {
         "cost_table": model.key.slug(),
         "oracle": report["replayed_tokens_per_second"],
-        "oracle_over_off": _ratio(report["replayed_tokens_per_second"], report["replayed"]["k0"]),
+        "oracle_over_off": ratio_of(report["replayed_tokens_per_second"], report["replayed"]["k0"]),
         "replayed": report["replayed"],
         "oracle_choices": report["choices"],
         "ours": ours_versus_replays(ours, report),
@@ -116,10 +116,6 @@ def projections(
             for m in doc["models"]
         },
     }
-
-
-def _ratio(a: float, b: float | None) -> float | None:
-    return round(a / b, 3) if b else None
 
 
 def summary(doc: Mapping[str, Any], here: Mapping[str, Any] | None) -> list[str]:

@@ -63,15 +63,6 @@ class ReplayOptions:
     side_drafters: tuple[str, ...] = ()
 
 
-def _match(step: Step, i: int, drafter: str) -> int:
-    """How many leading tokens of ``drafter``'s longest draft row ``i`` would get accepted."""
-    row = step.dynamic.get(drafter)
-    if row is not None:
-        return int(row[i])
-    seq, pos = step.live[i]
-    return seq.matched(drafter, pos)
-
-
 def _proposed(step: Step, lengths: Lengths, i: int, drafter: str, cap: int) -> int:
     """Tokens ``drafter`` proposes for row ``i`` when asked for ``cap``: its longest draft's
     length where recorded (a model-free drafter drafts only where it finds a match), else
@@ -122,7 +113,8 @@ def _side_evidence(
     for name in _side_drafters(strategy, options):
         trials, successes = [0] * options.max_k, [0] * options.max_k
         for i in rows:
-            matched, emitted = _match(step, i, name), step.advance(i, strategy)
+            matched = step.accepted(i, name, options.max_k)  # its draft's match, up to max_k
+            emitted = step.advance(i, strategy)
             for p in range(min(options.max_k, emitted)):
                 trials[p] += 1
                 if p >= matched:

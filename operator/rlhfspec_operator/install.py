@@ -8,6 +8,9 @@ downward API (the managed Redis NetworkPolicy admits the operator's pods by it).
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from rlhfspec_operator.rbac import (
@@ -22,7 +25,29 @@ DEFAULT_IMAGE = "ghcr.io/rlhfspec/operator:0.1.0"
 LIVENESS_PORT = 8080
 
 
-def operator_args(watch_namespaces: list[str] | None, peering: str | None) -> list[str]:
+@dataclass(frozen=True)
+class OperatorSettings:
+    """The operator's flags beyond its scope and peering: the chart's values of the same
+    names (``metrics``, ``allowedImages``, ``coordinator.allowedHosts``,
+    ``networkPolicy.metricsFrom``, ``logLevel``) set the same flags."""
+
+    metrics_port: int | None = None
+    """Serve Prometheus metrics on this container port (named ``metrics``); None: none."""
+    allowed_images: tuple[str, ...] = ()
+    """Globs a job's images must match; empty: any image."""
+    allowed_redis_hosts: tuple[str, ...] = ()
+    """Host globs an external coordinator URL may name; empty: external mode is refused."""
+    metrics_from: tuple[Mapping[str, Any], ...] = ()
+    """NetworkPolicy peers admitted to worker pods' metrics port."""
+    log_level: str = "INFO"
+
+
+def operator_args(
+    watch_namespaces: list[str] | None,
+    peering: str | None,
+    settings: OperatorSettings | None = None,
+) -> list[str]:
+    settings = settings or OperatorSettings()
     args = ["operator"]
     if watch_namespaces is None:
         args.append("--all-namespaces")
@@ -31,6 +56,14 @@ def operator_args(watch_namespaces: list[str] | None, peering: str | None) -> li
             args += ["--namespace", namespace]
     args.append(f"--liveness=http://0.0.0.0:{LIVENESS_PORT}/healthz")
     args += [f"--peering={peering}"] if peering else ["--standalone"]
+    if settings.metrics_port is not None:
+        args.append(f"--metrics-port={settings.metrics_port}")
+    args += [f"--allowed-image={pattern}" for pattern in settings.allowed_images]
+    args += [f"--allowed-redis-host={pattern}" for pattern in settings.allowed_redis_hosts]
+    if settings.metrics_from:
+        args.append(f"--metrics-from={json.dumps(list(settings.metrics_from))}")
+    if settings.log_level != "INFO":
+        args.append(f"--log-level={settings.log_level}")
     return args
 
 
@@ -40,8 +73,13 @@ def operator_deployment(
     namespace: str = DEFAULT_NAMESPACE,
     image: str = DEFAULT_IMAGE,
     peering: str | None = None,
+    settings: OperatorSettings | None = None,
 ) -> dict[str, Any]:
+    settings = settings or OperatorSettings()
     labels = operator_labels()
+    ports = [{"name": "health", "containerPort": LIVENESS_PORT}]
+    if settings.metrics_port is not None:
+        ports.append({"name": "metrics", "containerPort": settings.metrics_port})
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -66,14 +104,14 @@ def operator_deployment(
                             "name": "operator",
                             "image": image,
                             "command": ["rlhfspec"],
-                            "args": operator_args(watch_namespaces, peering),
+                            "args": operator_args(watch_namespaces, peering, settings),
                             "env": [
                                 {
                                     "name": "POD_NAMESPACE",
                                     "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
                                 }
                             ],
-                            "ports": [{"name": "health", "containerPort": LIVENESS_PORT}],
+                            "ports": ports,
                             "livenessProbe": {
                                 "httpGet": {"path": "/healthz", "port": "health"},
                                 "initialDelaySeconds": 10,
@@ -105,10 +143,13 @@ def operator_manifests(
     namespace: str = DEFAULT_NAMESPACE,
     image: str = DEFAULT_IMAGE,
     peering: str | None = None,
+    settings: OperatorSettings | None = None,
 ) -> list[dict[str, Any]]:
     """Everything but the CRD (``rlhfspec crd``) and the namespace itself."""
     return [
         service_account(namespace),
         *rbac_manifests(watch_namespaces, operator_namespace=namespace, peering=bool(peering)),
-        operator_deployment(watch_namespaces, namespace=namespace, image=image, peering=peering),
+        operator_deployment(
+            watch_namespaces, namespace=namespace, image=image, peering=peering, settings=settings
+        ),
     ]

@@ -402,3 +402,37 @@ def test_readme_says_what_creating_a_job_grants_and_documents_every_new_value() 
         "rlhfspec.io/coordinator-password",
     ):
         assert value in readme, value
+
+
+@pytest.mark.parametrize("values", [None, NON_DEFAULT_VALUES], ids=["default", "non-default"])
+def test_install_builder_configures_the_operator_as_the_chart_does(
+    tmp_path: Path, values: dict[str, Any] | None
+) -> None:
+    """``install.py`` is the chart's reference: for the same values, the operator it deploys
+    parses to the same settings and exposes the same ports."""
+    from rlhfspec_operator import install
+    from rlhfspec_operator.main import build_parser
+
+    chart = next(d for d in render(tmp_path, values) if d["kind"] == "Deployment")
+    v = yaml.safe_load((CHART / "values.yaml").read_text()) if values is None else values
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    settings = install.OperatorSettings(
+        metrics_port=v["metrics"]["port"] if v["metrics"]["enabled"] else None,
+        allowed_images=tuple(v["allowedImages"]),
+        allowed_redis_hosts=tuple(v["coordinator"]["allowedHosts"]),
+        metrics_from=tuple(
+            v["networkPolicy"].get("metricsFrom", defaults["networkPolicy"]["metricsFrom"])
+        ),
+        log_level=v["logLevel"],
+    )
+    ours = install.operator_deployment(
+        v["watchNamespaces"] or None,
+        peering=v["peering"]["name"] if v["peering"]["enabled"] else None,
+        settings=settings,
+    )
+    containers = [d["spec"]["template"]["spec"]["containers"][0] for d in (chart, ours)]
+    parsed = [vars(build_parser().parse_args(c["args"][1:])) for c in containers]
+    assert parsed[0] == parsed[1]
+    ports = [{p["name"]: p["containerPort"] for p in c["ports"]} for c in containers]
+    assert ports[0] == ports[1]
+    assert ports[1]["metrics"] == v["metrics"]["port"]  # enabled by default too

@@ -48,6 +48,9 @@ def test_quick_generation_benchmark_runs_every_configuration(
             str(tmp_path / "calibration"),
             "--cost-grid",
             str(grid),
+            # Both history-keeping drafters: replayed live by the oracle, reset between runs.
+            "--drafters",
+            "suffix,suffix_tree,ngram,draft_model",
         ],
         capture_output=True,
         text=True,
@@ -81,6 +84,7 @@ def test_quick_generation_benchmark_runs_every_configuration(
     assert doc["configs"]["oracle"]["runs"] == []
     oracle = doc["oracle"]
     assert set(oracle["replayed"]) == {n for n in expected if n.startswith("fixed:")} | {"k0"}
+    assert {"fixed:suffix_tree:1", "fixed:suffix:4"} <= set(oracle["replayed"])
     assert all(v > 0 for v in oracle["measured_over_replayed"].values())
     assert sum(oracle["choices"].values()) > 0
     assert isinstance(oracle["at_or_above_fixed"], bool)

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhfspec_api.generation import GenerationSpec
+from rlhfspec_workers.drafters.suffix import SuffixDrafter
 from rlhfspec_workers.generation.adaptive import (
     CostLearner,
     build_adaptive_strategy,
@@ -242,15 +243,15 @@ class Bench:
             self.run_config("k0", -1, iteration)
         finally:
             engine.proposer.shadow = None
-        suffix = engine.suffix
-        tail = suffix.min_match if suffix is not None else 0
+        suffix = engine.drafters.get("suffix")
+        tail = suffix.min_match if isinstance(suffix, SuffixDrafter) else 0
         groups: dict[str, list[list[int]]] = {}
         for sample in self.last_samples:
             tokens = [*sample.prompt_token_ids[len(sample.prompt_token_ids) - tail :]]
             groups.setdefault(sample.group_id, []).append([*tokens, *sample.token_ids])
         self.history.append(groups)
         if shadow is not None:
-            live = suffix if "suffix" in self.settings.drafters else None
+            live = engine.history_drafters
             history = self.history[iteration - 1] if iteration > 0 else None
             self.shadows.append(iteration_traces(shadow, live, self.settings.max_k, history))
 
@@ -281,13 +282,11 @@ class Bench:
         else:
             engine = self.engines["proposer"]
             engine.set_strategy(self.strategies[name])
-            suffix = engine.suffix
-            if suffix is not None:  # every run of an iteration starts from the same index
-                suffix.groups.clear()
-                suffix.live.clear()
+            for drafter in engine.history_drafters:  # every run of an iteration starts
+                drafter.clear()  # from the same index: the previous visit's rollouts
                 if 0 < iteration <= len(self.history):
                     for group, sequences in self.history[iteration - 1].items():
-                        suffix.add_history(group, sequences)
+                        drafter.add_history(group, sequences)
         engine.drain_steps()
         sampling = dataclasses.replace(self.sampling, seed=self.round_seed(round_index, iteration))
         for p in self.prompts:

@@ -22,9 +22,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rlhfspec_workers.drafters.suffix import SuffixDrafter
+from rlhfspec_workers.drafters.base import KeepsHistory
 from rlhfspec_workers.generation.records import StepRecord
-from rlhfspec_workers.generation.shadow import ShadowDrafts, SuffixReplay
+from rlhfspec_workers.generation.shadow import LiveReplay, ShadowDrafts
 from rlhfspec_workers.spec_decode.hindsight import (
     OFF,
     Dynamic,
@@ -53,22 +53,21 @@ class IterationTraces:
 
 def iteration_traces(
     shadow: ShadowDrafts,
-    suffix: SuffixDrafter | None,
+    live: Sequence[KeepsHistory],
     max_k: int,
     history: Mapping[str, Sequence[Sequence[int]]] | None,
 ) -> IterationTraces:
-    """One shadow run's traces. With ``suffix`` (the engine's suffix drafter, for its
-    settings) the suffix drafter is replayed live instead of read from the shadow run, on
-    top of ``history`` (the previous iteration's rollouts by prompt group)."""
-    traces = shadow.traces(exclude=("suffix",) if suffix is not None else ())
+    """One shadow run's traces. The history-keeping drafters in ``live`` (the engine's, for
+    their settings) are replayed live instead of read from the shadow run, each a fresh copy
+    on top of ``history`` (the previous iteration's rollouts by prompt group)."""
+    traces = shadow.traces(exclude=[d.name for d in live])
 
-    def live_suffix() -> SuffixReplay | None:
-        if suffix is None:
+    def live_replay() -> LiveReplay | None:
+        if not live:
             return None
-        fresh = SuffixDrafter(suffix.min_match, suffix.history_iterations)
-        return SuffixReplay(shadow, fresh, max_k, history)
+        return LiveReplay(shadow, [d.fresh() for d in live], max_k, history)
 
-    return IterationTraces(traces, live_suffix)
+    return IterationTraces(traces, live_replay)
 
 
 def strategy_of(config: str) -> Strategy | None:

@@ -222,7 +222,7 @@ def replay_strategy(
     observes that step's outcome before choosing the next (its state carries over to the
     next call, as a worker's does from batch to batch), and where it has a cost learner
     (``observe_step``) it learns from each step, as a worker does. A dynamic drafter that
-    keeps its last call's draft lengths (``shadow.SuffixReplay.last_proposed``) lends them
+    keeps its last call's draft lengths (``shadow.LiveReplay.last_proposed``) lends them
     to the fill."""
     pending: list[tuple[Step, Strategy, float, Lengths]] = []
     calls = 0

@@ -61,10 +61,32 @@ def cap_drafts(drafts: list[list[int]], rows: Sequence[DraftRow], k: int) -> lis
 
 @runtime_checkable
 class KeepsHistory(Protocol):
-    """A drafter whose state outlives an RL iteration (the suffix drafter's rollouts): the
-    engine calls :meth:`new_iteration` on every such drafter between iterations."""
+    """A drafter whose state outlives an RL iteration (the suffix drafters' rollouts): the
+    engine calls :meth:`new_iteration` on every such drafter between iterations. Its drafts
+    depend on which tokens every sibling has reached, so the benchmark replays it live
+    (``generation.shadow.LiveReplay``) and starts each measured run from the same index."""
+
+    name: str
 
     def new_iteration(self) -> None: ...
+
+    def add_history(self, group: str, sequences: Iterable[Sequence[int]]) -> None:
+        """Rollouts of ``group`` from elsewhere join the newest finished iteration."""
+        ...
+
+    def clear(self) -> None:
+        """Forget every rollout, live and past (a benchmark run starts from an empty index)."""
+        ...
+
+    def fresh(self) -> KeepsHistory:
+        """An empty drafter with the same settings."""
+        ...
+
+    def observe(self, rows: Sequence[DraftRow]) -> None: ...
+
+    def propose(self, rows: Sequence[DraftRow], k: int) -> list[list[int]]: ...
+
+    def release(self, req_ids: Iterable[str]) -> None: ...
 
 
 @dataclass(frozen=True)

@@ -154,6 +154,13 @@ class SuffixDrafter:
         for s in seqs:
             g.add_sequence(s)
 
+    def clear(self) -> None:
+        self.groups.clear()
+        self.live.clear()
+
+    def fresh(self) -> SuffixDrafter:
+        return SuffixDrafter(self.min_match, self.history_iterations)
+
     def new_iteration(self) -> None:
         """Close the current RL iteration: its sequences become history, the oldest history
         beyond ``history_iterations`` is dropped. Call between iterations (no live rows)."""

@@ -142,6 +142,14 @@ class SuffixTreeDrafter:
             cache.stop_request(key)
             target.append((group, key))
 
+    def clear(self) -> None:
+        self.groups.clear()
+        self.live.clear()
+        self.iterations = deque([[]])
+
+    def fresh(self) -> SuffixTreeDrafter:
+        return SuffixTreeDrafter(self.history_iterations)
+
     def new_iteration(self) -> None:
         """Close the RL iteration: its responses become history; responses older than
         ``history_iterations`` iterations leave the trees. Call with no live rows."""

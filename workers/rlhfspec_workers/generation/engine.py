@@ -28,7 +28,6 @@ from rlhfspec_api.spec import ChatTemplate
 from rlhfspec_workers import chat, vllm_fixes
 from rlhfspec_workers.drafters.base import Drafter, KeepsHistory
 from rlhfspec_workers.drafters.draft_model import DraftModelDrafter
-from rlhfspec_workers.drafters.suffix import SuffixDrafter
 from rlhfspec_workers.faults import fault_point
 
 from . import engine_args as vllm_args
@@ -172,10 +171,9 @@ class GenerationEngine:
         self.proposer.set_strategy(strategy)
 
     @property
-    def suffix(self) -> SuffixDrafter | None:
-        """The suffix drafter, for benchmarks that seed its history (None when not listed)."""
-        drafter = self.drafters.get("suffix")
-        return drafter if isinstance(drafter, SuffixDrafter) else None
+    def history_drafters(self) -> list[KeepsHistory]:
+        """The drafters that keep rollouts across iterations (benchmarks seed and reset them)."""
+        return [d for d in self.drafters.values() if isinstance(d, KeepsHistory)]
 
     def new_iteration(self) -> None:
         """Between RL iterations: every drafter that keeps history across iterations (the

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import gc
 import os
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,19 +31,17 @@ from rlhfspec_workers.faults import fault_point
 
 from . import engine_args as vllm_args
 from . import step_stats, weight_sync
-from .draft_strategy import NO_DRAFT, DraftChoice, DraftStrategy, FixedStrategy
+from .draft_strategy import DraftChoice, DraftStrategy, FixedStrategy
 from .kv_migration import KVMigrationPort, KVState, kv_migration_live
-from .proposer import GROUP_KEY, AdaptiveProposer
+from .proposer import AdaptiveProposer
 from .records import PromptInput, SampleResult, SamplingConfig, StepRecord
 
 # The proposer must live in this process (see module docstring). vLLM reads this lazily, at
 # engine creation; on CPU it otherwise forces a worker process even with backend "uni".
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
-from vllm import SamplingParams
 from vllm.engine.arg_utils import EngineArgs
 from vllm.inputs import TokensPrompt
-from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.llm_engine import LLMEngine
 from vllm.v1.executor.abstract import Executor
 
@@ -109,7 +106,6 @@ class GenerationEngine:
         args.update(engine_kwargs or {})
         config = EngineArgs(**args).create_engine_config()
         sink = step_stats.StepStatsSink(config)
-        self._sink = sink
 
         def sink_factory(vllm_config: Any, engine_index: int = 0) -> step_stats.StepStatsSink:
             return sink
@@ -146,16 +142,14 @@ class GenerationEngine:
                 strategy = FixedStrategy(DraftChoice(first, self.max_k))
             proposer.configure(runner, self.drafters, strategy)
             self.proposer = proposer
-        self.steps: list[StepRecord] = []
+        native_method = spec_cfg.drafters[0].method.value if native and spec_cfg.drafters else None
+        self.recorder = step_stats.StepRecorder(sink, self.proposer, native_method)
         self._closed = False
         # vLLM shuts an in-process engine core down when it is garbage-collected, which
         # destroys the distributed groups every other in-process engine uses (see close()).
         finalizer = getattr(self.engine.engine_core, "_finalizer", None)
         if finalizer is not None:
             finalizer.detach()
-        self._step_index = 0
-        self._last_step_end: float | None = None
-        self._pending_choice = NO_DRAFT
         self._pending: dict[str, tuple[PromptInput, int, int]] = {}
         self._top_logprobs: dict[str, int] = {}
         self.weight_version = 0
@@ -251,28 +245,11 @@ class GenerationEngine:
                 self.kv.deposit(prompt["prompt_token_ids"], kv)
         self._submitted += 1
         request_id = request_id or f"{self._submitted}:{p.prompt_id}/{index}"
-        seed = sampling.seed
-        if seed is not None:
-            seed = vllm_args.sample_seed(seed, p.prompt_id, index, resumed_at=len(prefix_token_ids))
-        params = SamplingParams(
-            n=1,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_tokens=p.max_tokens or sampling.max_tokens,
-            seed=seed,
-            logprobs=sampling.top_logprobs,
-            ignore_eos=sampling.ignore_eos,
-            # ignore_eos (benchmarks' fixed lengths) also ignores the end-of-turn token,
-            # which for ChatML models is the EOS itself.
-            stop_token_ids=[
-                *sampling.stop_token_ids,
-                *(() if sampling.ignore_eos else self.end_of_turn_ids),
-            ],
-            stop=list(sampling.stop) or None,
-            detokenize=self.has_tokenizer,
-            output_kind=RequestOutputKind.FINAL_ONLY,
-            extra_args={GROUP_KEY: group},
-        )
+        params = vllm_args.sampling_params(
+            sampling, p, index,
+            resumed_at=len(prefix_token_ids), group=group,
+            end_of_turn_ids=self.end_of_turn_ids, detokenize=self.has_tokenizer,
+        )  # fmt: skip
         self.engine.add_request(request_id, prompt, params)
         if sampling.top_logprobs:
             self._top_logprobs[request_id] = sampling.top_logprobs
@@ -416,49 +393,12 @@ class GenerationEngine:
         )
 
     def _step(self) -> list[Any]:
-        started = time.perf_counter()
-        gap = 0.0 if self._last_step_end is None else started - self._last_step_end
-        outputs: list[Any] = self.engine.step()
-        seconds = time.perf_counter() - started
-        stats, self._sink.stats = self._sink.stats, []
-        prefill_tokens, self._sink.prompt_tokens = self._sink.prompt_tokens, 0
-        spec = stats[-1].spec_decoding_stats if stats else None
-        finished = sum(1 for o in outputs if o.finished)
-        choices, feedback = self.proposer.drain() if self.proposer else ([], [])
-        if choices:
-            _, batch_size, next_choice, next_tokens, draft_seconds = choices[-1]
-        else:
-            batch_size = (stats[-1].num_running_reqs if stats else 0) + finished
-            next_choice, next_tokens, draft_seconds = NO_DRAFT, 0, 0.0
-        num_drafts = spec.num_drafts if spec else 0
-        drafted = spec.num_draft_tokens if spec else 0
-        if feedback:
-            verified = feedback[-1].choice
-        elif self.native and num_drafts:
-            method = self.spec.speculative.drafters[0].method.value
-            verified = DraftChoice(method, round(drafted / num_drafts))
-        else:
-            verified = self._pending_choice if self.proposer and drafted else NO_DRAFT
-        self._pending_choice = next_choice
-        record = step_stats.step_record(
-            self._step_index,
-            spec,
-            batch_size=batch_size,
-            finished=finished,
-            verified=verified,
-            feedback=feedback if self.proposer else None,
-            next_choice=next_choice,
-            next_tokens=next_tokens,
-            seconds=seconds,
-            draft_seconds=draft_seconds,
-            prefill_tokens=prefill_tokens,
-            gap_seconds=gap,
-        )
-        self._step_index += 1
-        self.steps.append(record)
-        self._last_step_end = time.perf_counter()
-        return outputs
+        return self.recorder.run(self.engine.step)
+
+    @property
+    def steps(self) -> list[StepRecord]:
+        """Records of the steps run since the last :meth:`drain_steps`."""
+        return self.recorder.steps
 
     def drain_steps(self) -> list[StepRecord]:
-        steps, self.steps = self.steps, []
-        return steps
+        return self.recorder.drain()

@@ -1,8 +1,11 @@
-"""What a ``GenerationEngine`` asks vLLM for: the speculative config and the engine args.
+"""What a ``GenerationEngine`` asks vLLM for: the speculative config, the engine args and
+each request's sampling parameters.
 
-Where it sits: ``engine.GenerationEngine.__init__`` calls these two pure functions before it
-builds vLLM's ``LLMEngine``; nothing here starts an engine, so a bad speculative config fails
-in milliseconds with the field named (``drafters.registry.check``).
+Where it sits: ``engine.GenerationEngine.__init__`` calls the first two pure functions before
+it builds vLLM's ``LLMEngine``; nothing here starts an engine, so a bad speculative config
+fails in milliseconds with the field named (``drafters.registry.check``).
+``GenerationEngine.submit`` gets each sample's ``SamplingParams`` from
+:func:`sampling_params`.
 
 Speculation backends: the adaptive proposer (modes adaptive and fixed) is vLLM's
 ``custom_class`` proposer with ``num_speculative_tokens`` = the largest k; native
@@ -17,12 +20,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from vllm import SamplingParams
+from vllm.sampling_params import RequestOutputKind
+
 from rlhfspec_api.generation import GenerationSpec, SpeculativeMode, SpeculativeSpec
 from rlhfspec_workers.drafters import registry
 from rlhfspec_workers.drafters.base import Drafter
 from rlhfspec_workers.hardware import resolve_engine_dtype
 
-from .proposer import PROPOSER_CLASS
+from .proposer import GROUP_KEY, PROPOSER_CLASS
+from .records import PromptInput, SamplingConfig
 
 DEFAULT_CPU_KV_BYTES = 512 << 20
 
@@ -125,3 +132,40 @@ def sample_seed(seed: int, prompt_id: str, index: int, resumed_at: int = 0) -> i
     same resume point; not a replay of the stream its start used)."""
     key = f"{seed}:{prompt_id}:{index}" + (f"@{resumed_at}" if resumed_at else "")
     return zlib.crc32(key.encode()) & 0x7FFFFFFF
+
+
+def sampling_params(
+    sampling: SamplingConfig,
+    p: PromptInput,
+    index: int,
+    *,
+    resumed_at: int,
+    group: str,
+    end_of_turn_ids: Sequence[int],
+    detokenize: bool,
+) -> SamplingParams:
+    """vLLM's parameters for sample ``index`` of ``p`` (resumed after ``resumed_at`` tokens
+    generated elsewhere; ``group``: its prompt group, which the proposer's suffix drafters
+    read)."""
+    seed = sampling.seed
+    if seed is not None:
+        seed = sample_seed(seed, p.prompt_id, index, resumed_at=resumed_at)
+    return SamplingParams(
+        n=1,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        max_tokens=p.max_tokens or sampling.max_tokens,
+        seed=seed,
+        logprobs=sampling.top_logprobs,
+        ignore_eos=sampling.ignore_eos,
+        # ignore_eos (benchmarks' fixed lengths) also ignores the end-of-turn token,
+        # which for ChatML models is the EOS itself.
+        stop_token_ids=[
+            *sampling.stop_token_ids,
+            *(() if sampling.ignore_eos else end_of_turn_ids),
+        ],
+        stop=list(sampling.stop) or None,
+        detokenize=detokenize,
+        output_kind=RequestOutputKind.FINAL_ONLY,
+        extra_args={GROUP_KEY: group},
+    )

@@ -1,24 +1,28 @@
 """What one engine step and one finished sample leave behind, read off vLLM's outputs.
 
 Where it sits: ``engine.GenerationEngine`` registers :class:`StepStatsSink` as vLLM's
-in-process stat logger, and after every ``LLMEngine.step`` turns the step's scheduler stats
-and the proposer's feedback into a :class:`StepRecord` (:func:`step_record`), and each
-finished request into a :class:`SampleResult` (:func:`sample_result`). Pure reads of vLLM's
-objects: no engine state lives here.
+in-process stat logger and runs every ``LLMEngine.step`` through its :class:`StepRecorder`,
+which times the step and turns its scheduler stats and the proposer's feedback into a
+:class:`StepRecord` (:func:`step_record`); each finished request becomes a
+:class:`SampleResult` (:func:`sample_result`). Reads of vLLM's objects: the recorder's step
+count, clock and records are the only state here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from .draft_strategy import OFF, DraftChoice, StepFeedback
+from .draft_strategy import NO_DRAFT, OFF, DraftChoice, StepFeedback
+from .proposer import AdaptiveProposer
 from .records import PromptInput, SampleResult, StepRecord
 
 __all__ = [
     "SPEC_COUNTERS",
+    "StepRecorder",
     "StepStatsSink",
     "request_progress",
     "request_state",
@@ -113,6 +117,70 @@ def step_record(
         prefill_tokens=prefill_tokens,
         gap_seconds=gap_seconds,
     )
+
+
+class StepRecorder:
+    """Runs engine steps and keeps a :class:`StepRecord` of each."""
+
+    def __init__(
+        self, sink: StepStatsSink, proposer: AdaptiveProposer | None, native_method: str | None
+    ) -> None:
+        self.sink, self.proposer = sink, proposer
+        self.native_method = native_method
+        """vLLM's own drafting method (a native engine), whose k is read off its counters."""
+        self.steps: list[StepRecord] = []
+        self._index = 0
+        self._last_end: float | None = None
+        self._pending_choice = NO_DRAFT
+        """What the proposer chose last step: the drafts this step verifies."""
+
+    def run(self, step: Callable[[], list[Any]]) -> list[Any]:
+        """One engine step (``LLMEngine.step``), recorded; returns its outputs."""
+        started = time.perf_counter()
+        gap = 0.0 if self._last_end is None else started - self._last_end
+        outputs: list[Any] = step()
+        seconds = time.perf_counter() - started
+        stats, self.sink.stats = self.sink.stats, []
+        prefill_tokens, self.sink.prompt_tokens = self.sink.prompt_tokens, 0
+        spec = stats[-1].spec_decoding_stats if stats else None
+        finished = sum(1 for o in outputs if o.finished)
+        choices, feedback = self.proposer.drain() if self.proposer else ([], [])
+        if choices:
+            _, batch_size, next_choice, next_tokens, draft_seconds = choices[-1]
+        else:
+            batch_size = (stats[-1].num_running_reqs if stats else 0) + finished
+            next_choice, next_tokens, draft_seconds = NO_DRAFT, 0, 0.0
+        num_drafts = spec.num_drafts if spec else 0
+        drafted = spec.num_draft_tokens if spec else 0
+        if feedback:
+            verified = feedback[-1].choice
+        elif self.native_method is not None and num_drafts:
+            verified = DraftChoice(self.native_method, round(drafted / num_drafts))
+        else:
+            verified = self._pending_choice if self.proposer and drafted else NO_DRAFT
+        self._pending_choice = next_choice
+        record = step_record(
+            self._index,
+            spec,
+            batch_size=batch_size,
+            finished=finished,
+            verified=verified,
+            feedback=feedback if self.proposer else None,
+            next_choice=next_choice,
+            next_tokens=next_tokens,
+            seconds=seconds,
+            draft_seconds=draft_seconds,
+            prefill_tokens=prefill_tokens,
+            gap_seconds=gap,
+        )
+        self._index += 1
+        self.steps.append(record)
+        self._last_end = time.perf_counter()
+        return outputs
+
+    def drain(self) -> list[StepRecord]:
+        steps, self.steps = self.steps, []
+        return steps
 
 
 def sample_result(

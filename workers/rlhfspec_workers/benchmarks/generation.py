@@ -23,8 +23,9 @@ the batch drains from P x n to a handful. Configurations, all on the same target
 
 ``Settings.model`` + ``Settings.dataset`` take any policy and chat dataset instead (SmolLM2 on
 the arithmetic task, say). ``Settings.iterations`` revisits the same prompts, as RL epochs do:
-every configuration's iteration i starts with the suffix drafter holding the same rollouts of
-iteration i - 1 (those of the shadow run), so history drafting is compared fairly.
+every configuration's iteration i starts with the suffix drafters (``suffix``,
+``suffix_tree``) holding the same rollouts of iteration i - 1 (those of the shadow run) and
+nothing else, so history drafting is compared fairly.
 
 A profile pass runs every fixed strategy once (and warms up); learned strategies (bandit,
 ours) get one unmeasured warm-up run and keep learning across runs, as across RL iterations.

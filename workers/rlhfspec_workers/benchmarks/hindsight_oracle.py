@@ -45,7 +45,8 @@ this much below a fixed configuration is still 'at or above it within noise'."""
 
 @dataclass
 class IterationTraces:
-    """What one iteration's shadow run left: the traces, and a fresh live suffix replay."""
+    """What one iteration's shadow run left: the traces, and a fresh live replay of
+    the history-keeping drafters."""
 
     traces: list[SequenceTrace]
     dynamic: Callable[[], Dynamic | None]

@@ -12,8 +12,8 @@ oracle-replayed and the fixed configurations replayed is the selector's decision
 alone, where measured runs of one configuration spread by ~10% on a shared 2-core machine.
 
 The strategy also gets the fill of each drafter's drafts (how many rows got a draft, and
-how long: the traces keep each longest draft's length, the live suffix replay its last
-call's), and its cost learner gets a step record per replayed step, charged what the
+how long: the traces keep each longest draft's length, the live replay of the suffix drafters
+their last call's), and its cost learner gets a step record per replayed step, charged what the
 replay charged (``step_record``), as a worker's learner gets the engine's. What it does not
 see is the engine's own spread: each replayed step of a strategy at a batch size costs the
 mean of what fixed runs measured there.

@@ -202,7 +202,7 @@ class GenerationEngine:
         if self.kv is not None:
             self.kv.close()
         gc.unfreeze()  # vLLM froze start-up objects; let the collector have them back
-        self.proposer = None
+        self.proposer = self.recorder.proposer = None
         self.drafters.clear()
 
     # -- generation ---------------------------------------------------------------------------

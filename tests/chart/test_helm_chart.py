@@ -414,15 +414,12 @@ def test_install_builder_configures_the_operator_as_the_chart_does(
     from rlhfspec_operator.main import build_parser
 
     chart = next(d for d in render(tmp_path, values) if d["kind"] == "Deployment")
-    v = yaml.safe_load((CHART / "values.yaml").read_text()) if values is None else values
-    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    v = values or yaml.safe_load((CHART / "values.yaml").read_text())
     settings = install.OperatorSettings(
         metrics_port=v["metrics"]["port"] if v["metrics"]["enabled"] else None,
         allowed_images=tuple(v["allowedImages"]),
         allowed_redis_hosts=tuple(v["coordinator"]["allowedHosts"]),
-        metrics_from=tuple(
-            v["networkPolicy"].get("metricsFrom", defaults["networkPolicy"]["metricsFrom"])
-        ),
+        metrics_from=tuple(v["networkPolicy"]["metricsFrom"]),
         log_level=v["logLevel"],
     )
     ours = install.operator_deployment(

@@ -109,10 +109,13 @@ class LiveReplay:
         ended = sorted(self.live - keys)
         self.live = keys
         rows = [self._row(seq.key, pos) for seq, pos in live]
+        # Sequences that ended: their last tokens are indexed as finished siblings, as the
+        # engine would.
+        finished = [self._row(k, len(self.responses[k])) for k in ended]
         matches: dict[str, list[int]] = {}
         for drafter in self.drafters:
-            if ended:  # index their last tokens as finished siblings, as the engine would
-                drafter.observe([self._row(k, len(self.responses[k])) for k in ended])
+            if finished:
+                drafter.observe(finished)
                 drafter.release(ended)
             drafts = drafter.propose(rows, self.max_k)
             self.last_proposed[drafter.name] = [len(d) for d in drafts]

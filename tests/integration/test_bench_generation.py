@@ -94,6 +94,19 @@ def test_quick_generation_benchmark_runs_every_configuration(
     assert ours["tokens_per_second"] > 0 and sum(ours["choices"].values()) > 0
     assert ours["over_oracle"] > 0 and ours["over_off"] > 0
     assert "ours replayed on the same batches" in proc.stdout
+    # The expectation oracle (each draft's acceptance known in expectation only) is replayed
+    # on the same batches and costs, and its probabilities agree with what the engine sampled:
+    # the kit's policy at the bench's temperature is the distribution vLLM sampled from.
+    expectation = oracle["expectation"]
+    assert expectation["tokens_per_second"] > 0 and sum(expectation["choices"].values()) > 0
+    assert expectation["over_oracle"] > 0 and expectation["ours_over_it"] > 0
+    for drafter, check in expectation["calibration"].items():
+        assert abs(check["realized"] - check["expected"]) <= 4 * check["standard_error"] + 0.05, (
+            drafter,
+            check,
+        )
+    assert "draft_model" in expectation["calibration"]
+    assert "expectation oracle" in proc.stdout
     # ...and on the other machine's grid, where drafting pays more than here.
     flat = doc["projections"]["models"]["flat"]
     assert flat["oracle_over_off"] > 1.0

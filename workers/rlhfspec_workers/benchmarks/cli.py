@@ -69,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-hindsight", action="store_true", help="skip the true hindsight oracle's replay"
     )
     gen.add_argument(
+        "--expectation-oracle",
+        action=argparse.BooleanOptionalAction,
+        help="also replay the expectation oracle, which knows each draft's acceptance in "
+        "expectation (the ceiling of any causal selector; default on for the tiny kit, off "
+        "with --model: it runs the target over every distinct draft)",
+    )
+    gen.add_argument(
         "--prompts",
         type=int,
         help="prompts in the batch (default 16: with 4 samples, 64 sequences sit as far past "
@@ -117,6 +124,7 @@ REAL_MODEL_DEFAULTS = dict(
     iterations=2,
     repeats=3,
     profile_rounds=1,
+    expectation_oracle=False,  # a forward of the real target per distinct draft: opt in
 )
 ARITHMETIC_EVAL = Path(__file__).resolve().parents[3] / "examples" / "data" / "arith-eval.jsonl"
 """The arithmetic task's held-out rows (``rlhfspec data make arithmetic``): the default
@@ -184,6 +192,8 @@ def _generation(args: argparse.Namespace) -> int:
     settings = dataclasses.replace(
         settings, hindsight=not args.no_hindsight, cost_grid=args.cost_grid
     )
+    if args.expectation_oracle is not None:
+        settings = dataclasses.replace(settings, expectation_oracle=args.expectation_oracle)
     if args.kit is not None:
         kit = args.kit
     else:
@@ -204,6 +214,7 @@ def _generation_model(args: argparse.Namespace) -> int:
         **_workload_flags(args),
         "iterations": args.iterations,
         "temperature": args.temperature,
+        "expectation_oracle": args.expectation_oracle,
     }
     numbers.update({k: v for k, v in given.items() if v is not None})
     dataset = args.dataset or ARITHMETIC_EVAL

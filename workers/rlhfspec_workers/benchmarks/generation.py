@@ -42,7 +42,7 @@ import json
 import random
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,7 @@ from rlhfspec_workers.generation.shadow import ShadowDrafts
 from rlhfspec_workers.spec_decode.bandit import BanditSelector, strategy_set
 from rlhfspec_workers.spec_decode.cost_model import CostModel
 from rlhfspec_workers.spec_decode.draft_choice import BatchRange
+from rlhfspec_workers.spec_decode.hindsight import StepCost
 
 from .hindsight_oracle import IterationTraces, add_oracle, iteration_traces
 from .projection import projections
@@ -111,11 +112,14 @@ class Bench:
             if settings.dataset is None:
                 raise ValueError("--model needs --dataset (rows with a prompt and an answer)")
             self.target = resolve_builtin(settings.model) or Path(settings.model)
+            self.scorer = self.target
             self.prompts = load_dataset_prompts(settings.dataset, settings)
         else:
             if kit is None:
                 raise ValueError("the tiny-kit workload needs the kit")
-            self.target = kit / "policy"
+            # The expectation oracle reads probabilities from ``scorer``: the embedding
+            # target below computes exactly the tiny policy's logits, at many times its cost.
+            self.target = self.scorer = kit / "policy"
             if settings.target_size:
                 from .target import TargetSize, scaled_target
 
@@ -384,6 +388,17 @@ class Bench:
         )
         return runs[len(runs) // 2] if runs else None
 
+    def _expectation(
+        self, strategies: list[tuple[str, int]]
+    ) -> Callable[[StepCost, Mapping[str, Any]], dict[str, Any]]:
+        from .expectation_oracle import DraftProbabilities, expectation_report
+
+        def report(cost: StepCost, oracle: Mapping[str, Any]) -> dict[str, Any]:
+            scorer = DraftProbabilities(self.scorer, self.settings.temperature)
+            return expectation_report(self.shadows, cost, strategies, scorer, oracle)
+
+        return report
+
     def to_json(self) -> dict[str, Any]:
         from .report import ratios, trace
 
@@ -401,7 +416,7 @@ class Bench:
             )
             doc["oracle"] = add_oracle(
                 self.shadows, runs, here.step_seconds, strategies, medians, cpu, by_iteration,
-                ours,
+                ours, self._expectation(strategies) if s.expectation_oracle else None,
             )  # fmt: skip
             if s.cost_grid is not None:
                 doc["projections"] = projections(
@@ -453,6 +468,10 @@ def run_benchmark(
     log(table(doc))
     if "oracle" in doc:
         log("\n".join(summary(doc["oracle"])))
+    if "expectation" in doc.get("oracle", {}):
+        from .expectation_oracle import summary as expectation_summary
+
+        log("\n".join(expectation_summary(doc["oracle"]["expectation"])))
     if "projections" in doc:
         log("\n".join(projection_summary(doc["projections"], doc["oracle"].get("ours_replayed"))))
     return doc

@@ -50,6 +50,8 @@ class IterationTraces:
 
     traces: list[SequenceTrace]
     dynamic: Callable[[], Dynamic | None]
+    shadow: ShadowDrafts | None = None
+    """The shadow run itself (its drafts, for the expectation oracle)."""
 
 
 def iteration_traces(
@@ -68,7 +70,7 @@ def iteration_traces(
             return None
         return LiveReplay(shadow, [d.fresh() for d in live], max_k, history)
 
-    return IterationTraces(traces, live_replay)
+    return IterationTraces(traces, live_replay, shadow)
 
 
 def strategy_of(config: str) -> Strategy | None:
@@ -177,18 +179,23 @@ def add_oracle(
     cpu: dict[str, float],
     by_iteration: Sequence[dict[str, float]],
     ours: Callable[[StepCost], Mapping[str, Any]] | None = None,
+    expectation: Callable[[StepCost, Mapping[str, Any]], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The oracle's report, with ``oracle`` added to the medians (wall, CPU by the fixed
     configurations' median CPU/wall ratio, and per iteration) in measured tokens/s.
 
     ``ours``: replays the selector over the same traces and step costs
     (``selector_replay.replay_rounds``); its result is reported beside the oracle's and the
-    fixed configurations' replays (``ours_replayed``), free of timing noise."""
+    fixed configurations' replays (``ours_replayed``), free of timing noise. ``expectation``:
+    the expectation oracle's report on the same step costs, given this one
+    (``expectation_oracle.expectation_report``)."""
     cost = measured_cost(runs, fallback)
     report = oracle_report(shadows, cost, strategies, medians, by_iteration)
     report["cost_fit"] = cost_fit(cost)
     if ours is not None:
         report["ours_replayed"] = ours_versus_replays(ours(cost), report)
+    if expectation is not None:
+        report["expectation"] = expectation(cost, report)
     medians["oracle"] = report["tokens_per_second"]
     for m, row in zip(by_iteration, report["iterations"], strict=True):
         m["oracle"] = row["tokens_per_second"]

@@ -55,6 +55,10 @@ class Settings:
     drafter drafts from the previous visit's rollouts too."""
     hindsight: bool = True
     """Compute the true hindsight oracle (one shadow-drafting run per iteration)."""
+    expectation_oracle: bool = True
+    """Also replay the expectation oracle (``benchmarks.expectation_oracle``): a target
+    forward per distinct draft of the shadow runs, seconds for the tiny kit, long for a real
+    model, so ``--model`` runs leave it off unless asked."""
     cost_grid: Path | None = None
     """A verification grid measured elsewhere (``bench/gpu_verify_grid.py``): the batches are
     also replayed on its step costs (``benchmarks.projection``)."""

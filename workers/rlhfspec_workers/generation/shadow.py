@@ -95,9 +95,8 @@ class LiveReplay:
                 drafter.add_history(group, sequences)
         self.live: set[str] = set()
         self.responses = {key: shadow.response(key) for key in shadow.latest}
-        self.last_proposed: dict[str, list[int]] = {}
-        """The last call's draft length per live sequence, per drafter (a replayed
-        selector's fill)."""
+        self.last_drafts: dict[str, list[list[int]]] = {}
+        """The last call's draft per live sequence, per drafter."""
 
     def _row(self, key: str, out: int) -> DraftRow:
         tokens, prompt_len = self.shadow.latest[key]
@@ -118,9 +117,15 @@ class LiveReplay:
                 drafter.observe(finished)
                 drafter.release(ended)
             drafts = drafter.propose(rows, self.max_k)
-            self.last_proposed[drafter.name] = [len(d) for d in drafts]
+            self.last_drafts[drafter.name] = drafts
             matches[drafter.name] = [
                 match_length(draft, self.responses[seq.key][pos:])
                 for draft, (seq, pos) in zip(drafts, live, strict=True)
             ]
         return matches
+
+    @property
+    def last_proposed(self) -> dict[str, list[int]]:
+        """The last call's draft length per live sequence, per drafter (a replayed selector's
+        fill)."""
+        return {name: [len(d) for d in drafts] for name, drafts in self.last_drafts.items()}

@@ -164,6 +164,49 @@ def replay_oracle(
     return replay(traces, cost, best, dynamic)
 
 
+Expected = Callable[[Step], Mapping[str, Sequence[Sequence[float]]]]
+"""For a step: drafter -> for each live sequence, the expected accepted tokens of that
+drafter's draft there when ``k`` of it is verified, for k = 0, 1, .., len(draft) (entry 0 is
+0.0). With deterministic drafts, verification accepts draft token j with the target's
+probability of it given the context and the draft before it, so the expectation is
+``sum over j <= k of prod over i <= j of p_i``."""
+
+
+def replay_expected_oracle(
+    traces: Iterable[SequenceTrace],
+    cost: StepCost,
+    strategies: Sequence[Strategy],
+    expected: Expected,
+    dynamic: Dynamic | None = None,
+) -> Replay:
+    """Per step, the strategy with the most *expected* tokens per second, each draft's
+    acceptance known in expectation (the target's own probabilities of its tokens), then
+    scored on what the drafts really got, as :func:`replay_oracle` is.
+
+    This is the most any causal selector could know before verifying: the true oracle also
+    knows which way each draw went, which no selector can. The ratio of the two is the ceiling
+    of "ours vs the oracle". ``expected`` is called after ``dynamic`` in each step (it may
+    read the drafts the live replay just made)."""
+    pool = [(OFF, 0), *[s for s in strategies if s[0] != OFF and s[1] > 0]]
+
+    def best(step: Step) -> Strategy:
+        batch = len(step.live)
+        curves = expected(step)
+
+        def gain(strategy: Strategy) -> float:
+            drafter, k = strategy
+            rows = curves.get(drafter) if k > 0 else None
+            total = 0.0
+            for i, (seq, pos) in enumerate(step.live):
+                curve = rows[i] if rows is not None else (0.0,)
+                total += min(1.0 + curve[min(k, len(curve) - 1)], seq.length - pos)
+            return total
+
+        return max(pool, key=lambda s: (gain(s) / cost(s[0], batch, s[1]), -s[1]))
+
+    return replay(traces, cost, best, dynamic)
+
+
 def match_length(draft: Sequence[int], actual: Sequence[int]) -> int:
     """Leading tokens of ``draft`` equal to ``actual`` (the tokens really generated next)."""
     n = 0

@@ -1,0 +1,167 @@
+"""The expectation oracle: its pure replay (``spec_decode.hindsight.replay_expected_oracle``)
+on hand-made traces, and the target probabilities it reads (``benchmarks.expectation_oracle``)
+against an unbatched computation on the tiny policy."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rlhfspec_workers.benchmarks.expectation_oracle import (
+    DraftProbabilities,
+    ExpectedDrafts,
+    calibration,
+)
+from rlhfspec_workers.drafters.base import DraftRow
+from rlhfspec_workers.generation.shadow import ShadowDrafts
+from rlhfspec_workers.spec_decode.hindsight import (
+    OFF,
+    SequenceTrace,
+    Step,
+    replay_expected_oracle,
+    replay_fixed,
+    replay_oracle,
+)
+
+
+def linear_cost(drafter: str, batch: int, k: int) -> float:
+    return 0.01 + 0.001 * batch * (1 + (k if drafter != OFF else 0))
+
+
+def bursty_traces(seed: int) -> list[SequenceTrace]:
+    rng = random.Random(seed)
+    seqs = []
+    for i in range(10):
+        length = rng.randint(10, 50)
+        ngram = [4 if (p // 6) % 2 == 0 else 0 for p in range(length)]
+        suffix = [rng.choice([0, 0, 1, 3]) for _ in range(length)]
+        seqs.append(SequenceTrace(f"s{i}", 1, length, {"ngram": ngram, "suffix": suffix}))
+    return seqs
+
+
+def realized_curves(step: Step) -> Mapping[str, Sequence[Sequence[float]]]:
+    """'Expectations' equal to what the drafts really got: curve[k] = min(k, match)."""
+    out: dict[str, list[list[float]]] = {}
+    for drafter in ("ngram", "suffix"):
+        out[drafter] = [
+            [float(min(k, seq.matched(drafter, pos))) for k in range(9)] for seq, pos in step.live
+        ]
+    return out
+
+
+STRATEGIES = [(d, k) for d in ("ngram", "suffix") for k in (1, 2, 4)]
+
+
+def test_knowing_every_outcome_the_expectation_oracle_is_the_true_oracle() -> None:
+    seqs = bursty_traces(0)
+    true = replay_oracle(seqs, linear_cost, STRATEGIES)
+    same = replay_expected_oracle(seqs, linear_cost, STRATEGIES, realized_curves)
+    assert same.tokens == true.tokens
+    assert same.seconds == pytest.approx(true.seconds)
+    assert same.choices == true.choices
+
+
+def test_it_chooses_by_expectation_and_is_scored_on_what_drafts_got() -> None:
+    seqs = bursty_traces(1)
+
+    def ngram_looks_best(step: Step) -> Mapping[str, Sequence[Sequence[float]]]:
+        # ngram expected to get everything, suffix nothing: it always picks ngram at the
+        # largest k, whatever the drafts really get.
+        n = len(step.live)
+        return {"ngram": [[float(k) for k in range(5)]] * n, "suffix": [[0.0] * 5] * n}
+
+    picked = replay_expected_oracle(seqs, linear_cost, STRATEGIES, ngram_looks_best)
+    assert set(picked.choices) == {("ngram", 4)}
+    fixed = replay_fixed(seqs, linear_cost, ("ngram", 4))
+    assert (picked.tokens, picked.steps) == (fixed.tokens, fixed.steps)
+    assert picked.seconds == pytest.approx(fixed.seconds)
+    # Knowing only expectations costs something against knowing outcomes.
+    assert picked.tokens_per_second < replay_oracle(seqs, linear_cost, STRATEGIES).tokens_per_second
+
+
+def test_nothing_expected_means_plain_decoding() -> None:
+    seqs = bursty_traces(2)
+    nothing = replay_expected_oracle(
+        seqs, linear_cost, STRATEGIES, lambda step: {"ngram": [[0.0]] * len(step.live)}
+    )
+    assert set(nothing.choices) == {(OFF, 0)}
+
+
+@pytest.fixture(scope="module")
+def probabilities(tiny_kit: Path) -> DraftProbabilities:
+    return DraftProbabilities(tiny_kit / "policy", temperature=0.7)
+
+
+def one_by_one(
+    model: torch.nn.Module, context: list[int], draft: list[int], t: float
+) -> list[float]:
+    """The same expectation from one unpadded forward per draft token."""
+    curve, run, total = [0.0], 1.0, 0.0
+    for j, token in enumerate(draft):
+        ids = torch.tensor([context + draft[:j]])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, -1].float()
+        run *= float(torch.softmax(logits / t, -1)[token])
+        total += run
+        curve.append(total)
+    return curve
+
+
+def test_batched_probabilities_equal_one_forward_per_token(
+    probabilities: DraftProbabilities,
+) -> None:
+    rng = random.Random(3)
+    vocab = probabilities.model.config.vocab_size
+    items = []
+    for n in (3, 9, 17, 30):  # different lengths: the batch pads the shorter ones
+        context = tuple(rng.randrange(3, vocab) for _ in range(n))
+        draft = tuple(rng.randrange(3, vocab) for _ in range(rng.randint(1, 5)))
+        items.append((context, draft))
+    items.append((items[0][0], ()))  # no draft: nothing expected
+    curves = probabilities.expected(items)
+    assert curves[-1] == (0.0,)
+    for (context, draft), curve in zip(items[:-1], curves, strict=False):
+        want = one_by_one(probabilities.model, list(context), list(draft), 0.7)
+        assert curve == pytest.approx(want, rel=1e-4, abs=1e-6)
+        assert all(b >= a for a, b in itertools.pairwise(curve))  # grows with k
+        assert curve[-1] <= len(draft)
+    forwards = probabilities.forwards
+    assert probabilities.expected(items[:2]) == curves[:2]  # cached: no new forward
+    assert probabilities.forwards == forwards
+
+
+def shadow_of(
+    sequences: dict[str, list[int]], drafts: dict[str, dict[int, list[int]]]
+) -> ShadowDrafts:
+    """A shadow run whose sequences have a 2-token prompt and the given drafts ("ngram")."""
+    shadow = ShadowDrafts()
+    for key, tokens in sequences.items():
+        arr = np.asarray(tokens, dtype=np.int64)
+        for out in range(1, len(tokens) - 1):
+            row = DraftRow(key, arr[: 2 + out], 2, "g", 4)
+            shadow.record([row], {"ngram": [drafts[key].get(out, [])]})
+        shadow.record([DraftRow(key, arr, 2, "g", 0)], {"ngram": [[]]})
+    return shadow
+
+
+def test_expected_drafts_reads_the_shadow_drafts_at_each_live_position(
+    probabilities: DraftProbabilities,
+) -> None:
+    tokens = [5, 6, 7, 8, 9, 10, 11, 12]
+    shadow = shadow_of({"a": tokens}, {"a": {2: [9, 4], 3: [4]}})
+    (trace,) = shadow.traces()
+    expected = ExpectedDrafts(shadow, None, ["ngram"], probabilities)
+    at_2 = expected(Step([(trace, 2)], {}))["ngram"][0]
+    at_4 = expected(Step([(trace, 4)], {}))["ngram"][0]
+    assert at_2 == pytest.approx(one_by_one(probabilities.model, tokens[:4], [9, 4], 0.7))
+    assert at_4 == (0.0,)  # no draft was made there
+    # The calibration counts the drafts followed by enough real tokens, first token realized.
+    check = calibration([shadow], ["ngram"], probabilities)["ngram"]
+    assert check["drafts"] == 2
+    assert check["realized"] == 0.5  # after 7, 8 comes 9: [9, 4] starts right; [4] does not

@@ -1,0 +1,225 @@
+"""The expectation oracle: how much of the true oracle's edge any causal selector could have.
+
+Where it sits: ``benchmarks.generation`` calls :func:`expectation_report` after the true
+hindsight oracle (``hindsight_oracle``), on the same shadow traces and measured step costs.
+
+Why: the true oracle picks each step's (drafter, k) knowing what every draft *really* got
+accepted, including which way each random draw of the verification went. No selector can know
+that before verifying. What a selector could know at best is each draft's acceptance in
+expectation: with deterministic drafts, verification accepts draft token j with the target's
+probability of it given the context and the tokens before it, so the expected accepted length
+of k tokens is ``sum over j <= k of prod over i <= j of p_i``. The expectation oracle chooses
+by that (computed with the target model itself, a forward per distinct draft, which no real
+selector gets for free) and is then scored on what the drafts really got. Its ratio to the
+true oracle is the ceiling of "ours vs the oracle"; ours' ratio to it is how much of the
+knowable part ours already gets.
+
+:func:`calibration` checks the probabilities against the shadow run: each drafter's mean
+first-token acceptance, realized and expected, must agree within sampling noise, or the
+probabilities are not the engine's (a different dtype, sampling settings the bench did not
+pass on).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhfspec_workers.generation.shadow import LiveReplay, ShadowDrafts
+from rlhfspec_workers.spec_decode.hindsight import (
+    Replay,
+    Step,
+    StepCost,
+    Strategy,
+    replay_expected_oracle,
+)
+from rlhfspec_workers.torch_models import load_causal_lm
+
+from .hindsight_oracle import IterationTraces, ratio_of
+
+Item = tuple[tuple[int, ...], tuple[int, ...]]
+"""(context tokens, draft tokens)."""
+
+BATCH = 128
+"""Items per forward: padded to the longest, so items are sorted by length first."""
+
+
+class DraftProbabilities:
+    """The target's expected acceptance of drafts, one padded forward per batch of items,
+    cached per (context, draft): the oracle's replay asks again for the same drafts."""
+
+    def __init__(self, model_path: Path, temperature: float) -> None:
+        if temperature <= 0:
+            raise ValueError("the expectation oracle needs sampling (temperature > 0)")
+        self.model = load_causal_lm(model_path, torch.device("cpu"))
+        self.temperature = temperature
+        self.cache: dict[Item, tuple[float, ...]] = {}
+        self.forwards = 0
+
+    def expected(self, items: Sequence[Item]) -> list[tuple[float, ...]]:
+        """Per item, expected accepted tokens for k = 0..len(draft)."""
+        todo = sorted({it for it in items if it not in self.cache and it[1]}, key=_length)
+        for start in range(0, len(todo), BATCH):
+            self._fill(todo[start : start + BATCH])
+        return [self.cache[it] if it[1] else (0.0,) for it in items]
+
+    @torch.no_grad()
+    def _fill(self, batch: Sequence[Item]) -> None:
+        seqs = [ctx + draft for ctx, draft in batch]
+        width = max(map(len, seqs))
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        for row, seq in enumerate(seqs):  # right padding: positions stay 0..len-1
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+        self.forwards += 1
+        for row, (ctx, draft) in enumerate(batch):
+            at = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(draft))
+            logp = torch.log_softmax(logits[row, at] / self.temperature, dim=-1)
+            p = logp[torch.arange(len(draft)), torch.tensor(draft)].exp().tolist()
+            curve, run, total = [0.0], 1.0, 0.0
+            for pj in p:
+                run *= pj
+                total += run
+                curve.append(total)
+            self.cache[(ctx, draft)] = tuple(curve)
+
+
+def _length(item: Item) -> int:
+    return len(item[0]) + len(item[1])
+
+
+class ExpectedDrafts:
+    """A ``hindsight.Expected`` for one replay: static drafters' drafts from the shadow run,
+    history-keeping drafters' from the live replay's last call (made for this very step)."""
+
+    def __init__(
+        self,
+        shadow: ShadowDrafts,
+        live: LiveReplay | None,
+        drafters: Sequence[str],
+        probabilities: DraftProbabilities,
+    ) -> None:
+        self.shadow, self.live, self.drafters = shadow, live, tuple(drafters)
+        self.probabilities = probabilities
+
+    def _context(self, key: str, position: int) -> tuple[int, ...]:
+        tokens, prompt_len = self.shadow.latest[key]
+        return tuple(int(t) for t in tokens[: prompt_len + position])
+
+    def __call__(self, step: Step) -> Mapping[str, Sequence[Sequence[float]]]:
+        dynamic = self.live.last_drafts if self.live is not None else {}
+        items: list[Item] = []
+        for drafter in self.drafters:
+            for i, (seq, pos) in enumerate(step.live):
+                if drafter in dynamic:
+                    draft = dynamic[drafter][i]
+                else:
+                    draft = self.shadow.proposals[seq.key].get(pos, {}).get(drafter, [])
+                items.append((self._context(seq.key, pos), tuple(draft)))
+        curves = self.probabilities.expected(items)
+        n = len(step.live)
+        return {d: curves[j * n : (j + 1) * n] for j, d in enumerate(self.drafters)}
+
+
+def calibration(
+    shadows: Sequence[ShadowDrafts], drafters: Iterable[str], probabilities: DraftProbabilities
+) -> dict[str, dict[str, float]]:
+    """Per drafter, over the shadow runs' drafts: first-token acceptance realized and expected
+    (with the realized rate's standard error), where the draft was followed by at least as many
+    real tokens as it has."""
+    out: dict[str, dict[str, float]] = {}
+    for drafter in drafters:
+        items: list[Item] = []
+        realized: list[int] = []
+        for shadow in shadows:
+            for key, by_position in shadow.proposals.items():
+                response = shadow.response(key)
+                tokens, prompt_len = shadow.latest[key]
+                for pos, drafts in by_position.items():
+                    draft = drafts.get(drafter, [])
+                    if not draft or len(response) - pos < len(draft):
+                        continue
+                    ctx = tuple(int(t) for t in tokens[: prompt_len + pos])
+                    items.append((ctx, tuple(draft)))
+                    realized.append(int(draft[0] == response[pos]))
+        if not items:
+            continue
+        expected = [c[1] for c in probabilities.expected(items)]
+        n = len(items)
+        rate = sum(realized) / n
+        out[drafter] = {
+            "drafts": n,
+            "realized": round(rate, 3),
+            "expected": round(sum(expected) / n, 3),
+            "standard_error": round((rate * (1 - rate) / n) ** 0.5, 3),
+        }
+    return out
+
+
+def expectation_report(
+    iterations: Sequence[IterationTraces],
+    cost: StepCost,
+    strategies: Sequence[Strategy],
+    probabilities: DraftProbabilities,
+    oracle: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The expectation oracle replayed over every iteration's batch, against the true oracle
+    (``oracle``, ``hindsight_oracle.oracle_report``'s document) and ours replayed."""
+    drafters = tuple(dict.fromkeys(d for d, k in strategies if k > 0))
+    replays: list[Replay] = []
+    shadows = [it.shadow for it in iterations if it.shadow is not None]
+    if len(shadows) != len(iterations):
+        raise ValueError("the expectation oracle needs every iteration's shadow run")
+    for it, shadow in zip(iterations, shadows, strict=True):
+        live = it.dynamic()
+        live_replay = live if isinstance(live, LiveReplay) else None
+        expected = ExpectedDrafts(shadow, live_replay, drafters, probabilities)
+        replays.append(replay_expected_oracle(it.traces, cost, strategies, expected, live))
+    tokens = sum(r.tokens for r in replays)
+    seconds = sum(r.seconds for r in replays)
+    tps = tokens / seconds if seconds > 0 else 0.0
+    choices: dict[str, int] = {}
+    for r in replays:
+        for (d, k), n in r.choices.items():
+            choices[f"{d}:{k}"] = choices.get(f"{d}:{k}", 0) + n
+    ours = oracle.get("ours_replayed") or {}
+    fixed = {n: v for n, v in oracle["replayed"].items() if n.startswith("fixed:")}
+    best = max(fixed.values(), default=None)
+    return {
+        "tokens_per_second": round(tps, 2),
+        "over_oracle": ratio_of(tps, oracle["replayed_tokens_per_second"]),
+        "over_best_fixed": ratio_of(tps, best),
+        "over_off": ratio_of(tps, oracle["replayed"].get("k0")),
+        "ours_over_it": ratio_of(float(ours["tokens_per_second"]), tps) if ours else None,
+        "iterations": [
+            {"iteration": i, "tokens_per_second": round(r.tokens_per_second, 2)}
+            for i, r in enumerate(replays)
+        ],
+        "choices": dict(sorted(choices.items(), key=lambda kv: -kv[1])),
+        "calibration": calibration(shadows, drafters, probabilities),
+        "forwards": probabilities.forwards,
+    }
+
+
+def summary(doc: Mapping[str, Any]) -> list[str]:
+    """The expectation oracle's lines of the benchmark's printout."""
+    lines = [
+        f"expectation oracle (each draft's acceptance known in expectation, the most a causal "
+        f"selector could know): {doc['tokens_per_second']:.1f} tok/s replayed = "
+        f"{doc['over_oracle']}x the true oracle (the ceiling of ours vs the oracle), "
+        f"{doc['over_best_fixed']}x the best fixed, {doc['over_off']}x off",
+    ]
+    if doc.get("ours_over_it") is not None:
+        lines.append(f"  ours replayed: {doc['ours_over_it']}x the expectation oracle")
+    for drafter, row in doc["calibration"].items():
+        lines.append(
+            f"  probabilities check, {drafter}: first-token acceptance realized "
+            f"{row['realized']:.3f} +- {row['standard_error']:.3f}, expected {row['expected']:.3f}"
+            f" ({row['drafts']} drafts)"
+        )
+    return lines

@@ -91,3 +91,25 @@ def test_iteration_traces_replays_the_history_drafters_live() -> None:
     assert again is not dynamic and again is not None
     assert again([(by_key["b"], 4)])["suffix"] == [0]
     assert iteration_traces(shadow, [], max_k=4, history=None).dynamic() is None
+
+
+@pytest.mark.parametrize("make", [SuffixDrafter, SuffixTreeDrafter])
+def test_a_fork_drafts_as_the_replay_it_was_forked_from(make: type[KeepsHistory]) -> None:
+    shadow = lock_step_shadow([make()])
+    traces = {t.key: t for t in shadow.traces()}
+    earlier = {"g": [PROMPT[-2:] + RESPONSE[:5] + [9, 9]]}
+    replay = LiveReplay(shadow, [make()], max_k=4, history=earlier)
+    replay([(traces["a"], 2), (traces["b"], 1)])
+    replay([(traces["a"], 6), (traces["b"], 2)])
+    fork = replay.fork()
+    # Both branches go on from the same state: same drafts for the same schedule...
+    step = [(traces["b"], 3)]  # "a" finished meanwhile: its response joins the index
+    name = make().name
+    assert fork(step) == replay(step)
+    assert fork.last_drafts == replay.last_drafts
+    # Drafted from the index: the finished "a" and the history agree on the next two tokens.
+    assert replay.last_drafts[name][0][:2] == RESPONSE[3:5]
+    # ...and a branch's own steps do not reach the other.
+    branch = replay.fork()
+    branch([(traces["b"], 7)])
+    assert replay([(traces["b"], 4)]) == fork([(traces["b"], 4)])

@@ -27,7 +27,7 @@ from rlhfspec_workers.generation.records import StepRecord
 from rlhfspec_workers.generation.shadow import LiveReplay, ShadowDrafts
 from rlhfspec_workers.spec_decode.hindsight import (
     OFF,
-    Dynamic,
+    Forkable,
     MeasuredCost,
     Replay,
     SequenceTrace,
@@ -49,7 +49,7 @@ class IterationTraces:
     the history-keeping drafters."""
 
     traces: list[SequenceTrace]
-    dynamic: Callable[[], Dynamic | None]
+    dynamic: Callable[[], Forkable | None]
     shadow: ShadowDrafts | None = None
     """The shadow run itself (its drafts, for the expectation oracle)."""
 
@@ -115,15 +115,23 @@ def oracle_report(
 ) -> dict[str, Any]:
     """Replays of every fixed configuration and of the oracle, per iteration and overall.
 
+    The oracle's schedule of an iteration is its own or a fixed one, whichever finishes the
+    batch sooner: so it is at or above every fixed configuration by construction
+    (``fixed_won`` counts the iterations where a fixed schedule was kept).
+
     ``measured``: config -> median tokens/s over the whole run; ``measured_by_iteration``:
     the same per iteration."""
     configs = {"k0": (OFF, 0), **{f"fixed:{d}:{k}": (d, k) for d, k in strategies}}
     fixed: dict[str, list[Replay]] = {name: [] for name in configs}
     oracle: list[Replay] = []
+    fixed_won = 0
     for it in iterations:
         for name, strategy in configs.items():
             fixed[name].append(replay_fixed(it.traces, cost, strategy, it.dynamic()))
-        oracle.append(replay_oracle(it.traces, cost, strategies, it.dynamic()))
+        own = replay_oracle(it.traces, cost, strategies, it.dynamic())
+        quickest = min((r[-1] for r in fixed.values()), key=lambda r: r.seconds)
+        fixed_won += quickest.seconds < own.seconds
+        oracle.append(quickest if quickest.seconds < own.seconds else own)
 
     def tps(replays: Sequence[Replay]) -> float:
         tokens, seconds = _total(replays)
@@ -162,6 +170,7 @@ def oracle_report(
         "choices": _choices(oracle),
         "iterations": per_iteration,
         "best_fixed": best_fixed,
+        "fixed_won": fixed_won,
     }
     if best_fixed is not None:
         ratio = oracle_tps * scale / measured[best_fixed]

@@ -28,6 +28,7 @@ from typing import Any
 
 from rlhfspec_workers.benchmarks.hindsight_oracle import IterationTraces
 from rlhfspec_workers.generation.draft_strategy import (
+    ChoosesWithDrafts,
     DraftChoice,
     DraftFill,
     DraftStrategy,
@@ -94,9 +95,14 @@ def _fill(
     return DraftFill(tuple(asked), tuple(got)) if k and asked[0] else None
 
 
+def _asked_rows(step: Step, options: ReplayOptions) -> list[int]:
+    """The rows with room for a draft (the ones the proposer asks)."""
+    return [i for i, (_, pos) in enumerate(step.live) if _room(options, pos) > 0]
+
+
 def _side_rows(step: Step, options: ReplayOptions, call: int) -> list[int]:
     """The proposer's rotating window of ``SIDE_DRAFT_ROWS`` rows with room."""
-    rows = [i for i, (_, pos) in enumerate(step.live) if _room(options, pos) > 0]
+    rows = _asked_rows(step, options)
     if len(rows) > SIDE_DRAFT_ROWS:
         start = (call * SIDE_DRAFT_ROWS) % len(rows)
         rows = [rows[(start + j) % len(rows)] for j in range(SIDE_DRAFT_ROWS)]
@@ -104,7 +110,7 @@ def _side_rows(step: Step, options: ReplayOptions, call: int) -> list[int]:
 
 
 def _side_evidence(
-    step: Step, strategy: Strategy, options: ReplayOptions, rows: Sequence[int]
+    step: Step, strategy: Strategy, options: ReplayOptions, rows: Mapping[str, Sequence[int]]
 ) -> dict[str, ShadowEvidence]:
     """Side drafts scored as ``proposer.AdaptiveProposer._side_evidence`` scores them: position
     i is a trial when the row emitted more than i tokens, a success when the draft matched
@@ -112,7 +118,7 @@ def _side_evidence(
     out: dict[str, ShadowEvidence] = {}
     for name in _side_drafters(strategy, options):
         trials, successes = [0] * options.max_k, [0] * options.max_k
-        for i in rows:
+        for i in rows[name]:
             matched = step.accepted(i, name, options.max_k)  # its draft's match, up to max_k
             emitted = step.advance(i, strategy)
             for p in range(min(options.max_k, emitted)):
@@ -137,9 +143,12 @@ def step_feedback(
     options: ReplayOptions,
     call: int,
     lengths: Lengths | None = None,
+    in_hand: Sequence[str] = (),
 ) -> StepFeedback:
     """What the proposer would report of one replayed step's drafts. ``lengths``: draft
-    lengths the step's dynamic drafters made (drafter -> per live row)."""
+    lengths the step's dynamic drafters made (drafter -> per live row); ``in_hand``: the
+    drafters that drafted for every row before the choice (their side drafts cover every
+    row, not a window)."""
     drafter, k = strategy
     enabled = drafter != OFF and k > 0
     made = lengths or {}
@@ -164,9 +173,10 @@ def step_feedback(
         chosen = _fill(step, made, range(len(step.live)), drafter, k, options)
         if chosen is not None:
             fill[drafter] = chosen
-    rows = _side_rows(step, options, call)
-    for name in _side_drafters(strategy, options):
-        side = _fill(step, made, rows, name, options.max_k, options)
+    window, every = _side_rows(step, options, call), _asked_rows(step, options)
+    rows = {n: every if n in in_hand else window for n in _side_drafters(strategy, options)}
+    for name in rows:
+        side = _fill(step, made, rows[name], name, options.max_k, options)
         if side is not None:
             fill[name] = side
     return StepFeedback(
@@ -211,6 +221,22 @@ def step_record(index: int, feedback: StepFeedback, strategy: Strategy) -> StepR
     )
 
 
+def _drafts_in_hand(
+    strategy: DraftStrategy, step: Step, made: Lengths, options: ReplayOptions
+) -> dict[str, list[int]]:
+    """As the proposer's ``_drafts_in_hand``: for each model-free drafter the strategy asks
+    for, the length of its longest draft for each row with room."""
+    if not isinstance(strategy, ChoosesWithDrafts):
+        return {}
+    names = strategy.drafters_in_hand(len(step.live), options.side_drafters)
+    asked = _asked_rows(step, options)
+    return {
+        name: [_proposed(step, made, i, name, _room(options, step.live[i][1])) for i in asked]
+        for name in names
+        if name in options.side_drafters
+    }
+
+
 def replay_strategy(
     traces: Sequence[SequenceTrace],
     cost: StepCost,
@@ -224,7 +250,7 @@ def replay_strategy(
     (``observe_step``) it learns from each step, as a worker does. A dynamic drafter that
     keeps its last call's draft lengths (``shadow.LiveReplay.last_proposed``) lends them
     to the fill."""
-    pending: list[tuple[Step, Strategy, float, Lengths]] = []
+    pending: list[tuple[Step, Strategy, float, Lengths, tuple[str, ...]]] = []
     calls = 0
     made: dict[str, Sequence[int]] = {}
 
@@ -240,8 +266,8 @@ def replay_strategy(
     def settle() -> None:
         nonlocal calls
         if pending:
-            step, chosen, seconds, lengths = pending.pop()
-            feedback = step_feedback(step, chosen, seconds, options, calls, lengths)
+            step, chosen, seconds, lengths, in_hand = pending.pop()
+            feedback = step_feedback(step, chosen, seconds, options, calls, lengths, in_hand)
             strategy.observe(feedback)
             if learn is not None:
                 learn(step_record(calls, feedback, chosen))
@@ -249,9 +275,15 @@ def replay_strategy(
 
     def choose(step: Step) -> Strategy:
         settle()
-        choice = strategy.choose(len(step.live))
+        batch = len(step.live)
+        in_hand = _drafts_in_hand(strategy, step, made, options)
+        if in_hand and isinstance(strategy, ChoosesWithDrafts):
+            choice = strategy.choose_with_drafts(batch, in_hand)
+        else:
+            choice = strategy.choose(batch)
         chosen: Strategy = (choice.drafter, choice.k) if choice.enabled else (OFF, 0)
-        pending.append((step, chosen, cost(chosen[0], len(step.live), chosen[1]), dict(made)))
+        seconds = cost(chosen[0], batch, chosen[1])
+        pending.append((step, chosen, seconds, dict(made), tuple(in_hand)))
         return chosen
 
     result = replay(traces, cost, choose, lengths_too if dynamic is not None else None)

@@ -38,8 +38,16 @@ from rlhfspec_workers import messages
 from rlhfspec_workers.spec_decode.acceptance import AcceptanceEstimator, BetaPrior
 from rlhfspec_workers.spec_decode.cost_model import CostModel
 from rlhfspec_workers.spec_decode.cost_records import CostTableKey
+from rlhfspec_workers.spec_decode.in_hand import DraftsInHand
 from rlhfspec_workers.spec_decode.phased import PhasedAcceptance, phase_of
-from rlhfspec_workers.spec_decode.selector import AdaptiveSelector, Candidate, evaluate
+from rlhfspec_workers.spec_decode.selector import (
+    AdaptiveSelector,
+    Candidate,
+    ScoredChoice,
+    SelectorInput,
+    evaluate,
+)
+from rlhfspec_workers.spec_decode.selector import choose as choose_best
 
 from .calibration_run import CALIBRATION_BUDGET_SECONDS
 from .cost_cache import (
@@ -230,21 +238,68 @@ class AdaptiveStrategy(SelectorStrategy):
         Local to this worker; the pooled estimates are what workers share."""
         self._seeded: tuple[int, int, int] | None = None
         """(table version, bucket lo, bucket hi) whose entry the selector was last seeded with."""
+        self.in_hand = True
+        """Score model-free drafters on their drafts in hand where they could win
+        (:meth:`drafters_in_hand`); False: on their estimates alone."""
 
     # -- per step ---------------------------------------------------------------------------
+
+    def _candidates(
+        self, batch_size: int, in_hand: Mapping[str, Sequence[int]] | None = None
+    ) -> list[Candidate]:
+        """Each drafter's acceptance in the batch's phase; for the drafters in ``in_hand``,
+        this step's, from the lengths of their drafts in hand (one per row asked)."""
+        phase, k = phase_of(batch_size), self.selector.max_k
+        out = []
+        for name, est in self.estimators.items():
+            phased = PhasedAcceptance(est, self._phase(name, phase))
+            lengths = (in_hand or {}).get(name)
+            if lengths is None:
+                out.append(Candidate(name, phased))
+            else:
+                out.append(Candidate(name, DraftsInHand.of(phased, lengths, batch_size, k)))
+        return out
 
     def choose(self, batch_size: int) -> DraftChoice:
         if batch_size < 1:
             return NO_DRAFT
-        phase = phase_of(batch_size)
-        candidates = [
-            Candidate(name, PhasedAcceptance(est, self._phase(name, phase)))
-            for name, est in self.estimators.items()
-        ]
+        candidates = self._candidates(batch_size)
         if self.table is not None:
             self._seed_from_table(batch_size)
         scored = self.selector.select(batch_size, candidates)
         return scored.strategy if scored.enabled else NO_DRAFT
+
+    def drafters_in_hand(self, batch_size: int, model_free: Sequence[str]) -> list[str]:
+        """The model-free drafters worth drafting for every row before this step's choice
+        (``spec_decode.in_hand``): those that would be chosen if every row had a full draft.
+        Where none could win (a drafter that matches poorly), no lookup is paid for."""
+        if batch_size < 1 or not self.in_hand:
+            return []
+        full = [self.selector.max_k] * batch_size
+        return [
+            name
+            for name in model_free
+            if name in self.estimators
+            and self._best(batch_size, self._candidates(batch_size, {name: full})).drafter == name
+        ]
+
+    def choose_with_drafts(
+        self, batch_size: int, lengths: Mapping[str, Sequence[int]]
+    ) -> DraftChoice:
+        """This step's choice with the drafts of ``lengths``' drafters in hand (their lengths,
+        one per row asked): those drafters are scored on this step's exact fill. Hysteresis is
+        for noisy estimates; a fill in hand is no estimate, so the best choice is taken, and
+        the selector carries it as its current one."""
+        if batch_size < 1:
+            return NO_DRAFT
+        best = self._best(batch_size, self._candidates(batch_size, lengths))
+        self.selector.adopt(best, batch_size)
+        return best.strategy if best.enabled else NO_DRAFT
+
+    def _best(self, batch_size: int, candidates: list[Candidate]) -> ScoredChoice:
+        s = self.selector
+        inp = SelectorInput(batch_size, tuple(candidates), s.max_k, s.cost_model, s.k_values)
+        return choose_best(inp)
 
     def observe(self, feedback: StepFeedback) -> None:
         used = feedback.choice.drafter if feedback.choice.enabled else None

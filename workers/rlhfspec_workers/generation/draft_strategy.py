@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from rlhfspec_workers.spec_decode.acceptance import AcceptanceEstimator, StepStats
 from rlhfspec_workers.spec_decode.cost_records import OFF as OFF  # re-exported
@@ -82,6 +82,23 @@ class DraftStrategy(Protocol):
     def choose(self, batch_size: int) -> DraftChoice: ...
 
     def observe(self, feedback: StepFeedback) -> None: ...
+
+
+@runtime_checkable
+class ChoosesWithDrafts(Protocol):
+    """A strategy that scores model-free drafters on drafts made before it chooses
+    (``spec_decode.in_hand``; ``adaptive.AdaptiveStrategy``)."""
+
+    def drafters_in_hand(self, batch_size: int, model_free: Sequence[str]) -> list[str]:
+        """Which of the ``model_free`` drafters to draft with for every row first."""
+        ...
+
+    def choose_with_drafts(
+        self, batch_size: int, lengths: Mapping[str, Sequence[int]]
+    ) -> DraftChoice:
+        """This step's choice; ``lengths``: per drafter in hand, its draft's length for each
+        row asked (rows with room for a draft, in batch order)."""
+        ...
 
 
 @dataclass

@@ -38,6 +38,7 @@ from rlhfspec_workers.drafters.off import OffDrafter
 from .draft_strategy import (
     NO_DRAFT,
     OFF,
+    ChoosesWithDrafts,
     DraftChoice,
     DraftFill,
     DraftStrategy,
@@ -231,10 +232,42 @@ class AdaptiveProposer:
                 out[name] = DraftFill(tuple(asked), tuple(got))
         return out
 
-    def _draft_on_the_side(self, rows: Sequence[DraftRow], choice: DraftChoice) -> None:
+    def _drafts_in_hand(
+        self, rows: Sequence[DraftRow], batch_size: int
+    ) -> dict[str, list[list[int]]]:
+        """Model-free drafters' longest drafts for every row, made before the strategy chooses
+        where it asks for them (``spec_decode.in_hand``: it scores them on this step's fill)."""
+        strategy = self.strategy
+        if not isinstance(strategy, ChoosesWithDrafts) or not self.side_drafting:
+            return {}
+        model_free = [name for name, d in self.drafters.items() if getattr(d, "model_free", False)]
+        try:
+            names = strategy.drafters_in_hand(batch_size, model_free) if model_free else []
+        except Exception:
+            logger.exception("draft strategy drafters_in_hand() failed; none this step")
+            return {}
+        return {
+            name: cap_drafts(self.drafters[name].propose(rows, self.max_k), rows, self.max_k)
+            for name in names
+            if name in model_free
+        }
+
+    def _draft_on_the_side(
+        self,
+        rows: Sequence[DraftRow],
+        choice: DraftChoice,
+        in_hand: Mapping[str, list[list[int]]] | None = None,
+    ) -> None:
+        """Model-free drafters not chosen draft on the side: on a rotating window of rows, or
+        on every row where their drafts are in hand already (made before the choice)."""
         self.side_drafts = {}
         if not (self.side_drafting and getattr(self.strategy, "wants_side_drafts", False)):
             return
+        for name, drafts in (in_hand or {}).items():
+            if not (choice.enabled and name == choice.drafter):
+                self.side_drafts[name] = {
+                    r.req_id: d for r, d in zip(rows, drafts, strict=True) if r.max_k > 0
+                }
         ready = [r for r in rows if r.max_k > 0]
         if len(ready) > SIDE_DRAFT_ROWS:  # a rotating window: every row is seen in turn
             start = (self.calls * SIDE_DRAFT_ROWS) % len(ready)
@@ -242,14 +275,24 @@ class AdaptiveProposer:
         for name, drafter in self.drafters.items():
             if name == OFF or not getattr(drafter, "model_free", False):
                 continue
-            if choice.enabled and name == choice.drafter:
+            if (choice.enabled and name == choice.drafter) or name in (in_hand or {}):
                 continue
             drafts = cap_drafts(drafter.propose(ready, self.max_k), ready, self.max_k)
             self.side_drafts[name] = {r.req_id: d for r, d in zip(ready, drafts, strict=True)}
 
-    def _choose(self, batch_size: int) -> DraftChoice:
+    def _choose(
+        self,
+        batch_size: int,
+        in_hand: Mapping[str, list[list[int]]] | None = None,
+        rows: Sequence[DraftRow] = (),
+    ) -> DraftChoice:
         try:
-            choice = self.strategy.choose(batch_size)
+            if in_hand and isinstance(self.strategy, ChoosesWithDrafts):
+                asked = [i for i, r in enumerate(rows) if r.max_k > 0]
+                lengths = {name: [len(d[i]) for i in asked] for name, d in in_hand.items()}
+                choice = self.strategy.choose_with_drafts(batch_size, lengths)
+            else:
+                choice = self.strategy.choose(batch_size)
         except Exception:
             logger.exception("draft strategy choose() failed; drafting nothing this step")
             return NO_DRAFT
@@ -302,14 +345,17 @@ class AdaptiveProposer:
             )
 
         batch_size = sum(1 for t in sampled_token_ids if t)
-        choice = self._choose(batch_size)
-        if choice.enabled:
+        in_hand = self._drafts_in_hand(rows, batch_size)
+        choice = self._choose(batch_size, in_hand, rows)
+        if choice.enabled and choice.drafter in in_hand:
+            drafts = cap_drafts(in_hand[choice.drafter], rows, choice.k)
+        elif choice.enabled:
             drafts = cap_drafts(
                 self.drafters[choice.drafter].propose(rows, choice.k), rows, choice.k
             )
         else:
             drafts = [[] for _ in rows]
-        self._draft_on_the_side(rows, choice)
+        self._draft_on_the_side(rows, choice, in_hand)
         self._fill = self._draft_fill(rows, choice, drafts)
         draft_seconds = time.perf_counter() - started
         self._pending = {r.req_id: len(d) for r, d in zip(rows, drafts, strict=True) if d}

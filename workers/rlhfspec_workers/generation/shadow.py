@@ -90,11 +90,14 @@ class LiveReplay:
         history: Mapping[str, Sequence[Sequence[int]]] | None = None,
     ) -> None:
         self.shadow, self.drafters, self.max_k = shadow, list(drafters), max_k
+        self.history = history
         for drafter in self.drafters:
             for group, sequences in (history or {}).items():
                 drafter.add_history(group, sequences)
         self.live: set[str] = set()
         self.responses = {key: shadow.response(key) for key in shadow.latest}
+        self.calls: list[list[tuple[str, int]]] = []
+        """Every call's live sequences and positions: a fork re-feeds them."""
         self.last_drafts: dict[str, list[list[int]]] = {}
         """The last call's draft per live sequence, per drafter."""
 
@@ -103,19 +106,38 @@ class LiveReplay:
         cap = self.shadow.caps[key].get(out, 0)
         return DraftRow(key, tokens[: prompt_len + out], prompt_len, self.shadow.groups[key], cap)
 
-    def __call__(self, live: Live) -> Mapping[str, Sequence[int]]:
-        keys = {seq.key for seq, _ in live}
+    def _feed(self, live: Sequence[tuple[str, int]]) -> list[DraftRow]:
+        """Index what every sequence has reached (finished ones whole) and return the live
+        rows; what ``propose`` does before it looks anything up."""
+        self.calls.append(list(live))
+        keys = {key for key, _ in live}
         ended = sorted(self.live - keys)
         self.live = keys
-        rows = [self._row(seq.key, pos) for seq, pos in live]
+        rows = [self._row(key, pos) for key, pos in live]
         # Sequences that ended: their last tokens are indexed as finished siblings, as the
         # engine would.
         finished = [self._row(k, len(self.responses[k])) for k in ended]
-        matches: dict[str, list[int]] = {}
         for drafter in self.drafters:
             if finished:
                 drafter.observe(finished)
                 drafter.release(ended)
+        return rows
+
+    def fork(self) -> LiveReplay:
+        """A copy in this state (the oracle's lookahead branches the schedule): fresh drafters
+        on the same history, fed every call so far. Drafting is a lookup on what was fed, so
+        feeding alone reproduces the state."""
+        copy = LiveReplay(self.shadow, [d.fresh() for d in self.drafters], self.max_k, self.history)
+        for live in self.calls:
+            rows = copy._feed(live)
+            for drafter in copy.drafters:
+                drafter.observe(rows)
+        return copy
+
+    def __call__(self, live: Live) -> Mapping[str, Sequence[int]]:
+        rows = self._feed([(seq.key, pos) for seq, pos in live])
+        matches: dict[str, list[int]] = {}
+        for drafter in self.drafters:
             drafts = drafter.propose(rows, self.max_k)
             self.last_drafts[drafter.name] = drafts
             matches[drafter.name] = [

@@ -275,17 +275,21 @@ class AcceptanceEstimator:
 
     def expected_draft_tokens(self, k: int) -> float:
         """Mean tokens a row gets proposed when k are asked for (<= k): what verification
-        pays for. Each position's fill is a posterior mean chained from the one before (a
-        row cannot get more than i tokens without more than i - 1), starting from a full
-        draft, so a drafter never seen costs the full k."""
-        total, before = 0.0, 1.0
+        pays for."""
+        return sum(self.fill_rates(k))
+
+    def fill_rates(self, k: int) -> list[float]:
+        """Share of rows asked whose draft has more than i tokens, i = 0..k-1: posterior means
+        chained from the one before (a row cannot get more than i tokens without more than
+        i - 1), starting from a full draft, so a drafter never seen costs the full k."""
+        out, before = [], 1.0
         a = self.prior.strength
         for i in range(k):
             n = self.fill_asked[i] if i < len(self.fill_asked) else 0.0
             g = self.fill_got[i] if i < len(self.fill_got) else 0.0
             before = (a * before + g) / (a + n)
-            total += before
-        return total
+            out.append(before)
+        return out
 
     def forget(self, factor: float) -> None:
         """Scale all evidence by `factor` in [0, 1]; call with e.g. 0.1 right after a weight

@@ -59,3 +59,14 @@ class PhasedAcceptance:
 
     def expected_draft_tokens(self, k: int) -> float:
         return self.pooled.expected_draft_tokens(k)
+
+    def fill_rates(self, k: int) -> list[float]:
+        """The phase's fill, shrunk towards the pooled fill as :meth:`rates` are: the rates
+        here count rows without a draft as rejections, in the phase's own proportion, so
+        ``spec_decode.in_hand`` must divide them by that phase's fill, not the pooled one."""
+        out = []
+        for i, prior in enumerate(self.pooled.fill_rates(k)):
+            n = self.phase.fill_asked[i] if i < len(self.phase.fill_asked) else 0.0
+            g = self.phase.fill_got[i] if i < len(self.phase.fill_got) else 0.0
+            out.append((self.strength * prior + g) / (self.strength + n))
+        return out

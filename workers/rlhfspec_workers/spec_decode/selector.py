@@ -168,19 +168,19 @@ class AdaptiveSelector:
         options = score_all(inp)
         best = options[0]
         if self.current is None or self.anchor_batch is None:
-            return self._adopt(best, batch_size)
+            return self.adopt(best, batch_size)
         ratio = max(batch_size, self.anchor_batch) / min(batch_size, self.anchor_batch)
         if ratio >= self.rebucket_factor:
-            return self._adopt(best, batch_size)
+            return self.adopt(best, batch_size)
         now = next((c for c in options if c.strategy == self.current.strategy), None)
         if now is None:  # drafter withdrawn or k no longer allowed
-            return self._adopt(best, batch_size)
+            return self.adopt(best, batch_size)
         if best.tokens_per_second > now.tokens_per_second * (1.0 + self.margin):
-            return self._adopt(best, batch_size)
+            return self.adopt(best, batch_size)
         self.current = now  # same strategy, refreshed prediction
         return now
 
-    def _adopt(self, choice: ScoredChoice, batch_size: int) -> ScoredChoice:
+    def adopt(self, choice: ScoredChoice, batch_size: int) -> ScoredChoice:
         if self.current is not None and self.current.strategy != choice.strategy:
             self.switches += 1
         self.current = choice

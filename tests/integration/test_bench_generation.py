@@ -112,3 +112,44 @@ def test_quick_generation_benchmark_runs_every_configuration(
     assert flat["oracle_over_off"] > 1.0
     assert flat["ours"]["over_off"] > 0
     assert "projected on flat" in proc.stdout
+
+
+def test_selector_batches_replays_ours_and_both_oracles_over_seeded_batches(
+    tiny_kit: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rlhfspec_workers.benchmarks.cli",
+            "selector-batches",
+            "--quick",
+            "--batches",
+            "2",
+            "--rounds",
+            "1",
+            "--kit",
+            str(tiny_kit),
+            "--calibration-cache",
+            str(tmp_path / "calibration"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((out / "selector-batches.json").read_text())
+    assert doc["batches"] == 2
+    oracle = doc["oracle"]["tokens_per_second"]
+    # The oracle keeps a fixed schedule where it is quicker: never below any fixed one.
+    assert all(oracle >= v - 0.01 for v in doc["replayed_fixed"].values())
+    assert doc["expectation_oracle"]["tokens_per_second"] > 0
+    for row in doc["ours"].values():
+        assert row["tokens_per_second"] > 0 and sum(row["choices"].values()) > 0
+    assert set(doc["ours"]) == {"ours", "ours without drafts in hand"}
+    assert "expectation oracle" in proc.stdout

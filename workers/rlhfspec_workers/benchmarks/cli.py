@@ -23,6 +23,7 @@ SELF_PARSING = {
     "learning": "held-out accuracy: RLHFSpec vs a shuffled-reward control vs TRL's GRPOTrainer",
     "suffix": "our grouped suffix drafter vs Arctic Inference's SuffixDecoding, replayed",
     "chaos": "a tiny job under random SIGKILLs of every role: samples lost and duplicated (0)",
+    "selector-batches": "ours, the oracles and fixed strategies replayed over many seeded batches",
     "draft-refresh": "GRPO with the draft model refreshed vs frozen vs no speculation",
 }
 

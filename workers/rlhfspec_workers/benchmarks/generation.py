@@ -239,13 +239,15 @@ class Bench:
         for name in ("bandit", "ours"):
             self.run_config(name, -1)  # learned strategies: one unmeasured warm-up iteration
 
-    def shadow_run(self, iteration: int) -> None:
+    def shadow_run(self, iteration: int, round_index: int = -1) -> None:
+        """The plain-decoding pass with shadow drafting; ``round_index`` (negative: not a
+        measured round) picks the batch's seeds."""
         engine = self.engines["proposer"]
         assert engine.proposer is not None
         shadow = ShadowDrafts() if self.settings.hindsight else None
         engine.proposer.shadow = shadow
         try:
-            self.run_config("k0", -1, iteration)
+            self.run_config("k0", round_index, iteration)
         finally:
             engine.proposer.shadow = None
         suffix = engine.drafters.get("suffix")

@@ -196,7 +196,7 @@ def step_feedback(
 
 def step_record(index: int, feedback: StepFeedback, strategy: Strategy) -> StepRecord:
     """The engine's record of a replayed step, for the strategy's cost learner
-    (``adaptive.CostLearner``): B rows verified the step's drafts, and the step took what the
+    (``cost_learner.CostLearner``): B rows verified the step's drafts, and the step took what the
     replay charged for drafting and verifying them (so the record's next drafting is the
     same strategy's, which the learner takes off the step at the table's price)."""
     drafter, k = strategy

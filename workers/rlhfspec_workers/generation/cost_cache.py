@@ -4,7 +4,7 @@ Place in the flow: ``cost_table.calibrated_cost_model`` looks up the table of th
 ``CostTableKey`` (:func:`cost_table_key`: the policy model's config, weight sizes, dtype and
 drafters, plus the accelerator or CPU) in the cache directory (:func:`default_cache_dir`),
 ``calibration_run.calibrate_engine`` stamps a fresh table with the same key, and
-``adaptive.CostLearner`` writes the refined table back (:func:`store_cost_model`, atomic, so
+``cost_learner.CostLearner`` writes the refined table back (:func:`store_cost_model`, atomic, so
 concurrent workers never read half a file).
 """
 

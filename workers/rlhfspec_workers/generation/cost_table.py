@@ -7,7 +7,7 @@ k; the cache: ``cost_cache``), else runs ``calibrate.py``'s probes on the runnin
 within a time budget (``calibration_run.calibrate_engine``, :data:`CALIBRATION_BUDGET_SECONDS`)
 and builds ``spec_decode.CostModel``; what the budget did not reach is fitted and marked in the
 table's plan, so a later worker continues measuring it instead of starting over. While the job
-runs, ``adaptive.CostLearner`` feeds real steps into the table and writes it back to the cache
+runs, ``cost_learner.CostLearner`` feeds real steps into the table and writes it back to the cache
 (``cost_cache.store_cost_model``). The table's entries are whole engine steps: the selector
 compares complete steps of each strategy, the proposer's own bookkeeping included.
 """

@@ -11,7 +11,7 @@ What runs where:
    `DrafterCost`), fits a monotone `CostModel` (cells the budget did not reach are fitted:
    `cost_surface`) and caches it as JSON under a `CostTableKey` (model id + hardware id;
    ``generation.cost_cache``). Real engine steps keep refining it
-   (``generation.adaptive.CostLearner`` -> `CostModel.observe_verify`, per grid cell in
+   (``generation.cost_learner.CostLearner`` -> `CostModel.observe_verify`, per grid cell in
    `cost_online`). `synthetic_cost` samples a roofline formula into a `CostModel`: the
    uncalibrated fallback (``generation.cost_table``), the reallocation simulator and tests.
 2. Acceptance (`acceptance`). In the worker, the proposer learns per-position acceptance from

@@ -38,7 +38,7 @@ from rlhfspec_workers.spec_decode.hindsight import (
 )
 from rlhfspec_workers.torch_models import load_causal_lm
 
-from .hindsight_oracle import IterationTraces, ratio_of
+from .hindsight_oracle import IterationTraces, choice_counts, ratio_of, tokens_per_second_of
 
 Item = tuple[tuple[int, ...], tuple[int, ...]]
 """(context tokens, draft tokens)."""
@@ -93,6 +93,12 @@ def _length(item: Item) -> int:
     return len(item[0]) + len(item[1])
 
 
+def _context(shadow: ShadowDrafts, key: str, position: int) -> tuple[int, ...]:
+    """The prompt and the first ``position`` response tokens of ``key`` in the shadow run."""
+    tokens, prompt_len = shadow.latest[key]
+    return tuple(int(t) for t in tokens[: prompt_len + position])
+
+
 class ExpectedDrafts:
     """A ``hindsight.Expected`` for one replay: static drafters' drafts from the shadow run,
     history-keeping drafters' from the live replay's last call (made for this very step)."""
@@ -107,10 +113,6 @@ class ExpectedDrafts:
         self.shadow, self.live, self.drafters = shadow, live, tuple(drafters)
         self.probabilities = probabilities
 
-    def _context(self, key: str, position: int) -> tuple[int, ...]:
-        tokens, prompt_len = self.shadow.latest[key]
-        return tuple(int(t) for t in tokens[: prompt_len + position])
-
     def __call__(self, step: Step) -> Mapping[str, Sequence[Sequence[float]]]:
         dynamic = self.live.last_drafts if self.live is not None else {}
         items: list[Item] = []
@@ -120,7 +122,7 @@ class ExpectedDrafts:
                     draft = dynamic[drafter][i]
                 else:
                     draft = self.shadow.proposals[seq.key].get(pos, {}).get(drafter, [])
-                items.append((self._context(seq.key, pos), tuple(draft)))
+                items.append((_context(self.shadow, seq.key, pos), tuple(draft)))
         curves = self.probabilities.expected(items)
         n = len(step.live)
         return {d: curves[j * n : (j + 1) * n] for j, d in enumerate(self.drafters)}
@@ -139,13 +141,11 @@ def calibration(
         for shadow in shadows:
             for key, by_position in shadow.proposals.items():
                 response = shadow.response(key)
-                tokens, prompt_len = shadow.latest[key]
                 for pos, drafts in by_position.items():
                     draft = drafts.get(drafter, [])
                     if not draft or len(response) - pos < len(draft):
                         continue
-                    ctx = tuple(int(t) for t in tokens[: prompt_len + pos])
-                    items.append((ctx, tuple(draft)))
+                    items.append((_context(shadow, key, pos), tuple(draft)))
                     realized.append(int(draft[0] == response[pos]))
         if not items:
             continue
@@ -180,13 +180,7 @@ def expectation_report(
         live_replay = live if isinstance(live, LiveReplay) else None
         expected = ExpectedDrafts(shadow, live_replay, drafters, probabilities)
         replays.append(replay_expected_oracle(it.traces, cost, strategies, expected, live))
-    tokens = sum(r.tokens for r in replays)
-    seconds = sum(r.seconds for r in replays)
-    tps = tokens / seconds if seconds > 0 else 0.0
-    choices: dict[str, int] = {}
-    for r in replays:
-        for (d, k), n in r.choices.items():
-            choices[f"{d}:{k}"] = choices.get(f"{d}:{k}", 0) + n
+    tps = tokens_per_second_of(replays)
     ours = oracle.get("ours_replayed") or {}
     fixed = {n: v for n, v in oracle["replayed"].items() if n.startswith("fixed:")}
     best = max(fixed.values(), default=None)
@@ -200,7 +194,7 @@ def expectation_report(
             {"iteration": i, "tokens_per_second": round(r.tokens_per_second, 2)}
             for i, r in enumerate(replays)
         ],
-        "choices": dict(sorted(choices.items(), key=lambda kv: -kv[1])),
+        "choices": choice_counts(replays),
         "calibration": calibration(shadows, drafters, probabilities),
         "forwards": probabilities.forwards,
     }

@@ -102,8 +102,10 @@ def measured_cost(
     return step_cost_table(records, fallback)
 
 
-def _total(replays: Sequence[Replay]) -> tuple[int, float]:
-    return sum(r.tokens for r in replays), sum(r.seconds for r in replays)
+def tokens_per_second_of(replays: Sequence[Replay]) -> float:
+    """Tokens per replayed second over several replays together (0.0 for none)."""
+    seconds = sum(r.seconds for r in replays)
+    return sum(r.tokens for r in replays) / seconds if seconds > 0 else 0.0
 
 
 def oracle_report(
@@ -130,21 +132,18 @@ def oracle_report(
             fixed[name].append(replay_fixed(it.traces, cost, strategy, it.dynamic()))
         own = replay_oracle(it.traces, cost, strategies, it.dynamic())
         quickest = min((r[-1] for r in fixed.values()), key=lambda r: r.seconds)
-        fixed_won += quickest.seconds < own.seconds
-        oracle.append(quickest if quickest.seconds < own.seconds else own)
+        kept = quickest if quickest.seconds < own.seconds else own
+        fixed_won += kept is quickest
+        oracle.append(kept)
 
-    def tps(replays: Sequence[Replay]) -> float:
-        tokens, seconds = _total(replays)
-        return tokens / seconds if seconds > 0 else 0.0
-
-    replayed = {name: tps(r) for name, r in fixed.items()}
+    replayed = {name: tokens_per_second_of(r) for name, r in fixed.items()}
     agreement = {
         name: round(measured[name] / value, 3)
         for name, value in replayed.items()
         if value > 0 and measured.get(name, 0) > 0
     }
     scale = statistics.median(agreement.values()) if agreement else 1.0
-    oracle_tps = tps(oracle)
+    oracle_tps = tokens_per_second_of(oracle)
     best_fixed = max(
         (n for n in measured if n.startswith("fixed:")), key=lambda n: measured[n], default=None
     )
@@ -167,7 +166,7 @@ def oracle_report(
         "scale": round(scale, 3),
         "measured_over_replayed": agreement,
         "replayed": {n: round(v, 2) for n, v in replayed.items()},
-        "choices": _choices(oracle),
+        "choices": choice_counts(oracle),
         "iterations": per_iteration,
         "best_fixed": best_fixed,
         "fixed_won": fixed_won,
@@ -268,7 +267,8 @@ def cost_fit(cost: MeasuredCost, min_steps: int = 3) -> dict[str, dict[int, list
     return out
 
 
-def _choices(replays: Sequence[Replay]) -> dict[str, int]:
+def choice_counts(replays: Sequence[Replay]) -> dict[str, int]:
+    """How often each strategy was chosen over the replays, most chosen first."""
     total: dict[str, int] = {}
     for r in replays:
         for (d, k), n in r.choices.items():

@@ -31,7 +31,7 @@ from rlhfspec_workers.generation.adaptive import AdaptiveStrategy
 
 from .expectation_oracle import DraftProbabilities, expectation_report
 from .generation import Bench
-from .hindsight_oracle import measured_cost, oracle_report, ratio_of
+from .hindsight_oracle import measured_cost, oracle_report, ours_versus_replays, ratio_of
 from .selector_replay import replay_rounds
 from .workload import Settings
 
@@ -60,31 +60,22 @@ def replay_report(bench: Bench, rounds: int) -> dict[str, Any]:
     strategies = [(d, k) for d in s.drafters for k in s.ks]
     report = oracle_report(bench.shadows, cost, strategies, {})
     oracle, off = report["replayed_tokens_per_second"], report["replayed"]["k0"]
-    fixed = {n: v for n, v in report["replayed"].items() if n.startswith("fixed:")}
-    best = max(fixed, key=lambda n: fixed[n])
     ours: dict[str, Any] = {}
     for name, in_hand in (("ours", True), ("ours without drafts in hand", False)):
         strategy = bench.fresh_ours(bench.cost_model)
         if isinstance(strategy, AdaptiveStrategy):
             strategy.in_hand = in_hand
         run = replay_rounds(bench.shadows, cost, strategy, bench.replay_options, rounds=rounds)
-        tps = float(run["tokens_per_second"])
-        ours[name] = {
-            "tokens_per_second": tps,
-            "rounds": run["rounds"],
-            "over_oracle": ratio_of(tps, oracle),
-            "over_best_fixed": ratio_of(tps, fixed[best]),
-            "over_off": ratio_of(tps, off),
-            "choices": run["choices"],
-        }
+        ours[name] = ours_versus_replays(run, report)
     report["ours_replayed"] = ours["ours"]
+    best = ours["ours"]["best_fixed"]
     scorer = DraftProbabilities(bench.scorer, s.temperature)
     expectation = expectation_report(bench.shadows, cost, strategies, scorer, report)
     return {
         "batches": len(bench.shadows),
         "oracle": {"tokens_per_second": oracle, "over_off": ratio_of(oracle, off)},
         "expectation_oracle": expectation,
-        "best_fixed": {"name": best, "tokens_per_second": fixed[best]},
+        "best_fixed": {"name": best, "tokens_per_second": report["replayed"][best]},
         "off": off,
         "ours": ours,
         "replayed_fixed": report["replayed"],

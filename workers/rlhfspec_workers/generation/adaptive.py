@@ -159,26 +159,34 @@ class AdaptiveStrategy(SelectorStrategy):
 
     # -- per step ---------------------------------------------------------------------------
 
+    def _phased(self, batch_size: int) -> dict[str, PhasedAcceptance]:
+        """Each drafter's acceptance in the batch's phase."""
+        phase = phase_of(batch_size)
+        return {
+            name: PhasedAcceptance(est, self._phase(name, phase))
+            for name, est in self.estimators.items()
+        }
+
     def _candidates(
-        self, batch_size: int, in_hand: Mapping[str, Sequence[int]] | None = None
+        self,
+        batch_size: int,
+        phased: Mapping[str, PhasedAcceptance],
+        in_hand: Mapping[str, Sequence[int]] | None = None,
     ) -> list[Candidate]:
-        """Each drafter's acceptance in the batch's phase; for the drafters in ``in_hand``,
-        this step's, from the lengths of their drafts in hand (one per row asked)."""
-        phase, k = phase_of(batch_size), self.selector.max_k
-        out = []
-        for name, est in self.estimators.items():
-            phased = PhasedAcceptance(est, self._phase(name, phase))
-            lengths = (in_hand or {}).get(name)
-            if lengths is None:
-                out.append(Candidate(name, phased))
-            else:
-                out.append(Candidate(name, DraftsInHand.of(phased, lengths, batch_size, k)))
-        return out
+        """``phased`` as candidates; for the drafters in ``in_hand``, this step's acceptance,
+        from the lengths of their drafts in hand (one per row asked)."""
+        k, hand = self.selector.max_k, in_hand or {}
+        return [
+            Candidate(
+                name, DraftsInHand.of(acc, hand[name], batch_size, k) if name in hand else acc
+            )
+            for name, acc in phased.items()
+        ]
 
     def choose(self, batch_size: int) -> DraftChoice:
         if batch_size < 1:
             return NO_DRAFT
-        candidates = self._candidates(batch_size)
+        candidates = self._candidates(batch_size, self._phased(batch_size))
         if self.table is not None:
             self._seed_from_table(batch_size)
         scored = self.selector.select(batch_size, candidates)
@@ -190,13 +198,15 @@ class AdaptiveStrategy(SelectorStrategy):
         Where none could win (a drafter that matches poorly), no lookup is paid for."""
         if batch_size < 1 or not self.in_hand:
             return []
+        phased = self._phased(batch_size)
         full = [self.selector.max_k] * batch_size
-        return [
-            name
-            for name in model_free
-            if name in self.estimators
-            and self._best(batch_size, self._candidates(batch_size, {name: full})).drafter == name
-        ]
+        worth = []
+        for name in model_free:
+            if name in phased:
+                best = self._best(batch_size, self._candidates(batch_size, phased, {name: full}))
+                if best.drafter == name:
+                    worth.append(name)
+        return worth
 
     def choose_with_drafts(
         self, batch_size: int, lengths: Mapping[str, Sequence[int]]
@@ -207,7 +217,9 @@ class AdaptiveStrategy(SelectorStrategy):
         the selector carries it as its current one."""
         if batch_size < 1:
             return NO_DRAFT
-        best = self._best(batch_size, self._candidates(batch_size, lengths))
+        best = self._best(
+            batch_size, self._candidates(batch_size, self._phased(batch_size), lengths)
+        )
         self.selector.adopt(best, batch_size)
         return best.strategy if best.enabled else NO_DRAFT
 

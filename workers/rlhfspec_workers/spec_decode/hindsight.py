@@ -178,6 +178,11 @@ def replay_fixed(
     return replay(traces, cost, lambda step: strategy, dynamic)
 
 
+def _pool(strategies: Sequence[Strategy]) -> list[Strategy]:
+    """Plain decoding and every drafting strategy: what an oracle chooses from."""
+    return [(OFF, 0), *[s for s in strategies if s[0] != OFF and s[1] > 0]]
+
+
 def replay_oracle(
     traces: Iterable[SequenceTrace],
     cost: StepCost,
@@ -189,7 +194,7 @@ def replay_oracle(
     """Per step, the strategy with the most tokens per second given the real acceptance; at
     or below ``lookahead_batch`` live sequences (0: never), the one whose greedy completion
     finishes the batch soonest (the greedy choice first, so ties keep it)."""
-    pool = [(OFF, 0), *[s for s in strategies if s[0] != OFF and s[1] > 0]]
+    pool = _pool(strategies)
 
     def greedy(step: Step) -> Strategy:
         batch = len(step.live)
@@ -238,7 +243,7 @@ def replay_expected_oracle(
     knows which way each draw went, which no selector can. The ratio of the two is the ceiling
     of "ours vs the oracle". ``expected`` is called after ``dynamic`` in each step (it may
     read the drafts the live replay just made)."""
-    pool = [(OFF, 0), *[s for s in strategies if s[0] != OFF and s[1] > 0]]
+    pool = _pool(strategies)
 
     def best(step: Step) -> Strategy:
         batch = len(step.live)

@@ -13,9 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+from replay_helpers import linear_cost
 from rlhfspec_workers.benchmarks.expectation_oracle import (
     DraftProbabilities,
     ExpectedDrafts,
+    PooledExpectation,
+    PooledMeans,
     calibration,
 )
 from rlhfspec_workers.drafters.base import DraftRow
@@ -28,10 +31,6 @@ from rlhfspec_workers.spec_decode.hindsight import (
     replay_fixed,
     replay_oracle,
 )
-
-
-def linear_cost(drafter: str, batch: int, k: int) -> float:
-    return 0.01 + 0.001 * batch * (1 + (k if drafter != OFF else 0))
 
 
 def bursty_traces(seed: int) -> list[SequenceTrace]:
@@ -91,6 +90,56 @@ def test_nothing_expected_means_plain_decoding() -> None:
         seqs, linear_cost, STRATEGIES, lambda step: {"ngram": [[0.0]] * len(step.live)}
     )
     assert set(nothing.choices) == {(OFF, 0)}
+
+
+def test_pooled_means_are_each_positions_mean_over_the_rows_answered() -> None:
+    pooled = PooledMeans()
+    answer = pooled.recording(lambda step: {"suffix": [[0.0, 0.5, 0.75], [0.0, 1.0], [0.0]]})
+    step = Step(live=(), dynamic={})
+    assert answer(step) == {"suffix": [[0.0, 0.5, 0.75], [0.0, 1.0], [0.0]]}  # passed through
+    answer(step)
+    # Position 1: rows 1 and 2 (0.5 and 1.0); position 2: row 1 alone (0.75 - 0.5).
+    assert pooled.means() == {"suffix": pytest.approx((0.75, 0.25))}
+    curves = PooledExpectation(
+        lambda step: {"suffix": [[0.0, 0.0, 0.0], [0.0, 1.0]]}, pooled.means()
+    )
+    assert curves(step) == {"suffix": [pytest.approx((0.0, 0.75, 1.0)), pytest.approx((0.0, 0.75))]}
+
+
+def two_halves() -> list[SequenceTrace]:
+    """n-gram drafts match 4 tokens in each sequence's first half and nothing after; suffix
+    drafts match 1 token everywhere."""
+    return [
+        SequenceTrace(f"h{i}", 1, 41, {"ngram": [4] * 20 + [0] * 20, "suffix": [1] * 40})
+        for i in range(10)
+    ]
+
+
+def test_pooling_a_drafter_loses_its_step_to_step_knowledge() -> None:
+    seqs = two_halves()
+    pooled = PooledMeans()
+    full = replay_expected_oracle(seqs, linear_cost, STRATEGIES, pooled.recording(realized_curves))
+    greedy = replay_oracle(seqs, linear_cost, STRATEGIES, lookahead_batch=0)
+    assert full.seconds == pytest.approx(greedy.seconds)  # recording changes nothing
+    means = pooled.means()
+    assert means["suffix"][:2] == pytest.approx((1.0, 0.0))
+    # Knowing n-gram's acceptance step by step, the oracle drafts 4 n-gram tokens in the
+    # first halves and 1 suffix token after. Pooled, n-gram looks half as good everywhere
+    # and loses to suffix:1 throughout (linear_cost: 30 tokens / 0.06 s < 20 / 0.03 s).
+    assert ("ngram", 4) in full.choices
+    no_ngram = replay_expected_oracle(
+        seqs, linear_cost, STRATEGIES, PooledExpectation(realized_curves, {"ngram": means["ngram"]})
+    )
+    assert set(no_ngram.choices) == {("suffix", 1)}
+    assert no_ngram.tokens_per_second < full.tokens_per_second
+    # Suffix drafts get the same at every step: pooling it changes nothing.
+    no_suffix = replay_expected_oracle(
+        seqs,
+        linear_cost,
+        STRATEGIES,
+        PooledExpectation(realized_curves, {"suffix": means["suffix"]}),
+    )
+    assert no_suffix.choices == full.choices
 
 
 @pytest.fixture(scope="module")

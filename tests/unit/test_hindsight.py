@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from replay_helpers import linear_cost
 from rlhfspec_workers.benchmarks.hindsight_oracle import (
     IterationTraces,
     measured_cost,
@@ -20,11 +21,6 @@ from rlhfspec_workers.spec_decode.hindsight import (
     replay_oracle,
     step_cost_table,
 )
-
-
-def linear_cost(drafter: str, batch: int, k: int) -> float:
-    """A verification step costs more with more tokens in it (batch x (1 + k))."""
-    return 0.01 + 0.001 * batch * (1 + (k if drafter != OFF else 0))
 
 
 def trace(key: str, length: int, matches: dict[str, list[int]], start: int = 1) -> SequenceTrace:

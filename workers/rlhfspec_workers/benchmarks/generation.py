@@ -40,9 +40,8 @@ import copy
 import dataclasses
 import json
 import random
-import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,11 +66,10 @@ from rlhfspec_workers.generation.shadow import ShadowDrafts
 from rlhfspec_workers.spec_decode.bandit import BanditSelector, strategy_set
 from rlhfspec_workers.spec_decode.cost_model import CostModel
 from rlhfspec_workers.spec_decode.draft_choice import BatchRange
-from rlhfspec_workers.spec_decode.hindsight import StepCost
 
-from .hindsight_oracle import IterationTraces, add_oracle, iteration_traces
-from .projection import projections
-from .selector_replay import ReplayOptions, ours_replayer
+from .generation_document import document, medians
+from .hindsight_oracle import IterationTraces, iteration_traces
+from .selector_replay import ReplayOptions
 from .strategies import BanditStrategy, Profile, hand_tuned_schedule, oracle_schedule
 from .workload import (
     RunResult,
@@ -369,82 +367,10 @@ class Bench:
     # -- results ----------------------------------------------------------------------------
 
     def medians(self, *, cpu: bool = False, iteration: int | None = None) -> dict[str, float]:
-        """Per configuration, the median over rounds of its tokens per second (a round's
-        iterations taken together, or only ``iteration``)."""
-        per_round: dict[tuple[str, int], list[float]] = {}
-        for r in self.results:
-            if iteration is not None and r.iteration != iteration:
-                continue
-            cell = per_round.setdefault((r.config, r.round), [0.0, 0.0])
-            cell[0] += r.tokens
-            cell[1] += r.cpu_seconds if cpu else r.seconds
-        by: dict[str, list[float]] = {}
-        for (config, _), (tokens, seconds) in per_round.items():
-            by.setdefault(config, []).append(tokens / seconds if seconds > 0 else 0.0)
-        return {name: statistics.median(v) for name, v in by.items()}
-
-    def representative(self, name: str) -> RunResult | None:
-        """The run whose throughput is the config's median (for plots)."""
-        runs = sorted(
-            (r for r in self.results if r.config == name), key=lambda r: r.tokens_per_second
-        )
-        return runs[len(runs) // 2] if runs else None
-
-    def _expectation(
-        self, strategies: list[tuple[str, int]]
-    ) -> Callable[[StepCost, Mapping[str, Any]], dict[str, Any]]:
-        from .expectation_oracle import DraftProbabilities, expectation_report
-
-        def report(cost: StepCost, oracle: Mapping[str, Any]) -> dict[str, Any]:
-            scorer = DraftProbabilities(self.scorer, self.settings.temperature)
-            return expectation_report(self.shadows, cost, strategies, scorer, oracle)
-
-        return report
+        return medians(self.results, cpu=cpu, iteration=iteration)
 
     def to_json(self) -> dict[str, Any]:
-        from .report import ratios, trace
-
-        medians, cpu = self.medians(), self.medians(cpu=True)
-        by_iteration = [self.medians(iteration=i) for i in range(self.settings.iterations)]
-        doc: dict[str, Any] = dict(self.meta)
-        doc["target"] = str(self.target)
-        if self.shadows:
-            s = self.settings
-            runs = [*self.profile_runs, *((r.config, r.steps) for r in self.results)]
-            strategies = [(d, k) for d in s.drafters for k in s.ks]
-            here = self.cost_model
-            ours = ours_replayer(
-                lambda: self.fresh_ours(here), self.shadows, self.replay_options, s.repeats
-            )
-            doc["oracle"] = add_oracle(
-                self.shadows, runs, here.step_seconds, strategies, medians, cpu, by_iteration,
-                ours, self._expectation(strategies) if s.expectation_oracle else None,
-            )  # fmt: skip
-            if s.cost_grid is not None:
-                doc["projections"] = projections(
-                    s.cost_grid, self.shadows, here, strategies, self.fresh_ours,
-                    self.replay_options, s.repeats,
-                )  # fmt: skip
-        doc["configs"] = {
-            name: {
-                "median_tokens_per_second": round(medians[name], 2),
-                "median_tokens_per_cpu_second": round(cpu.get(name, 0.0), 2),
-                "iterations": [round(m.get(name, 0.0), 2) for m in by_iteration],
-                "runs": [r.summary() for r in self.results if r.config == name],
-            }
-            for name in medians
-        }
-        doc["ratios"] = ratios(medians)
-        doc["ratios_cpu"] = ratios(cpu)
-        doc["iterations"] = [
-            {"iteration": i, "ratios": ratios(m)} for i, m in enumerate(by_iteration)
-        ]
-        doc["traces"] = {}
-        for name in ("ours", "bucket-oracle", "bandit", "off", doc["ratios"]["best_fixed"]):
-            run = self.representative(name) if name else None
-            if run is not None:
-                doc["traces"][name] = trace(run.steps)
-        return doc
+        return document(self)
 
 
 def run_benchmark(

@@ -1,0 +1,128 @@
+"""The generation benchmark's JSON document, built from a finished run.
+
+Where it sits: ``benchmarks.generation.Bench`` runs the profile pass and the measured rounds,
+then ``Bench.to_json`` calls :func:`document`; ``benchmarks.report`` prints and plots the
+document, and scripts read it (``configs.<name>.median_tokens_per_second``, ``ratios``,
+``oracle``, ``iterations``, ``traces``).
+
+What it adds to the measured runs: per configuration the median over rounds of tokens per
+wall and CPU second (overall and per iteration), the ratios against ours, and, when the
+bench kept shadow runs, the true hindsight oracle, ours and every fixed configuration
+replayed on the same batches (``hindsight_oracle.add_oracle``), the expectation oracle
+(``expectation_oracle``) and the projections onto another machine's cost grid
+(``projection``).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from rlhfspec_workers.spec_decode.hindsight import StepCost
+
+from .hindsight_oracle import add_oracle
+from .projection import projections
+from .selector_replay import ours_replayer
+from .workload import RunResult
+
+if TYPE_CHECKING:
+    from .generation import Bench
+
+
+def medians(
+    results: Sequence[RunResult], *, cpu: bool = False, iteration: int | None = None
+) -> dict[str, float]:
+    """Per configuration, the median over rounds of its tokens per second (a round's
+    iterations taken together, or only ``iteration``)."""
+    per_round: dict[tuple[str, int], list[float]] = {}
+    for r in results:
+        if iteration is not None and r.iteration != iteration:
+            continue
+        cell = per_round.setdefault((r.config, r.round), [0.0, 0.0])
+        cell[0] += r.tokens
+        cell[1] += r.cpu_seconds if cpu else r.seconds
+    by: dict[str, list[float]] = {}
+    for (config, _), (tokens, seconds) in per_round.items():
+        by.setdefault(config, []).append(tokens / seconds if seconds > 0 else 0.0)
+    return {name: statistics.median(v) for name, v in by.items()}
+
+
+def representative(results: Sequence[RunResult], name: str) -> RunResult | None:
+    """The run whose throughput is the config's median (for plots)."""
+    runs = sorted((r for r in results if r.config == name), key=lambda r: r.tokens_per_second)
+    return runs[len(runs) // 2] if runs else None
+
+
+def _expectation(
+    bench: Bench, strategies: list[tuple[str, int]]
+) -> Callable[[StepCost, Mapping[str, Any]], dict[str, Any]]:
+    """The expectation oracle's report, run once the true oracle's is ready."""
+    from .expectation_oracle import DraftProbabilities, expectation_report
+
+    def report(cost: StepCost, oracle: Mapping[str, Any]) -> dict[str, Any]:
+        scorer = DraftProbabilities(bench.scorer, bench.settings.temperature)
+        return expectation_report(bench.shadows, cost, strategies, scorer, oracle)
+
+    return report
+
+
+def _replays(
+    bench: Bench,
+    measured: dict[str, float],
+    cpu: dict[str, float],
+    by_iteration: Sequence[dict[str, float]],
+) -> dict[str, Any]:
+    """The oracle's document (and the projections) from the bench's shadow runs. The oracle's
+    measured-currency figure joins ``measured``, ``cpu`` and ``by_iteration`` (the
+    configurations' table)."""
+    s = bench.settings
+    runs = [*bench.profile_runs, *((r.config, r.steps) for r in bench.results)]
+    strategies = [(d, k) for d in s.drafters for k in s.ks]
+    here = bench.cost_model
+    ours = ours_replayer(
+        lambda: bench.fresh_ours(here), bench.shadows, bench.replay_options, s.repeats
+    )
+    expectation = _expectation(bench, strategies) if s.expectation_oracle else None
+    oracle = add_oracle(
+        bench.shadows, runs, here.step_seconds, strategies, measured, cpu, by_iteration,
+        ours, expectation,
+    )  # fmt: skip
+    out: dict[str, Any] = {"oracle": oracle}
+    if s.cost_grid is not None:
+        out["projections"] = projections(
+            s.cost_grid, bench.shadows, here, strategies, bench.fresh_ours,
+            bench.replay_options, s.repeats,
+        )  # fmt: skip
+    return out
+
+
+def document(bench: Bench) -> dict[str, Any]:
+    """The JSON document of a bench whose measured rounds have run."""
+    from .report import ratios, trace
+
+    results = bench.results
+    measured, cpu = medians(results), medians(results, cpu=True)
+    by_iteration = [medians(results, iteration=i) for i in range(bench.settings.iterations)]
+    doc: dict[str, Any] = dict(bench.meta)
+    doc["target"] = str(bench.target)
+    if bench.shadows:
+        doc.update(_replays(bench, measured, cpu, by_iteration))
+    doc["configs"] = {
+        name: {
+            "median_tokens_per_second": round(measured[name], 2),
+            "median_tokens_per_cpu_second": round(cpu.get(name, 0.0), 2),
+            "iterations": [round(m.get(name, 0.0), 2) for m in by_iteration],
+            "runs": [r.summary() for r in results if r.config == name],
+        }
+        for name in measured
+    }
+    doc["ratios"] = ratios(measured)
+    doc["ratios_cpu"] = ratios(cpu)
+    doc["iterations"] = [{"iteration": i, "ratios": ratios(m)} for i, m in enumerate(by_iteration)]
+    doc["traces"] = {}
+    for name in ("ours", "bucket-oracle", "bandit", "off", doc["ratios"]["best_fixed"]):
+        run = representative(results, name) if name else None
+        if run is not None:
+            doc["traces"][name] = trace(run.steps)
+    return doc

@@ -107,6 +107,14 @@ def test_quick_generation_benchmark_runs_every_configuration(
         )
     assert "draft_model" in expectation["calibration"]
     assert "expectation oracle" in proc.stdout
+    # What each drafter's per-step acceptance is worth: one arm per drafter known alone, one
+    # with all pooled, and the expectation oracle itself as "all".
+    drafters = {n.split(":")[1] for n in doc["configs"] if n.startswith("fixed:")}
+    known = expectation["knowledge"]
+    assert set(known) == {"none", "all", *(f"only:{d}" for d in drafters)}
+    assert known["all"]["tokens_per_second"] == expectation["tokens_per_second"]
+    assert all(row["tokens_per_second"] > 0 for row in known.values())
+    assert "per-step acceptance known for" in proc.stdout
     # ...and on the other machine's grid, where drafting pays more than here.
     flat = doc["projections"]["models"]["flat"]
     assert flat["oracle_over_off"] > 1.0
@@ -153,3 +161,5 @@ def test_selector_batches_replays_ours_and_both_oracles_over_seeded_batches(
         assert row["tokens_per_second"] > 0 and sum(row["choices"].values()) > 0
     assert set(doc["ours"]) == {"ours", "ours without drafts in hand"}
     assert "expectation oracle" in proc.stdout
+    assert doc["expectation_oracle"]["knowledge"]["none"]["tokens_per_second"] > 0
+    assert "per-step acceptance known only for" in proc.stdout

@@ -91,6 +91,11 @@ def summary(doc: dict[str, Any]) -> list[str]:
         f"  {doc['oracle']['over_off']}x off",
         f"  expectation oracle   {doc['expectation_oracle']['tokens_per_second']:7.1f}"
         f"  {doc['expectation_oracle']['over_oracle']}x the true oracle (ours' ceiling)",
+        "  expectation oracle, per-step acceptance known only for (the rest pooled): "
+        + ", ".join(
+            f"{arm} {row['over_oracle']}x"
+            for arm, row in doc["expectation_oracle"].get("knowledge", {}).items()
+        ),
         f"  best fixed           {best['tokens_per_second']:7.1f}  ({best['name']})",
         f"  off                  {doc['off']:7.1f}",
     ]

@@ -30,6 +30,7 @@ acceptance step by step is worth, so the signal worth predicting.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -315,19 +316,9 @@ def knowledge(
             arms[f"only:{known}"] = tuple(d for d in drafters if d != known)
     out: dict[str, float] = {}
     for arm, pooled in arms.items():
-        pool = PooledPartial({d: means[d] for d in pooled})
-        out[arm] = tokens_per_second_of(_replays(iterations, cost, strategies, probabilities, pool))
+        wrap = functools.partial(PooledExpectation, pooled={d: means[d] for d in pooled})
+        out[arm] = tokens_per_second_of(_replays(iterations, cost, strategies, probabilities, wrap))
     return out
-
-
-class PooledPartial:
-    """Wraps an ``Expected`` in a :class:`PooledExpectation` with fixed means."""
-
-    def __init__(self, means: Mapping[str, Sequence[float]]) -> None:
-        self.means = means
-
-    def __call__(self, expected: Expected) -> Expected:
-        return PooledExpectation(expected, self.means)
 
 
 def summary(doc: Mapping[str, Any]) -> list[str]:

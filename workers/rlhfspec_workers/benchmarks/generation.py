@@ -67,7 +67,7 @@ from rlhfspec_workers.spec_decode.bandit import BanditSelector, strategy_set
 from rlhfspec_workers.spec_decode.cost_model import CostModel
 from rlhfspec_workers.spec_decode.draft_choice import BatchRange
 
-from .generation_document import document, medians
+from .generation_document import document
 from .hindsight_oracle import IterationTraces, iteration_traces
 from .selector_replay import ReplayOptions
 from .strategies import BanditStrategy, Profile, hand_tuned_schedule, oracle_schedule
@@ -366,10 +366,8 @@ class Bench:
 
     # -- results ----------------------------------------------------------------------------
 
-    def medians(self, *, cpu: bool = False, iteration: int | None = None) -> dict[str, float]:
-        return medians(self.results, cpu=cpu, iteration=iteration)
-
     def to_json(self) -> dict[str, Any]:
+        """The benchmark's JSON document (``generation_document``)."""
         return document(self)
 
 

@@ -332,10 +332,9 @@ def summary(doc: Mapping[str, Any]) -> list[str]:
     if doc.get("ours_over_it") is not None:
         lines.append(f"  ours replayed: {doc['ours_over_it']}x the expectation oracle")
     if doc.get("knowledge"):
-        parts = [f"{arm} {row['over_oracle']}x" for arm, row in doc["knowledge"].items()]
         lines.append(
             "  the expectation oracle with per-step acceptance known for (the rest pooled over "
-            "the batch), x the true oracle: " + ", ".join(parts)
+            "the batch), x the true oracle: " + knowledge_arms(doc)
         )
     for drafter, row in doc["calibration"].items():
         lines.append(
@@ -344,3 +343,8 @@ def summary(doc: Mapping[str, Any]) -> list[str]:
             f" ({row['drafts']} drafts)"
         )
     return lines
+
+
+def knowledge_arms(doc: Mapping[str, Any]) -> str:
+    """The knowledge decomposition of an expectation report, one ``arm ratio`` per arm."""
+    return ", ".join(f"{arm} {row['over_oracle']}x" for arm, row in doc["knowledge"].items())

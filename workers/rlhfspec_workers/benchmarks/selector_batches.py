@@ -29,7 +29,7 @@ from typing import Any
 
 from rlhfspec_workers.generation.adaptive import AdaptiveStrategy
 
-from .expectation_oracle import DraftProbabilities, expectation_report
+from .expectation_oracle import DraftProbabilities, expectation_report, knowledge_arms
 from .generation import Bench
 from .hindsight_oracle import measured_cost, oracle_report, ours_versus_replays, ratio_of
 from .selector_replay import replay_rounds
@@ -92,10 +92,7 @@ def summary(doc: dict[str, Any]) -> list[str]:
         f"  expectation oracle   {doc['expectation_oracle']['tokens_per_second']:7.1f}"
         f"  {doc['expectation_oracle']['over_oracle']}x the true oracle (ours' ceiling)",
         "  expectation oracle, per-step acceptance known only for (the rest pooled): "
-        + ", ".join(
-            f"{arm} {row['over_oracle']}x"
-            for arm, row in doc["expectation_oracle"].get("knowledge", {}).items()
-        ),
+        + knowledge_arms(doc["expectation_oracle"]),
         f"  best fixed           {best['tokens_per_second']:7.1f}  ({best['name']})",
         f"  off                  {doc['off']:7.1f}",
     ]

@@ -17,9 +17,12 @@ from rlhfspec_workers.generation.records import StepRecord
 from rlhfspec_workers.spec_decode.hindsight import (
     OFF,
     SequenceTrace,
+    Step,
+    StepTiming,
     replay_fixed,
     replay_oracle,
     step_cost_table,
+    step_seconds,
 )
 
 
@@ -73,7 +76,11 @@ def test_oracle_stops_drafting_when_nothing_matches() -> None:
 
 
 def test_step_cost_table_interpolates_measured_batches_and_falls_back() -> None:
-    records = [(("ngram", 2), 4, 0.2), (("ngram", 2), 4, 0.4), (("ngram", 2), 8, 0.5)]
+    records = [
+        StepTiming(("ngram", 2), 4, 0.2),
+        StepTiming(("ngram", 2), 4, 0.4),
+        StepTiming(("ngram", 2), 8, 0.5),
+    ]
     cost = step_cost_table(records, lambda d, b, k: 99.0)
     assert cost("ngram", 4, 2) == pytest.approx(0.3)
     assert cost("ngram", 6, 2) == pytest.approx(0.4)
@@ -112,6 +119,62 @@ def test_measured_cost_reads_fixed_runs_and_the_undrafted_first_step() -> None:
     cost = measured_cost(runs, lambda d, b, k: -1.0)
     assert cost("ngram", 4, 2) == pytest.approx(0.3)
     assert cost(OFF, 4, 0) == pytest.approx(0.1)
+
+
+def test_a_step_is_charged_for_the_draft_tokens_it_verifies() -> None:
+    # suffix:4 at 4 rows was measured at 0.30 s on steps verifying 4 draft tokens on
+    # average; one more draft token costs 0.01 s there; plain decoding costs 0.25 s.
+    records = [
+        StepTiming(("suffix", 4), 4, 0.28, 2),
+        StepTiming(("suffix", 4), 4, 0.32, 6),
+        StepTiming((OFF, 0), 4, 0.25),
+        StepTiming(("draft_model", 2), 4, 0.40, 8),
+    ]
+    cost = step_cost_table(records, lambda d, b, k: 99.0, token_seconds=lambda b: 0.01)
+    assert cost.for_tokens("suffix", 4, 4, 4) == pytest.approx(0.30)  # the mean fill
+    assert cost.for_tokens("suffix", 4, 4, 12) == pytest.approx(0.38)  # every row drafts 3
+    assert cost.for_tokens("suffix", 4, 4, 0) == pytest.approx(0.26)
+    assert cost.for_tokens("suffix", 4, 4, None) == pytest.approx(0.30)  # lengths unknown
+    # Never below plain decoding at that batch size.
+    cheap = step_cost_table(records, lambda d, b, k: 99.0, token_seconds=lambda b: 0.05)
+    assert cheap.for_tokens("suffix", 4, 4, 0) == pytest.approx(0.25)
+    # Without a token price, or without recorded fills: the measured mean.
+    blind = step_cost_table(records, lambda d, b, k: 99.0)
+    assert blind.for_tokens("suffix", 4, 4, 12) == pytest.approx(0.30)
+
+    # A replayed step knows a model-free drafter's draft lengths (trace or live replay) ...
+    seqs = [
+        SequenceTrace(f"s{i}", 1, 9, {"suffix": [1] * 8}, {"suffix": [n] * 8})
+        for i, n in enumerate((0, 1, 4, 8))
+    ]
+    step = Step([(seq, 1) for seq in seqs], {})
+    assert step.drafted(("suffix", 4)) == 0 + 1 + 4 + 4
+    assert step.drafted((OFF, 0)) == 0
+    assert step_seconds(cost, step, ("suffix", 4)) == pytest.approx(0.30 + 0.01 * (9 - 4))
+    live = Step(step.live, {"suffix": [0] * 4}, {"suffix": [2] * 4})
+    assert live.drafted(("suffix", 4)) == 8
+    # ... and not a draft model's, which always fills its k: charged the measured mean.
+    assert step.drafted(("draft_model", 2)) is None
+    assert step_seconds(cost, step, ("draft_model", 2)) == pytest.approx(0.40)
+
+
+def test_the_oracle_pays_for_the_drafts_it_verifies() -> None:
+    # Every row has a 4-token suffix draft of which 1 token is right. Charged by the measured
+    # mean fill (1 token a row), suffix:4 would pay; charged for its 4 tokens a row, not.
+    seqs = [
+        SequenceTrace(f"s{i}", 1, 21, {"suffix": [1] * 20}, {"suffix": [4] * 20}) for i in range(4)
+    ]
+    records = [StepTiming((OFF, 0), b, 0.10) for b in range(1, 5)] + [
+        StepTiming(("suffix", 4), b, 0.12, b) for b in range(1, 5)
+    ]
+    blind = step_cost_table(records, lambda d, b, k: 99.0)
+    priced = step_cost_table(records, lambda d, b, k: 99.0, token_seconds=lambda b: 0.02)
+    assert set(replay_oracle(seqs, blind, [("suffix", 4)]).choices) == {("suffix", 4)}
+    assert set(replay_oracle(seqs, priced, [("suffix", 4)]).choices) == {(OFF, 0)}
+    fixed = replay_fixed(seqs, priced, ("suffix", 4))
+    # 4 rows x 4 draft tokens against the 4 the measured steps verified at 4 rows.
+    assert fixed.steps == 10
+    assert fixed.seconds == pytest.approx(10 * (0.12 + 0.02 * (16 - 4)))
 
 
 def test_report_puts_the_oracle_in_measured_currency_and_flags_a_shortfall() -> None:

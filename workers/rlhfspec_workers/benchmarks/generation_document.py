@@ -85,7 +85,7 @@ def _replays(
     )
     expectation = _expectation(bench, strategies) if s.expectation_oracle else None
     oracle = add_oracle(
-        bench.shadows, runs, here.step_seconds, strategies, measured, cpu, by_iteration,
+        bench.shadows, runs, here, strategies, measured, cpu, by_iteration,
         ours, expectation,
     )  # fmt: skip
     out: dict[str, Any] = {"oracle": oracle}

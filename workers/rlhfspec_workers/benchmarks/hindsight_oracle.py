@@ -9,7 +9,8 @@ the measured runs' step records. :func:`oracle_report` then replays each iterati
   throughput should match the measured one; the ratio is reported per configuration, and
   the oracle is put into measured currency with the median of those ratios;
 * the oracle: at every step the (drafter, k) with the most tokens per second given the
-  acceptance each drafter really had there, and a step cost measured in this run.
+  acceptance each drafter really had there, and a step cost measured in this run (priced for
+  the draft tokens the step verifies: :func:`measured_cost`, :func:`token_seconds_of`).
 
 By construction the oracle is at least as fast as every fixed configuration in the replay;
 the report says whether it also is against the measured ones, within ``NOISE``.
@@ -25,6 +26,7 @@ from typing import Any
 from rlhfspec_workers.drafters.base import KeepsHistory
 from rlhfspec_workers.generation.records import StepRecord
 from rlhfspec_workers.generation.shadow import LiveReplay, ShadowDrafts
+from rlhfspec_workers.spec_decode.cost_model import CostModel
 from rlhfspec_workers.spec_decode.hindsight import (
     OFF,
     Forkable,
@@ -32,6 +34,7 @@ from rlhfspec_workers.spec_decode.hindsight import (
     Replay,
     SequenceTrace,
     StepCost,
+    StepTiming,
     Strategy,
     replay_fixed,
     replay_oracle,
@@ -84,13 +87,17 @@ def strategy_of(config: str) -> Strategy | None:
 
 
 def measured_cost(
-    runs: Iterable[tuple[str, Sequence[StepRecord]]], fallback: StepCost
+    runs: Iterable[tuple[str, Sequence[StepRecord]]],
+    fallback: StepCost,
+    token_seconds: Callable[[int], float] | None = None,
 ) -> MeasuredCost:
-    """Step seconds per (strategy, batch size) from fixed-strategy runs through the proposer.
+    """Step seconds per (strategy, batch size) from fixed-strategy runs through the proposer,
+    with the draft tokens each step verified (``MeasuredCost.for_tokens`` prices a replayed
+    step's own, given ``token_seconds``: see :func:`token_seconds_of`).
 
     A step record's drafter/k describe the drafts verified in that step, which the step
     before made; a fixed run verifies the same strategy every step but its first."""
-    records: list[tuple[Strategy, int, float]] = []
+    records: list[StepTiming] = []
     for config, steps in runs:
         strategy = strategy_of(config)
         if strategy is None:
@@ -98,8 +105,21 @@ def measured_cost(
         for step in steps:
             if step.batch_size >= 1:
                 verified = strategy if step.k > 0 or strategy[1] == 0 else (OFF, 0)
-                records.append((verified, step.batch_size, step.step_seconds))
-    return step_cost_table(records, fallback)
+                records.append(
+                    StepTiming(verified, step.batch_size, step.step_seconds, step.num_draft_tokens)
+                )
+    return step_cost_table(records, fallback, token_seconds)
+
+
+def token_seconds_of(model: CostModel) -> Callable[[int], float]:
+    """The calibrated table's marginal verification seconds of one draft token at B rows
+    (one more token on every row, over B)."""
+
+    def per_token(batch: int) -> float:
+        more = model.verify_tokens_seconds(batch, 2.0) - model.verify_tokens_seconds(batch, 1.0)
+        return max(0.0, more / batch)
+
+    return per_token
 
 
 def tokens_per_second_of(replays: Sequence[Replay]) -> float:
@@ -181,7 +201,7 @@ def oracle_report(
 def add_oracle(
     shadows: Sequence[IterationTraces],
     runs: Iterable[tuple[str, Sequence[StepRecord]]],
-    fallback: StepCost,
+    model: CostModel,
     strategies: Sequence[Strategy],
     medians: dict[str, float],
     cpu: dict[str, float],
@@ -197,7 +217,7 @@ def add_oracle(
     fixed configurations' replays (``ours_replayed``), free of timing noise. ``expectation``:
     the expectation oracle's report on the same step costs, given this one
     (``expectation_oracle.expectation_report``)."""
-    cost = measured_cost(runs, fallback)
+    cost = measured_cost(runs, model.step_seconds, token_seconds_of(model))
     report = oracle_report(shadows, cost, strategies, medians, by_iteration)
     report["cost_fit"] = cost_fit(cost)
     if ours is not None:

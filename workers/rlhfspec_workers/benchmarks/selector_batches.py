@@ -31,7 +31,13 @@ from rlhfspec_workers.generation.adaptive import AdaptiveStrategy
 
 from .expectation_oracle import DraftProbabilities, expectation_report, knowledge_arms
 from .generation import Bench
-from .hindsight_oracle import measured_cost, oracle_report, ours_versus_replays, ratio_of
+from .hindsight_oracle import (
+    measured_cost,
+    oracle_report,
+    ours_versus_replays,
+    ratio_of,
+    token_seconds_of,
+)
 from .selector_replay import replay_rounds
 from .workload import Settings
 
@@ -56,7 +62,8 @@ def shadow_batches(bench: Bench, batches: int) -> None:
 
 def replay_report(bench: Bench, rounds: int) -> dict[str, Any]:
     s = bench.settings
-    cost = measured_cost(bench.profile_runs, bench.cost_model.step_seconds)
+    model = bench.cost_model
+    cost = measured_cost(bench.profile_runs, model.step_seconds, token_seconds_of(model))
     strategies = [(d, k) for d in s.drafters for k in s.ks]
     report = oracle_report(bench.shadows, cost, strategies, {})
     oracle, off = report["replayed_tokens_per_second"], report["replayed"]["k0"]

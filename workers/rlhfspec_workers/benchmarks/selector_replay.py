@@ -16,7 +16,8 @@ how long: the traces keep each longest draft's length, the live replay of the su
 their last call's), and its cost learner gets a step record per replayed step, charged what the
 replay charged (``step_record``), as a worker's learner gets the engine's. What it does not
 see is the engine's own spread: each replayed step of a strategy at a batch size costs the
-mean of what fixed runs measured there.
+mean of what fixed runs measured there, adjusted for the draft tokens it verifies
+(``hindsight.step_seconds``), as the oracle's and the fixed configurations' steps are.
 """
 
 from __future__ import annotations
@@ -40,13 +41,13 @@ from rlhfspec_workers.generation.records import StepRecord
 from rlhfspec_workers.spec_decode.hindsight import (
     OFF,
     Dynamic,
-    Live,
     Replay,
     SequenceTrace,
     Step,
     StepCost,
     Strategy,
     replay,
+    step_seconds,
 )
 
 Lengths = Mapping[str, Sequence[int]]
@@ -250,24 +251,15 @@ def replay_strategy(
     (``observe_step``) it learns from each step, as a worker does. A dynamic drafter that
     keeps its last call's draft lengths (``shadow.LiveReplay.last_proposed``) lends them
     to the fill."""
-    pending: list[tuple[Step, Strategy, float, Lengths, tuple[str, ...]]] = []
+    pending: list[tuple[Step, Strategy, float, tuple[str, ...]]] = []
     calls = 0
-    made: dict[str, Sequence[int]] = {}
-
-    def lengths_too(live: Live) -> Mapping[str, Sequence[int]]:
-        assert dynamic is not None
-        out = dynamic(live)
-        made.clear()
-        made.update(getattr(dynamic, "last_proposed", {}))
-        return out
-
     learn = getattr(strategy, "observe_step", None)
 
     def settle() -> None:
         nonlocal calls
         if pending:
-            step, chosen, seconds, lengths, in_hand = pending.pop()
-            feedback = step_feedback(step, chosen, seconds, options, calls, lengths, in_hand)
+            step, chosen, seconds, in_hand = pending.pop()
+            feedback = step_feedback(step, chosen, seconds, options, calls, step.proposed, in_hand)
             strategy.observe(feedback)
             if learn is not None:
                 learn(step_record(calls, feedback, chosen))
@@ -276,17 +268,16 @@ def replay_strategy(
     def choose(step: Step) -> Strategy:
         settle()
         batch = len(step.live)
-        in_hand = _drafts_in_hand(strategy, step, made, options)
+        in_hand = _drafts_in_hand(strategy, step, step.proposed, options)
         if in_hand and isinstance(strategy, ChoosesWithDrafts):
             choice = strategy.choose_with_drafts(batch, in_hand)
         else:
             choice = strategy.choose(batch)
         chosen: Strategy = (choice.drafter, choice.k) if choice.enabled else (OFF, 0)
-        seconds = cost(chosen[0], batch, chosen[1])
-        pending.append((step, chosen, seconds, dict(made), tuple(in_hand)))
+        pending.append((step, chosen, step_seconds(cost, step, chosen), tuple(in_hand)))
         return chosen
 
-    result = replay(traces, cost, choose, lengths_too if dynamic is not None else None)
+    result = replay(traces, cost, choose, dynamic)
     settle()
     return result
 

@@ -9,7 +9,9 @@ leading draft tokens equal to what the sequence really went on to generate *is* 
 length, in distribution, had that draft been verified. With those match lengths for every
 (sequence, position, drafter), this module replays the batch step by step under any schedule:
 each live sequence advances by one plus the accepted part of its draft, the batch shrinks as
-sequences end, and each step costs what the measured cost table says.
+sequences end, and each step costs what the measured cost table says for the draft tokens it
+verifies (:meth:`MeasuredCost.for_tokens`: a model-free drafter drafts only where it finds a
+match, so the same strategy at the same batch size verifies more or fewer tokens).
 
 :func:`replay_oracle` picks, at every step, the (drafter, k) knowing each drafter's real
 acceptance there: the ceiling of any per-step selector that applies one strategy to the whole
@@ -28,7 +30,7 @@ import itertools
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from rlhfspec_workers.spec_decode.cost_records import OFF as OFF  # re-exported
 
@@ -96,6 +98,25 @@ class Step:
 
     live: Live
     dynamic: Mapping[str, Sequence[int]]
+    proposed: Mapping[str, Sequence[int]] = field(default_factory=dict)
+    """For the drafters of ``dynamic`` that say so (``LiveReplay.last_proposed``): the length
+    of each live sequence's draft at this step."""
+
+    def drafted(self, strategy: Strategy) -> int | None:
+        """Draft tokens this step verifies under ``strategy``, where the drafter's draft
+        lengths are known (a model-free drafter drafts only where it finds a match); None
+        where they are not (a draft model always fills its k)."""
+        drafter, k = strategy
+        if drafter == OFF or k <= 0:
+            return 0
+        row = self.proposed.get(drafter)
+        total = 0
+        for i, (seq, pos) in enumerate(self.live):
+            made = row[i] if row is not None else seq.proposed_length(drafter, pos)
+            if made is None:
+                return None
+            total += min(k, made)
+        return total
 
     def accepted(self, i: int, drafter: str, k: int) -> int:
         if k <= 0 or drafter == OFF:
@@ -152,10 +173,9 @@ def _run(
 ) -> Replay:
     out = Replay()
     while live:
-        step = Step(live, dynamic(live) if dynamic is not None else {})
+        step = _step(live, dynamic)
         strategy = choose(step)
-        drafter, k = strategy
-        out.seconds += cost(drafter, len(live), k)
+        out.seconds += step_seconds(cost, step, strategy)
         out.steps += 1
         out.choices[strategy] += 1
         nxt = []
@@ -167,6 +187,25 @@ def _run(
                 nxt.append((seq, pos + emitted))
         live = nxt
     return out
+
+
+def _step(live: Live, dynamic: Dynamic | None) -> Step:
+    if dynamic is None:
+        return Step(live, {})
+    matches = dynamic(live)
+    lengths = getattr(dynamic, "last_proposed", None)
+    return Step(live, matches, dict(lengths) if isinstance(lengths, Mapping) else {})
+
+
+def step_seconds(cost: StepCost, step: Step, strategy: Strategy) -> float:
+    """What a replay charges ``step`` under ``strategy``: a :class:`MeasuredCost` prices the
+    draft tokens the step really verifies (:meth:`MeasuredCost.for_tokens`), any other cost
+    the strategy at the step's batch size."""
+    drafter, k = _key(*strategy)
+    batch = len(step.live)
+    if isinstance(cost, MeasuredCost):
+        return cost.for_tokens(drafter, batch, k, step.drafted((drafter, k)))
+    return cost(drafter, batch, k)
 
 
 def replay_fixed(
@@ -197,8 +236,7 @@ def replay_oracle(
     pool = _pool(strategies)
 
     def greedy(step: Step) -> Strategy:
-        batch = len(step.live)
-        return max(pool, key=lambda s: (step.gain(s) / cost(s[0], batch, s[1]), -s[1]))
+        return max(pool, key=lambda s: (step.gain(s) / step_seconds(cost, step, s), -s[1]))
 
     def finish_seconds(step: Step, strategy: Strategy) -> float:
         after = []
@@ -208,7 +246,7 @@ def replay_oracle(
                 after.append((seq, moved))
         branch = dynamic.fork() if dynamic is not None else None
         rest = _run(after, cost, greedy, branch).seconds if after else 0.0
-        return cost(strategy[0], len(step.live), strategy[1]) + rest
+        return step_seconds(cost, step, strategy) + rest
 
     def rollout(step: Step) -> Strategy:
         base = greedy(step)
@@ -246,7 +284,6 @@ def replay_expected_oracle(
     pool = _pool(strategies)
 
     def best(step: Step) -> Strategy:
-        batch = len(step.live)
         curves = expected(step)
 
         def gain(strategy: Strategy) -> float:
@@ -258,7 +295,7 @@ def replay_expected_oracle(
                 total += min(1.0 + curve[min(k, len(curve) - 1)], seq.length - pos)
             return total
 
-        return max(pool, key=lambda s: (gain(s) / cost(s[0], batch, s[1]), -s[1]))
+        return max(pool, key=lambda s: (gain(s) / step_seconds(cost, step, s), -s[1]))
 
     return replay(traces, cost, best, dynamic)
 
@@ -287,36 +324,90 @@ def _interpolate(points: Sequence[tuple[int, float]], batch: int) -> float:
     return points[-1][1]
 
 
+class StepTiming(NamedTuple):
+    """One measured step of a fixed-strategy run."""
+
+    strategy: Strategy
+    """What the step verified."""
+    batch: int
+    seconds: float
+    drafted: int | None = None
+    """Draft tokens it verified in all (None: not recorded)."""
+
+
 class MeasuredCost:
     """Step seconds per (strategy, batch size) as measured (a :data:`StepCost`): per strategy,
     the mean seconds at each measured batch size, interpolated between them; ``fallback``
     (the calibrated cost model) for a strategy never measured. Measured beats modelled here:
-    the oracle must be scored in the same currency as the runs it is compared with."""
+    the oracle must be scored in the same currency as the runs it is compared with.
 
-    def __init__(self, records: Iterable[tuple[Strategy, int, float]], fallback: StepCost):
+    A model-free drafter drafts only where it finds a match, so its steps at one batch size
+    verify anywhere from none to k draft tokens a row, and a mean over a fixed run's steps
+    prices them all at that run's mean fill. A schedule that uses the drafter only where it
+    has drafts would then be charged less than its steps cost, and one that cuts drafts
+    short credited nothing for it. With ``token_seconds`` (the marginal verification seconds
+    of one more draft token at a batch size, from the calibrated cost model),
+    :meth:`for_tokens` charges a step for the draft tokens it really verifies."""
+
+    def __init__(
+        self,
+        records: Iterable[StepTiming],
+        fallback: StepCost,
+        token_seconds: Callable[[int], float] | None = None,
+    ):
         sums: dict[Strategy, dict[int, list[float]]] = {}
-        for (drafter, k), batch, seconds in records:
-            if batch < 1:
+        fills: dict[Strategy, dict[int, list[float]]] = {}
+        for record in records:
+            if record.batch < 1:
                 continue
-            cell = sums.setdefault(_key(drafter, k), {}).setdefault(batch, [0.0, 0.0])
-            cell[0] += seconds
+            strategy = _key(*record.strategy)
+            cell = sums.setdefault(strategy, {}).setdefault(record.batch, [0.0, 0.0])
+            cell[0] += record.seconds
             cell[1] += 1
-        self.curves: dict[Strategy, list[tuple[int, float]]] = {
-            strategy: sorted((b, total / n) for b, (total, n) in cells.items())
-            for strategy, cells in sums.items()
-        }
+            if record.drafted is not None and strategy[1] > 0:
+                fill = fills.setdefault(strategy, {}).setdefault(record.batch, [0.0, 0.0])
+                fill[0] += record.drafted
+                fill[1] += 1
+        self.curves: dict[Strategy, list[tuple[int, float]]] = _means(sums)
         """strategy -> (batch size, mean seconds) for every batch size measured."""
+        self.fills: dict[Strategy, list[tuple[int, float]]] = _means(fills)
+        """strategy -> (batch size, mean draft tokens verified) where recorded."""
         self.counts: dict[Strategy, dict[int, int]] = {
             strategy: {b: int(n) for b, (_, n) in cells.items()} for strategy, cells in sums.items()
         }
         self.fallback = fallback
+        self.token_seconds = token_seconds
 
     def __call__(self, drafter: str, batch: int, k: int) -> float:
         curve = self.curves.get(_key(drafter, k))
         return _interpolate(curve, batch) if curve else self.fallback(drafter, batch, k)
 
+    def for_tokens(self, drafter: str, batch: int, k: int, drafted: int | None) -> float:
+        """A step of (drafter, k) at ``batch`` rows that verifies ``drafted`` draft tokens:
+        the measured mean there, plus the marginal verification cost of the draft tokens
+        above (or below) what the measured steps there verified on average; never below
+        plain decoding at that batch size (or the measured mean, if that is lower). Without a
+        token count, a recorded fill or ``token_seconds``: the measured mean."""
+        base = self(drafter, batch, k)
+        fill = self.fills.get(_key(drafter, k))
+        if drafted is None or self.token_seconds is None or not fill:
+            return base
+        priced = base + self.token_seconds(batch) * (drafted - _interpolate(fill, batch))
+        return max(min(base, self(OFF, batch, 0)), priced)
+
+
+def _means(
+    cells: Mapping[Strategy, Mapping[int, list[float]]],
+) -> dict[Strategy, list[tuple[int, float]]]:
+    return {
+        strategy: sorted((b, total / n) for b, (total, n) in by_batch.items())
+        for strategy, by_batch in cells.items()
+    }
+
 
 def step_cost_table(
-    records: Iterable[tuple[Strategy, int, float]], fallback: StepCost
+    records: Iterable[StepTiming],
+    fallback: StepCost,
+    token_seconds: Callable[[int], float] | None = None,
 ) -> MeasuredCost:
-    return MeasuredCost(records, fallback)
+    return MeasuredCost(records, fallback, token_seconds)

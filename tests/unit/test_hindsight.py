@@ -19,10 +19,10 @@ from rlhfspec_workers.spec_decode.hindsight import (
     SequenceTrace,
     Step,
     StepTiming,
+    charged_seconds,
     replay_fixed,
     replay_oracle,
     step_cost_table,
-    step_seconds,
 )
 
 
@@ -150,12 +150,12 @@ def test_a_step_is_charged_for_the_draft_tokens_it_verifies() -> None:
     step = Step([(seq, 1) for seq in seqs], {})
     assert step.drafted(("suffix", 4)) == 0 + 1 + 4 + 4
     assert step.drafted((OFF, 0)) == 0
-    assert step_seconds(cost, step, ("suffix", 4)) == pytest.approx(0.30 + 0.01 * (9 - 4))
+    assert charged_seconds(cost, step, ("suffix", 4)) == pytest.approx(0.30 + 0.01 * (9 - 4))
     live = Step(step.live, {"suffix": [0] * 4}, {"suffix": [2] * 4})
     assert live.drafted(("suffix", 4)) == 8
     # ... and not a draft model's, which always fills its k: charged the measured mean.
     assert step.drafted(("draft_model", 2)) is None
-    assert step_seconds(cost, step, ("draft_model", 2)) == pytest.approx(0.40)
+    assert charged_seconds(cost, step, ("draft_model", 2)) == pytest.approx(0.40)
 
 
 def test_the_oracle_pays_for_the_drafts_it_verifies() -> None:

@@ -17,7 +17,7 @@ their last call's), and its cost learner gets a step record per replayed step, c
 replay charged (``step_record``), as a worker's learner gets the engine's. What it does not
 see is the engine's own spread: each replayed step of a strategy at a batch size costs the
 mean of what fixed runs measured there, adjusted for the draft tokens it verifies
-(``hindsight.step_seconds``), as the oracle's and the fixed configurations' steps are.
+(``hindsight.charged_seconds``), as the oracle's and the fixed configurations' steps are.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ from rlhfspec_workers.spec_decode.hindsight import (
     Step,
     StepCost,
     Strategy,
+    charged_seconds,
     replay,
-    step_seconds,
 )
 
 Lengths = Mapping[str, Sequence[int]]
@@ -274,7 +274,7 @@ def replay_strategy(
         else:
             choice = strategy.choose(batch)
         chosen: Strategy = (choice.drafter, choice.k) if choice.enabled else (OFF, 0)
-        pending.append((step, chosen, step_seconds(cost, step, chosen), tuple(in_hand)))
+        pending.append((step, chosen, charged_seconds(cost, step, chosen), tuple(in_hand)))
         return chosen
 
     result = replay(traces, cost, choose, dynamic)

@@ -175,7 +175,7 @@ def _run(
     while live:
         step = _step(live, dynamic)
         strategy = choose(step)
-        out.seconds += step_seconds(cost, step, strategy)
+        out.seconds += charged_seconds(cost, step, strategy)
         out.steps += 1
         out.choices[strategy] += 1
         nxt = []
@@ -197,7 +197,7 @@ def _step(live: Live, dynamic: Dynamic | None) -> Step:
     return Step(live, matches, dict(lengths) if isinstance(lengths, Mapping) else {})
 
 
-def step_seconds(cost: StepCost, step: Step, strategy: Strategy) -> float:
+def charged_seconds(cost: StepCost, step: Step, strategy: Strategy) -> float:
     """What a replay charges ``step`` under ``strategy``: a :class:`MeasuredCost` prices the
     draft tokens the step really verifies (:meth:`MeasuredCost.for_tokens`), any other cost
     the strategy at the step's batch size."""
@@ -236,7 +236,7 @@ def replay_oracle(
     pool = _pool(strategies)
 
     def greedy(step: Step) -> Strategy:
-        return max(pool, key=lambda s: (step.gain(s) / step_seconds(cost, step, s), -s[1]))
+        return max(pool, key=lambda s: (step.gain(s) / charged_seconds(cost, step, s), -s[1]))
 
     def finish_seconds(step: Step, strategy: Strategy) -> float:
         after = []
@@ -246,7 +246,7 @@ def replay_oracle(
                 after.append((seq, moved))
         branch = dynamic.fork() if dynamic is not None else None
         rest = _run(after, cost, greedy, branch).seconds if after else 0.0
-        return step_seconds(cost, step, strategy) + rest
+        return charged_seconds(cost, step, strategy) + rest
 
     def rollout(step: Step) -> Strategy:
         base = greedy(step)
@@ -295,7 +295,7 @@ def replay_expected_oracle(
                 total += min(1.0 + curve[min(k, len(curve) - 1)], seq.length - pos)
             return total
 
-        return max(pool, key=lambda s: (gain(s) / step_seconds(cost, step, s), -s[1]))
+        return max(pool, key=lambda s: (gain(s) / charged_seconds(cost, step, s), -s[1]))
 
     return replay(traces, cost, best, dynamic)
 

@@ -50,9 +50,6 @@ from rlhfspec_workers.spec_decode.hindsight import (
     replay,
 )
 
-Lengths = Mapping[str, Sequence[int]]
-"""drafter -> the draft length each live row got at one step."""
-
 
 @dataclass(frozen=True)
 class ReplayOptions:
@@ -65,15 +62,11 @@ class ReplayOptions:
     side_drafters: tuple[str, ...] = ()
 
 
-def _proposed(step: Step, lengths: Lengths, i: int, drafter: str, cap: int) -> int:
+def _proposed(step: Step, i: int, drafter: str, cap: int) -> int:
     """Tokens ``drafter`` proposes for row ``i`` when asked for ``cap``: its longest draft's
-    length where recorded (a model-free drafter drafts only where it finds a match), else
-    ``cap`` (a draft model always fills its draft)."""
-    row = lengths.get(drafter)
-    if row is not None:
-        return min(cap, int(row[i]))
-    seq, pos = step.live[i]
-    known = seq.proposed_length(drafter, pos)
+    length where recorded (``Step.draft_length``: a model-free drafter drafts only where it
+    finds a match), else ``cap`` (a draft model always fills its draft)."""
+    known = step.draft_length(i, drafter)
     return cap if known is None else min(cap, known)
 
 
@@ -83,13 +76,13 @@ def _room(options: ReplayOptions, pos: int) -> int:
 
 
 def _fill(
-    step: Step, lengths: Lengths, rows: Sequence[int], drafter: str, k: int, options: ReplayOptions
+    step: Step, rows: Sequence[int], drafter: str, k: int, options: ReplayOptions
 ) -> DraftFill | None:
     """``proposer.AdaptiveProposer._draft_fill`` for one drafter asked for ``k`` on ``rows``."""
     asked, got = [0] * k, [0] * k
     for i in rows:
         cap = min(k, _room(options, step.live[i][1]))
-        made = _proposed(step, lengths, i, drafter, cap)
+        made = _proposed(step, i, drafter, cap)
         for p in range(cap):
             asked[p] += 1
             got[p] += p < made
@@ -143,16 +136,13 @@ def step_feedback(
     seconds: float,
     options: ReplayOptions,
     call: int,
-    lengths: Lengths | None = None,
     in_hand: Sequence[str] = (),
 ) -> StepFeedback:
-    """What the proposer would report of one replayed step's drafts. ``lengths``: draft
-    lengths the step's dynamic drafters made (drafter -> per live row); ``in_hand``: the
-    drafters that drafted for every row before the choice (their side drafts cover every
-    row, not a window)."""
+    """What the proposer would report of one replayed step's drafts (their lengths: the
+    step's, ``Step.draft_length``). ``in_hand``: the drafters that drafted for every row
+    before the choice (their side drafts cover every row, not a window)."""
     drafter, k = strategy
     enabled = drafter != OFF and k > 0
-    made = lengths or {}
     num_drafts = drafted = accepted = asked = 0
     per_pos = [0] * (k if enabled else 0)
     fill: dict[str, DraftFill] = {}
@@ -162,7 +152,7 @@ def step_feedback(
             if cap == 0:
                 continue
             asked += 1
-            proposed = _proposed(step, made, i, drafter, cap)
+            proposed = _proposed(step, i, drafter, cap)
             if proposed == 0:
                 continue
             ok = min(step.advance(i, strategy) - 1, proposed)
@@ -171,13 +161,13 @@ def step_feedback(
             accepted += ok
             for p in range(ok):
                 per_pos[p] += 1
-        chosen = _fill(step, made, range(len(step.live)), drafter, k, options)
+        chosen = _fill(step, range(len(step.live)), drafter, k, options)
         if chosen is not None:
             fill[drafter] = chosen
     window, every = _side_rows(step, options, call), _asked_rows(step, options)
     rows = {n: every if n in in_hand else window for n in _side_drafters(strategy, options)}
     for name in rows:
-        side = _fill(step, made, rows[name], name, options.max_k, options)
+        side = _fill(step, rows[name], name, options.max_k, options)
         if side is not None:
             fill[name] = side
     return StepFeedback(
@@ -223,7 +213,7 @@ def step_record(index: int, feedback: StepFeedback, strategy: Strategy) -> StepR
 
 
 def _drafts_in_hand(
-    strategy: DraftStrategy, step: Step, made: Lengths, options: ReplayOptions
+    strategy: DraftStrategy, step: Step, options: ReplayOptions
 ) -> dict[str, list[int]]:
     """As the proposer's ``_drafts_in_hand``: for each model-free drafter the strategy asks
     for, the length of its longest draft for each row with room."""
@@ -232,7 +222,7 @@ def _drafts_in_hand(
     names = strategy.drafters_in_hand(len(step.live), options.side_drafters)
     asked = _asked_rows(step, options)
     return {
-        name: [_proposed(step, made, i, name, _room(options, step.live[i][1])) for i in asked]
+        name: [_proposed(step, i, name, _room(options, step.live[i][1])) for i in asked]
         for name in names
         if name in options.side_drafters
     }
@@ -259,7 +249,7 @@ def replay_strategy(
         nonlocal calls
         if pending:
             step, chosen, seconds, in_hand = pending.pop()
-            feedback = step_feedback(step, chosen, seconds, options, calls, step.proposed, in_hand)
+            feedback = step_feedback(step, chosen, seconds, options, calls, in_hand)
             strategy.observe(feedback)
             if learn is not None:
                 learn(step_record(calls, feedback, chosen))
@@ -268,7 +258,7 @@ def replay_strategy(
     def choose(step: Step) -> Strategy:
         settle()
         batch = len(step.live)
-        in_hand = _drafts_in_hand(strategy, step, step.proposed, options)
+        in_hand = _drafts_in_hand(strategy, step, options)
         if in_hand and isinstance(strategy, ChoosesWithDrafts):
             choice = strategy.choose_with_drafts(batch, in_hand)
         else:

@@ -109,14 +109,22 @@ class Step:
         drafter, k = strategy
         if drafter == OFF or k <= 0:
             return 0
-        row = self.proposed.get(drafter)
         total = 0
-        for i, (seq, pos) in enumerate(self.live):
-            made = row[i] if row is not None else seq.proposed_length(drafter, pos)
+        for i in range(len(self.live)):
+            made = self.draft_length(i, drafter)
             if made is None:
                 return None
             total += min(k, made)
         return total
+
+    def draft_length(self, i: int, drafter: str) -> int | None:
+        """Tokens of the longest draft ``drafter`` made for live sequence ``i`` at this step:
+        the live replay's where it drafted, else the trace's; None where neither recorded it."""
+        row = self.proposed.get(drafter)
+        if row is not None:
+            return int(row[i])
+        seq, pos = self.live[i]
+        return seq.proposed_length(drafter, pos)
 
     def accepted(self, i: int, drafter: str, k: int) -> int:
         if k <= 0 or drafter == OFF:

@@ -111,6 +111,23 @@ def measured_cost(
     return step_cost_table(records, fallback, token_seconds)
 
 
+def measured_draft_cost(
+    runs: Iterable[tuple[str, Sequence[StepRecord]]], fallback: StepCost
+) -> MeasuredCost:
+    """Drafting seconds per (strategy, batch size) from the same fixed runs: the part of each
+    step spent drafting the next step's tokens (``StepRecord.draft_seconds``), which a replay
+    reports to ours' cost learner as a worker's step records do (``ReplayOptions``)."""
+    records: list[StepTiming] = []
+    for config, steps in runs:
+        strategy = strategy_of(config)
+        if strategy is None or strategy[1] == 0:
+            continue
+        for step in steps:
+            if step.batch_size >= 1 and step.next_k > 0 and step.prefill_tokens == 0:
+                records.append(StepTiming(strategy, step.batch_size, step.draft_seconds))
+    return step_cost_table(records, fallback)
+
+
 def token_seconds_of(model: CostModel) -> Callable[[int], float]:
     """The calibrated table's marginal verification seconds of one draft token at B rows
     (one more token on every row, over B)."""

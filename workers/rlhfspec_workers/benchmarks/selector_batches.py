@@ -33,6 +33,7 @@ from .expectation_oracle import DraftProbabilities, expectation_report, knowledg
 from .generation import Bench
 from .hindsight_oracle import (
     measured_cost,
+    measured_draft_cost,
     oracle_report,
     ours_versus_replays,
     ratio_of,
@@ -64,6 +65,8 @@ def replay_report(bench: Bench, rounds: int) -> dict[str, Any]:
     s = bench.settings
     model = bench.cost_model
     cost = measured_cost(bench.profile_runs, model.step_seconds, token_seconds_of(model))
+    drafting = measured_draft_cost(bench.profile_runs, model.draft_seconds)
+    options = dataclasses.replace(bench.replay_options, draft_seconds=drafting)
     strategies = [(d, k) for d in s.drafters for k in s.ks]
     report = oracle_report(bench.shadows, cost, strategies, {})
     oracle, off = report["replayed_tokens_per_second"], report["replayed"]["k0"]
@@ -72,7 +75,7 @@ def replay_report(bench: Bench, rounds: int) -> dict[str, Any]:
         strategy = bench.fresh_ours(bench.cost_model)
         if isinstance(strategy, AdaptiveStrategy):
             strategy.in_hand = in_hand
-        run = replay_rounds(bench.shadows, cost, strategy, bench.replay_options, rounds=rounds)
+        run = replay_rounds(bench.shadows, cost, strategy, options, rounds=rounds)
         ours[name] = ours_versus_replays(run, report)
     report["ours_replayed"] = ours["ours"]
     best = ours["ours"]["best_fixed"]

@@ -54,12 +54,16 @@ from rlhfspec_workers.spec_decode.hindsight import (
 @dataclass(frozen=True)
 class ReplayOptions:
     """What the replayed proposer knows: its largest k, the response cap (a row's room for a
-    draft, as the engine computes it from ``max_tokens``) and which drafters draft on the
-    side when not chosen (model-free ones)."""
+    draft, as the engine computes it from ``max_tokens``), which drafters draft on the side
+    when not chosen (model-free ones) and what drafting measured."""
 
     max_k: int
     max_tokens: int
     side_drafters: tuple[str, ...] = ()
+    draft_seconds: StepCost | None = None
+    """(drafter, batch size, k) -> seconds a drafting call took in the fixed runs
+    (``hindsight_oracle.measured_draft_cost``): what each replayed step reports as its
+    drafting time, as a worker's step records do. None: reported as 0 (nothing measured)."""
 
 
 def _proposed(step: Step, i: int, drafter: str, cap: int) -> int:
@@ -178,18 +182,23 @@ def step_feedback(
         num_accepted_tokens=accepted,
         accepted_per_pos=tuple(per_pos),
         step_seconds=seconds,
-        draft_seconds=0.0,
+        draft_seconds=_drafting(options, drafter, len(step.live), k) if enabled else 0.0,
         shadow=_side_evidence(step, strategy, options, rows),
         fill=fill,
         rows_asked=asked,
     )
 
 
+def _drafting(options: ReplayOptions, drafter: str, batch: int, k: int) -> float:
+    return 0.0 if options.draft_seconds is None else options.draft_seconds(drafter, batch, k)
+
+
 def step_record(index: int, feedback: StepFeedback, strategy: Strategy) -> StepRecord:
     """The engine's record of a replayed step, for the strategy's cost learner
     (``cost_learner.CostLearner``): B rows verified the step's drafts, and the step took what the
     replay charged for drafting and verifying them (so the record's next drafting is the
-    same strategy's, which the learner takes off the step at the table's price)."""
+    same strategy's, which the learner takes off the step at the table's price), the
+    drafting inside it what the fixed runs measured (``ReplayOptions.draft_seconds``)."""
     drafter, k = strategy
     return StepRecord(
         step=index,
@@ -208,7 +217,7 @@ def step_record(index: int, feedback: StepFeedback, strategy: Strategy) -> StepR
         next_k=k,
         next_draft_tokens=feedback.num_draft_tokens,
         step_seconds=feedback.step_seconds,
-        draft_seconds=0.0,
+        draft_seconds=feedback.draft_seconds,
     )
 
 

@@ -33,7 +33,10 @@ class CostLearner:
     in all, how long the whole step took and what drafting the next step cost. The table's
     verification cost excludes a drafter's own work, so the observation is the step minus the
     table's drafting cost of the strategy drafted in it (``next_drafter``/``next_k``): the
-    sum is what the selector predicts for such a step. Rows without a draft verify one token,
+    sum is what the selector predicts for such a step. The step's measured drafting time
+    (``draft_seconds``) first teaches the table that drafting cost
+    (``CostModel.observe_draft``: a draft model's calls cost more than calibration's k
+    forwards at short k, less at long k). Rows without a draft verify one token,
     so T is 1 + draft tokens / B, fractional. Steps that also prefilled newly admitted prompts
     look slower than decode steps; the table clips each observation's pull (see
     ``spec_decode.cost_online.ONLINE_CLIP``) and such steps are few once the batch drains.
@@ -70,6 +73,10 @@ class CostLearner:
             return  # also computed prompts: no verification cost at (B, T) alone
         seconds = step.step_seconds
         if step.next_k > 0 and step.next_drafter in self.model.drafters:
+            if step.draft_seconds > 0.0:
+                self.model.observe_draft(
+                    step.next_drafter, step.batch_size, step.next_k, step.draft_seconds
+                )
             seconds -= self.model.draft_seconds(step.next_drafter, step.batch_size, step.next_k)
         if seconds <= 0.0:
             return

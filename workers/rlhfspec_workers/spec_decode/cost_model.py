@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from .cost_online import KNOWN_EVIDENCE, REFIT_EVERY, OnlineEvidence
 from .cost_records import OFF, CostSample, CostTableKey, DrafterCost
 from .cost_surface import MonotoneCurve, fill_unmeasured, grid_value, make_monotone
+from .draft_cost_online import OnlineDraftCost, StoredCell
 
 _SCHEMA_V1 = "rlhfspec.spec_decode.cost_model/v1"
 _SCHEMA = "rlhfspec.spec_decode.cost_model/v2"
@@ -71,8 +72,9 @@ class CostModel:
 
     Online learning (`observe_verify`): real engine steps refine the table while a job runs;
     their corrections are kept per grid cell by `cost_online.OnlineEvidence` and the queried
-    grid is the calibrated one corrected by them. Everything else about an instance is fixed
-    after construction; the online state is saved with it (`to_json`).
+    grid is the calibrated one corrected by them; measured drafting calls correct a draft
+    model's drafting cost alike (`observe_draft`, `draft_cost_online`). Everything else about
+    an instance is fixed after construction; the online state is saved with it (`to_json`).
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class CostModel:
         drafter_plan: Mapping[str, Iterable[int]] | None = None,
         online: Iterable[Sequence[float]] = (),
         bookkeeping: Iterable[tuple[int, float]] = (),
+        draft_online: Iterable[StoredCell] = (),
     ) -> None:
         if not samples:
             raise ValueError("a cost model needs at least one verification sample")
@@ -115,6 +118,7 @@ class CostModel:
         self._online = OnlineEvidence(self._bs, self._ts, self._measured)
         for cell in online:
             self._online.absorb(*(float(x) for x in cell))
+        self._draft_online = OnlineDraftCost(draft_online)
         self._grid = self._base
         self._cache: dict[tuple[int, int], float] = {}
         self.observations = 0
@@ -194,6 +198,14 @@ class CostModel:
         return grid_value(self._bs, self._ts, self._base, batch, tokens_per_seq)
 
     def draft_seconds(self, drafter: str, batch: int, k: int) -> float:
+        """Cost of proposing k tokens per sequence: the calibrated cost, corrected by what
+        measured drafting calls said (:meth:`observe_draft`)."""
+        base = self.calibrated_draft_seconds(drafter, batch, k)
+        if base <= 0.0:
+            return base
+        return base * math.exp(self._draft_online.correction(drafter, batch, k))
+
+    def calibrated_draft_seconds(self, drafter: str, batch: int, k: int) -> float:
         """Cost of proposing k tokens per sequence: overhead + k draft forwards; 0 when k = 0.
 
         Per-token cost: interpolated over the measured batch sizes; with a single measured
@@ -281,6 +293,18 @@ class CostModel:
         if self._unfolded >= REFIT_EVERY:
             self.refresh()
 
+    def observe_draft(self, drafter: str, batch: int, k: int, seconds: float) -> None:
+        """Learn from one measured drafting call (``draft_cost_online``): only for a drafter
+        calibrated from measured calls (a draft model), whose calibrated cost is the same
+        quantity; a model-free drafter's lookups are priced by its overhead alone, the
+        proposer's bookkeeping being inside every verification sample."""
+        model = self._drafters.get(drafter)
+        if model is None or not model.cost.per_token or k < 1 or batch < 1:
+            return
+        base = self.calibrated_draft_seconds(drafter, batch, k)
+        if base > 0.0 and seconds > 0.0 and math.isfinite(seconds):
+            self._draft_online.observe(drafter, batch, k, math.log(seconds / base))
+
     def refresh(self) -> None:
         """Rebuild the queried grid from the calibrated one and the online evidence."""
         self._unfolded = 0
@@ -318,6 +342,7 @@ class CostModel:
             drafter_plan=dplan,
             online=self._online.stored(),
             bookkeeping=[*self.bookkeeping, *bookkeeping],
+            draft_online=self._draft_online.stored(),
         )
 
     # -- persistence -----------------------------------------------------------------------
@@ -326,7 +351,8 @@ class CostModel:
         """Raw samples, not the fitted grid: a reload refits, so fixes to the fit apply.
         ``plan`` minus the measured cells are the fitted ones (``partial`` says whether there
         are any, or unmeasured drafter batch sizes); ``online`` holds each grid cell's online
-        evidence as [B, T, weight, weighted sums of log ratios and of absolute deviations]."""
+        evidence as [B, T, weight, weighted sums of log ratios and of absolute deviations],
+        ``draft_online`` the drafting calls' (``draft_cost_online.StoredCell``)."""
         doc = {
             "schema": _SCHEMA,
             "key": {"model_id": self.key.model_id, "hardware_id": self.key.hardware_id},
@@ -344,6 +370,7 @@ class CostModel:
             "partial": self.partial,
             "online": [list(c) for c in self._online.stored()],
             "bookkeeping": [list(p) for p in self.bookkeeping],
+            "draft_online": [list(c) for c in self._draft_online.stored()],
         }
         return json.dumps(doc, sort_keys=True)
 
@@ -369,6 +396,10 @@ class CostModel:
         }
         online = [[float(x) for x in cell] for cell in doc.get("online", [])]
         bookkeeping = [(int(b), float(s)) for b, s in doc.get("bookkeeping", [])]
+        draft_online = [
+            (str(d), int(k), int(c), float(w), float(t))
+            for d, k, c, w, t in doc.get("draft_online", [])
+        ]
         return cls(
             key,
             samples,
@@ -377,6 +408,7 @@ class CostModel:
             drafter_plan=drafter_plan,
             online=online,
             bookkeeping=bookkeeping,
+            draft_online=draft_online,
         )
 
     def __repr__(self) -> str:

@@ -115,6 +115,12 @@ def test_quick_generation_benchmark_runs_every_configuration(
     assert known["all"]["tokens_per_second"] == expectation["tokens_per_second"]
     assert all(row["tokens_per_second"] > 0 for row in known.values())
     assert "per-step acceptance known for" in proc.stdout
+    # The oracle judged by the other half of the fixed runs' costs (profile and measured
+    # round: two runs each) keeps at most what it gets judged by its own.
+    curse = oracle["curse"]
+    assert len(curse["halves"]) == 2 and 0 < curse["kept"] <= 1.0 + 1e-9
+    assert all(h["other_half"] <= h["same_half"] * (1 + 1e-9) for h in curse["halves"])
+    assert "winner's curse" in proc.stdout
     # ...and on the other machine's grid, where drafting pays more than here.
     flat = doc["projections"]["models"]["flat"]
     assert flat["oracle_over_off"] > 1.0
@@ -163,3 +169,5 @@ def test_selector_batches_replays_ours_and_both_oracles_over_seeded_batches(
     assert "expectation oracle" in proc.stdout
     assert doc["expectation_oracle"]["knowledge"]["none"]["tokens_per_second"] > 0
     assert "per-step acceptance known only for" in proc.stdout
+    assert 0 < doc["curse"]["kept"] <= 1.0 + 1e-9  # --quick profiles twice: two halves
+    assert "winner's curse" in proc.stdout

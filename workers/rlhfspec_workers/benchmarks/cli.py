@@ -32,6 +32,13 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x)
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(x for x in text.split(",") if x)
 
@@ -85,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--samples", type=int, help="samples per prompt (default 4)")
     gen.add_argument("--max-tokens", type=int, help="response cap (default 96)")
     gen.add_argument("--repeats", type=int, help="measured rounds per configuration (default 3)")
+    gen.add_argument(
+        "--profile-rounds",
+        type=_at_least_one,
+        help="unmeasured runs of every fixed configuration before the measured rounds (default "
+        "4, 1 with --model); the oracle and every replay are charged the step times of these "
+        "and the measured rounds together, and fewer let timing noise into the oracle's edge",
+    )
     gen.add_argument("--ks", type=_ints, help="draft lengths tried, e.g. 1,2,4,8 (default)")
     gen.add_argument(
         "--drafters", type=_names, help="drafters, e.g. suffix,ngram,draft_model (default)"
@@ -139,6 +153,7 @@ def _workload_flags(args: argparse.Namespace) -> dict[str, Any]:
         "samples": args.samples,
         "max_tokens": args.max_tokens,
         "repeats": args.repeats,
+        "profile_rounds": args.profile_rounds,
         "ks": args.ks,
         "drafters": args.drafters,
     }

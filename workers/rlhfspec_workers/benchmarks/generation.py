@@ -393,7 +393,9 @@ def run_benchmark(
     plot(doc, out_dir / "generation.png")
     log(table(doc))
     if "oracle" in doc:
-        log("\n".join(summary(doc["oracle"])))
+        from .oracle_curse import summary as curse_summary
+
+        log("\n".join([*summary(doc["oracle"]), *curse_summary(doc["oracle"].get("curse"))]))
     if "expectation" in doc.get("oracle", {}):
         from .expectation_oracle import summary as expectation_summary
 

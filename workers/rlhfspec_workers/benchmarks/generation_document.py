@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from rlhfspec_workers.spec_decode.hindsight import StepCost
 
 from .hindsight_oracle import add_oracle, measured_draft_cost
+from .oracle_curse import winners_curse
 from .projection import projections
 from .selector_replay import ours_replayer
 from .workload import RunResult
@@ -89,6 +90,7 @@ def _replays(
         bench.shadows, runs, here, strategies, measured, cpu, by_iteration,
         ours, expectation,
     )  # fmt: skip
+    oracle["curse"] = winners_curse(bench.shadows, runs, here, strategies)
     out: dict[str, Any] = {"oracle": oracle}
     if s.cost_grid is not None:
         out["projections"] = projections(

@@ -39,6 +39,8 @@ from .hindsight_oracle import (
     ratio_of,
     token_seconds_of,
 )
+from .oracle_curse import summary as curse_summary
+from .oracle_curse import winners_curse
 from .selector_replay import replay_rounds
 from .workload import Settings
 
@@ -47,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhfspec bench selector-batches", description=__doc__)
     parser.add_argument("--batches", type=int, default=6, help="seeded shadow batches (6)")
     parser.add_argument("--rounds", type=int, default=3, help="replayed rounds of ours (3)")
+    parser.add_argument(
+        "--profile-rounds",
+        type=int,
+        help="runs of every fixed configuration, whose step times every replay is charged "
+        "(default 8, 2 with --quick: with 2, a quarter of the oracle's edge was timing noise; "
+        "see benchmarks.oracle_curse)",
+    )
     parser.add_argument("--target-size", default="512x8", help="as bench generation's")
     parser.add_argument("--quick", action="store_true", help="a tiny batch, for tests")
     parser.add_argument("--kit", type=Path, help="tiny-model kit directory")
@@ -81,8 +90,10 @@ def replay_report(bench: Bench, rounds: int) -> dict[str, Any]:
     best = ours["ours"]["best_fixed"]
     scorer = DraftProbabilities(bench.scorer, s.temperature)
     expectation = expectation_report(bench.shadows, cost, strategies, scorer, report)
+    curse = winners_curse(bench.shadows, bench.profile_runs, model, strategies)
     return {
         "batches": len(bench.shadows),
+        "curse": curse,
         "oracle": {"tokens_per_second": oracle, "over_off": ratio_of(oracle, off)},
         "expectation_oracle": expectation,
         "best_fixed": {"name": best, "tokens_per_second": report["replayed"][best]},
@@ -111,21 +122,25 @@ def summary(doc: dict[str, Any]) -> list[str]:
             f"  {name:<20} {row['tokens_per_second']:7.1f}  {row['over_oracle']}x oracle, "
             f"{row['over_best_fixed']}x best fixed, {row['over_off']}x off"
         )
-    return lines
+    return [*lines, *curse_summary(doc.get("curse"))]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.batches < 1 or args.rounds < 1:
-        print("rlhfspec bench selector-batches: --batches and --rounds must be >= 1")
+    profile_rounds = args.profile_rounds or (2 if args.quick else 8)
+    if args.batches < 1 or args.rounds < 1 or profile_rounds < 1:
+        print(
+            "rlhfspec bench selector-batches: --batches, --rounds and --profile-rounds must be >= 1"
+        )
         return 2
     settings = dataclasses.replace(
-        Settings(), target_size=args.target_size, calibration_cache=args.calibration_cache
+        Settings(),
+        target_size=args.target_size,
+        calibration_cache=args.calibration_cache,
+        profile_rounds=profile_rounds,
     )
     if args.quick:
-        settings = dataclasses.replace(
-            settings, prompts=2, samples=4, max_tokens=32, ks=(1, 4), profile_rounds=1
-        )
+        settings = dataclasses.replace(settings, prompts=2, samples=4, max_tokens=32, ks=(1, 4))
     if args.kit is not None:
         kit = args.kit
     else:

@@ -39,8 +39,10 @@ class Settings:
     seed: int = 0
     calibration_cache: Path | None = None
     recalibrate: bool = False
-    profile_rounds: int = 2
-    """Runs of every fixed strategy behind the oracle's and the hand-tuned schedules."""
+    profile_rounds: int = 4
+    """Runs of every fixed strategy behind the oracle's and the hand-tuned schedules (with the
+    measured rounds, the step times every replay is charged: with fewer, more of the oracle's
+    edge is timing noise, ``benchmarks.oracle_curse``)."""
     calibration_repeats: int = 2
     """Interleaved repeats of the cost grid (a worker start uses 1 to stay under a minute)."""
     model: str | None = None

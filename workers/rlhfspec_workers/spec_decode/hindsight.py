@@ -237,14 +237,18 @@ def replay_oracle(
     dynamic: Forkable | None = None,
     *,
     lookahead_batch: int = LOOKAHEAD_BATCH,
+    choose_cost: StepCost | None = None,
 ) -> Replay:
     """Per step, the strategy with the most tokens per second given the real acceptance; at
     or below ``lookahead_batch`` live sequences (0: never), the one whose greedy completion
-    finishes the batch soonest (the greedy choice first, so ties keep it)."""
+    finishes the batch soonest (the greedy choice first, so ties keep it). The oracle judges
+    by ``choose_cost`` where given (costs measured apart from those it is charged: how much
+    of its edge is the measurements' noise, ``benchmarks.oracle_curse``), else by ``cost``."""
     pool = _pool(strategies)
+    judge = cost if choose_cost is None else choose_cost
 
     def greedy(step: Step) -> Strategy:
-        return max(pool, key=lambda s: (step.gain(s) / charged_seconds(cost, step, s), -s[1]))
+        return max(pool, key=lambda s: (step.gain(s) / charged_seconds(judge, step, s), -s[1]))
 
     def finish_seconds(step: Step, strategy: Strategy) -> float:
         after = []
@@ -253,8 +257,8 @@ def replay_oracle(
             if moved < seq.length:
                 after.append((seq, moved))
         branch = dynamic.fork() if dynamic is not None else None
-        rest = _run(after, cost, greedy, branch).seconds if after else 0.0
-        return charged_seconds(cost, step, strategy) + rest
+        rest = _run(after, judge, greedy, branch).seconds if after else 0.0
+        return charged_seconds(judge, step, strategy) + rest
 
     def rollout(step: Step) -> Strategy:
         base = greedy(step)

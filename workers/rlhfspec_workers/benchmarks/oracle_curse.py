@@ -9,9 +9,10 @@ measured step costs, and it is charged those same costs. A (strategy, batch size
 its few fixed runs happened to measure fast (a quiet second of a shared machine) is picked
 more often and charged its lucky price, so the oracle's edge over the fixed configurations
 holds some of the measurements' noise, which no selector could exploit. On a 2-core Xeon
-with AMX, with one profile round per half, the oracle choosing by one half's costs and
-charged the other's kept only 0.74-0.87 of its tokens per second and fell below the best
-fixed configuration in three of four halves; with four rounds per half it kept 0.94-0.96.
+with AMX (24 tiny batches), with one profile run per configuration and half, the oracle
+choosing by one half's costs and charged the other's kept 0.79 and 0.87 of its tokens per
+second and fell below the best fixed configuration in one half; with four runs per half it
+kept 0.95 and 0.96.
 
 So the runs of every fixed configuration are split into two halves (its first runs and its
 last), each half's measured costs (``hindsight_oracle.measured_cost``) charge two oracles: one

@@ -15,7 +15,12 @@ from rlhfspec_workers.generation.cost_learner import CostLearner
 from rlhfspec_workers.generation.draft_strategy import DraftChoice, FixedStrategy, StepFeedback
 from rlhfspec_workers.generation.records import StepRecord
 from rlhfspec_workers.spec_decode.cost_model import CostModel
-from rlhfspec_workers.spec_decode.cost_records import CostSample, CostTableKey, DrafterCost
+from rlhfspec_workers.spec_decode.cost_records import (
+    CostSample,
+    CostTableKey,
+    DrafterCost,
+    bookkeeping_at,
+)
 from rlhfspec_workers.spec_decode.draft_cost_online import (
     DRAFT_CLIP,
     DRAFT_PRIOR,
@@ -102,6 +107,23 @@ def test_the_model_learns_a_fixed_part_calibration_missed_for_each_k_drafted() -
     # hold the proposer's bookkeeping, which the verification samples already include.
     cm.observe_draft("suffix", 64, 4, 0.01)
     assert cm.draft_seconds("suffix", 64, 4) == pytest.approx(0.0002)
+
+
+def test_the_proposers_own_bookkeeping_is_not_learned_as_drafting() -> None:
+    """A drafting call is the proposer's whole call; calibration charges the draft model only
+    what it adds to the bookkeeping every verification sample already holds."""
+    cm = model()
+    cm.bookkeeping = ((1, 0.0002), (64, 0.0012))
+    for _ in range(300):
+        cm.observe_draft("draft_model", 64, 2, true_draft(64, 2) + 0.0012)
+        cm.observe_draft("draft_model", 32, 2, true_draft(32, 2) + bookkeeping_at(
+            {1: 0.0002, 64: 0.0012}, 32
+        ))  # fmt: skip
+    for b in (32, 64):
+        assert cm.draft_seconds("draft_model", b, 2) == pytest.approx(true_draft(b, 2), rel=0.05)
+    assert bookkeeping_at({1: 0.0002, 64: 0.0012}, 32) == pytest.approx(0.0002 + 31 / 63 * 0.001)
+    assert bookkeeping_at({4: 0.0004}, 8) == pytest.approx(0.0008)  # per row beyond the ends
+    assert bookkeeping_at({}, 8) == 0.0
 
 
 def test_learned_drafting_costs_survive_a_reload_and_a_later_calibration() -> None:

@@ -22,7 +22,13 @@ from typing import TYPE_CHECKING
 from rlhfspec_workers.drafters.base import DraftRow
 from rlhfspec_workers.spec_decode.calibration_grid import calibration_order, calibration_plan
 from rlhfspec_workers.spec_decode.cost_model import CostModel
-from rlhfspec_workers.spec_decode.cost_records import OFF, CostSample, CostTableKey, DrafterCost
+from rlhfspec_workers.spec_decode.cost_records import (
+    OFF,
+    CostSample,
+    CostTableKey,
+    DrafterCost,
+    bookkeeping_at,
+)
 
 from .cost_cache import cost_table_key
 from .draft_strategy import DraftChoice
@@ -180,20 +186,6 @@ def _ranks(batches: Sequence[int]) -> list[int]:
     return [pos[b] for b in batches]
 
 
-def _interp_base(base: Mapping[int, float], batch_size: int) -> float:
-    """Proposer bookkeeping per step at B, from the batch sizes where it was measured."""
-    if not base:
-        return 0.0
-    if batch_size in base:
-        return base[batch_size]
-    xs = sorted(base)
-    lo = max((x for x in xs if x < batch_size), default=xs[0])
-    hi = min((x for x in xs if x > batch_size), default=xs[-1])
-    if lo == hi:
-        return base[lo] * batch_size / lo  # per-row bookkeeping: proportional beyond the ends
-    return base[lo] + (batch_size - lo) / (hi - lo) * (base[hi] - base[lo])
-
-
 def calibrate_engine(
     engine: GenerationEngine,
     *,
@@ -330,7 +322,7 @@ def calibrate_engine(
             name,
             0.0,
             tuple(
-                (b, max(0.0, seconds - _interp_base(bookkeeping, b)) / draft_k)
+                (b, max(0.0, seconds - bookkeeping_at(bookkeeping, b)) / draft_k)
                 for b, seconds in drafted.get(name, [])
             ),
         )

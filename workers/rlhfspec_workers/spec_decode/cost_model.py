@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .cost_online import KNOWN_EVIDENCE, REFIT_EVERY, OnlineEvidence
-from .cost_records import OFF, CostSample, CostTableKey, DrafterCost
+from .cost_records import OFF, CostSample, CostTableKey, DrafterCost, bookkeeping_at
 from .cost_surface import MonotoneCurve, fill_unmeasured, grid_value, make_monotone
 from .draft_cost_online import OnlineDraftCost, StoredCell
 
@@ -294,16 +294,18 @@ class CostModel:
             self.refresh()
 
     def observe_draft(self, drafter: str, batch: int, k: int, seconds: float) -> None:
-        """Learn from one measured drafting call (``draft_cost_online``): only for a drafter
-        calibrated from measured calls (a draft model), whose calibrated cost is the same
-        quantity; a model-free drafter's lookups are priced by its overhead alone, the
-        proposer's bookkeeping being inside every verification sample."""
+        """Learn from one measured drafting call, the proposer's whole call (``seconds``;
+        ``draft_cost_online``). Calibration charges a drafter what its calls add to the
+        proposer's own bookkeeping, which every verification sample holds, so that part is
+        taken off first. Only for a drafter calibrated from measured calls (a draft model):
+        a model-free drafter's lookups are priced by its overhead alone."""
         model = self._drafters.get(drafter)
         if model is None or not model.cost.per_token or k < 1 or batch < 1:
             return
         base = self.calibrated_draft_seconds(drafter, batch, k)
-        if base > 0.0 and seconds > 0.0 and math.isfinite(seconds):
-            self._draft_online.observe(drafter, batch, k, math.log(seconds / base))
+        added = seconds - bookkeeping_at(dict(self.bookkeeping), batch)
+        if base > 0.0 and added > 0.0 and math.isfinite(added):
+            self._draft_online.observe(drafter, batch, k, math.log(added / base))
 
     def refresh(self) -> None:
         """Rebuild the queried grid from the calibrated one and the online evidence."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 OFF = "off"
@@ -63,3 +64,20 @@ class CostTableKey:
         """A file-name / Redis-key safe id, stable across runs."""
         raw = f"{self.model_id}@{self.hardware_id}"
         return re.sub(r"[^A-Za-z0-9._-]+", "_", raw).strip("_")
+
+
+def bookkeeping_at(measured: Mapping[int, float], batch_size: int) -> float:
+    """The proposer's own per-step seconds at B (its drafting call with nothing to draft:
+    rows, feedback, index updates), from the batch sizes where calibration measured it:
+    linear between them, proportional to B beyond the ends (it is per-row work); 0 unmeasured.
+    Inside every verification sample, so a drafter is charged only what it adds to it."""
+    if not measured:
+        return 0.0
+    if batch_size in measured:
+        return measured[batch_size]
+    xs = sorted(measured)
+    lo = max((x for x in xs if x < batch_size), default=xs[0])
+    hi = min((x for x in xs if x > batch_size), default=xs[-1])
+    if lo == hi:
+        return measured[lo] * batch_size / lo
+    return measured[lo] + (batch_size - lo) / (hi - lo) * (measured[hi] - measured[lo])

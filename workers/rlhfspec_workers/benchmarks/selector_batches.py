@@ -127,7 +127,9 @@ def summary(doc: dict[str, Any]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    profile_rounds = args.profile_rounds or (2 if args.quick else 8)
+    profile_rounds = args.profile_rounds
+    if profile_rounds is None:
+        profile_rounds = 2 if args.quick else 8
     if args.batches < 1 or args.rounds < 1 or profile_rounds < 1:
         print(
             "rlhfspec bench selector-batches: --batches, --rounds and --profile-rounds must be >= 1"

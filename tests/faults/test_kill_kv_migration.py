@@ -59,6 +59,10 @@ def _manifest() -> dict[str, Any]:
             "generation": {
                 "replicas": 2,
                 "maxNewTokens": MAX_TOKENS,
+                # fp32 on every CPU: in bf16 (native on AMX machines) a sample computed in
+                # another batch, or from a moved KV cache, rounds differently (log-probs
+                # 4e-3 apart), and greedy tokens may flip at near-ties.
+                "dtype": "float32",
                 "speculative": {"mode": "off"},
                 "reallocation": {"enabled": False, "migration": "kv"},
             },

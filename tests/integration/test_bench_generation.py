@@ -116,10 +116,14 @@ def test_quick_generation_benchmark_runs_every_configuration(
     assert all(row["tokens_per_second"] > 0 for row in known.values())
     assert "per-step acceptance known for" in proc.stdout
     # The oracle judged by the other half of the fixed runs' costs (profile and measured
-    # round: two runs each) keeps at most what it gets judged by its own.
+    # round: two runs each). Its greedy schedule is no exact optimum, so on a batch this small
+    # the other half's costs may by chance schedule better: kept is only checked for being
+    # the ratio of the halves' sums.
     curse = oracle["curse"]
-    assert len(curse["halves"]) == 2 and 0 < curse["kept"] <= 1.0 + 1e-9
-    assert all(h["other_half"] <= h["same_half"] * (1 + 1e-9) for h in curse["halves"])
+    halves = curse["halves"]
+    assert len(halves) == 2 and all(h["same_half"] > 0 and h["other_half"] > 0 for h in halves)
+    kept = sum(h["other_half"] for h in halves) / sum(h["same_half"] for h in halves)
+    assert curse["kept"] == pytest.approx(kept, abs=2e-3)
     assert "winner's curse" in proc.stdout
     # ...and on the other machine's grid, where drafting pays more than here.
     flat = doc["projections"]["models"]["flat"]
@@ -169,5 +173,5 @@ def test_selector_batches_replays_ours_and_both_oracles_over_seeded_batches(
     assert "expectation oracle" in proc.stdout
     assert doc["expectation_oracle"]["knowledge"]["none"]["tokens_per_second"] > 0
     assert "per-step acceptance known only for" in proc.stdout
-    assert 0 < doc["curse"]["kept"] <= 1.0 + 1e-9  # --quick profiles twice: two halves
+    assert doc["curse"]["kept"] > 0  # --quick profiles twice: two halves
     assert "winner's curse" in proc.stdout

@@ -18,7 +18,10 @@ So the runs of every fixed configuration are split into two halves (its first ru
 last), each half's measured costs (``hindsight_oracle.measured_cost``) charge two oracles: one
 choosing by the same half's costs, one by the other half's. The ratio of the two is the share
 of the oracle's edge that survives costs measured apart from those it is charged; the first
-is the oracle as the report computes it, on half the runs. Pure Python.
+is the oracle as the report computes it, on half the runs. The oracle chooses greedily (with a
+lookahead in the tail), not by an exact optimum, so on a small batch the other half's costs
+can by chance schedule a little better: a ratio slightly above 1 means no measurable curse.
+Pure Python.
 """
 
 from __future__ import annotations

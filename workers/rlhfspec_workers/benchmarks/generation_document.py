@@ -15,14 +15,13 @@ replayed on the same batches (``hindsight_oracle.add_oracle``), the expectation 
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from rlhfspec_workers.spec_decode.hindsight import StepCost
 
-from .hindsight_oracle import add_oracle, measured_draft_cost
+from .hindsight_oracle import add_oracle
 from .oracle_curse import winners_curse
 from .projection import projections
 from .selector_replay import ours_replayer
@@ -82,8 +81,7 @@ def _replays(
     runs = [*bench.profile_runs, *((r.config, r.steps) for r in bench.results)]
     strategies = [(d, k) for d in s.drafters for k in s.ks]
     here = bench.cost_model
-    drafting = measured_draft_cost(runs, here.draft_seconds)
-    options = dataclasses.replace(bench.replay_options, draft_seconds=drafting)
+    options = bench.replay_options.with_drafting(runs, here)
     ours = ours_replayer(lambda: bench.fresh_ours(here), bench.shadows, options, s.repeats)
     expectation = _expectation(bench, strategies) if s.expectation_oracle else None
     oracle = add_oracle(

@@ -86,6 +86,23 @@ def strategy_of(config: str) -> Strategy | None:
     return None
 
 
+def _timings(
+    runs: Iterable[tuple[str, Sequence[StepRecord]]],
+    pick: Callable[[Strategy, StepRecord], StepTiming | None],
+) -> list[StepTiming]:
+    """``pick``'s timing of every step (of at least one row) of every fixed-strategy run."""
+    records: list[StepTiming] = []
+    for config, steps in runs:
+        strategy = strategy_of(config)
+        if strategy is None:
+            continue
+        for step in steps:
+            timing = pick(strategy, step) if step.batch_size >= 1 else None
+            if timing is not None:
+                records.append(timing)
+    return records
+
+
 def measured_cost(
     runs: Iterable[tuple[str, Sequence[StepRecord]]],
     fallback: StepCost,
@@ -97,18 +114,18 @@ def measured_cost(
 
     A step record's drafter/k describe the drafts verified in that step, which the step
     before made; a fixed run verifies the same strategy every step but its first."""
-    records: list[StepTiming] = []
-    for config, steps in runs:
-        strategy = strategy_of(config)
-        if strategy is None:
-            continue
-        for step in steps:
-            if step.batch_size >= 1:
-                verified = strategy if step.k > 0 or strategy[1] == 0 else (OFF, 0)
-                records.append(
-                    StepTiming(verified, step.batch_size, step.step_seconds, step.num_draft_tokens)
-                )
-    return step_cost_table(records, fallback, token_seconds)
+
+    def verified(strategy: Strategy, step: StepRecord) -> StepTiming:
+        drafted = strategy if step.k > 0 or strategy[1] == 0 else (OFF, 0)
+        return StepTiming(drafted, step.batch_size, step.step_seconds, step.num_draft_tokens)
+
+    return step_cost_table(_timings(runs, verified), fallback, token_seconds)
+
+
+def priced_cost(runs: Iterable[tuple[str, Sequence[StepRecord]]], model: CostModel) -> MeasuredCost:
+    """:func:`measured_cost` with the calibrated table as the fallback and the per-token
+    price: the step costs every replay of the bench charges."""
+    return measured_cost(runs, model.step_seconds, token_seconds_of(model))
 
 
 def measured_draft_cost(
@@ -117,15 +134,13 @@ def measured_draft_cost(
     """Drafting seconds per (strategy, batch size) from the same fixed runs: the part of each
     step spent drafting the next step's tokens (``StepRecord.draft_seconds``), which a replay
     reports to ours' cost learner as a worker's step records do (``ReplayOptions``)."""
-    records: list[StepTiming] = []
-    for config, steps in runs:
-        strategy = strategy_of(config)
-        if strategy is None or strategy[1] == 0:
-            continue
-        for step in steps:
-            if step.batch_size >= 1 and step.next_k > 0 and step.prefill_tokens == 0:
-                records.append(StepTiming(strategy, step.batch_size, step.draft_seconds))
-    return step_cost_table(records, fallback)
+
+    def drafting(strategy: Strategy, step: StepRecord) -> StepTiming | None:
+        if strategy[1] == 0 or step.next_k == 0 or step.prefill_tokens > 0:
+            return None
+        return StepTiming(strategy, step.batch_size, step.draft_seconds)
+
+    return step_cost_table(_timings(runs, drafting), fallback)
 
 
 def token_seconds_of(model: CostModel) -> Callable[[int], float]:
@@ -234,7 +249,7 @@ def add_oracle(
     fixed configurations' replays (``ours_replayed``), free of timing noise. ``expectation``:
     the expectation oracle's report on the same step costs, given this one
     (``expectation_oracle.expectation_report``)."""
-    cost = measured_cost(runs, model.step_seconds, token_seconds_of(model))
+    cost = priced_cost(runs, model)
     report = oracle_report(shadows, cost, strategies, medians, by_iteration)
     report["cost_fit"] = cost_fit(cost)
     if ours is not None:

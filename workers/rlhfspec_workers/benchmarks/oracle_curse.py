@@ -40,10 +40,9 @@ from rlhfspec_workers.spec_decode.hindsight import (
 
 from .hindsight_oracle import (
     IterationTraces,
-    measured_cost,
+    priced_cost,
     ratio_of,
     strategy_of,
-    token_seconds_of,
     tokens_per_second_of,
 )
 
@@ -103,7 +102,7 @@ def winners_curse(
     split = halves(runs)
     if split is None:
         return None
-    costs = [measured_cost(h, model.step_seconds, token_seconds_of(model)) for h in split]
+    costs = [priced_cost(h, model) for h in split]
     rows: list[dict[str, Any]] = []
     same_total = apart_total = 0.0
     for charged, judged in ((0, 1), (1, 0)):

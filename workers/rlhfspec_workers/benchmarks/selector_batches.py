@@ -32,12 +32,10 @@ from rlhfspec_workers.generation.adaptive import AdaptiveStrategy
 from .expectation_oracle import DraftProbabilities, expectation_report, knowledge_arms
 from .generation import Bench
 from .hindsight_oracle import (
-    measured_cost,
-    measured_draft_cost,
     oracle_report,
     ours_versus_replays,
+    priced_cost,
     ratio_of,
-    token_seconds_of,
 )
 from .oracle_curse import summary as curse_summary
 from .oracle_curse import winners_curse
@@ -73,9 +71,8 @@ def shadow_batches(bench: Bench, batches: int) -> None:
 def replay_report(bench: Bench, rounds: int) -> dict[str, Any]:
     s = bench.settings
     model = bench.cost_model
-    cost = measured_cost(bench.profile_runs, model.step_seconds, token_seconds_of(model))
-    drafting = measured_draft_cost(bench.profile_runs, model.draft_seconds)
-    options = dataclasses.replace(bench.replay_options, draft_seconds=drafting)
+    cost = priced_cost(bench.profile_runs, model)
+    options = bench.replay_options.with_drafting(bench.profile_runs, model)
     strategies = [(d, k) for d in s.drafters for k in s.ks]
     report = oracle_report(bench.shadows, cost, strategies, {})
     oracle, off = report["replayed_tokens_per_second"], report["replayed"]["k0"]

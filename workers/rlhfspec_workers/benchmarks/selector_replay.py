@@ -23,11 +23,11 @@ mean of what fixed runs measured there, adjusted for the draft tokens it verifie
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
-from rlhfspec_workers.benchmarks.hindsight_oracle import IterationTraces
+from rlhfspec_workers.benchmarks.hindsight_oracle import IterationTraces, measured_draft_cost
 from rlhfspec_workers.generation.draft_strategy import (
     ChoosesWithDrafts,
     DraftChoice,
@@ -38,6 +38,7 @@ from rlhfspec_workers.generation.draft_strategy import (
 )
 from rlhfspec_workers.generation.proposer import SIDE_DRAFT_ROWS
 from rlhfspec_workers.generation.records import StepRecord
+from rlhfspec_workers.spec_decode.cost_model import CostModel
 from rlhfspec_workers.spec_decode.hindsight import (
     OFF,
     Dynamic,
@@ -64,6 +65,13 @@ class ReplayOptions:
     """(drafter, batch size, k) -> seconds a drafting call took in the fixed runs
     (``hindsight_oracle.measured_draft_cost``): what each replayed step reports as its
     drafting time, as a worker's step records do. None: reported as 0 (nothing measured)."""
+
+    def with_drafting(
+        self, runs: Iterable[tuple[str, Sequence[StepRecord]]], model: CostModel
+    ) -> ReplayOptions:
+        """These options reporting the drafting time ``runs`` (fixed-strategy runs)
+        measured, the calibrated table filling what they did not run."""
+        return replace(self, draft_seconds=measured_draft_cost(runs, model.draft_seconds))
 
 
 def _proposed(step: Step, i: int, drafter: str, cap: int) -> int:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -213,3 +214,15 @@ def test_steps_say_which_prefilled_and_how_long_the_worker_took_between_them(
     assert all(s.prefill_tokens == 0 for s in steps[1:])
     assert all(s.gap_seconds >= 0.0 for s in steps)
     assert sum(s.gap_seconds for s in steps[1:]) > 0.0
+    # A worker waiting for tasks is idle, not working between steps: the first step after
+    # the engine ran dry is timed from the first submission, so the wait is not in its gap
+    # (it would price the prefill at the wait's length per prompt).
+    idle = 0.5
+    time.sleep(idle)
+    engine.generate_all(
+        [PromptInput(prompt=prompts[0], prompt_id="again", n=1)],
+        SamplingConfig(temperature=0.0, max_tokens=4),
+    )
+    again = engine.drain_steps()
+    assert again[0].prefill_tokens > 0
+    assert again[0].gap_seconds < idle / 5

@@ -244,6 +244,7 @@ class GenerationEngine:
                     raise ValueError("this engine was built without kv_migration")
                 self.kv.deposit(prompt["prompt_token_ids"], kv)
         self._submitted += 1
+        self.recorder.work_arrived()
         request_id = request_id or f"{self._submitted}:{p.prompt_id}/{index}"
         params = vllm_args.sampling_params(
             sampling, p, index,
@@ -283,6 +284,8 @@ class GenerationEngine:
             self._top_logprobs.pop(r, None)
         if ids:
             self.engine.abort_request(ids)
+        if not self.engine.has_unfinished_requests():
+            self.recorder.ran_dry()
 
     def export_kv(self, request_id: str) -> KVState | None:
         """The KV a running request has computed so far (call before :meth:`preempt`); None
@@ -393,7 +396,7 @@ class GenerationEngine:
         )
 
     def _step(self) -> list[Any]:
-        return self.recorder.run(self.engine.step)
+        return self.recorder.run(self.engine.step, self.engine.has_unfinished_requests)
 
     @property
     def steps(self) -> list[StepRecord]:

@@ -105,5 +105,8 @@ class StepRecord:
     so its time says nothing of decoding at this batch size alone."""
     gap_seconds: float = 0.0
     """Wall time from the end of the previous engine step to the start of this one: the
-    worker's own work between steps (Redis reads, admission, load reports), or idle time
-    when nothing ran. step + gap is how fast a running sample really advances."""
+    worker's own work between steps (Redis reads, admission, load reports). Idle time is
+    left out: after a step that left the engine without requests, the gap runs from the
+    next submission (a worker waiting seconds for tasks would otherwise price its next
+    prefill at seconds per prompt). step + gap is how fast a running sample really
+    advances."""

@@ -134,8 +134,24 @@ class StepRecorder:
         self._pending_choice = NO_DRAFT
         """What the proposer chose last step: the drafts this step verifies."""
 
-    def run(self, step: Callable[[], list[Any]]) -> list[Any]:
-        """One engine step (``LLMEngine.step``), recorded; returns its outputs."""
+    def work_arrived(self) -> None:
+        """A request was submitted: if the engine had run dry, the worker's own work before
+        the next step (admitting the rest of the tasks) is timed from now."""
+        if self._last_end is None:
+            self._last_end = time.perf_counter()
+
+    def ran_dry(self) -> None:
+        """The engine has no requests left without a step ending them (they were aborted or
+        moved away): what follows is idle until :meth:`work_arrived`."""
+        self._last_end = None
+
+    def run(
+        self, step: Callable[[], list[Any]], busy: Callable[[], bool] | None = None
+    ) -> list[Any]:
+        """One engine step (``LLMEngine.step``), recorded; returns its outputs. ``busy``
+        (whether requests remain after the step): once the engine runs dry, the time until work
+        arrives again is idle, not the worker's work between steps, so the next step's gap
+        starts at :meth:`work_arrived`."""
         started = time.perf_counter()
         gap = 0.0 if self._last_end is None else started - self._last_end
         outputs: list[Any] = step()
@@ -175,7 +191,7 @@ class StepRecorder:
         )
         self._index += 1
         self.steps.append(record)
-        self._last_end = time.perf_counter()
+        self._last_end = time.perf_counter() if busy is None or busy() else None
         return outputs
 
     def drain(self) -> list[StepRecord]:

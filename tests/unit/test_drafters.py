@@ -107,7 +107,10 @@ def test_suffix_add_history_from_elsewhere() -> None:
 # -- draft model ----------------------------------------------------------------------------
 
 
-def test_llama_forward_matches_transformers(llama_dir: Path) -> None:
+@pytest.mark.parametrize("slot_order", [(2, 0, 1), (0, 1, 2)])
+def test_llama_forward_matches_transformers(llama_dir: Path, slot_order: tuple[int, ...]) -> None:
+    """Rows scattered over the cache's slots, or filling them in order (attention then runs
+    on the queries as they are): either way HF's logits, grouped-query attention included."""
     from transformers import LlamaForCausalLM
 
     hf = LlamaForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
@@ -117,7 +120,7 @@ def test_llama_forward_matches_transformers(llama_dir: Path) -> None:
     for i, s in enumerate(seqs):
         tokens[i, : len(s)] = s
     lengths = torch.tensor([len(s) for s in seqs])
-    slots = torch.tensor([2, 0, 1])
+    slots = torch.tensor(slot_order)
     first = model.forward(tokens, slots, torch.zeros(3, dtype=torch.long), lengths)
     extra = torch.randint(0, 96, (3, 2))
     second = model.forward(extra, slots, lengths, torch.tensor([2, 1, 2]))

@@ -15,7 +15,6 @@ default RoPE, GQA, SiLU MLP, tied or separate head).
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -170,17 +169,15 @@ class LlamaDraftModel:
         return sum(t.numel() for t in tensors)
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * xf.to(x.dtype)
+        # Normalised in float32 and cast back before the weight, as HF's LlamaRMSNorm does.
+        return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
-    def _rope(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        # x: [B, T, H, D]; HF's rotate-half convention.
-        cos = self.cos[pos].unsqueeze(2)
-        sin = self.sin[pos].unsqueeze(2)
-        x1, x2 = x.float().chunk(2, dim=-1)
-        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        return rotated.to(x.dtype)
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x: [B, T, H, D]; cos, sin: [B, T, 1, D/2] in x's dtype (HF's rotate-half convention,
+        # computed in the model's dtype as HF does).
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
     @torch.inference_mode()
     def forward(
@@ -200,48 +197,51 @@ class LlamaDraftModel:
         kv_len = int((start + t).max())
         n_slots = int(slots.max()) + 1
         slot_bt = slots[:, None].expand(bsz, t)
-        # Attention runs over slots 0..n_slots-1; slots outside the batch get position 0 and
-        # their (discarded) output costs little because callers keep slots compact.
-        slot_pos = torch.zeros((n_slots, t), dtype=pos.dtype, device=self.device)
-        slot_pos[slots] = pos
-        # Query t of a slot may see keys 0..its position.
+        # Attention runs over slots 0..n_slots-1, straight on the cache (a strided view, no
+        # copy). When the batch is exactly those slots in order (the usual case: callers keep
+        # slots compact) the queries are used as they are; otherwise they are scattered into
+        # slot order, and slots outside the batch get position 0 (their discarded output
+        # costs little because slots are compact).
+        in_order = n_slots == bsz and bool(
+            torch.equal(slots, torch.arange(bsz, device=self.device))
+        )
+        slot_pos = pos
+        if not in_order:
+            slot_pos = torch.zeros((n_slots, t), dtype=pos.dtype, device=self.device)
+            slot_pos[slots] = pos
+        # Query t of a slot may see keys 0..its position: [slot, 1, T, kv_len].
         mask = (
             torch.arange(kv_len, device=self.device)[None, None, None, :]
             <= slot_pos[:, None, :, None]
         )
+        cos = self.cos[pos].unsqueeze(2).to(self.dtype)
+        sin = self.sin[pos].unsqueeze(2).to(self.dtype)
         x = F.embedding(tokens, self.embed)
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
-        group = self.num_heads // self.num_kv_heads
-        scale = 1.0 / math.sqrt(self.head_dim)
+        grouped = self.num_heads != self.num_kv_heads
         for i, layer in enumerate(self.layers):
             h = self._rms(x, layer["ln1"])
             qkv = h @ layer["qkv"].T
             q, k, v = qkv[..., :q_size], qkv[..., q_size : q_size + kv_size], qkv[..., -kv_size:]
-            q = self._rope(q.view(bsz, t, self.num_heads, self.head_dim), pos)
-            k = self._rope(k.view(bsz, t, self.num_kv_heads, self.head_dim), pos)
+            q = self._rope(q.view(bsz, t, self.num_heads, self.head_dim), cos, sin)
+            k = self._rope(k.view(bsz, t, self.num_kv_heads, self.head_dim), cos, sin)
             v = v.view(bsz, t, self.num_kv_heads, self.head_dim)
             self.k_cache[i][slot_bt, :, pos] = k
             self.v_cache[i][slot_bt, :, pos] = v
             keys = self.k_cache[i, :n_slots, :, :kv_len]
             values = self.v_cache[i, :n_slots, :, :kv_len]
-            # [slot, kv_head, group, T, D]: grouped heads share their kv head without a copy.
-            q_slots = torch.zeros(
-                (n_slots, t, self.num_heads, self.head_dim), dtype=q.dtype, device=self.device
-            )
-            q_slots[slots] = q
-            q_slots = q_slots.view(n_slots, t, self.num_kv_heads, group, self.head_dim)
-            q_slots = q_slots.permute(0, 2, 3, 1, 4).reshape(
-                n_slots, self.num_kv_heads, group * t, self.head_dim
-            )
-            scores = (q_slots @ keys.transpose(-1, -2)) * scale
-            scores = scores.view(n_slots, self.num_kv_heads, group, t, kv_len)
-            scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
-            probs = scores.float().softmax(-1).to(values.dtype)
-            out = probs.view(n_slots, self.num_kv_heads, group * t, kv_len) @ values
-            out = out.view(n_slots, self.num_kv_heads, group, t, self.head_dim)[slots]
-            attn = out.permute(0, 3, 1, 2, 4).reshape(bsz, t, q_size)
-            x = x + attn @ layer["o"].T
+            if not in_order:
+                scattered = q.new_zeros((n_slots, t, self.num_heads, self.head_dim))
+                scattered[slots] = q
+                q = scattered
+            # torch's fused CPU attention: no [slot, head, T, kv_len] float scores in memory.
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=grouped
+            ).transpose(1, 2)
+            if not in_order:
+                out = out[slots]
+            x = x + out.reshape(bsz, t, q_size) @ layer["o"].T
             h = self._rms(x, layer["ln2"])
             gate, up = (h @ layer["gate_up"].T).chunk(2, dim=-1)
             x = x + (F.silu(gate) * up) @ layer["down"].T

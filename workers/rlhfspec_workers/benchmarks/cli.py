@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--samples", type=int, help="samples per prompt (default 4)")
     gen.add_argument("--max-tokens", type=int, help="response cap (default 96)")
-    gen.add_argument("--repeats", type=int, help="measured rounds per configuration (default 3)")
+    gen.add_argument(
+        "--repeats", type=int, help="measured rounds per configuration (default 10; --model 3)"
+    )
     gen.add_argument(
         "--profile-rounds",
         type=_at_least_one,

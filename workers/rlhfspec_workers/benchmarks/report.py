@@ -77,19 +77,22 @@ def table(doc: Mapping[str, Any]) -> str:
     configs = doc["configs"]
     wall, cpu = doc["ratios"], doc["ratios_cpu"]
     width = max(len(n) for n in configs) + 2
+    pairs = wall.get("paired_ours_over", {})
     lines = [
         f"{'configuration':<{width}}{'tok/s':>9}{'ours/this':>11}{'tok/cpu-s':>11}"
-        f"{'ours/this':>11}{'runs':>6}{'accept len':>12}"
+        f"{'ours/this':>11}{'runs':>6}{'accept len':>12}  ours/this by round (quartiles)"
     ]
     for name in sorted(configs, key=lambda n: -configs[n]["median_tokens_per_second"]):
         c = configs[name]
         lens = [x["mean_accepted_length"] for x in c["runs"] if x["mean_accepted_length"]]
         accept = f"{sorted(lens)[len(lens) // 2]:.2f}" if lens else "-"
+        q = pairs.get(name)
+        by_round = f"{q[1]:.3f}x ({q[0]:.2f}-{q[2]:.2f})" if q else "-"
         lines.append(
             f"{name:<{width}}{c['median_tokens_per_second']:>9.1f}"
             f"{_x(wall['ours_over'].get(name)):>11}"
             f"{c['median_tokens_per_cpu_second']:>11.1f}{_x(cpu['ours_over'].get(name)):>11}"
-            f"{len(c['runs']):>6}{accept:>12}"
+            f"{len(c['runs']):>6}{accept:>12}  {by_round}"
         )
     for label, ratios_ in (("wall clock", wall), ("CPU time", cpu)):
         lines.append(f"targets ({label}):")

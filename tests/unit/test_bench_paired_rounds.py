@@ -3,13 +3,26 @@
 
 from __future__ import annotations
 
-from rlhfspec_workers.benchmarks.generation_document import medians, paired
+import dataclasses
+
+from rlhfspec_workers.benchmarks.generation_document import medians, noise_floor, paired
 from rlhfspec_workers.benchmarks.report import ratios, table
 from rlhfspec_workers.benchmarks.workload import RunResult
+from rlhfspec_workers.generation.records import StepRecord
+
+PLAIN_STEP = StepRecord(
+    step=0, batch_size=4, num_finished=0, drafter="off", k=0, num_drafts=0,
+    num_draft_tokens=0, num_accepted_tokens=0, accepted_per_pos=(), drafted_per_pos=(),
+    proposer_draft_tokens=-1, proposer_accepted_tokens=-1, next_drafter="off", next_k=0,
+    next_draft_tokens=0, step_seconds=0.1, draft_seconds=0.0,
+)  # fmt: skip
 
 
-def run(config: str, round_index: int, seconds: float, tokens: int = 100) -> RunResult:
-    return RunResult(config, round_index, seconds, seconds, tokens, 4)
+def run(
+    config: str, round_index: int, seconds: float, tokens: int = 100, drafted: int = 0
+) -> RunResult:
+    steps = [dataclasses.replace(PLAIN_STEP, num_draft_tokens=drafted)]
+    return RunResult(config, round_index, seconds, seconds, tokens, 4, steps)
 
 
 def test_a_slow_round_moves_the_medians_apart_but_not_the_paired_ratio() -> None:
@@ -51,3 +64,23 @@ def test_quartiles_spread_with_the_rounds_and_the_table_prints_them() -> None:
     }
     off_line = next(line for line in table(doc).splitlines() if line.startswith("off"))
     assert f"1.600x ({q1:.2f}-{q3:.2f})" in off_line
+
+
+def test_the_noise_floor_is_the_spread_of_configurations_that_did_identical_work() -> None:
+    results = [
+        *(run("off", r, s) for r, s in enumerate([1.0, 1.2, 1.0])),
+        *(run("k0", r, s) for r, s in enumerate([1.1, 1.0, 1.5])),
+        # Ours drafted nothing and sampled what plain decoding did: identical work.
+        *(run("ours", r, s) for r, s in enumerate([1.0, 1.0, 1.0])),
+        # Drafted: other work, however alike its times.
+        *(run("fixed:suffix:2", r, 1.0, drafted=8) for r in range(3)),
+        # Nothing drafted but other tokens (it sampled differently): other work.
+        *(run("bandit", r, 1.0, tokens=90) for r in range(3)),
+    ]
+    noise = noise_floor(results)
+    assert noise is not None
+    assert noise["configs"] == ["k0", "off", "ours"]
+    assert noise["total_spread"] == round(3.6 / 3.0, 3)
+    assert noise["round_spread_max"] == 1.5
+    assert noise["round_spread_median"] == 1.2
+    assert noise_floor([r for r in results if r.config in ("off", "fixed:suffix:2")]) is None

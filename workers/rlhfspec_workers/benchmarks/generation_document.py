@@ -77,6 +77,43 @@ def paired(results: Sequence[RunResult], ours: str = "ours") -> dict[str, list[f
     return out
 
 
+def noise_floor(results: Sequence[RunResult]) -> dict[str, Any] | None:
+    """The machine's timing noise, measured inside the run: configurations that did identical
+    work (nothing drafted in any run, and in every round and iteration as many tokens as plain
+    decoding: common seeds make them sample the same tokens) differ only by noise. None when
+    fewer than two did. A ratio between configurations closer to 1 than this spread cannot
+    be told from noise on this machine."""
+    cells: dict[str, dict[tuple[int, int], RunResult]] = {}
+    for r in results:
+        cells.setdefault(r.config, {})[(r.round, r.iteration)] = r
+    off = cells.get("off")
+    if not off:
+        return None
+    same = sorted(
+        name
+        for name, runs in cells.items()
+        if runs.keys() == off.keys()
+        and all(
+            run.tokens == off[key].tokens and not any(s.num_draft_tokens for s in run.steps)
+            for key, run in runs.items()
+        )
+    )
+    if len(same) < 2:
+        return None
+    totals = {name: sum(run.seconds for run in cells[name].values()) for name in same}
+    spreads = [
+        max(cells[n][key].seconds for n in same) / min(cells[n][key].seconds for n in same)
+        for key in off
+    ]
+    return {
+        "configs": same,
+        "total_seconds": {name: round(t, 3) for name, t in totals.items()},
+        "total_spread": round(max(totals.values()) / min(totals.values()), 3),
+        "round_spread_median": round(statistics.median(spreads), 3),
+        "round_spread_max": round(max(spreads), 3),
+    }
+
+
 def representative(results: Sequence[RunResult], name: str) -> RunResult | None:
     """The run whose throughput is the config's median (for plots)."""
     runs = sorted((r for r in results if r.config == name), key=lambda r: r.tokens_per_second)
@@ -148,6 +185,7 @@ def document(bench: Bench) -> dict[str, Any]:
     }
     doc["ratios"] = ratios(measured)
     doc["ratios"]["paired_ours_over"] = paired(results)
+    doc["noise_floor"] = noise_floor(results)
     doc["ratios_cpu"] = ratios(cpu)
     doc["iterations"] = [{"iteration": i, "ratios": ratios(m)} for i, m in enumerate(by_iteration)]
     doc["traces"] = {}

@@ -105,6 +105,14 @@ def table(doc: Mapping[str, Any]) -> str:
                 f"  ours vs {check['target']:<18} {check['ratio']:.3f}x  (target >= "
                 f"{check['min']:.2f}x, {check['baseline']}): {status}"
             )
+    noise = doc.get("noise_floor")
+    if noise:
+        lines.append(
+            f"noise floor: {', '.join(noise['configs'])} did identical work (the same tokens, "
+            f"nothing drafted); their totals over all runs spread {noise['total_spread']:.3f}x, "
+            f"one round's times up to {noise['round_spread_max']:.2f}x "
+            f"(median {noise['round_spread_median']:.2f}x): nearer ratios are within noise"
+        )
     return "\n".join(lines)
 
 

@@ -72,6 +72,14 @@ def test_quick_generation_benchmark_runs_every_configuration(
     # two that draft nothing generate the same tokens.
     tokens = {n: [r["tokens"] for r in doc["configs"][n]["runs"]] for n in ("off", "k0")}
     assert tokens["off"] == tokens["k0"]
+    # ... which the run reports as its noise floor, and targets against them say so.
+    assert {"off", "k0"} <= set(doc["noise_floor"]["configs"])
+    assert doc["noise_floor"]["total_spread"] >= 1.0
+    assert "noise floor:" in proc.stdout
+    off_target = next(t for t in doc["ratios"]["targets"] if t["baseline"] == "off")
+    assert off_target["identical_work"] == ("ours" in doc["noise_floor"]["configs"])
+    paired = doc["ratios"]["paired_ours_over"]
+    assert paired["ours"] == [1.0, 1.0, 1.0] and paired["off"][0] <= paired["off"][2]
     assert doc["ratios"]["best_fixed"].startswith("fixed:")
     assert {t["target"] for t in doc["ratios"]["targets"]} >= {"speculation off", "bandit (TLT)"}
     # What vLLM verified under ours is recorded step by step for the plot.

@@ -64,6 +64,10 @@ def test_quartiles_spread_with_the_rounds_and_the_table_prints_them() -> None:
     }
     off_line = next(line for line in table(doc).splitlines() if line.startswith("off"))
     assert f"1.600x ({q1:.2f}-{q3:.2f})" in off_line
+    off_target = next(t for t in doc_ratios["targets"] if t["baseline"] == "off")
+    off_target["identical_work"] = True
+    printed = [line for line in table(doc).splitlines() if "ours vs speculation off" in line]
+    assert "identical work" in printed[0] and "identical work" not in printed[1]
 
 
 def test_the_noise_floor_is_the_spread_of_configurations_that_did_identical_work() -> None:

@@ -6,7 +6,9 @@ document, and scripts read it (``configs.<name>.median_tokens_per_second``, ``ra
 ``oracle``, ``iterations``, ``traces``).
 
 What it adds to the measured runs: per configuration the median over rounds of tokens per
-wall and CPU second (overall and per iteration), the ratios against ours, and, when the
+wall and CPU second (overall and per iteration), the ratios against ours (of the medians, and
+round by round with quartiles), the run's own noise floor (the spread of the configurations
+that did identical work), and, when the
 bench kept shadow runs, the true hindsight oracle, ours and every fixed configuration
 replayed on the same batches (``hindsight_oracle.add_oracle``), the expectation oracle
 (``expectation_oracle``) and the projections onto another machine's cost grid

@@ -202,9 +202,7 @@ class LlamaDraftModel:
         # slots compact) the queries are used as they are; otherwise they are scattered into
         # slot order, and slots outside the batch get position 0 (their discarded output
         # costs little because slots are compact).
-        in_order = n_slots == bsz and bool(
-            torch.equal(slots, torch.arange(bsz, device=self.device))
-        )
+        in_order = n_slots == bsz and torch.equal(slots, torch.arange(bsz, device=self.device))
         slot_pos = pos
         if not in_order:
             slot_pos = torch.zeros((n_slots, t), dtype=pos.dtype, device=self.device)

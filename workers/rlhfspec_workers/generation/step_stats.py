@@ -145,9 +145,7 @@ class StepRecorder:
         moved away): what follows is idle until :meth:`work_arrived`."""
         self._last_end = None
 
-    def run(
-        self, step: Callable[[], list[Any]], busy: Callable[[], bool] | None = None
-    ) -> list[Any]:
+    def run(self, step: Callable[[], list[Any]], busy: Callable[[], bool]) -> list[Any]:
         """One engine step (``LLMEngine.step``), recorded; returns its outputs. ``busy``
         (whether requests remain after the step): once the engine runs dry, the time until work
         arrives again is idle, not the worker's work between steps, so the next step's gap
@@ -191,7 +189,7 @@ class StepRecorder:
         )
         self._index += 1
         self.steps.append(record)
-        self._last_end = time.perf_counter() if busy is None or busy() else None
+        self._last_end = time.perf_counter() if busy() else None
         return outputs
 
     def drain(self) -> list[StepRecord]:

@@ -68,6 +68,23 @@ MODELS: dict[str, dict[str, Any]] = {
         "rope_theta": 1000000.0,
         "tie_word_embeddings": False,
     },
+    # The target `rlhfspec bench reallocation --target-size 512x8` runs on (its real 2-worker
+    # runs are under bench/data/): timed on a CPU, it checks the grid path of
+    # `reallocation_sim --cost-grid` against those runs' measured step tables.
+    "bench-512x8": {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 512,
+        "intermediate_size": 2048,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+        "vocab_size": 32,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+    },
     # A model small enough for a CPU smoke test of this script.
     "tiny": {
         "architectures": ["LlamaForCausalLM"],

@@ -50,6 +50,8 @@ from rlhfspec_workers.spec_decode import (
     drafter_from_roofline,
 )
 
+from .reallocation_grid import add_grid_arguments, on_grid, side_by_side
+
 DEFAULT_WORKERS = (2, 8, 16, 32, 64)
 POLICIES = ("static", "threshold", "planner")
 TARGET_RATIO = 0.75
@@ -81,7 +83,7 @@ def speed_from(
     cost_model: CostModel | ThroughputModel,
     *,
     max_batch: int,
-    acceptance: float = 0.8,
+    acceptance: float | Sequence[float] = 0.8,
     drafter: str | None = None,
     max_k: int = 8,
 ) -> ThroughputModel:
@@ -184,7 +186,7 @@ def simulate_policies(
     migration_cost: MigrationCost | None = None,
     planner: PlannerConfig | None = None,
     threshold: int | None = None,
-    acceptance: float = 0.8,
+    acceptance: float | Sequence[float] = 0.8,
     max_k: int = 8,
     max_tokens: int = 4096,
     seed: int = 0,
@@ -368,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="2 and 8 workers, 64 samples each")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
+    add_grid_arguments(p)
     return p
 
 
@@ -416,22 +419,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if v is not None
     }
-    result = simulate_policies(
-        workers,
-        load_lengths_jsonl(args.lengths) if args.lengths else None,
-        model,
-        samples_per_worker=per_worker,
-        group_size=args.group_size,
-        assignment=args.assignment,
-        migration_cost=cost,
-        planner=PlannerConfig(**overrides),
-        acceptance=args.acceptance,
-        max_k=args.max_k,
-        max_tokens=args.max_tokens,
-        seed=args.seed,
-        trace_workers=args.trace_workers,
-    )
+    lengths = load_lengths_jsonl(args.lengths) if args.lengths else None
+
+    def run(
+        model: CostModel | ThroughputModel,
+        cost: MigrationCost,
+        acceptance: float | Sequence[float],
+        max_k: int,
+    ) -> dict[str, Any]:
+        return simulate_policies(
+            workers,
+            lengths,
+            model,
+            samples_per_worker=per_worker,
+            group_size=args.group_size,
+            assignment=args.assignment,
+            migration_cost=cost,
+            planner=PlannerConfig(**overrides),
+            acceptance=acceptance,
+            max_k=max_k,
+            max_tokens=args.max_tokens,
+            seed=args.seed,
+            trace_workers=args.trace_workers,
+        )
+
+    result = run(model, cost, args.acceptance, args.max_k)
     print(format_table(result))
+    if args.cost_grid is not None:
+        try:
+            grid = on_grid(args, cost, run)
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
+        result["on_grid"] = grid
+        label = f"{grid['model']} on {grid['device']}"
+        print(f"\n{label} ({grid['kv_bytes_per_token']:.0f} KV bytes a token):")
+        print(format_table(grid["result"]))
+        print(f"\nthis machine's costs beside {label}:")
+        print(side_by_side(result, grid["result"]))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "reallocation_sim.json").write_text(json.dumps(result, indent=1))
     png = write_png(result, args.out / "reallocation_sim.png")

@@ -112,6 +112,10 @@ class RunResult:
         drafted = sum(s.num_draft_tokens for s in self.steps)
         accepted = sum(s.num_accepted_tokens for s in self.steps)
         drafts = sum(s.num_drafts for s in self.steps)
+        per_pos = [0] * max((len(s.accepted_per_pos) for s in self.steps), default=0)
+        for s in self.steps:
+            for i, n in enumerate(s.accepted_per_pos):
+                per_pos[i] += n
         return {
             "round": self.round,
             "iteration": self.iteration,
@@ -124,6 +128,10 @@ class RunResult:
             "draft_tokens": drafted,
             "accepted_tokens": accepted,
             "mean_accepted_length": round(1 + accepted / drafts, 3) if drafts else None,
+            # A drafter's acceptance per position and per row verified, as the reallocation
+            # simulator reads it for another machine (reallocation_grid).
+            "accepted_per_pos": per_pos,
+            "verified_rows": sum(s.batch_size for s in self.steps if s.k > 0),
         }
 
 

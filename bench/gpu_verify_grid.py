@@ -109,6 +109,18 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
 
 
+def _cpu_name() -> str:
+    """ "cpu: <model name>[, amx]" from /proc/cpuinfo (just "cpu" where it is unreadable): a
+    CPU grid is only comparable with runs on the same CPU kind."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "cpu"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                 if line.startswith("model name")), "")  # fmt: skip
+    return f"cpu: {name}{', amx' if ' amx_bf16' in info else ''}" if name else "cpu"
+
+
 def build(name: str, dtype: Any, device: Any) -> Any:
     """The model ``name`` of ``MODELS`` with random weights, in eval mode on ``device``."""
     import torch
@@ -200,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     deadline = started + args.budget_seconds
     doc: dict[str, Any] = {
         "schema": "rlhfspec.bench.verify_grid/v1",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "models": [],

@@ -33,7 +33,7 @@ def test_the_grid_script_measures_every_cell_and_the_projection_reads_it(
     done = run(tmp_path / "full")
     assert done.returncode == 0, done.stderr
     doc = load_grid(tmp_path / "full" / "verify-grid.json")
-    assert doc["device"] == "cpu"
+    assert doc["device"].startswith("cpu") and doc["threads"] >= 1
     (model,) = doc["models"]
     assert model["name"] == "tiny" and model["context"] == 16
     cells = {(b, t) for b, t, *_ in model["samples"]}

@@ -17,6 +17,12 @@ What carries over from this machine, and why:
 - The coordinator's hand-over costs (order round trip, per-sample state) are Redis and CPU
   work and stay as measured here.
 
+What the grid leaves out: a serving engine's own work every step (scheduler, sampler, Python).
+On this project's 2-core CPU a bare forward of the reallocation benchmark's target took 17.5
+ms at B = 1 and 107 ms at B = 144 where vLLM's steps took 26 and 86 ms: without that fixed
+part, step time depends more on B, and moving samples off a full worker looks more
+profitable than it is (bench/README.md). ``--grid-step-overhead`` adds it to every cell.
+
 What the grid machine changes: step time t(B, 1..9); prefill (the grid's most prefill-like
 cell, ``ThroughputModel.from_cost_model``); a KV transfer's bytes, from the model's shape and
 the grid's dtype (2 x layers x KV heads x head size x bytes), over a link of
@@ -34,8 +40,10 @@ from pathlib import Path
 from typing import Any
 
 from rlhfspec_workers.reallocation import MigrationCost, ThroughputModel
+from rlhfspec_workers.spec_decode.acceptance import FixedAcceptance
 from rlhfspec_workers.spec_decode.cost_model import CostModel
 from rlhfspec_workers.spec_decode.cost_records import CostSample, CostTableKey, DrafterCost
+from rlhfspec_workers.spec_decode.selector import Candidate
 
 from .projection import load_grid
 
@@ -94,13 +102,20 @@ def kv_bytes_per_token(model: Mapping[str, Any]) -> float:
 
 
 def grid_worker_cost(
-    model: Mapping[str, Any], device: str, drafter: GridDrafter | None = None
+    model: Mapping[str, Any],
+    device: str,
+    drafter: GridDrafter | None = None,
+    step_overhead: float = 0.0,
 ) -> CostModel:
     """The grid's model as the simulator's cost model: t(B, T) as timed, and ``drafter``'s
     cost there (see the module docstring). The simulator's speed model takes the selector's
     best k at every batch size from it (``reallocation_sim.speed_from``), k up to the grid's
     largest T - 1 (:func:`grid_max_k`)."""
-    samples = [CostSample(int(b), int(t), float(s)) for b, t, s, *_ in model["samples"]]
+    if step_overhead < 0.0:
+        raise ValueError(f"--grid-step-overhead must be >= 0 seconds, got {step_overhead}")
+    samples = [
+        CostSample(int(b), int(t), float(s) + step_overhead) for b, t, s, *_ in model["samples"]
+    ]
     key = CostTableKey(str(model["name"]), device)
     plain = CostModel(key, samples)
     if drafter is None:
@@ -112,10 +127,68 @@ def grid_worker_cost(
     return CostModel(key, samples, [DrafterCost(drafter.name, drafter.overhead_seconds, per_token)])
 
 
+def grid_prefill_seconds_per_token(model: Mapping[str, Any]) -> float:
+    """A prompt token's prefill cost there: the grid's cheapest cell per token (its most
+    token-dense forward, B x T in the thousands on the default grid). Prefill is
+    compute-bound and so is that cell; the cost model's own prefill probe (B = 32, T = 16)
+    lies past a grid that stops at T = 9, and extrapolating to it was ~3x off on this CPU."""
+    return min(float(s) / (int(b) * int(t)) for b, t, s, *_ in model["samples"])
+
+
+def grid_speed(
+    model: Mapping[str, Any],
+    device: str,
+    *,
+    max_batch: int,
+    drafter: GridDrafter | None = None,
+    max_k: int = 8,
+    step_overhead: float = 0.0,
+) -> ThroughputModel:
+    """Worker speed there at every batch size up to ``max_batch`` (beyond, the step time
+    keeps its last slope): the selector's best (drafter, k) on the grid's costs with the
+    drafter's measured acceptance, or plain decoding without a drafter."""
+    cost = grid_worker_cost(model, device, drafter, step_overhead)
+    candidates = (
+        [] if drafter is None else [Candidate(drafter.name, FixedAcceptance(drafter.rates))]
+    )
+    return ThroughputModel.from_cost_model(
+        cost,
+        max_batch=max_batch,
+        candidates=candidates,
+        max_k=grid_max_k(model, max_k),
+        prefill_seconds_per_token=grid_prefill_seconds_per_token(model),
+    )
+
+
 def grid_max_k(model: Mapping[str, Any], max_k: int) -> int:
     """The largest k the grid measured (T - 1), within ``max_k``: beyond it t(B, T) would be
     extrapolated."""
     return max(0, min(max_k, max(int(t) for _, t, *_ in model["samples"]) - 1))
+
+
+def grid_run_inputs(
+    inputs: Mapping[str, Any], model: Mapping[str, Any], device: str, step_overhead: float = 0.0
+) -> dict[str, Any]:
+    """A real run's simulator inputs (``bench reallocation``'s JSON, ``simulator_inputs``)
+    with the worker speed, prefill rate and KV bytes the grid gives; the partition, the
+    hand-over costs, the link and the planner settings as the run measured them. Fed to
+    ``reallocation_replay.simulator_check``, it checks the grid path against a real run when
+    the grid was timed on the run's machine, for the run's target."""
+    measured = ThroughputModel.from_table(
+        [(int(b), float(s), float(t)) for b, s, t in inputs["step_table"]],
+        prefill_seconds_per_token=inputs.get("prefill_seconds_per_token") or None,
+    )
+    top = max(len(part) for part in inputs["partition"])
+    speed = grid_speed(model, device, max_batch=top, step_overhead=step_overhead)
+    out = dict(inputs)
+    # Tokens per step stay the run's own (its speculation, if any, measured there).
+    out["step_table"] = [[b, speed.step(b), measured.tokens(b)] for b in range(1, top + 1)]
+    out["prefill_seconds_per_token"] = speed.prefill_seconds_per_token
+    out["migration_cost"] = {
+        **inputs["migration_cost"],
+        "kv_bytes_per_token": kv_bytes_per_token(model),
+    }
+    return out
 
 
 def grid_migration_cost(
@@ -221,6 +294,12 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_KV_BANDWIDTH,
         help="bytes/s of a KV transfer between workers there (0: recompute only)",
     )
+    g.add_argument(
+        "--grid-step-overhead",
+        type=float,
+        default=0.0,
+        help="seconds the serving engine adds to every step beyond the grid's bare forward",
+    )
     g.add_argument("--acceptance-from", type=Path, help="a `bench generation` JSON")
     g.add_argument("--acceptance-drafter", default="draft_model", help="its drafter to read")
     g.add_argument("--acceptance-rates", help="per-position rates, e.g. 0.7,0.5 (instead)")
@@ -254,7 +333,7 @@ def drafter_from_args(args: argparse.Namespace) -> GridDrafter | None:
 def on_grid(
     args: argparse.Namespace,
     here_cost: MigrationCost,
-    simulate: Callable[[CostModel, MigrationCost, tuple[float, ...] | float, int], dict[str, Any]],
+    simulate: Callable[[ThroughputModel, MigrationCost], dict[str, Any]],
 ) -> dict[str, Any]:
     """The same fleets simulated on ``args.cost_grid``'s model (``simulate`` runs
     ``simulate_policies`` with everything else as for this machine)."""
@@ -262,10 +341,15 @@ def on_grid(
     model = pick_model(doc, args.grid_model)
     device = str(doc.get("device", "unknown"))
     drafter = drafter_from_args(args)
-    cost_model = grid_worker_cost(model, device, drafter)
+    # Beyond max_batch the speed model extrapolates; a skewed partition's biggest worker
+    # holds up to about twice the mean.
+    top = max(2 * int(args.samples_per_worker), max(int(b) for b, *_ in model["samples"]))
+    overhead = float(args.grid_step_overhead)
+    speed = grid_speed(
+        model, device, max_batch=top, drafter=drafter, max_k=args.max_k, step_overhead=overhead
+    )
     migration = grid_migration_cost(model, here_cost, args.grid_kv_bandwidth)
-    max_k = grid_max_k(model, args.max_k)
-    result = simulate(cost_model, migration, drafter.rates if drafter else 0.0, max_k)
+    result = simulate(speed, migration)
     return {
         "grid": str(args.cost_grid),
         "device": device,
@@ -273,7 +357,9 @@ def on_grid(
         "dtype": str(model.get("dtype")),
         "kv_bytes_per_token": migration.kv_bytes_per_token,
         "kv_bandwidth_bytes_per_second": migration.kv_bandwidth_bytes_per_second,
+        "prefill_seconds_per_token": speed.prefill_seconds_per_token,
+        "step_overhead_seconds": overhead,
         "drafter": None if drafter is None else vars(drafter),
-        "max_k": max_k,
+        "strategies": strategies_at(speed, (1, 4, 16, 64, 256)),
         "result": result,
     }

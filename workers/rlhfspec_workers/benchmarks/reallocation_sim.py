@@ -83,7 +83,7 @@ def speed_from(
     cost_model: CostModel | ThroughputModel,
     *,
     max_batch: int,
-    acceptance: float | Sequence[float] = 0.8,
+    acceptance: float = 0.8,
     drafter: str | None = None,
     max_k: int = 8,
 ) -> ThroughputModel:
@@ -186,7 +186,7 @@ def simulate_policies(
     migration_cost: MigrationCost | None = None,
     planner: PlannerConfig | None = None,
     threshold: int | None = None,
-    acceptance: float | Sequence[float] = 0.8,
+    acceptance: float = 0.8,
     max_k: int = 8,
     max_tokens: int = 4096,
     seed: int = 0,
@@ -421,12 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     lengths = load_lengths_jsonl(args.lengths) if args.lengths else None
 
-    def run(
-        model: CostModel | ThroughputModel,
-        cost: MigrationCost,
-        acceptance: float | Sequence[float],
-        max_k: int,
-    ) -> dict[str, Any]:
+    def run(model: CostModel | ThroughputModel, cost: MigrationCost) -> dict[str, Any]:
         return simulate_policies(
             workers,
             lengths,
@@ -436,14 +431,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             assignment=args.assignment,
             migration_cost=cost,
             planner=PlannerConfig(**overrides),
-            acceptance=acceptance,
-            max_k=max_k,
+            acceptance=args.acceptance,
+            max_k=args.max_k,
             max_tokens=args.max_tokens,
             seed=args.seed,
             trace_workers=args.trace_workers,
         )
 
-    result = run(model, cost, args.acceptance, args.max_k)
+    result = run(model, cost)
     print(format_table(result))
     if args.cost_grid is not None:
         try:
@@ -452,7 +447,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(str(err)) from None
         result["on_grid"] = grid
         label = f"{grid['model']} on {grid['device']}"
-        print(f"\n{label} ({grid['kv_bytes_per_token']:.0f} KV bytes a token):")
+        print(
+            f"\n{label} ({grid['kv_bytes_per_token']:.0f} KV bytes a token; chosen at B = "
+            + ", ".join(f"{b}: {s}" for b, s in grid["strategies"].items())
+            + "):"
+        )
         print(format_table(grid["result"]))
         print(f"\nthis machine's costs beside {label}:")
         print(side_by_side(result, grid["result"]))

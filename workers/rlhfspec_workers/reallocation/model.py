@@ -212,19 +212,12 @@ def speed_of(cost: ThroughputModel | Mapping[str, ThroughputModel], name: str) -
 
 
 def speculative_speed(
-    cost: CostModel,
-    *,
-    max_batch: int,
-    drafter: str,
-    acceptance: float | Sequence[float],
-    max_k: int,
+    cost: CostModel, *, max_batch: int, drafter: str, acceptance: float, max_k: int
 ) -> ThroughputModel:
-    """Convenience: one drafter with i.i.d. per-position acceptance `acceptance`, or with
-    per-position conditional rates (``FixedAcceptance``) when given a sequence."""
+    """Convenience: one drafter with i.i.d. per-position acceptance `acceptance`."""
     if drafter == OFF:
         return ThroughputModel.plain(cost, max_batch=max_batch)
-    rates = (acceptance,) if isinstance(acceptance, int | float) else tuple(acceptance)
-    cand = Candidate(drafter, FixedAcceptance(rates))
+    cand = Candidate(drafter, FixedAcceptance((acceptance,)))
     return ThroughputModel.from_cost_model(
         cost, max_batch=max_batch, candidates=[cand], max_k=max_k
     )

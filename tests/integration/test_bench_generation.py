@@ -62,6 +62,7 @@ def test_quick_generation_benchmark_runs_every_configuration(
     doc = json.loads((out / "generation.json").read_text())
     settings = doc["settings"]
     expected = {"off", "k0", "bandit", "ours", "bucket-oracle", "oracle", "dynsd-vllm"}
+    expected |= {"ours-native"}  # ours' k per batch size carried by vLLM's native drafter
     expected |= {f"fixed:{d}:{k}" for d in settings["drafters"] for k in settings["ks"]}
     expected |= {f"dynsd:{d}" for d in settings["drafters"]}
     assert set(doc["configs"]) == expected

@@ -357,6 +357,61 @@ def test_native_dynamic_sd_baseline_follows_vllm_schedule(
         engine.close()
 
 
+def test_a_native_schedule_rewrites_vllm_s_k_per_batch_size_as_it_runs(
+    target: Path, ref_engine: Any
+) -> None:
+    """Our selector's k carried by vLLM's native path (``native_schedule``): the Dynamic SD
+    lookup the engine started with (k = 4 everywhere) is replaced by the schedule's at once
+    and rewritten after every step; vLLM drafts what the lookup says and stays lossless."""
+    from rlhfspec_workers.generation.adaptive import adaptive_strategy_for
+    from rlhfspec_workers.generation.native_schedule import NativeSchedule
+    from rlhfspec_workers.spec_decode.cost_model import CostModel
+    from rlhfspec_workers.spec_decode.cost_records import CostSample, CostTableKey, DrafterCost
+
+    speculative = {
+        "mode": "fixed",
+        "maxDraftTokens": 6,
+        "drafters": [{"method": "draft_model", "model": {"path": "tiny://policy"}}],
+    }
+    spec = _spec(speculative)
+    engine = GenerationEngine(
+        spec, target, draft_models={0: target}, native=True, per_batch_size=[(1, 256, 4)],
+        **ENGINE_ARGS,
+    )  # fmt: skip
+    # Verification nearly free in tokens below 8 rows, compute-bound above: deep drafts pay
+    # for small batches, none for large ones (the draft is the target itself: it is always
+    # accepted, greedy).
+    cost = CostModel(
+        CostTableKey("t", "test"),
+        [CostSample(b, t, 0.01 + (1e-4 if b < 8 else 4e-3) * b * t)
+         for b in (1, 2, 4, 8, 16, 32, 64) for t in range(1, 8)],
+        [DrafterCost("draft_model", 0.0005, ((1, 1e-4), (64, 1e-3)))],
+    )  # fmt: skip
+    strategy = adaptive_strategy_for(["draft_model"], 6, spec, cost)
+    schedule = NativeSchedule(strategy, "draft_model")
+    try:
+        engine.set_native_schedule(schedule)
+        lookup = engine._dynamic_sd_lookup()
+        assert lookup[1] == schedule.k_at(1) > 0 and lookup[64] == schedule.k_at(64) == 0
+        written = schedule.rewrites
+        # 16 samples of staggered lengths: the batch drains from 16 to 1.
+        batch = prompts(8, 2, lengths=[4 + 4 * i for i in range(8)])
+        want = ref_engine.generate_all(batch, GREEDY)
+        engine.drain_steps()
+        got = engine.generate_all(batch, GREEDY)
+        assert [r.token_ids for r in got] == [r.token_ids for r in want]
+        steps = engine.drain_steps()
+        drafted = [s for s in steps if s.num_drafts]
+        assert drafted and not all(s.num_drafts for s in steps)  # large batches: plain
+        assert {s.k for s in drafted} != {4}  # not the lookup the engine was built with
+        assert all(s.num_accepted_tokens > 0 for s in drafted)  # the draft is the target
+        assert schedule.rewrites > written  # acceptance of 1.0 moved entries as it ran
+    finally:
+        engine.close()
+    with pytest.raises(RuntimeError, match="native=True and per_batch_size"):
+        ref_engine.set_native_schedule(schedule)  # not a native engine
+
+
 def test_calibration_feeds_the_cost_model(spec_engine: Any) -> None:
     from rlhfspec_workers.generation.calibrate import measure_drafter, measure_verify
     from rlhfspec_workers.spec_decode.cost_model import CostModel

@@ -15,6 +15,9 @@ the batch drains from P x n to a handful. Configurations, all on the same target
   drafters;
 * ``bandit``: TLT's bucketed epsilon-greedy bandit over the same strategies;
 * ``ours``: the adaptive strategy (calibrated cost model + online acceptance + selector);
+* ``ours-native``: the same selector choosing only k, for vLLM's own drafter, its choice per
+  batch size written into vLLM's Dynamic SD lookup after every step
+  (``generation.native_schedule``): what the native path can carry of ours;
 * ``bucket-oracle``: the best measured strategy per batch bucket, in hindsight, from the
   profile (a schedule, run like the others);
 * ``oracle``: the true hindsight oracle (``benchmarks.hindsight_oracle``): per step, the best
@@ -49,6 +52,7 @@ from rlhfspec_api.generation import GenerationSpec
 from rlhfspec_workers.drafters.suffix import SuffixDrafter
 from rlhfspec_workers.generation.adaptive import (
     CostLearner,
+    adaptive_strategy_for,
     build_adaptive_strategy,
     calibrated_cost_model,
 )
@@ -61,6 +65,7 @@ from rlhfspec_workers.generation.draft_strategy import (
     FixedStrategy,
 )
 from rlhfspec_workers.generation.engine import GenerationEngine
+from rlhfspec_workers.generation.native_schedule import NativeSchedule
 from rlhfspec_workers.generation.records import SampleResult, SamplingConfig, StepRecord
 from rlhfspec_workers.generation.shadow import ShadowDrafts
 from rlhfspec_workers.spec_decode.bandit import BanditSelector, strategy_set
@@ -234,6 +239,7 @@ class Bench:
         native = next((d for d in ("draft_model", "ngram") if d in self.settings.drafters), None)
         if self.settings.native_dynsd and native is not None:
             self._start_native("dynsd-vllm", native, schedules[native])
+            self._start_native("ours-native", native, [(1, self.batch, max(self.settings.ks))])
         for name in ("bandit", "ours"):
             self.run_config(name, -1)  # learned strategies: one unmeasured warm-up iteration
 
@@ -273,6 +279,12 @@ class Bench:
             **self.engine_args,
         )
         self.native[name] = rows
+        if name == "ours-native":  # our selector's k per batch size, carried by vLLM's path
+            spec_ours = bench_spec([drafter], self.settings.max_k, draft=str(self.draft))
+            own = copy.deepcopy(self.cost_model)
+            ks = self.settings.ks
+            strategy = adaptive_strategy_for([drafter], max(ks), spec_ours, own, k_values=ks)
+            self.engines[name].set_native_schedule(NativeSchedule(strategy, drafter))
         self.run_config(name, -1)
 
     # -- runs -------------------------------------------------------------------------------

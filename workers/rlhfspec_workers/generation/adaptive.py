@@ -223,6 +223,14 @@ class AdaptiveStrategy(SelectorStrategy):
         self.selector.adopt(best, batch_size)
         return best.strategy if best.enabled else NO_DRAFT
 
+    def best_at(self, batch_size: int) -> DraftChoice:
+        """The best choice at ``batch_size`` on the current estimates, without hysteresis
+        and without moving the selector (``native_schedule`` asks it for many batch sizes)."""
+        if batch_size < 1:
+            return NO_DRAFT
+        best = self._best(batch_size, self._candidates(batch_size, self._phased(batch_size)))
+        return best.strategy if best.enabled else NO_DRAFT
+
     def _best(self, batch_size: int, candidates: list[Candidate]) -> ScoredChoice:
         s = self.selector
         inp = SelectorInput(batch_size, tuple(candidates), s.max_k, s.cost_model, s.k_values)
@@ -331,15 +339,31 @@ def build_adaptive_strategy(
 ) -> AdaptiveStrategy:
     """Selector + one estimator per drafter of the engine, tuned by ``spec.selector``; with a
     ``learner`` (over the same ``cost_model``) real steps refine the cost table."""
+    return adaptive_strategy_for(
+        list(engine.drafters), engine.max_k, spec, cost_model,
+        k_values=k_values, priors=priors, learner=learner,
+    )  # fmt: skip
+
+
+def adaptive_strategy_for(
+    drafters: Sequence[str],
+    max_k: int,
+    spec: GenerationSpec | SpeculativeSpec,
+    cost_model: CostModel,
+    *,
+    k_values: Sequence[int] | None = None,
+    priors: Mapping[str, BetaPrior] | None = None,
+    learner: CostLearner | None = None,
+) -> AdaptiveStrategy:
+    """:func:`build_adaptive_strategy` for named drafters rather than an engine's (a native
+    engine's one drafter: ``native_schedule``)."""
     speculative = _speculative(spec)
     tuning = speculative.selector
     table = {**PRIORS, **(priors or {})}
     estimators = {
-        name: AcceptanceEstimator(name, table.get(name, BetaPrior())) for name in engine.drafters
+        name: AcceptanceEstimator(name, table.get(name, BetaPrior())) for name in drafters
     }
-    selector = AdaptiveSelector(
-        cost_model, engine.max_k, margin=tuning.hysteresis, k_values=k_values
-    )
+    selector = AdaptiveSelector(cost_model, max_k, margin=tuning.hysteresis, k_values=k_values)
     strategy = AdaptiveStrategy(
         selector, estimators, half_life_steps=float(tuning.acceptance_half_life_steps)
     )

@@ -20,7 +20,7 @@ import gc
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlhfspec_api.generation import GenerationSpec, SpeculativeMode
 from rlhfspec_api.spec import ChatTemplate
@@ -35,6 +35,9 @@ from .draft_strategy import DraftChoice, DraftStrategy, FixedStrategy
 from .kv_migration import KVMigrationPort, KVState, kv_migration_live
 from .proposer import AdaptiveProposer
 from .records import PromptInput, SampleResult, SamplingConfig, StepRecord
+
+if TYPE_CHECKING:
+    from .native_schedule import NativeSchedule
 
 # The proposer must live in this process (see module docstring). vLLM reads this lazily, at
 # engine creation; on CPU it otherwise forces a worker process even with backend "uni".
@@ -156,6 +159,8 @@ class GenerationEngine:
         self.draft_version = 0
         """The draft model's version (0: as given; see :meth:`load_draft`)."""
         self._submitted = 0
+        self.native_schedule: NativeSchedule | None = None
+        """Keeps vLLM's native k per batch size (:meth:`set_native_schedule`)."""
 
     # -- control ------------------------------------------------------------------------------
 
@@ -163,6 +168,24 @@ class GenerationEngine:
         if self.proposer is None:
             raise RuntimeError("strategies apply to the adaptive proposer only")
         self.proposer.set_strategy(strategy)
+
+    def set_native_schedule(self, schedule: NativeSchedule) -> None:
+        """From now on ``schedule`` keeps vLLM's Dynamic SD lookup (batch size -> k), which the
+        scheduler reads every step, at our selector's choice: filled now, rewritten around
+        the batch's size after every step. Native engines built with ``per_batch_size``."""
+        lookup = self._dynamic_sd_lookup()
+        schedule.fill(lookup)
+        self.native_schedule = schedule
+
+    def _dynamic_sd_lookup(self) -> list[int]:
+        core = getattr(self.engine.engine_core, "engine_core", None)
+        lookup = getattr(getattr(core, "scheduler", None), "dynamic_sd_lookup", None)
+        if not self.native or not isinstance(lookup, list):
+            raise RuntimeError(
+                "a native schedule needs an in-process engine built with native=True and "
+                "per_batch_size (vLLM's Dynamic SD lookup)"
+            )
+        return lookup
 
     @property
     def history_drafters(self) -> list[KeepsHistory]:
@@ -396,7 +419,10 @@ class GenerationEngine:
         )
 
     def _step(self) -> list[Any]:
-        return self.recorder.run(self.engine.step, self.engine.has_unfinished_requests)
+        outputs = self.recorder.run(self.engine.step, self.engine.has_unfinished_requests)
+        if self.native_schedule is not None and self.recorder.steps:
+            self.native_schedule.observe(self.recorder.steps[-1], self._dynamic_sd_lookup())
+        return outputs
 
     @property
     def steps(self) -> list[StepRecord]:

@@ -63,6 +63,7 @@ def test_quick_generation_benchmark_runs_every_configuration(
     settings = doc["settings"]
     expected = {"off", "k0", "bandit", "ours", "bucket-oracle", "oracle", "dynsd-vllm"}
     expected |= {"ours-native"}  # ours' k per batch size carried by vLLM's native drafter
+    expected |= {f"native:draft_model:{k}" for k in settings["ks"]}  # vLLM's own, fixed k
     expected |= {f"fixed:{d}:{k}" for d in settings["drafters"] for k in settings["ks"]}
     expected |= {f"dynsd:{d}" for d in settings["drafters"]}
     assert set(doc["configs"]) == expected
@@ -81,7 +82,13 @@ def test_quick_generation_benchmark_runs_every_configuration(
     assert off_target["identical_work"] == ("ours" in doc["noise_floor"]["configs"])
     paired = doc["ratios"]["paired_ours_over"]
     assert paired["ours"] == [1.0, 1.0, 1.0] and paired["off"][0] <= paired["off"][2]
-    assert doc["ratios"]["best_fixed"].startswith("fixed:")
+    assert doc["ratios"]["best_fixed"].startswith(("fixed:", "native:"))
+    medians = {n: c["median_tokens_per_second"] for n, c in doc["configs"].items()}
+    statics = [n for n in medians if n.startswith(("fixed:", "native:"))]
+    assert doc["ratios"]["best_fixed"] == max(statics, key=lambda n: medians[n])
+    # ours-native: vLLM drafted at the k its schedule wrote into vLLM's lookup.
+    native = doc["traces"]["ours-native"]
+    assert len(native["k"]) == len(native["batch"]) > 0 and any(k > 0 for k in native["k"])
     assert {t["target"] for t in doc["ratios"]["targets"]} >= {"speculation off", "bandit (TLT)"}
     # What vLLM verified under ours is recorded step by step for the plot.
     trace = doc["traces"]["ours"]

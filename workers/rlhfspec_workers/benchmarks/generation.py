@@ -10,6 +10,8 @@ the batch drains from P x n to a handful. Configurations, all on the same target
 * ``off``: an engine without speculation;
 * ``k0``: the adaptive-proposer engine drafting nothing (its bookkeeping cost alone);
 * ``fixed:<drafter>:<k>``: one strategy throughout (our proposer), for each drafter and k;
+* ``native:<drafter>:<k>``: vLLM's own drafter (draft model, else n-gram) at each fixed k, on
+  vLLM's path: a static strategy too, and the best fixed configuration may be one of these;
 * ``dynsd-vllm``: vLLM's own draft model with Dynamic SD (``num_speculative_tokens_per_batch_size``)
   hand-tuned from the fixed-k profile; ``dynsd:<drafter>``: the same kind of schedule with our
   drafters;
@@ -240,6 +242,8 @@ class Bench:
         if self.settings.native_dynsd and native is not None:
             self._start_native("dynsd-vllm", native, schedules[native])
             self._start_native("ours-native", native, [(1, self.batch, max(self.settings.ks))])
+            for k in self.settings.ks:  # the same drafter at fixed k on vLLM's own path
+                self._start_native(f"native:{native}:{k}", native, [(1, self.batch, k)])
         for name in ("bandit", "ours"):
             self.run_config(name, -1)  # learned strategies: one unmeasured warm-up iteration
 

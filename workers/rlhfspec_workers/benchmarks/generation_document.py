@@ -196,7 +196,14 @@ def document(bench: Bench) -> dict[str, Any]:
             check["identical_work"] = "ours" in alike and check["baseline"] in alike
     doc["iterations"] = [{"iteration": i, "ratios": ratios(m)} for i, m in enumerate(by_iteration)]
     doc["traces"] = {}
-    for name in ("ours", "bucket-oracle", "bandit", "off", doc["ratios"]["best_fixed"]):
+    for name in (
+        "ours",
+        "ours-native",
+        "bucket-oracle",
+        "bandit",
+        "off",
+        doc["ratios"]["best_fixed"],
+    ):
         run = representative(results, name) if name else None
         if run is not None:
             doc["traces"][name] = trace(run.steps)

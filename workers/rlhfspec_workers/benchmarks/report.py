@@ -23,8 +23,8 @@ TARGETS = (
 )
 
 
-def _best(medians: Mapping[str, float], prefix: str) -> str | None:
-    names = [n for n in medians if n.startswith(prefix)]
+def _best(medians: Mapping[str, float], *prefixes: str) -> str | None:
+    names = [n for n in medians if n.startswith(prefixes)]
     return max(names, key=lambda n: medians[n]) if names else None
 
 
@@ -33,7 +33,8 @@ def ratios(medians: Mapping[str, float]) -> dict[str, Any]:
     ours = medians.get(OURS, 0.0)
     out: dict[str, Any] = {
         "ours_over": {n: round(ours / v, 3) if v > 0 else None for n, v in medians.items()},
-        "best_fixed": _best(medians, "fixed:"),
+        # A static strategy on either path: our proposer's, or vLLM's own drafter at fixed k.
+        "best_fixed": _best(medians, "fixed:", "native:"),
         "best_dynsd": _best(medians, "dynsd"),
         "best_dynsd_vllm": _best(medians, "dynsd-vllm"),
     }

@@ -35,6 +35,9 @@ class DrafterMethod(StrEnum):
 
 
 MODEL_BASED_DRAFTERS = frozenset({DrafterMethod.DRAFT_MODEL, DrafterMethod.EAGLE})
+NATIVE_DRAFTERS = frozenset({DrafterMethod.DRAFT_MODEL, DrafterMethod.NGRAM, DrafterMethod.EAGLE})
+"""Methods vLLM runs itself (its own speculative path), so ``selector.execution: native``
+can set their k."""
 REFRESHABLE_DRAFTERS = frozenset({DrafterMethod.DRAFT_MODEL})
 
 
@@ -141,8 +144,19 @@ class DrafterSpec(ContractModel):
         return self
 
 
+class SelectorExecution(StrEnum):
+    PROPOSER = "proposer"
+    NATIVE = "native"
+
+
 class SelectorSpec(ContractModel):
     """Tuning of the workload-aware drafting-strategy selector (adaptive mode)."""
+
+    execution: SelectorExecution = SelectorExecution.PROPOSER
+    """proposer: our adaptive proposer runs every listed drafter and switches between them step
+    by step; native: vLLM runs its own drafter (exactly one, of draft_model, ngram or eagle) and
+    the selector sets its k per batch size, rewritten after every step. On a GPU vLLM's own
+    drafter has paged attention and CUDA graphs."""
 
     hysteresis: Float = Field(default=0.04, ge=0.0, le=1.0)
     """Relative predicted gain a new strategy needs before the selector switches to it."""
@@ -201,6 +215,8 @@ class SpeculativeSpec(ContractModel):
                     "one drafter, or mode: adaptive to choose among several",
                 )
             )
+        if self.selector.execution is SelectorExecution.NATIVE:
+            violations += self._native_violations()
         methods = [d.method for d in self.drafters]
         duplicates = sorted({m.value for m in methods if methods.count(m) > 1})
         if duplicates:
@@ -230,6 +246,44 @@ class SpeculativeSpec(ContractModel):
                 )
         raise_if_any(violations)
         return self
+
+    def _native_violations(self) -> list[Violation]:
+        field = "selector.execution"
+        if self.mode is not SpeculativeMode.ADAPTIVE:
+            return [
+                Violation(
+                    field,
+                    f"native applies to mode adaptive, not {self.mode.value}",
+                    "proposer, or mode: adaptive",
+                )
+            ]
+        natives = ", ".join(sorted(m.value for m in NATIVE_DRAFTERS))
+        if len(self.drafters) != 1 or self.drafters[0].method not in NATIVE_DRAFTERS:
+            got = ", ".join(d.method.value for d in self.drafters) or "none"
+            return [
+                Violation(
+                    field,
+                    f"native runs exactly one drafter that vLLM runs itself (got {got})",
+                    f"one drafter of {natives}, or proposer",
+                )
+            ]
+        if self.drafters[0].refresh is not None:
+            return [
+                Violation(
+                    field,
+                    "native cannot load a refreshed draft into vLLM's own drafter",
+                    "proposer, or remove drafters[0].refresh",
+                )
+            ]
+        return []
+
+    @property
+    def native_execution(self) -> bool:
+        """vLLM's own drafter runs the drafts, the selector sets k (``selector.execution``)."""
+        return (
+            self.mode is SpeculativeMode.ADAPTIVE
+            and self.selector.execution is SelectorExecution.NATIVE
+        )
 
     @property
     def fixed_k(self) -> int:

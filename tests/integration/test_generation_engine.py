@@ -391,7 +391,7 @@ def test_a_native_schedule_rewrites_vllm_s_k_per_batch_size_as_it_runs(
     schedule = NativeSchedule(strategy, "draft_model")
     try:
         engine.set_native_schedule(schedule)
-        lookup = engine._dynamic_sd_lookup()
+        lookup = engine.dynamic_sd_lookup()
         assert lookup[1] == schedule.k_at(1) > 0 and lookup[64] == schedule.k_at(64) == 0
         written = schedule.rewrites
         # 16 samples of staggered lengths: the batch drains from 16 to 1.
@@ -410,6 +410,49 @@ def test_a_native_schedule_rewrites_vllm_s_k_per_batch_size_as_it_runs(
         engine.close()
     with pytest.raises(RuntimeError, match="native=True and per_batch_size"):
         ref_engine.set_native_schedule(schedule)  # not a native engine
+
+
+def test_native_execution_calibrates_vllm_s_steps_and_sets_k_losslessly(
+    target: Path, ref_engine: Any
+) -> None:
+    """``selector.execution: native`` as a worker sets it up (``native_setup``): calibration
+    times whole native steps at (B, k) through vLLM's lookup, the table prices the drafter
+    free, the schedule is attached, and generation stays lossless."""
+    from rlhfspec_workers.generation.native_setup import calibrate_native, native_strategy
+
+    spec = _spec(
+        {
+            "mode": "adaptive",
+            "maxDraftTokens": 4,
+            "selector": {"execution": "native"},
+            "drafters": [{"method": "draft_model", "model": {"path": "tiny://policy"}}],
+        }
+    )
+    assert spec.speculative.native_execution
+    engine = GenerationEngine(
+        spec, target, draft_models={0: target}, native=True, per_batch_size=[(1, 256, 4)],
+        **ENGINE_ARGS,
+    )  # fmt: skip
+    try:
+        before = list(engine.dynamic_sd_lookup())
+        samples = calibrate_native(engine, max_batch=4, batches=(1, 4), ks=(0, 2, 4))
+        assert {(s.batch_size, s.tokens_per_seq) for s in samples} == {
+            (b, k + 1) for b in (1, 4) for k in (0, 2, 4)
+        }
+        assert all(s.seconds > 0 for s in samples)
+        assert engine.dynamic_sd_lookup() == before  # restored
+        strategy = native_strategy(engine, spec, max_batch=4, budget_seconds=60.0)
+        assert strategy.selector.cost_model.draft_seconds("draft_model", 4, 2) == 0.0
+        assert engine.native_schedule is not None
+        batch = prompts(4, 2, lengths=[6, 10, 14, 18])
+        got = engine.generate_all(batch, GREEDY)
+        want = ref_engine.generate_all(batch, GREEDY)
+        assert [r.token_ids for r in got] == [r.token_ids for r in want]
+        assert any(s.num_drafts for s in engine.drain_steps())
+        with pytest.raises(ValueError, match=r"selector\.execution: native"):
+            native_strategy(ref_engine, spec, max_batch=4)  # not a native engine
+    finally:
+        engine.close()
 
 
 def test_calibration_feeds_the_cost_model(spec_engine: Any) -> None:

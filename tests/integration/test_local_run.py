@@ -111,3 +111,25 @@ def test_tiny_job_generates_scores_and_records_metrics(
         integral += series[0].tokens_per_second * series[0].t
     assert integral == pytest.approx(metrics.tokens, rel=0.02)
     assert len(finals) == 1
+
+
+@pytest.mark.engine
+def test_tiny_job_runs_vllm_s_own_drafter_at_our_selector_s_k(
+    tiny_kit: Path, tmp_path: Path
+) -> None:
+    """``selector.execution: native``: the generation worker builds vLLM's own draft-model
+    path, calibrates its whole steps, and our selector sets k per batch size; the iteration
+    completes with drafts accepted."""
+    speculative = {
+        "mode": "adaptive",
+        "maxDraftTokens": 4,
+        "selector": {"execution": "native"},
+        "drafters": [{"method": "draft_model", "model": {"path": "tiny://draft"}}],
+    }
+    path = write_job(tmp_path, speculative=speculative)
+    result = run(str(path), "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert len(records) == 1 and records[0]["samples"] == 8
+    assert records[0]["mean_accepted_length"] > 1.0
+    assert any(name.startswith("draft_model:") for name in records[0]["strategies"])

@@ -221,6 +221,50 @@ CASES: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         "(one drafter, or mode: adaptive to choose among several)",
     ),
     (
+        "native-execution-with-several-drafters",
+        _set("spec.generation.speculative.selector", {"execution": "native"}),
+        "spec.generation.speculative.selector.execution: native runs exactly one drafter that "
+        "vLLM runs itself (got draft_model, suffix, ngram) (one drafter of draft_model, eagle, "
+        "ngram, or proposer)",
+    ),
+    (
+        "native-execution-with-a-model-free-drafter-vllm-lacks",
+        _both(
+            _set("spec.generation.speculative.selector", {"execution": "native"}),
+            _set("spec.generation.speculative.drafters", [{"method": "suffix"}]),
+        ),
+        "spec.generation.speculative.selector.execution: native runs exactly one drafter that "
+        "vLLM runs itself (got suffix) (one drafter of draft_model, eagle, ngram, or proposer)",
+    ),
+    (
+        "native-execution-in-fixed-mode",
+        _both(
+            _set("spec.generation.speculative.selector", {"execution": "native"}),
+            _set("spec.generation.speculative.mode", "fixed"),
+            _set("spec.generation.speculative.drafters", [{"method": "ngram"}]),
+        ),
+        "spec.generation.speculative.selector.execution: native applies to mode adaptive, not "
+        "fixed (proposer, or mode: adaptive)",
+    ),
+    (
+        "native-execution-of-a-refreshed-draft",
+        _both(
+            _set("spec.generation.speculative.selector", {"execution": "native"}),
+            _set(
+                "spec.generation.speculative.drafters",
+                [
+                    {
+                        "method": "draft_model",
+                        "model": {"path": "tiny://draft"},
+                        "refresh": {"every": 1},
+                    }
+                ],
+            ),
+        ),
+        "spec.generation.speculative.selector.execution: native cannot load a refreshed draft "
+        "into vLLM's own drafter (proposer, or remove drafters[0].refresh)",
+    ),
+    (
         "micro-batch-too-big",
         _set("spec.algorithm.microBatchSize", 1000),
         "spec.algorithm.microBatchSize: 1000 exceeds the samples per iteration (256) (1..256)",

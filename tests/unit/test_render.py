@@ -101,7 +101,12 @@ EXTERNAL_PPO: dict[str, Any] = {
                 ],
                 "maxDraftTokens": 6,
                 "numDraftTokens": 4,
-                "selector": {"hysteresis": 0.1, "acceptanceHalfLifeSteps": 32, "calibrate": False},
+                "selector": {
+                    "hysteresis": 0.1,
+                    "acceptanceHalfLifeSteps": 32,
+                    "calibrate": False,
+                    "execution": "proposer",
+                },
             },
             "reallocation": {
                 "enabled": True,

@@ -54,7 +54,6 @@ from rlhfspec_api.generation import GenerationSpec
 from rlhfspec_workers.drafters.suffix import SuffixDrafter
 from rlhfspec_workers.generation.adaptive import (
     CostLearner,
-    adaptive_strategy_for,
     build_adaptive_strategy,
     calibrated_cost_model,
 )
@@ -67,7 +66,7 @@ from rlhfspec_workers.generation.draft_strategy import (
     FixedStrategy,
 )
 from rlhfspec_workers.generation.engine import GenerationEngine
-from rlhfspec_workers.generation.native_schedule import NativeSchedule
+from rlhfspec_workers.generation.native_setup import native_strategy
 from rlhfspec_workers.generation.records import SampleResult, SamplingConfig, StepRecord
 from rlhfspec_workers.generation.shadow import ShadowDrafts
 from rlhfspec_workers.spec_decode.bandit import BanditSelector, strategy_set
@@ -151,6 +150,8 @@ class Bench:
         self.engines: dict[str, GenerationEngine] = {}
         self.strategies: dict[str, DraftStrategy] = {}
         self.native: dict[str, list[tuple[int, int, int]]] = {}
+        self.learning: dict[str, DraftStrategy] = {}
+        """Native configurations' strategies that learn from their steps (``ours-native``)."""
         self.profile = Profile()
         self.results: list[RunResult] = []
         self.profile_runs: list[tuple[str, list[StepRecord]]] = []
@@ -283,12 +284,10 @@ class Bench:
             **self.engine_args,
         )
         self.native[name] = rows
-        if name == "ours-native":  # our selector's k per batch size, carried by vLLM's path
-            spec_ours = bench_spec([drafter], self.settings.max_k, draft=str(self.draft))
-            own = copy.deepcopy(self.cost_model)
-            ks = self.settings.ks
-            strategy = adaptive_strategy_for([drafter], max(ks), spec_ours, own, k_values=ks)
-            self.engines[name].set_native_schedule(NativeSchedule(strategy, drafter))
+        if name == "ours-native":  # as a job with selector.execution native sets it up
+            top = max(k for _, _, k in rows)
+            native = bench_spec([drafter], top, draft=str(self.draft), execution="native")
+            self.learning[name] = native_strategy(self.engines[name], native, max_batch=self.batch)
         self.run_config(name, -1)
 
     # -- runs -------------------------------------------------------------------------------
@@ -329,7 +328,7 @@ class Bench:
         # Tokens sampled during decoding: every sample's first token came with its prefill.
         tokens = sum(len(r.token_ids) for r in samples) - self.batch
         steps = engine.drain_steps()
-        learn = getattr(self.strategies.get(name), "observe_step", None)
+        learn = getattr(self.strategies.get(name, self.learning.get(name)), "observe_step", None)
         if learn is not None:  # after the clock: a worker does it inline, per step
             for step in steps:
                 learn(step)

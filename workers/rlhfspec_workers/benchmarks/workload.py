@@ -198,8 +198,16 @@ def load_dataset_prompts(path: Path, settings: Settings) -> list[PromptInput]:
 
 
 def bench_spec(
-    drafters: Sequence[str], max_k: int, *, native: bool = False, draft: str = "tiny://draft"
+    drafters: Sequence[str],
+    max_k: int,
+    *,
+    native: bool = False,
+    draft: str = "tiny://draft",
+    execution: str | None = None,
 ) -> GenerationSpec:
+    """The benchmark's generation spec: adaptive over ``drafters`` (``execution``: the
+    selector's, e.g. native), or fixed k for a native baseline engine."""
+
     def drafter(name: str) -> dict[str, Any]:
         return {
             "method": name,
@@ -211,6 +219,8 @@ def bench_spec(
         "maxDraftTokens": max_k,
         "drafters": [drafter(d) for d in drafters],
     }
+    if execution is not None:
+        speculative["selector"] = {"execution": execution}
     return GenerationSpec.model_validate({"speculative": speculative})
 
 

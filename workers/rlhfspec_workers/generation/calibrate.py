@@ -56,7 +56,7 @@ def _strategy_kept(engine: GenerationEngine) -> Iterator[None]:
             engine.set_strategy(saved)
 
 
-def _probe_prompts(batch_size: int, prompt_len: int, vocab: int) -> list[PromptInput]:
+def probe_prompts(batch_size: int, prompt_len: int, vocab: int) -> list[PromptInput]:
     # Distinct prompts: prefix caching must not make the rows cheaper than real ones. Ids stay
     # in 3..vocab-1 (small vocabularies keep specials below 3); two leading tokens spell the
     # row index, so rows stay distinct even with a 32-token vocabulary.
@@ -71,7 +71,7 @@ def _probe_prompts(batch_size: int, prompt_len: int, vocab: int) -> list[PromptI
     ]
 
 
-def _vocab_size(engine: GenerationEngine) -> int:
+def vocab_size(engine: GenerationEngine) -> int:
     return int(engine.engine.model_config.get_vocab_size())
 
 
@@ -85,7 +85,7 @@ def _run(
     engine.set_strategy(FixedStrategy(choice))
     engine.drain_steps()
     sampling = SamplingConfig(temperature=0.0, max_tokens=steps + 3, ignore_eos=True)
-    prompts = _probe_prompts(batch_size, prompt_len, _vocab_size(engine))
+    prompts = probe_prompts(batch_size, prompt_len, vocab_size(engine))
     for _ in engine.generate(prompts, sampling):
         pass
     # Steady steps only: every row verified a full k-token draft (rows near max_tokens get
@@ -153,7 +153,7 @@ def _draft_seconds(
     engine.set_strategy(FixedStrategy(DraftChoice(name, k)))
     engine.drain_steps()
     sampling = SamplingConfig(temperature=0.0, max_tokens=steps + 3, ignore_eos=True)
-    prompts = _probe_prompts(batch_size, prompt_len, _vocab_size(engine))
+    prompts = probe_prompts(batch_size, prompt_len, vocab_size(engine))
     for _ in engine.generate(prompts, sampling):
         pass
     drafting = [
@@ -224,7 +224,7 @@ def probe(
     sampling = SamplingConfig(
         temperature=0.0, max_tokens=(steady + 3) * (k + 1) + 2, ignore_eos=True
     )
-    prompts = _probe_prompts(batch_size, prompt_len, _vocab_size(engine))
+    prompts = probe_prompts(batch_size, prompt_len, vocab_size(engine))
     ids = [engine.submit(p, sampling, 0) for p in prompts]
     kept: list[StepRecord] = []
     target = batch_size

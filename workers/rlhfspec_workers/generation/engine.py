@@ -173,11 +173,13 @@ class GenerationEngine:
         """From now on ``schedule`` keeps vLLM's Dynamic SD lookup (batch size -> k), which the
         scheduler reads every step, at our selector's choice: filled now, rewritten around
         the batch's size after every step. Native engines built with ``per_batch_size``."""
-        lookup = self._dynamic_sd_lookup()
+        lookup = self.dynamic_sd_lookup()
         schedule.fill(lookup)
         self.native_schedule = schedule
 
-    def _dynamic_sd_lookup(self) -> list[int]:
+    def dynamic_sd_lookup(self) -> list[int]:
+        """vLLM's Dynamic SD lookup of this native engine, batch size -> k (index 0 unused),
+        which its scheduler reads every step: the list itself, to be changed in place."""
         core = getattr(self.engine.engine_core, "engine_core", None)
         lookup = getattr(getattr(core, "scheduler", None), "dynamic_sd_lookup", None)
         if not self.native or not isinstance(lookup, list):
@@ -421,7 +423,7 @@ class GenerationEngine:
     def _step(self) -> list[Any]:
         outputs = self.recorder.run(self.engine.step, self.engine.has_unfinished_requests)
         if self.native_schedule is not None and self.recorder.steps:
-            self.native_schedule.observe(self.recorder.steps[-1], self._dynamic_sd_lookup())
+            self.native_schedule.observe(self.recorder.steps[-1], self.dynamic_sd_lookup())
         return outputs
 
     @property

@@ -17,8 +17,9 @@ path keeps: switching between drafters, drafts in hand, drafting on the side.
 
 Unlike the proposer path, the choice is made before the step for the batch size it will have
 (one lookup per size) and without hysteresis: each entry is the selector's best there on the
-current estimates (``AdaptiveStrategy.best_at``). The cost table is not refined from native
-steps: their time includes vLLM's drafting, which the table prices separately.
+current estimates (``AdaptiveStrategy.best_at``). The schedule learns acceptance only; the
+table it prices with is the strategy's (``native_setup``: whole native steps, the drafter
+free, refined by the strategy's cost learner from the same step records).
 """
 
 from __future__ import annotations

@@ -130,6 +130,7 @@ def generate(
 
     from .adaptive import make_strategy
     from .engine import GenerationEngine
+    from .native_setup import native_engine_args, native_strategy
     from .records import PromptInput, SamplingConfig
     from .worker import MAX_RUNNING, draft_model_paths
 
@@ -144,13 +145,16 @@ def generate(
         dtype=dtype,
         max_num_seqs=MAX_RUNNING,
         chat_template=spec.dataset.chat_template,
+        **native_engine_args(gen, MAX_RUNNING),
     )
     samples = spec.algorithm.samples_per_prompt
     print(f"[rlhfspec] generate: {len(prompts)} prompts x {samples} samples, {dtype}, "
           f"speculative {gen.speculative.mode.value}", file=sys.stderr)  # fmt: skip
     try:
-        if engine.proposer is not None:
-            batch = max(1, min(MAX_RUNNING, len(prompts) * samples))  # all of them at once
+        batch = max(1, min(MAX_RUNNING, len(prompts) * samples))  # all of them at once
+        if gen.speculative.native_execution:
+            native_strategy(engine, gen, max_batch=batch)
+        elif engine.proposer is not None:
             engine.set_strategy(make_strategy(engine, gen, log=_log, max_batch=batch))
         inputs = [
             PromptInput(

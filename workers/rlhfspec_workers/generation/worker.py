@@ -41,6 +41,7 @@ from .handover import Handover, ack
 from .kv_auth import KVAuth
 from .kv_outbox import KVOutbox
 from .kv_pull import KVPulls
+from .native_setup import native_engine_args, native_strategy
 from .records import PromptInput, SampleResult, SamplingConfig, StepRecord
 from .sample_table import Sample, SampleTable
 
@@ -399,6 +400,8 @@ class GenerationWorker:
 
 def run(job: RLHFJob, paths: ResolvedPaths, bus: Bus) -> int:
     spec = job.spec
+    speculative = spec.generation.speculative
+    # selector.execution native: vLLM's own drafter, whose k per batch size the selector sets.
     engine = GenerationEngine(
         spec.generation,
         paths.models["spec.models.policy"],
@@ -408,13 +411,16 @@ def run(job: RLHFJob, paths: ResolvedPaths, bus: Bus) -> int:
         chat_template=spec.dataset.chat_template,
         max_num_seqs=MAX_RUNNING,
         kv_migration=spec.generation.reallocation.migration is not MigrationMethod.RECOMPUTE,
+        **native_engine_args(spec.generation, MAX_RUNNING),
     )
     draft_strategy: DraftStrategy | None = None
     try:
         # Calibrate only batches this worker will run (its share of an iteration's samples).
-        draft_strategy = make_strategy(
-            engine, spec.generation, max_batch=expected_batch(spec, MAX_RUNNING)
-        )
+        max_batch = expected_batch(spec, MAX_RUNNING)
+        if speculative.native_execution:
+            draft_strategy = native_strategy(engine, spec.generation, max_batch=max_batch)
+        else:
+            draft_strategy = make_strategy(engine, spec.generation, max_batch=max_batch)
         if engine.proposer is not None:
             engine.set_strategy(draft_strategy)
         bus.metrics.reexport_vllm(engine.counters)

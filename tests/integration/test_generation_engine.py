@@ -406,6 +406,9 @@ def test_a_native_schedule_rewrites_vllm_s_k_per_batch_size_as_it_runs(
         assert {s.k for s in drafted} != {4}  # not the lookup the engine was built with
         assert all(s.num_accepted_tokens > 0 for s in drafted)  # the draft is the target
         assert schedule.rewrites > written  # acceptance of 1.0 moved entries as it ran
+        # Each record says what vLLM drafts next (the worker's heartbeat reports it).
+        nexts = {(s.next_drafter, s.next_k) for s in steps}
+        assert any(d == "draft_model" and k > 0 for d, k in nexts) and ("off", 0) in nexts
     finally:
         engine.close()
     with pytest.raises(RuntimeError, match="native=True and per_batch_size"):

@@ -16,6 +16,7 @@ baselines) is vLLM's own method, fixed k or Dynamic SD.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,7 +32,7 @@ from rlhfspec_workers.faults import fault_point
 
 from . import engine_args as vllm_args
 from . import step_stats, weight_sync
-from .draft_strategy import DraftChoice, DraftStrategy, FixedStrategy
+from .draft_strategy import NO_DRAFT, DraftChoice, DraftStrategy, FixedStrategy
 from .kv_migration import KVMigrationPort, KVState, kv_migration_live
 from .proposer import AdaptiveProposer
 from .records import PromptInput, SampleResult, SamplingConfig, StepRecord
@@ -423,7 +424,16 @@ class GenerationEngine:
     def _step(self) -> list[Any]:
         outputs = self.recorder.run(self.engine.step, self.engine.has_unfinished_requests)
         if self.native_schedule is not None and self.recorder.steps:
-            self.native_schedule.observe(self.recorder.steps[-1], self.dynamic_sd_lookup())
+            lookup, step = self.dynamic_sd_lookup(), self.recorder.steps[-1]
+            self.native_schedule.observe(step, lookup)
+            # What vLLM drafts next, as the proposer path records its own next choice (the
+            # worker's heartbeat reports it): the lookup's k for the rows still running.
+            left = min(step.batch_size - step.num_finished, len(lookup) - 1)
+            k = lookup[left] if left >= 1 else 0
+            drafter = self.native_schedule.drafter if k else NO_DRAFT.drafter
+            self.recorder.steps[-1] = dataclasses.replace(
+                step, next_drafter=drafter, next_k=k, next_draft_tokens=k * max(left, 0)
+            )
         return outputs
 
     @property

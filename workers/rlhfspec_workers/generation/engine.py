@@ -10,8 +10,9 @@ inference stage at once. :meth:`generate` wraps submit/poll for whole batches (c
 Speculation backends (``engine_args``): the adaptive proposer (modes adaptive and fixed) is
 vLLM's ``custom_class`` proposer (``proposer.AdaptiveProposer``), which owns the drafters and
 asks a strategy for (drafter, k) every step; it shares memory with the engine, which therefore
-runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set here). Native (``native=True``,
-baselines) is vLLM's own method, fixed k or Dynamic SD.
+runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set here). Native (``native=True``:
+baselines, and ``selector.execution: native``) is vLLM's own method, fixed k or Dynamic SD,
+whose lookup a ``NativeSchedule`` may rewrite after every step (:meth:`set_native_schedule`).
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ fails in milliseconds with the field named (``drafters.registry.check``).
 
 Speculation backends: the adaptive proposer (modes adaptive and fixed) is vLLM's
 ``custom_class`` proposer with ``num_speculative_tokens`` = the largest k; native
-(baselines) is vLLM's own method for the single drafter, fixed k or Dynamic SD's k per batch
-size; mode off has no speculative config at all (no proposer, no rejection sampler).
+(baselines, and ``selector.execution: native``) is vLLM's own method for the single drafter,
+fixed k or Dynamic SD's k per batch size; mode off has no speculative config at all (no
+proposer, no rejection sampler).
 """
 
 from __future__ import annotations

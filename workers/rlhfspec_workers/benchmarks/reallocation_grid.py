@@ -108,9 +108,9 @@ def grid_worker_cost(
     step_overhead: float = 0.0,
 ) -> CostModel:
     """The grid's model as the simulator's cost model: t(B, T) as timed, and ``drafter``'s
-    cost there (see the module docstring). The simulator's speed model takes the selector's
-    best k at every batch size from it (``reallocation_sim.speed_from``), k up to the grid's
-    largest T - 1 (:func:`grid_max_k`)."""
+    cost there (see the module docstring), every cell plus ``step_overhead`` (the serving
+    engine's own work a bare forward leaves out). :func:`grid_speed` turns it into the
+    simulator's speed model."""
     if step_overhead < 0.0:
         raise ValueError(f"--grid-step-overhead must be >= 0 seconds, got {step_overhead}")
     samples = [

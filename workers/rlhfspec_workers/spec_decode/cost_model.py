@@ -23,13 +23,18 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .cost_online import KNOWN_EVIDENCE, REFIT_EVERY, OnlineEvidence
 from .cost_records import OFF, CostSample, CostTableKey, DrafterCost, bookkeeping_at
-from .cost_surface import MonotoneCurve, fill_unmeasured, grid_value, make_monotone
+from .cost_surface import (
+    MonotoneCurve,
+    fill_unmeasured,
+    grid_value,
+    make_monotone,
+    shrink_to_surface,
+)
 from .draft_cost_online import OnlineDraftCost, StoredCell
 
 _SCHEMA_V1 = "rlhfspec.spec_decode.cost_model/v1"
@@ -55,7 +60,10 @@ class CostModel:
     """Monotone interpolated step-cost surface verify(B, T) plus per-drafter draft costs.
 
     Fit: samples are grouped per (B, T) and reduced to their median (robust to the 2-3x
-    stalls other processes cause on a shared machine: docs/cpu-notes.md §5). The grid is the
+    stalls other processes cause on a shared machine: docs/cpu-notes.md §5), shrunk towards
+    the fitted `Surface` by as much as the repeats say they are noise
+    (`cost_surface.shrink_to_surface`: a noisy CPU's cells take the surface's shape, a clean
+    GPU's keep their knees). The grid is the
     union of the measured cells and the *plan* (the cells calibration meant to measure; by
     default the measured ones); planned cells calibration did not reach are filled by
     `fill_unmeasured` (a fitted `Surface` corrected by nearby measurements). Each B row is made
@@ -149,7 +157,7 @@ class CostModel:
         by_cell: dict[tuple[int, int], list[float]] = {}
         for s in samples:
             by_cell.setdefault((s.batch_size, s.tokens_per_seq), []).append(s.seconds)
-        cells = {c: statistics.median(v) for c, v in by_cell.items()}
+        cells = shrink_to_surface(by_cell)
         bs = sorted({b for b, _ in cells} | {b for b, _ in plan})
         ts = sorted({t for _, t in cells} | {t for _, t in plan})
         filled = fill_unmeasured(cells, [(b, t) for b in bs for t in ts])

@@ -1,19 +1,22 @@
 """The shape of a step-cost table: monotone fits, interpolation, and the fill of unmeasured cells.
 
 Place in the flow: `cost_model.CostModel` reduces calibration's measurements to one value per
-(B, T) cell, fills the planned cells calibration did not reach with `fill_unmeasured` (a
-fitted `Surface`, non-negative a + b*B + c*T + d*B*T plus a roofline knee, corrected by the
-nearby measurements), makes the grid monotone (`make_monotone`) and answers the selector's
-queries by interpolating it (`grid_value`); drafter per-token costs are a `MonotoneCurve`
-over batch size. Online learning (`cost_online`) re-applies `make_monotone` to the corrected
-grid.
+(B, T) cell (`shrink_to_surface`: the median, shrunk towards a fitted `Surface` as far as the
+repeats say it is noise), fills the planned cells calibration did not reach with
+`fill_unmeasured` (a fitted `Surface`, non-negative a + b*B + c*T + d*B*T plus a roofline knee,
+corrected by the nearby measurements), makes the grid monotone (`make_monotone`) and answers the
+selector's queries by interpolating it (`grid_value`); drafter per-token costs are a
+`MonotoneCurve` over batch size. Online learning (`cost_online`) re-applies `make_monotone` to
+the corrected grid.
 
 Why interpolate measurements instead of fitting a formula: verification cost is flat while the
 step is memory-bound and grows with B x T once compute-bound, and where the knee sits depends on
 the model, the kernels and the card (measured CPU figures: docs/cpu-notes.md §3-4). A
 monotone piecewise-linear surface over measured points follows any knee; a linear
-extrapolation past the grid keeps the compute-bound slope. Pure standard library: this runs
-inside the coordinator and in CPU-only tests.
+extrapolation past the grid keeps the compute-bound slope. Where the measurements are noisier
+than the surface is wrong (a shared CPU), the surface's shape is the better guess, and the
+measured cells lean on it (`shrink_to_surface`). Pure standard library: this runs inside the
+coordinator and in CPU-only tests.
 """
 
 from __future__ import annotations
@@ -175,8 +178,9 @@ class Surface:
     best fit wins. When the points cannot tell fits apart (within `FIT_TIE_RMS`, e.g. as many
     points as terms), the one predicting the highest cost over the cells to fill (in log, so
     each cell counts alike) wins: a too-high cost only makes the selector draft a little less,
-    a too-low one at a large batch can make it slower than plain decoding. Only cells
-    calibration did not reach are filled from it; measured cells keep their own values.
+    a too-low one at a large batch can make it slower than plain decoding. Cells calibration
+    did not reach are filled from it; measured cells lean on it only as far as their repeats
+    say they are noise (`shrink_to_surface`).
     """
 
     a: float
@@ -269,6 +273,58 @@ class Surface:
         if any(c < 0.0 for c in coef):
             return None
         return coef
+
+
+SHRINK_MIN_CELLS = 8
+"""Measured cells below which `shrink_to_surface` leaves them as they are: a surface of up to
+six terms fitted through fewer cells would mostly follow their noise."""
+
+
+def shrink_to_surface(
+    samples: Mapping[tuple[int, int], Sequence[float]],
+) -> dict[tuple[int, int], float]:
+    """Each measured cell's value: its median, shrunk towards the fitted `Surface` by as much
+    as the repeats say it is noise (empirical Bayes, in log cost).
+
+    A cell's log misfit r = log(median / surface) is part real (a knee the surface cannot
+    follow) and part noise (sd ``sigma / sqrt(n)`` for n repeats; ``sigma`` pooled over the
+    cells measured more than once, robustly: a stalled probe must not read as noise
+    everywhere). With the real part's variance ``tau2 = mean(r^2) - mean(sigma^2 / n)``, the
+    cell keeps the fraction ``tau2 / (tau2 + sigma^2 / n)`` of its misfit. Clean measurements
+    (a GPU, sigma ~ 1%) keep their values; a shared CPU's (sigma 5-20% per probe) take the
+    surface's shape. Why: the selector compares k values by the ratio of cells in one row, and
+    on a 2-core Xeon VM six calibrations of the same model were off the row shapes of a
+    careful reference (interleaved probes, four passes) by 0.055-0.10 rms in log cost, priced
+    T = 5 against T = 3 up to 29% off, and put a T = 2 cell above T = 3; the surface fitted
+    through the same cells was off by 0.042-0.056 (the reference's own repeatability: 0.047-
+    0.065) and within 6% on every T = 5 / T = 3 ratio. Without repeats nothing tells noise
+    from shape, and the cells stay as measured."""
+    medians = {c: statistics.median(v) for c, v in samples.items() if v}
+    if len(medians) < SHRINK_MIN_CELLS or any(m <= 0.0 for m in medians.values()):
+        return medians
+    deviations = [
+        abs(math.log(s / medians[c]))
+        for c, v in samples.items()
+        if len(v) > 1
+        for s in v
+        if s > 0.0
+    ]
+    if not deviations:
+        return medians
+    # Median absolute deviation to an sd (1.4826), and a median of two lies halfway between
+    # them (sqrt(2): each sample's deviation is half their difference).
+    sigma = 1.4826 * math.sqrt(2.0) * statistics.median(deviations)
+    surface = Surface.fit(medians)
+    misfit = {c: math.log(m / surface(*c)) for c, m in medians.items()}
+    noise = {c: sigma**2 / len(samples[c]) for c in medians}
+    real = max(
+        0.0, statistics.fmean(r * r for r in misfit.values()) - statistics.fmean(noise.values())
+    )
+    out: dict[tuple[int, int], float] = {}
+    for c in medians:
+        keep = real / (real + noise[c]) if real + noise[c] > 0.0 else 1.0
+        out[c] = surface(*c) * math.exp(keep * misfit[c])
+    return out
 
 
 def fill_unmeasured(

@@ -64,7 +64,9 @@ def test_the_deadline_stops_measuring_and_the_table_still_covers(engine: Any) ->
     assert {(s.batch_size, s.tokens_per_seq) for s in model.samples} == measured
     assert set(model.plan) == set(plan)
     assert set(model.missing()) == set(plan) - measured
-    assert model.partial == bool(set(plan) - measured)
+    # Partial: a planned cell or a drafter's batch size left unmeasured (the drafters' last
+    # probes follow the grid's first pass, so a budget can end between the two).
+    assert model.partial == bool(set(plan) - measured or model.missing_drafter_batches())
     assert covers(model, engine.drafters, MAX_BATCH, MAX_K)
     assert set(model.drafters) == {"draft_model"}
     _assert_monotone(model)

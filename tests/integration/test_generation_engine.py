@@ -416,11 +416,14 @@ def test_a_native_schedule_rewrites_vllm_s_k_per_batch_size_as_it_runs(
 
 
 def test_native_execution_calibrates_vllm_s_steps_and_sets_k_losslessly(
-    target: Path, ref_engine: Any
+    target: Path, ref_engine: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``selector.execution: native`` as a worker sets it up (``native_setup``): calibration
     times whole native steps at (B, k) through vLLM's lookup, the table prices the drafter
-    free, the schedule is attached, and generation stays lossless."""
+    free and is cached under its own key (a second start measures nothing), the schedule is
+    attached, and generation stays lossless."""
+    from rlhfspec_workers.generation import native_setup
+    from rlhfspec_workers.generation.cost_cache import cached_cost_model, cost_table_key
     from rlhfspec_workers.generation.native_setup import calibrate_native, native_strategy
 
     spec = _spec(
@@ -444,9 +447,24 @@ def test_native_execution_calibrates_vllm_s_steps_and_sets_k_losslessly(
         }
         assert all(s.seconds > 0 for s in samples)
         assert engine.dynamic_sd_lookup() == before  # restored
-        strategy = native_strategy(engine, spec, max_batch=4, budget_seconds=60.0)
+        strategy = native_strategy(
+            engine, spec, max_batch=4, budget_seconds=60.0, cache_dir=tmp_path
+        )
         assert strategy.selector.cost_model.draft_seconds("draft_model", 4, 2) == 0.0
         assert engine.native_schedule is not None
+        key = native_setup.native_table_key(engine, "draft_model")
+        assert key != cost_table_key(engine) and key.model_id.endswith(":native-draft_model")
+        stored = cached_cost_model(engine, tmp_path, key)
+        assert stored is not None and {s.batch_size for s in stored.samples} == {1, 4}
+        assert cached_cost_model(engine, tmp_path) is None  # not the proposer path's file
+
+        def no_probes(*args: Any, **kwargs: Any) -> list[Any]:
+            raise AssertionError("a cached native table was measured again")
+
+        monkeypatch.setattr(native_setup, "calibrate_native", no_probes)
+        again = native_strategy(engine, spec, max_batch=4, cache_dir=tmp_path, write_back=False)
+        assert again.selector.cost_model.samples == stored.samples
+        assert again.learner is not None and again.learner._save is None
         batch = prompts(4, 2, lengths=[6, 10, 14, 18])
         got = engine.generate_all(batch, GREEDY)
         want = ref_engine.generate_all(batch, GREEDY)

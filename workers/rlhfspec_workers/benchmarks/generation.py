@@ -287,7 +287,13 @@ class Bench:
         if name == "ours-native":  # as a job with selector.execution native sets it up
             top = max(k for _, _, k in rows)
             native = bench_spec([drafter], top, draft=str(self.draft), execution="native")
-            self.learning[name] = native_strategy(self.engines[name], native, max_batch=self.batch)
+            self.learning[name] = native_strategy(
+                self.engines[name],
+                native,
+                max_batch=self.batch,
+                cache_dir=self.settings.calibration_cache,
+                write_back=False,
+            )
         self.run_config(name, -1)
 
     # -- runs -------------------------------------------------------------------------------

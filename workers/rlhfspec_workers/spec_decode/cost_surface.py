@@ -293,12 +293,13 @@ def shrink_to_surface(
     cell keeps the fraction ``tau2 / (tau2 + sigma^2 / n)`` of its misfit. Clean measurements
     (a GPU, sigma ~ 1%) keep their values; a shared CPU's (sigma 5-20% per probe) take the
     surface's shape. Why: the selector compares k values by the ratio of cells in one row, and
-    on a 2-core Xeon VM six calibrations of the same model were off the row shapes of a
-    careful reference (interleaved probes, four passes) by 0.055-0.10 rms in log cost, priced
+    on a 2-core Xeon VM nine calibrations of the same model were off the row shapes of a
+    careful reference (interleaved probes, four passes) by 0.052-0.10 rms in log cost, priced
     T = 5 against T = 3 up to 29% off, and put a T = 2 cell above T = 3; the surface fitted
     through the same cells was off by 0.042-0.056 (the reference's own repeatability: 0.047-
-    0.065) and within 6% on every T = 5 / T = 3 ratio. Without repeats nothing tells noise
-    from shape, and the cells stay as measured."""
+    0.065) and within 6% on every T = 5 / T = 3 ratio (docs/speculation.md, fourth session
+    of 2026-12-06). Without repeats nothing tells noise from shape, and the cells stay as
+    measured."""
     medians = {c: statistics.median(v) for c, v in samples.items() if v}
     if len(medians) < SHRINK_MIN_CELLS or any(m <= 0.0 for m in medians.values()):
         return medians

@@ -160,6 +160,11 @@ def _run_checked(engine: Any, prompts: list[PromptInput]) -> tuple[list[Any], di
         assert step.num_accepted_tokens == step.proposer_accepted_tokens
         if step.num_drafts:
             assert step.drafted_per_pos[0] == step.num_drafts
+        # The selector's own expectation of its drafts travels with the step that made them.
+        if prev.next_k > 0:
+            assert 0.0 <= prev.next_expected_accepted <= prev.next_k * prev.batch_size
+        else:
+            assert prev.next_expected_accepted == -1.0
         verified_at.setdefault(prev.batch_size, []).append(_verified_k(step))
     return got, verified_at
 
@@ -215,6 +220,7 @@ def test_calibrated_adaptive_mode_is_lossless_and_applied(
         accepted[step.drafter] += step.num_accepted_tokens
     for d in drafters:
         assert drafted[d] > 0 and accepted[d] > 0, (d, drafted, accepted)
+    assert all(s.next_expected_accepted == -1.0 for s in steps)  # a script predicts nothing
 
 
 def _chi_square_p(a: Counter[int], b: Counter[int]) -> float:

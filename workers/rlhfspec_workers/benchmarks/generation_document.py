@@ -185,6 +185,7 @@ def document(bench: Bench) -> dict[str, Any]:
         }
         for name in measured
     }
+    doc["predictions"] = predictions(doc["configs"])
     doc["ratios"] = ratios(measured)
     doc["ratios"]["paired_ours_over"] = paired(results)
     doc["ratios_cpu"] = ratios(cpu)
@@ -208,3 +209,24 @@ def document(bench: Bench) -> dict[str, Any]:
         if run is not None:
             doc["traces"][name] = trace(run.steps)
     return doc
+
+
+def predictions(configs: Mapping[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per configuration whose strategy predicts (ours, ours' variants), its runs' expected
+    against accepted draft tokens per ``drafter:k`` (``workload.expected_against_accepted``)
+    summed, with ``accepted / expected``."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name, config in configs.items():
+        cells: dict[str, dict[str, float]] = {}
+        for run in config["runs"]:
+            for key, cell in run.get("expected_accepted", {}).items():
+                into = cells.setdefault(key, {"steps": 0.0, "expected": 0.0, "accepted": 0.0})
+                for field_ in into:
+                    into[field_] += cell[field_]
+        for cell in cells.values():
+            cell["ratio"] = (
+                round(cell["accepted"] / cell["expected"], 3) if cell["expected"] else 0.0
+            )
+        if cells:
+            out[name] = cells
+    return out

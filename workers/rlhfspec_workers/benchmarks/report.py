@@ -116,6 +116,12 @@ def table(doc: Mapping[str, Any]) -> str:
             f"one round's times up to {noise['round_spread_max']:.2f}x "
             f"(median {noise['round_spread_median']:.2f}x): nearer ratios are within noise"
         )
+    for name, cells in doc.get("predictions", {}).items():
+        shown = sorted(cells.items(), key=lambda kv: -kv[1]["steps"])[:6]
+        lines.append(
+            f"{name}'s acceptance predictions, accepted / expected draft tokens: "
+            + ", ".join(f"{key} {c['ratio']:.2f} ({c['steps']:.0f} steps)" for key, c in shown)
+        )
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ results into the table, JSON and PNG. No engine code here.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -132,7 +133,29 @@ class RunResult:
             # simulator reads it for another machine (reallocation_grid).
             "accepted_per_pos": per_pos,
             "verified_rows": sum(s.batch_size for s in self.steps if s.k > 0),
+            "expected_accepted": expected_against_accepted(self.steps),
         }
+
+
+def expected_against_accepted(steps: Sequence[StepRecord]) -> dict[str, dict[str, float]]:
+    """Per ``drafter:k`` the strategy chose: its steps, the draft tokens it expected them to
+    get accepted (``StepRecord.next_expected_accepted``) and what the next step accepted.
+    Whether the selector's acceptance estimates hold is read here, free of timing noise.
+    Steps after which every row finished (nothing verified) are left out."""
+    out: dict[str, dict[str, float]] = {}
+    for made, verified in itertools.pairwise(steps):
+        if made.next_expected_accepted < 0.0 or made.next_k < 1 or verified.num_drafts == 0:
+            continue
+        if (verified.drafter, verified.k) != (made.next_drafter, made.next_k):
+            continue
+        cell = out.setdefault(
+            f"{made.next_drafter}:{made.next_k}",
+            dict.fromkeys(("steps", "expected", "accepted"), 0.0),
+        )
+        cell["steps"] += 1
+        cell["expected"] += made.next_expected_accepted
+        cell["accepted"] += verified.num_accepted_tokens
+    return {k: {n: round(v, 2) for n, v in c.items()} for k, c in sorted(out.items())}
 
 
 def auto_dtype() -> str:

@@ -189,8 +189,7 @@ class AdaptiveStrategy(SelectorStrategy):
         candidates = self._candidates(batch_size, self._phased(batch_size))
         if self.table is not None:
             self._seed_from_table(batch_size)
-        scored = self.selector.select(batch_size, candidates)
-        return scored.strategy if scored.enabled else NO_DRAFT
+        return self.chose(self.selector.select(batch_size, candidates), candidates)
 
     def drafters_in_hand(self, batch_size: int, model_free: Sequence[str]) -> list[str]:
         """The model-free drafters worth drafting for every row before this step's choice
@@ -217,11 +216,10 @@ class AdaptiveStrategy(SelectorStrategy):
         the selector carries it as its current one."""
         if batch_size < 1:
             return NO_DRAFT
-        best = self._best(
-            batch_size, self._candidates(batch_size, self._phased(batch_size), lengths)
-        )
+        candidates = self._candidates(batch_size, self._phased(batch_size), lengths)
+        best = self._best(batch_size, candidates)
         self.selector.adopt(best, batch_size)
-        return best.strategy if best.enabled else NO_DRAFT
+        return self.chose(best, candidates)
 
     def best_at(self, batch_size: int) -> DraftChoice:
         """The best choice at ``batch_size`` on the current estimates, without hysteresis

@@ -19,7 +19,7 @@ from rlhfspec_workers.spec_decode.cost_records import OFF as OFF  # re-exported
 from rlhfspec_workers.spec_decode.draft_choice import NO_DRAFT as NO_DRAFT  # re-exported
 from rlhfspec_workers.spec_decode.draft_choice import BatchRange
 from rlhfspec_workers.spec_decode.draft_choice import DraftChoice as DraftChoice  # re-exported
-from rlhfspec_workers.spec_decode.selector import AdaptiveSelector, Candidate
+from rlhfspec_workers.spec_decode.selector import AdaptiveSelector, Candidate, ScoredChoice
 
 
 @dataclass(frozen=True)
@@ -169,13 +169,29 @@ class SelectorStrategy:
     ) -> None:
         self.selector = selector
         self.estimators = dict(estimators)
+        self.expected_accepted = -1.0
+        """Draft tokens the last choice was expected to get accepted, per row of the batch
+        (what the selector scored it by; -1 when it drafts nothing). The proposer records
+        it with the step (``StepRecord.next_expected_accepted``), so that what the selector
+        believed can be held against what the next step accepted."""
 
     def choose(self, batch_size: int) -> DraftChoice:
         if batch_size < 1:
             return NO_DRAFT
         candidates = [Candidate(name, est) for name, est in self.estimators.items()]
         scored = self.selector.select(batch_size, candidates)
-        return scored.strategy if scored.enabled else NO_DRAFT
+        return self.chose(scored, candidates)
+
+    def chose(self, scored: ScoredChoice, candidates: Sequence[Candidate]) -> DraftChoice:
+        """Keep what ``scored`` was expected to accept (:attr:`expected_accepted`) and return
+        it as a choice."""
+        self.expected_accepted = -1.0
+        if not scored.enabled:
+            return NO_DRAFT
+        for candidate in candidates:
+            if candidate.drafter == scored.drafter:
+                self.expected_accepted = candidate.acceptance.expected_accepted(scored.k)
+        return scored.strategy
 
     def drafter_changed(self, name: str) -> None:
         """``name`` drafts with new weights (a refreshed draft): what was measured of the old

@@ -78,9 +78,9 @@ class AdaptiveProposer:
         self.drafters: dict[str, Drafter] = {OFF: OffDrafter()}
         self.strategy: DraftStrategy = FixedStrategy(NO_DRAFT)
         self.calls = 0
-        self.choices: list[tuple[int, int, DraftChoice, int, float]] = []
-        """(call, batch size, choice, tokens proposed, draft seconds) per call; drained by the
-        engine."""
+        self.choices: list[tuple[int, int, DraftChoice, int, float, float]] = []
+        """(call, batch size, choice, tokens proposed, draft seconds, accepted tokens the
+        strategy expected of them or -1) per call; drained by the engine."""
         self.feedback: list[StepFeedback] = []
         """Outcome of each call's drafts (seen at the next call); drained by the engine."""
         self._pending: dict[str, int] = {}
@@ -362,11 +362,16 @@ class AdaptiveProposer:
         self._asked = {r.req_id for r in rows if r.max_k > 0} if choice.enabled else set()
         self._pending_step = (choice, batch_size, started, draft_seconds)
         total = sum(len(d) for d in drafts)
-        self.choices.append((self.calls, batch_size, choice, total, draft_seconds))
+        # What the strategy expected these drafts to get accepted, all rows together.
+        per_row = getattr(self.strategy, "expected_accepted", -1.0) if choice.enabled else -1.0
+        expected = per_row * batch_size if per_row >= 0.0 else -1.0
+        self.choices.append((self.calls, batch_size, choice, total, draft_seconds, expected))
         self.calls += 1
         return drafts
 
-    def drain(self) -> tuple[list[tuple[int, int, DraftChoice, int, float]], list[StepFeedback]]:
+    def drain(
+        self,
+    ) -> tuple[list[tuple[int, int, DraftChoice, int, float, float]], list[StepFeedback]]:
         """Choices and feedback recorded since the last drain (engine side, in-process)."""
         choices, feedback = self.choices, self.feedback
         self.choices, self.feedback = [], []

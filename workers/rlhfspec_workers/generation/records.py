@@ -110,3 +110,8 @@ class StepRecord:
     next submission (a worker waiting seconds for tasks would otherwise price its next
     prefill at seconds per prompt). step + gap is how fast a running sample really
     advances."""
+    next_expected_accepted: float = -1.0
+    """Draft tokens the strategy expected the drafts made here (``next_*``) to get accepted,
+    all rows together (its per-row expectation x the batch size, as the selector scores a
+    choice); -1 where it made no prediction (a fixed strategy, nothing drafted, vLLM's own
+    drafter). The next step's ``num_accepted_tokens`` is what they got."""

@@ -87,6 +87,7 @@ def step_record(
     draft_seconds: float,
     prefill_tokens: int = 0,
     gap_seconds: float = 0.0,
+    next_expected_accepted: float = -1.0,
 ) -> StepRecord:
     """One step's record. ``spec``: vLLM's ``spec_decoding_stats`` of the step (None without
     drafts); ``feedback``: the adaptive proposer's per-step feedback (None on the native
@@ -116,6 +117,7 @@ def step_record(
         draft_seconds=draft_seconds,
         prefill_tokens=prefill_tokens,
         gap_seconds=gap_seconds,
+        next_expected_accepted=next_expected_accepted,
     )
 
 
@@ -160,10 +162,10 @@ class StepRecorder:
         finished = sum(1 for o in outputs if o.finished)
         choices, feedback = self.proposer.drain() if self.proposer else ([], [])
         if choices:
-            _, batch_size, next_choice, next_tokens, draft_seconds = choices[-1]
+            _, batch_size, next_choice, next_tokens, draft_seconds, expected = choices[-1]
         else:
             batch_size = (stats[-1].num_running_reqs if stats else 0) + finished
-            next_choice, next_tokens, draft_seconds = NO_DRAFT, 0, 0.0
+            next_choice, next_tokens, draft_seconds, expected = NO_DRAFT, 0, 0.0, -1.0
         num_drafts = spec.num_drafts if spec else 0
         drafted = spec.num_draft_tokens if spec else 0
         if feedback:
@@ -186,6 +188,7 @@ class StepRecorder:
             draft_seconds=draft_seconds,
             prefill_tokens=prefill_tokens,
             gap_seconds=gap,
+            next_expected_accepted=expected,
         )
         self._index += 1
         self.steps.append(record)

@@ -315,6 +315,8 @@ def shrink_to_surface(
     # Median absolute deviation to an sd (1.4826), and a median of two lies halfway between
     # them (sqrt(2): each sample's deviation is half their difference).
     sigma = 1.4826 * math.sqrt(2.0) * statistics.median(deviations)
+    if sigma == 0.0:
+        return medians  # repeats agree: every misfit is shape, kept whole (no fit needed)
     surface = Surface.fit(medians)
     misfit = {c: math.log(m / surface(*c)) for c, m in medians.items()}
     noise = {c: sigma**2 / len(samples[c]) for c in medians}

@@ -2,14 +2,15 @@
 
 Engines are expensive on 2 cores, so the module shares three: plain decoding (the reference),
 the adaptive proposer with every per-step drafter, and vLLM's native draft model with Dynamic
-SD. vLLM's native ngram is not started here: an engine created after it in the same process
-fails (a numba/llvmlite clash: docs/cpu-notes.md §2); our own ngram runs inside the adaptive
-proposer.
+SD. vLLM's native ngram starts last, twice, with a plain engine after it: engines started after
+it once failed (``vllm_fixes`` bug 3). Our own ngram runs inside the adaptive proposer.
 """
 
 from __future__ import annotations
 
+import inspect
 import itertools
+import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -488,3 +489,41 @@ def test_calibration_feeds_the_cost_model(spec_engine: Any) -> None:
     assert [b for b, _ in draft.per_token] == [1, 8]
     model = CostModel.fit(samples, [draft])
     assert model.step_seconds("draft_model", 4, 3) > model.verify_seconds(4, 0) > 0
+
+
+def test_an_engine_starts_after_vllm_s_native_ngram_has_drafted(
+    target: Path, greedy_reference: dict[str, list[Any]]
+) -> None:
+    """``vllm_fixes`` bug 3: once vLLM's native n-gram proposer has drafted (numba compiled
+    through llvmlite), vLLM's kernel rebind scan, run by every engine's worker as it starts,
+    crashed on llvmlite's module global, so no engine could start after it in the process
+    (the SmolLM2 generation bench died creating its third native n-gram engine). Started last
+    in this module; later test modules start engines after it too."""
+    from vllm.triton_utils import dispatcher
+
+    from rlhfspec_workers import vllm_fixes
+
+    speculative = {
+        "mode": "fixed",
+        "numDraftTokens": 2,
+        "drafters": [{"method": "ngram", "promptLookupMin": 1, "promptLookupMax": 3}],
+    }
+    batch = prompts(20, 2)
+    for _ in range(2):  # the second native engine starts after the first one drafted
+        engine = GenerationEngine(_spec(speculative), target, native=True, **ENGINE_ARGS)
+        try:
+            got = engine.generate_all(batch, GREEDY)
+            assert any(s.num_drafts for s in engine.drain_steps())
+        finally:
+            engine.close()
+        assert [r.token_ids for r in got] == [r.token_ids for r in greedy_reference["B40"]]
+    assert "_rlhfspec_rebind_probe" not in sys.modules
+    # vLLM's own scan still crashes on such a global; the guarded one, installed, does not.
+    assert vllm_fixes.rebind_is_broken(inspect.unwrap(dispatcher._rebind_kernels))
+    assert not vllm_fixes.rebind_is_broken()
+    plain = GenerationEngine(_spec({"mode": "off"}), target, **ENGINE_ARGS)
+    try:
+        got = plain.generate_all(batch, GREEDY)
+    finally:
+        plain.close()
+    assert [r.token_ids for r in got] == [r.token_ids for r in greedy_reference["B40"]]

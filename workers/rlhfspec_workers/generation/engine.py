@@ -115,6 +115,7 @@ class GenerationEngine:
         def sink_factory(vllm_config: Any, engine_index: int = 0) -> step_stats.StepStatsSink:
             return sink
 
+        vllm_fixes.guard_kernel_rebind()  # before the worker registers its kernel overrides
         self.engine = LLMEngine(
             config,
             Executor.get_class(config),

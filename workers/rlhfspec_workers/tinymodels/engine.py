@@ -73,12 +73,15 @@ def tiny_spec_llm(
             "num_speculative_tokens": num_speculative_tokens,
         }
     kwargs.update(llm_kwargs)
+    from rlhfspec_workers import vllm_fixes
+
+    in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+    if in_process:
+        vllm_fixes.guard_kernel_rebind()
     llm = LLM(**kwargs)
-    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+    if in_process:
         # Sampling (temperature > 0) with speculation is wrong without this; see
         # vllm_fixes. A multiprocess engine cannot be fixed from here.
-        from rlhfspec_workers import vllm_fixes
-
         vllm_fixes.apply()
     return llm
 

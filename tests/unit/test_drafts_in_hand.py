@@ -111,7 +111,10 @@ class WantsNgram:
         return list(model_free)
 
     def choose_with_drafts(
-        self, batch_size: int, lengths: Mapping[str, Sequence[int]]
+        self,
+        batch_size: int,
+        lengths: Mapping[str, Sequence[int]],
+        rooms: Sequence[int] | None = None,
     ) -> DraftChoice:
         self.shown.append(lengths)
         return DraftChoice("ngram", self.k)

@@ -276,8 +276,9 @@ def replay_strategy(
         settle()
         batch = len(step.live)
         in_hand = _drafts_in_hand(strategy, step, options)
-        if in_hand and isinstance(strategy, ChoosesWithDrafts):
-            choice = strategy.choose_with_drafts(batch, in_hand)
+        if isinstance(strategy, ChoosesWithDrafts):
+            rooms = [_room(options, pos) for _, pos in step.live]
+            choice = strategy.choose_with_drafts(batch, in_hand, rooms)
         else:
             choice = strategy.choose(batch)
         chosen: Strategy = (choice.drafter, choice.k) if choice.enabled else (OFF, 0)

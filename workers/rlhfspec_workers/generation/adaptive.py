@@ -36,7 +36,7 @@ from rlhfspec_workers import messages
 from rlhfspec_workers.spec_decode.acceptance import AcceptanceEstimator, BetaPrior
 from rlhfspec_workers.spec_decode.cost_model import CostModel
 from rlhfspec_workers.spec_decode.cost_records import CostTableKey
-from rlhfspec_workers.spec_decode.in_hand import DraftsInHand
+from rlhfspec_workers.spec_decode.in_hand import DraftsInHand, RoomLimited
 from rlhfspec_workers.spec_decode.phased import PhasedAcceptance, phase_of
 from rlhfspec_workers.spec_decode.selector import (
     AdaptiveSelector,
@@ -156,6 +156,10 @@ class AdaptiveStrategy(SelectorStrategy):
         self.in_hand = True
         """Score model-free drafters on their drafts in hand where they could win
         (:meth:`drafters_in_hand`); False: on their estimates alone."""
+        self.room_aware = True
+        """Score drafters on the batch's rooms where the proposer passes them (rows near
+        their cap take short drafts or none: ``spec_decode.in_hand.RoomLimited``); False:
+        every row of the batch counts as taking a full draft."""
 
     # -- per step ---------------------------------------------------------------------------
 
@@ -172,16 +176,22 @@ class AdaptiveStrategy(SelectorStrategy):
         batch_size: int,
         phased: Mapping[str, PhasedAcceptance],
         in_hand: Mapping[str, Sequence[int]] | None = None,
+        rooms: Sequence[int] | None = None,
     ) -> list[Candidate]:
         """``phased`` as candidates; for the drafters in ``in_hand``, this step's acceptance,
-        from the lengths of their drafts in hand (one per row asked)."""
+        from the lengths of their drafts in hand (one per row asked); for the others, with
+        ``rooms`` (draft tokens each row of the batch can take), cut to the rows' room."""
         k, hand = self.selector.max_k, in_hand or {}
-        return [
-            Candidate(
-                name, DraftsInHand.of(acc, hand[name], batch_size, k) if name in hand else acc
-            )
-            for name, acc in phased.items()
-        ]
+        room_limited = rooms is not None and self.room_aware and len(rooms) == batch_size
+        out = []
+        for name, acc in phased.items():
+            if name in hand:
+                out.append(Candidate(name, DraftsInHand.of(acc, hand[name], batch_size, k)))
+            elif room_limited:
+                out.append(Candidate(name, RoomLimited.of(acc, rooms or (), k)))
+            else:
+                out.append(Candidate(name, acc))
+        return out
 
     def choose(self, batch_size: int) -> DraftChoice:
         if batch_size < 1:
@@ -208,15 +218,23 @@ class AdaptiveStrategy(SelectorStrategy):
         return worth
 
     def choose_with_drafts(
-        self, batch_size: int, lengths: Mapping[str, Sequence[int]]
+        self,
+        batch_size: int,
+        lengths: Mapping[str, Sequence[int]],
+        rooms: Sequence[int] | None = None,
     ) -> DraftChoice:
         """This step's choice with the drafts of ``lengths``' drafters in hand (their lengths,
-        one per row asked): those drafters are scored on this step's exact fill. Hysteresis is
-        for noisy estimates; a fill in hand is no estimate, so the best choice is taken, and
-        the selector carries it as its current one."""
+        one per row asked): those drafters are scored on this step's exact fill, the others
+        on the rows' ``rooms`` (one per row of the batch) where given. Hysteresis is for
+        noisy estimates; a fill in hand is no estimate, so with drafts in hand the best
+        choice is taken, and the selector carries it as its current one."""
         if batch_size < 1:
             return NO_DRAFT
-        candidates = self._candidates(batch_size, self._phased(batch_size), lengths)
+        candidates = self._candidates(batch_size, self._phased(batch_size), lengths, rooms)
+        if not lengths:
+            if self.table is not None:
+                self._seed_from_table(batch_size)
+            return self.chose(self.selector.select(batch_size, candidates), candidates)
         best = self._best(batch_size, candidates)
         self.selector.adopt(best, batch_size)
         return self.chose(best, candidates)

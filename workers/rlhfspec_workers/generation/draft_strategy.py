@@ -94,10 +94,14 @@ class ChoosesWithDrafts(Protocol):
         ...
 
     def choose_with_drafts(
-        self, batch_size: int, lengths: Mapping[str, Sequence[int]]
+        self,
+        batch_size: int,
+        lengths: Mapping[str, Sequence[int]],
+        rooms: Sequence[int] | None = None,
     ) -> DraftChoice:
-        """This step's choice; ``lengths``: per drafter in hand, its draft's length for each
-        row asked (rows with room for a draft, in batch order)."""
+        """This step's choice; ``lengths``: per drafter in hand (possibly none), its draft's
+        length for each row asked (rows with room for a draft, in batch order); ``rooms``:
+        the draft tokens each row of the batch can take before its cap (0: none)."""
         ...
 
 

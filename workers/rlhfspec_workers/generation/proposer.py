@@ -67,6 +67,16 @@ def prompt_group(prompt_token_ids: Sequence[int]) -> str:
     return "p:" + hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
+def _stops(tokens: Sequence[int], params: Any) -> bool:
+    """Whether one of ``tokens`` ends the request as vLLM's scheduler checks it: its EOS
+    (unset under ``ignore_eos``) or one of its stop token ids."""
+    if params is None:
+        return False
+    eos = getattr(params, "eos_token_id", None)
+    stops = getattr(params, "stop_token_ids", None) or ()
+    return any(t == eos or t in stops for t in tokens)
+
+
 class AdaptiveProposer:
     """vLLM ``custom_class`` proposer that drafts with whatever the strategy picks per step."""
 
@@ -137,8 +147,11 @@ class AdaptiveProposer:
             if params is not None and params.max_tokens is not None:
                 # The step that verifies the drafts emits up to k + 1 tokens.
                 room = min(room, params.max_tokens - (n - prompt_len) - 1)
-            # No sampled token: the row is mid-prefill (chunked) and gets no drafts.
-            max_k = max(0, min(self.max_k, room)) if sampled else 0
+            # No sampled token: the row is mid-prefill (chunked) and gets no drafts. A row whose
+            # tokens this step include a stop token finishes now: vLLM's scheduler drops its
+            # drafts unverified, so none is drafted and the selector does not count it.
+            finishing = bool(sampled) and _stops(sampled, params)
+            max_k = max(0, min(self.max_k, room)) if sampled and not finishing else 0
             rows.append(
                 DraftRow(
                     req_id=req_id,
@@ -285,12 +298,15 @@ class AdaptiveProposer:
         batch_size: int,
         in_hand: Mapping[str, list[list[int]]] | None = None,
         rows: Sequence[DraftRow] = (),
+        rooms: Sequence[int] | None = None,
     ) -> DraftChoice:
+        """The strategy's choice; ``rooms``: the draft tokens each row of the batch (rows with
+        a sampled token) can take, for a strategy that scores on them."""
         try:
-            if in_hand and isinstance(self.strategy, ChoosesWithDrafts):
+            if isinstance(self.strategy, ChoosesWithDrafts):
                 asked = [i for i, r in enumerate(rows) if r.max_k > 0]
-                lengths = {name: [len(d[i]) for i in asked] for name, d in in_hand.items()}
-                choice = self.strategy.choose_with_drafts(batch_size, lengths)
+                lengths = {name: [len(d[i]) for i in asked] for name, d in (in_hand or {}).items()}
+                choice = self.strategy.choose_with_drafts(batch_size, lengths, rooms)
             else:
                 choice = self.strategy.choose(batch_size)
         except Exception:
@@ -346,7 +362,8 @@ class AdaptiveProposer:
 
         batch_size = sum(1 for t in sampled_token_ids if t)
         in_hand = self._drafts_in_hand(rows, batch_size)
-        choice = self._choose(batch_size, in_hand, rows)
+        rooms = [r.max_k for r, t in zip(rows, sampled_token_ids, strict=True) if t]
+        choice = self._choose(batch_size, in_hand, rows, rooms)
         if choice.enabled and choice.drafter in in_hand:
             drafts = cap_drafts(in_hand[choice.drafter], rows, choice.k)
         elif choice.enabled:

@@ -117,8 +117,9 @@ class RecordsRooms:
 
 
 def test_the_proposer_hands_each_batch_row_s_room_to_the_strategy() -> None:
-    """Room: what max_tokens leaves after this step (up to k = 4), and none for a row whose
-    tokens this step include its EOS or a stop token (vLLM finishes it and drops its drafts)."""
+    """Room: what max_tokens leaves after this step (up to k = 4). A row that reached its cap,
+    or whose tokens this step include its EOS or a stop token, finishes now (vLLM drops its
+    drafts): it is not in the batch the strategy chooses for, nor is a row mid-prefill."""
     config = SimpleNamespace(
         speculative_config=SimpleNamespace(num_speculative_tokens=4),
         model_config=SimpleNamespace(max_model_len=64),
@@ -135,6 +136,7 @@ def test_the_proposer_hands_each_batch_row_s_room_to_the_strategy() -> None:
         "far": request(40),
         "near": request(12),
         "last": request(11),
+        "capped": request(10),
         "prefill": request(40),
         "eos": request(40),
         "stop": request(40, stops=[9]),
@@ -144,6 +146,7 @@ def test_the_proposer_hands_each_batch_row_s_room_to_the_strategy() -> None:
         "far": [5],
         "near": [5],
         "last": [5],
+        "capped": [5],
         "prefill": [],  # mid-prefill: samples nothing yet, not in the batch
         "eos": [2],
         "stop": [9, 5],  # the stop token is accepted, the bonus token after it dropped
@@ -157,4 +160,6 @@ def test_the_proposer_hands_each_batch_row_s_room_to_the_strategy() -> None:
     lengths = np.asarray([3 if name == "prefill" else 13 for name in requests])
     drafts = p.propose(list(sampled.values()), lengths, tokens)
     assert drafts == [[]] * len(requests)
-    assert strategy.seen == [(6, [4, 1, 0, 0, 0, 4])]
+    assert strategy.seen == [(4, [4, 1, 0, 4])]
+    # The record keeps this step's batch: every row that sampled a token.
+    assert [(b, c) for _, b, c, *_ in p.choices] == [(7, NO_DRAFT)]

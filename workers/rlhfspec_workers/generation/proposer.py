@@ -132,8 +132,12 @@ class AdaptiveProposer:
         sampled_token_ids: list[list[int]],
         num_tokens_no_spec: np.ndarray[Any, Any],
         token_ids_cpu: np.ndarray[Any, Any],
-    ) -> list[DraftRow]:
+    ) -> tuple[list[DraftRow], list[int]]:
+        """The batch as drafting rows, and the room (draft tokens it can take) of each row
+        the next step will verify: rows that sampled a token this step and do not finish on
+        it (vLLM drops a finishing row's drafts unverified)."""
         rows: list[DraftRow] = []
+        rooms: list[int] = []
         req_ids = self.runner.input_batch.req_ids
         for i, sampled in enumerate(sampled_token_ids):
             req_id = req_ids[i]
@@ -147,11 +151,14 @@ class AdaptiveProposer:
             if params is not None and params.max_tokens is not None:
                 # The step that verifies the drafts emits up to k + 1 tokens.
                 room = min(room, params.max_tokens - (n - prompt_len) - 1)
-            # No sampled token: the row is mid-prefill (chunked) and gets no drafts. A row whose
-            # tokens this step include a stop token finishes now: vLLM's scheduler drops its
-            # drafts unverified, so none is drafted and the selector does not count it.
-            finishing = bool(sampled) and _stops(sampled, params)
+            # No sampled token: the row is mid-prefill (chunked) and gets no drafts. A row out
+            # of room (room < 0: its cap reached) or whose tokens this step include a stop
+            # token finishes now: vLLM's scheduler drops its drafts unverified, so none is
+            # drafted and the selector does not count it.
+            finishing = room < 0 or (bool(sampled) and _stops(sampled, params))
             max_k = max(0, min(self.max_k, room)) if sampled and not finishing else 0
+            if sampled and not finishing:
+                rooms.append(max_k)
             rows.append(
                 DraftRow(
                     req_id=req_id,
@@ -161,7 +168,7 @@ class AdaptiveProposer:
                     max_k=max_k,
                 )
             )
-        return rows
+        return rows, rooms
 
     def _collect_feedback(self, rows: Sequence[DraftRow], sampled: list[list[int]]) -> None:
         if self._pending_step is None:
@@ -336,7 +343,7 @@ class AdaptiveProposer:
         if self.runner is None:
             # Not configured (e.g. vLLM's warm-up): plain decoding.
             return [[] for _ in sampled_token_ids]
-        rows = self._rows(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
+        rows, rooms = self._rows(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
         self._collect_feedback(rows, sampled_token_ids)
 
         live = {r.req_id for r in rows}
@@ -360,10 +367,13 @@ class AdaptiveProposer:
                 },
             )
 
+        # This step's batch (the record's), and the batch that will verify this step's drafts:
+        # a strategy that takes rooms chooses for the latter.
         batch_size = sum(1 for t in sampled_token_ids if t)
-        in_hand = self._drafts_in_hand(rows, batch_size)
-        rooms = [r.max_k for r, t in zip(rows, sampled_token_ids, strict=True) if t]
-        choice = self._choose(batch_size, in_hand, rows, rooms)
+        rooms_aware = isinstance(self.strategy, ChoosesWithDrafts)
+        choice_batch = len(rooms) if rooms_aware else batch_size
+        in_hand = self._drafts_in_hand(rows, choice_batch)
+        choice = self._choose(choice_batch, in_hand, rows, rooms)
         if choice.enabled and choice.drafter in in_hand:
             drafts = cap_drafts(in_hand[choice.drafter], rows, choice.k)
         elif choice.enabled:
@@ -377,11 +387,11 @@ class AdaptiveProposer:
         draft_seconds = time.perf_counter() - started
         self._pending = {r.req_id: len(d) for r, d in zip(rows, drafts, strict=True) if d}
         self._asked = {r.req_id for r in rows if r.max_k > 0} if choice.enabled else set()
-        self._pending_step = (choice, batch_size, started, draft_seconds)
+        self._pending_step = (choice, choice_batch, started, draft_seconds)
         total = sum(len(d) for d in drafts)
         # What the strategy expected these drafts to get accepted, all rows together.
         per_row = getattr(self.strategy, "expected_accepted", -1.0) if choice.enabled else -1.0
-        expected = per_row * batch_size if per_row >= 0.0 else -1.0
+        expected = per_row * choice_batch if per_row >= 0.0 else -1.0
         self.choices.append((self.calls, batch_size, choice, total, draft_seconds, expected))
         self.calls += 1
         return drafts

@@ -156,7 +156,7 @@ def step_feedback(
     drafter, k = strategy
     enabled = drafter != OFF and k > 0
     num_drafts = drafted = accepted = asked = 0
-    per_pos = [0] * (k if enabled else 0)
+    per_pos, trials = [0] * (k if enabled else 0), [0] * (k if enabled else 0)
     fill: dict[str, DraftFill] = {}
     if enabled:
         for i, (_, pos) in enumerate(step.live):
@@ -164,6 +164,7 @@ def step_feedback(
             if cap == 0:
                 continue
             asked += 1
+            trials[0] += 1
             proposed = _proposed(step, i, drafter, cap)
             if proposed == 0:
                 continue
@@ -173,6 +174,8 @@ def step_feedback(
             accepted += ok
             for p in range(ok):
                 per_pos[p] += 1
+            for p in range(1, min(ok + 1, cap)):
+                trials[p] += 1
         chosen = _fill(step, range(len(step.live)), drafter, k, options)
         if chosen is not None:
             fill[drafter] = chosen
@@ -189,6 +192,7 @@ def step_feedback(
         num_draft_tokens=drafted,
         num_accepted_tokens=accepted,
         accepted_per_pos=tuple(per_pos),
+        trials_per_pos=tuple(trials),
         step_seconds=seconds,
         draft_seconds=_drafting(options, drafter, len(step.live), k) if enabled else 0.0,
         shadow=_side_evidence(step, strategy, options, rows),

@@ -25,6 +25,7 @@ bucket, used as the default that local evidence may override) and
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -158,8 +159,9 @@ class AdaptiveStrategy(SelectorStrategy):
         (:meth:`drafters_in_hand`); False: on their estimates alone."""
         self.room_aware = True
         """Score drafters on the batch's rooms where the proposer passes them (rows near
-        their cap take short drafts or none: ``spec_decode.in_hand.RoomLimited``); False:
-        every row of the batch counts as taking a full draft."""
+        their cap take short drafts or none: ``spec_decode.in_hand.RoomLimited``), and read
+        no evidence from draft positions a row had no room for (``trials_per_pos``); False:
+        every row of the batch counts as taking a full draft, in both."""
 
     # -- per step ---------------------------------------------------------------------------
 
@@ -253,6 +255,8 @@ class AdaptiveStrategy(SelectorStrategy):
         return choose_best(inp)
 
     def observe(self, feedback: StepFeedback) -> None:
+        if not self.room_aware:  # every row as if it had room: its evidence too
+            feedback = dataclasses.replace(feedback, trials_per_pos=())
         used = feedback.choice.drafter if feedback.choice.enabled else None
         idle = 0.5 ** (1.0 / (self.half_life_steps * IDLE_HALF_LIFE_FACTOR))
         for name, est in self.estimators.items():

@@ -52,6 +52,11 @@ class StepFeedback:
     Rows that finished in between were never verified, and rows without room for a draft
     were never asked: counted as rejected drafts they pulled the tiny bench's draft-model
     estimate to 0.55 at position 1 where its tail accepted ~0.7."""
+    trials_per_pos: tuple[int, ...] = ()
+    """trials_per_pos[i]: rows asked whose draft was checked at position i: every row asked
+    at i = 0, deeper the rows whose tokens before i were all accepted and whose room let the
+    draft reach i (a row one token from its cap is no evidence at position 2). Empty: the
+    estimator derives them from ``accepted_per_pos`` (every row as if it had room for k)."""
 
 
 @dataclass(frozen=True)
@@ -228,6 +233,13 @@ def fold_feedback(feedback: StepFeedback, estimators: Mapping[str, AcceptanceEst
     asked = feedback.rows_asked if feedback.rows_asked >= 0 else feedback.batch_size
     rows = max(asked, feedback.num_drafts)
     if rows == 0:
+        return
+    if feedback.trials_per_pos:
+        trials = [rows, *feedback.trials_per_pos[1:]]
+        successes = [min(s, n) for s, n in zip(feedback.accepted_per_pos, trials, strict=False)]
+        estimator.update_positions(
+            trials[: len(successes)], successes, float(feedback.num_accepted_tokens)
+        )
         return
     estimator.update(
         StepStats(

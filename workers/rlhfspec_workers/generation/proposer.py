@@ -95,8 +95,9 @@ class AdaptiveProposer:
         """Outcome of each call's drafts (seen at the next call); drained by the engine."""
         self._pending: dict[str, int] = {}
         self._pending_step: tuple[DraftChoice, int, float, float] | None = None
-        self._asked: set[str] = set()
-        """Rows the last step's chosen drafter was asked to draft for (room for a token)."""
+        self._asked: dict[str, int] = {}
+        """Rows the last step's chosen drafter was asked to draft for (room for a token), each
+        with the most tokens its draft could have: k, or less where its room is less."""
         self._live: set[str] = set()
         self._warned: set[str] = set()
         self.side_drafts: dict[str, dict[str, list[int]]] = {}
@@ -175,9 +176,12 @@ class AdaptiveProposer:
             return
         choice, batch_size, started, draft_seconds = self._pending_step
         num_drafts = drafted = accepted = asked = 0
-        per_pos = [0] * self.max_k
+        per_pos, trials = [0] * self.max_k, [0] * self.max_k
         for row, tokens in zip(rows, sampled, strict=True):
-            asked += bool(tokens) and row.req_id in self._asked
+            cap = self._asked.get(row.req_id, 0)
+            if tokens and cap:
+                asked += 1
+                trials[0] += 1
             proposed = self._pending.get(row.req_id, 0)
             if proposed == 0 or not tokens:
                 continue
@@ -187,6 +191,9 @@ class AdaptiveProposer:
             accepted += ok
             for p in range(ok):
                 per_pos[p] += 1
+            for p in range(1, min(ok + 1, cap)):  # reached p, and its room let it go there
+                trials[p] += 1
+        k = choice.k if choice.enabled else 0
         self.feedback.append(
             StepFeedback(
                 choice=choice,
@@ -194,7 +201,8 @@ class AdaptiveProposer:
                 num_drafts=num_drafts,
                 num_draft_tokens=drafted,
                 num_accepted_tokens=accepted,
-                accepted_per_pos=tuple(per_pos[: choice.k] if choice.enabled else ()),
+                accepted_per_pos=tuple(per_pos[:k]),
+                trials_per_pos=tuple(trials[:k]),
                 step_seconds=time.perf_counter() - started,
                 draft_seconds=draft_seconds,
                 shadow=self._side_evidence(rows, sampled),
@@ -386,7 +394,11 @@ class AdaptiveProposer:
         self._fill = self._draft_fill(rows, choice, drafts)
         draft_seconds = time.perf_counter() - started
         self._pending = {r.req_id: len(d) for r, d in zip(rows, drafts, strict=True) if d}
-        self._asked = {r.req_id for r in rows if r.max_k > 0} if choice.enabled else set()
+        self._asked = (
+            {r.req_id: min(choice.k, r.max_k) for r in rows if r.max_k > 0}
+            if choice.enabled
+            else {}
+        )
         self._pending_step = (choice, choice_batch, started, draft_seconds)
         total = sum(len(d) for d in drafts)
         # What the strategy expected these drafts to get accepted, all rows together.

@@ -163,3 +163,82 @@ def test_the_proposer_hands_each_batch_row_s_room_to_the_strategy() -> None:
     assert strategy.seen == [(4, [4, 1, 0, 4])]
     # The record keeps this step's batch: every row that sampled a token.
     assert [(b, c) for _, b, c, *_ in p.choices] == [(7, NO_DRAFT)]
+
+
+def test_positions_a_row_had_no_room_for_are_no_evidence() -> None:
+    """Four rows asked for k = 4: two with room for 4 accepted all, two with room for 1
+    accepted theirs. Position 1 was checked on two rows and accepted on both; counted the old
+    way, the short rows read as rejections there and the rate halves."""
+    from rlhfspec_workers.generation.draft_strategy import fold_feedback
+
+    def feedback(trials: tuple[int, ...]) -> StepFeedback:
+        return StepFeedback(
+            choice=DraftChoice("draft_model", 4), batch_size=4, num_drafts=4,
+            num_draft_tokens=10, num_accepted_tokens=10, accepted_per_pos=(4, 2, 2, 2),
+            step_seconds=0.01, draft_seconds=0.0, rows_asked=4, trials_per_pos=trials,
+        )  # fmt: skip
+
+    room_aware, old = AcceptanceEstimator("draft_model"), AcceptanceEstimator("draft_model")
+    fold_feedback(feedback((4, 2, 2, 2)), {"draft_model": room_aware})
+    fold_feedback(feedback(()), {"draft_model": old})
+    assert room_aware.trials[:4] == [4.0, 2.0, 2.0, 2.0]
+    assert old.trials[:4] == [4.0, 4.0, 2.0, 2.0]
+    assert room_aware.successes[:4] == old.successes[:4] == [4.0, 2.0, 2.0, 2.0]
+    assert room_aware.rates(2)[1] > old.rates(2)[1]
+
+
+@dataclass
+class Sevens:
+    """A drafter proposing token 7 up to each row's room."""
+
+    name: str = "sevens"
+    model_free: bool = False
+
+    def propose(self, rows: Sequence[Any], k: int) -> list[list[int]]:
+        return [[7] * min(k, r.max_k) for r in rows]
+
+    def release(self, req_ids: Any) -> None:
+        pass
+
+
+@dataclass
+class AlwaysSevens(RecordsRooms):
+    feedback: list[StepFeedback] = field(default_factory=list)
+
+    def observe(self, feedback: StepFeedback) -> None:
+        self.feedback.append(feedback)
+
+    def choose_with_drafts(
+        self,
+        batch_size: int,
+        lengths: Mapping[str, Sequence[int]],
+        rooms: Sequence[int] | None = None,
+    ) -> DraftChoice:
+        return DraftChoice("sevens", 4)
+
+
+def test_the_proposer_reports_trials_only_where_a_row_s_room_reached() -> None:
+    config = SimpleNamespace(
+        speculative_config=SimpleNamespace(num_speculative_tokens=4),
+        model_config=SimpleNamespace(max_model_len=64),
+    )
+
+    def request(max_tokens: int) -> Any:
+        params = SimpleNamespace(
+            max_tokens=max_tokens, extra_args=None, eos_token_id=2, stop_token_ids=[]
+        )
+        return SimpleNamespace(num_prompt_tokens=3, sampling_params=params, prompt_token_ids=[1])
+
+    requests = {"wide": request(40), "narrow": request(12)}  # rooms 4 and 1 after 10 tokens
+    runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=list(requests)), requests=requests)
+    strategy = AlwaysSevens()
+    p = AdaptiveProposer(config)
+    p.configure(runner, {"sevens": Sevens()}, strategy)  # type: ignore[arg-type]
+    tokens = np.zeros((2, 64), dtype=np.int64)
+    assert p.propose([[5], [5]], np.asarray([13, 13]), tokens) == [[7] * 4, [7]]
+    # Every draft token accepted, plus the bonus token.
+    p.propose([[7] * 5, [7] * 2], np.asarray([18, 15]), tokens)
+    (seen,) = strategy.feedback
+    assert seen.accepted_per_pos == (2, 1, 1, 1)
+    assert seen.trials_per_pos == (2, 1, 1, 1)
+    assert seen.rows_asked == 2

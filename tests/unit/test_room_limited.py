@@ -93,14 +93,18 @@ def test_the_selector_scores_a_half_finished_batch_on_the_rows_that_can_draft() 
 
 @dataclass
 class RecordsRooms:
+    """Chooses ``choice`` every step; records the rooms it is handed and the feedback."""
+
+    choice: DraftChoice = NO_DRAFT
     seen: list[tuple[int, list[int]]] = field(default_factory=list)
+    feedback: list[StepFeedback] = field(default_factory=list)
     wants_side_drafts = False
 
     def choose(self, batch_size: int) -> DraftChoice:
         raise AssertionError("a strategy that takes rooms is asked with them")
 
     def observe(self, feedback: StepFeedback) -> None:
-        pass
+        self.feedback.append(feedback)
 
     def drafters_in_hand(self, batch_size: int, model_free: Sequence[str]) -> list[str]:
         return []
@@ -113,7 +117,7 @@ class RecordsRooms:
     ) -> DraftChoice:
         assert lengths == {}
         self.seen.append((batch_size, list(rooms or [])))
-        return NO_DRAFT
+        return self.choice
 
 
 def test_the_proposer_hands_each_batch_row_s_room_to_the_strategy() -> None:
@@ -201,22 +205,6 @@ class Sevens:
         pass
 
 
-@dataclass
-class AlwaysSevens(RecordsRooms):
-    feedback: list[StepFeedback] = field(default_factory=list)
-
-    def observe(self, feedback: StepFeedback) -> None:
-        self.feedback.append(feedback)
-
-    def choose_with_drafts(
-        self,
-        batch_size: int,
-        lengths: Mapping[str, Sequence[int]],
-        rooms: Sequence[int] | None = None,
-    ) -> DraftChoice:
-        return DraftChoice("sevens", 4)
-
-
 def test_the_proposer_reports_trials_only_where_a_row_s_room_reached() -> None:
     config = SimpleNamespace(
         speculative_config=SimpleNamespace(num_speculative_tokens=4),
@@ -231,7 +219,7 @@ def test_the_proposer_reports_trials_only_where_a_row_s_room_reached() -> None:
 
     requests = {"wide": request(40), "narrow": request(12)}  # rooms 4 and 1 after 10 tokens
     runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=list(requests)), requests=requests)
-    strategy = AlwaysSevens()
+    strategy = RecordsRooms(DraftChoice("sevens", 4))
     p = AdaptiveProposer(config)
     p.configure(runner, {"sevens": Sevens()}, strategy)  # type: ignore[arg-type]
     tokens = np.zeros((2, 64), dtype=np.int64)

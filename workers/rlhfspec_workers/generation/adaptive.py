@@ -196,12 +196,8 @@ class AdaptiveStrategy(SelectorStrategy):
         return out
 
     def choose(self, batch_size: int) -> DraftChoice:
-        if batch_size < 1:
-            return NO_DRAFT
-        candidates = self._candidates(batch_size, self._phased(batch_size))
-        if self.table is not None:
-            self._seed_from_table(batch_size)
-        return self.chose(self.selector.select(batch_size, candidates), candidates)
+        """The choice on the estimates alone: no drafts in hand, no rooms."""
+        return self.choose_with_drafts(batch_size, {})
 
     def drafters_in_hand(self, batch_size: int, model_free: Sequence[str]) -> list[str]:
         """The model-free drafters worth drafting for every row before this step's choice

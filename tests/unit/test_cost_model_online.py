@@ -120,6 +120,27 @@ def test_online_observations_move_the_table_towards_real_costs() -> None:
     assert cm.calibrated_seconds(16, 5) == pytest.approx(before[(16, 4)], rel=1e-9)
 
 
+@pytest.mark.parametrize("rf", [GPU, CPU])
+def test_fractional_token_queries_read_the_surface_between_and_past_the_grid(
+    rf: Roofline,
+) -> None:
+    """The selector's fractional-T queries take a per-batch column of the grid (bilinear
+    along B first); they must read the same surface as ``grid_value`` does, before and after
+    online evidence reshapes it, inside the grid's T range and past it."""
+    from rlhfspec_workers.spec_decode.cost_surface import grid_value
+
+    cm = partial(rf, 6)
+    for b, tokens, truth in ((16, 5.0, 1.5), (200, 2.0, 0.7), (3, 9.0, 1.3)):
+        for _ in range(50):
+            cm.observe_verify(b, tokens, truth * cm.calibrated_seconds(b, tokens))
+        for b_query in (1, 2, 3, 7, 16, 100, 256, 400):
+            for t in (1.0, 1.37, 2.5, 4.999, 8.2, 9.0, 11.5):
+                want = grid_value(cm._bs, cm._ts, cm._grid, float(b_query), t)
+                assert cm.verify_tokens_seconds(b_query, t) == pytest.approx(want, rel=1e-12)
+        cm.refresh()
+    assert cm._separable  # the fast path was the one tested
+
+
 def test_measured_cells_need_more_evidence_than_fitted_ones() -> None:
     cm = partial(CPU, 4)  # (1, 1) measured, (16, 5) fitted
     moved = {}

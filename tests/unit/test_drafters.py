@@ -69,6 +69,34 @@ def test_ngram_drafter_respects_row_cap() -> None:
     assert drafter.propose(rows, 5) == [[3, 1], []]
 
 
+def test_ngram_index_drafts_what_a_fresh_scan_drafts_as_rows_grow() -> None:
+    """The per-request index (built as a request grows) against ``lookup`` scanning the
+    whole context: rows growing by 0-4 tokens a step, released now and then, and a request
+    id reused for other tokens (the index must notice and rebuild)."""
+    rng = np.random.default_rng(7)
+    mismatches = 0
+    for _ in range(300):
+        min_n = int(rng.integers(1, 4))
+        max_n = int(rng.integers(min_n, 6))
+        drafter, tokens = NgramDrafter(min_n, max_n), list(rng.integers(0, 4, 3))
+        for _ in range(12):
+            tokens += list(rng.integers(0, 4, int(rng.integers(0, 5))))
+            if rng.random() < 0.05:
+                drafter.release(["r"])
+            if rng.random() < 0.05:  # same id, other tokens: the last token tells
+                tokens = [*tokens[:-1], 9]
+            arr = np.array(tokens, dtype=np.int64)
+            k, cap = int(rng.integers(0, 7)), int(rng.integers(0, 9))
+            got = drafter.propose([row("r", tokens, max_k=cap)], k)[0]
+            mismatches += got != lookup(arr, min(k, cap), min_n, max_n)
+    assert mismatches == 0
+    # Released rows leave nothing behind.
+    drafter = NgramDrafter()
+    drafter.propose([row("a", [1, 2, 1, 2]), row("b", [3, 4, 3])], 2)
+    drafter.release(["a", "b"])
+    assert drafter._rows == {}
+
+
 # -- suffix -------------------------------------------------------------------------------
 
 

@@ -35,6 +35,27 @@ def test_a_phase_without_evidence_reads_the_pooled_estimate_a_little_optimistica
     assert PhasedAcceptance(pooled, seen).expected_accepted(2) > pooled.expected_accepted(2)
 
 
+def test_rates_read_in_any_order_equal_a_fresh_reading() -> None:
+    """A phased estimate remembers the longest rates it computed and answers shorter asks
+    with their prefix: asked k = 1, 2, 4, 8, 11 (past the first computation) or backwards,
+    it must say what a fresh object says for that k alone."""
+    pooled = estimator_from_rates("d", [0.8, 0.6, 0.5, 0.4], drafts=50, like=None)
+    pooled.update_fill([10.0, 10.0, 10.0], [9.0, 6.0, 3.0])
+    phase = estimator_from_rates("d", [0.9, 0.3], drafts=20, like=None)
+    phase.update_fill([5.0, 5.0], [5.0, 1.0])
+    reused = PhasedAcceptance(pooled, phase)
+    for k in (1, 2, 4, 8, 11, 3, 1):
+        fresh = PhasedAcceptance(pooled, phase)
+        assert reused.rates(k) == fresh.rates(k)
+        assert reused.fill_rates(k) == fresh.fill_rates(k)
+        assert reused.expected_accepted(k) == fresh.expected_accepted(k)
+        assert reused.expected_draft_tokens(k) == fresh.expected_draft_tokens(k)
+        assert len(reused.rates(k)) == k
+    # The returned lists are copies: a caller changing one changes no later answer.
+    reused.rates(2)[0] = -1.0
+    assert reused.rates(2)[0] > 0.0
+
+
 # Plain decoding 10 ms a step plus 0.05 ms a token; a draft model 2 ms a step: one drafted
 # token costs 1.2x plain decoding at 4 rows and 1.4x at 64.
 COSTS = synthetic_cost_model(

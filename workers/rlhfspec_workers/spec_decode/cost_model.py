@@ -32,6 +32,7 @@ from .cost_surface import (
     MonotoneCurve,
     fill_unmeasured,
     grid_value,
+    interpolate,
     make_monotone,
     shrink_to_surface,
 )
@@ -129,6 +130,9 @@ class CostModel:
         self._draft_online = OnlineDraftCost(draft_online)
         self._grid = self._base
         self._cache: dict[tuple[int, int], float] = {}
+        self._columns: dict[int, tuple[float, ...]] = {}
+        """Batch size -> the surface at that B over the grid's T knots (``_column``)."""
+        self._separable = False
         self.observations = 0
         """Online observations taken by this instance (not persisted)."""
         self._unfolded = 0
@@ -199,7 +203,26 @@ class CostModel:
         what its total token count costs."""
         if batch < 1 or tokens_per_seq < 1.0:
             raise ValueError(f"need batch >= 1 and tokens >= 1, got {batch}, {tokens_per_seq}")
+        if self._separable and (tokens_per_seq <= self._ts[-1] or len(self._ts) == 1):
+            return interpolate(self._ts, self._column(batch), tokens_per_seq)
         return grid_value(self._bs, self._ts, self._grid, float(batch), tokens_per_seq)
+
+    def _column(self, batch: int) -> tuple[float, ...]:
+        """The surface at ``batch`` on each T knot. Where the grid is monotone in B, the
+        surface inside the grid's T range is plain bilinear interpolation (``grid_value``'s
+        running max changes nothing there), which can be done along B first: the selector
+        then pays one 1-D interpolation per fractional-T query instead of one per grid row
+        (it asks a few dozen a step, each at a new T)."""
+        column = self._columns.get(batch)
+        if column is None:
+            b = float(batch)
+            column = tuple(
+                interpolate(self._bs, [row[j] for row in self._grid], b)
+                for j in range(len(self._ts))
+            )
+            if len(self._columns) < 4096:
+                self._columns[batch] = column
+        return column
 
     def calibrated_seconds(self, batch: float, tokens_per_seq: float) -> float:
         """verify(B, T) as calibration left it (measured + fitted), without online evidence."""
@@ -320,6 +343,12 @@ class CostModel:
         self._unfolded = 0
         self._grid = self._online.corrected(self._base)
         self._cache.clear()
+        self._columns.clear()
+        self._separable = all(
+            below <= above
+            for lower, upper in zip(self._grid, self._grid[1:], strict=False)
+            for below, above in zip(lower, upper, strict=True)
+        )
 
     # -- combining -------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ chooses. Pure Python.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -60,6 +60,8 @@ class DraftsInHand:
     """Acceptance at each position of a draft that reaches it (:func:`rates_given_a_draft`)."""
     lengths: tuple[int, ...]
     batch_size: int
+    _counts: tuple[tuple[int, int], ...] = field(init=False, repr=False, compare=False)
+    """(length, rows with a draft that long), from ``lengths``."""
 
     @classmethod
     def of(
@@ -67,18 +69,27 @@ class DraftsInHand:
     ) -> DraftsInHand:
         return cls(tuple(rates_given_a_draft(model, max_k)), tuple(lengths), batch_size)
 
+    def __post_init__(self) -> None:
+        # The selector asks for every k of a step; counting the lengths once makes each ask
+        # cost max_k, not the batch.
+        counts: dict[int, int] = {}
+        for n in self.lengths:
+            counts[n] = counts.get(n, 0) + 1
+        object.__setattr__(self, "_counts", tuple(sorted(counts.items())))
+
     def expected_accepted(self, k: int) -> float:
         """Expected accepted tokens per row of the batch when k are verified."""
         prefix, run = [0.0], 1.0
         for p in self.given_a_draft[:k]:
             run *= p
             prefix.append(prefix[-1] + run)
-        total = sum(prefix[min(k, n, len(prefix) - 1)] for n in self.lengths)
+        top = min(k, len(prefix) - 1)
+        total = sum(rows * prefix[min(top, n)] for n, rows in self._counts)
         return total / max(self.batch_size, 1)
 
     def expected_draft_tokens(self, k: int) -> float:
         """Tokens per row of the batch that verification checks when k are asked for."""
-        return sum(min(k, n) for n in self.lengths) / max(self.batch_size, 1)
+        return sum(rows * min(k, n) for n, rows in self._counts) / max(self.batch_size, 1)
 
 
 class _Acceptance(Protocol):

@@ -35,6 +35,7 @@ from rlhfspec_workers.generation.draft_strategy import (
     DraftStrategy,
     ShadowEvidence,
     StepFeedback,
+    count_verified_row,
 )
 from rlhfspec_workers.generation.proposer import SIDE_DRAFT_ROWS
 from rlhfspec_workers.generation.records import StepRecord
@@ -164,18 +165,13 @@ def step_feedback(
             if cap == 0:
                 continue
             asked += 1
-            trials[0] += 1
             proposed = _proposed(step, i, drafter, cap)
-            if proposed == 0:
-                continue
-            ok = min(step.advance(i, strategy) - 1, proposed)
-            num_drafts += 1
-            drafted += proposed
-            accepted += ok
-            for p in range(ok):
-                per_pos[p] += 1
-            for p in range(1, min(ok + 1, cap)):
-                trials[p] += 1
+            ok = min(step.advance(i, strategy) - 1, proposed) if proposed else 0
+            count_verified_row(per_pos, trials, cap, ok)
+            if proposed:
+                num_drafts += 1
+                drafted += proposed
+                accepted += ok
         chosen = _fill(step, range(len(step.live)), drafter, k, options)
         if chosen is not None:
             fill[drafter] = chosen

@@ -59,6 +59,20 @@ class StepFeedback:
     estimator derives them from ``accepted_per_pos`` (every row as if it had room for k)."""
 
 
+def count_verified_row(
+    accepted_per_pos: list[int], trials_per_pos: list[int], cap: int, accepted: int
+) -> None:
+    """One row asked for a draft, into a step's per-position counts (``StepFeedback``):
+    position 0 is a trial for every row asked (no draft counts as rejected there); position
+    p > 0 only where the row accepted the p tokens before it and its ``cap`` (min(k, room))
+    let the draft reach p. ``accepted``: of the row's draft, at most its length."""
+    trials_per_pos[0] += 1
+    for p in range(accepted):
+        accepted_per_pos[p] += 1
+    for p in range(1, min(accepted + 1, cap)):
+        trials_per_pos[p] += 1
+
+
 @dataclass(frozen=True)
 class DraftFill:
     """``asked[i]``: rows asked for more than i draft tokens; ``got[i]``: how many of them

@@ -45,6 +45,7 @@ from .draft_strategy import (
     FixedStrategy,
     ShadowEvidence,
     StepFeedback,
+    count_verified_row,
 )
 from .shadow import ShadowDrafts
 
@@ -179,20 +180,16 @@ class AdaptiveProposer:
         per_pos, trials = [0] * self.max_k, [0] * self.max_k
         for row, tokens in zip(rows, sampled, strict=True):
             cap = self._asked.get(row.req_id, 0)
-            if tokens and cap:
-                asked += 1
-                trials[0] += 1
-            proposed = self._pending.get(row.req_id, 0)
-            if proposed == 0 or not tokens:
+            if not (tokens and cap):  # not asked, or gone before its drafts were verified
                 continue
-            ok = min(max(len(tokens) - 1, 0), proposed)
-            num_drafts += 1
-            drafted += proposed
-            accepted += ok
-            for p in range(ok):
-                per_pos[p] += 1
-            for p in range(1, min(ok + 1, cap)):  # reached p, and its room let it go there
-                trials[p] += 1
+            asked += 1
+            proposed = self._pending.get(row.req_id, 0)
+            ok = min(len(tokens) - 1, proposed)
+            count_verified_row(per_pos, trials, cap, ok)
+            if proposed:
+                num_drafts += 1
+                drafted += proposed
+                accepted += ok
         k = choice.k if choice.enabled else 0
         self.feedback.append(
             StepFeedback(

@@ -135,10 +135,11 @@ def test_fractional_token_queries_read_the_surface_between_and_past_the_grid(
             cm.observe_verify(b, tokens, truth * cm.calibrated_seconds(b, tokens))
         for b_query in (1, 2, 3, 7, 16, 100, 256, 400):
             for t in (1.0, 1.37, 2.5, 4.999, 8.2, 9.0, 11.5):
-                want = grid_value(cm._bs, cm._ts, cm._grid, float(b_query), t)
+                query = cm._query
+                want = grid_value(query.bs, query.ts, query.grid, float(b_query), t)
                 assert cm.verify_tokens_seconds(b_query, t) == pytest.approx(want, rel=1e-12)
         cm.refresh()
-    assert cm._separable  # the fast path was the one tested
+    assert cm._query.separable  # the fast path was the one tested
 
 
 def test_measured_cells_need_more_evidence_than_fitted_ones() -> None:

@@ -93,6 +93,32 @@ def test_a_drafter_that_cannot_win_is_not_looked_up() -> None:
     assert hopeful.drafters_in_hand(32, ["suffix"]) == []
 
 
+def test_the_choice_after_the_check_reads_what_a_fresh_choice_reads() -> None:
+    """The in-hand check hands its estimates to the choice right after it: the choice must
+    be what a strategy that skipped the check chooses, and an observation between the two
+    must reach the choice (the handed estimates are dropped, not read stale)."""
+    for lengths in ([4] * 32, [1] * 16 + [0] * 16, [0] * 32):
+        checked, fresh = (suffix_strategy(given_a_draft=0.6, fill=0.3) for _ in range(2))
+        assert checked.drafters_in_hand(32, ["suffix"]) == ["suffix"]
+        a = checked.choose_with_drafts(32, {"suffix": lengths})
+        b = fresh.choose_with_drafts(32, {"suffix": lengths})
+        assert (a, checked.expected_accepted) == (b, fresh.expected_accepted)
+    strategy = suffix_strategy(given_a_draft=0.9, fill=0.05)
+    assert strategy.drafters_in_hand(32, ["suffix"]) == ["suffix"]
+    before = strategy.choose_with_drafts(32, {"suffix": [4] * 32})
+    assert before.drafter == "suffix"
+    assert strategy.drafters_in_hand(32, ["suffix"]) == ["suffix"]
+    for _ in range(50):  # every full draft rejected at its first token
+        strategy.observe(
+            StepFeedback(
+                choice=before, batch_size=32, num_drafts=32, num_draft_tokens=32 * before.k,
+                num_accepted_tokens=0, accepted_per_pos=(0,) * before.k, step_seconds=0.02,
+                draft_seconds=0.004, rows_asked=32,
+            )
+        )  # fmt: skip
+    assert strategy.choose_with_drafts(32, {"suffix": [4] * 32}) == NO_DRAFT
+
+
 @dataclass
 class WantsNgram:
     """A strategy that asks for n-gram drafts in hand and records what it was shown."""

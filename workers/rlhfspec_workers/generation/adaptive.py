@@ -157,6 +157,8 @@ class AdaptiveStrategy(SelectorStrategy):
         self.in_hand = True
         """Score model-free drafters on their drafts in hand where they could win
         (:meth:`drafters_in_hand`); False: on their estimates alone."""
+        self._checked: tuple[int, dict[str, PhasedAcceptance]] | None = None
+        """(phase, estimates) of the last in-hand check, for the choice right after it."""
         self.room_aware = True
         """Score drafters on the batch's rooms where the proposer passes them (rows near
         their cap take short drafts or none: ``spec_decode.in_hand.RoomLimited``), and read
@@ -166,8 +168,13 @@ class AdaptiveStrategy(SelectorStrategy):
     # -- per step ---------------------------------------------------------------------------
 
     def _phased(self, batch_size: int) -> dict[str, PhasedAcceptance]:
-        """Each drafter's acceptance in the batch's phase."""
+        """Each drafter's acceptance in the batch's phase. The in-hand check hands its own to
+        the choice that follows it (:attr:`_checked`), so the two read one set of estimates
+        and compute each rate once (nothing updates the estimators between them)."""
         phase = phase_of(batch_size)
+        checked, self._checked = self._checked, None
+        if checked is not None and checked[0] == phase:
+            return checked[1]
         return {
             name: PhasedAcceptance(est, self._phase(name, phase))
             for name, est in self.estimators.items()
@@ -213,6 +220,7 @@ class AdaptiveStrategy(SelectorStrategy):
                 best = self._best(batch_size, self._candidates(batch_size, phased, {name: full}))
                 if best.drafter == name:
                     worth.append(name)
+        self._checked = (phase_of(batch_size), phased)
         return worth
 
     def choose_with_drafts(
@@ -251,6 +259,7 @@ class AdaptiveStrategy(SelectorStrategy):
         return choose_best(inp)
 
     def observe(self, feedback: StepFeedback) -> None:
+        self._checked = None
         if not self.room_aware:  # every row as if it had room: its evidence too
             feedback = dataclasses.replace(feedback, trials_per_pos=())
         used = feedback.choice.drafter if feedback.choice.enabled else None
@@ -268,6 +277,7 @@ class AdaptiveStrategy(SelectorStrategy):
 
     def drafter_changed(self, name: str) -> None:
         """New weights: the pooled estimate restarts from its prior and the phases forget."""
+        self._checked = None
         super().drafter_changed(name)
         for key in [key for key in self.phases if key[0] == name]:
             del self.phases[key]
@@ -293,6 +303,7 @@ class AdaptiveStrategy(SelectorStrategy):
         leaves it only when local estimates predict another strategy better by more than the
         hysteresis margin. ``acceptance_drafts`` > 0 also loads the table's pooled acceptance
         with that weight (see :meth:`set_pooled_acceptance`)."""
+        self._checked = None
         self.table = table
         self._seeded = None
         if acceptance_drafts > 0 and table.acceptance:
@@ -309,6 +320,7 @@ class AdaptiveStrategy(SelectorStrategy):
         """Replace local evidence by the coordinator's pool (which already contains this
         worker's reported evidence); local updates continue on top of it. Drafters this
         worker does not run are ignored; settings (prior, half-life) stay local."""
+        self._checked = None
         for name, est in pooled.items():
             mine = self.estimators.get(name)
             if mine is None:

@@ -32,11 +32,11 @@ from .cost_surface import (
     MonotoneCurve,
     fill_unmeasured,
     grid_value,
-    interpolate,
     make_monotone,
     shrink_to_surface,
 )
 from .draft_cost_online import OnlineDraftCost, StoredCell
+from .grid_query import CACHE_LIMIT, GridQuery
 
 _SCHEMA_V1 = "rlhfspec.spec_decode.cost_model/v1"
 _SCHEMA = "rlhfspec.spec_decode.cost_model/v2"
@@ -128,11 +128,9 @@ class CostModel:
         for cell in online:
             self._online.absorb(*(float(x) for x in cell))
         self._draft_online = OnlineDraftCost(draft_online)
-        self._grid = self._base
-        self._cache: dict[tuple[int, int], float] = {}
-        self._columns: dict[int, tuple[float, ...]] = {}
-        """Batch size -> the surface at that B over the grid's T knots (``_column``)."""
-        self._separable = False
+        self._query = GridQuery(self._bs, self._ts, self._base)
+        """The current grid (calibrated, corrected by online evidence), as queried."""
+        self._draft_cache: dict[tuple[str, int, int], float] = {}
         self.observations = 0
         """Online observations taken by this instance (not persisted)."""
         self._unfolded = 0
@@ -189,13 +187,7 @@ class CostModel:
         """Step time verifying k draft tokens (T = k + 1 tokens) for each of `batch` sequences."""
         if batch < 1 or k < 0:
             raise ValueError(f"need batch >= 1 and k >= 0, got {batch}, {k}")
-        cached = self._cache.get((batch, k))
-        if cached is not None:
-            return cached
-        value = grid_value(self._bs, self._ts, self._grid, float(batch), float(k + 1))
-        if len(self._cache) < 65536:  # the selector asks the same (B, k) every step
-            self._cache[(batch, k)] = value
-        return value
+        return self._query.at_k(batch, k)
 
     def verify_tokens_seconds(self, batch: int, tokens_per_seq: float) -> float:
         """Step time verifying a mean of ``tokens_per_seq`` (>= 1, fractional) tokens per
@@ -203,26 +195,7 @@ class CostModel:
         what its total token count costs."""
         if batch < 1 or tokens_per_seq < 1.0:
             raise ValueError(f"need batch >= 1 and tokens >= 1, got {batch}, {tokens_per_seq}")
-        if self._separable and (tokens_per_seq <= self._ts[-1] or len(self._ts) == 1):
-            return interpolate(self._ts, self._column(batch), tokens_per_seq)
-        return grid_value(self._bs, self._ts, self._grid, float(batch), tokens_per_seq)
-
-    def _column(self, batch: int) -> tuple[float, ...]:
-        """The surface at ``batch`` on each T knot. Where the grid is monotone in B, the
-        surface inside the grid's T range is plain bilinear interpolation (``grid_value``'s
-        running max changes nothing there), which can be done along B first: the selector
-        then pays one 1-D interpolation per fractional-T query instead of one per grid row
-        (it asks a few dozen a step, each at a new T)."""
-        column = self._columns.get(batch)
-        if column is None:
-            b = float(batch)
-            column = tuple(
-                interpolate(self._bs, [row[j] for row in self._grid], b)
-                for j in range(len(self._ts))
-            )
-            if len(self._columns) < 4096:
-                self._columns[batch] = column
-        return column
+        return self._query.at_tokens(batch, tokens_per_seq)
 
     def calibrated_seconds(self, batch: float, tokens_per_seq: float) -> float:
         """verify(B, T) as calibration left it (measured + fitted), without online evidence."""
@@ -231,10 +204,15 @@ class CostModel:
     def draft_seconds(self, drafter: str, batch: int, k: int) -> float:
         """Cost of proposing k tokens per sequence: the calibrated cost, corrected by what
         measured drafting calls said (:meth:`observe_draft`)."""
-        base = self.calibrated_draft_seconds(drafter, batch, k)
-        if base <= 0.0:
-            return base
-        return base * math.exp(self._draft_online.correction(drafter, batch, k))
+        cached = self._draft_cache.get((drafter, batch, k))
+        if cached is not None:
+            return cached
+        value = self.calibrated_draft_seconds(drafter, batch, k)
+        if value > 0.0:
+            value *= math.exp(self._draft_online.correction(drafter, batch, k))
+        if len(self._draft_cache) < CACHE_LIMIT:  # asked for every (drafter, k) every step
+            self._draft_cache[(drafter, batch, k)] = value
+        return value
 
     def calibrated_draft_seconds(self, drafter: str, batch: int, k: int) -> float:
         """Cost of proposing k tokens per sequence: overhead + k draft forwards; 0 when k = 0.
@@ -337,18 +315,13 @@ class CostModel:
         added = seconds - bookkeeping_at(dict(self.bookkeeping), batch)
         if base > 0.0 and added > 0.0 and math.isfinite(added):
             self._draft_online.observe(drafter, batch, k, math.log(added / base))
+            self._draft_cache.clear()
 
     def refresh(self) -> None:
         """Rebuild the queried grid from the calibrated one and the online evidence."""
         self._unfolded = 0
-        self._grid = self._online.corrected(self._base)
-        self._cache.clear()
-        self._columns.clear()
-        self._separable = all(
-            below <= above
-            for lower, upper in zip(self._grid, self._grid[1:], strict=False)
-            for below, above in zip(lower, upper, strict=True)
-        )
+        self._query = GridQuery(self._bs, self._ts, self._online.corrected(self._base))
+        self._draft_cache.clear()
 
     # -- combining -------------------------------------------------------------------------
 

@@ -60,7 +60,10 @@ class _RowIndex:
         """n-gram (any n in min_n..max_n; lengths keep them apart) -> latest start."""
 
     def matches(self, tokens: TokenArray) -> bool:
-        """Whether ``tokens`` extends what was indexed (else the index is rebuilt)."""
+        """Whether ``tokens`` extends what was indexed (else the index is rebuilt). A request
+        id names one request and its tokens only grow; the length and last-token check
+        catches an id reused for other tokens. Missing one could only make drafts worse,
+        never the output wrong: verification rejects what the target would not sample."""
         seen = len(self.tokens)
         return len(tokens) >= seen and (seen == 0 or int(tokens[seen - 1]) == self.tokens[-1])
 

@@ -24,7 +24,7 @@ import yaml
 from rlhfspec_api.manifest import RLHFJob, parse_rlhfjob
 from rlhfspec_workers.local.run import LocalRun, prepare_run_dir
 from rlhfspec_workers.local.supervisor import Supervisor
-from rlhfspec_workers.messages import Keys, WeightsPublished
+from rlhfspec_workers.messages import FIELD, Keys, SampleTask, WeightsPublished
 
 pytestmark = pytest.mark.timeout(1800)
 
@@ -132,18 +132,23 @@ def faulty_grpo_run(
         trainer.process.wait()
         supervisor.start("trainer")
 
-        # Fault 2: a generation worker dies mid-iteration 3 with samples in flight.
+        # Fault 2: a generation worker dies mid-iteration 3 with samples in flight. A whole
+        # iteration's generation can take under a second here, shorter than a heartbeat, so
+        # the worker is frozen first and killed only if, frozen, it still holds iteration 3
+        # tasks it has not acked (a heartbeat's "running" can already be the next iteration's).
         victim = next(w for w in supervisor.workers if w.name == "generation-1")
-        _wait(
-            "generation worker busy in iteration 3",
-            lambda: (
-                client.scard(keys.done_samples(3)) >= PER_ITERATION // 4
-                and _running(client, keys, "generation-1") > 0
-            ),
-            supervisor,
-            900,
-        )
-        in_flight = _running(client, keys, "generation-1")
+
+        def frozen_holding_iteration_3() -> bool:
+            if _held(client, keys, "generation-1", 3) == 0:
+                return False
+            victim.process.send_signal(signal.SIGSTOP)
+            if _held(client, keys, "generation-1", 3) > 0:
+                return True
+            victim.process.send_signal(signal.SIGCONT)
+            return False
+
+        _wait("generation worker holding iteration 3", frozen_holding_iteration_3, supervisor, 900)
+        in_flight = _held(client, keys, "generation-1", 3)
         victim.process.send_signal(signal.SIGKILL)
         victim.process.wait()
 
@@ -162,11 +167,18 @@ def faulty_grpo_run(
         os.environ.pop("RLHFSPEC_TASK_LEASE_MS", None)
 
 
-def _running(client: Any, keys: Keys, worker: str) -> int:
-    from rlhfspec_workers.messages import WorkerStatus
-
-    raw = client.hget(keys.workers, worker)
-    return WorkerStatus.from_bytes(raw).running if raw else 0
+def _held(client: Any, keys: Keys, worker: str, iteration: int) -> int:
+    """Tasks of ``iteration`` that ``worker`` was given on the shared stream and has not acked
+    (what another worker reclaims once the lease runs out)."""
+    pending = client.xpending_range(
+        keys.tasks, Keys.GENERATION_GROUP, min="-", max="+", count=10_000, consumername=worker
+    )
+    held = 0
+    for entry in pending:
+        entry_id = entry["message_id"]
+        for _, fields in client.xrange(keys.tasks, min=entry_id, max=entry_id):
+            held += SampleTask.from_bytes(fields[FIELD]).iteration == iteration
+    return held
 
 
 def test_every_iteration_runs_exactly_once_with_every_sample(faulty_grpo_run: RecordedRun) -> None:

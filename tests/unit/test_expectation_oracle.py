@@ -20,6 +20,7 @@ from rlhfspec_workers.benchmarks.expectation_oracle import (
     PooledExpectation,
     PooledMeans,
     calibration,
+    summary,
 )
 from rlhfspec_workers.drafters.base import DraftRow
 from rlhfspec_workers.generation.shadow import ShadowDrafts
@@ -214,3 +215,26 @@ def test_expected_drafts_reads_the_shadow_drafts_at_each_live_position(
     check = calibration([shadow], ["ngram"], probabilities)["ngram"]
     assert check["drafts"] == 2
     assert check["realized"] == 0.5  # after 7, 8 comes 9: [9, 4] starts right; [4] does not
+
+
+def _report(batches: int, steps_per_batch: int) -> dict[str, object]:
+    return {
+        "tokens_per_second": 900.0,
+        "over_oracle": 0.95,
+        "over_best_fixed": 1.08,
+        "over_off": 1.6,
+        "choices": {"draft_model:2": batches * steps_per_batch - 1, "off:0": 1},
+        "iterations": [{"iteration": i, "tokens_per_second": 900.0} for i in range(batches)],
+        "calibration": {},
+    }
+
+
+def test_the_printout_says_how_many_steps_a_ceiling_rests_on() -> None:
+    # One batch of the tiny bench is ~13 steps, and its ceiling moved from 1.034x to 1.169x
+    # the best fixed configuration between two runs: the printout must say so.
+    one = summary(_report(1, 13))
+    assert "(13 steps of 1 batch)" in one[0]
+    assert any("selector-batches" in line for line in one)
+    many = summary(_report(6, 13))
+    assert "(78 steps of 6 batches)" in many[0]
+    assert not any("selector-batches" in line for line in many)

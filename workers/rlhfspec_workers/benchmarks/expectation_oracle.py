@@ -321,14 +321,29 @@ def knowledge(
     return out
 
 
+FEW_BATCHES = 4
+"""Below this many replayed batches the printout says the ceiling is one seed's."""
+
+
 def summary(doc: Mapping[str, Any]) -> list[str]:
     """The expectation oracle's lines of the benchmark's printout."""
+    steps, batches = sum(doc["choices"].values()), len(doc["iterations"])
     lines = [
         f"expectation oracle (each draft's acceptance known in expectation, the most a causal "
         f"selector could know): {doc['tokens_per_second']:.1f} tok/s replayed = "
         f"{doc['over_oracle']}x the true oracle (the ceiling of ours vs the oracle), "
-        f"{doc['over_best_fixed']}x the best fixed, {doc['over_off']}x off",
+        f"{doc['over_best_fixed']}x the best fixed, {doc['over_off']}x off "
+        f"({steps} steps of {batches} batch{'es' if batches != 1 else ''})",
     ]
+    if batches < FEW_BATCHES:
+        # Measured on the tiny bench: the same code's one-batch ceiling over the best fixed
+        # configuration read 1.034x on one run and 1.169x on another (13 steps each), where
+        # six batches read 1.082x.
+        lines.append(
+            f"  both oracles' ceilings rest on {batches} batch{'es' if batches != 1 else ''} "
+            "and move by several percent with its seeds; `rlhfspec bench selector-batches "
+            "--batches N` replays N"
+        )
     if doc.get("ours_over_it") is not None:
         lines.append(f"  ours replayed: {doc['ours_over_it']}x the expectation oracle")
     if doc.get("knowledge"):

@@ -160,6 +160,105 @@ def test_llama_forward_matches_transformers(llama_dir: Path, slot_order: tuple[i
             assert torch.allclose(second[i], ref, atol=1e-4)
 
 
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,  # short, so 15-token contexts reach its bands
+}
+FAMILY = {
+    # name: (config class, its extra settings); every one differs from plain Llama in a way
+    # the draft forward must reproduce (each was checked to fail, by 0.4-1.8 in the logits,
+    # with that part of the forward left out).
+    "llama-3-rope-and-biases": (
+        "LlamaConfig",
+        {"attention_bias": True, "mlp_bias": True, "rope_scaling": LLAMA3_ROPE},
+    ),
+    "mistral-sliding-window": ("MistralConfig", {"sliding_window": 4}),
+    "qwen2-qkv-biases": ("Qwen2Config", {}),
+    "qwen2-window-in-later-layers": (
+        "Qwen2Config",
+        {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
+    ),
+    "qwen3-query-key-norms": ("Qwen3Config", {}),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY))
+def test_the_draft_forward_matches_transformers_across_the_llama_family(
+    family: str, tmp_path: Path
+) -> None:
+    """Draft models for Llama-3, Mistral, Qwen2 and Qwen3 policies: the same logits as HF's
+    own model, prefilled in one batched call and then topped up, rows scattered over slots."""
+    import transformers
+
+    config_class, extra = FAMILY[family]
+    config = getattr(transformers, config_class)(
+        vocab_size=96,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        **extra,
+    )
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # biases and norms far from their initial zeros and ones
+        for name, param in hf.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, 0.5)
+            elif "q_norm" in name or "k_norm" in name:
+                param.uniform_(0.5, 1.5)
+    hf.save_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    model = LlamaDraftModel(tmp_path, max_slots=3, max_len=64, dtype=torch.float32)
+    seqs = [torch.randint(0, 96, (n,)) for n in (7, 13, 3)]
+    tokens = torch.zeros(3, 13, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s)] = s
+    lengths = torch.tensor([len(s) for s in seqs])
+    slots = torch.tensor((2, 0, 1))
+    first = model.forward(tokens, slots, torch.zeros(3, dtype=torch.long), lengths)
+    extra_tokens = torch.randint(0, 96, (3, 2))
+    second = model.forward(extra_tokens, slots, lengths, torch.tensor([2, 1, 2]))
+    with torch.no_grad():
+        for i, s in enumerate(seqs):
+            assert torch.allclose(first[i], hf(s[None]).logits[0, -1], atol=1e-4), (family, i)
+            more = extra_tokens[i, : 1 if i == 1 else 2]
+            ref = hf(torch.cat([s, more])[None]).logits[0, -1]
+            assert torch.allclose(second[i], ref, atol=1e-4), (family, i)
+
+
+def test_an_unsupported_rope_scaling_is_refused_naming_what_is(tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        max_position_embeddings=256,
+        rope_scaling={"rope_type": "linear", "factor": 2.0},
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"rope_type 'linear'.*\(default, llama3\)"):
+        LlamaDraftModel(tmp_path, max_slots=1, max_len=32, dtype=torch.float32)
+
+
+def test_a_draft_of_another_architecture_is_refused_naming_the_supported_ones(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "config.json").write_text('{"architectures": ["GPTNeoXForCausalLM"]}')
+    with pytest.raises(ValueError, match=r"GPTNeoXForCausalLM.*Qwen2ForCausalLM"):
+        LlamaDraftModel(tmp_path, max_slots=1, max_len=32, dtype=torch.float32)
+
+
 def _fresh_drafts(path: Path, rows: list[DraftRow], k: int) -> list[list[int]]:
     fresh = DraftModelDrafter(path, max_slots=8, max_len=96, dtype=torch.float32)
     return fresh.propose(rows, k)
@@ -220,6 +319,31 @@ def test_check_names_the_draft_model_with_another_vocabulary(
     assert str(err.value).startswith(
         "generation.speculative.drafters[1].model: tiny://x: vocabulary size 128 differs"
     )
+
+
+def test_check_names_a_draft_the_proposer_cannot_run_before_any_engine_starts(
+    llama_dir: Path, tmp_path: Path
+) -> None:
+    """Same vocabulary, another architecture: the proposer's draft forward cannot run it, so
+    the job's preflight says so on the drafter's field; vLLM's native path may still run it."""
+    import json
+    import shutil
+
+    other = tmp_path / "neox"
+    shutil.copytree(llama_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(
+        json.dumps({**config, "architectures": ["GPTNeoXForCausalLM"]})
+    )
+    spec = spec_with({"method": "suffix"}, {"method": "draft_model", "model": {"path": "tiny://x"}})
+    with pytest.raises(registry.DrafterConfigError) as err:
+        registry.check(spec, llama_dir, {1: other}, device="cpu")
+    assert str(err.value).startswith(
+        "generation.speculative.drafters[1].model: tiny://x: draft architecture "
+        "['GPTNeoXForCausalLM'] is not supported"
+    )
+    native = spec_with({"method": "draft_model", "model": {"path": "tiny://x"}})
+    registry.check(native, llama_dir, {0: other}, device="cpu", native=True)  # no error
 
 
 def test_check_compares_tokenizers_when_both_have_one(llama_dir: Path, tmp_path: Path) -> None:

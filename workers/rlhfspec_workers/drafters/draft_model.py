@@ -1,10 +1,10 @@
-"""Draft-model drafter: a small Llama proposes k tokens greedily, batched over the requests.
+"""Draft-model drafter: a small Llama-family model proposes k tokens greedily, batched over rows.
 
 Where it sits: a candidate drafter of the adaptive proposer
 (``generation.proposer.AdaptiveProposer``); also the vLLM-native ``draft_model`` baseline
 config (:func:`speculative_config`), including vLLM's Dynamic SD schedule
 (``num_speculative_tokens_per_batch_size``), and the vocabulary check that must pass before
-any engine starts (:func:`check_vocab`).
+any engine starts (:func:`check_vocab`, and :func:`check_forward` for the proposer's path).
 
 Cache bookkeeping: each request owns a cache slot and remembers the tokens it fed. At every
 call the fed tokens are compared with the request's real context; the common prefix stays,
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .base import BuildContext, DrafterEntry, DraftRow, NativeContext, TokenArray
-from .llama_forward import LlamaDraftModel, read_config
+from .llama_forward import LlamaDraftModel, read_config, unsupported
 
 NAME = "draft_model"
 
@@ -64,8 +64,17 @@ def check_vocab(policy: Path, draft: Path) -> str | None:
     return None
 
 
+def check_forward(draft: Path) -> str | None:
+    """Why the proposer's own draft forward cannot run ``draft`` (None when it can): its
+    architecture or RoPE scaling is outside the Llama family it implements."""
+    try:
+        return unsupported(read_config(draft))
+    except FileNotFoundError as err:
+        return str(err)
+
+
 class DraftModelDrafter:
-    """Greedy drafts from a small Llama run in torch inside the proposer."""
+    """Greedy drafts from a small Llama-family model run in torch inside the proposer."""
 
     name = NAME
 

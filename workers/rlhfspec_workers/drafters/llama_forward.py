@@ -8,13 +8,17 @@ Why our own forward and not ``transformers``: each vLLM request needs a cache ro
 be rolled back to the accepted prefix and topped up with any number of tokens, batched across
 requests of different lengths. A preallocated ``[slot, position]`` cache does this with one
 ``index_put`` per layer; HF's caches either copy on growth or need one shared position per
-batch. Supports the Llama family as saved by ``LlamaForCausalLM.save_pretrained`` (RMSNorm,
-default RoPE, GQA, SiLU MLP, tied or separate head).
+batch. Supports the Llama family of decoders as ``save_pretrained`` writes them: Llama (RMSNorm,
+GQA, SiLU MLP, tied or separate head; default or Llama-3 RoPE; optional projection biases),
+Mistral (a sliding attention window), Qwen2 (q/k/v biases) and Qwen3 (per-head RMSNorm of
+queries and keys before RoPE). These are the small models RL teams draft with for Llama, Qwen
+and Mistral policies (e.g. Llama-3.2-1B, Qwen2.5-0.5B, Qwen3-0.6B).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +26,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
 INITIAL_POSITIONS = 512
 """Cache positions per slot allocated at start; more are added as contexts grow."""
 
@@ -50,12 +59,71 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def _rope_theta(config: dict[str, Any]) -> float:
+def _inv_freq(config: dict[str, Any], head_dim: int) -> torch.Tensor:
+    """RoPE's inverse frequencies, [head_dim / 2]: default, or Llama 3's long-context scaling."""
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ValueError(f"rope_type {rope_type!r} is not supported by the draft forward")
-    return float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+    theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    if rope_type == "default":
+        return inv_freq
+    if rope_type != "llama3":
+        raise ValueError(
+            f"rope_type {rope_type!r} is not supported by the draft forward (default, llama3)"
+        )
+    # Llama 3: wavelengths longer than the pretraining context / low_freq_factor are slowed by
+    # `factor`, those shorter than it / high_freq_factor are kept, and the band between is
+    # interpolated linearly in context / wavelength.
+    factor = float(rope["factor"])
+    low, high = float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+    context = float(rope["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= context / high) & (wavelen <= context / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def unsupported(config: dict[str, Any]) -> str | None:
+    """Why this forward cannot run the model of ``config`` (None when it can); reads only
+    the config, so a job's preflight can ask before any engine starts."""
+    architectures = config.get("architectures") or []
+    if not any(a in SUPPORTED_ARCHITECTURES for a in architectures):
+        return (
+            f"draft architecture {architectures} is not supported (one of "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    try:
+        _inv_freq(config, 2)
+    except (ValueError, KeyError) as err:
+        return str(err) if isinstance(err, ValueError) else f"rope parameters lack {err}"
+    return None
+
+
+def _windows(config: dict[str, Any], num_layers: int) -> list[int | None]:
+    """Each layer's sliding attention window (None: it sees the whole context).
+
+    Mistral slides every layer when ``sliding_window`` is set; Qwen2 and Qwen3 slide only
+    where ``use_sliding_window`` is on, in the layers ``layer_types`` marks (older configs:
+    from ``max_window_layers`` on)."""
+    window = config.get("sliding_window")
+    if window is None:
+        return [None] * num_layers
+    if "use_sliding_window" not in config:  # Mistral
+        return [int(window)] * num_layers
+    if not config["use_sliding_window"]:
+        return [None] * num_layers
+    types = config.get("layer_types") or [
+        "sliding_attention" if i >= int(config.get("max_window_layers", 0)) else "full_attention"
+        for i in range(num_layers)
+    ]
+    return [int(window) if t == "sliding_attention" else None for t in types]
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # Without a bias, the plain matmul the Llama path always ran (no F.linear dispatch change).
+    return x @ weight.T if bias is None else F.linear(x, weight, bias)
 
 
 class LlamaDraftModel:
@@ -71,12 +139,8 @@ class LlamaDraftModel:
         device: str | torch.device = "cpu",
     ) -> None:
         config = read_config(path)
-        architectures = config.get("architectures") or []
-        if not any(a in SUPPORTED_ARCHITECTURES for a in architectures):
-            raise ValueError(
-                f"draft architecture {architectures} is not supported (one of "
-                f"{', '.join(SUPPORTED_ARCHITECTURES)})"
-            )
+        if (problem := unsupported(config)) is not None:
+            raise ValueError(problem)
         self.vocab_size = int(config["vocab_size"])
         self.hidden = int(config["hidden_size"])
         self.num_heads = int(config["num_attention_heads"])
@@ -91,8 +155,8 @@ class LlamaDraftModel:
         self.shape: dict[str, int] | None = None
         """The loaded model's sizes: a reload must keep them."""
         self.load_weights(path)
-        theta = _rope_theta(config)
-        inv_freq = 1.0 / theta ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim)
+        self.windows = _windows(config, self.num_layers)
+        inv_freq = _inv_freq(config, self.head_dim)
         angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
         self.cos = angles.cos().to(self.device)
         self.sin = angles.sin().to(self.device)
@@ -141,21 +205,38 @@ class LlamaDraftModel:
         self.layers = []
         for i in range(self.num_layers):
             p = f"layers.{i}."
-            self.layers.append(
-                {
-                    # q, k, v fused into one matmul: fewer kernel launches per decode step.
-                    "qkv": torch.cat(
-                        [w[p + f"self_attn.{n}_proj.weight"] for n in ("q", "k", "v")], dim=0
-                    ),
-                    "o": w[p + "self_attn.o_proj.weight"],
-                    "gate_up": torch.cat(
-                        [w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]], dim=0
-                    ),
-                    "down": w[p + "mlp.down_proj.weight"],
-                    "ln1": w[p + "input_layernorm.weight"],
-                    "ln2": w[p + "post_attention_layernorm.weight"],
-                }
-            )
+            layer = {
+                # q, k, v fused into one matmul: fewer kernel launches per decode step.
+                "qkv": torch.cat(
+                    [w[p + f"self_attn.{n}_proj.weight"] for n in ("q", "k", "v")], dim=0
+                ),
+                "o": w[p + "self_attn.o_proj.weight"],
+                "gate_up": torch.cat(
+                    [w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]], dim=0
+                ),
+                "down": w[p + "mlp.down_proj.weight"],
+                "ln1": w[p + "input_layernorm.weight"],
+                "ln2": w[p + "post_attention_layernorm.weight"],
+            }
+            # What only some of the family has, read from the weights themselves: projection
+            # biases (Qwen2's q/k/v; Llama's attention_bias and mlp_bias) and Qwen3's
+            # per-head norms of queries and keys.
+            optional = {
+                "qkv_bias": [p + f"self_attn.{n}_proj.bias" for n in ("q", "k", "v")],
+                "o_bias": [p + "self_attn.o_proj.bias"],
+                "gate_up_bias": [p + "mlp.gate_proj.bias", p + "mlp.up_proj.bias"],
+                "down_bias": [p + "mlp.down_proj.bias"],
+                "q_norm": [p + "self_attn.q_norm.weight"],
+                "k_norm": [p + "self_attn.k_norm.weight"],
+            }
+            for key, parts in optional.items():
+                present = [n in w for n in parts]
+                if all(present):
+                    layer[key] = torch.cat([w[n] for n in parts])
+                elif any(present):
+                    missing = [n for n, there in zip(parts, present, strict=True) if not there]
+                    raise ValueError(f"draft {path}: {', '.join(missing)} missing")
+            self.layers.append(layer)
 
     def move_slot(self, src: int, dst: int) -> None:
         """Copy slot ``src``'s cache into ``dst`` (compaction after a request leaves)."""
@@ -207,11 +288,15 @@ class LlamaDraftModel:
         if not in_order:
             slot_pos = torch.zeros((n_slots, t), dtype=pos.dtype, device=self.device)
             slot_pos[slots] = pos
-        # Query t of a slot may see keys 0..its position: [slot, 1, T, kv_len].
-        mask = (
-            torch.arange(kv_len, device=self.device)[None, None, None, :]
-            <= slot_pos[:, None, :, None]
-        )
+        # Query t of a slot may see keys 0..its position: [slot, 1, T, kv_len]; in a layer
+        # with a sliding window w, only the last w of them (key > position - w).
+        key_pos = torch.arange(kv_len, device=self.device)[None, None, None, :]
+        query_pos = slot_pos[:, None, :, None]
+        causal = key_pos <= query_pos
+        masks = {
+            window: causal if window is None else causal & (key_pos > query_pos - window)
+            for window in set(self.windows)
+        }
         cos = self.cos[pos].unsqueeze(2).to(self.dtype)
         sin = self.sin[pos].unsqueeze(2).to(self.dtype)
         x = F.embedding(tokens, self.embed)
@@ -220,10 +305,13 @@ class LlamaDraftModel:
         grouped = self.num_heads != self.num_kv_heads
         for i, layer in enumerate(self.layers):
             h = self._rms(x, layer["ln1"])
-            qkv = h @ layer["qkv"].T
+            qkv = _linear(h, layer["qkv"], layer.get("qkv_bias"))
             q, k, v = qkv[..., :q_size], qkv[..., q_size : q_size + kv_size], qkv[..., -kv_size:]
-            q = self._rope(q.view(bsz, t, self.num_heads, self.head_dim), cos, sin)
-            k = self._rope(k.view(bsz, t, self.num_kv_heads, self.head_dim), cos, sin)
+            q = q.view(bsz, t, self.num_heads, self.head_dim)
+            k = k.view(bsz, t, self.num_kv_heads, self.head_dim)
+            if "q_norm" in layer:
+                q, k = self._rms(q, layer["q_norm"]), self._rms(k, layer["k_norm"])
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             v = v.view(bsz, t, self.num_kv_heads, self.head_dim)
             self.k_cache[i][slot_bt, :, pos] = k
             self.v_cache[i][slot_bt, :, pos] = v
@@ -235,13 +323,17 @@ class LlamaDraftModel:
                 q = scattered
             # torch's fused CPU attention: no [slot, head, T, kv_len] float scores in memory.
             out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=grouped
+                q.transpose(1, 2),
+                keys,
+                values,
+                attn_mask=masks[self.windows[i]],
+                enable_gqa=grouped,
             ).transpose(1, 2)
             if not in_order:
                 out = out[slots]
-            x = x + out.reshape(bsz, t, q_size) @ layer["o"].T
+            x = x + _linear(out.reshape(bsz, t, q_size), layer["o"], layer.get("o_bias"))
             h = self._rms(x, layer["ln2"])
-            gate, up = (h @ layer["gate_up"].T).chunk(2, dim=-1)
-            x = x + (F.silu(gate) * up) @ layer["down"].T
+            gate, up = _linear(h, layer["gate_up"], layer.get("gate_up_bias")).chunk(2, dim=-1)
+            x = x + _linear(F.silu(gate) * up, layer["down"], layer.get("down_bias"))
         last = x[torch.arange(bsz, device=self.device), n_new - 1]
         return (self._rms(last, self.norm) @ self.lm_head.T).float()

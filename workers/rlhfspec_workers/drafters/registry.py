@@ -112,6 +112,19 @@ def check(
                         "a draft model with the policy's tokenizer",
                     )
                 )
+            elif (
+                method == draft_model.NAME
+                and not native
+                and (problem := draft_model.check_forward(path))
+            ):
+                errors.append(
+                    FieldError(
+                        f"{field}.model",
+                        f"{d.model.path if d.model else path}: {problem}",
+                        "a draft of the Llama family (Llama, Mistral, Qwen2, Qwen3) for the "
+                        "adaptive proposer, or selector.execution: native",
+                    )
+                )
         if e.missing is not None and (lacking := e.missing()) is not None:
             errors.append(
                 FieldError(

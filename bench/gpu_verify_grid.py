@@ -18,11 +18,20 @@ What it leaves out, so the grid is an upper bound on a serving engine's step: CU
 scheduler and sampler. ``rlhfspec bench project`` turns the grid into a cost model and
 replays this machine's acceptance traces on it.
 
+Where a target has a draft in ``DRAFTS`` (the small model of its family a team would draft
+with), the script also times the adaptive proposer's own draft forward
+(``workers/rlhfspec_workers/drafters/llama_forward.py``, loaded from this checkout by path: it
+needs only torch and safetensors) on random weights of that shape: one forward of B rows x T
+tokens on a ``--context``-token cache, T = 1 (a draft position) and 2 (the catch-up over the
+tokens the last step accepted). The projection prices the draft model from these instead of
+scaling this machine's draft cost by the target's speed-up.
+
 Writes ``DIR/verify-grid.json``::
 
     {"schema": "rlhfspec.bench.verify_grid/v1", "device": ..., "torch": ..., "models": [
       {"name": ..., "dtype": ..., "context": ..., "config": {...},
-       "samples": [[B, T, median_seconds, [each timed seconds...]], ...]}, ...]}
+       "samples": [[B, T, median_seconds, [each timed seconds...]], ...],
+       "draft": {"name": ..., "config": {...}, "samples": [[B, T, median, [...]], ...]}}, ...]}
 
 after every model (a run stopped by its budget keeps what it measured).
 """
@@ -101,6 +110,58 @@ MODELS: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": True,
     },
 }
+DRAFTS: dict[str, dict[str, Any]] = {
+    # Qwen2.5-0.5B's shape: the Qwen2.5-7B target's natural draft (same tokenizer).
+    "qwen2.5-7b-shape": {
+        "name": "qwen2.5-0.5b-shape",
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": True,
+    },
+    # The tiny kit's draft (the bench's `draft_model`): on a CPU its timings check this path
+    # against the bench's own drafting costs.
+    "bench-512x8": {
+        "name": "bench-draft",
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 128,
+        "intermediate_size": 512,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+        "vocab_size": 32,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+    },
+    "tiny": {
+        "name": "tiny-draft",
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "vocab_size": 512,
+        "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+    },
+}
+DRAFT_TOKENS = (1, 2)
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 TOKENS = tuple(range(1, 10))
 
@@ -121,12 +182,13 @@ def _cpu_name() -> str:
     return f"cpu: {name}{', amx' if ' amx_bf16' in info else ''}" if name else "cpu"
 
 
-def build(name: str, dtype: Any, device: Any) -> Any:
-    """The model ``name`` of ``MODELS`` with random weights, in eval mode on ``device``."""
+def build(name: str, dtype: Any, device: Any, spec: dict[str, Any] | None = None) -> Any:
+    """The model ``name`` of ``MODELS`` (or the config ``spec``) with random weights, in eval
+    mode on ``device``."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    spec = dict(MODELS[name])
+    spec = {k: v for k, v in (spec or MODELS[name]).items() if k != "name"}
     config = AutoConfig.for_model(spec.pop("model_type"), **spec)
     torch.manual_seed(0)
     with torch.device(device):
@@ -187,6 +249,80 @@ def measure_model(
     return samples
 
 
+def _draft_forward_class() -> Any:
+    """``LlamaDraftModel`` from this checkout's file, without importing the package (the GPU
+    machine has torch and transformers, not this project's dependencies)."""
+    import importlib.util
+
+    path = (
+        Path(__file__).resolve().parents[1] / "workers/rlhfspec_workers/drafters/llama_forward.py"
+    )
+    spec = importlib.util.spec_from_file_location("rlhfspec_draft_forward", path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.LlamaDraftModel
+
+
+def measure_draft(
+    target: str,
+    dtype: Any,
+    device: Any,
+    batches: tuple[int, ...],
+    *,
+    context: int,
+    warmup: int,
+    reps: int,
+    deadline: float,
+) -> dict[str, Any] | None:
+    """The proposer's draft forward for ``target``'s draft (``DRAFTS``): [B, T, median
+    seconds, [timed seconds]] per cell, or None when the target has no draft listed."""
+    import tempfile
+
+    import torch
+
+    spec = DRAFTS.get(target)
+    if spec is None or time.monotonic() >= deadline:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        build(spec["name"], dtype, "cpu", spec).save_pretrained(tmp)
+        draft = _draft_forward_class()(
+            Path(tmp), max_slots=max(batches), max_len=context + 8, dtype=dtype, device=device
+        )
+    dev = draft.device
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    samples: list[list[Any]] = []
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    vocab = int(spec["vocab_size"])
+    with torch.inference_mode():
+        for batch in batches:
+            if time.monotonic() >= deadline:
+                break
+            slots = torch.arange(batch, device=dev)
+            prompt = torch.randint(3, vocab, (batch, context), generator=gen).to(dev)
+            zeros = torch.zeros(batch, dtype=torch.long, device=dev)
+            draft.forward(prompt, slots, zeros, zeros + context)
+            for t in DRAFT_TOKENS:
+                ids = torch.randint(3, vocab, (batch, t), generator=gen).to(dev)
+                times: list[float] = []
+                for i in range(warmup + reps):
+                    sync()
+                    started = time.perf_counter()
+                    # Positions context.. are rewritten by every call: the cache stays the
+                    # prompt's, as the target's does after its crop.
+                    draft.forward(ids, slots, zeros + context, zeros + t)
+                    sync()
+                    if i >= warmup:
+                        times.append(time.perf_counter() - started)
+                samples.append([batch, t, statistics.median(times), [round(x, 6) for x in times]])
+    del draft
+    return {"name": spec["name"], "config": spec, "samples": samples}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -233,18 +369,36 @@ def main(argv: list[str] | None = None) -> int:
             reps=args.reps,
             deadline=deadline,
         )
-        doc["models"].append(
-            {
-                "name": name,
-                "dtype": args.dtype,
-                "context": args.context,
-                "config": MODELS[name],
-                "samples": samples,
-            }
-        )
-        out.write_text(json.dumps(doc, indent=1))
-        print(f"{name}: {len(samples)} cells, {time.monotonic() - started:.0f}s", flush=True)
         del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        entry: dict[str, Any] = {
+            "name": name,
+            "dtype": args.dtype,
+            "context": args.context,
+            "config": MODELS[name],
+            "samples": samples,
+        }
+        timed_draft = measure_draft(
+            name,
+            dtype,
+            device,
+            args.batches,
+            context=args.context,
+            warmup=args.warmup,
+            reps=args.reps,
+            deadline=deadline,
+        )
+        if timed_draft is not None and timed_draft["samples"]:
+            entry["draft"] = timed_draft
+        doc["models"].append(entry)
+        out.write_text(json.dumps(doc, indent=1))
+        drafted = len(entry["draft"]["samples"]) if "draft" in entry else 0
+        print(
+            f"{name}: {len(samples)} cells, {drafted} draft cells, "
+            f"{time.monotonic() - started:.0f}s",
+            flush=True,
+        )
         if device.type == "cuda":
             torch.cuda.empty_cache()
     out.write_text(json.dumps(doc, indent=1))

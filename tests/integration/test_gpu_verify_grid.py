@@ -11,7 +11,7 @@ import pytest
 
 from rlhfspec_workers.benchmarks.projection import grid_cost_model, load_grid
 from rlhfspec_workers.spec_decode.cost_model import CostModel
-from rlhfspec_workers.spec_decode.cost_records import CostSample, CostTableKey
+from rlhfspec_workers.spec_decode.cost_records import CostSample, CostTableKey, DrafterCost
 
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "gpu_verify_grid.py"
 
@@ -40,9 +40,25 @@ def test_the_grid_script_measures_every_cell_and_the_projection_reads_it(
     assert cells == {(1, 1), (1, 3), (2, 1), (2, 3)}
     for _, _, median, timed in model["samples"]:
         assert len(timed) == 2 and median > 0
+    # The proposer's own draft forward, timed on the tiny target's (Qwen2-shaped) draft: one
+    # draft position and the catch-up forward, per batch size.
+    draft = model["draft"]
+    assert draft["name"] == "tiny-draft"
+    assert {(b, t) for b, t, *_ in draft["samples"]} == {(1, 1), (1, 2), (2, 1), (2, 2)}
+    assert all(len(timed) == 2 and median > 0 for _, _, median, timed in draft["samples"])
     here = CostModel(CostTableKey("m", "here"), [CostSample(1, 1, 0.01), CostSample(2, 4, 0.05)])
     there = grid_cost_model(model, doc["device"], here)
     assert there.verify_seconds(2, 2) > 0
+    with_draft = CostModel(
+        CostTableKey("m", "here"),
+        [CostSample(1, 1, 0.01), CostSample(2, 4, 0.05)],
+        [DrafterCost("draft_model", 0.0, ((1, 9.0),))],  # nothing like what was timed
+    )
+    per_position = [s for _, t, s, *_ in draft["samples"] if t == 1]
+    priced = grid_cost_model(model, doc["device"], with_draft).draft_seconds("draft_model", 2, 3)
+    # Three positions at what the timed forwards cost (the cost model fits its curve to
+    # them, monotone in B, so a noisy B = 1 above B = 2 is pooled), never here's 9 s.
+    assert 3 * min(per_position) * (1 - 1e-9) <= priced <= 3 * max(per_position) * (1 + 1e-9)
 
 
 def test_a_spent_budget_leaves_a_file_without_models_which_the_projection_refuses(

@@ -83,6 +83,32 @@ def test_the_grid_prices_verification_and_scales_the_draft_model_like_the_target
     assert there.draft_seconds("draft_model", 64, 1) == pytest.approx(0.020 * ratio, rel=1e-6)
 
 
+def test_a_grid_that_timed_the_draft_forward_prices_the_draft_model_by_it() -> None:
+    """Where the grid script timed the proposer's draft forward on that machine, the draft
+    model costs what it measured per position (T = 1), whatever it cost here; the proposer's
+    per-step overhead (CPU work) stays as measured here."""
+    here = CostModel(
+        CostTableKey("m", "cpu"),
+        [CostSample(b, t, s) for (b, t), s in cpu_like().items()],
+        [DrafterCost("draft_model", 0.001, ((1, 0.0002), (64, 0.020)))],
+    )
+    model = grid_model("big", gpu_like())
+    timed = {(1, 1): 0.004, (1, 2): 0.0041, (64, 1): 0.005, (64, 2): 0.0052}
+    model["draft"] = {
+        "name": "small",
+        "config": {},
+        "samples": [[b, t, sec, [sec]] for (b, t), sec in timed.items()],
+    }
+    there = grid_cost_model(model, "H100", here)
+    assert there.draft_seconds("draft_model", 64, 3) == pytest.approx(0.001 + 3 * 0.005)
+    assert there.draft_seconds("draft_model", 1, 2) == pytest.approx(0.001 + 2 * 0.004)
+    # Without the timed draft, the same cell is the scaled guess: far from the measurement.
+    del model["draft"]
+    guessed = grid_cost_model(model, "H100", here).draft_seconds("draft_model", 64, 3)
+    ratio = gpu_like()[(64, 1)] / cpu_like()[(64, 1)]
+    assert guessed == pytest.approx(0.001 + 3 * 0.020 * ratio)
+
+
 def strategy(model: CostModel) -> AdaptiveStrategy:
     estimators = {"ngram": AcceptanceEstimator("ngram", BetaPrior(0.5, 4.0))}
     return AdaptiveStrategy(AdaptiveSelector(model, 4), estimators, half_life_steps=8.0)

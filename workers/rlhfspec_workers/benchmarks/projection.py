@@ -10,9 +10,12 @@ with that cost model, as a worker calibrated on that machine would): the predict
 there, printed beside this machine's replayed ones.
 
 Drafting costs on the other machine: a model-free drafter's per-step overhead is CPU work
-and kept as measured here; a draft model's forward is assumed to shrink like the target's
-plain decode step (its per-token cost here times grid t(B, 1) / this machine's t(B, 1)).
-The grid holds the target's forward alone: no scheduler, sampler or proposer bookkeeping.
+and kept as measured here. A draft model's forward is priced from the grid where the grid
+timed the proposer's own draft forward there (a grid model's ``draft``: the per-position
+forward, T = 1, per batch size); otherwise it is assumed to shrink like the target's plain
+decode step (its per-token cost here times grid t(B, 1) / this machine's t(B, 1)). Either way
+the proposer's per-step overhead is kept as measured here. The grid holds the target's
+forward alone: no scheduler, sampler or proposer bookkeeping.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from .hindsight_oracle import IterationTraces, oracle_report, ours_versus_replay
 from .selector_replay import ReplayOptions, replay_rounds
 
 GRID_SCHEMA = "rlhfspec.bench.verify_grid/v1"
+DRAFT_MODEL = "draft_model"
+"""The drafter a grid's timed draft forward prices."""
 
 
 def load_grid(path: Path) -> dict[str, Any]:
@@ -51,20 +56,35 @@ def load_grid(path: Path) -> dict[str, Any]:
 
 
 def grid_cost_model(grid: Mapping[str, Any], device: str, here: CostModel) -> CostModel:
-    """One model of a grid file as a cost model; drafters priced from ``here`` (see module
-    docstring)."""
+    """One model of a grid file as a cost model; drafters priced from the grid's timed draft
+    forward where it has one, else from ``here`` (see module docstring)."""
     samples = [CostSample(int(b), int(t), float(s)) for b, t, s, *_ in grid["samples"]]
     key = CostTableKey(str(grid["name"]), device)
     verify_only = CostModel(key, samples)
+    timed_draft = draft_forward_seconds(grid)
     drafters = []
     for name in here.drafters:
         cost = here.drafter_cost(name)
-        per_token = tuple(
-            (b, s * verify_only.verify_seconds(b, 0) / here.verify_seconds(b, 0))
-            for b, s in cost.per_token
-        )
+        if name == DRAFT_MODEL and timed_draft:
+            per_token = timed_draft
+        else:
+            per_token = tuple(
+                (b, s * verify_only.verify_seconds(b, 0) / here.verify_seconds(b, 0))
+                for b, s in cost.per_token
+            )
         drafters.append(DrafterCost(name, cost.overhead_seconds, per_token))
     return CostModel(key, samples, drafters)
+
+
+def draft_forward_seconds(grid: Mapping[str, Any]) -> tuple[tuple[int, float], ...]:
+    """(B, seconds) of one draft position's forward, from a grid model's timed draft (empty
+    when it has none): a draft of k tokens is the catch-up forward (T = 2, about one T = 1
+    forward on a GPU, where a forward this small is bound by reading its weights) and k - 1
+    one-token forwards."""
+    draft = grid.get("draft") or {}
+    return tuple(
+        sorted((int(b), float(s)) for b, t, s, *_ in draft.get("samples", ()) if int(t) == 1)
+    )
 
 
 def project(
@@ -105,14 +125,17 @@ def projections(
         "grid": str(path),
         "device": device,
         "models": {
-            str(m["name"]): project(
-                iterations,
-                grid_cost_model(m, device, here),
-                strategies,
-                fresh_ours,
-                options,
-                rounds,
-            )
+            str(m["name"]): {
+                **project(
+                    iterations,
+                    grid_cost_model(m, device, here),
+                    strategies,
+                    fresh_ours,
+                    options,
+                    rounds,
+                ),
+                "draft": (m.get("draft") or {}).get("name") if draft_forward_seconds(m) else None,
+            }
             for m in doc["models"]
         },
     }
@@ -132,5 +155,6 @@ def summary(doc: Mapping[str, Any], here: Mapping[str, Any] | None) -> list[str]
         lines.append(
             f"  {name}: ours {o['over_oracle']}x oracle, {o['over_best_fixed']}x best fixed "
             f"({o['best_fixed']}), {o['over_off']}x off; oracle {p['oracle_over_off']}x off"
+            + (f"; draft model priced by {p['draft']}'s timed forward" if p.get("draft") else "")
         )
     return lines

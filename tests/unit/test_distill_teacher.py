@@ -93,3 +93,60 @@ def test_the_head_learns_only_when_asked(policy: Any, train_head: bool) -> None:
     assert torch.equal(draft.lm_head.weight, head) is not train_head
     # Tied: the embedding is the head, trained or frozen with it.
     assert draft.model.embed_tokens.weight.data_ptr() == draft.lm_head.weight.data_ptr()
+
+
+@pytest.mark.parametrize("config_class", ["Qwen2Config", "Qwen3Config", "MistralConfig"])
+def test_a_draft_from_a_qwen_or_mistral_policy_is_its_layers_and_runs_in_the_proposer(
+    config_class: str, tmp_path: Path
+) -> None:
+    """Beyond Llama: the draft is the policy's own class and blocks (all of them: the
+    policy's logits exactly, biases and query/key norms included), its cached teacher is
+    exact, and the saved draft runs in the proposer's draft forward logit for logit."""
+    import transformers
+
+    from rlhfspec_workers.drafters.llama_forward import LlamaDraftModel
+
+    config = getattr(transformers, config_class)(
+        vocab_size=30,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        architectures=[config_class.replace("Config", "ForCausalLM")],  # as a saved policy's
+    )
+    torch.manual_seed(0)
+    policy = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():  # biases and norms away from their initial zeros and ones
+        for name, param in policy.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, 0.5)
+            elif "q_norm" in name or "k_norm" in name:
+                param.uniform_(0.5, 1.5)
+    ids = torch.randint(1, 30, (2, 9))
+    whole = draft_from_policy(policy, 3).eval()
+    assert type(whole) is type(policy)
+    with torch.no_grad():
+        torch.testing.assert_close(whole(ids).logits, policy(ids).logits)
+    draft = draft_from_policy(policy, 2).eval()
+    assert draft.config.rlhfspec_draft_layers == [0, 2]
+    for mine, theirs in zip(
+        draft.model.layers[1].parameters(), policy.model.layers[2].parameters(), strict=True
+    ):
+        assert torch.equal(mine, theirs)
+    examples = _examples(5)
+    teacher = Teacher(policy, examples, batch_size=2, bf16=False)
+    assert teacher.head is not None  # the cached (trunk, head) path, exact for the family
+    batch = pad_batch([e.prompt_ids for e in examples], [e.response_ids for e in examples])
+    with torch.no_grad():
+        full = response_logits(policy, batch)[batch.response_mask > 0]
+    torch.testing.assert_close(teacher.logits(list(range(5))), full, rtol=1e-4, atol=1e-4)
+    draft.save_pretrained(tmp_path)
+    forward = LlamaDraftModel(tmp_path, max_slots=2, max_len=32, dtype=torch.float32)
+    lengths = torch.tensor([9, 9])
+    got = forward.forward(ids, torch.arange(2), torch.zeros(2, dtype=torch.long), lengths)
+    with torch.no_grad():
+        torch.testing.assert_close(got, draft(ids).logits[:, -1], rtol=1e-4, atol=1e-4)

@@ -1,8 +1,10 @@
 """Build a draft from a subset of the policy's own layers (embeddings and head shared).
 
-Where it sits: step 1 of ``distill``. Only Llama-family causal LMs (``LlamaForCausalLM``:
-SmolLM2, the tiny kit, Llama 2/3 layouts) are supported: the copy relies on their module
-names (``model.embed_tokens``, ``model.layers.N``, ``model.norm``, ``lm_head``).
+Where it sits: step 1 of ``distill``. The Llama family of causal LMs is supported (Llama:
+SmolLM2, the tiny kit, Llama 2/3; Mistral; Qwen2; Qwen3): the copy relies on their shared
+module names (``model.embed_tokens``, ``model.layers.N``, ``model.norm``, ``lm_head``), and
+the draft it makes is one the adaptive proposer's own draft forward runs
+(``drafters.llama_forward``, which defines the family).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+from rlhfspec_workers.drafters.llama_forward import SUPPORTED_ARCHITECTURES
 
 
 class DraftInputError(ValueError):
@@ -45,20 +47,18 @@ def check_architecture(config: Any) -> None:
 
 
 def draft_from_policy(policy: Any, layers: int, train_head: bool = False) -> Any:
-    """A new ``LlamaForCausalLM`` with ``layers`` of ``policy``'s blocks (fp32, trainable).
+    """A new model of ``policy``'s class with ``layers`` of its blocks (fp32, trainable).
 
     Embeddings, final norm and the LM head are copies of the policy's; frozen unless
     ``train_head`` (with tied embeddings they are one matrix, a third of a small model's
     parameters and most of its backward cost)."""
-    from transformers import LlamaForCausalLM
-
     check_architecture(policy.config)
     chosen = pick_layers(int(policy.config.num_hidden_layers), layers)
     config = copy.deepcopy(policy.config)
     config.num_hidden_layers = len(chosen)
     if getattr(config, "layer_types", None):
         config.layer_types = [config.layer_types[i] for i in chosen]
-    draft: Any = LlamaForCausalLM(config)  # type: ignore[no-untyped-call]
+    draft: Any = type(policy)(config)
     draft = draft.float()
     source = policy.state_dict()
     state = {}

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from rlhfspec_workers import hardware
-from rlhfspec_workers.distill.layers import SUPPORTED_ARCHITECTURES
 from rlhfspec_workers.distill.rollouts import DraftExample
+from rlhfspec_workers.drafters.llama_forward import SUPPORTED_ARCHITECTURES
 from rlhfspec_workers.torch_models import PaddedBatch, pad_batch, response_logits
 
 
@@ -72,7 +72,7 @@ def _device(model: Any) -> torch.device:
 
 def split_layout(model: Any) -> tuple[Any, Any] | None:
     """(trunk, head) of a model whose logits are exactly ``head(trunk(ids).last_hidden_state)``
-    (Llama: no logit scaling or soft-capping), or None."""
+    (the Llama family: no logit scaling or soft-capping), or None."""
     if type(model).__name__ not in SUPPORTED_ARCHITECTURES:
         return None
     return model.model, model.lm_head

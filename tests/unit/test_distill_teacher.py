@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 
+from family_models import family_model
 from rlhfspec_workers.distill.layers import draft_from_policy
 from rlhfspec_workers.distill.rollouts import DraftExample
 from rlhfspec_workers.distill.train import (
@@ -102,11 +103,10 @@ def test_a_draft_from_a_qwen_or_mistral_policy_is_its_layers_and_runs_in_the_pro
     """Beyond Llama: the draft is the policy's own class and blocks (all of them: the
     policy's logits exactly, biases and query/key norms included), its cached teacher is
     exact, and the saved draft runs in the proposer's draft forward logit for logit."""
-    import transformers
-
     from rlhfspec_workers.drafters.llama_forward import LlamaDraftModel
 
-    config = getattr(transformers, config_class)(
+    policy = family_model(
+        config_class,
         vocab_size=30,
         hidden_size=64,
         intermediate_size=128,
@@ -116,16 +116,7 @@ def test_a_draft_from_a_qwen_or_mistral_policy_is_its_layers_and_runs_in_the_pro
         head_dim=32,
         max_position_embeddings=128,
         tie_word_embeddings=True,
-        architectures=[config_class.replace("Config", "ForCausalLM")],  # as a saved policy's
     )
-    torch.manual_seed(0)
-    policy = transformers.AutoModelForCausalLM.from_config(config).float().eval()
-    with torch.no_grad():  # biases and norms away from their initial zeros and ones
-        for name, param in policy.named_parameters():
-            if name.endswith(".bias"):
-                param.normal_(0.0, 0.5)
-            elif "q_norm" in name or "k_norm" in name:
-                param.uniform_(0.5, 1.5)
     ids = torch.randint(1, 30, (2, 9))
     whole = draft_from_policy(policy, 3).eval()
     assert type(whole) is type(policy)

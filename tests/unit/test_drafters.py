@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from family_models import family_model
 from rlhfspec_api.generation import DrafterSpec, SpeculativeSpec
 from rlhfspec_workers.drafters import registry
 from rlhfspec_workers.drafters.base import DraftRow, cap_drafts
@@ -194,7 +195,8 @@ def test_the_draft_forward_matches_transformers_across_the_llama_family(
     import transformers
 
     config_class, extra = FAMILY[family]
-    config = getattr(transformers, config_class)(
+    family_model(
+        config_class,
         vocab_size=96,
         hidden_size=128,
         intermediate_size=256,
@@ -205,16 +207,7 @@ def test_the_draft_forward_matches_transformers_across_the_llama_family(
         max_position_embeddings=256,
         tie_word_embeddings=True,
         **extra,
-    )
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # biases and norms far from their initial zeros and ones
-        for name, param in hf.named_parameters():
-            if name.endswith(".bias"):
-                param.normal_(0.0, 0.5)
-            elif "q_norm" in name or "k_norm" in name:
-                param.uniform_(0.5, 1.5)
-    hf.save_pretrained(tmp_path)
+    ).save_pretrained(tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     model = LlamaDraftModel(tmp_path, max_slots=3, max_len=64, dtype=torch.float32)
     seqs = [torch.randint(0, 96, (n,)) for n in (7, 13, 3)]

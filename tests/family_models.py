@@ -1,0 +1,28 @@
+"""Shared by the draft-forward and distiller tests (``test_drafters``,
+``test_distill_teacher``): a small random model of the Llama family whose every optional part
+(projection biases, Qwen3's query/key norms) is far from its initial value, so a forward that
+skipped one would not match."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def family_model(config_class: str, **settings: Any) -> Any:
+    """A random ``transformers`` model of ``config_class`` (e.g. ``"Qwen2Config"``), fp32,
+    in eval mode; ``settings`` are its config's (vocabulary, sizes, extras)."""
+    import transformers
+
+    architecture = config_class.replace("Config", "ForCausalLM")
+    config = getattr(transformers, config_class)(architectures=[architecture], **settings)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():  # biases and norms away from their initial zeros and ones
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, 0.5)
+            elif "q_norm" in name or "k_norm" in name:
+                param.uniform_(0.5, 1.5)
+    return model

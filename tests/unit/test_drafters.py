@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -143,22 +144,32 @@ def test_llama_forward_matches_transformers(llama_dir: Path, slot_order: tuple[i
     from transformers import LlamaForCausalLM
 
     hf = LlamaForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
-    model = LlamaDraftModel(llama_dir, max_slots=3, max_len=64, dtype=torch.float32)
-    seqs = [torch.randint(0, 96, (n,)) for n in (7, 12, 3)]
-    tokens = torch.zeros(3, 12, dtype=torch.long)
+    assert_forward_matches(hf, llama_dir, slot_order, lengths=(7, 12, 3))
+
+
+def assert_forward_matches(
+    hf: Any, path: Path, slot_order: tuple[int, ...], lengths: tuple[int, ...]
+) -> None:
+    """The draft forward of the model in ``path`` gives ``hf``'s last-token logits: rows of
+    ``lengths`` prefilled in one padded call into the slots ``slot_order``, then topped up
+    with two more tokens (one for the second row: rows of one call differ in length)."""
+    model = LlamaDraftModel(path, max_slots=len(lengths), max_len=64, dtype=torch.float32)
+    vocab = int(hf.config.vocab_size)
+    seqs = [torch.randint(0, vocab, (n,)) for n in lengths]
+    tokens = torch.zeros(len(seqs), max(lengths), dtype=torch.long)
     for i, s in enumerate(seqs):
         tokens[i, : len(s)] = s
-    lengths = torch.tensor([len(s) for s in seqs])
+    starts = torch.tensor(lengths)
     slots = torch.tensor(slot_order)
-    first = model.forward(tokens, slots, torch.zeros(3, dtype=torch.long), lengths)
-    extra = torch.randint(0, 96, (3, 2))
-    second = model.forward(extra, slots, lengths, torch.tensor([2, 1, 2]))
+    first = model.forward(tokens, slots, torch.zeros(len(seqs), dtype=torch.long), starts)
+    extra = torch.randint(0, vocab, (len(seqs), 2))
+    added = [1 if i == 1 else 2 for i in range(len(seqs))]
+    second = model.forward(extra, slots, starts, torch.tensor(added))
     with torch.no_grad():
         for i, s in enumerate(seqs):
-            assert torch.allclose(first[i], hf(s[None]).logits[0, -1], atol=1e-4)
-            more = extra[i, : 1 if i == 1 else 2]
-            ref = hf(torch.cat([s, more])[None]).logits[0, -1]
-            assert torch.allclose(second[i], ref, atol=1e-4)
+            assert torch.allclose(first[i], hf(s[None]).logits[0, -1], atol=1e-4), i
+            ref = hf(torch.cat([s, extra[i, : added[i]]])[None]).logits[0, -1]
+            assert torch.allclose(second[i], ref, atol=1e-4), i
 
 
 LLAMA3_ROPE = {
@@ -209,22 +220,7 @@ def test_the_draft_forward_matches_transformers_across_the_llama_family(
         **extra,
     ).save_pretrained(tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    model = LlamaDraftModel(tmp_path, max_slots=3, max_len=64, dtype=torch.float32)
-    seqs = [torch.randint(0, 96, (n,)) for n in (7, 13, 3)]
-    tokens = torch.zeros(3, 13, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        tokens[i, : len(s)] = s
-    lengths = torch.tensor([len(s) for s in seqs])
-    slots = torch.tensor((2, 0, 1))
-    first = model.forward(tokens, slots, torch.zeros(3, dtype=torch.long), lengths)
-    extra_tokens = torch.randint(0, 96, (3, 2))
-    second = model.forward(extra_tokens, slots, lengths, torch.tensor([2, 1, 2]))
-    with torch.no_grad():
-        for i, s in enumerate(seqs):
-            assert torch.allclose(first[i], hf(s[None]).logits[0, -1], atol=1e-4), (family, i)
-            more = extra_tokens[i, : 1 if i == 1 else 2]
-            ref = hf(torch.cat([s, more])[None]).logits[0, -1]
-            assert torch.allclose(second[i], ref, atol=1e-4), (family, i)
+    assert_forward_matches(hf, tmp_path, (2, 0, 1), lengths=(7, 13, 3))
 
 
 def test_an_unsupported_rope_scaling_is_refused_naming_what_is(tmp_path: Path) -> None:

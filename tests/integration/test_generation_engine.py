@@ -166,41 +166,6 @@ def test_greedy_outputs_identical_to_plain_decoding(
     assert (drafted > 0) == (strategy != "off")
 
 
-def test_a_qwen_draft_drafts_in_the_engine_and_stays_lossless(
-    target: Path, greedy_reference: dict[str, list[Any]], tmp_path: Path
-) -> None:
-    """A draft of another family member than the Llama target (Qwen3: query/key norms) passes
-    the engine's checks, drafts every step through the proposer's own forward, and the
-    outputs stay the target's, token for token."""
-    draft = tmp_path / "draft"
-    family_model(
-        "Qwen3Config",
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    ).save_pretrained(draft)
-    speculative = {
-        "mode": "fixed",
-        "maxDraftTokens": 4,
-        "drafters": [{"method": "draft_model", "model": {"path": "tiny://draft"}}],
-    }
-    engine = GenerationEngine(_spec(speculative), target, draft_models={0: draft}, **ENGINE_ARGS)
-    try:
-        engine.set_strategy(FixedStrategy(DraftChoice("draft_model", 3)))
-        count, n = BATCHES["B12"]
-        got = engine.generate_all(prompts(count, n), GREEDY)
-        assert [r.token_ids for r in got] == [r.token_ids for r in greedy_reference["B12"]]
-        assert sum(r.num_draft_tokens for r in got) > 0
-    finally:
-        engine.close()
-
-
 def _schedule(batch_size: int) -> int:
     return 0 if batch_size >= 9 else 2 if batch_size >= 5 else 5 if batch_size >= 2 else 8
 
@@ -563,3 +528,40 @@ def test_an_engine_starts_after_vllm_s_native_ngram_has_drafted(
     finally:
         plain.close()
     assert [r.token_ids for r in got] == [r.token_ids for r in greedy_reference["B40"]]
+
+
+def test_a_qwen_draft_drafts_in_the_engine_and_stays_lossless(
+    target: Path, greedy_reference: dict[str, list[Any]], tmp_path: Path
+) -> None:
+    """A draft of another family member than the Llama target (Qwen3: query/key norms) passes
+    the engine's checks, drafts every step through the proposer's own forward, and the
+    outputs stay the target's, token for token. (At the end of the module, with the other
+    tests that start engines: placed before the metrics test, it left that test reading no
+    change in vLLM's Prometheus counters from ``spec_engine``.)"""
+    draft = tmp_path / "draft"
+    family_model(
+        "Qwen3Config",
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    ).save_pretrained(draft)
+    speculative = {
+        "mode": "fixed",
+        "maxDraftTokens": 4,
+        "drafters": [{"method": "draft_model", "model": {"path": "tiny://draft"}}],
+    }
+    engine = GenerationEngine(_spec(speculative), target, draft_models={0: draft}, **ENGINE_ARGS)
+    try:
+        engine.set_strategy(FixedStrategy(DraftChoice("draft_model", 3)))
+        count, n = BATCHES["B12"]
+        got = engine.generate_all(prompts(count, n), GREEDY)
+        assert [r.token_ids for r in got] == [r.token_ids for r in greedy_reference["B12"]]
+        assert sum(r.num_draft_tokens for r in got) > 0
+    finally:
+        engine.close()

@@ -39,10 +39,12 @@ after every model (a run stopped by its budget keeps what it measured).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +201,34 @@ def build(name: str, dtype: Any, device: Any, spec: dict[str, Any] | None = None
     return model.eval()
 
 
+def timed(
+    call: Callable[[], Any],
+    device: Any,
+    warmup: int,
+    reps: int,
+    after: Callable[[], Any] | None = None,
+) -> list[Any]:
+    """[median seconds, [timed seconds]] of ``reps`` calls after ``warmup`` untimed ones, the
+    device synchronised around each; ``after`` runs after every call, untimed."""
+    import torch
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    times: list[float] = []
+    for i in range(warmup + reps):
+        sync()
+        started = time.perf_counter()
+        call()
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - started)
+        if after is not None:
+            after()
+    return [statistics.median(times), [round(x, 6) for x in times]]
+
+
 def measure_model(
     model: Any,
     batches: tuple[int, ...],
@@ -215,11 +245,6 @@ def measure_model(
 
     device = next(model.parameters()).device
     vocab = int(model.config.vocab_size)
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     samples: list[list[Any]] = []
     gen = torch.Generator(device="cpu").manual_seed(0)
     for batch in batches:
@@ -233,16 +258,12 @@ def measure_model(
                 if time.monotonic() >= deadline:
                     break
                 ids = torch.randint(3, vocab, (batch, t), generator=gen).to(device)
-                times: list[float] = []
-                for i in range(warmup + reps):
-                    sync()
-                    started = time.perf_counter()
-                    model(input_ids=ids, past_key_values=cache, use_cache=True)
-                    sync()
-                    if i >= warmup:
-                        times.append(time.perf_counter() - started)
-                    cache.crop(-t)  # back to the context (negative: drop the last t)
-                samples.append([batch, t, statistics.median(times), [round(x, 6) for x in times]])
+                step = functools.partial(
+                    model, input_ids=ids, past_key_values=cache, use_cache=True
+                )
+                # After each forward: back to the context (negative: drop the last t).
+                after = functools.partial(cache.crop, -t)
+                samples.append([batch, t, *timed(step, device, warmup, reps, after=after)])
         del cache, prompt
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -290,11 +311,6 @@ def measure_draft(
             Path(tmp), max_slots=max(batches), max_len=context + 8, dtype=dtype, device=device
         )
     dev = draft.device
-
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
     samples: list[list[Any]] = []
     gen = torch.Generator(device="cpu").manual_seed(0)
     vocab = int(spec["vocab_size"])
@@ -308,17 +324,10 @@ def measure_draft(
             draft.forward(prompt, slots, zeros, zeros + context)
             for t in DRAFT_TOKENS:
                 ids = torch.randint(3, vocab, (batch, t), generator=gen).to(dev)
-                times: list[float] = []
-                for i in range(warmup + reps):
-                    sync()
-                    started = time.perf_counter()
-                    # Positions context.. are rewritten by every call: the cache stays the
-                    # prompt's, as the target's does after its crop.
-                    draft.forward(ids, slots, zeros + context, zeros + t)
-                    sync()
-                    if i >= warmup:
-                        times.append(time.perf_counter() - started)
-                samples.append([batch, t, statistics.median(times), [round(x, 6) for x in times]])
+                # Positions context.. are rewritten by every call: the cache stays the
+                # prompt's, as the target's does after its crop.
+                step = functools.partial(draft.forward, ids, slots, zeros + context, zeros + t)
+                samples.append([batch, t, *timed(step, dev, warmup, reps)])
     del draft
     return {"name": spec["name"], "config": spec, "samples": samples}
 
@@ -402,8 +411,6 @@ def main(argv: list[str] | None = None) -> int:
             f"{time.monotonic() - started:.0f}s",
             flush=True,
         )
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     out.write_text(json.dumps(doc, indent=1))
     return 0
 

@@ -539,18 +539,7 @@ def test_a_qwen_draft_drafts_in_the_engine_and_stays_lossless(
     tests that start engines: placed before the metrics test, it left that test reading no
     change in vLLM's Prometheus counters from ``spec_engine``.)"""
     draft = tmp_path / "draft"
-    family_model(
-        "Qwen3Config",
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    ).save_pretrained(draft)
+    family_model("Qwen3Config", vocab_size=VOCAB).save_pretrained(draft)
     speculative = {
         "mode": "fixed",
         "maxDraftTokens": 4,

@@ -106,16 +106,7 @@ def test_a_draft_from_a_qwen_or_mistral_policy_is_its_layers_and_runs_in_the_pro
     from rlhfspec_workers.drafters.llama_forward import LlamaDraftModel
 
     policy = family_model(
-        config_class,
-        vocab_size=30,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
+        config_class, vocab_size=30, num_hidden_layers=3, max_position_embeddings=128
     )
     ids = torch.randint(1, 30, (2, 9))
     whole = draft_from_policy(policy, 3).eval()

@@ -207,17 +207,7 @@ def test_the_draft_forward_matches_transformers_across_the_llama_family(
 
     config_class, extra = FAMILY[family]
     family_model(
-        config_class,
-        vocab_size=96,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=64,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        **extra,
+        config_class, vocab_size=96, hidden_size=128, intermediate_size=256, head_dim=64, **extra
     ).save_pretrained(tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     assert_forward_matches(hf, tmp_path, (2, 0, 1), lengths=(7, 13, 3))

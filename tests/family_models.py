@@ -1,7 +1,7 @@
 """Shared by the draft-forward, distiller and engine tests (``test_drafters``,
-``test_distill_teacher``, ``test_generation_engine``): a small random model of the Llama family whose every optional part
-(projection biases, Qwen3's query/key norms) is far from its initial value, so a forward that
-skipped one would not match."""
+``test_distill_teacher``, ``test_generation_engine``): a small random model of the Llama
+family whose every optional part (projection biases, Qwen3's query/key norms) is far from its
+initial value, so a forward that skipped one would not match."""
 
 from __future__ import annotations
 

@@ -535,9 +535,7 @@ def test_a_qwen_draft_drafts_in_the_engine_and_stays_lossless(
 ) -> None:
     """A draft of another family member than the Llama target (Qwen3: query/key norms) passes
     the engine's checks, drafts every step through the proposer's own forward, and the
-    outputs stay the target's, token for token. (At the end of the module, with the other
-    tests that start engines: placed before the metrics test, it left that test reading no
-    change in vLLM's Prometheus counters from ``spec_engine``.)"""
+    outputs stay the target's, token for token."""
     draft = tmp_path / "draft"
     family_model("Qwen3Config", vocab_size=VOCAB).save_pretrained(draft)
     speculative = {
@@ -554,3 +552,41 @@ def test_a_qwen_draft_drafts_in_the_engine_and_stays_lossless(
         assert sum(r.num_draft_tokens for r in got) > 0
     finally:
         engine.close()
+
+
+def _registry_draft_tokens(engine: Any) -> int:
+    """What vLLM's own ``get_metrics()`` (the process-wide registry) says ``engine`` drafted."""
+    names = {"vllm:spec_decode_num_draft_tokens"}
+    return sum(int(m.value) for m in engine.engine.get_metrics() if m.name in names)
+
+
+def test_an_engine_reads_its_own_counters_after_another_engine_started(
+    target: Path, spec_engine: Any
+) -> None:
+    """A newer engine in the process takes over vLLM's process-wide metrics registry, so
+    ``get_metrics()`` on the older one stops moving; ``counters()`` reads the older engine's
+    own counters, which still agree with its steps exactly."""
+    newer = GenerationEngine(_spec({"mode": "off"}), target, **ENGINE_ARGS)
+    try:
+        spec_engine.set_strategy(FixedStrategy(DraftChoice("draft_model", 3)))
+        spec_engine.drain_steps()
+        before, registry_before = spec_engine.counters(), _registry_draft_tokens(spec_engine)
+        results = spec_engine.generate_all(prompts(8), GREEDY)
+        after, registry_after = spec_engine.counters(), _registry_draft_tokens(spec_engine)
+        steps = spec_engine.drain_steps()
+    finally:
+        newer.close()
+    drafted = sum(s.num_draft_tokens for s in steps)
+    assert drafted > 0
+    assert sum(r.num_draft_tokens for r in results) == drafted
+    for name, per_step in (
+        ("vllm:spec_decode_num_drafts", sum(s.num_drafts for s in steps)),
+        ("vllm:spec_decode_num_draft_tokens", drafted),
+        ("vllm:spec_decode_num_accepted_tokens", sum(s.num_accepted_tokens for s in steps)),
+    ):
+        assert after[name] - before[name] == per_step, name
+    per_pos = [sum(s.accepted_per_pos[i] for s in steps if s.accepted_per_pos) for i in range(8)]
+    key = "vllm:spec_decode_num_accepted_tokens_per_pos"
+    assert [a - b for a, b in zip(after[key], before[key], strict=True)] == per_pos
+    # The hazard this guards against: the registry's read of the older engine did not move.
+    assert registry_after == registry_before

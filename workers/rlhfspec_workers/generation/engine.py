@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from rlhfspec_api.generation import GenerationSpec, SpeculativeMode
 from rlhfspec_api.spec import ChatTemplate
-from rlhfspec_workers import chat, vllm_fixes
+from rlhfspec_workers import chat, vllm_counters, vllm_fixes
 from rlhfspec_workers.drafters.base import Drafter, KeepsHistory
 from rlhfspec_workers.drafters.draft_model import DraftModelDrafter
 from rlhfspec_workers.faults import fault_point
@@ -207,9 +207,9 @@ class GenerationEngine:
             self.kv.stats().waiting.clear()  # snapshots of samples aborted before they ran
 
     def counters(self) -> dict[str, Any]:
-        """vLLM's cumulative spec-decode counters (process-wide Prometheus registry: with two
-        engines in one process, take deltas around your own calls)."""
-        return step_stats.spec_counters(self.engine.get_metrics())
+        """This engine's cumulative spec-decode counters as vLLM's Prometheus logger counts
+        them (its own, not the process-wide registry's newest: see vllm_counters)."""
+        return vllm_counters.spec_counters(self.engine)
 
     def close(self) -> None:
         """Release this engine's model, KV cache and drafters.

@@ -21,32 +21,13 @@ from .proposer import AdaptiveProposer
 from .records import PromptInput, SampleResult, StepRecord
 
 __all__ = [
-    "SPEC_COUNTERS",
     "StepRecorder",
     "StepStatsSink",
     "request_progress",
     "request_state",
     "sample_result",
-    "spec_counters",
     "step_record",
 ]
-
-SPEC_COUNTERS = (
-    "vllm:spec_decode_num_drafts",
-    "vllm:spec_decode_num_draft_tokens",
-    "vllm:spec_decode_num_accepted_tokens",
-    "vllm:spec_decode_num_accepted_tokens_per_pos",
-)
-
-
-def spec_counters(metrics: Sequence[Any]) -> dict[str, Any]:
-    """The :data:`SPEC_COUNTERS` of ``LLMEngine.get_metrics()`` (process-wide, cumulative)."""
-    out: dict[str, Any] = {name: 0 for name in SPEC_COUNTERS}
-    for metric in metrics:
-        if metric.name in out:
-            values = getattr(metric, "values", None)
-            out[metric.name] = list(values) if values is not None else getattr(metric, "value", 0)
-    return out
 
 
 class StepStatsSink(StatLoggerBase):  # type: ignore[misc]

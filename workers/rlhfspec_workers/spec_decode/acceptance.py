@@ -107,7 +107,8 @@ class SpecDecodeCounters:
 
     @classmethod
     def from_metrics(cls, metrics: Mapping[str, float | Sequence[float]]) -> SpecDecodeCounters:
-        """From {metric name: value} as read off `llm.get_metrics()` (vector for per-pos)."""
+        """From {metric name: value} as one engine reports them (`GenerationEngine.counters()`;
+        a vector for the per-position counter)."""
 
         def scalar(name: str) -> int:
             v = metrics.get(name, 0)

@@ -13,12 +13,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from rlhfspec_workers import vllm_counters
+
 DEFAULT_KV_CACHE_BYTES = 128 * 1024 * 1024  # ~26k target+draft tokens: 200 full seqs
-SPEC_COUNTERS = (
-    "vllm:spec_decode_num_drafts",
-    "vllm:spec_decode_num_draft_tokens",
-    "vllm:spec_decode_num_accepted_tokens",
-)
+SPEC_COUNTERS = tuple(vllm_counters.SCALAR_COUNTERS)
 
 
 def cpu_engine_env() -> None:
@@ -87,9 +85,7 @@ def tiny_spec_llm(
 
 
 def spec_counters(llm: Any) -> dict[str, float]:
-    """Cumulative speculative-decoding counters of ``llm`` (take deltas around a workload)."""
-    values = dict.fromkeys(SPEC_COUNTERS, 0.0)
-    for metric in llm.get_metrics():
-        if metric.name in values:
-            values[metric.name] += float(getattr(metric, "value", 0.0))
-    return values
+    """Cumulative speculative-decoding counters of ``llm`` (take deltas around a workload): its
+    own engine's, even after another engine started in the process (vllm_counters)."""
+    counts = vllm_counters.spec_counters(llm.llm_engine)
+    return {name: float(counts[name]) for name in SPEC_COUNTERS}

@@ -7,10 +7,10 @@ Why not ``LLMEngine.get_metrics()``: it snapshots prometheus_client's process-wi
 and every new engine's Prometheus logger first unregisters all ``vllm:`` collectors and
 registers its own. From then on the registry holds the newest engine's counters only: an
 older engine goes on counting into its own (unregistered) counters, while ``get_metrics()``
-on it reads the newest engine's, which do not move. A worker runs one engine, but the tests,
-the benchmarks and ``rlhfspec generate`` start several in one process, so a read of an older
-engine's counters came back unchanged after a newer engine started (and a test's result
-depended on which engine the session happened to start last). Here each engine's counters are
+on it reads the newest engine's, which do not move. A worker runs one engine, but the tests
+and the benchmarks start several in one process, so a read of an older engine's counters came
+back unchanged after a newer engine started (and a test's result depended on which engine the
+session happened to start last). Here each engine's counters are
 read from the Prometheus logger that engine created and still counts into (vLLM 0.32's
 ``StatLoggerManager`` -> ``PrometheusStatLogger.spec_decoding_prom``; an engine without a
 speculative config has no such counters and reads as zeros, as the registry did).
@@ -27,7 +27,6 @@ SCALAR_COUNTERS = {
 }
 """vLLM's metric name -> the attribute of its ``SpecDecodingProm`` holding it per engine."""
 PER_POSITION_COUNTER = "vllm:spec_decode_num_accepted_tokens_per_pos"
-SPEC_COUNTERS = (*SCALAR_COUNTERS, PER_POSITION_COUNTER)
 
 
 def _value(counter: Any) -> int:
